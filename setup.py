@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pixelbert_dist",
+    version="0.1.0",
+    description="Distributed large-scale pre-training for Pixel-BERT (Huang et al., 2020)",
+    packages=find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]),
+    package_data={"pixelbert_dist": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=[
+        # torch/torchvision are pinned by the Makefile (wheels on local disk); a looser
+        # requirement here would let pip pull a multi-GB CUDA build.
+        "torch",
+        "torchvision",
+        "deepspeed>=0.16",
+        "transformers>=4.40",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "submitit",
+        "matplotlib",
+        "pillow",
+        "numpy",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "dev": ["pytest", "pytest-timeout"],
+    },
+)
