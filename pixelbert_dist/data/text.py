@@ -1,0 +1,125 @@
+"""Tokenizer loading and the text side of a pre-training batch (MLM + ITM).
+
+``TextCollator`` turns one caption per image into the text part of the batch contract:
+``input_ids``, ``attention_mask``, ``token_type_ids``, ``mlm_labels`` and ``itm_labels``.
+ITM negatives take the caption of another image in the same batch (the paper's 1:1
+random negatives); MLM masks 15% of the real tokens with BERT's 80/10/10 rule, only on
+matching pairs. All randomness comes from the ``torch.Generator`` passed in, so a loader
+that derives it from (seed, epoch, step) reproduces a batch exactly after a resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SYNTHETIC_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "vocab_synthetic"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TextConfig:
+    vocab_dir: str | None = None   # None: the shipped 512-token synthetic vocab
+    max_len: int = 40
+    mlm_prob: float = 0.15
+    itm_neg_prob: float = 0.5
+
+
+def load_tokenizer(vocab_dir: str | Path | None = None):
+    """A ``BertTokenizer`` read from a local directory (never from a hub).
+
+    ``None`` loads the shipped synthetic vocab; point it at a bert-base-uncased
+    directory (vocab.txt [+ tokenizer_config.json]) for real data.
+    """
+    from transformers import BertTokenizer
+
+    directory = Path(vocab_dir) if vocab_dir is not None else SYNTHETIC_VOCAB_DIR
+    if not (directory / "vocab.txt").is_file():
+        raise FileNotFoundError(f"no vocab.txt in tokenizer directory {directory}")
+    return BertTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+def _uniform_pick(candidates: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per row, the column of one uniformly chosen True entry (argmax of masked noise)."""
+    noise = torch.rand(candidates.shape, generator=generator)
+    return noise.masked_fill(~candidates, -1.0).argmax(dim=1)
+
+
+class TextCollator:
+    """Tokenise captions and draw the ITM negatives and MLM masks for one batch."""
+
+    def __init__(self, tokenizer, max_len: int = 40, mlm_prob: float = 0.15,
+                 itm_neg_prob: float = 0.5, pad_to_max_len: bool = False):
+        if not 0.0 <= mlm_prob <= 1.0 or not 0.0 <= itm_neg_prob <= 1.0:
+            raise ValueError(f"mlm_prob ({mlm_prob}) and itm_neg_prob ({itm_neg_prob}) "
+                             "must lie in [0, 1]")
+        if max_len < 3:
+            raise ValueError(f"max_len must be >= 3 ([CLS] word [SEP]), got {max_len}")
+        self.tokenizer = tokenizer
+        self.max_len, self.mlm_prob, self.itm_neg_prob = max_len, mlm_prob, itm_neg_prob
+        self.pad_to_max_len = pad_to_max_len
+        special = set(tokenizer.all_special_ids)
+        vocab = tokenizer.get_vocab()
+        # Random replacement tokens: real words only, never [CLS]/[PAD]/... or [unusedN].
+        self.replacement_ids = torch.tensor(sorted(
+            i for tok, i in vocab.items() if i not in special and not tok.startswith("[unused")))
+        self.mask_id = tokenizer.mask_token_id
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig, tokenizer=None) -> "TextCollator":
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
+        return cls(tokenizer, cfg.max_len, cfg.mlm_prob, cfg.itm_neg_prob)
+
+    def draw_itm(self, image_ids: list[str], generator: torch.Generator):
+        """(partner index per row, itm_labels): a negative row takes another image's caption."""
+        codes = {}
+        ids = torch.tensor([codes.setdefault(str(i), len(codes)) for i in image_ids])
+        other = ids[:, None] != ids[None, :]
+        partner = _uniform_pick(other, generator)
+        negative = (torch.rand(len(ids), generator=generator) < self.itm_neg_prob) & other.any(1)
+        partner = torch.where(negative, partner, torch.arange(len(ids)))
+        return partner, (~negative).long()
+
+    def draw_mlm(self, input_ids, real, positive, generator: torch.Generator):
+        """Masked input ids and labels (original id where selected, -100 elsewhere)."""
+        selectable = real & positive[:, None]
+        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_prob) & selectable
+        if self.mlm_prob > 0:
+            # Every matching pair with a real token trains MLM on at least one of them.
+            empty = ~selected.any(1) & selectable.any(1)
+            forced = _uniform_pick(selectable, generator)
+            selected[empty.nonzero().squeeze(1), forced[empty]] = True
+        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        action = torch.rand(input_ids.shape, generator=generator)
+        random_tokens = self.replacement_ids[torch.randint(
+            len(self.replacement_ids), input_ids.shape, generator=generator)]
+        masked = input_ids.clone()
+        masked[selected & (action < 0.8)] = self.mask_id
+        use_random = selected & (action >= 0.8) & (action < 0.9)
+        masked[use_random] = random_tokens[use_random]
+        return masked, labels
+
+    def __call__(self, captions: list[str], image_ids: list[str],
+                 generator: torch.Generator) -> dict:
+        if len(captions) != len(image_ids):
+            raise ValueError(f"{len(captions)} captions for {len(image_ids)} image ids")
+        for caption, image_id in zip(captions, image_ids):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"empty caption for image {image_id!r}")
+        partner, itm_labels = self.draw_itm(image_ids, generator)
+        texts = [captions[j] for j in partner.tolist()]
+        enc = self.tokenizer(texts, padding="max_length" if self.pad_to_max_len else "longest",
+                             truncation=True, max_length=self.max_len,
+                             return_special_tokens_mask=True, return_tensors="pt")
+        input_ids = enc["input_ids"].long()
+        attention_mask = enc["attention_mask"].long()
+        real = attention_mask.bool() & ~enc["special_tokens_mask"].bool()
+        input_ids, mlm_labels = self.draw_mlm(input_ids, real, itm_labels.bool(), generator)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": torch.zeros_like(input_ids),
+            "mlm_labels": mlm_labels,
+            "itm_labels": itm_labels,
+        }
