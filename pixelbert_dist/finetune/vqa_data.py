@@ -1,0 +1,410 @@
+"""VQA 2.0: readers of the official files, the official answer normalisation and
+accuracy, the answer vocabulary, soft targets and the submission file.
+
+The normalisation and the accuracy reproduce ``vqaEval.py`` of the official VQA
+evaluation tools (GT-Vision-Lab/VQA, PythonEvaluationTools), quirks included, so that
+numbers computed here are the numbers the evaluation server reports:
+
+* a prediction is cleaned fully (punctuation, lower case, number words to digits,
+  articles dropped, contractions restored);
+* the ten human answers are only punctuation-cleaned, and only when they disagree
+  (the official annotation files already hold normalised answers);
+* accuracy = the mean over the ten leave-one-out sets of nine answers of
+  ``min(1, #matches / 3)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+# ---------------------------------------------------------------- official normalisation
+# The contraction table of vqaEval.py, entry for entry (including its odd entries such as
+# "somebody'd" -> "somebodyd" and the capitalised keys that can never match after lower()).
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
+    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
+    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
+    "youre": "you're", "youve": "you've",
+}
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+               ">", "<", "@", "`", ",", "?", "!")
+# "(?!<=" is a typo for a look-behind in the official script: it is a look-ahead that never
+# fires, so the pattern strips every period not followed by a digit ("3.5" survives).
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# The official script passes re.UNICODE (= 32) as re.sub's *count*: at most 32 periods go.
+_PERIOD_COUNT = 32
+
+
+def process_punctuation(text: str) -> str:
+    """vqaEval.processPunctuation: a mark next to a space (or any text holding a digit
+    comma digit, e.g. "1,000") is deleted, otherwise it becomes a space; then periods go."""
+    out = text
+    delete_all = _COMMA_STRIP.search(text) is not None
+    for mark in PUNCTUATION:
+        if delete_all or mark + " " in text or " " + mark in text:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+    """vqaEval.processDigitArticle: lower case, number words to digits, no articles,
+    contractions restored ("isnt" -> "isn't")."""
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
+    return " ".join(words)
+
+
+def normalize_answer(text: str) -> str:
+    """The full cleaning the official evaluation applies to a predicted answer."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))
+
+
+def vqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
+    """The official VQA accuracy of one prediction against the human answers (0..1)."""
+    if not gt_answers:
+        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+    res = normalize_answer(pred)
+    gts = list(gt_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
+    total = 0.0
+    for left_out in range(len(gts)):
+        matches = sum(1 for j, a in enumerate(gts) if j != left_out and a == res)
+        total += min(1.0, matches / 3.0)
+    return total / len(gts)
+
+
+def answer_score(count: int, num_answers: int = 10) -> float:
+    """The accuracy of an answer given by ``count`` of ``num_answers`` humans, averaged
+    over the leave-one-out subsets exactly as the metric does. With ten answers this is
+    the familiar table 0, 0.3, 0.6, 0.9, 1.0 for 0, 1, 2, 3, >=4 matches."""
+    if num_answers <= 0 or not 0 <= count <= num_answers:
+        raise ValueError(f"answer_score: bad count {count} of {num_answers}")
+    hit = count * min(1.0, (count - 1) / 3.0) if count else 0.0
+    miss = (num_answers - count) * min(1.0, count / 3.0)
+    return (hit + miss) / num_answers
+
+
+# ---------------------------------------------------------------- official file readers
+class VqaFormatError(ValueError):
+    """An official VQA file that cannot be read, naming the file and the question."""
+
+
+@dataclass(frozen=True)
+class VqaExample:
+    question_id: int
+    image_id: int
+    question: str
+    answers: tuple[str, ...] = ()          # the human answers as written; () on test splits
+    multiple_choice_answer: str | None = None
+    answer_type: str | None = None         # "yes/no", "number", "other"
+    question_type: str | None = None       # e.g. "what color is the"
+
+
+def _load_list(path: Path, key: str) -> list:
+    if not path.is_file():
+        raise VqaFormatError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise VqaFormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise VqaFormatError(f"{path}: expected a JSON object with a '{key}' list "
+                             "(the official VQA 2.0 format)")
+    return data[key]
+
+
+def _field(entry, name: str, kind: type, where: str):
+    value = entry.get(name) if isinstance(entry, dict) else None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise VqaFormatError(f"{where}: '{name}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_questions(path: Path) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for i, entry in enumerate(_load_list(path, "questions")):
+        qid = entry.get("question_id") if isinstance(entry, dict) else None
+        where = f"{path}: question #{i} (question_id={qid})"
+        qid = _field(entry, "question_id", int, where)
+        if qid in out:
+            raise VqaFormatError(f"{where}: duplicate question_id")
+        out[qid] = {"image_id": _field(entry, "image_id", int, where),
+                    "question": _field(entry, "question", str, where)}
+    return out
+
+
+def _read_annotation(entry, where: str) -> dict:
+    answers = entry.get("answers")
+    if not isinstance(answers, list) or not answers:
+        raise VqaFormatError(f"{where}: 'answers' must be a non-empty list")
+    texts = tuple(_field(a, "answer", str, f"{where}, answer #{j}") for j, a in enumerate(answers))
+    extra = {}
+    for name in ("multiple_choice_answer", "answer_type", "question_type"):
+        if entry.get(name) is not None:
+            extra[name] = _field(entry, name, str, where)
+    return {"answers": texts, "image_id": _field(entry, "image_id", int, where), **extra}
+
+
+def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = None
+             ) -> list[VqaExample]:
+    """Examples from ``v2_OpenEnded_mscoco_*_questions.json`` and, where the split has
+    them, ``v2_mscoco_*_annotations.json``, in the order of the questions file."""
+    qpath = Path(questions_json)
+    questions = _read_questions(qpath)
+    if annotations_json is None:
+        return [VqaExample(qid, q["image_id"], q["question"]) for qid, q in questions.items()]
+    apath = Path(annotations_json)
+    annotations: dict[int, dict] = {}
+    for i, entry in enumerate(_load_list(apath, "annotations")):
+        qid = entry.get("question_id") if isinstance(entry, dict) else None
+        where = f"{apath}: annotation #{i} (question_id={qid})"
+        qid = _field(entry, "question_id", int, where)
+        if qid not in questions:
+            raise VqaFormatError(f"{where}: no such question in {qpath}")
+        if qid in annotations:
+            raise VqaFormatError(f"{where}: duplicate annotation")
+        ann = _read_annotation(entry, where)
+        if ann.pop("image_id") != questions[qid]["image_id"]:
+            raise VqaFormatError(f"{where}: image_id differs from the one in {qpath}")
+        annotations[qid] = ann
+    missing = [qid for qid in questions if qid not in annotations]
+    if missing:
+        raise VqaFormatError(f"{apath}: no annotation for {len(missing)} question(s) of {qpath}, "
+                             f"e.g. question_id={missing[0]}")
+    return [VqaExample(qid, q["image_id"], q["question"], **annotations[qid])
+            for qid, q in questions.items()]
+
+
+def coco_image_name(image_id: int, subset: str) -> str:
+    """The COCO file stem VQA 2.0 refers to, e.g. ``COCO_val2014_000000000042``."""
+    return f"COCO_{subset}_{image_id:012d}"
+
+
+# ---------------------------------------------------------------- vocabulary and targets
+@dataclass(frozen=True)
+class AnswerVocab:
+    """Normalised answers; the classifier's output ``i`` means ``answers[i]``."""
+    answers: tuple[str, ...]
+
+    def __post_init__(self):
+        if len(set(self.answers)) != len(self.answers):
+            raise ValueError("AnswerVocab: answers must be unique")
+        object.__setattr__(self, "_index", {a: i for i, a in enumerate(self.answers)})
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def __contains__(self, answer: str) -> bool:
+        return normalize_answer(answer) in self._index
+
+    def index(self, answer: str) -> int | None:
+        """Index of an answer (normalised first), None when outside the vocabulary."""
+        return self._index.get(normalize_answer(answer))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"answers": list(self.answers)}, indent=0) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AnswerVocab":
+        answers = _load_list(Path(path), "answers")
+        if not all(isinstance(a, str) for a in answers):
+            raise VqaFormatError(f"{path}: 'answers' must be a list of strings")
+        return cls(tuple(answers))
+
+
+def _label_answer(ex: VqaExample) -> str:
+    """The answer an example votes for: its multiple-choice answer (the one most humans
+    gave), else the most common of its answers (ties: alphabetical)."""
+    if ex.multiple_choice_answer is not None:
+        return normalize_answer(ex.multiple_choice_answer)
+    counts = Counter(normalize_answer(a) for a in ex.answers)
+    return min(counts, key=lambda a: (-counts[a], a))
+
+
+def build_answer_vocab(examples: Iterable[VqaExample], size: int = 3129) -> AnswerVocab:
+    """The ``size`` most frequent normalised answers (each question votes once, for its
+    multiple-choice answer, as the usual 3129-answer VQA 2.0 vocabulary is built).
+    Ties are broken alphabetically so the vocabulary never depends on file order."""
+    counts = Counter(_label_answer(ex) for ex in examples if ex.answers)
+    counts.pop("", None)  # an answer made only of articles/punctuation
+    if not counts:
+        raise ValueError("build_answer_vocab: no answered examples (a test split?)")
+    ranked = sorted(counts, key=lambda a: (-counts[a], a))
+    return AnswerVocab(tuple(ranked[:size]))
+
+
+class SoftTarget(NamedTuple):
+    indices: tuple[int, ...]   # vocabulary indices with a non-zero score, ascending
+    scores: tuple[float, ...]  # answer_score() of each
+    num_answers: int           # human answers in all
+    num_oov: int               # human answers outside the vocabulary
+
+    @property
+    def all_oov(self) -> bool:
+        return not self.indices
+
+    def dense(self, num_classes: int) -> np.ndarray:
+        out = np.zeros(num_classes, dtype=np.float32)
+        out[list(self.indices)] = self.scores
+        return out
+
+
+def soft_targets(answers: Sequence[str], vocab: AnswerVocab) -> SoftTarget:
+    """Soft score per vocabulary answer: its exact VQA accuracy (``answer_score``), so the
+    BCE target is what the metric would pay for predicting that answer."""
+    if not answers:
+        raise ValueError("soft_targets needs the human answers (none given)")
+    counts = Counter(normalize_answer(a) for a in answers)
+    pairs, oov = [], 0
+    for answer, count in counts.items():
+        idx = vocab._index.get(answer)
+        if idx is None:
+            oov += count
+        else:
+            pairs.append((idx, answer_score(count, len(answers))))
+    pairs.sort()
+    return SoftTarget(tuple(i for i, _ in pairs), tuple(s for _, s in pairs), len(answers), oov)
+
+
+def build_targets(examples: Sequence[VqaExample], vocab: AnswerVocab, training: bool
+                  ) -> tuple[list[tuple[VqaExample, SoftTarget]], dict]:
+    """Pair examples with their soft targets and count what falls outside the vocabulary.
+
+    In training a question whose answers are all out of vocabulary teaches nothing and is
+    skipped (counted); in evaluation it is kept, and scores 0 as it would officially."""
+    kept, skipped, total, oov = [], 0, 0, 0
+    for ex in examples:
+        if not ex.answers:
+            raise VqaFormatError(f"question_id={ex.question_id} has no answers (test split?)")
+        target = soft_targets(ex.answers, vocab)
+        total, oov = total + target.num_answers, oov + target.num_oov
+        if training and target.all_oov:
+            skipped += 1
+            continue
+        kept.append((ex, target))
+    stats = {"questions": len(examples), "kept": len(kept), "skipped_all_oov": skipped,
+             "answers": total, "answers_oov": oov, "oov_rate": oov / total if total else 0.0}
+    return kept, stats
+
+
+# ---------------------------------------------------------------- results and evaluation
+def _as_mapping(predictions) -> dict[int, str]:
+    if isinstance(predictions, Mapping):
+        items = list(predictions.items())
+    else:
+        items = []
+        for i, p in enumerate(predictions):
+            if not isinstance(p, Mapping) or "question_id" not in p or "answer" not in p:
+                raise ValueError(f"prediction #{i} must be a dict with 'question_id' and 'answer'")
+            items.append((p["question_id"], p["answer"]))
+    out: dict[int, str] = {}
+    for qid, ans in items:
+        if not isinstance(qid, int) or isinstance(qid, bool) or not isinstance(ans, str):
+            raise ValueError(f"prediction for question_id={qid!r}: need an int id and a str answer")
+        if qid in out:
+            raise ValueError(f"question_id={qid} is predicted twice")
+        out[qid] = ans
+    return out
+
+
+def _check_coverage(preds: Mapping[int, str], question_ids: Iterable[int]) -> None:
+    wanted = set(question_ids)
+    missing = sorted(wanted - set(preds))
+    extra = sorted(set(preds) - wanted)
+    if missing or extra:
+        raise ValueError(f"predictions do not match the questions: {len(missing)} missing "
+                         f"(e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
+
+
+def write_vqa_results(path: str | Path, predictions, question_ids: Iterable[int] | None = None
+                      ) -> Path:
+    """Write ``[{"question_id": int, "answer": str}, ...]``, the official submission form.
+    With ``question_ids`` every one must be answered, as the evaluation server requires."""
+    preds = _as_mapping(predictions)
+    if question_ids is not None:
+        _check_coverage(preds, question_ids)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps([{"question_id": q, "answer": a} for q, a in preds.items()]))
+    os.replace(tmp, path)
+    return path
+
+
+def read_vqa_results(path: str | Path) -> dict[int, str]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise VqaFormatError(f"{path}: cannot read results ({err})") from None
+    if not isinstance(data, list):
+        raise VqaFormatError(f"{path}: results must be a JSON list of {{question_id, answer}}")
+    try:
+        return _as_mapping(data)
+    except ValueError as err:
+        raise VqaFormatError(f"{path}: {err}") from None
+
+
+def evaluate_vqa(predictions, examples: Sequence[VqaExample]) -> dict:
+    """Official accuracy in percent: overall, per answer type and per question type."""
+    preds = _as_mapping(predictions)
+    _check_coverage(preds, (ex.question_id for ex in examples))
+    per_answer: dict[str, list[float]] = {}
+    per_question: dict[str, list[float]] = {}
+    scores = []
+    for ex in examples:
+        if not ex.answers:
+            raise VqaFormatError(f"question_id={ex.question_id} has no answers to evaluate against")
+        acc = vqa_accuracy(preds[ex.question_id], ex.answers)
+        scores.append(acc)
+        per_answer.setdefault(ex.answer_type or "unknown", []).append(acc)
+        per_question.setdefault(ex.question_type or "unknown", []).append(acc)
+
+    def pct(values):
+        return 100.0 * sum(values) / len(values)
+
+    return {"overall": pct(scores) if scores else 0.0, "num_questions": len(scores),
+            "per_answer_type": {k: pct(v) for k, v in sorted(per_answer.items())},
+            "per_question_type": {k: pct(v) for k, v in sorted(per_question.items())}}
