@@ -1,0 +1,199 @@
+"""What every builder shares: image checking/re-encoding and resumable, parallel shard writing.
+
+A builder turns its source's annotations into a list of ``Item`` (one per image, with
+all of its captions) and hands it to ``build_split``. That cuts the list into chunks of
+``samples_per_shard`` items, one chunk per shard, so a shard's content depends only on
+its chunk: a rerun finds the shards whose chunk is unchanged already done (a record in
+``DIR/.progress/``) and skips them, and worker count never changes the bytes written.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pixelbert_dist.data import shards as fmt
+
+JPEG_QUALITY = 95
+PROGRESS_DIR = ".progress"
+
+
+@dataclass
+class Item:
+    """One image to write: where its pixels come from and the captions that go with it."""
+    key: str
+    image_id: str
+    source: str
+    captions: list[str]
+    file: str = ""                      # image path; "" when ``render`` draws the image
+    extra: dict = field(default_factory=dict)   # source-specific meta fields
+    skipped: list[dict] = field(default_factory=list)  # captions dropped before this stage
+    render: Callable[[], Image.Image] | None = None    # picklable (module-level / partial)
+
+    def fingerprint(self) -> str:
+        return json.dumps([self.key, self.image_id, self.captions, self.file, self.extra,
+                           self.skipped], sort_keys=True)
+
+
+@dataclass
+class BuildResult:
+    directory: Path
+    written: int
+    skipped: int
+    shards_reused: int = 0
+
+
+def clean_captions(captions: Iterable, file: str) -> tuple[list[str], list[dict]]:
+    """Stripped non-empty captions, and a skipped entry for every empty one."""
+    kept, skipped = [], []
+    for caption in captions:
+        text = caption.strip() if isinstance(caption, str) else ""
+        if text:
+            kept.append(" ".join(text.split()))
+        else:
+            skipped.append({"file": file, "reason": f"empty caption {caption!r}"})
+    return kept, skipped
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright RGB: applies the EXIF orientation, composes transparency onto white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=JPEG_QUALITY, progressive=False, optimize=False)
+    return buf.getvalue()
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode the whole file (``load()`` catches truncation) and return it upright RGB."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
+def process_item(item: Item) -> tuple[bytes, int, int] | str:
+    """Worker: (jpeg bytes, width, height), or the reason the image is skipped."""
+    try:
+        image = item.render() if item.render is not None else load_image(item.file)
+    except FileNotFoundError:
+        return "missing image file"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as err:
+        return f"unreadable image ({type(err).__name__}: {err})"
+    return encode_jpeg(image), image.width, image.height
+
+
+def _chunk_hash(items: list[Item]) -> str:
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(item.fingerprint().encode())
+    return digest.hexdigest()
+
+
+def _done_record(progress: Path, shard: str, chunk_hash: str, out_dir: Path) -> dict | None:
+    path = progress / (shard + ".json")
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    tar = out_dir / shard
+    if record.get("chunk") != chunk_hash:
+        return None
+    if record.get("num_samples") and (not tar.is_file() or tar.stat().st_size != record.get("size")):
+        return None
+    return record
+
+
+def _samples(chunk: list[Item], results: Iterable, skipped: list[dict]) -> Iterator:
+    for item, result in zip(chunk, results):
+        skipped.extend(item.skipped)
+        if isinstance(result, str):
+            skipped.append({"file": item.file or item.key, "reason": result})
+            continue
+        jpeg, width, height = result
+        meta = {"key": item.key, "captions": item.captions, "source": item.source,
+                "image_id": item.image_id, "width": width, "height": height, **item.extra}
+        yield item.key, jpeg, meta
+
+
+def _write_chunk(chunk, shard_path: Path, pool, chunk_hash: str, progress: Path) -> dict:
+    skipped: list[dict] = []
+    results = pool.map(process_item, chunk, chunksize=8) if pool else map(process_item, chunk)
+    info = fmt.write_shard(shard_path, _samples(chunk, results, skipped))
+    size = shard_path.stat().st_size
+    if info.num_samples == 0:
+        shard_path.unlink()  # every image skipped: an empty tar would only trouble readers
+    record = {"chunk": chunk_hash, "file": info.file, "num_samples": info.num_samples,
+              "sha256": info.sha256, "size": size, "skipped": skipped}
+    tmp = progress / (info.file + ".json.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, progress / (info.file + ".json"))
+    return record
+
+
+def _remove_stale(out_dir: Path, name: str, num_shards: int) -> None:
+    """Shards left by an earlier, longer run of the same split would be read by globbing loaders."""
+    for path in out_dir.glob(f"{name}-*.tar"):
+        index = path.stem.rsplit("-", 1)[-1]
+        if index.isdigit() and int(index) >= num_shards:
+            path.unlink()
+            (out_dir / PROGRESS_DIR / (path.name + ".json")).unlink(missing_ok=True)
+
+
+def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
+                samples_per_shard: int = 2000, workers: int = 0, progress: bool = True,
+                pre_skipped: Iterable[dict] = ()) -> BuildResult:
+    """Write ``items`` as shards + manifest + skipped.jsonl in ``out_dir`` (resumable).
+
+    ``pre_skipped`` lists inputs dropped before any image was read (e.g. an image whose
+    captions are all empty); ``workers`` > 0 decodes/encodes in that many processes.
+    """
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    progress_dir = out_dir / PROGRESS_DIR
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    chunks = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    records, reused = [], 0
+    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    try:
+        bar = tqdm(total=len(items), desc=f"{source}/{name}", unit="img", disable=not progress)
+        for index, chunk in enumerate(chunks):
+            shard, chunk_hash = fmt.shard_name(name, index), _chunk_hash(chunk)
+            record = _done_record(progress_dir, shard, chunk_hash, out_dir)
+            if record is None:
+                record = _write_chunk(chunk, out_dir / shard, pool, chunk_hash, progress_dir)
+            else:
+                reused += 1
+            records.append(record)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    _remove_stale(out_dir, name, len(chunks))
+    skipped = list(pre_skipped) + [e for r in records for e in r["skipped"]]
+    fmt.write_skipped(out_dir, skipped)
+    infos = [fmt.ShardInfo(r["file"], r["num_samples"], r["sha256"])
+             for r in records if r["num_samples"] > 0]
+    manifest = fmt.Manifest(name=name, num_samples=sum(i.num_samples for i in infos),
+                            shards=infos, source=source, skipped=len(skipped))
+    fmt.write_manifest(out_dir, manifest)
+    return BuildResult(out_dir, manifest.num_samples, len(skipped), reused)
