@@ -1,0 +1,142 @@
+"""Retrieval: Karpathy split reader, recall@K on hand-computed matrices, hard negatives."""
+import json
+
+import pytest
+import torch
+
+from pixelbert_dist.finetune import retrieval_metrics as rm
+from pixelbert_dist.finetune.retrieval_metrics import (
+    KarpathyFormatError, flatten_captions, hardest_negatives, read_karpathy_split, recall_at_k,
+    retrieval_ranks, sample_negatives)
+
+# 3 images x 6 captions; captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
+OWNER = [0, 0, 1, 1, 2, 2]
+SCORES = [
+    [0.9, 0.1, 0.5, 0.2, 0.3, 0.1],   # best own 0.9, no negative >= 0.9        -> i2t rank 0
+    [0.8, 0.7, 0.6, 0.75, 0.1, 0.2],  # best own 0.75, caption 0 (0.8) above    -> rank 1
+    [0.4, 0.4, 0.4, 0.4, 0.4, 0.1],   # best own 0.4, four negatives TIE at 0.4 -> rank 4
+]
+# t2i, column by column (own image's score vs the other two images' scores):
+#  c0 .9 vs .8,.4 -> 0 | c1 .1 vs .7,.4 -> 2 | c2 .6 vs .5,.4 -> 0 | c3 .75 vs .2,.4 -> 0
+#  c4 .4 vs .3,.1 -> 0 | c5 .1 vs .1 (tie), .2 -> 2
+
+
+def test_ranks_by_hand():
+    i2t, t2i = retrieval_ranks(torch.tensor(SCORES), OWNER)
+    assert i2t.tolist() == [0, 1, 4]
+    assert t2i.tolist() == [0, 2, 0, 0, 0, 2]
+
+
+def test_recall_at_k_by_hand():
+    r = recall_at_k(SCORES, OWNER, ks=(1, 2, 3, 5))
+    expected = {"i2t_r1": 100 / 3, "i2t_r2": 200 / 3, "i2t_r3": 200 / 3, "i2t_r5": 100.0,
+                "t2i_r1": 400 / 6, "t2i_r2": 400 / 6, "t2i_r3": 100.0, "t2i_r5": 100.0}
+    expected["rsum"] = sum(expected.values())
+    assert r == pytest.approx(expected)
+
+
+def test_constant_scores_get_no_credit_from_ties():
+    r = recall_at_k(torch.zeros(3, 6), OWNER, ks=(1, 2, 5))
+    # i2t: 4 tied negatives -> rank 4 (hit only at K=5); t2i: 2 tied negatives -> rank 2.
+    assert r["i2t_r1"] == r["i2t_r2"] == 0 and r["i2t_r5"] == 100
+    assert r["t2i_r1"] == r["t2i_r2"] == 0 and r["t2i_r5"] == 100
+
+
+def _reference_ranks(scores, owner):
+    i2t = []
+    for i, row in enumerate(scores):
+        best = max(s for t, s in enumerate(row) if owner[t] == i)
+        i2t.append(sum(1 for t, s in enumerate(row) if owner[t] != i and s >= best))
+    t2i = [sum(1 for i in range(len(scores)) if i != owner[t] and scores[i][t] >= scores[owner[t]][t])
+           for t in range(len(owner))]
+    return i2t, t2i
+
+
+def test_chunked_ranks_match_a_plain_loop(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    owner = [i // 5 for i in range(35)] + [3]          # 7 images, one with 6 captions
+    scores = torch.randint(0, 6, (7, 36), generator=gen).float()  # many ties
+    monkeypatch.setattr(rm, "_CHUNK", 3)               # exercise chunk boundaries
+    i2t, t2i = retrieval_ranks(scores, owner)
+    assert (i2t.tolist(), t2i.tolist()) == _reference_ranks(scores.tolist(), owner)
+
+
+def test_recall_input_errors():
+    with pytest.raises(ValueError, match="no caption"):
+        recall_at_k(torch.zeros(3, 2), [0, 1])
+    with pytest.raises(ValueError, match=r"\[num_images, num_texts\]"):
+        recall_at_k(torch.zeros(3, 6), [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(torch.full((1, 1), float("nan")), [0])
+
+
+def test_hardest_negatives():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.3],
+                           [0.2, 0.2, 0.2, 0.7, 0.2]])
+    positives = torch.tensor([[False, True, False, False, False],
+                              [False, False, False, True, False]])
+    # Row 0: index 1 is a positive, so 3 (0.9) then 2 (0.5); row 1: four-way tie -> lowest indices.
+    assert hardest_negatives(scores, positives, 2).tolist() == [[3, 2], [0, 1]]
+    assert hardest_negatives(scores, None, 1).tolist() == [[1], [3]]
+    with pytest.raises(ValueError, match="only 4 negatives"):
+        hardest_negatives(scores, positives, 5)
+
+
+def test_sample_negatives_then_hardest_five_of_twenty():
+    owner = [i // 5 for i in range(50)]                 # 10 images x 5 captions
+    gen = torch.Generator().manual_seed(1)
+    negs = sample_negatives(owner, [0, 7], 20, gen)
+    assert negs.shape == (2, 20)
+    for row, image in zip(negs.tolist(), [0, 7]):
+        assert len(set(row)) == 20 and all(owner[t] != image for t in row)
+    again = sample_negatives(owner, [0, 7], 20, torch.Generator().manual_seed(1))
+    assert torch.equal(negs, again)
+    scores = -negs.float()                              # lower caption index = harder
+    hard = hardest_negatives(scores, None, 5)
+    picked = negs.gather(1, hard)
+    assert picked.tolist() == [sorted(r)[:5] for r in negs.tolist()]
+    with pytest.raises(ValueError, match="only 45 negative captions"):
+        sample_negatives(owner, [0], 46)
+
+
+def _karpathy(tmp_path, name, images):
+    path = tmp_path / name
+    path.write_text(json.dumps({"images": images, "dataset": name.split("_")[1][:-5]}))
+    return path
+
+
+def _img(split, filename, imgid, captions, **extra):
+    return {"filename": filename, "imgid": imgid, "split": split, "sentids": [],
+            "sentences": [{"tokens": c.split(), "raw": c, "imgid": imgid, "sentid": i}
+                          for i, c in enumerate(captions)], **extra}
+
+
+def test_read_karpathy_coco_and_flickr(tmp_path):
+    coco = _karpathy(tmp_path, "dataset_coco.json", [
+        _img("test", "COCO_val2014_000000000042.jpg", 0, ["A cat.", "a cat sits."],
+             filepath="val2014", cocoid=42),
+        _img("restval", "COCO_val2014_000000000043.jpg", 1, ["a dog."], filepath="val2014", cocoid=43),
+        _img("train", "COCO_train2014_000000000044.jpg", 2, ["a bus."], filepath="train2014", cocoid=44)])
+    test = read_karpathy_split(coco, "test")
+    assert [(im.image_id, im.relative_path, im.captions) for im in test] == [
+        (42, "val2014/COCO_val2014_000000000042.jpg", ("A cat.", "a cat sits."))]
+    assert [im.image_id for im in read_karpathy_split(coco, ("train", "restval"))] == [43, 44]
+    flickr = _karpathy(tmp_path, "dataset_flickr30k.json", [
+        _img("test", "1000092795.jpg", 0, ["two men.", "a man.", "men outside."]),
+        _img("test", "10002456.jpg", 1, ["workers."])])
+    images = read_karpathy_split(flickr, "test")
+    assert images[0].filepath is None and images[0].relative_path == "1000092795.jpg"
+    texts, owner = flatten_captions(images)
+    assert texts == ["two men.", "a man.", "men outside.", "workers."] and owner == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("image, message", [
+    (_img("test", "x.jpg", 0, []), r"image #0 \(x.jpg\): 'sentences'"),
+    ({**_img("test", "x.jpg", 0, ["a"]), "imgid": "0"}, r"image #0 \(x.jpg\): needs an integer"),
+    ({**_img("test", "x.jpg", 0, ["a"]), "split": None}, r"image #0: 'filename' and 'split'"),
+])
+def test_karpathy_errors(tmp_path, image, message):
+    with pytest.raises(KarpathyFormatError, match=message):
+        read_karpathy_split(_karpathy(tmp_path, "dataset_flickr8k.json", [image]), "test")
+    with pytest.raises(KarpathyFormatError, match="no image in split"):
+        read_karpathy_split(_karpathy(tmp_path, "dataset_f.json", [_img("val", "a.jpg", 0, ["a"])]), "test")
