@@ -50,6 +50,23 @@ class BuildResult:
     shards_reused: int = 0
 
 
+def read_json(path: str | Path, required: tuple[str, ...] = (), kind: type = dict):
+    """Parse an annotation file, with errors that name it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expected a JSON {kind.__name__}, found {type(data).__name__}")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise ValueError(f"{path}: missing key(s) {missing}")
+    return data
+
+
 def clean_captions(captions: Iterable, file: str) -> tuple[list[str], list[dict]]:
     """Stripped non-empty captions, and a skipped entry for every empty one."""
     kept, skipped = [], []

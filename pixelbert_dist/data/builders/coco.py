@@ -1,0 +1,87 @@
+"""COCO Captions (official ``captions_*.json``) and Karpathy split files (COCO, Flickr30K).
+
+One sample per image with all of its captions. The Karpathy file (``dataset_coco.json``
+or ``dataset_flickr30k.json``) gives the train/val/test split used by Pixel-BERT's
+retrieval numbers; its ``restval`` images go to train, as everyone does.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split,
+                                                 clean_captions, read_json)
+
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+def _item(source: str, image_id, file: Path, raw_captions: list, pre_skipped: list) -> Item | None:
+    captions, skipped = clean_captions(raw_captions, str(file))
+    if not captions:
+        pre_skipped.extend(skipped or [{"file": str(file), "reason": "no captions"}])
+        return None
+    return Item(key=f"{source}{image_id}", image_id=str(image_id), source=source,
+                captions=captions, file=str(file), skipped=skipped)
+
+
+def coco_items(captions_json: str | Path, images_dir: str | Path) -> tuple[list[Item], list[dict]]:
+    """Items (sorted by image id) and pre-skipped entries from an official captions file."""
+    data = read_json(captions_json, required=("images", "annotations"))
+    try:
+        files = {int(im["id"]): im["file_name"] for im in data["images"]}
+        by_image = defaultdict(list)
+        for ann in data["annotations"]:
+            by_image[int(ann["image_id"])].append(ann["caption"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{captions_json}: malformed COCO captions file "
+                         f"({type(err).__name__}: {err})") from None
+    pre_skipped = [{"file": f"image_id {i}", "reason": f"annotations for unknown image id {i}"}
+                   for i in sorted(set(by_image) - set(files))]
+    items = []
+    for image_id in sorted(files):
+        item = _item("coco", image_id, Path(images_dir) / files[image_id],
+                     by_image.get(image_id, []), pre_skipped)
+        if item is not None:
+            items.append(item)
+    return items, pre_skipped
+
+
+def karpathy_items(split_json: str | Path, images_dir: str | Path):
+    """{"train"|"val"|"test": (items, pre_skipped)} from a Karpathy split file."""
+    data = read_json(split_json, required=("images",))
+    source = str(data.get("dataset", "coco"))
+    out = {split: ([], []) for split in ("train", "val", "test")}
+    for n, entry in enumerate(data["images"]):
+        try:
+            split = KARPATHY_SPLITS[entry["split"]]
+            image_id = entry["cocoid"] if "cocoid" in entry else entry["imgid"]
+            file = Path(images_dir) / entry.get("filepath", "") / entry["filename"]
+            raw = [s["raw"] for s in entry["sentences"]]
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{split_json}: images[{n}] is malformed "
+                             f"({type(err).__name__}: {err})") from None
+        items, pre_skipped = out[split]
+        item = _item(source, image_id, file, raw, pre_skipped)
+        if item is not None:
+            items.append(item)
+    for items, _ in out.values():
+        items.sort(key=lambda it: (len(it.image_id), it.image_id))
+    return out
+
+
+def build_coco(out_dir: str | Path, images_dir: str | Path, captions_json=None,
+               karpathy_json=None, **kwargs) -> dict[str, BuildResult]:
+    """``captions_json`` writes ``out_dir``; ``karpathy_json`` writes out_dir/{train,val,test}."""
+    if (captions_json is None) == (karpathy_json is None):
+        raise ValueError("give exactly one of captions_json (official COCO file) "
+                         "or karpathy_json (Karpathy split file)")
+    if captions_json is not None:
+        items, pre_skipped = coco_items(captions_json, images_dir)
+        return {"coco": build_split(items, out_dir, "coco", "coco",
+                                    pre_skipped=pre_skipped, **kwargs)}
+    results = {}
+    for split, (items, pre_skipped) in karpathy_items(karpathy_json, images_dir).items():
+        source = items[0].source if items else "coco"
+        results[split] = build_split(items, Path(out_dir) / split, split, source,
+                                     pre_skipped=pre_skipped, **kwargs)
+    return results
