@@ -1,0 +1,38 @@
+"""DataConfig: what the image loaders read and how (the batch size lives in the trainer)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("dali", "nvjpeg", "pil")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""              # split directory with manifest.json (launch/make_shards.py)
+    val_shards: str | None = None
+    backend: str = "dali"               # dali | nvjpeg | pil  (see pixelbert_dist.data.loader)
+    image_shorter: int = 800            # paper: 800 for ResNet-50, 600 for ResNeXt-152
+    image_max: int = 1333               # paper: 1333 / 1000
+    hflip: bool = False                 # p=0.5 flip, swapping left/right in the caption
+    bucketing: bool = False             # group similar aspect ratios to cut padding
+    bucket_window: int = 16             # bucketing sorts within windows of this many batches
+    vocab_dir: str | None = None        # None: the shipped synthetic vocab
+    max_text_len: int = 40
+    mlm_prob: float = 0.15
+    itm_neg_prob: float = 0.5
+    num_workers: int = 2                # PIL worker processes / DALI threads
+    prefetch: int = 2                   # batches prefetched per worker (PIL) / queue depth (DALI)
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False             # train only: drop the epoch's tail instead of wrapping
+
+    def validate(self) -> "DataConfig":
+        if self.backend not in BACKENDS:
+            raise ValueError(f"data.backend={self.backend!r}: choose one of {list(BACKENDS)}")
+        if self.image_shorter < 1 or self.image_max < self.image_shorter:
+            raise ValueError(f"data.image_shorter={self.image_shorter} / data.image_max="
+                             f"{self.image_max}: need 1 <= image_shorter <= image_max")
+        if self.num_workers < 0 or self.prefetch < 1 or self.bucket_window < 1:
+            raise ValueError("data.num_workers must be >= 0, data.prefetch and "
+                             "data.bucket_window >= 1")
+        return self

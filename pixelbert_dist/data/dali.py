@@ -1,0 +1,112 @@
+"""The DALI image path: JPEG decode (nvJPEG on GPU, libjpeg-turbo on CPU), resize,
+flip, normalise and pad to x64, all inside one DALI pipeline.
+
+Why ``fn.external_source`` feeding the raw JPEG bytes rather than
+``fn.readers.webdataset``: the reader shuffles only inside an ``initial_fill`` buffer of
+each rank's contiguous slice, cannot follow the global per-epoch permutation that the
+PIL and nvjpeg backends use, and its exact resume needs DALI's own checkpoint blob.
+Feeding the bytes from ``sampling.epoch_plan`` keeps every backend on the same samples,
+makes the loader state two integers, and leaves DALI the expensive part (decode and
+resize on its thread pool or on the GPU). The flip decision comes in as an input
+because the caption must be swapped to match it.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255
+
+Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build_pipeline(source, batch_size: int, shorter: int, max_size: int, num_threads: int,
+                    prefetch: int, device_id: int | None):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    def pipe():
+        jpegs, mirror = fn.external_source(source=source, num_outputs=2, batch=True,
+                                           dtype=[types.UINT8, types.INT32])
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                   output_type=types.RGB)
+        # Antialiased linear (a triangle filter when shrinking): what PIL's BILINEAR does,
+        # so the backends agree to within JPEG-decoder differences.
+        images = fn.resize(images, resize_shorter=shorter, max_size=max_size, antialias=True,
+                           interp_type=types.INTERP_LINEAR)
+        sizes = images.shape()
+        images = fn.crop_mirror_normalize(images, mirror=mirror.gpu() if gpu else mirror,
+                                          mean=list(MEAN_255), std=list(STD_255),
+                                          output_layout="CHW", dtype=types.FLOAT)
+        # Pads to the batch's largest H and W, each rounded up to x64; zeros after
+        # normalisation, as the batch contract says.
+        images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
+        return images, sizes
+
+    return pipe()
+
+
+def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+        return out
+    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+
+
+class DaliImages:
+    """Decodes the batches of a work list with one DALI pipeline (rebuilt per pass, so a
+    pass that was abandoned half way never leaves prefetched batches behind)."""
+
+    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
+                 num_threads: int = 2, prefetch: int = 2, device: str | torch.device = "cpu"):
+        if not dali_available():
+            raise RuntimeError("data.backend='dali' needs NVIDIA DALI (pip install "
+                               "nvidia-dali-cuda130); use data.backend='pil' without it")
+        self.index, self.batch_size = index, batch_size
+        self.shorter, self.max_size = shorter, max_size
+        self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
+        self.device = torch.device(device)
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.name = "dali-gpu" if self.device_id is not None else "dali-cpu"
+
+    def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not work:
+            return
+        pending = iter(work)
+
+        def source():
+            batch = next(pending)  # StopIteration ends the pipeline's epoch
+            jpegs = [np.frombuffer(self.index.jpeg(i), dtype=np.uint8) for i, _ in batch]
+            return jpegs, [np.int32(flip) for _, flip in batch]
+
+        pipe = _build_pipeline(source, self.batch_size, self.shorter, self.max_size,
+                               self.num_threads, self.prefetch, self.device_id)
+        pipe.build()
+        try:
+            while True:
+                try:
+                    images, sizes = pipe.run()
+                except StopIteration:
+                    return
+                hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]),
+                                  dtype=torch.int64)
+                yield _to_torch(images, self.device), hw
+        finally:
+            del pipe

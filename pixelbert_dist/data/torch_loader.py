@@ -1,0 +1,120 @@
+"""The torch image paths: PIL in DataLoader worker processes, and nvJPEG through
+``torchvision.io.decode_jpeg(device="cuda")``.
+
+Both apply the size rule of ``images.resized_size`` with an antialiased bilinear
+(triangle) filter, as the DALI path does, so all backends give the same shapes and
+pixels that differ only by decoder rounding.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pixelbert_dist.data.images import normalize_hwc_uint8, pad_batch, resized_size
+
+Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
+
+
+def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str = "") -> torch.Tensor:
+    """One normalised CHW float image from JPEG bytes."""
+    try:
+        with Image.open(io.BytesIO(jpeg)) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot decode JPEG {where}: {err}") from None
+    height, width = resized_size(img.height, img.width, shorter, max_size)
+    img = img.resize((width, height), Image.Resampling.BILINEAR)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return normalize_hwc_uint8(torch.from_numpy(np.asarray(img).copy()))
+
+
+class _PilBatchDataset(torch.utils.data.Dataset):
+    """Item i = the decoded, padded images of work batch i (one worker per batch)."""
+
+    def __init__(self, index, work: Work, shorter: int, max_size: int):
+        self.index, self.work = index, list(work)
+        self.shorter, self.max_size = shorter, max_size
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, i: int):
+        images = [pil_image(self.index.jpeg(s), self.shorter, self.max_size, flip,
+                            where=self.index.samples[s].key)
+                  for s, flip in self.work[i]]
+        return pad_batch(images)
+
+
+class PilImages:
+    """PIL decode in ``num_workers`` DataLoader processes (0: in the calling process)."""
+
+    name = "pil"
+
+    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
+                 num_workers: int = 2, prefetch: int = 2, device: str | torch.device = "cpu"):
+        self.index, self.shorter, self.max_size = index, shorter, max_size
+        self.num_workers, self.prefetch = num_workers, prefetch
+
+    def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if not work:
+            return iter(())
+        dataset = _PilBatchDataset(self.index, work, self.shorter, self.max_size)
+        extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} \
+            if self.num_workers > 0 else {}
+        # batch_size=None: each item is already a batch; order is kept by the DataLoader.
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                             num_workers=self.num_workers, **extra)
+        return iter(loader)
+
+
+class TorchJpegImages:
+    """``torchvision.io.decode_jpeg`` on a whole batch, resize with antialiased bilinear
+    interpolation on the same device. On "cuda" this is the nvjpeg backend; "cpu" is
+    kept for tests of the resize/pad path on machines without a GPU."""
+
+    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
+                 device: str | torch.device = "cuda"):
+        self.index, self.shorter, self.max_size = index, shorter, max_size
+        self.device = torch.device(device)
+        self.name = "nvjpeg" if self.device.type == "cuda" else "torchvision-cpu"
+
+    def _one(self, image: torch.Tensor, flip: bool) -> torch.Tensor:
+        height, width = resized_size(image.shape[1], image.shape[2], self.shorter, self.max_size)
+        resized = torch.nn.functional.interpolate(
+            image[None].float(), size=(height, width), mode="bilinear", antialias=True,
+            align_corners=False)[0]
+        # Round and clamp like an 8-bit resize would, so values match PIL and DALI.
+        resized = resized.round_().clamp_(0, 255)
+        if flip:
+            resized = resized.flip(-1)
+        return normalize_hwc_uint8(resized.permute(1, 2, 0))
+
+    def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        for batch in work:
+            data = [torch.frombuffer(bytearray(self.index.jpeg(s)), dtype=torch.uint8)
+                    for s, _ in batch]
+            with warnings.catch_warnings():
+                # torchvision 0.29 deprecates its codecs for TorchCodec; decode_jpeg on
+                # CUDA is still the batched nvJPEG path this backend exists for.
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+            yield pad_batch([self._one(img, flip) for img, (_, flip) in zip(decoded, batch)])
+
+
+def nvjpeg_images(index, batch_size: int, shorter: int, max_size: int,
+                  device: str | torch.device = "cuda") -> TorchJpegImages:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"data.backend='nvjpeg' decodes on the GPU and needs CUDA "
+                           f"(device={str(device)!r}, cuda available: "
+                           f"{torch.cuda.is_available()}); use data.backend='dali' "
+                           "(CPU decode) or 'pil' on this machine")
+    return TorchJpegImages(index, batch_size, shorter, max_size, device)
