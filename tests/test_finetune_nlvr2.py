@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pixelbert_dist.finetune.nlvr2_data import (
-    Nlvr2FormatError, evaluate_nlvr2, image_keys, read_nlvr2, read_nlvr2_predictions,
+    Nlvr2FormatError, drop_missing_images, evaluate_nlvr2, image_keys, read_nlvr2, read_nlvr2_predictions,
     write_nlvr2_predictions)
 
 
@@ -90,3 +90,11 @@ def test_accuracy_and_consistency(tmp_path):
     assert read_nlvr2_predictions(path) == preds
     with pytest.raises(ValueError, match="1 missing"):
         evaluate_nlvr2({k: v for k, v in preds.items() if k != "dev-2-3-0"}, examples)
+
+
+def test_missing_images_are_dropped_and_counted(tmp_path):
+    examples = read_nlvr2(_write(tmp_path / "dev.json", [_line("dev-1-0-0"), _line("dev-1-1-0")]))
+    kept, stats = drop_missing_images(examples, ["dev-1-0-img0", "dev-1-0-img1", "dev-1-1-img0"])
+    assert [ex.identifier for ex in kept] == ["dev-1-0-0"]
+    assert stats == {"examples_missing_image": 1, "images_missing": 1,
+                     "example_missing_images": ["dev-1-1-img1"]}

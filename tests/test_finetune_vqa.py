@@ -5,6 +5,7 @@ import pytest
 
 from pixelbert_dist.finetune.vqa_data import (
     AnswerVocab, VqaExample, VqaFormatError, answer_score, build_answer_vocab, build_targets,
+    coco_image_name, drop_missing_images,
     evaluate_vqa, normalize_answer, process_punctuation, read_vqa, read_vqa_results,
     soft_targets, vqa_accuracy, write_vqa_results)
 
@@ -203,3 +204,12 @@ def test_results_file_and_evaluation(tmp_path):
         write_vqa_results(tmp_path / "r.json", [{"question_id": 1, "answer": "a"}] * 2)
     with pytest.raises(ValueError, match="1 unknown"):
         write_vqa_results(tmp_path / "r.json", {1: "a", 4: "b"}, question_ids=[1])
+
+
+def test_missing_images_are_dropped_and_counted():
+    examples = [_ex(1, "yes"), _ex(2, "no"), _ex(3, "red")]   # image ids 101, 102, 103
+    kept, stats = drop_missing_images(examples, [101, 103, 999])
+    assert [ex.question_id for ex in kept] == [1, 3]
+    assert stats == {"questions_missing_image": 1, "images_missing": 1,
+                     "example_missing_image_ids": [102]}
+    assert coco_image_name(42, "val2014") == "COCO_val2014_000000000042"

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 
 class Nlvr2FormatError(ValueError):
@@ -108,6 +108,16 @@ def read_nlvr2(jsonl_path: str | Path, image_dir: str | Path | None = None) -> l
             seen.add(example.identifier)
             examples.append(example)
     return examples
+
+
+def drop_missing_images(examples: Sequence[Nlvr2Example], available_keys: Iterable[str]
+                        ) -> tuple[list[Nlvr2Example], dict]:
+    """Keep the examples whose two images are available; count the rest for the results."""
+    available = set(available_keys)
+    kept = [ex for ex in examples if ex.left_image in available and ex.right_image in available]
+    missing = sorted({k for ex in examples for k in (ex.left_image, ex.right_image)} - available)
+    return kept, {"examples_missing_image": len(examples) - len(kept),
+                  "images_missing": len(missing), "example_missing_images": missing[:5]}
 
 
 def _check_predictions(predictions: Mapping[str, bool], examples: Sequence[Nlvr2Example]) -> None:

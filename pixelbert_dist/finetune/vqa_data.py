@@ -219,6 +219,17 @@ def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = N
             for qid, q in questions.items()]
 
 
+def drop_missing_images(examples: Sequence[VqaExample], available_image_ids: Iterable[int]
+                        ) -> tuple[list[VqaExample], dict]:
+    """Keep the questions whose image is available; count the rest (never drop silently:
+    the counts belong in the results file)."""
+    available = set(available_image_ids)
+    kept = [ex for ex in examples if ex.image_id in available]
+    missing = sorted({ex.image_id for ex in examples} - available)
+    return kept, {"questions_missing_image": len(examples) - len(kept),
+                  "images_missing": len(missing), "example_missing_image_ids": missing[:5]}
+
+
 def coco_image_name(image_id: int, subset: str) -> str:
     """The COCO file stem VQA 2.0 refers to, e.g. ``COCO_val2014_000000000042``."""
     return f"COCO_{subset}_{image_id:012d}"
