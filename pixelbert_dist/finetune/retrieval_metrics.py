@@ -93,7 +93,9 @@ def flatten_captions(images: Sequence[RetrievalImage]) -> tuple[list[str], list[
 
 
 def _as_scores(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = torch.as_tensor(scores).detach().to("cpu", torch.float64)
+    scores = torch.as_tensor(scores).detach().cpu()
+    if not scores.is_floating_point():
+        scores = scores.float()   # keep float32/bf16 as given: COCO 5K x 25K is 500 MB already
     owner = torch.as_tensor(text_to_image, dtype=torch.long).cpu()
     if scores.dim() != 2 or owner.shape != (scores.shape[1],):
         raise ValueError(f"scores must be [num_images, num_texts] and text_to_image "
