@@ -1,0 +1,95 @@
+"""Pixel-BERT: CNN pixel features and BERT text embeddings in one transformer.
+
+Input sequence: ``[CLS] w1..wn [SEP] [PAD].. v1..vk`` with one key-padding mask covering
+both the text padding and the padding pixels of smaller images.
+
+Batch keys read by ``forward``:
+  images          float [B, 3, H, W], H and W multiples of 64 (optional: text-only)
+  image_sizes     int [B, 2] valid (h, w) of each image before padding (optional)
+  input_ids       int [B, L];  attention_mask int [B, L];  token_type_ids int [B, L] (optional)
+  mlm_labels      int [B, L], -100 where no MLM loss is wanted (optional)
+  itm_labels      int [B], 1 = caption matches the image (optional)
+Returns a dict: hidden_states, pooled, itm_logits, mlm_logits [M, V] and mlm_targets [M]
+(only the M masked positions: the vocabulary projection is the costliest matmul), each
+loss present in the batch, and ``loss`` = mlm_weight * mlm_loss + itm_weight * itm_loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PixelBertConfig
+from .encoder import Encoder
+from .heads import ITMHead, MLMHead, Pooler
+from .text import TextEmbedding
+from .visual import VisualEmbedding
+
+
+class PixelBert(nn.Module):
+    def __init__(self, cfg: PixelBertConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = TextEmbedding(cfg)
+        self.visual = VisualEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = Pooler(cfg)
+        self.mlm_head = MLMHead(cfg, self.embeddings.word_embeddings)
+        self.itm_head = ITMHead(cfg)
+        for name, module in self.named_modules():
+            if not name.startswith("visual.backbone"):  # the CNN keeps torchvision's init
+                self._init_bert(module)
+
+    @staticmethod
+    def _init_bert(module: nn.Module) -> None:
+        """BERT's initialisation: N(0, 0.02) weights, zero biases, LayerNorm at identity."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, VisualEmbedding):
+            nn.init.normal_(module.semantic, std=0.02)
+
+    def pixel_sample_size(self) -> int:
+        """Pixel random sampling is a pre-training regulariser: training mode only."""
+        return self.config.pixel_sample_size if self.training else 0
+
+    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [B, L(+K), H] and the key mask [B, L(+K)] of the joint sequence."""
+        text = self.embeddings(batch["input_ids"], batch.get("token_type_ids"))
+        mask = batch["attention_mask"].bool()
+        images = batch.get("images")
+        if images is not None:
+            pixels, pixel_mask = self.visual(images, batch.get("image_sizes"), self.pixel_sample_size())
+            text = torch.cat([text, pixels.to(text.dtype)], dim=1)
+            mask = torch.cat([mask, pixel_mask], dim=1)
+        return self.encoder(text, mask), mask
+
+    def forward(self, batch: dict) -> dict:
+        hidden, _ = self.encode(batch)
+        pooled = self.pooler(hidden)
+        out = {"hidden_states": hidden, "pooled": pooled, "itm_logits": self.itm_head(pooled)}
+        losses = []
+        if batch.get("mlm_labels") is not None:
+            labels = batch["mlm_labels"]
+            selected = labels != -100
+            out["mlm_logits"] = self.mlm_head(hidden[:, : labels.shape[1]][selected])
+            out["mlm_targets"] = labels[selected]
+            # Sum / count instead of mean: a batch with nothing masked gives 0, not NaN.
+            mlm = F.cross_entropy(out["mlm_logits"].float(), out["mlm_targets"], reduction="sum")
+            out["mlm_loss"] = mlm / selected.sum().clamp(min=1)
+            losses.append(self.config.mlm_weight * out["mlm_loss"])
+        if batch.get("itm_labels") is not None:
+            out["itm_loss"] = F.cross_entropy(out["itm_logits"].float(), batch["itm_labels"])
+            losses.append(self.config.itm_weight * out["itm_loss"])
+        if losses:
+            out["loss"] = sum(losses)
+        return out
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
