@@ -99,8 +99,14 @@ def test_end_of_epoch_state_and_restart(split):
     assert restored.batches_done == 0 and len(list(restored)) == len(loader)
 
 
-def test_mismatched_state_is_refused(split):
-    state = _loader(split, "pil", world_size=2).state_dict()
+def test_rank0_state_restores_other_ranks_and_mismatch_is_refused(split):
+    rank0 = _loader(split, "pil", world_size=2)
+    next(iter(rank0))
+    state = rank0.state_dict()          # DeepSpeed keeps rank 0's client_state only
+    rank1 = _loader(split, "pil", rank=1, world_size=2)
+    rank1.load_state_dict(state)
+    want = list(_loader(split, "pil", rank=1, world_size=2))[1:]
+    assert [b["keys"] for b in rank1] == [b["keys"] for b in want]
     with pytest.raises(ValueError, match="world_size"):
         _loader(split, "pil", world_size=3).load_state_dict(state)
     with pytest.raises(ValueError, match="version"):

@@ -48,7 +48,8 @@ def _build_pipeline(source, batch_size: int, shorter: int, max_size: int, num_th
         images = fn.resize(images, resize_shorter=shorter, max_size=max_size, antialias=True,
                            interp_type=types.INTERP_LINEAR)
         sizes = images.shape()
-        images = fn.crop_mirror_normalize(images, mirror=mirror.gpu() if gpu else mirror,
+        # ``mirror`` stays a CPU argument input even when the images are on the GPU.
+        images = fn.crop_mirror_normalize(images, mirror=mirror,
                                           mean=list(MEAN_255), std=list(STD_255),
                                           output_layout="CHW", dtype=types.FLOAT)
         # Pads to the batch's largest H and W, each rounded up to x64; zeros after

@@ -3,7 +3,9 @@
 A ``Loader`` iterates over ONE epoch of this rank's batches (the batch contract in the
 package README: images, image_sizes, input_ids, attention_mask, token_type_ids,
 mlm_labels, itm_labels, keys, plus ``is_pad`` marking wrap-around repeats that
-evaluation must exclude; see ``sampling`` for the epoch/rank rules).
+evaluation must exclude, see ``sampling`` for the epoch/rank rules, and ``captions``,
+each image's own caption after any flip swap, for debugging: ITM-negative rows are
+tokenised from another row's caption).
 
 Everything random is a pure function of the config seed and the position, never of
 the backend or of worker timing:
@@ -12,7 +14,9 @@ the backend or of worker timing:
   global index is ``batch * world_size + rank``.
 So the state is ``{epoch, batches_done}`` (plus fingerprints to refuse a mismatched
 restore), and a restored loader, in a fresh object or with another backend, yields
-exactly the batches an uninterrupted run would have.
+exactly the batches an uninterrupted run would have. Every rank consumes the same
+number of batches, so the state is identical on all ranks: rank 0's copy (what
+DeepSpeed keeps as ``client_state``) restores any rank.
 
 Epoch protocol: ``set_epoch(e)`` for a new ``e`` starts that epoch at batch 0; for the
 current epoch it keeps the position (so ``load_state_dict`` then ``set_epoch`` of the
@@ -81,7 +85,7 @@ class Loader:
 
     def _fingerprint(self) -> dict:
         return {"num_samples": len(self.index), "world_size": self.world_size,
-                "rank": self.rank, "batch_size": self.batch_size, "seed": self.cfg.seed,
+                "batch_size": self.batch_size, "seed": self.cfg.seed,
                 "shuffle": self.train and self.cfg.shuffle, "bucketing": self.cfg.bucketing,
                 "drop_last": self.train and self.cfg.drop_last}
 
