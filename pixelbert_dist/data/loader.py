@@ -173,7 +173,7 @@ def _images_backend(cfg: DataConfig, index: ShardIndex, batch_size: int, device:
         return nvjpeg_images(*args, device=device)
     from pixelbert_dist.data.torch_loader import PilImages
 
-    return PilImages(*args, num_workers=cfg.num_workers, prefetch=cfg.prefetch)
+    return PilImages(*args, num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device)
 
 
 def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,

@@ -60,6 +60,7 @@ class PilImages:
                  num_workers: int = 2, prefetch: int = 2, device: str | torch.device = "cpu"):
         self.index, self.shorter, self.max_size = index, shorter, max_size
         self.num_workers, self.prefetch = num_workers, prefetch
+        self.pin_memory = torch.device(device).type == "cuda"  # faster, async copy to GPU
 
     def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if not work:
@@ -69,7 +70,8 @@ class PilImages:
             if self.num_workers > 0 else {}
         # batch_size=None: each item is already a batch; order is kept by the DataLoader.
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                             num_workers=self.num_workers, **extra)
+                                             num_workers=self.num_workers,
+                                             pin_memory=self.pin_memory, **extra)
         return iter(loader)
 
 
