@@ -1,0 +1,349 @@
+"""Checkpoints through DeepSpeed: save, keep the last K, resume exactly, stop on a signal.
+
+Layout of ``save_dir``::
+
+    step_00000100/            one DeepSpeed tag (model, optimizer and scheduler shards)
+        meta.json             step, world size, ZeRO stage, config fingerprint (no pickle)
+    latest                    the tag to resume from; moves only after every rank saved
+
+The ``client_state`` handed to DeepSpeed carries the trainer's state and, gathered from
+every rank, each rank's RNG states and its own extra state (e.g. its data loader
+position), so rank r resumes with rank r's streams. A checkpoint written at another
+data-parallel world size is refused with an error, unless the caller asks for
+DeepSpeed's universal checkpoint, which re-partitions the ZeRO shards.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
+                                            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+TAG_RE = re.compile(r"^step_(\d{8})$")
+LATEST = "latest"
+META = "meta.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed as asked."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def config_fingerprint(cfg: Any) -> str:
+    """A short hash of a (JSON-able) config dict, to tell when a resume changed the config."""
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- RNG -------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- small distributed helpers (work without a process group, too) ---------------
+
+
+def _rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def _world() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def _gather_objects(obj: Any) -> list:
+    if not tdist.is_initialized() or tdist.get_world_size() == 1:
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new tag, never half
+
+
+# ---- save ------------------------------------------------------------------------
+
+
+def list_tags(save_dir: str | Path) -> list[str]:
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        return []
+    return sorted(p.name for p in save_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+
+
+def read_latest(save_dir: str | Path) -> str | None:
+    path = Path(save_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _prune(save_dir: Path, keep_last: int, protect: str) -> list[str]:
+    if keep_last <= 0:
+        return []
+    tags = list_tags(save_dir)
+    doomed = [t for t in tags[:-keep_last] if t != protect]
+    for tag in doomed:
+        shutil.rmtree(save_dir / tag, ignore_errors=True)
+        shutil.rmtree(save_dir / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+    return doomed
+
+
+def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
+                    keep_last: int, rank_state: dict | None = None) -> Path:
+    """Save on every rank (a collective); returns the tag folder.
+
+    ``client_state``: the trainer's state (rank 0's copy is kept); ``rank_state``: what
+    differs per rank (e.g. its data loader position), kept for every rank.
+    ``keep_last`` <= 0 keeps everything.
+    """
+    save_dir = Path(save_dir)
+    tag = tag_for(step)
+    ranks = _gather_objects({"rng": rng_state(), "state": rank_state})
+    state = dict(client_state, step=step, world_size=engine.dp_world_size, rank_states=ranks)
+    # ds_to_universal refuses a checkpoint without this entry; a model with no tensor or
+    # pipeline parallelism needs nothing in it but the format version
+    state.setdefault(UNIVERSAL_CHECKPOINT_INFO,
+                     {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
+    _barrier()  # every rank has written its shards: only now may `latest` move
+    if _rank() == 0:
+        meta = {"step": step, "world_size": engine.dp_world_size,
+                "zero_stage": engine.zero_optimization_stage(),
+                "config_fingerprint": client_state.get("config_fingerprint")}
+        _write_atomic(save_dir / tag / META, json.dumps(meta, indent=2) + "\n")
+        _write_atomic(save_dir / LATEST, tag + "\n")
+        _prune(save_dir, keep_last, protect=tag)
+    _barrier()  # nobody reads `latest` or the pruned folders while rank 0 is at work
+    return save_dir / tag
+
+
+# ---- resume ----------------------------------------------------------------------
+
+
+def find_checkpoint(save_dir: str | Path, which: str = "auto") -> Path | None:
+    """The tag folder ``which`` names: "none", "auto" (``latest``), a tag, or a path."""
+    if which in (None, "none", ""):
+        return None
+    save_dir = Path(save_dir)
+    if which == "auto":
+        tag = read_latest(save_dir)
+        if tag is None:
+            return None  # a fresh run
+        path = save_dir / tag
+        if not path.is_dir():
+            raise CheckpointError(f"{save_dir / LATEST} names {tag!r} but {path} does not exist")
+        return path
+    path = Path(which)
+    if not path.is_dir():
+        path = save_dir / which
+    if not path.is_dir():
+        raise CheckpointError(f"resume={which!r}: no checkpoint folder {which} nor {save_dir / which}; "
+                              f"available tags: {list_tags(save_dir)}")
+    return path
+
+
+def read_meta(tag_dir: str | Path) -> dict:
+    path = Path(tag_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete checkpoint of this "
+                              f"project (it is written last, after every rank saved)")
+    return json.loads(path.read_text())
+
+
+def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = False) -> dict:
+    """Refuse a checkpoint from another world size unless universal resume was asked for."""
+    meta = read_meta(tag_dir)
+    saved = meta["world_size"]
+    if saved != world_size and not universal:
+        raise CheckpointError(
+            f"checkpoint {tag_dir} was written by {saved} data-parallel ranks but this run has "
+            f"{world_size}: its ZeRO shards, RNG streams and data positions belong to {saved} "
+            f"ranks. Resume with the same number of ranks, or pass resume_universal=true to "
+            f"convert it with DeepSpeed's universal checkpoint (python -m "
+            f"deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} --output_folder "
+            f"{tag_dir}{UNIVERSAL_SUFFIX}).")
+    return meta
+
+
+def _convert_universal(tag_dir: Path, out: Path) -> str | None:
+    """Run DeepSpeed's ds_to_universal; an error message instead of an exception."""
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = SimpleNamespace(input_folder=str(tag_dir), output_folder=str(out),
+                           num_extract_workers=1, num_merge_workers=1,
+                           keep_temp_folder=False, strict=True, inject_missing_state=False)
+    try:
+        ds_to_universal(args)
+    except KeyError as err:
+        shutil.rmtree(out, ignore_errors=True)
+        # DeepSpeed's converter reads Adam's exp_avg/exp_avg_sq from every param group;
+        # the CNN's SGD group (a momentum buffer only) has neither
+        return (f"DeepSpeed's universal checkpoint converter cannot convert {tag_dir}: it "
+                f"expects Adam state ({err}) in every param group, and the CNN's SGD group "
+                f"holds a momentum buffer. Resume with the world size it was written at.")
+    except Exception as err:  # noqa: BLE001 - reported to every rank below
+        shutil.rmtree(out, ignore_errors=True)
+        return f"ds_to_universal failed on {tag_dir}: {type(err).__name__}: {err}"
+    shutil.copy(tag_dir / META, out / META)
+    return None
+
+
+def _to_universal(tag_dir: Path) -> Path:
+    """Rank 0 converts once (kept next to the tag); every rank learns how it went."""
+    out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+    error = None
+    if _rank() == 0 and not (out / META).is_file():
+        error = _convert_universal(tag_dir, out)
+    error = _gather_objects(error)[0]  # a collective: also the barrier after the conversion
+    if error:
+        raise CheckpointError(error)
+    return out
+
+
+def enable_universal_load(ds_config: dict) -> dict:
+    """The DeepSpeed flag to set before ``deepspeed.initialize`` for a universal resume."""
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return ds_config
+
+
+def prepare_resume(ds_config: dict, save_dir: str | Path, which: str, world_size: int,
+                   universal: bool = False) -> Path | None:
+    """Call before ``deepspeed.initialize``: checks the world size, and sets the universal
+    load flag in ``ds_config`` when the checkpoint came from another world size (and
+    ``universal`` allows it). Returns the tag folder, or None for a fresh run."""
+    tag_dir = find_checkpoint(save_dir, which)
+    if tag_dir is not None and check_world_size(tag_dir, world_size, universal)["world_size"] != world_size:
+        enable_universal_load(ds_config)
+    return tag_dir
+
+
+def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = False
+           ) -> dict | None:
+    """Load model, optimizer, scheduler and RNG states; the client_state, or None for a fresh run.
+
+    The returned dict holds what ``save_checkpoint`` got as ``client_state``, plus
+    ``rank_state`` (this rank's own saved state; None after a world-size change).
+    """
+    tag_dir = find_checkpoint(save_dir, which)
+    if tag_dir is None:
+        return None
+    meta = check_world_size(tag_dir, engine.dp_world_size, universal)
+    same_world = meta["world_size"] == engine.dp_world_size
+    load_dir, tag = tag_dir.parent, tag_dir.name
+    if engine.load_universal_checkpoint():
+        tag = _to_universal(tag_dir).name
+    elif not same_world:
+        raise CheckpointError("a universal resume needs the DeepSpeed config flag "
+                              "checkpoint.load_universal=true before deepspeed.initialize "
+                              "(prepare_resume sets it)")
+    load_path, client_state = engine.load_checkpoint(
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    client_state = dict(client_state or {})
+    ranks = client_state.pop("rank_states", None) or []
+    if same_world and len(ranks) == _world():
+        mine = ranks[_rank()]
+        set_rng_state(mine["rng"])
+        client_state["rank_state"] = mine["state"]
+    else:
+        warnings.warn(f"resumed {tag_dir} from {meta['world_size']} ranks on {engine.dp_world_size}: "
+                      f"per-rank RNG and data positions are not restored")
+        client_state["rank_state"] = None
+    return client_state
+
+
+# ---- signals ---------------------------------------------------------------------
+
+
+class GracefulExit:
+    """SIGTERM / SIGUSR1 (Slurm's warning before a time limit) only set a flag.
+
+    The trainer calls ``should_exit()`` at the same step on every rank; it all-reduces
+    the flag so that all ranks stop together (a rank that left alone would leave the
+    others hanging in the next collective), then saves and exits 0.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+        self.signals = signals
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "GracefulExit":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "GracefulExit":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum  # nothing else here: a handler runs between two bytecodes
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def should_exit(self) -> bool:
+        """True on every rank as soon as any rank got a signal (a collective call)."""
+        flag = 1.0 if self.requested else 0.0
+        if not tdist.is_initialized() or tdist.get_world_size() == 1:
+            return bool(flag)
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if tdist.get_backend() == "nccl" else torch.device("cpu"))
+        tensor = torch.tensor([flag], device=device)
+        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
+        return bool(tensor.item() > 0)
