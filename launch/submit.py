@@ -1,0 +1,70 @@
+"""Submit Pixel-BERT pre-training to Slurm with submitit (or run it here with --local).
+
+    python launch/submit.py --nodes 8 --gpus-per-node 8 --partition gpu --time 2-00:00:00 \\
+        --output-dir runs/r50_zero2 -- --deepspeed_config deepspeed_configs/zero2.json \\
+        --config launch/configs/pretrain_r50.yaml
+    python launch/submit.py --dry-run ...                 # print the sbatch script only
+    python launch/submit.py --sweep optim.lr=1e-4,2e-4 ... # a job array, one job per value
+    python launch/submit.py --local --gpus-per-node 2 --time 20 -- --deepspeed_config \\
+        deepspeed_configs/zero2.json --config launch/configs/demo_cpu.yaml
+
+Everything after ``--`` is what launch/pretrain.py takes. The logic lives in
+pixelbert_dist.distributed.slurm.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pixelbert_dist.distributed.slurm import SubmitConfig, SubmitError, submit  # noqa: E402
+
+
+def parse(argv: list[str]) -> tuple[SubmitConfig, list[str]]:
+    if "--" not in argv:
+        raise SubmitError("put the pre-training arguments after --, e.g. "
+                          "-- --deepspeed_config deepspeed_configs/zero2.json")
+    split = argv.index("--")
+    defaults = SubmitConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for name in ("nodes", "gpus_per_node", "cpus_per_task", "max_requeues", "signal_delay_s",
+                 "stop_timeout_s"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    for name in ("mem", "partition", "account", "qos", "constraint", "time", "job_name",
+                 "output_dir"):
+        parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name))
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one job per value (repeat for the product of several keys)")
+    parser.add_argument("--local", action="store_true",
+                        help="run here with submitit's local executor, --gpus-per-node tasks")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
+    ns = parser.parse_args(argv[:split])
+    opts = SubmitConfig(**{**vars(ns), "sweep": tuple(ns.sweep)})
+    return opts, argv[split + 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts, pretrain_argv = parse(sys.argv[1:] if argv is None else argv)
+        jobs = submit(opts, pretrain_argv)
+    except SubmitError as err:
+        print(f"submit.py: error: {err}", file=sys.stderr)
+        return 2
+    for job in jobs:
+        print(f"submitted job {job.job_id}: logs in {job.paths.folder}")
+    if opts.local:  # the local executor's jobs die with this process: wait for them
+        failed = 0
+        for job in jobs:
+            try:
+                job.result()
+                print(f"job {job.job_id} finished")
+            except Exception as err:  # noqa: BLE001 - report every job, then fail
+                failed += 1
+                print(f"job {job.job_id} failed: {err}", file=sys.stderr)
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
