@@ -7,10 +7,10 @@ from pixelbert_dist.data.shards import (FORMAT, Manifest, ShardFormatError, Shar
                                         ShardWriter, iter_samples, iter_shard, read_manifest,
                                         read_skipped, write_manifest, write_shard)
 from pixelbert_dist.data.text import (IGNORE_INDEX, SYNTHETIC_VOCAB_DIR, TextCollator,
-                                      TextConfig, load_tokenizer)
+                                      load_tokenizer)
 
 __all__ = [
     "FORMAT", "Manifest", "ShardFormatError", "ShardInfo", "ShardWriter", "iter_samples",
     "iter_shard", "read_manifest", "read_skipped", "write_manifest", "write_shard",
-    "IGNORE_INDEX", "SYNTHETIC_VOCAB_DIR", "TextCollator", "TextConfig", "load_tokenizer",
+    "IGNORE_INDEX", "SYNTHETIC_VOCAB_DIR", "TextCollator", "load_tokenizer",
 ]

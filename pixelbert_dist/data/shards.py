@@ -221,6 +221,7 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.skipped: list[dict] = []
         self._buffer: list[tuple[str, bytes, dict]] = []
+        self.manifest: Manifest | None = None   # set when the block ends cleanly
 
     def __enter__(self) -> "ShardWriter":
         self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,21 +9,12 @@ that derives it from (seed, epoch, step) reproduces a batch exactly after a resu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SYNTHETIC_VOCAB_DIR = Path(__file__).resolve().parent.parent / "assets" / "vocab_synthetic"
 IGNORE_INDEX = -100
-
-
-@dataclass
-class TextConfig:
-    vocab_dir: str | None = None   # None: the shipped 512-token synthetic vocab
-    max_len: int = 40
-    mlm_prob: float = 0.15
-    itm_neg_prob: float = 0.5
 
 
 def load_tokenizer(vocab_dir: str | Path | None = None):
@@ -65,11 +56,6 @@ class TextCollator:
         self.replacement_ids = torch.tensor(sorted(
             i for tok, i in vocab.items() if i not in special and not tok.startswith("[unused")))
         self.mask_id = tokenizer.mask_token_id
-
-    @classmethod
-    def from_config(cls, cfg: TextConfig, tokenizer=None) -> "TextCollator":
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
-        return cls(tokenizer, cfg.max_len, cfg.mlm_prob, cfg.itm_neg_prob)
 
     def draw_itm(self, image_ids: list[str], generator: torch.Generator):
         """(partner index per row, itm_labels): a negative row takes another image's caption."""
