@@ -59,19 +59,36 @@ class PixelBert(nn.Module):
         """Pixel random sampling is a pre-training regulariser: training mode only."""
         return self.config.pixel_sample_size if self.training else 0
 
-    def encode(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states [B, L(+K), H] and the key mask [B, L(+K)] of the joint sequence."""
-        text = self.embeddings(batch["input_ids"], batch.get("token_type_ids"))
-        mask = batch["attention_mask"].bool()
-        images = batch.get("images")
-        if images is not None:
-            pixels, pixel_mask = self.visual(images, batch.get("image_sizes"), self.pixel_sample_size())
-            text = torch.cat([text, pixels.to(text.dtype)], dim=1)
+    def encode_pixels(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None):
+        """Pixel tokens [B, K, H] and their mask [B, K] (sampled in training mode)."""
+        return self.visual(images, image_sizes, self.pixel_sample_size())
+
+    def encode_joint(self, text: dict, pixels: torch.Tensor | None = None,
+                     pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer over ``[CLS] text [SEP]`` followed by the given pixel tokens."""
+        x = self.embeddings(text["input_ids"], text.get("token_type_ids"))
+        mask = text["attention_mask"].bool()
+        if pixels is not None:
+            if pixels.shape[0] != x.shape[0]:
+                raise ValueError(f"{pixels.shape[0]} images for {x.shape[0]} captions in one batch")
+            x = torch.cat([x, pixels.to(x.dtype)], dim=1)
             mask = torch.cat([mask, pixel_mask], dim=1)
-        return self.encoder(text, mask), mask
+        return self.encoder(x, mask)
+
+    def encode(self, batch: dict) -> torch.Tensor:
+        """Hidden states [B, L(+K), H] of the joint sequence."""
+        if batch.get("images") is None:
+            return self.encode_joint(batch)
+        return self.encode_joint(batch, *self.encode_pixels(batch["images"], batch.get("image_sizes")))
+
+    def itm_score(self, text: dict, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
+        """log P(match) for row-aligned (caption, image) pairs; pixel tokens come from
+        ``encode_pixels`` once per image, so retrieval runs the CNN once, not per pair."""
+        pooled = self.pooler(self.encode_joint(text, pixels, pixel_mask))
+        return self.itm_head(pooled).float().log_softmax(-1)[:, 1]
 
     def forward(self, batch: dict) -> dict:
-        hidden, _ = self.encode(batch)
+        hidden = self.encode(batch)
         pooled = self.pooler(hidden)
         out = {"hidden_states": hidden, "pooled": pooled, "itm_logits": self.itm_head(pooled)}
         losses = []
@@ -90,6 +107,18 @@ class PixelBert(nn.Module):
         if losses:
             out["loss"] = sum(losses)
         return out
+
+    @classmethod
+    def from_pretrained(cls, folder, **kwargs) -> "PixelBert":
+        """Load an export folder (config.json + model.safetensors); see ``pretrained``."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(folder, **kwargs)
+
+    def save_pretrained(self, folder, tokenizer=None, extra: dict | None = None):
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, folder, tokenizer, extra)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,7 @@
+"""deepspeed launch/pretrain.py --deepspeed_config deepspeed_configs/zero2.json [--config X.yaml] [key=value ...]"""
+import sys
+
+from pixelbert_dist.train.run import main
+
+if __name__ == "__main__":
+    sys.exit(main())

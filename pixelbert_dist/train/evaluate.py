@@ -1,0 +1,83 @@
+"""Validation: ITM / MLM accuracy on held-out shards, and a small image<->text R@1 probe
+that scores every (image, caption) pair with the ITM head."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from pixelbert_dist.finetune.retrieval_metrics import recall_at_k
+
+
+def batch_metrics(out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """Sums and counts (not means) so windows and ranks combine exactly."""
+    itm_right = (out["itm_logits"].argmax(-1) == batch["itm_labels"]).sum()
+    mlm_right = (out["mlm_logits"].argmax(-1) == out["mlm_targets"]).sum()
+    n, m = batch["itm_labels"].numel(), out["mlm_targets"].numel()
+    return {"loss": out["loss"].detach() * n, "mlm_loss": out["mlm_loss"].detach() * m,
+            "itm_loss": out["itm_loss"].detach() * n, "itm_right": itm_right, "mlm_right": mlm_right,
+            "n": torch.tensor(n), "m": torch.tensor(m)}
+
+
+def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(sums)
+    flat = torch.stack([sums[k].double().cpu() for k in keys])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            flat = flat.cuda()
+        dist.all_reduce(flat)
+    s = dict(zip(keys, flat.tolist()))
+    n, m = max(s["n"], 1), max(s["m"], 1)
+    return {"loss": s["loss"] / n, "mlm_loss": s["mlm_loss"] / m, "itm_loss": s["itm_loss"] / n,
+            "itm_acc": s["itm_right"] / n, "mlm_acc": s["mlm_right"] / m}
+
+
+def _gathered(engine):
+    """ZeRO-3 keeps each rank's slice of the weights: gather them for direct sub-module calls."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def itm_score_matrix(model, probe: dict) -> torch.Tensor:
+    """scores[i, j] = log P(caption j matches image i); the CNN runs once per image."""
+    pixels, mask = model.encode_pixels(probe["images"], probe["image_sizes"])
+    text = {k: probe[k] for k in ("input_ids", "attention_mask")}
+    n = pixels.shape[0]
+    rows = []
+    for i in range(n):
+        rows.append(model.itm_score(text, pixels[i:i + 1].expand(n, -1, -1), mask[i:i + 1].expand(n, -1)))
+    return torch.stack(rows).float().cpu()
+
+
+@torch.no_grad()
+def evaluate(engine, val_loader, probe_loader, to_device, max_batches: int = 0) -> dict:
+    """Sums over every rank's share of the validation split (is_pad repeats excluded)."""
+    engine.eval()
+    sums: dict = {}
+    for k, batch in enumerate(val_loader):
+        if max_batches and k >= max_batches:
+            break
+        keep = ~batch["is_pad"]
+        out = engine(to_device(batch))
+        rows_of_masked = (batch["mlm_labels"] != -100).nonzero()[:, 0]
+        masked_keep = keep[rows_of_masked].to(out["mlm_targets"].device)
+        # losses are batch means (repeats included); accuracies count kept rows only
+        kept = dict(out, itm_logits=out["itm_logits"][keep.to(out["itm_logits"].device)],
+                    mlm_logits=out["mlm_logits"][masked_keep], mlm_targets=out["mlm_targets"][masked_keep])
+        labels = {"itm_labels": batch["itm_labels"][keep].to(kept["itm_logits"].device)}
+        for key, value in batch_metrics(kept, labels).items():
+            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
+    values = reduce_metrics(sums) if sums else {}
+    if probe_loader is not None:
+        probe = to_device(next(iter(probe_loader)))
+        with _gathered(engine):
+            scores = itm_score_matrix(engine.module, probe)
+        recall = recall_at_k(scores, torch.arange(scores.shape[1]), ks=(1,))
+        values.update({"i2t_r1": recall["i2t_r1"], "t2i_r1": recall["t2i_r1"]})
+    engine.train()
+    return values
