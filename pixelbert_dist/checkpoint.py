@@ -10,7 +10,9 @@ The ``client_state`` handed to DeepSpeed carries the trainer's state and, gather
 every rank, each rank's RNG states and its own extra state (e.g. its data loader
 position), so rank r resumes with rank r's streams. A checkpoint written at another
 data-parallel world size is refused with an error, unless the caller asks for
-DeepSpeed's universal checkpoint, which re-partitions the ZeRO shards.
+DeepSpeed's universal checkpoint (ZeRO 1/2), which re-partitions the shards; its
+converter only knows Adam state, so the CNN's SGD momentum is dressed as Adam's for
+the conversion and renamed back after (checked: 2 ranks -> 1 gives the same losses).
 """
 from __future__ import annotations
 
@@ -208,28 +210,76 @@ def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = Fal
     return meta
 
 
-def _convert_universal(tag_dir: Path, out: Path) -> str | None:
-    """Run DeepSpeed's ds_to_universal; an error message instead of an exception."""
+def _load_ds_file(path: Path) -> dict:
+    """A DeepSpeed optimizer shard, unpickled with only the classes it is known to hold."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
+                                           fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _dress_sgd_as_adam(tag_dir: Path, work: Path) -> set[str]:
+    """A copy of ``tag_dir`` whose SGD momentum sits where ds_to_universal looks for Adam's.
+
+    DeepSpeed's converter reads ``exp_avg`` and ``exp_avg_sq`` from every param group; the
+    CNN's SGD group has a ``momentum_buffer`` only. Model files are linked, not copied.
+    Returns the names of the SGD group's parameters.
+    """
+    work.mkdir(parents=True)
+    sgd_names: set[str] = set()
+    for src in tag_dir.iterdir():
+        if not src.name.endswith("_optim_states.pt"):
+            os.symlink(src.resolve(), work / src.name)
+            continue
+        shard = _load_ds_file(src)
+        osd = shard["optimizer_state_dict"]
+        for gid, state in osd["base_optimizer_state"]["state"].items():
+            if "momentum_buffer" in state and "exp_avg" not in state:
+                state["exp_avg"] = state.pop("momentum_buffer")
+                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                sgd_names.update(osd["param_slice_mappings"][gid])
+        torch.save(shard, work / src.name)
+    return sgd_names
+
+
+def _convert_universal(tag_dir: Path, out: Path) -> None:
+    """ds_to_universal for the hybrid optimiser (ZeRO 1/2); the SGD state is renamed back."""
     from types import SimpleNamespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    args = SimpleNamespace(input_folder=str(tag_dir), output_folder=str(out),
-                           num_extract_workers=1, num_merge_workers=1,
-                           keep_temp_folder=False, strict=True, inject_missing_state=False)
+    work = out.with_name(out.name + ".in")
+    shutil.rmtree(work, ignore_errors=True)
     try:
-        ds_to_universal(args)
-    except KeyError as err:
+        sgd_names = _dress_sgd_as_adam(tag_dir, work)
+        ds_to_universal(SimpleNamespace(input_folder=str(work), output_folder=str(out),
+                                        num_extract_workers=1, num_merge_workers=1,
+                                        keep_temp_folder=False, strict=True,
+                                        inject_missing_state=False))
+        for name in sgd_names:  # DeepSpeed's universal loader restores whatever keys it finds
+            folder = out / "zero" / name
+            os.replace(folder / "exp_avg.pt", folder / "momentum_buffer.pt")
+            (folder / "exp_avg_sq.pt").unlink()
+        shutil.copy(tag_dir / META, out / META)  # last: marks the conversion complete
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _try_convert(tag_dir: Path, out: Path) -> str | None:
+    """The conversion on rank 0; an error message instead of an exception (to share it)."""
+    stage = read_meta(tag_dir).get("zero_stage")
+    if stage not in (1, 2):
+        return (f"{tag_dir} was saved with ZeRO stage {stage}; a universal resume of the hybrid "
+                f"optimiser is supported from ZeRO 1 and 2 checkpoints. Resume with the world "
+                f"size it was written at.")
+    try:
+        _convert_universal(tag_dir, out)
+    except Exception as err:  # noqa: BLE001 - every rank raises it below
         shutil.rmtree(out, ignore_errors=True)
-        # DeepSpeed's converter reads Adam's exp_avg/exp_avg_sq from every param group;
-        # the CNN's SGD group (a momentum buffer only) has neither
-        return (f"DeepSpeed's universal checkpoint converter cannot convert {tag_dir}: it "
-                f"expects Adam state ({err}) in every param group, and the CNN's SGD group "
-                f"holds a momentum buffer. Resume with the world size it was written at.")
-    except Exception as err:  # noqa: BLE001 - reported to every rank below
-        shutil.rmtree(out, ignore_errors=True)
-        return f"ds_to_universal failed on {tag_dir}: {type(err).__name__}: {err}"
-    shutil.copy(tag_dir / META, out / META)
+        return f"converting {tag_dir} to a universal checkpoint failed: {type(err).__name__}: {err}"
     return None
 
 
@@ -238,7 +288,7 @@ def _to_universal(tag_dir: Path) -> Path:
     out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
     error = None
     if _rank() == 0 and not (out / META).is_file():
-        error = _convert_universal(tag_dir, out)
+        error = _try_convert(tag_dir, out)
     error = _gather_objects(error)[0]  # a collective: also the barrier after the conversion
     if error:
         raise CheckpointError(error)
@@ -257,8 +307,11 @@ def prepare_resume(ds_config: dict, save_dir: str | Path, which: str, world_size
     load flag in ``ds_config`` when the checkpoint came from another world size (and
     ``universal`` allows it). Returns the tag folder, or None for a fresh run."""
     tag_dir = find_checkpoint(save_dir, which)
-    if tag_dir is not None and check_world_size(tag_dir, world_size, universal)["world_size"] != world_size:
-        enable_universal_load(ds_config)
+    if tag_dir is not None:
+        meta = check_world_size(tag_dir, world_size, universal)
+        # ZeRO-0 shards nothing: its checkpoint loads as is on any number of ranks
+        if meta["world_size"] != world_size and meta.get("zero_stage", 0) != 0:
+            enable_universal_load(ds_config)
     return tag_dir
 
 
@@ -267,7 +320,8 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
     """Load model, optimizer, scheduler and RNG states; the client_state, or None for a fresh run.
 
     The returned dict holds what ``save_checkpoint`` got as ``client_state``, plus
-    ``rank_state`` (this rank's own saved state; None after a world-size change).
+    ``rank_state`` (this rank's own saved state; None after a world-size change) and
+    ``rank_states`` (the states every saved rank passed, in rank order).
     """
     tag_dir = find_checkpoint(save_dir, which)
     if tag_dir is None:
@@ -277,7 +331,7 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
     load_dir, tag = tag_dir.parent, tag_dir.name
     if engine.load_universal_checkpoint():
         tag = _to_universal(tag_dir).name
-    elif not same_world:
+    elif not same_world and meta.get("zero_stage", 0) != 0:
         raise CheckpointError("a universal resume needs the DeepSpeed config flag "
                               "checkpoint.load_universal=true before deepspeed.initialize "
                               "(prepare_resume sets it)")
@@ -287,6 +341,7 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     client_state = dict(client_state or {})
     ranks = client_state.pop("rank_states", None) or []
+    client_state["rank_states"] = [r["state"] for r in ranks]  # every saved rank's own state
     if same_world and len(ranks) == _world():
         mine = ranks[_rank()]
         set_rng_state(mine["rng"])

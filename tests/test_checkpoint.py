@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ pytestmark = pytest.mark.usefixtures("dist_env")
 class DropoutNet(nn.Module):
     """Dropout and a random pick in forward: a resume that forgot the RNG would show."""
 
-    def __init__(self):
+    def __init__(self, random_ops: bool = True):
         super().__init__()
+        self.random_ops = random_ops
         self.visual = nn.Module()
         self.visual.backbone = nn.Conv2d(3, 6, 3, padding=1)
         self.drop = nn.Dropout(0.3)
@@ -35,6 +37,8 @@ class DropoutNet(nn.Module):
 
     def forward(self, images, labels):
         pixels = self.visual.backbone(images).flatten(2)
+        if not self.random_ops:  # deterministic: comparable across world sizes
+            return nn.functional.cross_entropy(self.head(self.norm(self.proj(pixels.mean(-1)))), labels)
         keep = torch.randperm(pixels.shape[-1])[:16]  # like Pixel-BERT's pixel sampling
         hidden = self.norm(self.proj(self.drop(pixels[..., keep].mean(-1))))
         noise = float(np.random.rand()) + random.random()  # python and numpy streams too
@@ -45,17 +49,20 @@ BATCHES = [(torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)),
             torch.tensor([i % 3, (i + 1) % 3, (i + 2) % 3, i % 3])) for i in range(6)]
 
 
-def _engine(stage: int, seed: int):
+def _engine(stage: int, seed: int, grad_accum: int = 1, world_size: int = 1, universal_from=None,
+            micro_batch: int = 4):
     import deepspeed
 
     torch.manual_seed(seed)
-    model = DropoutNet()
+    model = DropoutNet(random_ops=universal_from is None and world_size == 1)
     opt = build_optimizer(model, OptimConfig())
     sched = build_scheduler(opt, ScheduleConfig(warmup_steps=2, milestones_epochs=[0.4]),
                             steps_per_epoch=10, total_steps=6)  # /10 at step 4
-    ds = fill_deepspeed_config(CONFIGS / f"zero{stage}.json", micro_batch=4, grad_accum=1,
-                               world_size=1, grad_clip=1.0)
+    ds = fill_deepspeed_config(CONFIGS / f"zero{stage}.json", micro_batch=micro_batch,
+                               grad_accum=grad_accum, world_size=world_size, grad_clip=1.0)
     ds["bf16"]["enabled"] = False  # fp32 so a resumed run must match to rounding
+    if universal_from is not None:
+        ckpt.prepare_resume(ds, universal_from, "auto", world_size, universal=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, opt
 
@@ -146,10 +153,16 @@ def test_other_world_size_is_refused(run_dir):
         ckpt.prepare_resume(ds, run_dir, "auto", world_size=1)
     assert ckpt.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
     assert ds == {"checkpoint": {"load_universal": True}}
-    # DeepSpeed's converter handles Adam-only state; ours has the CNN's SGD momentum
-    with pytest.raises(ckpt.CheckpointError, match="expects Adam state"):
+    # a universal resume of ZeRO-3 shards is refused up front, on every rank
+    (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8, "zero_stage": 3}))
+    with pytest.raises(ckpt.CheckpointError, match="ZeRO stage 3.*supported from ZeRO 1 and 2"):
         ckpt._to_universal(tag)
     assert not (run_dir / "step_00000001_universal").exists()
+    # ZeRO-0 shards nothing: no conversion, it loads as is
+    (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8, "zero_stage": 0}))
+    ds = {}
+    assert ckpt.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
+    assert ds == {}
 
 
 def test_graceful_exit_on_sigusr1_and_sigterm():
@@ -174,3 +187,63 @@ def test_rng_state_round_trip_and_fingerprint():
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
     assert ckpt.config_fingerprint({"a": 1, "b": [2]}) == ckpt.config_fingerprint({"b": [2], "a": 1})
     assert ckpt.config_fingerprint({"a": 1}) != ckpt.config_fingerprint({"a": 2})
+
+
+# ---- world-size change through DeepSpeed's universal checkpoint -------------------
+# Two gloo ranks (a torchrun subprocess running this file) train 6 steps of global
+# batch 4 and save after step 3; one rank with 2 accumulation micro-steps resumes it.
+# Same global batches, so the losses and lrs after the resume must match the 2-rank run.
+
+
+def _global_step(engine, opt, step: int, micro_rows: list[int]) -> tuple[float, list[float]]:
+    images, labels = BATCHES[step]
+    losses = []
+    for r in micro_rows:  # each micro-batch is 2 of the batch's 4 rows
+        loss = engine(images[2 * r:2 * r + 2], labels[2 * r:2 * r + 2])
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(loss)
+        loss /= torch.distributed.get_world_size()
+    return loss.item(), [g["lr"] for g in opt.param_groups]
+
+
+def _two_rank_save(save_dir: str, stage: int) -> None:
+    from pixelbert_dist.distributed.env import init_distributed
+
+    env = init_distributed()
+    engine, opt = _engine(stage, seed=0, world_size=2, micro_batch=2)
+    out = [_global_step(engine, opt, step, [env.rank]) for step in range(3)]
+    ckpt.save_checkpoint(engine, save_dir, 3, {"trainer": {"step": 3}}, keep_last=2)
+    out += [_global_step(engine, opt, step, [env.rank]) for step in range(3, 6)]
+    if env.rank == 0:
+        (Path(save_dir) / "reference.json").write_text(json.dumps(out))
+
+
+def test_universal_resume_on_another_world_size(run_dir):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           __file__, str(run_dir), "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = json.loads((run_dir / "reference.json").read_text())
+    assert ckpt.read_meta(run_dir / "step_00000003")["world_size"] == 2
+
+    engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
+    assert engine.load_universal_checkpoint()
+    with pytest.warns(UserWarning, match="from 2 ranks on 1"):
+        state = ckpt.resume(engine, run_dir, "auto", universal=True)
+    assert state["trainer"] == {"step": 3} and state["rank_state"] is None
+    assert (run_dir / "step_00000003_universal" / "meta.json").is_file()
+    for step, (loss, lrs) in zip(range(3, 6), reference[3:]):
+        got_loss, got_lrs = _global_step(engine, opt, step, [0, 1])
+        assert got_loss == pytest.approx(loss, rel=1e-5), f"step {step}"
+        assert got_lrs == pytest.approx(lrs)
+
+
+if __name__ == "__main__":  # the 2-rank half of the universal test, under torchrun
+    _two_rank_save(sys.argv[1], int(sys.argv[2]))
