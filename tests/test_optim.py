@@ -112,6 +112,27 @@ def test_steps_equal_torch_sgd_plus_adamw(fused):
     assert float(hybrid.state[model.head.weight]["step"]) == 6.0
 
 
+def test_fused_falls_back_with_a_warning_where_unsupported(monkeypatch):
+    import pixelbert_dist.train.optim as optim
+
+    torch.manual_seed(0)
+    model = TinyPixelModel()
+    twin = copy.deepcopy(model)
+    # play a torch build with fused kernels on CUDA only (this one has them on CPU, too)
+    monkeypatch.setattr(optim, "_get_fused_kernels_supported_devices", lambda: ["cuda"])
+    fused = build_optimizer(model, OptimConfig(fused=True))
+    plain = build_optimizer(twin, OptimConfig(fused=False))
+    images, tokens, labels = _batches(1)[0]
+    for m, o in ((model, fused), (twin, plain)):
+        m(images, tokens, labels).backward()
+    with pytest.warns(UserWarning, match=r"fused AdamW is not available for params on \['cpu'\]"):
+        fused.step()
+    plain.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert build_optimizer(model, OptimConfig())._use_fused(list(model.parameters())) is False
+
+
 def test_optimizer_state_dict_round_trip():
     torch.manual_seed(0)
     model = TinyPixelModel()
