@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("dali", "nvjpeg", "pil")
+DALI_READERS = ("external", "webdataset")
 
 
 @dataclass
@@ -11,6 +12,9 @@ class DataConfig:
     train_shards: str = ""              # split directory with manifest.json (launch/make_shards.py)
     val_shards: str | None = None
     backend: str = "dali"               # dali | nvjpeg | pil  (see pixelbert_dist.data.loader)
+    # backend=dali only: "external" feeds DALI from the shared epoch plan (dali.py);
+    # "webdataset" uses DALI's own reader + pipeline checkpoints (dali_wds.py)
+    dali_reader: str = "external"
     image_shorter: int = 800            # paper: 800 for ResNet-50, 600 for ResNeXt-152
     image_max: int = 1333               # paper: 1333 / 1000
     hflip: bool = False                 # p=0.5 flip, swapping left/right in the caption
@@ -29,6 +33,7 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         if self.backend not in BACKENDS:
             raise ValueError(f"data.backend={self.backend!r}: choose one of {list(BACKENDS)}")
+        self._validate_dali_reader()
         if self.image_shorter < 1 or self.image_max < self.image_shorter:
             raise ValueError(f"data.image_shorter={self.image_shorter} / data.image_max="
                              f"{self.image_max}: need 1 <= image_shorter <= image_max")
@@ -36,3 +41,14 @@ class DataConfig:
             raise ValueError("data.num_workers must be >= 0, data.prefetch and "
                              "data.bucket_window >= 1")
         return self
+
+    def _validate_dali_reader(self) -> None:
+        if self.dali_reader not in DALI_READERS:
+            raise ValueError(f"data.dali_reader={self.dali_reader!r}: choose one of "
+                             f"{list(DALI_READERS)}")
+        if self.dali_reader == "webdataset" and self.backend != "dali":
+            raise ValueError(f"data.dali_reader='webdataset' is a mode of data.backend='dali', "
+                             f"not of {self.backend!r}: set data.dali_reader='external' with it")
+        if self.dali_reader == "webdataset" and self.bucketing:
+            raise ValueError("data.bucketing needs the epoch plan: it works with "
+                             "data.dali_reader='external', not 'webdataset'")

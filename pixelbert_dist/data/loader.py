@@ -191,6 +191,11 @@ def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
     collator = TextCollator(tokenizer, cfg.max_text_len, cfg.mlm_prob if train else 0.0,
                             cfg.itm_neg_prob if train else 0.0)
+    if cfg.backend == "dali" and cfg.dali_reader == "webdataset":
+        # DALI's own reader + pipeline checkpoints (dali_wds.py), instead of the epoch plan.
+        from pixelbert_dist.data.dali_wds import WebdatasetLoader
+
+        return WebdatasetLoader(cfg, index, collator, batch_size, rank, world_size, train, device)
     images = _images_backend(cfg, index, batch_size, device)
     return Loader(cfg, index, images, collator, batch_size, rank, world_size, train, device)
 
