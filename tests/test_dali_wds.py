@@ -82,6 +82,13 @@ def test_ranks_partition_the_epoch_and_flag_repeats(split, batch_size):
     assert orders[0] != orders[1]                             # shards rotate, order reshuffles
     if batch_size == 7:
         assert n_batches == 2 and shard_bounds(N, 0, world) == (0, 7)
+    else:   # drop_last: floor(floor(22 / 3) / 4) = 1 full batch per rank, no repeat
+        dropped = [list(_wds(directory, batch_size, rank=r, world_size=world, drop_last=True))
+                   for r in range(world)]
+        rows = [k for batches in dropped for b in batches for k in b["keys"]]
+        assert [len(batches) for batches in dropped] == [1] * world
+        assert len(set(rows)) == len(rows) == world * batch_size
+        assert not any(b["is_pad"].any() for batches in dropped for b in batches)
 
 
 def test_eval_pixels_match_external_dali_and_pil(split):

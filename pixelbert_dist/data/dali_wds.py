@@ -12,8 +12,9 @@ shared by every backend):
   over ``W`` epochs every rank sees every part of the data. The order differs from the
   other backends' and a state of one mode never restores the other.
 * Epoch end: shards differ in size by at most one sample. ``pad_last_batch=True`` makes
-  DALI fill every shard up to ``ceil(ceil(N/W) / B)`` full batches of ``B`` by repeating
-  its last sample (a rank whose shard is short may get a batch made only of repeats), so
+  DALI repeat a shard's last sample until the shard holds ``ceil(N/W)`` samples (reader
+  meta ``epoch_size_padded``) and its last batch is full: ``ceil(ceil(N/W) / B)`` batches
+  of ``B`` on every rank (a short shard may get a batch made only of repeats), so
   every rank runs the same number of batches and collectives never hang. Rows at a
   position past the shard's size are those repeats: they carry ``is_pad=True``, training
   uses them, evaluation must not count them. No sample is ever dropped, except with
@@ -41,6 +42,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -175,10 +177,9 @@ class WebdatasetLoader(Loader):
             raise RuntimeError("data.dali_reader='webdataset' needs NVIDIA DALI (pip install "
                                "nvidia-dali-cuda130); use data.backend='pil' without it")
         device_id = (device.index or 0) if device.type == "cuda" else None
-        images = type("Spec", (), {"name": "dali-gpu-wds" if device_id is not None
-                                   else "dali-cpu-wds"})()
-        super().__init__(cfg, index, images, collator, batch_size, rank, world_size, train,
-                         device)
+        # Loader wants an images backend only for its name: the pipeline is built here.
+        name = SimpleNamespace(name="dali-gpu-wds" if device_id is not None else "dali-cpu-wds")
+        super().__init__(cfg, index, name, collator, batch_size, rank, world_size, train, device)
         self.device_id = device_id
         self.index_paths = write_index_files(index)
         self.shuffle = train and cfg.shuffle
@@ -251,6 +252,19 @@ class WebdatasetLoader(Loader):
 
     # -- batches ----------------------------------------------------------------------
     def _build(self, checkpoint: bytes | None):
+        pipe = self._build_pipeline(checkpoint)
+        meta = pipe.reader_meta(READER)
+        # The epoch geometry (is_pad, len) is computed from the manifest's count; DALI
+        # must have found the same samples in the tars and padded every shard alike.
+        padded = self.world_size * -(-len(self.index) // self.world_size)
+        if (meta["epoch_size"], meta["epoch_size_padded"]) != (len(self.index), padded):
+            raise ShardFormatError(f"{self.index.directory}: DALI's webdataset reader sees "
+                                   f"{meta['epoch_size']} samples (padded "
+                                   f"{meta['epoch_size_padded']}), the manifest "
+                                   f"{len(self.index)} (padded {padded})")
+        return pipe
+
+    def _build_pipeline(self, checkpoint: bytes | None):
         try:
             return _build_pipeline(
                 [str(p) for p in self.index.paths], self.index_paths, shard_id=self.shard(),
@@ -265,7 +279,7 @@ class WebdatasetLoader(Loader):
             raise ValueError(f"DALI could not restore the loader state's 'dali_checkpoint' "
                              f"(saved with another DALI version or pipeline?): {err}") from None
 
-    def _text(self, metas: list[dict], keys: list[str], flips: list[bool], k: int,
+    def _collate_text(self, metas: list[dict], keys: list[str], flips: list[bool], k: int,
               shard_size: int) -> dict:
         captions, image_ids = [], []
         for meta, key, flip in zip(metas, keys, flips):
@@ -293,7 +307,7 @@ class WebdatasetLoader(Loader):
             keys = [_key_of(s) for s in sources]
             metas = [_meta_of(m, key, self.index.directory) for m, key in zip(metas, keys)]
             flips = [bool(np.asarray(f)) for f in mirror]
-            batch = self._text(metas, keys, flips, k, end - begin)
+            batch = self._collate_text(metas, keys, flips, k, end - begin)
             batch["images"] = _to_torch(images, self.device)
             batch["image_sizes"] = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]),
                                                 dtype=torch.int64)
