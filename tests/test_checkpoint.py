@@ -193,6 +193,7 @@ def test_rng_state_round_trip_and_fingerprint():
 # Two gloo ranks (a torchrun subprocess running this file) train 6 steps of global
 # batch 4 and save after step 3; one rank with 2 accumulation micro-steps resumes it.
 # Same global batches, so the losses and lrs after the resume must match the 2-rank run.
+# The same subprocess checks that GracefulExit's flag is agreed over real ranks.
 
 
 def _global_step(engine, opt, step: int, micro_rows: list[int]) -> tuple[float, list[float]]:
@@ -218,8 +219,14 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
     out = [_global_step(engine, opt, step, [env.rank]) for step in range(3)]
     ckpt.save_checkpoint(engine, save_dir, 3, {"trainer": {"step": 3}}, keep_last=2)
     out += [_global_step(engine, opt, step, [env.rank]) for step in range(3, 6)]
+    with ckpt.GracefulExit() as stop:  # only rank 1 is signalled; both must agree to stop
+        calm = stop.should_exit()
+        if env.rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        agreed = stop.should_exit()
     if env.rank == 0:
-        (Path(save_dir) / "reference.json").write_text(json.dumps(out))
+        (Path(save_dir) / "reference.json").write_text(json.dumps(
+            {"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested}))
 
 
 def test_universal_resume_on_another_world_size(run_dir):
@@ -230,7 +237,10 @@ def test_universal_resume_on_another_world_size(run_dir):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reference = json.loads((run_dir / "reference.json").read_text())
+    result = json.loads((run_dir / "reference.json").read_text())
+    reference = result["steps"]
+    # the signal reached rank 1 only, yet the all-reduced flag stopped rank 0 too
+    assert (result["exit_before"], result["exit_after"], result["rank0_signalled"]) == (False, True, False)
     assert ckpt.read_meta(run_dir / "step_00000003")["world_size"] == 2
 
     engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
