@@ -166,11 +166,12 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
 
 
 def find_checkpoint(save_dir: str | Path, which: str = "auto") -> Path | None:
-    """The tag folder ``which`` names: "none", "auto" (``latest``), a tag, or a path."""
+    """The tag folder ``which`` names: "none", "auto"/"latest" (what ``latest`` names; None
+    when nothing was saved yet), a tag, or a path to a tag folder."""
     if which in (None, "none", ""):
         return None
     save_dir = Path(save_dir)
-    if which == "auto":
+    if which in ("auto", LATEST):
         tag = read_latest(save_dir)
         if tag is None:
             return None  # a fresh run
