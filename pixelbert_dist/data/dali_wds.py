@@ -75,7 +75,8 @@ def index_dir(shards_dir: str | Path) -> Path:
     if os.access(shards_dir, os.W_OK):
         return shards_dir / INDEX_DIR
     digest = hashlib.sha256(str(shards_dir).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / "pixelbert_dali_index" / digest
+    # Per user: another user's folder of the same name is never read or written.
+    return Path(tempfile.gettempdir()) / f"pixelbert_dali_index-{os.getuid()}" / digest
 
 
 def write_index_files(index) -> list[str]:
