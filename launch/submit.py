@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = 0
         for job in jobs:
             try:
-                job.result()
+                job.results()  # one result per task
                 print(f"job {job.job_id} finished")
             except Exception as err:  # noqa: BLE001 - report every job, then fail
                 failed += 1

@@ -315,7 +315,10 @@ class PretrainTask(submitit.helpers.Checkpointable):
         signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             self._child = subprocess.Popen(self.command(), cwd=self.workdir, env=env)
-            rc = self._child.wait()
+            # poll, never a blocking wait(): Popen.wait() holds a lock that checkpoint(),
+            # running in a signal handler on this thread, would then wait on forever
+            while (rc := self._child.poll()) is None:
+                time.sleep(0.5)
         finally:
             signal.signal(signal.SIGTERM, previous)
         if rc != 0:
@@ -336,16 +339,30 @@ class PretrainTask(submitit.helpers.Checkpointable):
             print(f"[submit] time limit or preemption: asking the trainer (pid {child.pid}) to "
                   f"save and stop", flush=True)
             child.send_signal(signal.SIGUSR1)
-            try:
-                child.wait(timeout=self.stop_timeout_s)
-            except subprocess.TimeoutExpired:
+            if not _reap(child, self.stop_timeout_s):
                 print(f"[submit] the trainer did not stop within {self.stop_timeout_s}s: killed; "
                       f"the requeued job resumes from the previous checkpoint", flush=True)
                 child.kill()
+                _reap(child, 30)
         fresh = PretrainTask(self.argv, self.code_dir, self.workdir, self.cpus_per_task,
                              self.stop_timeout_s, self.entry)
         fresh.attempt = self.attempt + 1
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
+
+
+def _reap(child: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for ``child`` with waitpid itself (no Popen lock: see __call__)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already
+            return True
+        if pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _child_main(argv: list[str]) -> int:

@@ -1,0 +1,207 @@
+"""launch/submit.py and pixelbert_dist.distributed.slurm: validation, dry-run, sweeps,
+the code snapshot, the task environment, and a real 2-task local job that is
+interrupted (as at a time limit), checkpoints, requeues and resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pixelbert_dist.distributed import slurm
+from pixelbert_dist.distributed.slurm import SubmitError, expand_sweep, parse_slurm_time
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+import submit as submit_cli  # noqa: E402
+
+DS = "deepspeed_configs/zero2.json"
+
+
+def _cli(capsys, tmp_path, *opts, pretrain=(DS, "data.train_shards=/data/x")):
+    ds, *overrides = pretrain
+    rc = submit_cli.main([*opts, "--output-dir", str(tmp_path / "out"), "--",
+                          "--deepspeed_config", ds, *overrides])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("5:30", 6), ("01:00:00", 60),
+                                          ("2-00", 2880), ("1-12:30", 2190), ("0-00:00:59", 1)])
+def test_slurm_time_forms(text, minutes):
+    assert parse_slurm_time(text) == minutes
+
+
+@pytest.mark.parametrize("text", ["", "1h", "25:61:00", "1-24:00", "0", "00:00:00", "-5"])
+def test_slurm_time_refused(text):
+    with pytest.raises(SubmitError, match="--time"):
+        parse_slurm_time(text)
+
+
+def test_dry_run_prints_the_sbatch_script(capsys, tmp_path):
+    rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
+                      "--cpus-per-task", "12", "--time", "2-00:00:00", "--partition", "gpu",
+                      "--account", "vision", "--mem", "480G", "--job-name", "pb-r50")
+    assert rc == 0
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --cpus-per-task=12", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=vision", "#SBATCH --mem=480G", "#SBATCH --job-name=pb-r50",
+                 "#SBATCH --signal=USR2@120", "srun --unbuffered"]:
+        assert line in out, line
+    code = tmp_path / "out" / "code"
+    assert f"cd {code}" in out and f"export PYTHONPATH={code}" in out  # runs from the snapshot
+    assert "--array" not in out
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_sweep_makes_one_job_per_value(capsys, tmp_path):
+    rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--sweep", "optim.lr=1e-4,2e-4,3e-4")
+    assert rc == 0
+    assert "#SBATCH --array=0-2%3" in out
+    jobs = [line for line in out.splitlines() if line.startswith("# job ")]
+    assert len(jobs) == 3
+    run_dirs = {line.split("run_dir=")[1] for line in jobs}
+    assert len(run_dirs) == 3
+    for value in ("1e-4", "2e-4", "3e-4"):
+        assert sum(f"optim.lr={value} " in line for line in jobs) == 1
+    # several keys make the product; commas inside brackets belong to one value
+    points = expand_sweep(["a=1,2", "schedule.milestones=[25,35],[30,38]"])
+    assert len(points) == 4 and ["a=1", "schedule.milestones=[25,35]"] in points
+
+
+@pytest.mark.parametrize("opts,pretrain,message", [
+    (["--time", "25:61:00"], (DS,), "--time"),
+    (["--time", "forever"], (DS,), "not a Slurm time"),
+    (["--partition", "gpu;rm -rf"], (DS,), "--partition"),
+    (["--mem", "lots"], (DS,), "--mem"),
+    (["--nodes", "0"], (DS,), "--nodes"),
+    (["--local", "--nodes", "2"], (DS,), "--local"),
+    ([], ("deepspeed_configs/missing.json",), "missing.json does not exist"),
+    (["--sweep", "optim.no_such_key=1,2"], (DS,), "optim.no_such_key"),
+    (["--sweep", "optim.lr="], (DS,), "--sweep"),
+    ([], (DS, "train.micro_batch=0"), "micro_batch"),
+])
+def test_bad_input_is_refused_before_submission(capsys, tmp_path, opts, pretrain, message):
+    rc, _, err = _cli(capsys, tmp_path, *opts, pretrain=(*pretrain, "data.train_shards=/data/x"))
+    assert rc == 2 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_separator_and_stray_argument(capsys, tmp_path):
+    assert submit_cli.main(["--dry-run"]) == 2
+    assert "after --" in capsys.readouterr().err
+    rc, _, err = _cli(capsys, tmp_path, "--dry-run", pretrain=(DS, "--bogus"))
+    assert rc == 2 and "--bogus" in err
+
+
+def test_code_snapshot_is_isolated(tmp_path):
+    outside = tmp_path / "my.yaml"
+    outside.write_text("train:\n  micro_batch: 4\n")
+    copies = slurm.snapshot_code(tmp_path / "code", [DS, str(outside)])
+    code = tmp_path / "code"
+    assert (code / "pixelbert_dist" / "distributed" / "slurm.py").is_file()
+    assert (code / "launch" / "submit.py").is_file()
+    assert copies[DS] == str(code / DS)
+    outside.write_text("train:\n  micro_batch: 64\n")  # a later edit does not reach the job
+    assert "micro_batch: 4" in Path(copies[str(outside)]).read_text()
+    assert not list(code.rglob("__pycache__"))
+    assert json.loads((code / "SNAPSHOT.json").read_text())["commit"]
+    with pytest.raises(SubmitError, match="already exists"):
+        slurm.snapshot_code(code, [DS])
+
+
+def test_task_environment(monkeypatch, tmp_path):
+    for key, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="4242",
+                           SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+                           SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="1",
+                           SUBMITIT_LOCAL_LOCALID="1", CUDA_VISIBLE_DEVICES="4,5",
+                           NCCL_DEBUG="INFO", PYTHONPATH="/elsewhere").items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    env = slurm._task_environment(6, str(tmp_path))
+    assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"           # this task's GPU only
+    assert env["NCCL_DEBUG"] == "INFO"                  # the user's choice stays
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "6"
+    assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
+    assert 20000 <= int(env["MASTER_PORT"]) <= 60000    # the same on every task of the job
+    assert slurm._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
+
+
+# ---- a real local job -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic",
+                    "--out", str(out), "--num", "72"], check=True, capture_output=True, timeout=120)
+    return out
+
+
+def _task_processes(root: psutil.Process) -> list[psutil.Process]:
+    return [p for p in root.children(recursive=True)
+            if "submitit.core._submit" in " ".join(p.cmdline())]
+
+
+def _train_steps(metrics: Path) -> list[int]:
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if r["split"] == "train"]
+
+
+def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
+    """2 tasks over gloo; USR2 (what submitit's controller sends before the time limit)
+    reaches the tasks mid-run: rank 0's checkpoint() stops the trainer, which saves;
+    the job requeues and the second attempt continues from the saved step."""
+    out, total = tmp_path / "out", 10
+    env = {k: v for k, v in os.environ.items() if k not in slurm.RANK_VARS}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--gpus-per-node", "2",
+           "--cpus-per-task", "1", "--time", "20", "--output-dir", str(out), "--",
+           "--deepspeed_config", DS, "--config", "launch/configs/demo_cpu.yaml",
+           f"data.train_shards={shards}/train", f"data.val_shards={shards}/val",
+           f"train.max_steps={total}", "train.save_every=1000", "train.micro_batch=4",
+           "train.log_every=1", "train.retrieval_size=0", "train.eval_batches=1",
+           "train.export=false", "schedule.warmup_steps=1", "data.backend=pil",
+           "data.num_workers=0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "run" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while len(_train_steps(metrics)) < 3:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the local job made no progress"
+            time.sleep(0.2)
+        tasks = _task_processes(psutil.Process(proc.pid))
+        assert len(tasks) == 2
+        for task in tasks:
+            task.send_signal(signal.SIGUSR2)
+        log, _ = proc.communicate(timeout=240)
+    finally:  # on a failure, leave no controller or task behind
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, log
+    (job_dir,) = [p for p in (out / "submitit").iterdir() if p.name.isdigit()]
+    rank0 = (job_dir / f"{job_dir.name}_0_log.out").read_text()
+    rank0_err = (job_dir / f"{job_dir.name}_0_log.err").read_text()
+    assert "[submit] attempt 0 rank 0/2" in rank0 and "[submit] attempt 1 rank 0/2" in rank0
+    assert "asking the trainer" in rank0
+    # the first attempt stopped at step s and saved it; the second went on from s + 1:
+    # every step logged once, none repeated, none skipped
+    assert _train_steps(metrics) == list(range(1, total + 1))
+    tags = sorted(p.name for p in (out / "run" / "checkpoints").glob("step_*"))
+    assert tags[-1] == f"step_{total:08d}" and len(tags) == 2, tags  # the stop's save + the end
+    stopped_at = int(tags[0].split("_")[1])
+    assert 3 <= stopped_at < total
+    assert f"at step {stopped_at}" in rank0_err  # the trainer's "resumed from ... at step s"
