@@ -69,8 +69,11 @@ class PilImages:
         extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} \
             if self.num_workers > 0 else {}
         # batch_size=None: each item is already a batch; order is kept by the DataLoader.
+        # Its own generator: a DataLoader iterator otherwise draws its worker seed from
+        # torch's global RNG, which would shift the model's dropout / pixel-sampling
+        # stream whenever an epoch starts (and so break exact resume mid-epoch).
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                             num_workers=self.num_workers,
+                                             num_workers=self.num_workers, generator=torch.Generator(),
                                              pin_memory=self.pin_memory, **extra)
         return iter(loader)
 

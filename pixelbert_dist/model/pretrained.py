@@ -24,6 +24,9 @@ def save_pretrained(model: PixelBert, out_dir: str | Path, tokenizer=None, extra
     save_model(model.float(), str(out / WEIGHTS_NAME))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+        # vocab.txt too (transformers 5 writes only tokenizer.json): BERT readers expect it
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+        (out / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))
     return out
 
 

@@ -1,0 +1,47 @@
+"""Shared by the pre-training tests: tiny shards, fast overrides, launching real ranks."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fast_overrides(run_dir, shards: dict, steps: int = 8, val: bool = True) -> list[str]:
+    """A tiny, fp32, CPU-fast run over the test shards."""
+    return [f"run_dir={run_dir}", f"data.train_shards={shards['train']}",
+            f"data.val_shards={shards['val'] if val else 'null'}", "data.backend=pil", "data.num_workers=0",
+            "data.image_shorter=64", "data.image_max=128", "data.max_text_len=24",
+            "model.overrides.pixel_sample_size=4", "train.micro_batch=4", "train.precision=fp32",
+            f"train.max_steps={steps}", "train.log_every=1", "train.save_every=4", "train.eval_every=0",
+            "train.retrieval_size=8", "schedule.warmup_steps=2"]
+
+
+def launch_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    return env
+
+
+def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2) -> list[str]:
+    """The real `deepspeed` launcher of this environment, `num_ranks` CPU ranks over gloo."""
+    from pixelbert_dist.distributed.env import free_port
+
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), script, *args]
+
+
+def run_launcher(script: str, args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    proc = subprocess.run(deepspeed_cmd(script, args), cwd=REPO, env=launch_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}

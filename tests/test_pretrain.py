@@ -1,0 +1,68 @@
+"""Pre-training in this process (one gloo rank): the Trainer end to end, the export, and
+the run-config checks that must stop a run before it starts."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from pixelbert_dist.config import ConfigError, load_config
+from pixelbert_dist.model import PixelBert
+from pixelbert_dist.train import run
+from pixelbert_dist.train.config import RunConfig
+from tests.fixtures_data import make_synthetic_shards
+from tests.pretrain_helpers import fast_overrides, train_losses
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
+
+
+def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
+    from pixelbert_dist.train.trainer import Trainer
+
+    cfg = load_config(RunConfig, None, fast_overrides(tmp_path / "run", shards, steps=8))
+    trainer = Trainer(cfg, "deepspeed_configs/zero2.json")
+    final = trainer.fit()
+    run_dir = tmp_path / "run"
+    losses = train_losses(run_dir)
+    assert sorted(losses) == list(range(1, 9)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
+    assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = set().union(*(r.keys() for r in rows if r["split"] == "train"))
+    assert {"lr_cnn", "lr_transformer_decay", "grad_norm", "loss_scale", "samples_per_s", "tflops_per_gpu",
+            "data_wait_frac", "peak_mem_gib", "mlm_acc", "itm_acc"} <= logged
+    # checkpoints every 4 steps, keep-last, `latest`; the resolved configs in the run folder
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["micro_batch"] == 4
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
+    # the export reloads without DeepSpeed and gives the trained engine's outputs
+    export = PixelBert.from_pretrained(run_dir / "export").eval()
+    batch = trainer.to_device(next(iter(trainer.val_loader)))
+    trainer.engine.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(export(batch)["itm_logits"], trainer.engine.module(batch)["itm_logits"])
+    assert (run_dir / "export" / "vocab.txt").is_file()
+
+
+def _write(path, data):
+    path.write_text(json.dumps(data) if path.suffix == ".json" else yaml.safe_dump(data))
+    return str(path)
+
+
+def test_contradictory_configs_are_refused(dist_env, shards, tmp_path):
+    ds = _write(tmp_path / "ds.json", {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}})
+    with pytest.raises(ConfigError, match=r"ds\.json: \"train_micro_batch_size_per_gpu\": 16 contradicts the run config \(micro_batch=4\)"):
+        run.main(["--deepspeed_config", ds, *fast_overrides(tmp_path / "r", shards)])
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="unknown config key"):
+        run.main(["--deepspeed_config", "deepspeed_configs/zero2.json", "train.micro_bacth=3"])
+    bad_yaml = _write(tmp_path / "bad.yaml", {"train": {"epochs": 1}, "optim": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*optim\.lrr"):
+        run.main(["--deepspeed_config", "deepspeed_configs/zero2.json", "--config", bad_yaml])
+    with pytest.raises(SystemExit, match="no such file"):
+        run.main(["--deepspeed_config", str(tmp_path / "missing.json")])
+    with pytest.raises(ValueError, match="data.train_shards is empty"):
+        run.main(["--deepspeed_config", "deepspeed_configs/zero2.json"])
