@@ -1,0 +1,214 @@
+"""Whole pre-training steps through a real DeepSpeed engine: samples/s, TFLOP/s per GPU,
+MFU, peak memory and the share of the step spent waiting for data, for each
+preset x ZeRO stage x precision x micro-batch x pixel sampling (on: 100 pixels, off: all).
+
+    python benchmarks/bench_step.py                      # GPU: pixelbert-r50, bf16, ZeRO 1/2/3
+    python benchmarks/bench_step.py --quick              # the CPU smoke run (tiny preset)
+    python benchmarks/bench_step.py --presets pixelbert-r50 --zero 2 --precision bf16 \\
+        --micro-batch 8 16 --sampling on off --image 800 1333
+    deepspeed --num_gpus 8 benchmarks/bench_step.py ...  # several GPUs: per-GPU figures
+
+Each step is the Trainer's: ``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``
+over ``build_model(preset)`` with the hybrid SGD/AdamW optimiser and the DeepSpeed JSON of
+the stage, filled as the trainer fills it. Batches are synthetic and in memory (so the data
+wait is the host-to-device copy only) unless ``--shards DIR`` reads real shards through
+the project's loader. FLOPs per sample come from ``training_flops_per_sample`` (counted on
+the meta device at the padded image size); MFU divides by the GPU's dense peak.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, median, peak_tflops, sync, write_results  # noqa: E402
+
+COLUMNS = ["preset", "zero", "precision", "micro_batch", "sampling", "image", "step_ms",
+           "samples_per_s", "tflops_per_gpu", "mfu", "peak_mem_gib", "data_wait", "loss", "status"]
+IMAGE = {"tiny": (192, 256), "pixelbert-r50": (800, 1333), "pixelbert-x152": (600, 1000)}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def padded(hw: tuple[int, int]) -> tuple[int, int]:
+    return tuple(math.ceil(x / 64) * 64 for x in hw)
+
+
+def synthetic_batch(batch: int, hw: tuple[int, int], text_len: int, vocab: int, seed: int) -> dict:
+    """A batch of the data contract: full-size images, captions of mixed length, 15% MLM
+    on the matching pairs, half the pairs ITM negatives."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, text_len), generator=gen)
+    lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=gen)
+    attention = (torch.arange(text_len) < lengths[:, None]).long()
+    itm = torch.arange(batch) % 2
+    chosen = (torch.rand(batch, text_len, generator=gen) < 0.15) & attention.bool() & (itm[:, None] == 1)
+    height, width = padded(hw)
+    return {"images": torch.randn(batch, 3, height, width, generator=gen),
+            "image_sizes": torch.tensor([list(hw)] * batch), "input_ids": ids * attention,
+            "attention_mask": attention, "token_type_ids": torch.zeros_like(ids),
+            "mlm_labels": torch.where(chosen, ids, -100), "itm_labels": itm,
+            "keys": [f"synthetic{seed}_{i}" for i in range(batch)]}
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            value = value.to(dtype) if value.is_floating_point() else value
+        out[key] = value
+    return out
+
+
+def batches(args, micro: int, hw, vocab: int, rank: int, world: int, device):
+    """An endless iterator of host batches: two synthetic ones cycled, or real shards."""
+    if not args.shards:
+        return itertools.cycle([synthetic_batch(micro, hw, args.text_len, vocab, s) for s in (0, 1)])
+    from pixelbert_dist.data.config import DataConfig
+    from pixelbert_dist.data.loader import build_loader
+
+    cfg = DataConfig(train_shards=args.shards, backend=args.backend, image_shorter=hw[0],
+                     image_max=hw[1], max_text_len=args.text_len, num_workers=args.workers)
+    loader = build_loader(cfg, args.shards, micro, rank, world, device)
+
+    def forever():
+        for epoch in itertools.count():
+            loader.set_epoch(epoch)
+            yield from loader
+    return forever()
+
+
+def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: bool, world: int):
+    import deepspeed
+
+    from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
+    from pixelbert_dist.model import build_model
+    from pixelbert_dist.train.optim import OptimConfig, build_optimizer
+
+    overrides = {} if sampling else {"pixel_sample_size": 0}
+    if preset != "tiny":
+        overrides["pixel_sample_size"] = 100 if sampling else 0
+    torch.manual_seed(0)
+    model = build_model(preset, **overrides)
+    ds = fill_deepspeed_config(ROOT / "deepspeed_configs" / f"zero{stage}.json", micro_batch=micro,
+                               grad_accum=1, world_size=world, grad_clip=1.0, precision=precision)
+    ds["steps_per_print"] = 10**9
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()),
+                                      config=ds)
+    return engine, precision_of(ds)
+
+
+def run_config(args, preset, stage, precision, micro, sampling, world, rank, device) -> dict:
+    from pixelbert_dist.metrics import peak_memory_gib
+    from pixelbert_dist.model import preset_config, training_flops_per_sample
+
+    hw = tuple(args.image) if args.image else IMAGE[preset]
+    row = {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
+           "sampling": "on" if sampling else "off", "image": f"{hw[0]}x{hw[1]}", "world": world}
+    cfg = preset_config(preset)
+    flops = training_flops_per_sample(cfg, padded(hw), args.text_len, cfg.pixel_sample_size if sampling else 0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    engine = None
+    try:
+        engine, used = build_engine(preset, stage, precision, micro, sampling, world)
+        row["precision"] = used  # a CPU without bf16/fp16 falls back (with a warning)
+        source = batches(args, micro, hw, cfg.vocab_size, rank, world, device)
+        step_times, data_times, loss = [], [], float("nan")
+        for step in range(args.warmup + args.steps):
+            sync(device)
+            start = time.perf_counter()
+            batch = to_device(next(source), device, engine.module.embeddings.word_embeddings.weight.dtype)
+            sync(device)
+            fetched = time.perf_counter()
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            sync(device)
+            if step >= args.warmup:
+                step_times.append(time.perf_counter() - start)
+                data_times.append(fetched - start)
+            loss = out["loss"].detach().float().item()
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+        return row
+    finally:
+        if engine is not None and hasattr(engine, "destroy"):
+            engine.destroy()
+        del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    step_s = median(step_times)
+    tflops = flops * micro / step_s / 1e12
+    peak = peak_tflops(row["precision"], device)
+    row.update(step_ms=step_s * 1e3, samples_per_s=micro * world / step_s, tflops_per_gpu=tflops,
+               mfu=tflops / peak if peak else None, peak_mem_gib=peak_memory_gib(device),
+               data_wait=sum(data_times) / sum(step_times), loss=loss, flops_per_sample=flops,
+               params=sum(p.numel() for p in build_params(preset)),
+               status="ok" if math.isfinite(loss) else "non-finite loss")
+    return row
+
+
+def build_params(preset: str):
+    from pixelbert_dist.model import build_model
+
+    return build_model(preset, device="meta").parameters()
+
+
+def parse(argv):
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a handful of steps per config")
+    parser.add_argument("--presets", nargs="+", default=["pixelbert-r50" if gpu else "tiny"])
+    parser.add_argument("--zero", nargs="+", type=int, default=None, choices=[0, 1, 2, 3])
+    parser.add_argument("--precision", nargs="+", default=["bf16" if gpu else "fp32"],
+                        choices=list(_DTYPES))
+    parser.add_argument("--micro-batch", nargs="+", type=int, default=None)
+    parser.add_argument("--sampling", nargs="+", default=["on", "off"], choices=["on", "off"])
+    parser.add_argument("--image", nargs=2, type=int, default=None, metavar=("SHORTER", "LONGER"),
+                        help="image size before padding (default: the preset's paper size)")
+    parser.add_argument("--text-len", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per config")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--shards", default=None, help="read real shards instead of synthetic batches")
+    parser.add_argument("--backend", default="dali" if not gpu else "nvjpeg")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", default=None, help="results folder")
+    args = parser.parse_args(argv)
+    args.zero = args.zero or ([2] if args.quick else [1, 2, 3])
+    args.micro_batch = args.micro_batch or ([2] if not gpu else [8] if args.quick else [8, 16])
+    args.steps = args.steps or (3 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    return args
+
+
+def main(argv=None) -> list[dict]:
+    import torch.distributed as dist
+
+    from pixelbert_dist.distributed.env import device_for, init_distributed
+
+    args = parse(argv)
+    env = init_distributed()
+    device, world, rank = device_for(env), dist.get_world_size(), dist.get_rank()
+    rows = []
+    for preset, stage, precision, micro, sampling in itertools.product(
+            args.presets, args.zero, args.precision, args.micro_batch, args.sampling):
+        rows.append(run_config(args, preset, stage, precision, micro, sampling == "on", world, rank, device))
+    if rank == 0:
+        config = {k: v for k, v in vars(args).items() if k != "out"}
+        config.update(device=str(device), world_size=world,
+                      peak_tflops=peak_tflops(args.precision[0], device))
+        write_results("bench_step", rows, config, args.out, COLUMNS)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

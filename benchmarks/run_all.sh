@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The benchmark suite: data loading, attention kernels, training steps, scaling model.
+#   bash benchmarks/run_all.sh [--quick] [--out DIR]
+# Writes <name>.json, <name>.log, PNG plots and summary.md (hardware, torch, commit) into
+# DIR (default: benchmarks/results/<machine>-<date>/). --quick is the CPU smoke run
+# (a few minutes on 2 cores); without it each benchmark runs its full grid (for a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
+export PYTHONUNBUFFERED=1
+
+QUICK=()
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=(--quick) ;;
+    --out) OUT="$2"; shift ;;
+    *) echo "run_all.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -z "$OUT" ]; then
+  OUT=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import results_dir; print(results_dir())' 2>/dev/null | tail -1)
+fi
+mkdir -p "$OUT"
+echo "results: $OUT"
+
+failed=0
+run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on a failure
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name"
+  if timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
+    grep '^|' "$OUT/$name.log" || true
+    echo "   ok in $((SECONDS - start)) s"
+  else
+    echo "   FAILED (exit $?) after $((SECONDS - start)) s; see $OUT/$name.log" >&2
+    tail -5 "$OUT/$name.log" >&2
+    failed=1
+  fi
+}
+
+run bench_data 300 "$PY" benchmarks/bench_data.py "${QUICK[@]}" --out "$OUT/bench_data.json"
+run bench_attention 300 "$PY" benchmarks/bench_attention.py "${QUICK[@]}" --out "$OUT"
+run bench_step 1800 "$PY" benchmarks/bench_step.py "${QUICK[@]}" --out "$OUT"
+# the measured steps, and Pixel-BERT-R50 projected on H100s at an assumed 40% MFU
+run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --step-json "$OUT/bench_step.json" \
+  --project pixelbert-r50 --gpu H100 --mfu 0.4 --micro-batch 8 --out "$OUT"
+run summarize 120 "$PY" benchmarks/summarize.py "$OUT"
+echo "summary: $OUT/summary.md"
+exit "$failed"

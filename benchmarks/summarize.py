@@ -1,0 +1,125 @@
+"""Turn a results folder's JSON into ``summary.md`` and PNG plots.
+
+    python benchmarks/summarize.py benchmarks/results/<machine>-<date>/
+
+Reads every ``*.json`` written by the benchmarks (``{"machine", "config", "rows"}``), writes
+one markdown file with the hardware, torch version and commit, a table per benchmark and
+the plots: attention TFLOP/s per backend, training samples/s and MFU per config, and the
+scaling efficiency curve (bench_scaling draws that one itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table  # noqa: E402
+
+ORDER = ["bench_data", "bench_attention", "bench_step", "bench_scaling"]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_attention(rows: list[dict], path: Path) -> Path | None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    plt = _plt()
+    cases = sorted({(r["shape"], r["mask"]) for r in ok}, key=lambda c: (c[0], c[1] != "padded"))
+    backends = [b for b in ["eager", "math", "flash", "mem_efficient", "cudnn"]
+                if any(r["backend"] == b for r in ok)]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(backends)
+    for i, backend in enumerate(backends):
+        values = [next((r["tflops"] for r in ok if (r["shape"], r["mask"]) == c and r["backend"] == backend), 0)
+                  for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], values, width, label=backend)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+    ax.set_xticklabels([f"{s}\n{m}" for s, m in cases], fontsize=7)
+    ax.set_ylabel("TFLOP/s (fwd+bwd)")
+    ax.set_title(f"attention, {ok[0]['dtype']}, batch {ok[0]['batch']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_step(rows: list[dict], path: Path) -> Path | None:
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    plt = _plt()
+    labels = [f"{r['preset']}\nZ{r['zero']} {r['precision']} mb{r['micro_batch']} px:{r['sampling']}" for r in ok]
+    fig, ax = plt.subplots(figsize=(max(6, len(ok) * 1.1), 4))
+    ax.bar(range(len(ok)), [r["samples_per_s"] for r in ok], color="tab:blue")
+    ax.set_xticks(range(len(ok)))
+    ax.set_xticklabels(labels, fontsize=6)
+    ax.set_ylabel("samples/s")
+    if any(r.get("mfu") for r in ok):
+        twin = ax.twinx()
+        twin.plot(range(len(ok)), [r.get("mfu") or 0 for r in ok], "o", color="tab:red")
+        twin.set_ylabel("MFU", color="tab:red")
+        twin.set_ylim(0, 1)
+    ax.set_title("training step (DeepSpeed engine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _section(name: str, data: dict, folder: Path) -> list[str]:
+    rows = data.get("rows", [])
+    columns = data.get("columns") or sorted({k for r in rows for k in r})
+    lines = [f"## {name}", ""]
+    config = data.get("config") or {k: v for k, v in data.items() if k not in ("rows", "machine")}
+    if config:
+        shown = {k: v for k, v in config.items() if k != "model"}
+        lines += ["Config: `" + json.dumps(shown, default=str) + "`", ""]
+    if config.get("model"):
+        lines += ["Model:", "", "```", config["model"], "```", ""]
+    lines += [markdown_table(rows, columns), ""]
+    plotters = {"bench_attention": plot_attention, "bench_step": plot_step}
+    png = folder / f"{name}.png"
+    if name in plotters:
+        png = plotters[name](rows, png) or png
+    if png.is_file():
+        lines += [f"![{name}]({png.name})", ""]
+    return lines
+
+
+def summarize(folder: Path) -> Path:
+    files = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    if not files:
+        raise SystemExit(f"{folder}: no benchmark JSON to summarise")
+    names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
+    machine = next(iter(files.values())).get("machine", {})
+    lines = [f"# Benchmarks: {folder.name}", "",
+             "| machine | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in machine.items()]
+    lines.append("")
+    for name in names:
+        lines += _section(name, files[name], folder)
+    path = folder / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    path = summarize(args.folder)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
