@@ -140,3 +140,16 @@ def test_truncation_and_fixed_padding(tok):
 def test_empty_caption_names_image(tok):
     with pytest.raises(ValueError, match="img42"):
         TextCollator(tok)(["a red circle", "  "], ["img1", "img42"], _gen(0))
+
+
+def test_negatives_are_masked_like_positives_without_labels(tok):
+    """No ITM shortcut: [MASK] tokens appear as often in mismatched rows as in matching
+    ones, and only matching rows carry MLM labels."""
+    captions = _sentences(400, 10, seed=3)
+    batch = TextCollator(tok, max_len=16, mlm_prob=0.15, itm_neg_prob=0.5)(
+        captions, [str(i) for i in range(400)], _gen(5))
+    masked = (batch["input_ids"] == tok.mask_token_id).float().sum(1)
+    positive = batch["itm_labels"].bool()
+    assert abs(masked[positive].mean() - masked[~positive].mean()) < 0.25
+    assert (batch["mlm_labels"][~positive] == IGNORE_INDEX).all()
+    assert (batch["mlm_labels"][positive] != IGNORE_INDEX).any(1).all()

@@ -68,15 +68,18 @@ class TextCollator:
         return partner, (~negative).long()
 
     def draw_mlm(self, input_ids, real, positive, generator: torch.Generator):
-        """Masked input ids and labels (original id where selected, -100 elsewhere)."""
-        selectable = real & positive[:, None]
-        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_prob) & selectable
+        """Masked input ids and labels (original id where selected, -100 elsewhere).
+
+        Negative (mismatched) rows are masked exactly like positive ones but carry no
+        labels: were only positives masked, "has a [MASK] token" would give ITM away
+        (the model learns that shortcut, not image-text matching)."""
+        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_prob) & real
         if self.mlm_prob > 0:
-            # Every matching pair with a real token trains MLM on at least one of them.
-            empty = ~selected.any(1) & selectable.any(1)
-            forced = _uniform_pick(selectable, generator)
+            # Every row with a real token has at least one of them selected.
+            empty = ~selected.any(1) & real.any(1)
+            forced = _uniform_pick(real, generator)
             selected[empty.nonzero().squeeze(1), forced[empty]] = True
-        labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        labels = torch.where(selected & positive[:, None], input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         action = torch.rand(input_ids.shape, generator=generator)
         random_tokens = self.replacement_ids[torch.randint(
             len(self.replacement_ids), input_ids.shape, generator=generator)]
