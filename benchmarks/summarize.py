@@ -112,12 +112,75 @@ def summarize(folder: Path) -> Path:
     return path
 
 
+TARGET_MFU, TARGET_SPEEDUP = 0.40, 2.0  # the issue's targets on one H100
+
+
+def _mark(ok: bool) -> str:
+    return "MEETS" if ok else "BELOW"
+
+
+def _attention_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for mask in ("padded", "none"):
+        case = [r for r in rows if r.get("status") == "ok" and r["mask"] == mask
+                and r["shape"].startswith("pretrain")]
+        eager = next((r for r in case if r["backend"] == "eager"), None)
+        fused = [r for r in case if r["backend"] not in ("eager", "math")]
+        if not eager or not fused:
+            lines.append(f"attention pretrain ({mask} mask): no fused backend ran")
+            continue
+        best = max(fused, key=lambda r: r["speedup"])
+        lines.append(f"attention pretrain seq {best['seq']} ({mask} mask, {best['dtype']}): "
+                     f"{best['backend']} {best['speedup']:.2f}x eager, {best['tflops']:.1f} TFLOP/s "
+                     f"[{_mark(best['speedup'] >= TARGET_SPEEDUP)} target {TARGET_SPEEDUP:.0f}x]")
+    return lines
+
+
+def _step_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"step {r['preset']} mb{r['micro_batch']} px:{r['sampling']}: {r.get('status')}")
+            continue
+        mfu = r.get("mfu")
+        verdict = f" [{_mark(mfu >= TARGET_MFU)} target {TARGET_MFU:.0%}]" if mfu is not None else ""
+        lines.append(f"step {r['preset']} ZeRO-{r['zero']} {r['precision']} mb{r['micro_batch']} "
+                     f"{r['image']} px:{r['sampling']}: {r['samples_per_s']:.1f} samples/s, "
+                     f"{r['tflops_per_gpu']:.1f} TFLOP/s, MFU {'-' if mfu is None else f'{mfu:.1%}'}, "
+                     f"{r['peak_mem_gib']:.1f} GiB, data wait {r['data_wait']:.1%}{verdict}")
+    return lines
+
+
+def brief(folder: Path) -> str:
+    """One screen: the figures the GPU check exists for, against the targets."""
+    files = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    machine = next(iter(files.values()), {}).get("machine", {})
+    lines = [f"GPU check: {machine.get('gpu') or 'no GPU'} | torch {machine.get('torch')} | "
+             f"commit {machine.get('commit')}"]
+    if "bench_attention" in files:
+        lines += _attention_lines(files["bench_attention"]["rows"])
+    if "bench_step" in files:
+        lines += _step_lines(files["bench_step"]["rows"])
+    for r in files.get("bench_decode", {}).get("rows", []):
+        lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: "
+                     f"{r['images_per_s']:.0f} img/s")
+    missing = [n for n in ("bench_attention", "bench_step", "bench_decode") if n not in files]
+    if missing:
+        lines.append(f"missing results: {missing} (see gpu_check.log)")
+    text = "\n".join(lines) + "\n"
+    (folder / "brief.txt").write_text(text)
+    return text
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--brief", action="store_true", help="also write/print brief.txt")
     args = parser.parse_args(argv)
     path = summarize(args.folder)
     print(f"wrote {path}")
+    if args.brief:
+        print(brief(args.folder), end="")
     return path
 
 

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The GPU check for one lent H100/H200, under 8 minutes: attention kernels at Pixel-BERT's
+# shapes, pixelbert-r50 pre-training steps in bf16 at 800x1333 with 100 sampled pixels,
+# nvjpeg decode throughput, and a one-screen summary against the targets
+# (R50 step >= 40% MFU in bf16; fused attention >= 2x eager at pre-training shapes).
+#
+# Before the device call, here:  bash ../shared/device/fetch-wheels.sh   (fills .whl/)
+# The device call:               carry [".whl"], command "bash benchmarks/gpu_check.sh"
+# Options: --dry-run (print the commands), --cpu-smoke (the same steps at tiny sizes on a
+# CPU, to check the plumbing without a GPU), --out DIR (default: $OUT on the device
+# machine, else benchmarks/results/<machine>-<date>/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0 SMOKE=0 DEST=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --cpu-smoke) SMOKE=1 ;;
+    --out) DEST="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+PY=${PYTHON:-python3}
+[ "$SMOKE" = 1 ] && [ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
+DEST=${DEST:-${OUT:-}}
+export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}"
+
+# The device image lacks deepspeed, submitit, omegaconf: install the carried wheels.
+if [ -d .whl ] && [ "$DRY" = 0 ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || { echo "gpu_check: installing .whl/ failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ "$SMOKE" = 0 ] && [ "$DRY" = 0 ] && ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  echo "gpu_check: no CUDA device here; use --cpu-smoke to check the plumbing on a CPU" >&2
+  exit 1
+fi
+if [ -z "$DEST" ] && [ "$DRY" = 1 ]; then
+  DEST="<results-dir>"
+elif [ -z "$DEST" ]; then
+  DEST=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import results_dir; print(results_dir())' 2>/dev/null | tail -1)
+fi
+LOG="$DEST/gpu_check.log"
+[ "$DRY" = 1 ] || { mkdir -p "$DEST" && : >"$LOG"; }
+
+if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a CPU finishes in seconds
+  ATTN=(--quick --shapes pretrain-100px --batch 2 --iters 2 --warmup 1)
+  STEP=(--presets tiny --zero 2 --precision fp32 --micro-batch 2 --sampling on --steps 2 --warmup 1)
+  DECODE="pil 2 4"
+else  # ~1 min, ~3 min, ~1 min on an H100
+  ATTN=(--iters 30 --warmup 10)
+  STEP=(--presets pixelbert-r50 --zero 2 --precision bf16 --micro-batch 8 16 --sampling on off
+        --image 800 1333 --steps 10 --warmup 3)
+  DECODE="nvjpeg 10 16"
+fi
+
+status=0
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  if [ "$DRY" = 1 ]; then echo "$*"; return; fi
+  local start=$SECONDS
+  echo "== $name" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  local rc=$?
+  echo "   $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
+  [ "$rc" = 0 ] || status=1
+}
+
+[ "$DRY" = 1 ] || { nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; } | tee -a "$LOG"
+step attention 150 "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$DEST"
+step train_step 240 "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$DEST"
+# nvjpeg throughput with bench_data's photo-like JPEGs and loader timing (DALI's wheel is
+# too large to carry, so bench_data.py itself, which reports DALI's version, is not run).
+step decode 90 "$PY" - "$DEST" $DECODE <<'PY'
+import sys, tempfile
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from bench_data import make_shards, measure
+from common import write_results
+dest, backend, batches, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+device = "cuda" if backend == "nvjpeg" else "cpu"
+with tempfile.TemporaryDirectory() as tmp:
+    shards = make_shards(Path(tmp) / "decode", (batches + 1) * batch_size)
+    rows = [dict(measure(shards, backend, device, size, False, batches, batch_size, 4), label=backend)
+            for size in ("paper", "small")]
+write_results("bench_decode", rows, {"batches": batches, "batch_size": batch_size}, dest,
+              ["label", "device", "size", "shorter", "max", "images", "images_per_s", "padding_fraction"])
+PY
+step summary 60 "$PY" benchmarks/summarize.py "$DEST" --brief
+[ "$DRY" = 1 ] || cat "$DEST/brief.txt" 2>/dev/null
+exit $status
