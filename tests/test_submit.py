@@ -52,7 +52,7 @@ def test_dry_run_prints_the_sbatch_script(capsys, tmp_path):
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=12", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
                  "#SBATCH --account=vision", "#SBATCH --mem=480G", "#SBATCH --job-name=pb-r50",
-                 "#SBATCH --signal=USR2@120", "srun --unbuffered"]:
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "srun --unbuffered"]:
         assert line in out, line
     code = tmp_path / "out" / "code"
     assert f"cd {code}" in out and f"export PYTHONPATH={code}" in out  # runs from the snapshot

@@ -58,7 +58,8 @@ class SubmitConfig:
     sweep: tuple[str, ...] = ()      # "key=v1,v2": one job per value (several: the product)
     local: bool = False              # submitit's local executor: gpus_per_node tasks here
     dry_run: bool = False            # print the sbatch script, submit nothing
-    max_requeues: int = 3            # time-outs a job may survive (submitit's max_num_timeout)
+    max_requeues: int = 10           # time-outs a job may survive (submitit's max_num_timeout;
+                                     # preemptions do not count)
     signal_delay_s: int = 120        # USR2 this long before the time limit: time to save
     stop_timeout_s: int = 600        # how long checkpoint() waits for the trainer to save
 
@@ -405,6 +406,9 @@ def slurm_parameters(opts: SubmitConfig, minutes: int, code_dir: Path) -> dict:
     params = dict(job_name=opts.job_name, time=minutes, nodes=opts.nodes,
                   ntasks_per_node=opts.gpus_per_node, gpus_per_node=opts.gpus_per_node,
                   cpus_per_task=opts.cpus_per_task, signal_delay_s=opts.signal_delay_s,
+                  # submitit requeues with `scontrol requeue`: allowed even where the
+                  # cluster's default (JobRequeue) says no
+                  additional_parameters={"requeue": True},
                   setup=[f"cd {shlex.quote(str(code_dir))}",
                          f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}"])
     for name in ("partition", "account", "qos", "constraint", "mem"):
