@@ -22,24 +22,35 @@ from pixelbert_dist.distributed.slurm import SubmitConfig, SubmitError, submit  
 
 
 def parse(argv: list[str]) -> tuple[SubmitConfig, list[str]]:
-    if "--" not in argv:
-        raise SubmitError("put the pre-training arguments after --, e.g. "
-                          "-- --deepspeed_config deepspeed_configs/zero2.json")
-    split = argv.index("--")
     defaults = SubmitConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], usage="%(prog)s [options] -- --deepspeed_config "
+        "PATH [--config YAML] [key=value ...]")
+    helps = {"gpus_per_node": "GPUs per node = tasks per node (one task per GPU)",
+             "max_requeues": "time-outs a job may survive by requeueing itself",
+             "signal_delay_s": "Slurm sends USR2 this long before the time limit",
+             "stop_timeout_s": "how long the trainer may take to save when told to stop",
+             "mem": "memory per node, Slurm's form (480G)",
+             "time": "time limit: MM, HH:MM:SS, D-HH:MM, ...",
+             "output_dir": "code snapshot, submitit logs, jobs.json (and run/ unless run_dir=)"}
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "max_requeues", "signal_delay_s",
                  "stop_timeout_s"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
+                            help=helps.get(name, "") + f" (default {getattr(defaults, name)})")
     for name in ("mem", "partition", "account", "qos", "constraint", "time", "job_name",
                  "output_dir"):
-        parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name))
+        parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name),
+                            help=helps.get(name, "") + f" (default {getattr(defaults, name)})")
     parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one job per value (repeat for the product of several keys)")
     parser.add_argument("--local", action="store_true",
                         help="run here with submitit's local executor, --gpus-per-node tasks")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
-    ns = parser.parse_args(argv[:split])
+    split = argv.index("--") if "--" in argv else len(argv)
+    ns = parser.parse_args(argv[:split])  # --help prints and exits here
+    if split == len(argv):
+        raise SubmitError("put the pre-training arguments after --, e.g. "
+                          "-- --deepspeed_config deepspeed_configs/zero2.json")
     opts = SubmitConfig(**{**vars(ns), "sweep": tuple(ns.sweep)})
     return opts, argv[split + 1:]
 

@@ -52,7 +52,7 @@ def test_dry_run_prints_the_sbatch_script(capsys, tmp_path):
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --cpus-per-task=12", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
                  "#SBATCH --account=vision", "#SBATCH --mem=480G", "#SBATCH --job-name=pb-r50",
-                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "srun --unbuffered"]:
+                 "#SBATCH --signal=USR2@180", "#SBATCH --requeue", "srun --unbuffered"]:
         assert line in out, line
     code = tmp_path / "out" / "code"
     assert f"cd {code}" in out and f"export PYTHONPATH={code}" in out  # runs from the snapshot
@@ -82,6 +82,7 @@ def test_sweep_makes_one_job_per_value(capsys, tmp_path):
     (["--mem", "lots"], (DS,), "--mem"),
     (["--nodes", "0"], (DS,), "--nodes"),
     (["--local", "--nodes", "2"], (DS,), "--local"),
+    (["--stop-timeout-s", "300"], (DS,), "--stop-timeout-s"),
     ([], ("deepspeed_configs/missing.json",), "missing.json does not exist"),
     (["--sweep", "optim.no_such_key=1,2"], (DS,), "optim.no_such_key"),
     (["--sweep", "optim.lr="], (DS,), "--sweep"),

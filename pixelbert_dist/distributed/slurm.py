@@ -60,8 +60,8 @@ class SubmitConfig:
     dry_run: bool = False            # print the sbatch script, submit nothing
     max_requeues: int = 10           # time-outs a job may survive (submitit's max_num_timeout;
                                      # preemptions do not count)
-    signal_delay_s: int = 120        # USR2 this long before the time limit: time to save
-    stop_timeout_s: int = 600        # how long checkpoint() waits for the trainer to save
+    signal_delay_s: int = 180        # USR2 this long before the time limit: time to save
+    stop_timeout_s: int = 150        # how long checkpoint() waits for the trainer to save
 
 
 # ---- validation ----------------------------------------------------------------------
@@ -139,6 +139,10 @@ def validate_options(opts: SubmitConfig) -> int:
     if opts.mem is not None and not re.fullmatch(r"\d+[KMGT]?", opts.mem.upper()):
         raise SubmitError(f"--mem {opts.mem!r}: use Slurm's form, a number with an optional "
                           f"K/M/G/T suffix (e.g. 480G); 0 asks for all of a node's memory")
+    if not 0 < opts.stop_timeout_s < opts.signal_delay_s:
+        raise SubmitError(f"--stop-timeout-s {opts.stop_timeout_s} must be positive and shorter "
+                          f"than --signal-delay-s {opts.signal_delay_s}: Slurm kills the job that "
+                          f"long after its USR2, saved or not")
     minutes = parse_slurm_time(opts.time)
     if opts.signal_delay_s >= minutes * 60:
         raise SubmitError(f"--signal-delay-s {opts.signal_delay_s} is not shorter than --time "
