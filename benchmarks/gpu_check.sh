@@ -27,7 +27,7 @@ DEST=${DEST:-${OUT:-}}
 export PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}"
 
 # The device image lacks deepspeed, submitit, omegaconf: install the carried wheels.
-if [ -d .whl ] && [ "$DRY" = 0 ]; then
+if [ -d .whl ] && [ "$DRY" = 0 ] && [ "$SMOKE" = 0 ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "gpu_check: installing .whl/ failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
