@@ -185,7 +185,7 @@ def parse(argv):
     args = parser.parse_args(argv)
     args.zero = args.zero or [1, 2, 3]
     args.micro_batch = args.micro_batch or ([2] if not gpu else [8] if args.quick else [8, 16])
-    args.steps = args.steps or (3 if args.quick else 20)
+    args.steps = args.steps or (5 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     return args
 

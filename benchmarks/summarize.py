@@ -32,7 +32,8 @@ def plot_attention(rows: list[dict], path: Path) -> Path | None:
     if not ok:
         return None
     plt = _plt()
-    cases = sorted({(r["shape"], r["mask"]) for r in ok}, key=lambda c: (c[0], c[1] != "padded"))
+    seq = {r["shape"]: r["seq"] for r in ok}
+    cases = sorted({(r["shape"], r["mask"]) for r in ok}, key=lambda c: (seq[c[0]], c[1] != "padded"))
     backends = [b for b in ["eager", "math", "flash", "mem_efficient", "cudnn"]
                 if any(r["backend"] == b for r in ok)]
     fig, ax = plt.subplots(figsize=(8, 4))
