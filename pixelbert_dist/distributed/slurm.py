@@ -349,7 +349,9 @@ class PretrainTask(submitit.helpers.Checkpointable):
                       f"the requeued job resumes from the previous checkpoint", flush=True)
                 child.kill()
                 _reap(child, 30)
-        fresh = PretrainTask(self.argv, self.code_dir, self.workdir, self.cpus_per_task,
+        # whatever the first attempt resumed from, a requeued one goes on from the latest
+        argv = self.argv if self.argv[-1:] == ["train.resume=auto"] else self.argv + ["train.resume=auto"]
+        fresh = PretrainTask(argv, self.code_dir, self.workdir, self.cpus_per_task,
                              self.stop_timeout_s, self.entry)
         fresh.attempt = self.attempt + 1
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
@@ -457,8 +459,11 @@ def submit(opts: SubmitConfig, pretrain_argv: list[str]) -> list:
     plans = plan_jobs(opts, args)
     out_dir = Path(opts.output_dir).resolve()
     code_dir = out_dir / "code"
-    if opts.dry_run:
+    if opts.dry_run and opts.local:
+        print(f"# local: {len(plans)} job(s) of {opts.gpus_per_node} task(s), {minutes} min each")
+    elif opts.dry_run:
         print(sbatch_script(opts, minutes, code_dir, len(plans)))
+    if opts.dry_run:
         for plan in plans:
             print(f"# job {plan.label}: {shlex.join(plan.argv)}")
         return []
