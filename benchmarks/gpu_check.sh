@@ -38,6 +38,10 @@ if [ "$SMOKE" = 0 ] && [ "$DRY" = 0 ] && ! "$PY" -c 'import torch, sys; sys.exit
   echo "gpu_check: no CUDA device here; use --cpu-smoke to check the plumbing on a CPU" >&2
   exit 1
 fi
+if [ "$DRY" = 0 ] && ! "$PY" -c 'import deepspeed' >/dev/null 2>&1; then
+  echo "gpu_check: deepspeed is not importable: run 'bash ../shared/device/fetch-wheels.sh'" \
+       "in the checkout and carry .whl; the training-step benchmark will fail" >&2
+fi
 if [ -z "$DEST" ] && [ "$DRY" = 1 ]; then
   DEST="<results-dir>"
 elif [ -z "$DEST" ]; then
