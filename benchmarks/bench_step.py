@@ -157,7 +157,8 @@ def run_config(args, preset, stage, precision, micro, sampling, world, rank, dev
     step_s = median(step_times)
     tflops = flops * micro / step_s / 1e12
     peak = peak_tflops(row["precision"], device)
-    row.update(step_ms=step_s * 1e3, samples_per_s=micro * world / step_s, tflops_per_gpu=tflops,
+    row.update(step_ms=step_s * 1e3, step_ms_min=min(step_times) * 1e3,  # the spread shows noise
+               step_ms_max=max(step_times) * 1e3, samples_per_s=micro * world / step_s, tflops_per_gpu=tflops,
                mfu=tflops / peak if peak else None, peak_mem_gib=peak_memory_gib(device),
                data_wait=sum(data_times) / sum(step_times), loss=loss, flops_per_sample=flops,
                params=sum(p.numel() for p in build_params(preset)),
