@@ -218,3 +218,17 @@ def test_training_flops_grow_with_pixels_as_the_transformer_predicts():
     assert abs((f200 - f100) - expected) / expected < 0.02
     r50 = training_flops_per_sample(preset_config("pixelbert-r50"))
     assert 4.5e11 < r50 < 7e11  # ~3x ResNet-50 forward at 800x1344 (~176 GFLOPs) + BERT-base
+
+
+def test_frozen_bn_and_channels_last_run_in_bf16_like_deepspeed():
+    """DeepSpeed's bf16 casts parameters but not buffers, and views every parameter as
+    flat bytes: the CNN must stay contiguous and compute in the activations' dtype."""
+    model = build_model("tiny", freeze_bn=True, channels_last=True).eval()
+    for param in model.parameters():
+        assert param.is_contiguous()
+        param.data = param.data.to(torch.bfloat16)
+        param.data.view(torch.uint8)  # what DeepSpeed's _broadcast_model does
+    batch = make_batch()
+    batch["images"] = batch["images"].to(torch.bfloat16)
+    out = model(batch)
+    assert out["hidden_states"].dtype == torch.bfloat16 and torch.isfinite(out["loss"])

@@ -13,11 +13,22 @@ from .config import BACKBONES, PixelBertConfig
 DOWNSAMPLE = 64  # ResNet's 32x and the paper's extra 2x2 max-pool: pad images to multiples of this
 
 
+class FrozenBN(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffer names) that computes in the input's
+    dtype: DeepSpeed's bf16/fp16 casts parameters, not buffers, and fp32 statistics would
+    otherwise turn bf16 activations back into fp32 before the next bf16 conv."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[None, :, None, None] + bias.to(x.dtype)[None, :, None, None]
+
+
 def build_backbone(cfg: PixelBertConfig) -> ResNet:
     """A torchvision ResNet without avgpool/fc; its parameter names match torchvision
     weight files, so `load_state_dict` of an ImageNet checkpoint works directly."""
     block, layers, groups, width = BACKBONES[cfg.backbone]
-    norm = FrozenBatchNorm2d if cfg.freeze_bn else nn.BatchNorm2d
+    norm = FrozenBN if cfg.freeze_bn else nn.BatchNorm2d
     net = ResNet(BasicBlock if block == "basic" else Bottleneck, layers, groups=groups,
                  width_per_group=width, norm_layer=norm)
     del net.avgpool, net.fc
@@ -67,11 +78,11 @@ class VisualEmbedding(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.semantic = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.dropout = nn.Dropout(cfg.hidden_dropout)
-        if cfg.channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None, sample: int = 0):
         if self.cfg.channels_last:
+            # Only the input: a channels_last input makes cuDNN pick NHWC kernels, while
+            # the weights stay contiguous (DeepSpeed views every parameter as flat bytes).
             images = images.contiguous(memory_format=torch.channels_last)
         feats = trunk_forward(self.backbone, images)
         if self.cfg.extra_pool:
