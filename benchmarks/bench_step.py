@@ -97,17 +97,9 @@ def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: 
         overrides["pixel_sample_size"] = 100 if sampling else 0
     torch.manual_seed(0)
     model = build_model(preset, **overrides)
-    # DeepSpeed's initial broadcast views every parameter as bytes, which a channels_last
-    # conv weight (stride(-1) != 1) refuses; ZeRO re-lays the weights out flat anyway.
-    # The images still go channels_last in the model's forward (its config says so).
-    model = model.to(memory_format=torch.contiguous_format)
     ds = fill_deepspeed_config(ROOT / "deepspeed_configs" / f"zero{stage}.json", micro_batch=micro,
                                grad_accum=1, world_size=world, grad_clip=1.0, precision=precision)
     ds["steps_per_print"] = 10**9
-    if precision_of(ds) != "fp32":
-        # DeepSpeed >= 0.19 casts parameters only; FrozenBatchNorm2d's fp32 buffers would
-        # then turn the bf16 activations back into fp32 before the next bf16 conv
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision_of(ds))
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()),
                                       config=ds)
     return engine, precision_of(ds)
