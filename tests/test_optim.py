@@ -57,6 +57,13 @@ def test_groups_follow_the_paper():
     assert len(no_decay["params"]) == 4  # proj.bias, norm.weight, norm.bias, head.bias
 
 
+def test_cnn_rule_adamw_for_a_cnn_trained_from_scratch():
+    cnn = _groups_by_name(TinyPixelModel(), OptimConfig(cnn_rule="adamw", cnn_lr=3e-3))["cnn"]
+    assert (cnn["rule"], cnn["lr"], cnn["weight_decay"], cnn["betas"]) == ("adamw", 3e-3, 5e-4, (0.9, 0.999))
+    with pytest.raises(ValueError, match="optim.cnn_rule='lamb'"):
+        build_optimizer(TinyPixelModel(), OptimConfig(cnn_rule="lamb"))
+
+
 def test_refuses_empty_model_and_bad_groups():
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), OptimConfig())

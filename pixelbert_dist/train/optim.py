@@ -27,6 +27,7 @@ _ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 @dataclasses.dataclass
 class OptimConfig:
+    cnn_rule: str = "sgd"  # the paper's, for an ImageNet-initialised CNN; "adamw" trains one from scratch
     cnn_lr: float = 1e-2
     cnn_momentum: float = 0.9
     cnn_weight_decay: float = 5e-4
@@ -176,9 +177,16 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig,
         else:
             decay.append(param)
     adamw = dict(rule="adamw", lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if cfg.cnn_rule == "sgd":
+        cnn_group = dict(rule="sgd", momentum=cfg.cnn_momentum, nesterov=False, dampening=0.0)
+    elif cfg.cnn_rule == "adamw":
+        # SGD's step is proportional to the gradient, and a from-scratch CNN behind a
+        # 0.02-initialised projection gets tiny ones: an adaptive rule moves it anyway.
+        cnn_group = dict(adamw)
+    else:
+        raise ValueError(f"optim.cnn_rule={cfg.cnn_rule!r}: use 'sgd' or 'adamw'")
     groups = [
-        dict(name="cnn", params=cnn, rule="sgd", lr=cfg.cnn_lr, momentum=cfg.cnn_momentum,
-             weight_decay=cfg.cnn_weight_decay, nesterov=False, dampening=0.0),
+        dict(name="cnn", params=cnn, **dict(cnn_group, lr=cfg.cnn_lr, weight_decay=cfg.cnn_weight_decay)),
         dict(name="transformer_decay", params=decay, weight_decay=cfg.weight_decay, **adamw),
         dict(name="transformer_no_decay", params=no_decay, weight_decay=0.0, **adamw),
     ]
