@@ -1,0 +1,24 @@
+"""NLVR2 fine-tuning from a pre-training export (accuracy and consistency on dev / test-P).
+
+    deepspeed launch/finetune_nlvr2.py --pretrained runs/X/export --shards data/nlvr2 \
+        --train train.json --dev dev.json --test test1.json [--image-map images.json] [key=value ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from pixelbert_dist.finetune.trainer import main as run  # noqa: E402
+
+FILES = [("--train", "nlvr2.train", "official train.json (jsonl)"),
+         ("--dev", "nlvr2.dev", "official dev.json"),
+         ("--test", "nlvr2.test", "official test1.json (test-P)"),
+         ("--image-map", "nlvr2.image_map", "JSON {image name: shard key}; default key: nlvr2.key_format")]
+
+
+def main(argv=None) -> dict:
+    return run("nlvr2", argv, FILES, "Fine-tune and evaluate Pixel-BERT on NLVR2.")
+
+
+if __name__ == "__main__":
+    main()

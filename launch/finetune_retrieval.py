@@ -1,0 +1,21 @@
+"""Image-text retrieval fine-tuning (COCO / Flickr30K Karpathy split) from a pre-training export.
+
+    deepspeed launch/finetune_retrieval.py --pretrained runs/X/export --shards data/flickr30k \
+        --karpathy dataset_flickr30k.json [retrieval.eval_split=test train.freeze_cnn=true ...]
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from pixelbert_dist.finetune.trainer import main as run  # noqa: E402
+
+FILES = [("--karpathy", "retrieval.karpathy", "Karpathy split file dataset_{coco,flickr30k}.json")]
+
+
+def main(argv=None) -> dict:
+    return run("retrieval", argv, FILES, "Fine-tune Pixel-BERT for image-text retrieval (ITM head, hard negatives).")
+
+
+if __name__ == "__main__":
+    main()

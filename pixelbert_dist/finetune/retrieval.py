@@ -1,0 +1,116 @@
+"""Image-text retrieval (COCO / Flickr30K through the Karpathy split file).
+
+Training: each example is one (image, caption) pair; its batch also carries
+``num_negatives`` random captions of other training images per pair, drawn from the
+loader's seeded generator (so a resume redraws the same ones), and the model keeps the
+hardest for backprop (``heads.RetrievalModel``).
+
+Evaluation scores every (image, caption) pair of the split with the ITM head: each
+image's pixel tokens are computed once (the CNN runs once per image), and the
+transformer runs over ``text_batch`` captions at a time against them. Ranks split the
+images; the score matrix is summed across ranks, then R@1/5/10 both ways and rsum.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from pixelbert_dist.finetune.data import tokenize
+from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
+from pixelbert_dist.finetune.retrieval_metrics import (flatten_captions, read_karpathy_split, recall_at_k,
+                                                       sample_negatives)
+from pixelbert_dist.finetune.tasks import Task
+from pixelbert_dist.train.evaluate import _gathered
+
+
+class Item(NamedTuple):
+    key: str            # shard key of the image
+    image: int          # index of the image in its split
+    text: int | None    # caption index (training pairs); None for an evaluation image
+
+
+class RetrievalTask(Task):
+    name, main_metric = "retrieval", "rsum"
+
+    def __init__(self, cfg, tokenizer, images, run_dir):
+        super().__init__(cfg, tokenizer, images, run_dir)
+        r = cfg.retrieval
+        if not r.karpathy:
+            raise ValueError("retrieval needs retrieval.karpathy (--karpathy dataset_coco.json)")
+        train = self._read("train", r.train_splits)
+        self.train_keys = [self.key_of(im) for im in train]
+        self.train_texts, self.train_owner = flatten_captions(train)
+        if len(train) < 2:
+            raise ValueError(f"{r.karpathy}: {len(train)} training image(s) with shards: need at least 2")
+        self.train_examples = [Item(self.train_keys[i], i, t) for t, i in enumerate(self.train_owner)]
+        test = self._read(r.eval_split, [r.eval_split])
+        if r.max_eval_images:
+            test = test[:r.max_eval_images]
+        texts, owner = flatten_captions(test)
+        self.eval_texts = tokenize(tokenizer, texts, self.max_len)
+        self.eval_owner = torch.tensor(owner)
+        self.eval_splits[r.eval_split] = [Item(self.key_of(im), i, None) for i, im in enumerate(test)]
+
+    def key_of(self, image) -> str:
+        return self.cfg.retrieval.key_format.format(stem=Path(image.filename).stem, image_id=image.image_id,
+                                                    filename=image.filename)
+
+    def _read(self, split: str, splits: list[str]) -> list:
+        images = read_karpathy_split(self.cfg.retrieval.karpathy, splits)
+        kept = [im for im in images if self.key_of(im) in self.images]
+        missing = [im.filename for im in images if self.key_of(im) not in self.images]
+        self.skipped[f"{split}_images"] = {"images_missing": len(missing), "example_missing_images": missing[:5],
+                                           "captions_missing_image": sum(len(im.captions) for im in images
+                                                                         if self.key_of(im) not in self.images)}
+        return kept
+
+    def build_model(self, backbone):
+        r = self.cfg.retrieval
+        return RetrievalModel(backbone, r.hard_negatives, r.rank_weight, r.itm_weight, self.cfg.train.freeze_cnn)
+
+    def image_keys(self, item: Item) -> list[str]:
+        return [item.key]
+
+    def collate(self, items, generator) -> dict:
+        if items[0].text is None:
+            return {}
+        n = self.cfg.retrieval.num_negatives
+        negatives = sample_negatives(self.train_owner, [it.image for it in items], n, generator)
+        texts = [self.train_texts[it.text] for it in items] + [self.train_texts[j] for j in negatives.flatten()]
+        # one tokenisation: positives and negatives share a length, so the model can concatenate them
+        enc = tokenize(self.tokenizer, texts, self.max_len)
+        b = len(items)
+        return {**{k: v[:b] for k, v in enc.items()}, "negatives": {k: v[b:] for k, v in enc.items()}}
+
+    @torch.no_grad()
+    def evaluate(self, engine, split: str, loader, to_device) -> dict:
+        model = engine.module
+        scores = torch.zeros(len(self.eval_splits[split]), self.eval_owner.numel(), dtype=torch.float32)
+        texts = to_device(self.eval_texts)
+        step = self.cfg.retrieval.text_batch
+        engine.eval()
+        with _gathered(engine):
+            for batch in loader:
+                pixels, mask = model.pixels(to_device(batch))  # the CNN: once per image
+                for row, (item, pad) in enumerate(zip(batch["examples"], batch["is_pad"].tolist())):
+                    if pad:
+                        continue
+                    for lo in range(0, scores.shape[1], step):
+                        chunk = {k: texts[k][lo:lo + step] for k in TEXT_KEYS}
+                        n = chunk["input_ids"].shape[0]
+                        scores[item.image, lo:lo + n] = model.backbone.itm_score(
+                            chunk, pixels[row:row + 1].expand(n, -1, -1), mask[row:row + 1].expand(n, -1)).float().cpu()
+        engine.train()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # each image was scored by exactly one rank (repeats skipped): a sum assembles the matrix
+            reduced = scores.cuda() if dist.get_backend() == "nccl" else scores
+            dist.all_reduce(reduced)
+            scores = reduced.cpu()
+        metrics = recall_at_k(scores, self.eval_owner)
+        if self.is_main():
+            torch.save({"scores": scores, "text_to_image": self.eval_owner},
+                       self.run_dir / f"retrieval_{split}_scores.pt")
+        return {**metrics, "num_images": scores.shape[0], "num_texts": scores.shape[1]}

@@ -1,0 +1,205 @@
+"""The fine-tuning tasks: what each reads, how its batch looks, its metrics and files.
+
+A task reads its official files, drops (and counts) examples whose images are not in
+the shards, and gives the trainer: ``train_examples``, ``eval_splits`` (split name ->
+examples), ``image_keys`` / ``collate`` for the ``TaskLoader``, ``build_model``, and
+``evaluate`` (official metrics + the prediction file). ``skipped`` holds every count
+of what was left out and why, for the results file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pixelbert_dist.finetune import nlvr2_data, vqa_data
+from pixelbert_dist.finetune.config import FinetuneConfig
+from pixelbert_dist.finetune.data import KeyedImages, tokenize
+from pixelbert_dist.finetune.heads import Nlvr2Model, VqaModel
+
+
+def load_image_map(path: str | None) -> dict[str, str] | None:
+    """A JSON object {task image name/id: shard key} (the synthetic tasks write one)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image map {p} does not exist")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")
+    return {str(k): v for k, v in data.items()}
+
+
+def gather_records(records: list) -> list:
+    """Every rank's records, on every rank (in rank order)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return records
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, records)
+    return [r for part in out for r in part]
+
+
+class Task:
+    name = "task"
+    images_per_example = 1
+    main_metric = "accuracy"
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer, images: KeyedImages, run_dir: Path):
+        self.cfg, self.tokenizer, self.images, self.run_dir = cfg, tokenizer, images, Path(run_dir)
+        self.max_len = cfg.data.max_text_len
+        self.skipped: dict = {}
+        self.train_examples: list = []
+        self.eval_splits: dict[str, list] = {}
+
+    def records(self, out: dict, batch: dict) -> list:
+        raise NotImplementedError
+
+    def finish(self, split: str, records: list) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, engine, split: str, loader, to_device) -> dict:
+        """Predict this rank's share (repeats dropped), gather, score on every rank,
+        write the prediction file on rank 0."""
+        engine.eval()
+        records = []
+        for batch in loader:
+            out = engine(to_device(batch))
+            keep = (~batch["is_pad"]).tolist()
+            records.extend(r for r, k in zip(self.records(out, batch), keep) if k)
+        engine.train()
+        return self.finish(split, gather_records(records))
+
+    def is_main(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ---------------------------------------------------------------- VQA 2.0
+class VqaTask(Task):
+    name, main_metric = "vqa", "overall"
+
+    def __init__(self, cfg, tokenizer, images, run_dir):
+        super().__init__(cfg, tokenizer, images, run_dir)
+        v = cfg.vqa
+        if not v.train_questions or not v.train_annotations:
+            raise ValueError("VQA needs vqa.train_questions and vqa.train_annotations "
+                             "(--train-questions / --train-annotations)")
+        mapping = load_image_map(v.image_map)
+        self.key_of = (lambda i: mapping.get(str(i), "")) if mapping is not None else \
+            (lambda i: v.key_format.format(image_id=i))
+        train = self._read("train", v.train_questions, v.train_annotations)
+        self.vocab = vqa_data.AnswerVocab.load(v.answer_vocab) if v.answer_vocab else \
+            vqa_data.build_answer_vocab(train, v.num_answers)
+        self.train_examples, stats = vqa_data.build_targets(train, self.vocab, training=True)
+        self.skipped["train_answers"] = stats
+        if v.val_questions:
+            val = self._read("val", v.val_questions, v.val_annotations)
+            if v.val_annotations:
+                self.eval_splits["val"], self.skipped["val_answers"] = \
+                    vqa_data.build_targets(val, self.vocab, training=False)
+            else:
+                self.eval_splits["val"] = [(ex, None) for ex in val]
+        if v.test_questions:
+            self.eval_splits["test"] = [(ex, None) for ex in self._read("test", v.test_questions, None)]
+
+    def _read(self, split: str, questions: str, annotations: str | None) -> list:
+        examples = vqa_data.read_vqa(questions, annotations)
+        available = {ex.image_id for ex in examples if self.key_of(ex.image_id) in self.images}
+        kept, stats = vqa_data.drop_missing_images(examples, available)
+        self.skipped[f"{split}_images"] = stats
+        return kept
+
+    def build_model(self, backbone):
+        return VqaModel(backbone, len(self.vocab), self.cfg.head_dropout, self.cfg.train.freeze_cnn)
+
+    def image_keys(self, example) -> list[str]:
+        return [self.key_of(example[0].image_id)]
+
+    def collate(self, examples, generator) -> dict:
+        out = tokenize(self.tokenizer, [ex.question for ex, _ in examples], self.max_len)
+        if all(t is not None for _, t in examples):
+            out["targets"] = torch.from_numpy(np.stack([t.dense(len(self.vocab)) for _, t in examples]))
+        return out
+
+    def records(self, out, batch) -> list:
+        best = out["logits"].argmax(-1).tolist()
+        return [(ex.question_id, self.vocab.answers[i]) for (ex, _), i in zip(batch["examples"], best)]
+
+    def finish(self, split, records) -> dict:
+        preds = dict(records)
+        examples = [ex for ex, _ in self.eval_splits[split]]
+        path = self.run_dir / f"vqa_{split}_results.json"
+        if self.is_main():
+            vqa_data.write_vqa_results(path, preds, [ex.question_id for ex in examples])
+        if not all(ex.answers for ex in examples):
+            return {"num_questions": len(preds)}
+        metrics = vqa_data.evaluate_vqa(preds, examples)
+        flat = {"overall": metrics["overall"], "num_questions": metrics["num_questions"]}
+        flat.update({f"type_{k.replace('/', '_')}": v for k, v in metrics["per_answer_type"].items()})
+        return flat
+
+
+# ---------------------------------------------------------------- NLVR2
+class Nlvr2Task(Task):
+    name, main_metric, images_per_example = "nlvr2", "accuracy", 2
+
+    def __init__(self, cfg, tokenizer, images, run_dir):
+        super().__init__(cfg, tokenizer, images, run_dir)
+        n = cfg.nlvr2
+        if not n.train:
+            raise ValueError("NLVR2 needs nlvr2.train (--train train.json)")
+        mapping = load_image_map(n.image_map)
+        self.key_of = (lambda name: mapping.get(name, "")) if mapping is not None else \
+            (lambda name: n.key_format.format(name=name))
+        self.train_examples = self._read("train", n.train)
+        unlabelled = [ex.identifier for ex in self.train_examples if ex.label is None]
+        if unlabelled:
+            raise ValueError(f"{n.train}: {len(unlabelled)} line(s) without a label, e.g. {unlabelled[0]}")
+        for split, path in (("dev", n.dev), ("test", n.test)):
+            if path:
+                self.eval_splits[split] = self._read(split, path)
+
+    def _read(self, split: str, path: str) -> list:
+        examples = nlvr2_data.read_nlvr2(path)
+        names = {k for ex in examples for k in (ex.left_image, ex.right_image)}
+        kept, stats = nlvr2_data.drop_missing_images(examples, {k for k in names if self.key_of(k) in self.images})
+        self.skipped[f"{split}_images"] = stats
+        return kept
+
+    def build_model(self, backbone):
+        return Nlvr2Model(backbone, self.cfg.head_dropout, self.cfg.train.freeze_cnn)
+
+    def image_keys(self, example) -> list[str]:
+        return [self.key_of(example.left_image), self.key_of(example.right_image)]
+
+    def collate(self, examples, generator) -> dict:
+        out = tokenize(self.tokenizer, [ex.sentence for ex in examples], self.max_len)
+        if all(ex.label is not None for ex in examples):
+            out["labels"] = torch.tensor([int(ex.label) for ex in examples], dtype=torch.long)
+        return out
+
+    def records(self, out, batch) -> list:
+        return [(ex.identifier, bool(p)) for ex, p in zip(batch["examples"], out["logits"].argmax(-1).tolist())]
+
+    def finish(self, split, records) -> dict:
+        preds = dict(records)
+        examples = self.eval_splits[split]
+        if self.is_main():
+            nlvr2_data.write_nlvr2_predictions(self.run_dir / f"nlvr2_{split}_predictions.csv", preds, examples)
+        if any(ex.label is None for ex in examples):
+            return {"num_examples": len(preds)}
+        return nlvr2_data.evaluate_nlvr2(preds, examples)
+
+
+def make_task(cfg: FinetuneConfig, tokenizer, images: KeyedImages, run_dir) -> Task:
+    if cfg.task == "vqa":
+        return VqaTask(cfg, tokenizer, images, run_dir)
+    if cfg.task == "nlvr2":
+        return Nlvr2Task(cfg, tokenizer, images, run_dir)
+    from pixelbert_dist.finetune.retrieval import RetrievalTask
+
+    return RetrievalTask(cfg, tokenizer, images, run_dir)

@@ -1,0 +1,147 @@
+"""The fine-tuning scripts end to end, in this process (one gloo rank): VQA, NLVR2 and
+retrieval from a tiny export on the synthetic tasks (official file formats), their
+results files, the counted skips, the refusals of a wrong export or tokenizer, and the
+task loader's exact resume."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixelbert_dist.data.text import load_tokenizer
+from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, generate_tasks
+from pixelbert_dist.model import build_model
+from tests.fixtures_data import make_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"finetune_{name}", REPO / "launch" / f"finetune_{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def ft(tmp_path_factory):
+    """Shards, the synthetic tasks made from them, and a tiny export (the tiny preset as the
+    pre-training export writes it: config.json, safetensors, tokenizer files)."""
+    root = tmp_path_factory.mktemp("ft")
+    shards = make_synthetic_shards(root / "shards", num=120, samples_per_shard=40, val_fraction=0.25)
+    tasks = root / "tasks"
+    summary = generate_tasks([shards["train"], shards["val"]], tasks, SyntheticTasksConfig(seed=1))
+    torch.manual_seed(0)
+    export = build_model("tiny").save_pretrained(root / "export", load_tokenizer())
+    return {"shards": [str(shards["train"]), str(shards["val"])], "tasks": tasks, "export": export,
+            "summary": summary, "root": root}
+
+
+def common(ft, run_dir, *extra):
+    return ["--pretrained", str(ft["export"]), "--shards", *ft["shards"], f"run_dir={run_dir}",
+            "data.backend=pil", "data.num_workers=0", "data.image_shorter=64", "data.image_max=64",
+            "data.max_text_len=24", "train.precision=fp32", "train.resume=none", "train.log_every=5",
+            "train.save_every=0", "optim.lr=0.001", "optim.cnn_lr=0.02", "train.head_lr_mult=1.0",
+            "schedule.warmup_steps=3", *extra]
+
+
+def _with_bad_items(ft, tmp_path):
+    """The VQA files plus one train question whose image is not in the shards and one val
+    question whose ten answers are all outside the vocabulary."""
+    vqa = ft["tasks"] / "vqa"
+    out = {}
+    for split in ("train", "val"):
+        q = json.loads((vqa / f"v2_OpenEnded_mscoco_{split}_questions.json").read_text())
+        a = json.loads((vqa / f"v2_mscoco_{split}_annotations.json").read_text())
+        ex_q, ex_a = dict(q["questions"][0]), dict(a["annotations"][0])
+        ex_q["question_id"] = ex_a["question_id"] = 999990 + len(split)
+        if split == "train":
+            ex_q["image_id"] = ex_a["image_id"] = 424242   # no such image
+        else:
+            ex_a["answers"] = [{"answer": "zebra", "answer_id": i + 1} for i in range(10)]
+            ex_a["multiple_choice_answer"] = "zebra"
+        q["questions"].append(ex_q)
+        a["annotations"].append(ex_a)
+        out[split] = (tmp_path / f"q_{split}.json", tmp_path / f"a_{split}.json")
+        out[split][0].write_text(json.dumps(q))
+        out[split][1].write_text(json.dumps(a))
+    return out
+
+
+def test_vqa_end_to_end(dist_env, ft, tmp_path):
+    files = _with_bad_items(ft, tmp_path)
+    vqa = ft["tasks"] / "vqa"
+    run_dir = tmp_path / "run"
+    results = script("vqa").main([
+        *common(ft, run_dir, "train.micro_batch=32", "train.epochs=6", "train.eval_every=1000"),
+        "--train-questions", str(files["train"][0]), "--train-annotations", str(files["train"][1]),
+        "--val-questions", str(files["val"][0]), "--val-annotations", str(files["val"][1]),
+        "--test-questions", str(vqa / "v2_OpenEnded_mscoco_test_questions.json"),
+        "--image-map", str(vqa / "image_ids.json")])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["metrics"] == json.loads(json.dumps(results["metrics"]))
+    # the bad items are counted, not silently dropped
+    assert saved["skipped"]["train_images"]["questions_missing_image"] == 1
+    assert saved["skipped"]["val_answers"]["answers_oov"] >= 10
+    # official submission files, one answer per question
+    test_ids = {q["question_id"] for q in json.loads((vqa / "v2_OpenEnded_mscoco_test_questions.json")
+                                                        .read_text())["questions"]}
+    submitted = json.loads((run_dir / "vqa_test_results.json").read_text())
+    assert {r["question_id"] for r in submitted} == test_ids and all(isinstance(r["answer"], str) for r in submitted)
+    val = saved["metrics"]["val"]
+    print("VQA held-out:", val, "blind:", ft["summary"]["baselines"]["vqa_val_blind"], "train s:", saved["train_seconds"])
+    assert val["num_questions"] == ft["summary"]["vqa_questions"]["val"] + 1
+    assert 0.0 <= val["overall"] <= 100.0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert losses[-1] < losses[0]
+    assert (run_dir / "tensorboard").is_dir() and (run_dir / "answer_vocab.json").is_file()
+
+
+def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
+    nlvr2 = ft["tasks"] / "nlvr2"
+    run_dir = tmp_path / "run"
+    results = script("nlvr2").main([
+        *common(ft, run_dir, "train.micro_batch=16", "train.epochs=2"),
+        "--train", str(nlvr2 / "train.json"), "--dev", str(nlvr2 / "dev.json"), "--test", str(nlvr2 / "test1.json"),
+        "--image-map", str(nlvr2 / "images.json")])
+    dev = results["metrics"]["dev"]
+    print("NLVR2 dev:", dev, "majority:", ft["summary"]["baselines"]["nlvr2_dev_majority"])
+    assert dev["num_examples"] == ft["summary"]["nlvr2_examples"]["dev"]
+    lines = (run_dir / "nlvr2_test_predictions.csv").read_text().splitlines()
+    assert len(lines) == ft["summary"]["nlvr2_examples"]["test1"]
+    assert all(line.rsplit(",", 1)[1] in ("True", "False") for line in lines)
+    assert results["skipped"]["dev_images"]["examples_missing_image"] == 0
+
+
+def test_retrieval_end_to_end(dist_env, ft, tmp_path):
+    run_dir = tmp_path / "run"
+    results = script("retrieval").main([
+        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=6", "train.freeze_cnn=true",
+                "retrieval.train_splits=[train]", "retrieval.eval_split=test", "retrieval.num_negatives=6",
+                "retrieval.hard_negatives=2"),
+        "--karpathy", str(ft["tasks"] / "retrieval" / "dataset_synthetic.json")])
+    test = results["metrics"]["test"]
+    print("retrieval test:", test)
+    assert test["num_images"] == ft["summary"]["retrieval_images"]["test"]
+    assert set(test) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+    scores = torch.load(run_dir / "retrieval_test_scores.pt", weights_only=True)
+    assert scores["scores"].shape == (test["num_images"], test["num_texts"])
+
+
+def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
+    vqa = ft["tasks"] / "vqa"
+    args = common(ft, tmp_path / "run") + [
+        "--train-questions", str(vqa / "v2_OpenEnded_mscoco_train_questions.json"),
+        "--train-annotations", str(vqa / "v2_mscoco_train_annotations.json"), "--image-map", str(vqa / "image_ids.json")]
+    with pytest.raises(ValueError, match="is not a 'pixelbert-r50' export"):
+        script("vqa").main([*args, "preset=pixelbert-r50"])
+    other = tmp_path / "vocab"
+    other.mkdir()
+    (other / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
+    with pytest.raises(ValueError, match="tokenizer mismatch"):
+        script("vqa").main([*args, f"data.vocab_dir={other}"])
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        script("vqa").main([*args, "--pretrained", str(tmp_path)])
+    assert not (tmp_path / "run").exists()
