@@ -29,7 +29,7 @@ def ft(tmp_path_factory):
     """Shards, the synthetic tasks made from them, and a tiny export (the tiny preset as the
     pre-training export writes it: config.json, safetensors, tokenizer files)."""
     root = tmp_path_factory.mktemp("ft")
-    shards = make_synthetic_shards(root / "shards", num=120, samples_per_shard=40, val_fraction=0.25)
+    shards = make_synthetic_shards(root / "shards", num=60, samples_per_shard=30, val_fraction=0.25)
     tasks = root / "tasks"
     summary = generate_tasks([shards["train"], shards["val"]], tasks, SyntheticTasksConfig(seed=1))
     torch.manual_seed(0)
@@ -42,8 +42,8 @@ def common(ft, run_dir, *extra):
     return ["--pretrained", str(ft["export"]), "--shards", *ft["shards"], f"run_dir={run_dir}",
             "data.backend=pil", "data.num_workers=0", "data.image_shorter=64", "data.image_max=64",
             "data.max_text_len=24", "train.precision=fp32", "train.resume=none", "train.log_every=5",
-            "train.save_every=0", "optim.lr=0.001", "optim.cnn_lr=0.02", "train.head_lr_mult=1.0",
-            "schedule.warmup_steps=3", *extra]
+            "train.save_every=0", "optim.lr=0.0003", "optim.cnn_lr=0.003", "train.head_lr_mult=1.0",
+            "schedule.warmup_steps=1", *extra]
 
 
 def _with_bad_items(ft, tmp_path):
@@ -74,7 +74,7 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     vqa = ft["tasks"] / "vqa"
     run_dir = tmp_path / "run"
     results = script("vqa").main([
-        *common(ft, run_dir, "train.micro_batch=32", "train.epochs=6", "train.eval_every=1000"),
+        *common(ft, run_dir, "train.micro_batch=16", "train.max_steps=6", "train.log_every=1"),
         "--train-questions", str(files["train"][0]), "--train-annotations", str(files["train"][1]),
         "--val-questions", str(files["val"][0]), "--val-annotations", str(files["val"][1]),
         "--test-questions", str(vqa / "v2_OpenEnded_mscoco_test_questions.json"),
@@ -103,7 +103,7 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
     run_dir = tmp_path / "run"
     results = script("nlvr2").main([
-        *common(ft, run_dir, "train.micro_batch=16", "train.epochs=2"),
+        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3"),
         "--train", str(nlvr2 / "train.json"), "--dev", str(nlvr2 / "dev.json"), "--test", str(nlvr2 / "test1.json"),
         "--image-map", str(nlvr2 / "images.json")])
     dev = results["metrics"]["dev"]
@@ -118,7 +118,7 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
 def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     run_dir = tmp_path / "run"
     results = script("retrieval").main([
-        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=6", "train.freeze_cnn=true",
+        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3", "train.freeze_cnn=true",
                 "retrieval.train_splits=[train]", "retrieval.eval_split=test", "retrieval.num_negatives=6",
                 "retrieval.hard_negatives=2"),
         "--karpathy", str(ft["tasks"] / "retrieval" / "dataset_synthetic.json")])

@@ -252,7 +252,10 @@ def main(task: str, argv, file_args: list[tuple[str, str, str]], description: st
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args(argv)
-    cfg = load_config(FinetuneConfig, args.config, [f"task={task}", *args.overrides])
+    # `--shards A B key=value`: nargs="+" swallows the overrides that follow; hand them back
+    extra = [s for s in args.shards or [] if "=" in s and not Path(s).exists()]
+    args.shards = [s for s in args.shards or [] if s not in extra]
+    cfg = load_config(FinetuneConfig, args.config, [f"task={task}", *extra, *args.overrides])
     # paths are set as values, never parsed as YAML text
     if args.pretrained:
         cfg.pretrained = args.pretrained
