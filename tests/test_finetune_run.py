@@ -145,3 +145,24 @@ def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         script("vqa").main([*args, "--pretrained", str(tmp_path)])
     assert not (tmp_path / "run").exists()
+
+
+def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
+    """Two CPU ranks through the real `deepspeed` launcher: the ranks split the examples
+    (the odd count makes a wrap-around repeat), and the gathered predictions still cover
+    every dev example exactly once."""
+    from tests.pretrain_helpers import run_launcher
+
+    nlvr2 = ft["tasks"] / "nlvr2"
+    dev = tmp_path / "dev.json"
+    lines = (nlvr2 / "dev.json").read_text().splitlines()
+    dev.write_text("\n".join(lines[:len(lines) - 1 if len(lines) % 2 == 0 else len(lines)]) + "\n")
+    run_dir = tmp_path / "run"
+    run_launcher("launch/finetune_nlvr2.py", [
+        *common(ft, run_dir, "train.micro_batch=4", "train.max_steps=2"),
+        "--train", str(nlvr2 / "train.json"), "--dev", str(dev), "--image-map", str(nlvr2 / "images.json")])
+    results = json.loads((run_dir / "results.json").read_text())
+    n_dev = len(dev.read_text().splitlines())
+    assert results["world_size"] == 2 and n_dev % 2 == 1
+    assert results["metrics"]["dev"]["num_examples"] == n_dev == results["eval_examples"]["dev"]
+    assert len((run_dir / "nlvr2_dev_predictions.csv").read_text().splitlines()) == n_dev
