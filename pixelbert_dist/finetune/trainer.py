@@ -170,6 +170,7 @@ class FinetuneTrainer:
     # -- the loop ---------------------------------------------------------------------
     def fit(self) -> dict:
         """Train to total_steps, evaluate every split, write results.json (rank 0)."""
+        self._sums = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batches: one log window
         bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=f"finetune {self.task.name}",
                    disable=not self.is_main, dynamic_ncols=True)
         with ckpt.GracefulExit() as stop:
@@ -189,7 +190,7 @@ class FinetuneTrainer:
     def _run_epoch(self, bar, stop) -> bool:
         self.train_loader.set_epoch(self.state["epoch"])
         self.engine.train()
-        sums, start = torch.zeros(2, dtype=torch.float64), time.perf_counter()
+        sums, start = self._sums, time.perf_counter()
         for batch in self.train_loader:
             out = self.engine(self.to_device(batch))
             self.engine.backward(out["loss"])
@@ -199,11 +200,10 @@ class FinetuneTrainer:
             if self.engine.global_steps == before:
                 continue  # inside a gradient accumulation window
             self.state["step"] = self.engine.global_steps
-            now = time.perf_counter()
-            self.state["train_seconds"] += now - start
-            start = now
+            self.state["train_seconds"] += time.perf_counter() - start  # evaluation not included
             bar.update(1)
             self._on_step(sums)
+            start = time.perf_counter()
             if stop.should_exit():
                 self.save()
                 return True
@@ -215,10 +215,11 @@ class FinetuneTrainer:
     def _on_step(self, sums: torch.Tensor) -> None:
         step, t = self.state["step"], self.cfg.train
         if step % t.log_every == 0 or step == self.total_steps:
+            window = sums.clone()
             if dist.get_world_size() > 1:
-                sums = sums.cuda() if dist.get_backend() == "nccl" else sums
-                dist.all_reduce(sums)
-            values = {"loss": float(sums[0] / max(sums[1], 1)), "epoch": self.state["epoch"]}
+                window = window.cuda() if dist.get_backend() == "nccl" else window
+                dist.all_reduce(window)
+            values = {"loss": float(window[0] / max(float(window[1]), 1.0)), "epoch": self.state["epoch"]}
             values.update({f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups})
             self.logger.log(step, "train", values)
             sums.zero_()
