@@ -166,3 +166,23 @@ def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
     assert results["world_size"] == 2 and n_dev % 2 == 1
     assert results["metrics"]["dev"]["num_examples"] == n_dev == results["eval_examples"]["dev"]
     assert len((run_dir / "nlvr2_dev_predictions.csv").read_text().splitlines()) == n_dev
+
+
+def test_resume_continues_like_an_uninterrupted_run(dist_env, ft, tmp_path):
+    """2 steps, stop, resume to 4 == 4 steps in one go (loader position, RNG, optimiser)."""
+    nlvr2 = ft["tasks"] / "nlvr2"
+
+    def run(run_dir, steps, resume):
+        script("nlvr2").main([
+            *common(ft, run_dir, "train.micro_batch=4", f"train.max_steps={steps}", "train.log_every=1",
+                    "schedule.kind=constant", "schedule.warmup_steps=0", f"train.resume={resume}"),
+            "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")])
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+    whole = run(tmp_path / "whole", 4, "none")
+    run(tmp_path / "cut", 2, "none")
+    resumed = run(tmp_path / "cut", 4, "auto")
+    assert sorted(whole) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
