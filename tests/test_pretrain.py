@@ -66,3 +66,28 @@ def test_contradictory_configs_are_refused(dist_env, shards, tmp_path):
         run.main(["--deepspeed_config", str(tmp_path / "missing.json")])
     with pytest.raises(ValueError, match="data.train_shards is empty"):
         run.main(["--deepspeed_config", "deepspeed_configs/zero2.json"])
+
+
+def test_cnn_warmstart_learns_scene_labels_and_loads_as_torchvision_weights(shards, tmp_path):
+    from pixelbert_dist.data.config import DataConfig
+    from pixelbert_dist.model import build_model, load_torchvision_backbone
+    from pixelbert_dist.train.cnn_warmstart import LABELS, scene_targets, warmstart_cnn
+
+    targets = scene_targets([{"objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "star"}]}])
+    assert targets.sum() == 3 and targets[0, LABELS.index("star")] == 1
+    data = DataConfig(backend="pil", num_workers=0, image_shorter=64, image_max=96)
+    result = warmstart_cnn(data, str(shards["train"]), "resnet10", tmp_path / "cnn.pth", steps=3, batch_size=8)
+    assert result["steps"] == 3
+    report = load_torchvision_backbone(build_model("tiny"), tmp_path / "cnn.pth")
+    assert report.missing == [] and report.unexpected == []
+
+
+def test_freeze_prefixes(shards):
+    from pixelbert_dist.train.config import ModelSection
+    from pixelbert_dist.train.trainer import build_run_model
+
+    model = build_run_model(ModelSection(preset="tiny", freeze=["embeddings.word_embeddings"]))
+    assert not model.mlm_head.decoder.weight.requires_grad  # tied to the frozen embeddings
+    assert model.embeddings.position_embeddings.weight.requires_grad
+    with pytest.raises(ValueError, match="no parameter name starts with 'nope'"):
+        build_run_model(ModelSection(preset="tiny", freeze=["nope"]))

@@ -56,3 +56,12 @@ def _tiny() -> PixelBertConfig:
     return PixelBertConfig(backbone="resnet10", vocab_size=512, hidden_size=128, num_layers=2,
                            num_heads=4, intermediate_size=256, max_position_embeddings=64,
                            freeze_bn=False, channels_last=False, pixel_sample_size=100)
+
+
+@register_preset("tiny-minilm")
+def _tiny_minilm() -> PixelBertConfig:
+    """The CPU demo: a ResNet-10 trunk and the shape of all-MiniLM-L6-v2 (6 layers, 384
+    wide, BERT uncased vocab), so a real pre-trained text encoder can initialise it, as the
+    paper initialises from BERT-base (model.bert_dir)."""
+    return PixelBertConfig(backbone="resnet10", hidden_size=384, num_layers=6, num_heads=12,
+                           intermediate_size=1536, freeze_bn=False, channels_last=False)

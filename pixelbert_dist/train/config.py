@@ -14,6 +14,7 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # any PixelBertConfig field
     bert_dir: str | None = None      # local Hugging Face BERT checkpoint directory
     cnn_weights: str | None = None   # local torchvision weights file for the CNN trunk
+    freeze: list = field(default_factory=list)  # parameter-name prefixes to keep fixed
 
 
 @dataclass

@@ -41,7 +41,19 @@ def build_run_model(section: ModelSection, vocab_size: int | None = None) -> Pix
         log.info("BERT weights: %s", load_bert_checkpoint(model, section.bert_dir))
     if section.cnn_weights:
         log.info("CNN weights: %s", load_torchvision_backbone(model, section.cnn_weights))
+    freeze_prefixes(model, section.freeze)
     return model
+
+
+def freeze_prefixes(model: PixelBert, prefixes: list[str]) -> None:
+    """requires_grad=False for every parameter under the prefixes (the optimiser then
+    leaves them out, and ZeRO neither reduces nor stores state for them)."""
+    for prefix in prefixes:
+        hits = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+        if not hits:
+            raise ValueError(f"model.freeze: no parameter name starts with {prefix!r}")
+        for param in hits:
+            param.requires_grad_(False)
 
 
 class Trainer:
