@@ -38,6 +38,22 @@ def _dataclass_of(tp) -> type | None:
     return None
 
 
+def _coerce_number(tp, value, key: str):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string: accept it where a number is declared."""
+    if not isinstance(value, str):
+        return value
+    wanted = {tp} | set(typing.get_args(tp))
+    for number in (int, float):
+        if number in wanted:
+            try:
+                return number(value)
+            except ValueError:
+                continue
+    if float in wanted or int in wanted:
+        raise ConfigError(f"config key {key!r}: {value!r} is not a number")
+    return value
+
+
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict, refusing unknown keys."""
     data = dict(data or {})
@@ -51,7 +67,7 @@ def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
         sub = _dataclass_of(types_[name])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, f"{where}{name}.")
-        kwargs[name] = value
+        kwargs[name] = _coerce_number(types_[name], value, where + name)
     return cls(**kwargs)
 
 
