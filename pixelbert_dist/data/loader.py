@@ -160,7 +160,7 @@ class Loader:
                 for k, v in batch.items()}
 
 
-def _images_backend(cfg: DataConfig, index: ShardIndex, batch_size: int, device: torch.device):
+def images_backend(cfg: DataConfig, index: ShardIndex, batch_size: int, device: torch.device):
     args = (index, batch_size, cfg.image_shorter, cfg.image_max)
     if cfg.backend == "dali":
         from pixelbert_dist.data.dali import DaliImages
@@ -196,7 +196,7 @@ def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
         from pixelbert_dist.data.dali_wds import WebdatasetLoader
 
         return WebdatasetLoader(cfg, index, collator, batch_size, rank, world_size, train, device)
-    images = _images_backend(cfg, index, batch_size, device)
+    images = images_backend(cfg, index, batch_size, device)
     return Loader(cfg, index, images, collator, batch_size, rank, world_size, train, device)
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.loader import _images_backend, batch_generator
+from pixelbert_dist.data.loader import images_backend, batch_generator
 from pixelbert_dist.data.sampling import ShardIndex, epoch_plan
 
 STATE_VERSION = 1
@@ -84,7 +84,7 @@ class TaskLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
         self.device = torch.device(device)
-        self.backend = _images_backend(data, images, batch_size * images_per_example, self.device)
+        self.backend = images_backend(data, images, batch_size * images_per_example, self.device)
         self.epoch, self.batches_done = 0, 0
         self._plan: tuple[int, list] | None = None
 

@@ -23,7 +23,7 @@ from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.retrieval_metrics import (flatten_captions, read_karpathy_split, recall_at_k,
                                                        sample_negatives)
 from pixelbert_dist.finetune.tasks import Task
-from pixelbert_dist.train.evaluate import _gathered
+from pixelbert_dist.train.evaluate import gathered_params
 
 
 class Item(NamedTuple):
@@ -92,7 +92,7 @@ class RetrievalTask(Task):
         texts = to_device(self.eval_texts)
         step = self.cfg.retrieval.text_batch
         engine.eval()
-        with _gathered(engine):
+        with gathered_params(engine):
             for batch in loader:
                 pixels, mask = model.pixels(to_device(batch))  # the CNN: once per image
                 for row, (item, pad) in enumerate(zip(batch["examples"], batch["is_pad"].tolist())):

@@ -33,7 +33,7 @@ def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
             "itm_acc": s["itm_right"] / n, "mlm_acc": s["mlm_right"] / m}
 
 
-def _gathered(engine):
+def gathered_params(engine):
     """ZeRO-3 keeps each rank's slice of the weights: gather them for direct sub-module calls."""
     if engine.zero_optimization_stage() == 3:
         import deepspeed
@@ -75,7 +75,7 @@ def evaluate(engine, val_loader, probe_loader, to_device, max_batches: int = 0) 
     values = reduce_metrics(sums) if sums else {}
     if probe_loader is not None:
         probe = to_device(next(iter(probe_loader)))
-        with _gathered(engine):
+        with gathered_params(engine):
             scores = itm_score_matrix(engine.module, probe)
         recall = recall_at_k(scores, torch.arange(scores.shape[1]), ks=(1,))
         values.update({"i2t_r1": recall["i2t_r1"], "t2i_r1": recall["t2i_r1"]})

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from pixelbert_dist.config import load_config
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train.config import RunConfig
-from pixelbert_dist.train.evaluate import _gathered
+from pixelbert_dist.train.evaluate import gathered_params
 from pixelbert_dist.train.trainer import Trainer
 from tests.pretrain_helpers import fast_overrides, train_losses
 
@@ -26,7 +26,7 @@ def main(out_dir: str, train: str, val: str) -> None:
         trainer.fit()
         batch = trainer.to_device(next(iter(trainer.val_loader)))
         trainer.engine.eval()
-        with torch.no_grad(), _gathered(trainer.engine):
+        with torch.no_grad(), gathered_params(trainer.engine):
             engine_logits = trainer.engine.module(batch)["itm_logits"]
         if dist.get_rank() == 0:
             export = PixelBert.from_pretrained(run / "export").eval()
