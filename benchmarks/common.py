@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pixelbert_dist.metrics import PEAK_TFLOPS, peak_tflops  # noqa: E402,F401
+from pixelbert_dist.metrics import PEAK_TFLOPS, git_commit, peak_tflops  # noqa: E402,F401
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -47,15 +46,6 @@ def results_dir(out: str | Path | None = None) -> Path:
     return path
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,7 +60,7 @@ def machine_info() -> dict:
     """Hardware, software versions and commit: what a number needs to be comparable."""
     info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0, "commit": git_commit(),
+            "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0, "commit": git_commit(ROOT),
             "date": _dt.datetime.now().isoformat(timespec="seconds")}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,16 @@ def peak_tflops(precision: str, device: torch.device | None = None) -> float | N
         if all(word in name for word in model.split()):
             return PEAK_TFLOPS[model].get(precision) or None
     return None
+
+
+def git_commit(repo: str | Path) -> str:
+    """`git describe --always --dirty` of ``repo`` for run records; "unknown" outside a checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import submitit
 
+from pixelbert_dist.metrics import git_commit
+
 REPO = Path(__file__).resolve().parents[2]
 CODE_DIRS = ("pixelbert_dist", "launch", "deepspeed_configs")
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -238,15 +240,6 @@ def validate_run_config(args: PretrainArgs, extra: list[str]):
 
 # ---- code snapshot -------------------------------------------------------------------
 
-def _git_commit(repo: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def snapshot_code(dest: Path, files: list[str], repo: Path = REPO) -> dict[str, str]:
     """Copy the code and ``files`` into ``dest``; map each file to its absolute copy."""
     if dest.exists():
@@ -267,7 +260,7 @@ def snapshot_code(dest: Path, files: list[str], repo: Path = REPO) -> dict[str, 
         shutil.copy2(src, target)
         copies[name] = str(target)
     (dest / "SNAPSHOT.json").write_text(json.dumps(
-        {"source": str(repo), "commit": _git_commit(repo), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        {"source": str(repo), "commit": git_commit(repo), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
          "files": copies}, indent=2) + "\n")
     return copies
 

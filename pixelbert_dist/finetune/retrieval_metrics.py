@@ -10,12 +10,13 @@ from looking good on small synthetic sets.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
+
+from pixelbert_dist.data.builders.common import load_json
 
 # Score rows handled at once; bounds memory at about 4 * chunk * num_texts bytes per mask.
 _CHUNK = 256
@@ -66,12 +67,7 @@ def read_karpathy_split(path: str | Path, split: str | Iterable[str]) -> list[Re
     several, e.g. ``("train", "restval")`` for the usual COCO training set), file order."""
     path = Path(path)
     splits = {split} if isinstance(split, str) else set(split)
-    if not path.is_file():
-        raise KarpathyFormatError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise KarpathyFormatError(f"{path}: not valid JSON ({err})") from None
+    data = load_json(path, KarpathyFormatError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise KarpathyFormatError(f"{path}: expected an object with an 'images' list "
                                   "(the Karpathy split format)")

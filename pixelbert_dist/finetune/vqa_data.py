@@ -25,6 +25,8 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from pixelbert_dist.data.builders.common import load_json
+
 # ---------------------------------------------------------------- official normalisation
 # The contraction table of vqaEval.py, entry for entry (including its odd entries such as
 # "somebody'd" -> "somebodyd" and the capitalised keys that can never match after lower()).
@@ -147,12 +149,7 @@ class VqaExample:
 
 
 def _load_list(path: Path, key: str) -> list:
-    if not path.is_file():
-        raise VqaFormatError(f"{path}: file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise VqaFormatError(f"{path}: not valid JSON ({err})") from None
+    data = load_json(path, VqaFormatError)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise VqaFormatError(f"{path}: expected a JSON object with a '{key}' list "
                              "(the official VQA 2.0 format)")

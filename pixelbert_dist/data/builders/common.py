@@ -50,15 +50,22 @@ class BuildResult:
     shards_reused: int = 0
 
 
-def read_json(path: str | Path, required: tuple[str, ...] = (), kind: type = dict):
-    """Parse an annotation file, with errors that name it."""
+def load_json(path: str | Path, error: type[Exception] = ValueError,
+              missing: type[Exception] | None = None):
+    """Parse a JSON file; a missing file raises ``missing`` (default ``error``), bad JSON
+    ``error``, each naming the file (readers pass their own format error class)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found")
+        raise (missing or error)(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise error(f"{path}: not valid JSON ({err})") from None
+
+
+def read_json(path: str | Path, required: tuple[str, ...] = (), kind: type = dict):
+    """Parse an annotation file, with errors that name it."""
+    data = load_json(path, missing=FileNotFoundError)
     if not isinstance(data, kind):
         raise ValueError(f"{path}: expected a JSON {kind.__name__}, found {type(data).__name__}")
     missing = [key for key in required if key not in data]
