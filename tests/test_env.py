@@ -107,3 +107,18 @@ def test_init_distributed_is_idempotent_and_device(dist_env):
     assert torch.distributed.get_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available():
         assert device_for(dist_env) == torch.device("cpu")
+
+
+def test_cpu_ranks_split_the_cores_unless_omp_says_otherwise():
+    from pixelbert_dist.distributed.env import share_cpu_threads
+
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        assert share_cpu_threads(DistEnv(local_world_size=2), environ={}) == max(1, cores // 2)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        assert share_cpu_threads(DistEnv(local_world_size=4 * cores), environ={}) == 1
+        torch.set_num_threads(1)  # OMP_NUM_THREADS set by the user: theirs is kept
+        assert share_cpu_threads(DistEnv(local_world_size=1), environ={"OMP_NUM_THREADS": "1"}) == 1
+    finally:
+        torch.set_num_threads(before)

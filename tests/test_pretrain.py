@@ -68,18 +68,36 @@ def test_contradictory_configs_are_refused(dist_env, shards, tmp_path):
         run.main(["--deepspeed_config", "deepspeed_configs/zero2.json"])
 
 
-def test_cnn_warmstart_learns_scene_labels_and_loads_as_torchvision_weights(shards, tmp_path):
-    from pixelbert_dist.data.config import DataConfig
-    from pixelbert_dist.model import build_model, load_torchvision_backbone
-    from pixelbert_dist.train.cnn_warmstart import LABELS, scene_targets, warmstart_cnn
+def test_visual_warmstart_learns_the_scene_words_and_loads_into_pretraining(tmp_path):
+    from safetensors.torch import load_file, save_file
 
-    targets = scene_targets([{"objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "star"}]}])
-    assert targets.sum() == 3 and targets[0, LABELS.index("star")] == 1
-    data = DataConfig(backend="pil", num_workers=0, image_shorter=64, image_max=96)
-    result = warmstart_cnn(data, str(shards["train"]), "resnet10", tmp_path / "cnn.pth", steps=3, batch_size=8)
-    assert result["steps"] == 3
-    report = load_torchvision_backbone(build_model("tiny"), tmp_path / "cnn.pth")
-    assert report.missing == [] and report.unexpected == []
+    from pixelbert_dist.model import build_model, load_visual_weights
+    from pixelbert_dist.train.trainer import build_run_model
+    from pixelbert_dist.train.visual_warmstart import WORDS, scene_targets, warmstart_visual
+
+    targets = scene_targets([{"background": "noisy", "objects": [{"color": "red", "shape": "star"},
+                                                                   {"color": "blue", "shape": "star"}]}])
+    assert targets.sum() == 4 and targets[0, WORDS.index("star")] == 1 and targets[0, WORDS.index("noisy")] == 1
+    shards = make_synthetic_shards(tmp_path / "shards", num=240, samples_per_shard=120)  # enough to generalise
+    cfg = load_config(RunConfig, overrides=[f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
+                                            "data.backend=pil", "data.num_workers=0", "data.image_shorter=64",
+                                            "data.image_max=128", "model.overrides.extra_pool=false"])
+    model = build_run_model(cfg.model)
+    untrained = {k: v.clone() for k, v in model.visual.state_dict().items()}
+    result = warmstart_visual(cfg, model, tmp_path / "visual.safetensors", steps=100, batch_size=16, lr=3e-3)
+    assert result["steps"] == 100
+    assert result["val_label_accuracy"] > result["val_all_absent_accuracy"] + 0.05, result
+    saved = load_file(tmp_path / "visual.safetensors")
+    assert set(saved) == {f"visual.{k}" for k in untrained}
+    assert not torch.equal(saved["visual.proj.weight"], untrained["proj.weight"])
+
+    fresh = build_model("tiny", extra_pool=False)
+    load_visual_weights(fresh, tmp_path / "visual.safetensors")
+    assert torch.equal(fresh.visual.backbone.conv1.weight, saved["visual.backbone.conv1.weight"])
+    del saved["visual.proj.bias"]
+    save_file(saved, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match=r"partial\.safetensors.*missing \['visual\.proj\.bias'\]"):
+        load_visual_weights(fresh, tmp_path / "partial.safetensors")
 
 
 def test_freeze_prefixes(shards):

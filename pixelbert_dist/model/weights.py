@@ -106,3 +106,20 @@ def load_torchvision_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     report = LoadReport(loaded=_copy_into(backbone, matched, str(path)), missing=missing, unexpected=unexpected)
     log.info("CNN weights from %s: %s", path, report)
     return report
+
+
+def load_visual_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Fill the whole visual side (CNN, projection, LayerNorm, s_v) from a file of
+    ``visual.*`` tensors, such as the demo's warm start writes. Every visual tensor must be
+    there: a partial file is a different model, refused with the keys named."""
+    path = Path(path)
+    state = read_state_dict(path)
+    ours = {k: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith("visual.")}
+    missing = sorted(k for k in ours if k not in state and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in state if k not in ours)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not the visual side of this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (a file from another preset?)")
+    report = LoadReport(loaded=_copy_into(ours, {k: v for k, v in state.items() if k in ours}, str(path)))
+    log.info("visual weights from %s: %s", path, report)
+    return report

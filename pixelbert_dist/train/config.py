@@ -14,6 +14,8 @@ class ModelSection:
     overrides: dict = field(default_factory=dict)  # any PixelBertConfig field
     bert_dir: str | None = None      # local Hugging Face BERT checkpoint directory
     cnn_weights: str | None = None   # local torchvision weights file for the CNN trunk
+    visual_weights: str | None = None  # a file of visual.* tensors (CNN + projection), e.g. the
+                                       # demo's warm start (pixelbert_dist.train.visual_warmstart)
     freeze: list = field(default_factory=list)  # parameter-name prefixes to keep fixed
 
 

@@ -21,7 +21,7 @@ from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precisio
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import RunLogger, ThroughputMeter, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import (PixelBert, build_model, load_bert_checkpoint, load_torchvision_backbone,
-                                  training_flops_per_sample)
+                                  load_visual_weights, training_flops_per_sample)
 from pixelbert_dist.train.config import ModelSection, RunConfig
 from pixelbert_dist.train.evaluate import batch_metrics, evaluate, reduce_metrics
 from pixelbert_dist.train.export import export_from_engine
@@ -41,6 +41,8 @@ def build_run_model(section: ModelSection, vocab_size: int | None = None) -> Pix
         log.info("BERT weights: %s", load_bert_checkpoint(model, section.bert_dir))
     if section.cnn_weights:
         log.info("CNN weights: %s", load_torchvision_backbone(model, section.cnn_weights))
+    if section.visual_weights:
+        log.info("visual weights: %s", load_visual_weights(model, section.visual_weights))
     freeze_prefixes(model, section.freeze)
     return model
 
