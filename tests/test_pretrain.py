@@ -28,7 +28,7 @@ def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     run_dir = tmp_path / "run"
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 9)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
-    assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final)
+    assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final) and final["step"] == 8  # the final model
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*(r.keys() for r in rows if r["split"] == "train"))
     assert {"lr_cnn", "lr_transformer_decay", "grad_norm", "loss_scale", "samples_per_s", "tflops_per_gpu",

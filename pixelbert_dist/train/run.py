@@ -32,5 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, args.deepspeed_config)
     final = trainer.fit()
     if trainer.is_main and final:
-        print("final validation: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())), flush=True)
+        values = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()) if k != "step")
+        print(f"final validation (step {final['step']}): {values}", flush=True)
     return 0

@@ -182,7 +182,7 @@ class Trainer:
         values = evaluate(self.engine, self.val_loader, self.probe_loader, self.to_device,
                           self.cfg.train.eval_batches)
         self.logger.log(self.state["step"], "val", values)
-        self.last_val = values
+        self.last_val = {**values, "step": self.state["step"]}
         return values
 
     def _on_step(self, sums: dict, bar) -> None:
@@ -216,8 +216,8 @@ class Trainer:
         bar.close()
         if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
             self.save()
-        if not self.last_val:
-            self.evaluate()
+        if self.last_val.get("step") != self.state["step"]:
+            self.evaluate()  # the final model, whatever the eval period
         if self.cfg.train.export:
             export_from_engine(self.engine, self.ckpt_dir, self.run_dir / "export", self.tokenizer)
         self.logger.close()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pixelbert_dist.data.builders.synthetic import BACKGROUNDS, COLORS, SHAPES
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
-from pixelbert_dist.data.images import pad_batch
+from pixelbert_dist.data.images import pad_batch, round_up
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train.config import RunConfig
 
@@ -81,10 +81,13 @@ def warmstart_visual(cfg: RunConfig, model: PixelBert, out_path: str | Path, ste
     optim = torch.optim.AdamW([*visual.parameters(), *probe.parameters()], lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optim, lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
+    buckets = _size_buckets(images)
+    weights = torch.tensor([len(b) for b in buckets], dtype=torch.float)
     visual.train()
     accuracy = []
     for _ in tqdm(range(steps), desc="visual warm start"):
-        pick = torch.randint(len(images), (batch_size,), generator=generator)
+        bucket = buckets[int(torch.multinomial(weights, 1, generator=generator))]
+        pick = bucket[torch.randint(len(bucket), (batch_size,), generator=generator)]
         logits = probe(*visual(*_batch(images, pick.tolist())), visual.semantic)
         F.binary_cross_entropy_with_logits(logits, targets[pick]).backward()
         optim.step()
@@ -114,6 +117,15 @@ def _decode_split(cfg: RunConfig, shards: str, tokenizer, batch_size: int):
                 images.append(image[:, :height, :width].clone())
                 metas.append(loader.index.meta(position[key]))
     return images, scene_targets(metas)
+
+
+def _size_buckets(images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Indices grouped by padded size: a batch of one bucket pads nothing extra (one
+    portrait image among landscape ones would pad the whole batch to a square)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault((round_up(image.shape[1]), round_up(image.shape[2])), []).append(i)
+    return [torch.tensor(group) for group in groups.values()]
 
 
 def _batch(images: list[torch.Tensor], pick: list[int]):
