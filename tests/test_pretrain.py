@@ -109,3 +109,56 @@ def test_freeze_prefixes(shards):
     assert model.embeddings.position_embeddings.weight.requires_grad
     with pytest.raises(ValueError, match="no parameter name starts with 'nope'"):
         build_run_model(ModelSection(preset="tiny", freeze=["nope"]))
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards, tmp_path):
+    """Micro-batches whose images turn to NaN (a corrupt decode, say) are skipped on every
+    rank and counted; too many in a row stop the run with a clear error, writing nothing."""
+    from pixelbert_dist.train.trainer import NonFiniteLossError, Trainer
+
+    def trainer(run_dir, *extra):
+        overrides = fast_overrides(run_dir, shards, steps=6, val=False) + ["train.export=false", *extra]
+        return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
+
+    def poison(trainer, bad):  # NaN images for the micro-batches numbered in `bad`
+        to_device, calls = trainer.to_device, []
+
+        def wrapped(batch):
+            out = to_device(batch)
+            calls.append(len(calls))
+            if bad(calls[-1]):
+                out["images"] = torch.full_like(out["images"], float("nan"))
+            return out
+        trainer.to_device = wrapped
+
+    run = trainer(tmp_path / "run", "train.save_every=0")
+    poison(run, lambda i: i in (2, 3))
+    run.fit()
+    assert run.state["step"] == 6 and run.state["nonfinite_skipped"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in rows if r["split"] == "train"][-1] == 2
+    assert all(map(torch.isfinite, torch.tensor(list(train_losses(tmp_path / "run").values()))))
+    assert all(torch.isfinite(p).all() for p in run.engine.module.parameters())
+    assert all(torch.isfinite(b.float()).all() for b in run.engine.module.buffers())  # BatchNorm statistics too
+
+    stopped = trainer(tmp_path / "stopped", "train.max_nonfinite_in_row=3", "train.save_every=2")
+    poison(stopped, lambda i: i >= 2)  # two good steps (a checkpoint at step 2), then only NaN
+    with pytest.raises(NonFiniteLossError, match=r"3 NaN/inf losses in a row at step 2 .*max_nonfinite_in_row=3"):
+        stopped.fit()
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_bad_input_stops_before_training_with_a_clear_message(dist_env, shards, tmp_path):
+    from pixelbert_dist.train.trainer import Trainer
+
+    def trainer(*extra):
+        overrides = fast_overrides(tmp_path / "run", shards, steps=2) + list(extra)
+        return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
+
+    with pytest.raises(Exception, match="nowhere"):
+        trainer(f"data.train_shards={tmp_path / 'nowhere'}")
+    with pytest.raises(KeyError, match="unknown model preset 'nope'"):
+        trainer("model.preset=nope")
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ValueError, match=r"run_dir=.*a_file/run' is not a writable folder"):
+        trainer(f"run_dir={tmp_path / 'a_file' / 'run'}")

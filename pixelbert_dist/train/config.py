@@ -41,6 +41,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile through DeepSpeed's engine.compile()
     sync_bn: bool = False           # SyncBatchNorm across ranks (CUDA only)
     export: bool = True             # write the fine-tuning export at the end
+    max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
 
 
 @dataclass
@@ -58,6 +59,8 @@ class RunConfig:
             raise ValueError(f"train.micro_batch={t.micro_batch} and train.grad_accum={t.grad_accum} must be >= 1")
         if t.epochs <= 0 and t.max_steps <= 0:
             raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        if t.max_nonfinite_in_row < 1:
+            raise ValueError(f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 1")
         if t.precision not in (None, "fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16, fp16 or leave it unset")
         if not self.data.train_shards:

@@ -29,6 +29,23 @@ from pixelbert_dist.train.optim import build_optimizer
 from pixelbert_dist.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many NaN/inf losses in a row: the run stops (on every rank) instead of diverging."""
+
+
+def check_run_dir_writable(run_dir: Path, rank: int) -> None:
+    """Fail before any training, on every rank alike (so no rank waits for a failed one),
+    when the run folder cannot be created or written."""
+    probe = run_dir / f".write_probe_rank{rank}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"run_dir={str(run_dir)!r} is not a writable folder ({err.strerror}): "
+                         "checkpoints, logs and the export go there") from err
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -66,13 +83,15 @@ class Trainer:
         self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         self.is_main = dist.get_rank() == 0
         self.world = dist.get_world_size()
+        check_run_dir_writable(self.run_dir, dist.get_rank())
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.data.vocab_dir)
         model = build_run_model(cfg.model, len(self.tokenizer))
         self._setup_data()
         self._setup_engine(model, deepspeed_config)
         torch.manual_seed(cfg.train.seed + 1000 * dist.get_rank())  # own dropout / pixel draws
-        self.state = {"step": 0, "epoch": 0, "samples": 0}
+        self.state = {"step": 0, "epoch": 0, "samples": 0, "nonfinite_skipped": 0}
+        self.nonfinite_in_row = 0
         self._resume()
         self.logger = RunLogger(self.run_dir, self.is_main)
         self._setup_meter()
@@ -133,7 +152,7 @@ class Trainer:
         client = ckpt.resume(self.engine, self.ckpt_dir, self.cfg.train.resume, self.cfg.train.resume_universal)
         if client is None:
             return
-        self.state = dict(client["trainer"])
+        self.state.update(client["trainer"])  # older checkpoints lack newer counters
         self.train_loader.load_state_dict(client["data"])
         if self.is_main:
             log.info("resumed from %s at step %d", self.resume_dir, self.state["step"])
@@ -149,13 +168,48 @@ class Trainer:
             out[key] = value
         return out
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict) -> dict | None:
         """One micro-batch: forward, backward; DeepSpeed steps the optimiser at the
-        accumulation boundary (and clips, scales the loss, reduces the gradients)."""
+        accumulation boundary (and clips, scales the loss, reduces the gradients).
+        Returns None when the loss was NaN/inf on any rank: every rank then skips it."""
+        running_stats = self._batchnorm_stats()
         out = self.engine(self.to_device(batch))
+        if not self._finite_on_all_ranks(out["loss"]):
+            self._skip_nonfinite(running_stats)
+            return None
+        self.nonfinite_in_row = 0
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        # One tiny all-reduce per micro-batch: the ranks must agree, or one would wait in
+        # backward's gradient reduction for a rank that skipped.
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of every BatchNorm running statistic: a NaN batch's forward has
+        already folded NaN into them, and a skipped step must leave no trace."""
+        return [(buf, buf.clone()) for module in self.engine.module.modules()
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
+                for buf in module.buffers()]
+
+    def _skip_nonfinite(self, running_stats) -> None:
+        with torch.no_grad():
+            for buf, saved in running_stats:
+                buf.copy_(saved)
+        self.state["nonfinite_skipped"] += 1
+        self.nonfinite_in_row += 1
+        limit = self.cfg.train.max_nonfinite_in_row
+        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row, %d in all)",
+                    self.state["step"], self.nonfinite_in_row, self.state["nonfinite_skipped"])
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} NaN/inf losses in a row at step {self.state['step']} "
+                f"(train.max_nonfinite_in_row={limit}): the run stops; the last checkpoint in {self.ckpt_dir} "
+                "is untouched. Lower the learning rate, check the data, or use bf16 instead of fp16.")
 
     def save(self) -> None:
         client = {"trainer": self.state, "data": self.train_loader.state_dict(),
@@ -172,6 +226,7 @@ class Trainer:
         values["loss_scale"] = float(scaler) if scaler is not None else 1.0
         values["peak_mem_gib"] = peak_memory_gib(self.device)
         values["epoch"] = self.state["epoch"]
+        values["nonfinite_skipped"] = self.state["nonfinite_skipped"]
         self.logger.log(self.state["step"], "train", values)
         self.last_train = values
         self.meter.reset()
@@ -237,6 +292,8 @@ class Trainer:
             fetched = time.perf_counter()
             steps_before = self.engine.global_steps
             out = self.train_step(batch)
+            if out is None:
+                continue  # a NaN/inf loss, skipped on every rank and counted
             for key, value in batch_metrics(out, batch).items():
                 sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
             self.meter.add(len(batch["keys"]), fetched - start, time.perf_counter() - fetched)
