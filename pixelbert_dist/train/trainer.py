@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -35,17 +36,23 @@ class NonFiniteLossError(RuntimeError):
     """Too many NaN/inf losses in a row: the run stops (on every rank) instead of diverging."""
 
 
-def check_run_dir_writable(run_dir: Path, rank: int) -> None:
+def check_run_dir_writable(run_dir: Path) -> None:
     """Fail before any training, on every rank alike (so no rank waits for a failed one),
-    when the run folder cannot be created or written."""
-    probe = run_dir / f".write_probe_rank{rank}"
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"run_dir={str(run_dir)!r} is not a writable folder ({err.strerror}): "
-                         "checkpoints, logs and the export go there") from err
+    when the run folder cannot be created or written. Creates nothing: a run refused later
+    (a contradictory config, say) leaves no empty folder behind."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ValueError(f"run_dir={str(run_dir)!r} is not a writable folder ({problem}): checkpoints, logs "
+                     "and the export go there")
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -83,7 +90,7 @@ class Trainer:
         self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         self.is_main = dist.get_rank() == 0
         self.world = dist.get_world_size()
-        check_run_dir_writable(self.run_dir, dist.get_rank())
+        check_run_dir_writable(self.run_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(cfg.data.vocab_dir)
         model = build_run_model(cfg.model, len(self.tokenizer))
