@@ -50,30 +50,29 @@ def batch_generator(seed: int, epoch: int, global_batch: int) -> torch.Generator
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-class Loader:
-    """One rank's view of a shard directory; see the module docstring."""
+class PlannedLoader:
+    """What every planned loader shares: a cached epoch plan, the epoch protocol of the
+    module docstring, and a JSON-able state ``{epoch, batches_done}`` plus a fingerprint
+    that refuses a restore into a loader of another shape. Subclasses give
+    ``_new_plan(epoch)`` and ``_fingerprint()``."""
 
-    def __init__(self, cfg: DataConfig, index: ShardIndex, images, collator, batch_size: int,
-                 rank: int, world_size: int, train: bool, device: torch.device):
-        self.cfg, self.index, self.images, self.collator = cfg, index, images, collator
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.train, self.device = train, device
-        self.backend = images.name
+    state_name = "data loader"
+    resume_hint = "the same shards, world size, batch size and data config"
+
+    def __init__(self):
         self.epoch, self.batches_done = 0, 0
         self._plan_cache: tuple[int, list] | None = None
-        self.valid_pixels, self.total_pixels, self.batches_seen = 0, 0, 0
 
-    # -- plan and state ---------------------------------------------------------------
+    def _new_plan(self, epoch: int) -> list[list[PlannedSample]]:
+        raise NotImplementedError
+
+    def _fingerprint(self) -> dict:
+        raise NotImplementedError
+
     def plan(self, epoch: int | None = None) -> list[list[PlannedSample]]:
         epoch = self.epoch if epoch is None else epoch
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            aspect = self.index.aspect_ratios() if self.cfg.bucketing else None
-            plan = epoch_plan(len(self.index), epoch=epoch, seed=self.cfg.seed, rank=self.rank,
-                              world_size=self.world_size, batch_size=self.batch_size,
-                              shuffle=self.train and self.cfg.shuffle,
-                              drop_last=self.train and self.cfg.drop_last, aspect=aspect,
-                              bucket_window=self.cfg.bucket_window)
-            self._plan_cache = (epoch, plan)
+            self._plan_cache = (epoch, self._new_plan(epoch))
         return self._plan_cache[1]
 
     def __len__(self) -> int:
@@ -83,12 +82,6 @@ class Loader:
         if epoch != self.epoch:
             self.epoch, self.batches_done = int(epoch), 0
 
-    def _fingerprint(self) -> dict:
-        return {"num_samples": len(self.index), "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.cfg.seed,
-                "shuffle": self.train and self.cfg.shuffle, "bucketing": self.cfg.bucketing,
-                "drop_last": self.train and self.cfg.drop_last}
-
     def state_dict(self) -> dict:
         """Plain JSON-able dict: safe in a DeepSpeed checkpoint without pickle."""
         return {"version": STATE_VERSION, "epoch": self.epoch,
@@ -96,15 +89,42 @@ class Loader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not "
+            raise ValueError(f"{self.state_name} state version {state.get('version')!r} is not "
                              f"{STATE_VERSION}")
         mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items()
                       if state.get(k) != v}
         if mismatched:
-            raise ValueError("data loader state does not match this loader "
-                             f"(key: (saved, now)): {mismatched}; resume with the same "
-                             "shards, world size, batch size and data config")
+            raise ValueError(f"{self.state_name} state does not match this loader "
+                             f"(key: (saved, now)): {mismatched}; resume with {self.resume_hint}")
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+
+
+class Loader(PlannedLoader):
+    """One rank's view of a shard directory; see the module docstring."""
+
+    def __init__(self, cfg: DataConfig, index: ShardIndex, images, collator, batch_size: int,
+                 rank: int, world_size: int, train: bool, device: torch.device):
+        self.cfg, self.index, self.images, self.collator = cfg, index, images, collator
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.train, self.device = train, device
+        self.backend = images.name
+        super().__init__()
+        self.valid_pixels, self.total_pixels, self.batches_seen = 0, 0, 0
+
+    # -- plan and state ---------------------------------------------------------------
+    def _new_plan(self, epoch: int) -> list[list[PlannedSample]]:
+        aspect = self.index.aspect_ratios() if self.cfg.bucketing else None
+        return epoch_plan(len(self.index), epoch=epoch, seed=self.cfg.seed, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size,
+                          shuffle=self.train and self.cfg.shuffle,
+                          drop_last=self.train and self.cfg.drop_last, aspect=aspect,
+                          bucket_window=self.cfg.bucket_window)
+
+    def _fingerprint(self) -> dict:
+        return {"num_samples": len(self.index), "world_size": self.world_size,
+                "batch_size": self.batch_size, "seed": self.cfg.seed,
+                "shuffle": self.train and self.cfg.shuffle, "bucketing": self.cfg.bucketing,
+                "drop_last": self.train and self.cfg.drop_last}
 
     @property
     def padding_fraction(self) -> float:

@@ -18,10 +18,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.loader import images_backend, batch_generator
+from pixelbert_dist.data.loader import PlannedLoader, batch_generator, images_backend
 from pixelbert_dist.data.sampling import ShardIndex, epoch_plan
-
-STATE_VERSION = 1
 
 
 class KeyedImages:
@@ -65,7 +63,7 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict:
             "token_type_ids": torch.zeros_like(ids)}
 
 
-class TaskLoader:
+class TaskLoader(PlannedLoader):
     """One rank's batches of ``examples`` for one epoch (see the module docstring).
 
     ``image_keys(example) -> list[str]``: the shard keys of the images it needs (one for
@@ -73,6 +71,9 @@ class TaskLoader:
     ``collate(examples, generator) -> dict``: its tensors (text, labels); the generator is
     seeded by (seed, epoch, global batch) for anything drawn at random (negatives).
     """
+
+    state_name = "fine-tuning loader"
+    resume_hint = "the same task files, shards, world size and batch size"
 
     def __init__(self, examples: Sequence, images: KeyedImages, image_keys: Callable,
                  collate: Callable, data: DataConfig, batch_size: int, rank: int = 0,
@@ -85,38 +86,15 @@ class TaskLoader:
         self.train, self.seed, self.shuffle = train, seed, shuffle and train
         self.device = torch.device(device)
         self.backend = images_backend(data, images, batch_size * images_per_example, self.device)
-        self.epoch, self.batches_done = 0, 0
-        self._plan: tuple[int, list] | None = None
+        super().__init__()
 
-    def plan(self) -> list:
-        if self._plan is None or self._plan[0] != self.epoch:
-            self._plan = (self.epoch, epoch_plan(len(self.examples), epoch=self.epoch, seed=self.seed,
-                                                 rank=self.rank, world_size=self.world_size,
-                                                 batch_size=self.batch_size, shuffle=self.shuffle))
-        return self._plan[1]
-
-    def __len__(self) -> int:
-        return len(self.plan())
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.batches_done = int(epoch), 0
+    def _new_plan(self, epoch: int) -> list:
+        return epoch_plan(len(self.examples), epoch=epoch, seed=self.seed, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle)
 
     def _fingerprint(self) -> dict:
         return {"num_examples": len(self.examples), "world_size": self.world_size,
                 "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle}
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done,
-                **self._fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
-        if state.get("version") != STATE_VERSION or mismatched:
-            raise ValueError(f"fine-tuning loader state does not match this loader (key: (saved, now)): "
-                             f"{mismatched or {'version': (state.get('version'), STATE_VERSION)}}; resume "
-                             "with the same task files, shards, world size and batch size")
-        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
     def _work(self, batch) -> list[tuple[int, bool]]:
         # no flips: "left"/"right" in questions and NLVR2 sentences must stay true
