@@ -138,6 +138,7 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=ds)
         self.optimizer = optimizer  # the base optimiser: its groups carry names and rules
+        self.batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if t.compile:
             self.engine.compile()
         self.precision = precision_of(ds)
@@ -199,9 +200,7 @@ class Trainer:
     def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) of every BatchNorm running statistic: a NaN batch's forward has
         already folded NaN into them, and a skipped step must leave no trace."""
-        return [(buf, buf.clone()) for module in self.engine.module.modules()
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.training
-                for buf in module.buffers()]
+        return [(buf, buf.clone()) for module in self.batchnorms if module.training for buf in module.buffers()]
 
     def _skip_nonfinite(self, running_stats) -> None:
         with torch.no_grad():

@@ -14,7 +14,6 @@ The result is a safetensors file of ``visual.*`` tensors, loaded by ``model.visu
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -30,7 +29,6 @@ from pixelbert_dist.data.images import pad_batch, round_up
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train.config import RunConfig
 
-log = logging.getLogger(__name__)
 WORDS = list(COLORS) + list(SHAPES) + list(BACKGROUNDS)
 
 
