@@ -168,7 +168,7 @@ def device_for(env: DistEnv) -> torch.device:
 def share_cpu_threads(env: DistEnv, environ: Mapping[str, str] | None = None) -> int:
     """CPU ranks: split this node's cores among its ranks unless OMP_NUM_THREADS says
     otherwise. Every process otherwise starts one thread per core, and two ranks on two
-    cores run four threads that stall each other (the CPU demo ran 3x slower)."""
+    cores run four threads that stall each other (the CPU demo ran 2x slower)."""
     environ = os.environ if environ is None else environ
     if "OMP_NUM_THREADS" in environ:
         return torch.get_num_threads()
