@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q -ra
+
+# every unit test, none of the slow / launcher / Slurm lanes
+test-fast: install
+	$(PY) -m pytest tests -q -ra -m "not slow and not launcher and not slurm"
 
 bench: install
 	bash benchmarks/run_all.sh --quick

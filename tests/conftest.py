@@ -16,7 +16,6 @@ _REPO = Path(__file__).resolve().parents[1]
 def pytest_configure(config):
     # Share DeepSpeed's compiled shared-memory op between runs (it takes ~30 s to build).
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_REPO / ".cache" / "torch_extensions"))
-    config.addinivalue_line("markers", "dist: needs the session's single-rank gloo process group")
 
 
 @pytest.fixture(scope="session")
