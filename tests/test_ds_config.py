@@ -156,3 +156,19 @@ def test_write_round_trip(tmp_path):
     ds = fill_deepspeed_config(CONFIGS / "zero1.json", **RUN)
     path = dsc.write_deepspeed_config(ds, tmp_path / "ds_config.json")
     assert json.loads(path.read_text()) == ds
+
+
+def test_bare_name_resolves_to_the_shipped_config(tmp_path, monkeypatch, caplog):
+    """`deepspeed launch/pretrain.py --deepspeed_config zero2.json` from anywhere: a bare name
+    that is no file here is the shipped deepspeed_configs/zero2.json, and the log says so."""
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING"):
+        resolved = dsc.resolve_deepspeed_path("zero2.json")
+    assert resolved == dsc.SHIPPED_DIR / "zero2.json"
+    assert "using the shipped" in caplog.text
+    ds = fill_deepspeed_config("zero2.json", **RUN)
+    assert ds["zero_optimization"]["stage"] == 2
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 1}}')
+    assert dsc.resolve_deepspeed_path("zero2.json") == Path("zero2.json")  # a local file wins
+    with pytest.raises(ConfigError, match=r"zero9\.json does not exist.*zero2\.json"):
+        fill_deepspeed_config("zero9.json", **RUN)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -24,17 +25,31 @@ from pixelbert_dist.config import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTO = "auto"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+log = logging.getLogger(__name__)
+
+
+def resolve_deepspeed_path(path: str | Path) -> Path:
+    """``path`` itself when it is a file; a bare name that is not (``zero2.json``) is looked
+    up among the shipped configs in ``deepspeed_configs/``, and the file used is logged."""
+    path = Path(path)
+    shipped = SHIPPED_DIR / path.name
+    if path.is_file() or path.parent != Path(".") or not shipped.is_file():
+        return path
+    log.warning("DeepSpeed config %s is not a file here: using the shipped %s", path, shipped)
+    return shipped
 
 
 def load_deepspeed_json(ds: dict | str | Path, source: str | None = None) -> tuple[dict, str]:
     """The config as a fresh dict, and a name for it to use in messages."""
     if isinstance(ds, dict):
         return copy.deepcopy(ds), source or "<deepspeed config dict>"
-    path = Path(ds)
+    path = resolve_deepspeed_path(ds)
     source = source or str(path)
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {source} does not exist "
-                          f"(pass --deepspeed_config deepspeed_configs/zero2.json or another file)")
+        shipped = ", ".join(sorted(p.name for p in SHIPPED_DIR.glob("*.json")))
+        raise ConfigError(f"DeepSpeed config {source} does not exist (pass a path, or the name of a "
+                          f"shipped one in {SHIPPED_DIR}: {shipped})")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -6,6 +6,7 @@ import logging
 import os
 
 from pixelbert_dist.config import load_config
+from pixelbert_dist.distributed.ds_config import resolve_deepspeed_path
 from pixelbert_dist.train.config import RunConfig
 
 
@@ -22,11 +23,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not os.path.isfile(args.deepspeed_config):
-        raise SystemExit(f"--deepspeed_config {args.deepspeed_config}: no such file")
-    cfg = load_config(RunConfig, args.config, args.overrides)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.deepspeed_config = str(resolve_deepspeed_path(args.deepspeed_config))
+    if not os.path.isfile(args.deepspeed_config):
+        raise SystemExit(f"--deepspeed_config {args.deepspeed_config}: no such file (a path, or the name of "
+                         "a file in deepspeed_configs/)")
+    cfg = load_config(RunConfig, args.config, args.overrides)
     from pixelbert_dist.train.trainer import Trainer  # heavy imports after the argument check
 
     trainer = Trainer(cfg, args.deepspeed_config)
