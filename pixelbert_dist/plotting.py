@@ -10,31 +10,42 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pixelbert_dist.metrics import read_jsonl  # noqa: E402
 
+# (title, keys, y scale): MLM starts near ln(vocab) ~ 8-10 while ITM sits below 0.7, so the
+# losses share a log axis or ITM's whole curve is a flat line at the bottom.
 PANELS = [
-    ("losses", ["loss", "mlm_loss", "itm_loss"]),
-    ("accuracy", ["itm_acc", "mlm_acc"]),
-    ("retrieval R@1 (%)", ["i2t_r1", "t2i_r1"]),
-    ("throughput", ["samples_per_s"]),
+    ("losses", ["loss", "mlm_loss", "itm_loss"], "log"),
+    ("accuracy", ["itm_acc", "mlm_acc"], "linear"),
+    ("retrieval R@1 (%)", ["i2t_r1", "t2i_r1"], "linear"),
+    ("throughput", ["samples_per_s"], "linear"),
 ]
+SPLIT_STYLES = (("train", "-"), ("val", "o--"))
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``RUN/metrics.jsonl`` -> ``out`` (default ``RUN/curves.png``)."""
     run_dir = Path(run_dir)
-    rows = read_jsonl(run_dir / "metrics.jsonl")
     out = Path(out) if out else run_dir / "curves.png"
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for ax, (title, keys) in zip(axes, PANELS):
-        for split, style in (("train", "-"), ("val", "o--")):
-            for key in keys:
-                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-                if points:
-                    ax.plot(*zip(*points), style, label=f"{split} {key}", markersize=4)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(str(run_dir))
-    fig.tight_layout()
+    fig = curves_figure(read_jsonl(run_dir / "metrics.jsonl"), title=str(run_dir))
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def curves_figure(rows: list[dict], title: str = "") -> plt.Figure:
+    """One panel per PANELS entry, train as lines and val as dashed points."""
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
+    for ax, (title, keys, scale) in zip(axes, PANELS):
+        for colour, key in enumerate(keys):  # train and val of one quantity: one colour
+            for split, style in SPLIT_STYLES:
+                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+                if points:
+                    ax.plot(*zip(*points), style, color=f"C{colour}", label=f"{split} {key}", markersize=4)
+        ax.set_title(title)
+        if scale == "log" and all(y > 0 for line in ax.lines for y in line.get_ydata()):
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
