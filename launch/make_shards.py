@@ -25,8 +25,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pixelbert_dist.data.builders import (build_coco, build_images, build_jsonl,  # noqa: E402
-                                          build_synthetic, build_vg)
 
 COCO_HELP = """official files:
   COCO Captions 2014 (the paper's; 2017 holds the same images and captions, re-split):
@@ -110,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
               "progress": not args.no_progress}
     if args.samples_per_shard < 1:
         raise SystemExit("--samples-per-shard must be >= 1")
+    # imported after parsing: pixelbert_dist.data pulls in torch (seconds), --help must not wait
+    from pixelbert_dist.data.builders import build_coco, build_images, build_jsonl, build_synthetic, build_vg
+
     try:
         if args.source == "coco":
             results = build_coco(args.out, args.images, args.captions, args.karpathy, **common)
