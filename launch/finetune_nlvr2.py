@@ -1,6 +1,7 @@
 """NLVR2 fine-tuning from a pre-training export (accuracy and consistency on dev / test-P).
 
-    deepspeed launch/finetune_nlvr2.py --pretrained runs/X/export --shards data/nlvr2 \
+    python launch/make_shards.py images --kind nlvr2 --images images/train dev test1 --out data/nlvr2_images
+    deepspeed launch/finetune_nlvr2.py --pretrained runs/X/export --shards data/nlvr2_images \
         --train train.json --dev dev.json --test test1.json [--image-map images.json] [key=value ...]
 """
 import sys

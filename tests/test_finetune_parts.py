@@ -21,7 +21,8 @@ def _task(ft, name, tmp_path, *overrides):
                      f"vqa.image_map={t}/vqa/image_ids.json"],
              "nlvr2": [f"nlvr2.train={t}/nlvr2/train.json", f"nlvr2.image_map={t}/nlvr2/images.json"],
              "retrieval": [f"retrieval.karpathy={t}/retrieval/dataset_synthetic.json", "retrieval.train_splits=[train]",
-                           "retrieval.num_negatives=6", "retrieval.hard_negatives=2"]}[name]
+                           "retrieval.num_negatives=6", "retrieval.hard_negatives=2",
+                           "retrieval.key_format='{stem}'"]}[name]  # the synthetic file names KEY.jpg
     cfg = load_config(FinetuneConfig, None, [f"task={name}", f"pretrained={ft['export']}", "data.backend=pil",
                                              "data.num_workers=0", "data.image_shorter=64", "data.image_max=64",
                                              *files, *overrides])

@@ -120,7 +120,7 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     results = script("retrieval").main([
         *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3", "train.freeze_cnn=true",
                 "retrieval.train_splits=[train]", "retrieval.eval_split=test", "retrieval.num_negatives=6",
-                "retrieval.hard_negatives=2"),
+                "retrieval.hard_negatives=2", "retrieval.key_format='{stem}'"),
         "--karpathy", str(ft["tasks"] / "retrieval" / "dataset_synthetic.json")])
     test = results["metrics"]["test"]
     print("retrieval test:", test)

@@ -87,7 +87,7 @@ class RetrievalSection:
     karpathy: str | None = None         # dataset_coco.json / dataset_flickr30k.json
     train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
     eval_split: str = "test"
-    key_format: str = "{stem}"          # {stem} = filename without .jpg; {image_id}; {filename}
+    key_format: str = "{dataset}{image_id}"  # make_shards' keys (coco391895); also {stem}, {filename}
     num_negatives: int = 20             # random negative captions per pair (the paper)
     hard_negatives: int = 5             # of those, the hardest go through backprop
     rank_weight: float = 1.0            # softmax over (positive, hardest) match scores

@@ -45,6 +45,18 @@ class KeyedImages:
     def __contains__(self, key: str) -> bool:
         return key in self.position
 
+    def no_match(self, what: str, wanted: str, rule: str) -> ValueError:
+        """The error for task images none of which is in the shards: almost always a key
+        rule that differs from the shards' keys, so it shows one wanted key and some found."""
+        folders = [str(index.directory) for index in self.indexes]
+        found = ", ".join(repr(ref.key) for ref in self.samples[:3])
+        wanted = repr(wanted) if wanted else "none (the id is not in the image map)"
+        return ValueError(
+            f"{what}: 0 images found in the shards {folders} ({len(self)} samples): wanted key "
+            f"{wanted} ({rule}), found keys like {found}. make_shards.py keys images coco391895, "
+            "flickr30k42, vg1 (NLVR2: dev-850-0-img0): build the shards with it, or set the key "
+            "format / image map to the shards' keys")
+
     def jpeg(self, i: int) -> bytes:
         part, j = self._where[i]
         return self.indexes[part].jpeg(j)

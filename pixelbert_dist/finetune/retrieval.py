@@ -22,7 +22,7 @@ from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.retrieval_metrics import (flatten_captions, read_karpathy_split, recall_at_k,
                                                        sample_negatives)
-from pixelbert_dist.finetune.tasks import Task
+from pixelbert_dist.finetune.tasks import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
 
 
@@ -40,6 +40,10 @@ class RetrievalTask(Task):
         r = cfg.retrieval
         if not r.karpathy:
             raise ValueError("retrieval needs retrieval.karpathy (--karpathy dataset_coco.json)")
+        if not Path(r.karpathy).is_file():
+            raise FileNotFoundError(f"Karpathy split file {r.karpathy} does not exist (official: dataset_coco.json "
+                                    "or dataset_flickr30k.json in Karpathy's caption_datasets.zip; the demo's is "
+                                    f"made from its shards by: {MAKE_DEMO_TASKS})")
         train = self._read("train", r.train_splits)
         self.train_keys = [self.key_of(im) for im in train]
         self.train_texts, self.train_owner = flatten_captions(train)
@@ -56,11 +60,15 @@ class RetrievalTask(Task):
 
     def key_of(self, image) -> str:
         return self.cfg.retrieval.key_format.format(stem=Path(image.filename).stem, image_id=image.image_id,
-                                                    filename=image.filename)
+                                                    filename=image.filename, dataset=image.dataset)
 
     def _read(self, split: str, splits: list[str]) -> list:
         images = read_karpathy_split(self.cfg.retrieval.karpathy, splits)
         kept = [im for im in images if self.key_of(im) in self.images]
+        if not kept:
+            rule = f"retrieval.key_format={self.cfg.retrieval.key_format!r} for {images[0].filename}"
+            raise self.images.no_match(f"{self.cfg.retrieval.karpathy} split(s) {list(splits)}",
+                                       self.key_of(images[0]), rule)
         missing = [im.filename for im in images if self.key_of(im) not in self.images]
         self.skipped[f"{split}_images"] = {"images_missing": len(missing), "example_missing_images": missing[:5],
                                            "captions_missing_image": sum(len(im.captions) for im in images

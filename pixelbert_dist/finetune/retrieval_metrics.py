@@ -33,13 +33,14 @@ class RetrievalImage:
     filepath: str | None          # COCO's sub-folder ("val2014"); Flickr30K has none
     split: str
     captions: tuple[str, ...]
+    dataset: str = "coco"         # the file's "dataset": with image_id, the shard key (coco391895)
 
     @property
     def relative_path(self) -> str:
         return f"{self.filepath}/{self.filename}" if self.filepath else self.filename
 
 
-def _read_image(entry, where: str) -> RetrievalImage:
+def _read_image(entry, where: str, dataset: str) -> RetrievalImage:
     if not isinstance(entry, dict):
         raise KarpathyFormatError(f"{where}: expected an object")
     sentences = entry.get("sentences")
@@ -59,7 +60,7 @@ def _read_image(entry, where: str) -> RetrievalImage:
         raise KarpathyFormatError(f"{where} ({filename}): needs an integer 'cocoid' or 'imgid'")
     filepath = entry.get("filepath")
     return RetrievalImage(image_id, filename, filepath if isinstance(filepath, str) else None,
-                          split, tuple(captions))
+                          split, tuple(captions), dataset)
 
 
 def read_karpathy_split(path: str | Path, split: str | Iterable[str]) -> list[RetrievalImage]:
@@ -71,7 +72,8 @@ def read_karpathy_split(path: str | Path, split: str | Iterable[str]) -> list[Re
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise KarpathyFormatError(f"{path}: expected an object with an 'images' list "
                                   "(the Karpathy split format)")
-    images = [_read_image(entry, f"{path}: image #{i}") for i, entry in enumerate(data["images"])]
+    dataset = str(data.get("dataset", "coco"))   # as make_shards.py coco --karpathy reads it
+    images = [_read_image(entry, f"{path}: image #{i}", dataset) for i, entry in enumerate(data["images"])]
     chosen = [im for im in images if im.split in splits]
     if not chosen:
         found = sorted({im.split for im in images})

@@ -20,6 +20,9 @@ from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, tokenize
 from pixelbert_dist.finetune.heads import Nlvr2Model, VqaModel
 
+# The demo's task files (and their image maps) do not ship: this command makes them.
+MAKE_DEMO_TASKS = "python -m pixelbert_dist.finetune.synthetic_tasks --shards data/synthetic --out data/tasks"
+
 
 def load_image_map(path: str | None) -> dict[str, str] | None:
     """A JSON object {task image name/id: shard key} (the synthetic tasks write one)."""
@@ -27,7 +30,8 @@ def load_image_map(path: str | None) -> dict[str, str] | None:
         return None
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"image map {p} does not exist")
+        raise FileNotFoundError(f"image map {p} does not exist (the demo's task files and image maps "
+                                f"are made from its shards by: {MAKE_DEMO_TASKS})")
     data = json.loads(p.read_text())
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")
@@ -110,6 +114,10 @@ class VqaTask(Task):
         examples = vqa_data.read_vqa(questions, annotations)
         available = {ex.image_id for ex in examples if self.key_of(ex.image_id) in self.images}
         kept, stats = vqa_data.drop_missing_images(examples, available)
+        if examples and not kept:
+            v, image_id = self.cfg.vqa, examples[0].image_id
+            rule = f"vqa.image_map {v.image_map}" if v.image_map else f"vqa.key_format={v.key_format!r}"
+            raise self.images.no_match(questions, self.key_of(image_id), f"{rule} for image_id {image_id}")
         self.skipped[f"{split}_images"] = stats
         return kept
 
@@ -167,6 +175,10 @@ class Nlvr2Task(Task):
         examples = nlvr2_data.read_nlvr2(path)
         names = {k for ex in examples for k in (ex.left_image, ex.right_image)}
         kept, stats = nlvr2_data.drop_missing_images(examples, {k for k in names if self.key_of(k) in self.images})
+        if examples and not kept:
+            n, name = self.cfg.nlvr2, examples[0].left_image
+            rule = f"nlvr2.image_map {n.image_map}" if n.image_map else f"nlvr2.key_format={n.key_format!r}"
+            raise self.images.no_match(path, self.key_of(name), f"{rule} for image {name}")
         self.skipped[f"{split}_images"] = stats
         return kept
 

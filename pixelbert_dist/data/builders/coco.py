@@ -6,37 +6,43 @@ retrieval numbers; its ``restval`` images go to train, as everyone does.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split,
-                                                 clean_captions, read_json)
+from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
+                                                 drop_uncaptioned, image_key, read_json, skip)
 
+log = logging.getLogger(__name__)
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
 
 def _item(source: str, image_id, file: Path, raw_captions: list, pre_skipped: list) -> Item | None:
     captions, skipped = clean_captions(raw_captions, str(file))
     if not captions:
-        pre_skipped.extend(skipped or [{"file": str(file), "reason": "no captions"}])
+        pre_skipped.extend(drop_uncaptioned(file, skipped))
         return None
-    return Item(key=f"{source}{image_id}", image_id=str(image_id), source=source,
+    return Item(key=image_key(source, image_id), image_id=str(image_id), source=source,
                 captions=captions, file=str(file), skipped=skipped)
 
 
 def coco_items(captions_json: str | Path, images_dir: str | Path) -> tuple[list[Item], list[dict]]:
     """Items (sorted by image id) and pre-skipped entries from an official captions file."""
     data = read_json(captions_json, required=("images", "annotations"))
+    files, pre_skipped = {}, []
     try:
-        files = {int(im["id"]): im["file_name"] for im in data["images"]}
+        for im in data["images"]:
+            if files.setdefault(int(im["id"]), im["file_name"]) != im["file_name"]:
+                pre_skipped.append(skip(Path(images_dir) / im["file_name"], f"duplicate image id "
+                                        f"{im['id']}: written once, from {files[int(im['id'])]}"))
         by_image = defaultdict(list)
         for ann in data["annotations"]:
             by_image[int(ann["image_id"])].append(ann["caption"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{captions_json}: malformed COCO captions file "
                          f"({type(err).__name__}: {err})") from None
-    pre_skipped = [{"file": f"image_id {i}", "reason": f"annotations for unknown image id {i}"}
-                   for i in sorted(set(by_image) - set(files))]
+    pre_skipped += [skip(f"image_id {i}", f"annotation for unknown image id {i}", kind="caption")
+                    for i in sorted(set(by_image) - set(files)) for _ in by_image[i]]
     items = []
     for image_id in sorted(files):
         item = _item("coco", image_id, Path(images_dir) / files[image_id],
@@ -51,6 +57,7 @@ def karpathy_items(split_json: str | Path, images_dir: str | Path):
     data = read_json(split_json, required=("images",))
     source = str(data.get("dataset", "coco"))
     out = {split: ([], []) for split in ("train", "val", "test")}
+    first: dict[str, tuple[int, str]] = {}   # image id -> (images[n], split) of its first entry
     for n, entry in enumerate(data["images"]):
         try:
             split = KARPATHY_SPLITS[entry["split"]]
@@ -61,6 +68,13 @@ def karpathy_items(split_json: str | Path, images_dir: str | Path):
             raise ValueError(f"{split_json}: images[{n}] is malformed "
                              f"({type(err).__name__}: {err})") from None
         items, pre_skipped = out[split]
+        where = first.setdefault(str(image_id), (n, entry["split"]))
+        if where[0] != n:   # twice in the file (maybe in two splits: a train/test leak)
+            pre_skipped.append(skip(file, f"duplicate image id {image_id}: images[{n}] ({entry['split']}) "
+                                          f"repeats images[{where[0]}] ({where[1]}), written once"))
+            log.warning("%s: image id %s appears at images[%d] and images[%d]: written once",
+                        split_json, image_id, where[0], n)
+            continue
         item = _item(source, image_id, file, raw, pre_skipped)
         if item is not None:
             items.append(item)

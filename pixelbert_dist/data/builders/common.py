@@ -5,12 +5,18 @@ all of its captions) and hands it to ``build_split``. That cuts the list into ch
 ``samples_per_shard`` items, one chunk per shard, so a shard's content depends only on
 its chunk: a rerun finds the shards whose chunk is unchanged already done (a record in
 ``DIR/.progress/``) and skips them, and worker count never changes the bytes written.
+A chunk is unchanged when its annotations and its input files (size, mtime) are, and a
+finished shard is reused only while its bytes still hash to the recorded sha256.
+
+Every input left out lands in ``skipped.jsonl``; the counts keep apart the images that
+were not written (``kind="image"``) and the captions dropped (``kind="caption"``).
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -23,6 +29,7 @@ from pixelbert_dist.data import shards as fmt
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".progress"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,8 +53,28 @@ class Item:
 class BuildResult:
     directory: Path
     written: int
-    skipped: int
+    skipped: int                  # entries in skipped.jsonl (images + captions)
     shards_reused: int = 0
+    images_skipped: int = 0       # images not written (missing, unreadable, no caption, duplicate)
+    captions_dropped: int = 0     # captions left out (empty, or naming an unknown image)
+
+
+def image_key(source: str, image_id) -> str:
+    """The one shard-key convention: the data set's name and the id its own annotation
+    files give the image (``coco391895``, ``vg1``, ``flickr30k42``). Readers of task files
+    (VQA's ``image_id``, a Karpathy file's ``cocoid``/``imgid``) rebuild it without a table."""
+    return f"{source}{image_id}"
+
+
+def skip(file, reason: str, kind: str = "image") -> dict:
+    """A skipped.jsonl entry: an image that is not written, or (``kind="caption"``) a caption."""
+    return {"file": str(file), "reason": reason, "kind": kind}
+
+
+def drop_uncaptioned(file, caption_skips: list[dict]) -> list[dict]:
+    """The entries for an image none of whose captions survived: each caption, then the image."""
+    why = f"no usable caption ({len(caption_skips)} empty)" if caption_skips else "no captions"
+    return caption_skips + [skip(file, why)]
 
 
 def load_json(path: str | Path, error: type[Exception] = ValueError,
@@ -82,7 +109,7 @@ def clean_captions(captions: Iterable, file: str) -> tuple[list[str], list[dict]
         if text:
             kept.append(" ".join(text.split()))
         else:
-            skipped.append({"file": file, "reason": f"empty caption {caption!r}"})
+            skipped.append(skip(file, f"empty caption {caption!r}", kind="caption"))
     return kept, skipped
 
 
@@ -124,23 +151,42 @@ def process_item(item: Item) -> tuple[bytes, int, int] | str:
     return encode_jpeg(image), image.width, image.height
 
 
+def _file_state(path: str) -> list[int] | None:
+    """(size, mtime) of an input image, None when it is missing: a file fixed, replaced or
+    added after a build changes its chunk's hash, so the rerun rebuilds that shard."""
+    if not path:
+        return None   # drawn by ``render``: the fingerprint covers it
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def _chunk_hash(items: list[Item]) -> str:
     digest = hashlib.sha256()
     for item in items:
         digest.update(item.fingerprint().encode())
+        digest.update(json.dumps(_file_state(item.file)).encode())
     return digest.hexdigest()
 
 
 def _done_record(progress: Path, shard: str, chunk_hash: str, out_dir: Path) -> dict | None:
+    """The record of a finished shard that can be reused as it is, else None."""
     path = progress / (shard + ".json")
     try:
         record = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    tar = out_dir / shard
     if record.get("chunk") != chunk_hash:
         return None
-    if record.get("num_samples") and (not tar.is_file() or tar.stat().st_size != record.get("size")):
+    if not record.get("num_samples"):
+        return record   # every image skipped: no tar to check
+    tar = out_dir / shard
+    if not tar.is_file() or tar.stat().st_size != record.get("size"):
+        return None
+    if fmt.sha256_file(tar) != record.get("sha256"):
+        log.warning("%s: its sha256 no longer matches the manifest: rebuilding it", tar)
         return None
     return record
 
@@ -149,7 +195,7 @@ def _samples(chunk: list[Item], results: Iterable, skipped: list[dict]) -> Itera
     for item, result in zip(chunk, results):
         skipped.extend(item.skipped)
         if isinstance(result, str):
-            skipped.append({"file": item.file or item.key, "reason": result})
+            skipped.append(skip(item.file or item.key, result))
             continue
         jpeg, width, height = result
         meta = {"key": item.key, "captions": item.captions, "source": item.source,
@@ -181,6 +227,30 @@ def _remove_stale(out_dir: Path, name: str, num_shards: int) -> None:
             (out_dir / PROGRESS_DIR / (path.name + ".json")).unlink(missing_ok=True)
 
 
+def _unique(items: list[Item]) -> tuple[list[Item], list[dict]]:
+    """The first item of each key; a later one (a duplicate id in the annotations, or one
+    image reached by two paths) would be a second copy of the same sample."""
+    first: dict[str, Item] = {}
+    kept, dropped = [], []
+    for item in items:
+        seen = first.setdefault(item.key, item)
+        if seen is item:
+            kept.append(item)
+        else:
+            dropped.append(skip(item.file or item.key, f"duplicate image id {item.image_id} (key {item.key}): "
+                                                        f"written once, from {seen.file or seen.key}"))
+    if dropped:
+        log.warning("%d duplicate image(s) written once each, e.g. %s: %s", len(dropped),
+                    dropped[0]["file"], dropped[0]["reason"])
+    return kept, dropped
+
+
+def _counts(entries: list[dict]) -> tuple[int, int]:
+    """(images skipped, captions dropped) among skipped.jsonl entries."""
+    captions = sum(1 for e in entries if e.get("kind") == "caption")
+    return len(entries) - captions, captions
+
+
 def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
                 samples_per_shard: int = 2000, workers: int = 0, progress: bool = True,
                 pre_skipped: Iterable[dict] = ()) -> BuildResult:
@@ -191,6 +261,13 @@ def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
     """
     from tqdm import tqdm
 
+    pre_skipped = list(pre_skipped)
+    if not items:
+        example = f", e.g. {pre_skipped[0]['file']}: {pre_skipped[0]['reason']}" if pre_skipped else ""
+        raise ValueError(f"{source}/{name}: no image to write ({len(pre_skipped)} input(s) "
+                         f"skipped{example})")
+    items, duplicates = _unique(items)
+    pre_skipped += duplicates
     out_dir = Path(out_dir)
     progress_dir = out_dir / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
@@ -213,11 +290,11 @@ def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
         if pool is not None:
             pool.shutdown()
     _remove_stale(out_dir, name, len(chunks))
-    skipped = list(pre_skipped) + [e for r in records for e in r["skipped"]]
+    skipped = pre_skipped + [e for r in records for e in r["skipped"]]
     fmt.write_skipped(out_dir, skipped)
     infos = [fmt.ShardInfo(r["file"], r["num_samples"], r["sha256"])
              for r in records if r["num_samples"] > 0]
     manifest = fmt.Manifest(name=name, num_samples=sum(i.num_samples for i in infos),
                             shards=infos, source=source, skipped=len(skipped))
     fmt.write_manifest(out_dir, manifest)
-    return BuildResult(out_dir, manifest.num_samples, len(skipped), reused)
+    return BuildResult(out_dir, manifest.num_samples, len(skipped), reused, *_counts(skipped))

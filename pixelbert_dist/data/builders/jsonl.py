@@ -1,7 +1,9 @@
 """Any image–caption set as JSON lines: ``{"image": path, "caption": text}`` per line.
 
 Relative image paths are taken from the jsonl file's folder. Lines for the same image
-merge into one sample (in first-appearance order), as COCO's five captions do.
+merge into one sample (in first-appearance order), as COCO's five captions do; "the same
+image" is the same file however the line spells it (``a.jpg``, ``./a.jpg``, an absolute
+path, a symlink). A file with no line at all is an error, not an empty split.
 """
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import BuildResult, Item, build_split, clean_captions
+from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
+                                                 drop_uncaptioned)
 
 SOURCE = "jsonl"
 
@@ -28,24 +31,40 @@ def _read_lines(path: Path) -> list[tuple[str, object]]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{lineno}: expected {{\"image\": ..., \"caption\": ...}} "
                                  f"({type(err).__name__}: {err})") from None
+    if not pairs:
+        raise ValueError(f"{path}: no {{\"image\": ..., \"caption\": ...}} line in it (empty file?)")
     return pairs
+
+
+def _canonical(image: str, folder: Path) -> tuple[str, Path]:
+    """(name, file) of an image as a line spells it: the name is the resolved path relative
+    to the jsonl's folder when it lies inside (so keys survive moving the whole folder),
+    else the resolved absolute path."""
+    file = (folder / image).resolve()   # an absolute ``image`` replaces ``folder``
+    try:
+        return file.relative_to(folder.resolve()).as_posix(), file
+    except ValueError:
+        return file.as_posix(), file
 
 
 def jsonl_items(jsonl_path: str | Path) -> tuple[list[Item], list[dict]]:
     path = Path(jsonl_path)
     merged: dict[str, list] = {}
+    first: dict[str, tuple[str, Path]] = {}   # canonical name -> (first spelling, file)
     for image, caption in _read_lines(path):
-        merged.setdefault(image, []).append(caption)
+        name, file = _canonical(image, path.parent)
+        first.setdefault(name, (image, file))
+        merged.setdefault(name, []).append(caption)
     items, pre_skipped = [], []
-    for image, raw in merged.items():
-        file = Path(image) if Path(image).is_absolute() else path.parent / image
+    for name, raw in merged.items():
+        image, file = first[name]
         captions, skipped = clean_captions(raw, str(file))
         if not captions:
-            pre_skipped.extend(skipped)
+            pre_skipped.extend(drop_uncaptioned(file, skipped))
             continue
-        # The key is a hash of the path as written: stable across reruns and dot-free.
-        key = SOURCE + hashlib.sha1(image.encode()).hexdigest()[:16]
-        items.append(Item(key=key, image_id=image, source=SOURCE, captions=captions,
+        # The key is a hash of the canonical name: stable across reruns and dot-free.
+        key = SOURCE + hashlib.sha1(name.encode()).hexdigest()[:16]
+        items.append(Item(key=key, image_id=image, source=SOURCE, captions=captions,  # as first written
                           file=str(file), skipped=skipped))
     return items, pre_skipped
 

@@ -8,23 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split,
-                                                 clean_captions, read_json)
+from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
+                                                 drop_uncaptioned, image_key, read_json, skip)
 
 SOURCE = "vg"
 
 
 def _locate(url: str, image_id: int, dirs: list[Path]) -> Path:
-    """The image file for a VG url: the folder the url names, else whichever holds it."""
+    """The image file for a VG url: in the folder the url names, else in whichever folder
+    holds it (urls and downloads disagree: VG_100K vs VG_100K_2). Missing everywhere: the
+    path in the url's folder (or the first), which the builder then reports missing."""
     name = url.rsplit("/", 1)[-1] if url else f"{image_id}.jpg"
     folder = url.rsplit("/", 2)[-2] if url.count("/") >= 1 else ""
-    by_name = {d.name: d for d in dirs}
-    if folder in by_name:
-        return by_name[folder] / name
-    for d in dirs:
+    ordered = sorted(dirs, key=lambda d: d.name != folder)   # the url's folder first
+    for d in ordered:
         if (d / name).is_file():
             return d / name
-    return dirs[0] / name
+    return ordered[0] / name
 
 
 def _image_table(image_data_json) -> dict[int, dict]:
@@ -53,16 +53,15 @@ def vg_items(regions_json, image_data_json, image_dirs) -> tuple[list[Item], lis
             raise ValueError(f"{regions_json}: entry {n} is malformed "
                              f"({type(err).__name__}: {err})") from None
         if image_id not in table:
-            pre_skipped.append({"file": f"image_id {image_id}",
-                                "reason": f"not in {Path(image_data_json).name}"})
+            pre_skipped.append(skip(f"image_id {image_id}", f"not in {Path(image_data_json).name}"))
             continue
         info = table[image_id]
         file = _locate(str(info.get("url", "")), image_id, dirs)
         captions, skipped = clean_captions(phrases, str(file))
         if not captions:
-            pre_skipped.extend(skipped or [{"file": str(file), "reason": "no region phrases"}])
+            pre_skipped.extend(drop_uncaptioned(file, skipped))
             continue
-        items.append(Item(key=f"{SOURCE}{image_id}", image_id=str(image_id), source=SOURCE,
+        items.append(Item(key=image_key(SOURCE, image_id), image_id=str(image_id), source=SOURCE,
                           captions=captions, file=str(file), skipped=skipped,
                           extra={"coco_id": info.get("coco_id")}))
     items.sort(key=lambda it: int(it.image_id))
