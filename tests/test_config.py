@@ -69,6 +69,7 @@ def _leaf_keys(tree: dict, where: str = "") -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, cls", [("pretrain", "RunConfig"), ("finetune_vqa", "FinetuneConfig")])
 def test_help_lists_every_key_with_its_default_without_importing_deepspeed(script, cls):
     from pixelbert_dist.finetune.config import FinetuneConfig

@@ -204,6 +204,7 @@ def _train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_finetune_skips_nonfinite_losses_and_stops_after_too_many(dist_env, ft, tmp_path):
     """The shared loop's NaN/inf guard in fine-tuning: poisoned micro-batches are skipped
     on every rank and counted, the weights and BatchNorm statistics stay finite; too many
@@ -231,6 +232,7 @@ def test_finetune_skips_nonfinite_losses_and_stops_after_too_many(dist_env, ft, 
     assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
+@pytest.mark.slow
 def test_finetune_sigterm_then_resume_matches_uninterrupted_run(dist_env, ft, tmp_path):
     """SIGTERM (Slurm's stop) in the middle of a fine-tuning run: the shared loop saves at
     the end of that step and returns; the rerun resumes there and logs the losses of the

@@ -60,6 +60,28 @@ class BaseTrainer:
     float_keys: frozenset | None = None     # floating tensors cast to the engine dtype (None: all)
     postfix_keys: tuple = ("loss",)         # train values shown on the progress bar
 
+    def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
+        self.cfg = cfg.validate()
+        self.env = init_distributed(env)
+        self.device = device_for(self.env)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+        check_run_dir_writable(self.run_dir)
+        t = cfg.train
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = self.build_model()
+        self.train_loader = self.build_loaders()
+        self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
+        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
+        self._setup_engine(model, deepspeed_config)
+        torch.manual_seed(t.seed + 1000 * self.rank)  # own dropout / pixel draws
+        self.state = {"step": 0, "epoch": 0, "samples": 0, "nonfinite_skipped": 0, "train_seconds": 0.0}
+        self.nonfinite_in_row = 0
+        self._resume()
+        self.logger = RunLogger(self.run_dir, self.is_main)
+        self.meter = ThroughputMeter(self.flops_per_sample(), peak_tflops(self.precision, self.device), self.world)
+
     # -- hooks ------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
         """The model to train (identical on every rank: the seed is set before)."""
@@ -106,28 +128,6 @@ class BaseTrainer:
         return {"stopped_at_step": self.state["step"]}
 
     # -- setup ------------------------------------------------------------------------
-    def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
-        self.cfg = cfg.validate()
-        self.env = init_distributed(env)
-        self.device = device_for(self.env)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.is_main = self.rank == 0
-        self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
-        check_run_dir_writable(self.run_dir)
-        t = cfg.train
-        torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = self.build_model()
-        self.train_loader = self.build_loaders()
-        self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
-        self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
-        self._setup_engine(model, deepspeed_config)
-        torch.manual_seed(t.seed + 1000 * self.rank)  # own dropout / pixel draws
-        self.state = {"step": 0, "epoch": 0, "samples": 0, "nonfinite_skipped": 0, "train_seconds": 0.0}
-        self.nonfinite_in_row = 0
-        self._resume()
-        self.logger = RunLogger(self.run_dir, self.is_main)
-        self.meter = ThroughputMeter(self.flops_per_sample(), peak_tflops(self.precision, self.device), self.world)
-
     def _setup_engine(self, model: torch.nn.Module, deepspeed_config) -> None:
         t = self.cfg.train
         ds = fill_deepspeed_config(deepspeed_config, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
