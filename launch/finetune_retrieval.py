@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pixelbert_dist.finetune.trainer import main as run  # noqa: E402
+from pixelbert_dist.finetune.run import main as run  # noqa: E402
 
 FILES = [("--karpathy", "retrieval.karpathy", "Karpathy split file dataset_{coco,flickr30k}.json")]
 

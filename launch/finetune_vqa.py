@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pixelbert_dist.finetune.trainer import main as run  # noqa: E402
+from pixelbert_dist.finetune.run import main as run  # noqa: E402
 
 FILES = [("--train-questions", "vqa.train_questions", "official questions JSON of the training split"),
          ("--train-annotations", "vqa.train_annotations", "official annotations JSON of the training split"),

@@ -34,6 +34,8 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
                                             UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
+from pixelbert_dist.collectives import all_reduce_max, gather_objects
+
 TAG_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 META = "meta.json"
@@ -90,14 +92,6 @@ def _barrier() -> None:
         tdist.barrier()
 
 
-def _gather_objects(obj: Any) -> list:
-    if not tdist.is_initialized() or tdist.get_world_size() == 1:
-        return [obj]
-    out: list = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
@@ -143,7 +137,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
     """
     save_dir = Path(save_dir)
     tag = tag_for(step)
-    ranks = _gather_objects({"rng": rng_state(), "state": rank_state})
+    ranks = gather_objects({"rng": rng_state(), "state": rank_state})
     state = dict(client_state, step=step, world_size=engine.dp_world_size, rank_states=ranks)
     # ds_to_universal refuses a checkpoint without this entry; a model with no tensor or
     # pipeline parallelism needs nothing in it but the format version
@@ -290,7 +284,7 @@ def _to_universal(tag_dir: Path) -> Path:
     error = None
     if _rank() == 0 and not (out / META).is_file():
         error = _try_convert(tag_dir, out)
-    error = _gather_objects(error)[0]  # a collective: also the barrier after the conversion
+    error = gather_objects(error)[0]  # a collective: also the barrier after the conversion
     if error:
         raise CheckpointError(error)
     return out
@@ -395,11 +389,4 @@ class GracefulExit:
 
     def should_exit(self) -> bool:
         """True on every rank as soon as any rank got a signal (a collective call)."""
-        flag = 1.0 if self.requested else 0.0
-        if not tdist.is_initialized() or tdist.get_world_size() == 1:
-            return bool(flag)
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if tdist.get_backend() == "nccl" else torch.device("cpu"))
-        tensor = torch.tensor([flag], device=device)
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-        return bool(tensor.item() > 0)
+        return all_reduce_max(1.0 if self.requested else 0.0) > 0

@@ -45,3 +45,19 @@ def run_launcher(script: str, args: list[str], timeout: int = 400) -> subprocess
 def train_losses(run_dir) -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def poison_images(trainer, bad) -> None:
+    """NaN images for the micro-batches whose number (from 0) satisfies ``bad``: a corrupt
+    decode, say. Wraps the trainer's own ``to_device``."""
+    import torch
+
+    to_device, calls = trainer.to_device, []
+
+    def wrapped(batch):
+        out = to_device(batch)
+        calls.append(len(calls))
+        if bad(calls[-1]):
+            out["images"] = torch.full_like(out["images"], float("nan"))
+        return out
+    trainer.to_device = wrapped

@@ -1,9 +1,17 @@
 """The run config: dataclass defaults <- YAML <- key=value, with strict keys and numbers."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
-from pixelbert_dist.config import ConfigError, load_config
+from pixelbert_dist.config import ConfigError, load_config, to_dict
 from pixelbert_dist.train.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -26,3 +34,75 @@ def test_bad_keys_and_values_are_named(tmp_path):
         load_config(RunConfig, None, ["train.micro_batch"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(RunConfig, tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, key, expected", [
+    ("train.compile=abc", "train.compile", "expected bool, got 'abc'"),
+    ("model.freeze=embeddings", "model.freeze", r"expected list\[str\], got 'embeddings'"),
+    ("optim.betas=0.9", "optim.betas", r"expected tuple\[float, float\], got 0.9"),
+    ("train.precision=fp8", "train.precision", "expected one of 'fp32', 'bf16', 'fp16' or null, got 'fp8'"),
+    ("schedule.kind=linear", "schedule.kind", "expected one of 'step', 'cosine', 'constant', got 'linear'"),
+    ("train.micro_batch=2.5", "train.micro_batch", "expected int, got 2.5"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_key_type_and_value(override, key, expected):
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': {expected}"):
+        load_config(RunConfig, None, [override])
+
+
+def test_types_are_checked_in_files_too_and_in_the_finetuning_config(tmp_path):
+    from pixelbert_dist.finetune.config import FinetuneConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"sync_bn": "maybe"}}))
+    with pytest.raises(ConfigError, match=r"run\.yaml: config key 'train\.sync_bn': expected bool, got 'maybe'"):
+        load_config(RunConfig, path)
+    with pytest.raises(ConfigError, match="config key 'task': expected one of 'vqa', 'nlvr2', 'retrieval', got 'gqa'"):
+        load_config(FinetuneConfig, None, ["task=gqa"])
+    cfg = load_config(FinetuneConfig, None, ["train.max_nonfinite_in_row=5", "optim.betas=[0.8, 0.9]"])
+    assert cfg.train.max_nonfinite_in_row == 5 and cfg.optim.betas == (0.8, 0.9)  # the loop's own keys
+
+
+def _leaf_keys(tree: dict, where: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        out += _leaf_keys(value, f"{where}{key}.") if isinstance(value, dict) and value else [where + key]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, cls", [("pretrain", "RunConfig"), ("finetune_vqa", "FinetuneConfig")])
+def test_help_lists_every_key_with_its_default_without_importing_deepspeed(script, cls):
+    from pixelbert_dist.finetune.config import FinetuneConfig
+
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['{script}.py', '--help']\n"
+            "try:\n"
+            f"    runpy.run_path('launch/{script}.py', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('deepspeed loaded:', 'deepspeed' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    assert out.rstrip().endswith("deepspeed loaded: False")
+    defaults = to_dict({"RunConfig": RunConfig, "FinetuneConfig": FinetuneConfig}[cls]())
+    for key in _leaf_keys(defaults):
+        value = defaults
+        for part in key.split("."):
+            value = value[part]
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        assert re.search(rf"^  {re.escape(key)}={re.escape(shown)} +\(", out, re.M), key
+    assert "train.max_nonfinite_in_row=20" in out and "NaN/inf losses are skipped" in out  # the field's comment
+
+
+def test_print_config_prints_the_merged_config_and_exits(tmp_path, capsys):
+    from pixelbert_dist.train import run
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"micro_batch": 4}}))
+    assert run.main(["--print-config", "--config", str(path), "optim.lr=3e-4", "train.compile=true"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    merged = load_config(RunConfig, path, ["optim.lr=3e-4", "train.compile=true"])
+    assert printed == yaml.safe_load(yaml.safe_dump(to_dict(merged)))  # (YAML has lists, no tuples)
+    assert printed["train"]["micro_batch"] == 4 and printed["optim"]["lr"] == 3e-4 and printed["train"]["compile"]
+    with pytest.raises(ConfigError, match="config key 'train.compile'"):
+        run.main(["--print-config", "train.compile=abc"])

@@ -186,3 +186,82 @@ def test_resume_continues_like_an_uninterrupted_run(dist_env, ft, tmp_path):
     assert sorted(whole) == [1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
+
+
+def _nlvr2_trainer(ft, run_dir, *extra):
+    """A FinetuneTrainer for NLVR2 built from the launch script's own command line."""
+    from pixelbert_dist.finetune.run import parse_config
+    from pixelbert_dist.finetune.trainer import FinetuneTrainer
+
+    nlvr2 = ft["tasks"] / "nlvr2"
+    argv = [*common(ft, run_dir, "train.micro_batch=4", "train.log_every=1", *extra),
+            "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")]
+    return FinetuneTrainer(parse_config("nlvr2", argv, script("nlvr2").FILES), "deepspeed_configs/zero2.json")
+
+
+def _train_losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_finetune_skips_nonfinite_losses_and_stops_after_too_many(dist_env, ft, tmp_path):
+    """The shared loop's NaN/inf guard in fine-tuning: poisoned micro-batches are skipped
+    on every rank and counted, the weights and BatchNorm statistics stay finite; too many
+    in a row stop the run, leaving the last checkpoint as it was."""
+    from pixelbert_dist.train.loop import NonFiniteLossError
+    from tests.pretrain_helpers import poison_images
+
+    run = _nlvr2_trainer(ft, tmp_path / "run", "train.max_steps=4")
+    poison_images(run, lambda i: i in (1, 2))
+    results = run.fit()
+    assert results["steps"] == 4
+    assert run.state["nonfinite_skipped"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_skipped"] for r in rows if r["split"] == "train"] == [0, 2, 2, 2]
+    assert sorted(_train_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert all(map(torch.isfinite, torch.tensor(list(_train_losses(tmp_path / "run").values()))))
+    assert all(torch.isfinite(p).all() for p in run.engine.module.parameters())
+    assert all(torch.isfinite(b.float()).all() for b in run.engine.module.buffers())  # BatchNorm statistics too
+
+    stopped = _nlvr2_trainer(ft, tmp_path / "stopped", "train.max_steps=6", "train.save_every=2",
+                             "train.max_nonfinite_in_row=3")
+    poison_images(stopped, lambda i: i >= 2)  # two good steps (a checkpoint at step 2), then only NaN
+    with pytest.raises(NonFiniteLossError, match=r"3 NaN/inf losses in a row at step 2 .*max_nonfinite_in_row=3"):
+        stopped.fit()
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.slow
+def test_finetune_sigterm_then_resume_matches_uninterrupted_run(dist_env, ft, tmp_path):
+    """SIGTERM (Slurm's stop) in the middle of a fine-tuning run: the shared loop saves at
+    the end of that step and returns; the rerun resumes there and logs the losses of the
+    run that was never stopped."""
+    import os
+    import signal
+
+    extra = ("train.max_steps=5", "schedule.kind=constant", "schedule.warmup_steps=0")
+    whole = _nlvr2_trainer(ft, tmp_path / "whole", *extra)
+    whole.fit()
+    expected = _train_losses(tmp_path / "whole")
+
+    cut = _nlvr2_trainer(ft, tmp_path / "cut", *extra)
+    to_device, calls = cut.to_device, []
+
+    def signal_at_third_micro_batch(batch):
+        calls.append(batch)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's GracefulExit
+        return to_device(batch)
+    cut.to_device = signal_at_third_micro_batch
+    assert cut.fit() == {"stopped_at_step": 3}
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert not (tmp_path / "cut" / "results.json").exists()
+
+    resumed = _nlvr2_trainer(ft, tmp_path / "cut", *extra, "train.resume=auto")
+    assert resumed.state["step"] == 3
+    assert resumed.fit()["steps"] == 5
+    losses = _train_losses(tmp_path / "cut")
+    assert sorted(losses) == sorted(expected) == [1, 2, 3, 4, 5]
+    for step in expected:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

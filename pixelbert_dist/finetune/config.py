@@ -9,18 +9,16 @@ as everywhere else (``pixelbert_dist.config.load_config``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pixelbert_dist.data.config import BACKENDS
-from pixelbert_dist.train.optim import OptimConfig
-from pixelbert_dist.train.schedule import ScheduleConfig
+from pixelbert_dist.train.config import LoopConfig, OptimConfig, ScheduleConfig
 
-TASKS = ("vqa", "nlvr2", "retrieval")
 
 
 @dataclass
 class FinetuneData:
     shards: list[str] = field(default_factory=list)  # shard split folders holding the images
-    backend: str = "dali"               # dali | pil (nvjpeg: GPU decode)
+    backend: Literal["dali", "nvjpeg", "pil"] = "dali"  # nvjpeg: GPU decode
     image_shorter: int = 800            # fine-tuning sees all valid pixels at this size
     image_max: int = 1333
     max_text_len: int = 40
@@ -32,8 +30,6 @@ class FinetuneData:
         if not self.shards:
             raise ValueError("data.shards is empty: name the shard folder(s) that hold the task's "
                              "images (--shards DIR [DIR ...])")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend={self.backend!r}: choose one of {list(BACKENDS)}")
         if self.image_shorter < 1 or self.image_max < self.image_shorter:
             raise ValueError(f"data.image_shorter={self.image_shorter} / data.image_max={self.image_max}: "
                              "need 1 <= image_shorter <= image_max")
@@ -41,23 +37,21 @@ class FinetuneData:
 
 
 @dataclass
-class FinetuneTrain:
+class FinetuneTrain(LoopConfig):
+    """The loop's settings (``LoopConfig``) with fine-tuning's defaults, and its own few."""
     micro_batch: int = 32               # examples per GPU (NLVR2: 2 images each)
-    eval_batch: int = 0                 # 0: micro_batch
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    precision: str | None = None        # None: the DeepSpeed JSON decides
     epochs: float = 10.0
-    max_steps: int = 0                  # > 0: stop after this many optimiser steps
-    log_every: int = 10
-    eval_every: int = 0                 # optimiser steps; 0: after every epoch
-    save_every: int = 500
     keep_last: int = 2
-    resume: str = "auto"
-    seed: int = 0
+    eval_batch: int = 0                 # 0: micro_batch
     shuffle: bool = True
     freeze_cnn: bool = False            # keep the CNN (and its BatchNorm statistics) fixed
     head_lr_mult: float = 10.0          # the new head starts from scratch: a larger lr
+
+    def validate(self) -> "FinetuneTrain":
+        super().validate()
+        if self.eval_batch < 0:
+            raise ValueError(f"train.eval_batch={self.eval_batch} must be >= 0")
+        return self
 
 
 @dataclass
@@ -98,7 +92,7 @@ class RetrievalSection:
 
 @dataclass
 class FinetuneConfig:
-    task: str = "vqa"
+    task: Literal["vqa", "nlvr2", "retrieval"] = "vqa"
     run_dir: str = "runs/finetune"
     pretrained: str = ""                # the pre-training export folder
     preset: str | None = None           # if set, the export must have this preset's architecture
@@ -113,17 +107,10 @@ class FinetuneConfig:
     retrieval: RetrievalSection = field(default_factory=RetrievalSection)
 
     def validate(self) -> "FinetuneConfig":
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}: choose one of {list(TASKS)}")
         if not self.pretrained:
             raise ValueError("pretrained is empty: pass --pretrained EXPORT_DIR (a pre-training "
                              "run's export/ folder)")
-        t = self.train
-        if t.micro_batch < 1 or t.grad_accum < 1 or t.eval_batch < 0:
-            raise ValueError(f"train.micro_batch={t.micro_batch}, train.grad_accum={t.grad_accum} "
-                             f"must be >= 1 and train.eval_batch={t.eval_batch} >= 0")
-        if t.epochs <= 0 and t.max_steps <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        self.train.validate()
         r = self.retrieval
         if self.task == "retrieval" and not 1 <= r.hard_negatives <= r.num_negatives:
             raise ValueError(f"retrieval.hard_negatives={r.hard_negatives} must lie in "

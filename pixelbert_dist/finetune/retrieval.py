@@ -18,11 +18,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.retrieval_metrics import (flatten_captions, read_karpathy_split, recall_at_k,
                                                        sample_negatives)
-from pixelbert_dist.finetune.tasks import MAKE_DEMO_TASKS, Task
+from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
 
 
@@ -114,7 +115,7 @@ class RetrievalTask(Task):
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:
             # each image was scored by exactly one rank (repeats skipped): a sum assembles the matrix
-            reduced = scores.cuda() if dist.get_backend() == "nccl" else scores
+            reduced = scores.to(collective_device())
             dist.all_reduce(reduced)
             scores = reduced.cpu()
         metrics = recall_at_k(scores, self.eval_owner)

@@ -1,4 +1,5 @@
-"""The fine-tuning tasks: what each reads, how its batch looks, its metrics and files.
+"""The fine-tuning tasks (VQA, NLVR2 here; retrieval in ``retrieval.py``; their base in
+``task.py``) and ``make_task``: what each reads, how its batch looks, its metrics and files.
 
 A task reads its official files, drops (and counts) examples whose images are not in
 the shards, and gives the trainer: ``train_examples``, ``eval_splits`` (split name ->
@@ -8,78 +9,15 @@ of what was left out and why, for the results file.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pixelbert_dist.finetune import nlvr2_data, vqa_data
 from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, tokenize
 from pixelbert_dist.finetune.heads import Nlvr2Model, VqaModel
-
-# The demo's task files (and their image maps) do not ship: this command makes them.
-MAKE_DEMO_TASKS = "python -m pixelbert_dist.finetune.synthetic_tasks --shards data/synthetic --out data/tasks"
-
-
-def load_image_map(path: str | None) -> dict[str, str] | None:
-    """A JSON object {task image name/id: shard key} (the synthetic tasks write one)."""
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"image map {p} does not exist (the demo's task files and image maps "
-                                f"are made from its shards by: {MAKE_DEMO_TASKS})")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")
-    return {str(k): v for k, v in data.items()}
-
-
-def gather_records(records: list) -> list:
-    """Every rank's records, on every rank (in rank order)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return records
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, records)
-    return [r for part in out for r in part]
-
-
-class Task:
-    name = "task"
-    images_per_example = 1
-    main_metric = "accuracy"
-
-    def __init__(self, cfg: FinetuneConfig, tokenizer, images: KeyedImages, run_dir: Path):
-        self.cfg, self.tokenizer, self.images, self.run_dir = cfg, tokenizer, images, Path(run_dir)
-        self.max_len = cfg.data.max_text_len
-        self.skipped: dict = {}
-        self.train_examples: list = []
-        self.eval_splits: dict[str, list] = {}
-
-    def records(self, out: dict, batch: dict) -> list:
-        raise NotImplementedError
-
-    def finish(self, split: str, records: list) -> dict:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def evaluate(self, engine, split: str, loader, to_device) -> dict:
-        """Predict this rank's share (repeats dropped), gather, score on every rank,
-        write the prediction file on rank 0."""
-        engine.eval()
-        records = []
-        for batch in loader:
-            out = engine(to_device(batch))
-            keep = (~batch["is_pad"]).tolist()
-            records.extend(r for r, k in zip(self.records(out, batch), keep) if k)
-        engine.train()
-        return self.finish(split, gather_records(records))
-
-    def is_main(self) -> bool:
-        return not dist.is_initialized() or dist.get_rank() == 0
+from pixelbert_dist.finetune.retrieval import RetrievalTask
+from pixelbert_dist.finetune.task import Task, load_image_map
 
 
 # ---------------------------------------------------------------- VQA 2.0
@@ -212,6 +150,4 @@ def make_task(cfg: FinetuneConfig, tokenizer, images: KeyedImages, run_dir) -> T
         return VqaTask(cfg, tokenizer, images, run_dir)
     if cfg.task == "nlvr2":
         return Nlvr2Task(cfg, tokenizer, images, run_dir)
-    from pixelbert_dist.finetune.retrieval import RetrievalTask
-
     return RetrievalTask(cfg, tokenizer, images, run_dir)

@@ -1,11 +1,37 @@
-"""RunConfig: the whole pre-training run, composed from each module's own config."""
+"""RunConfig: the whole pre-training run, composed from each module's own config; and
+LoopConfig, the training loop's section that fine-tuning's config extends too."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.train.optim import OptimConfig
-from pixelbert_dist.train.schedule import ScheduleConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class OptimConfig:
+    """One optimiser, two rules (pixelbert_dist.train.optim): SGD for the CNN, AdamW for the rest."""
+    cnn_rule: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's, for an ImageNet CNN; adamw: one from scratch
+    cnn_lr: float = 1e-2
+    cnn_momentum: float = 0.9
+    cnn_weight_decay: float = 5e-4
+    lr: float = 1e-4                # the transformer's (AdamW)
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    fused: bool | None = None  # None: the fused AdamW kernel where the params are on CUDA
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up, then step decay (the paper) or cosine (pixelbert_dist.train.schedule)."""
+    warmup_steps: int = 0
+    kind: Literal["step", "cosine", "constant"] = "step"
+    milestones_epochs: list[float] = field(default_factory=lambda: [25, 35])  # step: lr x gamma at these epochs
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine: the end value as a fraction of the base lr
 
 
 @dataclass
@@ -16,32 +42,51 @@ class ModelSection:
     cnn_weights: str | None = None   # local torchvision weights file for the CNN trunk
     visual_weights: str | None = None  # a file of visual.* tensors (CNN + projection), e.g. the
                                        # demo's warm start (pixelbert_dist.train.visual_warmstart)
-    freeze: list = field(default_factory=list)  # parameter-name prefixes to keep fixed
+    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to keep fixed
 
 
 @dataclass
-class TrainConfig:
-    # The one source of truth for batch size, accumulation and clipping: DeepSpeed's
-    # "auto" fields are filled from here, and a contradicting JSON value is refused.
-    micro_batch: int = 8            # per GPU
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    precision: str | None = None    # None: the DeepSpeed JSON decides (bf16/fp16/fp32)
+class LoopConfig:
+    """The training loop's settings, shared by pre-training and fine-tuning (``train.*``).
+
+    The one source of truth for batch size, accumulation and clipping: DeepSpeed's
+    "auto" fields are filled from here, and a contradicting JSON value is refused."""
+    micro_batch: int = 8            # examples per GPU and micro-batch
+    grad_accum: int = 1             # micro-batches per optimiser step
+    grad_clip: float = 1.0          # gradient-norm clipping (DeepSpeed's gradient_clipping)
+    precision: Precision | None = None  # None: the DeepSpeed JSON decides (bf16/fp16/fp32)
     epochs: float = 40.0
     max_steps: int = 0              # > 0: stop after this many optimiser steps
-    log_every: int = 10
+    log_every: int = 10             # optimiser steps between train log lines
     eval_every: int = 0             # optimiser steps; 0: at the end of every epoch
-    eval_batches: int = 0           # 0: the whole validation split
-    retrieval_size: int = 32        # held-out images for the R@1 probe (0: off)
-    save_every: int = 500
-    keep_last: int = 3
+    save_every: int = 500           # optimiser steps between checkpoints; 0: at the end only
+    keep_last: int = 3              # checkpoints kept
     resume: str = "auto"            # "auto" (latest), "none", a tag or a checkpoint path
     resume_universal: bool = False  # allow a resume at another world size (universal ckpt)
     seed: int = 0
     compile: bool = False           # torch.compile through DeepSpeed's engine.compile()
     sync_bn: bool = False           # SyncBatchNorm across ranks (CUDA only)
-    export: bool = True             # write the fine-tuning export at the end
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
+
+    def validate(self) -> "LoopConfig":
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ValueError(f"train.micro_batch={self.micro_batch} and train.grad_accum={self.grad_accum} "
+                             "must be >= 1")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
+        if self.max_nonfinite_in_row < 1:
+            raise ValueError(f"train.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every={self.log_every} must be >= 1")
+        return self
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Pre-training's loop settings."""
+    eval_batches: int = 0           # 0: the whole validation split
+    retrieval_size: int = 32        # held-out images for the R@1 probe (0: off)
+    export: bool = True             # write the fine-tuning export at the end
 
 
 @dataclass
@@ -54,15 +99,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
-        t = self.train
-        if t.micro_batch < 1 or t.grad_accum < 1:
-            raise ValueError(f"train.micro_batch={t.micro_batch} and train.grad_accum={t.grad_accum} must be >= 1")
-        if t.epochs <= 0 and t.max_steps <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
-        if t.max_nonfinite_in_row < 1:
-            raise ValueError(f"train.max_nonfinite_in_row={t.max_nonfinite_in_row} must be >= 1")
-        if t.precision not in (None, "fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision={t.precision!r}: use fp32, bf16, fp16 or leave it unset")
+        self.train.validate()
         if not self.data.train_shards:
             raise ValueError("data.train_shards is empty: point it at a shard split directory "
                              "(python launch/make_shards.py synthetic --out DIR makes one)")

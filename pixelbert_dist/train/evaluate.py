@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 
-from pixelbert_dist.finetune.retrieval_metrics import recall_at_k
+from pixelbert_dist.collectives import all_reduce_sums
+from pixelbert_dist.train.recall import recall_at_k
 
 
 def batch_metrics(out: dict, batch: dict) -> dict[str, torch.Tensor]:
@@ -20,17 +20,15 @@ def batch_metrics(out: dict, batch: dict) -> dict[str, torch.Tensor]:
             "n": torch.tensor(n), "m": torch.tensor(m)}
 
 
+def metric_values(totals: dict[str, float]) -> dict[str, float]:
+    """Means and accuracies from the sums of ``batch_metrics`` (over every rank)."""
+    n, m = max(totals["n"], 1), max(totals["m"], 1)
+    return {"loss": totals["loss"] / n, "mlm_loss": totals["mlm_loss"] / m, "itm_loss": totals["itm_loss"] / n,
+            "itm_acc": totals["itm_right"] / n, "mlm_acc": totals["mlm_right"] / m}
+
+
 def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    keys = sorted(sums)
-    flat = torch.stack([sums[k].double().cpu() for k in keys])
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-            flat = flat.cuda()
-        dist.all_reduce(flat)
-    s = dict(zip(keys, flat.tolist()))
-    n, m = max(s["n"], 1), max(s["m"], 1)
-    return {"loss": s["loss"] / n, "mlm_loss": s["mlm_loss"] / m, "itm_loss": s["itm_loss"] / n,
-            "itm_acc": s["itm_right"] / n, "mlm_acc": s["mlm_right"] / m}
+    return metric_values(all_reduce_sums(sums))
 
 
 def gathered_params(engine):

@@ -11,7 +11,6 @@ the same arithmetic, state names included (``momentum_buffer``, ``exp_avg``,
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Callable, Iterable
 
@@ -20,22 +19,11 @@ from torch.optim.adam import adam as _adam_functional
 from torch.optim.sgd import sgd as _sgd_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+from pixelbert_dist.train.config import OptimConfig  # noqa: F401  (its home is the config module)
+
 RULES = ("sgd", "adamw")
 _SGD_DEFAULTS = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
 _ADAMW_DEFAULTS = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    cnn_rule: str = "sgd"  # the paper's, for an ImageNet-initialised CNN; "adamw" trains one from scratch
-    cnn_lr: float = 1e-2
-    cnn_momentum: float = 0.9
-    cnn_weight_decay: float = 5e-4
-    lr: float = 1e-4
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    fused: bool | None = None  # None: the fused AdamW kernel where the params are on CUDA
 
 
 def _check_group(group: dict, index: int) -> None:

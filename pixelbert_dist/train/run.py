@@ -1,11 +1,14 @@
-"""The pre-training entry point behind ``launch/pretrain.py`` (and submitit's tasks)."""
+"""The pre-training entry point behind ``launch/pretrain.py`` (and submitit's tasks).
+
+Nothing heavy (torch, DeepSpeed) is imported before the arguments are parsed, so
+``--help`` (every config key with its default) and ``--print-config`` answer at once."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 
-from pixelbert_dist.config import load_config
+from pixelbert_dist.config import config_help, dump_config, load_config
 from pixelbert_dist.distributed.ds_config import resolve_deepspeed_path
 from pixelbert_dist.train.config import RunConfig
 
@@ -13,16 +16,26 @@ from pixelbert_dist.train.config import RunConfig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Pixel-BERT pre-training. Run under `deepspeed`, `torchrun`, Slurm or alone.",
-        epilog="Overrides are dotted key=value pairs, e.g. train.micro_batch=32 optim.lr=2e-4")
-    parser.add_argument("--deepspeed_config", required=True, help="ZeRO + precision JSON (deepspeed_configs/)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys, set as dotted key=value overrides (e.g. train.micro_batch=32 optim.lr=2e-4);\n"
+               "default and type shown:\n" + "\n".join(config_help(RunConfig)))
+    parser.add_argument("--deepspeed_config", help="ZeRO + precision JSON (deepspeed_configs/); required to train")
     parser.add_argument("--config", help="run config YAML (launch/configs/)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the merged config (defaults <- --config <- overrides) as YAML and exit")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.print_config and not args.deepspeed_config:
+        parser.error("the following arguments are required: --deepspeed_config")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        print(dump_config(load_config(RunConfig, args.config, args.overrides)), end="", flush=True)
+        return 0
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.deepspeed_config = str(resolve_deepspeed_path(args.deepspeed_config))

@@ -8,21 +8,13 @@ the step, so a resumed run continues on the same curve.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 
+from pixelbert_dist.train.config import ScheduleConfig  # noqa: F401  (its home is the config module)
+
 KINDS = ("step", "cosine", "constant")
-
-
-@dataclasses.dataclass
-class ScheduleConfig:
-    warmup_steps: int = 0
-    kind: str = "step"
-    milestones_epochs: list[float] = dataclasses.field(default_factory=lambda: [25, 35])
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0  # cosine: the end value as a fraction of the base lr
 
 
 class LrFactor:

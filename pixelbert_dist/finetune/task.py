@@ -1,0 +1,66 @@
+"""The base of every fine-tuning task (``tasks.py``, ``retrieval.py``): the contract the
+FinetuneTrainer relies on, and the evaluation every task shares (predict this rank's
+share, gather the records, score, write the prediction file on rank 0)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pixelbert_dist.collectives import gather_objects
+from pixelbert_dist.finetune.config import FinetuneConfig
+from pixelbert_dist.finetune.data import KeyedImages
+
+# The demo's task files (and their image maps) do not ship: this command makes them.
+MAKE_DEMO_TASKS = "python -m pixelbert_dist.finetune.synthetic_tasks --shards data/synthetic --out data/tasks"
+
+
+def load_image_map(path: str | None) -> dict[str, str] | None:
+    """A JSON object {task image name/id: shard key} (the synthetic tasks write one)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image map {p} does not exist (the demo's task files and image maps "
+                                f"are made from its shards by: {MAKE_DEMO_TASKS})")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")
+    return {str(k): v for k, v in data.items()}
+
+
+class Task:
+    name = "task"
+    images_per_example = 1
+    main_metric = "accuracy"
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer, images: KeyedImages, run_dir: Path):
+        self.cfg, self.tokenizer, self.images, self.run_dir = cfg, tokenizer, images, Path(run_dir)
+        self.max_len = cfg.data.max_text_len
+        self.skipped: dict = {}
+        self.train_examples: list = []
+        self.eval_splits: dict[str, list] = {}
+
+    def records(self, out: dict, batch: dict) -> list:
+        raise NotImplementedError
+
+    def finish(self, split: str, records: list) -> dict:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, engine, split: str, loader, to_device) -> dict:
+        """Predict this rank's share (repeats dropped), gather, score on every rank,
+        write the prediction file on rank 0."""
+        engine.eval()
+        records = []
+        for batch in loader:
+            out = engine(to_device(batch))
+            keep = (~batch["is_pad"]).tolist()
+            records.extend(r for r, k in zip(self.records(out, batch), keep) if k)
+        engine.train()
+        return self.finish(split, [r for part in gather_objects(records) for r in part])
+
+    def is_main(self) -> bool:
+        return not dist.is_initialized() or dist.get_rank() == 0

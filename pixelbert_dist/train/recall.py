@@ -1,0 +1,77 @@
+"""Image-text recall@K: the ranks of the positives and R@K in both directions.
+
+Naming as in the paper's tables: TR (text retrieval) ranks the captions for each image
+(``i2t``), IR (image retrieval) ranks the images for each caption (``t2i``).
+
+Ties count against the model: a negative that scores the same as the positive is ranked
+ahead of it. A model that gives every pair the same score therefore gets R@K = 0 (not an
+arbitrary value that depends on the sort's tie order), which keeps a degenerate model
+from looking good on small synthetic sets.
+
+Shared by pre-training's R@1 probe (train.evaluate) and retrieval fine-tuning, so it
+lives in the lower layer (torch only).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+# Score rows handled at once; bounds memory at about 4 * chunk * num_texts bytes per mask.
+_CHUNK = 256
+
+
+def _as_scores(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.as_tensor(scores).detach().cpu()
+    if not scores.is_floating_point():
+        scores = scores.float()   # keep float32/bf16 as given: COCO 5K x 25K is 500 MB already
+    owner = torch.as_tensor(text_to_image, dtype=torch.long).cpu()
+    if scores.dim() != 2 or owner.shape != (scores.shape[1],):
+        raise ValueError(f"scores must be [num_images, num_texts] and text_to_image "
+                         f"[num_texts]; got {tuple(scores.shape)} and {tuple(owner.shape)}")
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    if owner.numel() and (owner.min() < 0 or owner.max() >= scores.shape[0]):
+        raise ValueError("text_to_image holds an index outside [0, num_images)")
+    counts = torch.bincount(owner, minlength=scores.shape[0])
+    if (counts == 0).any():
+        raise ValueError(f"image {int((counts == 0).nonzero()[0])} has no caption")
+    return scores, owner
+
+
+def retrieval_ranks(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks: for each image, of its best caption among the other images' captions
+    (``i2t``, [num_images]); for each caption, of its image among the others (``t2i``,
+    [num_texts]). A rank counts the negatives scoring >= the positive."""
+    scores, owner = _as_scores(scores, text_to_image)
+    num_images = scores.shape[0]
+    i2t = torch.empty(num_images, dtype=torch.long)
+    for lo in range(0, num_images, _CHUNK):
+        rows = scores[lo:lo + _CHUNK]
+        positive = owner[None, :] == torch.arange(lo, lo + rows.shape[0])[:, None]
+        best = rows.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+        i2t[lo:lo + rows.shape[0]] = ((rows >= best) & ~positive).sum(dim=1)
+    t2i = torch.empty(owner.shape[0], dtype=torch.long)
+    for lo in range(0, owner.shape[0], _CHUNK):
+        cols = scores[:, lo:lo + _CHUNK]
+        own = owner[lo:lo + _CHUNK]
+        positive = torch.arange(num_images)[:, None] == own[None, :]
+        target = cols.gather(0, own[None, :])
+        t2i[lo:lo + cols.shape[1]] = ((cols >= target) & ~positive).sum(dim=0)
+    return i2t, t2i
+
+
+def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in percent for both directions and their sum ``rsum``.
+
+    ``scores[i, t]`` is the model's score of image ``i`` with caption ``t`` (higher =
+    better); ``text_to_image[t]`` the image caption ``t`` belongs to. An image is a hit at
+    K when ANY of its captions is in the top K (the COCO/Flickr30K protocol)."""
+    i2t, t2i = retrieval_ranks(scores, text_to_image)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = 100.0 * (i2t < k).double().mean().item()
+    for k in ks:
+        out[f"t2i_r{k}"] = 100.0 * (t2i < k).double().mean().item()
+    out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
+    return out
