@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from pixelbert_dist.finetune import retrieval_metrics as rm
+from pixelbert_dist.train import recall  # recall@K's home, shared with pre-training's probe
 from pixelbert_dist.finetune.retrieval_metrics import (
     KarpathyFormatError, flatten_captions, hardest_negatives, read_karpathy_split, recall_at_k,
     retrieval_ranks, sample_negatives)
@@ -56,7 +56,7 @@ def test_chunked_ranks_match_a_plain_loop(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     owner = [i // 5 for i in range(35)] + [3]          # 7 images, one with 6 captions
     scores = torch.randint(0, 6, (7, 36), generator=gen).float()  # many ties
-    monkeypatch.setattr(rm, "_CHUNK", 3)               # exercise chunk boundaries
+    monkeypatch.setattr(recall, "_CHUNK", 3)           # exercise chunk boundaries
     i2t, t2i = retrieval_ranks(scores, owner)
     assert (i2t.tolist(), t2i.tolist()) == _reference_ranks(scores.tolist(), owner)
 

@@ -6,7 +6,6 @@ metrics of every evaluation split, the prediction files and what was skipped and
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -22,7 +21,6 @@ from pixelbert_dist.model.pretrained import read_pretrained_config
 from pixelbert_dist.train.loop import BaseTrainer
 from pixelbert_dist.train.optim import HybridOptimizer, param_groups
 
-log = logging.getLogger(__name__)
 ARCH_FIELDS = ("backbone", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                "max_position_embeddings")
 
