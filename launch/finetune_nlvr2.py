@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from pixelbert_dist.config import ConfigError  # noqa: E402
 from pixelbert_dist.finetune.run import main as run  # noqa: E402
 
 FILES = [("--train", "nlvr2.train", "official train.json (jsonl)"),
@@ -22,4 +23,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad key or value: the message says which, no traceback needed
+        sys.exit(f"finetune_nlvr2.py: {err}")

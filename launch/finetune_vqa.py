@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from pixelbert_dist.config import ConfigError  # noqa: E402
 from pixelbert_dist.finetune.run import main as run  # noqa: E402
 
 FILES = [("--train-questions", "vqa.train_questions", "official questions JSON of the training split"),
@@ -27,4 +28,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # a bad key or value: the message says which, no traceback needed
+        sys.exit(f"finetune_vqa.py: {err}")
