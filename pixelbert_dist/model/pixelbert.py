@@ -22,6 +22,7 @@ from torch import nn
 from .config import PixelBertConfig
 from .encoder import Encoder
 from .heads import ITMHead, MLMHead, Pooler
+from .pretrained import load_pretrained, save_pretrained
 from .text import TextEmbedding
 from .visual import VisualEmbedding
 
@@ -110,14 +111,12 @@ class PixelBert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> "PixelBert":
-        """Load an export folder (config.json + model.safetensors); see ``pretrained``."""
-        from .pretrained import from_pretrained
-
-        return from_pretrained(folder, **kwargs)
+        """Load an export folder (config.json + model.safetensors, checksums verified), in
+        eval mode; see ``pretrained.load_pretrained``."""
+        return load_pretrained(cls, folder, **kwargs)
 
     def save_pretrained(self, folder, tokenizer=None, extra: dict | None = None):
-        from .pretrained import save_pretrained
-
+        """Write an export folder (fp32 copies: this model keeps its dtype)."""
         return save_pretrained(self, folder, tokenizer, extra)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
