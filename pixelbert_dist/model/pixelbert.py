@@ -56,6 +56,13 @@ class PixelBert(nn.Module):
         elif isinstance(module, VisualEmbedding):
             nn.init.normal_(module.semantic, std=0.02)
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """"none", "transformer" (encoder layers) or "all" (also the CNN stem and stages):
+        what backward recomputes instead of keeping. Losses and gradients are unchanged."""
+        self.config = self.config.replace(activation_checkpointing=mode)
+        self.encoder.checkpointing = mode in ("transformer", "all")
+        self.visual.checkpointing = mode == "all"
+
     def pixel_sample_size(self) -> int:
         """Pixel random sampling is a pre-training regulariser: training mode only."""
         return self.config.pixel_sample_size if self.training else 0
