@@ -78,6 +78,11 @@ def _recomputing(module: nn.Module):
             norm.recomputing = False
 
 
+def _checkpoint_contexts(owner: nn.Module):
+    """(context of the first forward, context of the recomputation in backward)."""
+    return contextlib.nullcontext(), _recomputing(owner)
+
+
 def trunk_forward(net: ResNet, images: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
     """The trunk's stem and four stages; with ``checkpointing`` each one keeps only its
     input for backward and recomputes the rest (non-reentrant torch checkpointing, RNG
@@ -87,8 +92,7 @@ def trunk_forward(net: ResNet, images: torch.Tensor, checkpointing: bool = False
     x = images
     for run, owner in stages:
         if checkpointing:
-            contexts = partial(lambda m: (contextlib.nullcontext(), _recomputing(m)), owner)
-            x = checkpoint(run, x, use_reentrant=False, context_fn=contexts)
+            x = checkpoint(run, x, use_reentrant=False, context_fn=partial(_checkpoint_contexts, owner))
         else:
             x = run(x)
     return x
