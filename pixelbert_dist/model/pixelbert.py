@@ -59,7 +59,8 @@ class PixelBert(nn.Module):
     def set_activation_checkpointing(self, mode: str) -> None:
         """"none", "transformer" (encoder layers) or "all" (also the CNN stem and stages):
         what backward recomputes instead of keeping. Losses and gradients are unchanged."""
-        self.config = self.config.replace(activation_checkpointing=mode)
+        self.config = self.config.replace(activation_checkpointing=mode)  # checks the value
+        mode = self.config.activation_checkpointing
         self.encoder.checkpointing = mode in ("transformer", "all")
         self.visual.checkpointing = mode == "all"
 
