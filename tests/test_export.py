@@ -9,12 +9,12 @@ import stat
 import pytest
 import torch
 
-from pixelbert_dist.config import load_config
+from pixelbert_dist.config import load_config, save_config
 from pixelbert_dist.data.images import MEAN_255
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import PixelBert, build_model
 from pixelbert_dist.train.config import RunConfig
-from pixelbert_dist.train.export import write_export
+from pixelbert_dist.train.export import _saved_run_config, write_export
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,12 @@ def test_export_config_carries_the_input_settings(tmp_path):
     assert inputs["image_mean_255"] == list(MEAN_255)
     assert inputs["pad_multiple"] == 64
     assert inputs["tokenizer_dir"] == "the shipped synthetic vocab"
+
+
+def test_engine_export_reads_the_input_settings_from_the_run_folder(tmp_path):
+    """export_from_engine, given no run config, takes the one the Trainer wrote beside
+    the checkpoints folder."""
+    run_cfg = load_config(RunConfig, overrides=["data.image_shorter=320", "data.image_max=512"])
+    save_config(run_cfg, tmp_path / "config.yaml")
+    assert _saved_run_config(tmp_path / "checkpoints").data.image_max == 512
+    assert _saved_run_config(tmp_path / "elsewhere" / "checkpoints") is None
