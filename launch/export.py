@@ -32,7 +32,7 @@ def main() -> None:
     model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides)
     state = consolidated_state_dict(ckpt_dir, tag_dir, stage)
     out = write_export(model_cfg, state, args.out or args.run_dir / "export", load_tokenizer(cfg.data.vocab_dir),
-                       {"checkpoint": str(tag_dir)})
+                       {"checkpoint": str(tag_dir)}, cfg)
     print(out)
 
 

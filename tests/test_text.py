@@ -74,9 +74,8 @@ def test_mlm_statistics(tok):
     assert not (selected & special).any(), "MLM selected a special or padding token"
     assert torch.equal(batch["input_ids"][special], ref["input_ids"][special])
     assert torch.equal(batch["mlm_labels"][selected], ref["input_ids"][selected])
-    # Expected rate: 15% plus the forced token on rows that drew none (0.85^n / n).
-    expected = 0.15 + 0.85 ** n_words / n_words
-    assert abs(selected.sum().item() / (len(captions) * n_words) - expected) < 0.01
+    # 15% exactly in expectation, the forced token on rows that drew none included.
+    assert abs(selected.sum().item() / (len(captions) * n_words) - 0.15) < 0.01
     chosen, original = batch["input_ids"][selected], ref["input_ids"][selected]
     masked = (chosen == tok.mask_token_id).float().mean()
     unchanged = (chosen == original).float().mean()
@@ -153,3 +152,37 @@ def test_negatives_are_masked_like_positives_without_labels(tok):
     assert abs(masked[positive].mean() - masked[~positive].mean()) < 0.25
     assert (batch["mlm_labels"][~positive] == IGNORE_INDEX).all()
     assert (batch["mlm_labels"][positive] != IGNORE_INDEX).any(1).all()
+
+
+@pytest.mark.parametrize("mlm_prob", [0.15, 0.4])
+def test_mlm_rate_is_exact_on_short_captions(tok, mlm_prob):
+    """Per caption length n, the selected share is p (within 4 standard errors over
+    thousands of rows), where "at least one token per row" alone would give
+    p + (1-p)^n / n (23.9% at n = 5); rows long enough (n p >= 1) still always get one."""
+    collator = TextCollator(tok, max_len=16, mlm_prob=mlm_prob)
+    rows, gen = 6000, _gen(11)
+    for n in range(1, 13):
+        real = torch.zeros(rows, 16, dtype=torch.bool)
+        real[:, 1:n + 1] = True
+        ids = torch.randint(5, 400, (rows, 16), generator=gen) * real
+        _, labels = collator.draw_mlm(ids, real, torch.ones(rows, dtype=torch.bool), gen)
+        selected = labels != IGNORE_INDEX
+        assert not (selected & ~real).any()
+        rate = selected.sum().item() / (rows * n)
+        stderr = (mlm_prob * (1 - mlm_prob) / (rows * n)) ** 0.5
+        assert abs(rate - mlm_prob) < 4 * stderr + 1e-3, (n, rate)
+        per_row = selected.sum(1)
+        if n * mlm_prob >= 1:
+            assert (per_row >= 1).all(), n
+        else:
+            assert (per_row <= 1).all(), n
+
+
+def test_mlm_rate_is_exact_over_a_real_short_caption_set(tok):
+    captions = [c for words in (2, 3, 4, 5, 6, 8) for c in _sentences(1500, words, seed=words)]
+    ids = [str(i) for i in range(len(captions))]
+    batch = TextCollator(tok, max_len=16, itm_neg_prob=0.0)(captions, ids, _gen(3))
+    plain = TextCollator(tok, max_len=16, mlm_prob=0.0, itm_neg_prob=0.0)(captions, ids, _gen(3))
+    real = plain["attention_mask"].bool() & ~torch.isin(plain["input_ids"], torch.tensor(tok.all_special_ids))
+    rate = (batch["mlm_labels"] != IGNORE_INDEX).sum().item() / real.sum().item()
+    assert abs(rate - 0.15) < 0.005, rate  # ~5 standard errors; "at least one" alone gave 0.2+

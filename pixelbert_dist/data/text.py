@@ -3,8 +3,9 @@
 ``TextCollator`` turns one caption per image into the text part of the batch contract:
 ``input_ids``, ``attention_mask``, ``token_type_ids``, ``mlm_labels`` and ``itm_labels``.
 ITM negatives take the caption of another image in the same batch (the paper's 1:1
-random negatives); MLM masks 15% of the real tokens with BERT's 80/10/10 rule, only on
-matching pairs. All randomness comes from the ``torch.Generator`` passed in, so a loader
+random negatives); MLM selects 15% of the real tokens in expectation, whatever the caption
+length (``mlm_row_rates``), and masks them with BERT's 80/10/10 rule; only matching pairs
+carry MLM labels. All randomness comes from the ``torch.Generator`` passed in, so a loader
 that derives it from (seed, epoch, step) reproduces a batch exactly after a resume.
 """
 from __future__ import annotations
@@ -37,6 +38,30 @@ def _uniform_pick(candidates: torch.Tensor, generator: torch.Generator) -> torch
     return noise.masked_fill(~candidates, -1.0).argmax(dim=1)
 
 
+def mlm_row_rates(mlm_prob: float, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row length n = 0..max_tokens: (draw rate q_n, forcing rate f_n) such that
+    Bernoulli(q_n) draws on every token, plus one uniformly chosen token with probability
+    f_n where the row drew none, select exactly n * mlm_prob tokens in expectation:
+    n q + f (1 - q)^n = n p.
+
+    Where n p >= 1 every row keeps at least one selected token (f = 1, q solved by
+    bisection: the left side grows with q, is 1 at q = 0 and >= n p at q = p). Where
+    n p < 1 (a caption shorter than 1/p tokens) "at least one" would exceed the rate, so
+    such rows draw exactly one token with probability n p (q = 0). Either way each token
+    is selected with probability p exactly."""
+    n = torch.arange(max_tokens + 1, dtype=torch.float64)
+    target = n * mlm_prob
+    low, high = torch.zeros_like(n), torch.full_like(n, mlm_prob)
+    for _ in range(60):  # bisection to float64 precision
+        mid = (low + high) / 2
+        too_many = n * mid + (1 - mid) ** n > target
+        low, high = torch.where(too_many, low, mid), torch.where(too_many, mid, high)
+    forcing = target >= 1
+    draw = torch.where(forcing, high, torch.zeros_like(n))
+    force = torch.where(forcing, torch.ones_like(n), target)
+    return draw.float(), force.float()
+
+
 class TextCollator:
     """Tokenise captions and draw the ITM negatives and MLM masks for one batch."""
 
@@ -56,6 +81,7 @@ class TextCollator:
         self.replacement_ids = torch.tensor(sorted(
             i for tok, i in vocab.items() if i not in special and not tok.startswith("[unused")))
         self.mask_id = tokenizer.mask_token_id
+        self.draw_rate, self.force_rate = mlm_row_rates(mlm_prob, max_len)
 
     def draw_itm(self, image_ids: list[str], generator: torch.Generator):
         """(partner index per row, itm_labels): a negative row takes another image's caption."""
@@ -73,12 +99,12 @@ class TextCollator:
         Negative (mismatched) rows are masked exactly like positive ones but carry no
         labels: were only positives masked, "has a [MASK] token" would give ITM away
         (the model learns that shortcut, not image-text matching)."""
-        selected = (torch.rand(input_ids.shape, generator=generator) < self.mlm_prob) & real
-        if self.mlm_prob > 0:
-            # Every row with a real token has at least one of them selected.
-            empty = ~selected.any(1) & real.any(1)
-            forced = _uniform_pick(real, generator)
-            selected[empty.nonzero().squeeze(1), forced[empty]] = True
+        lengths = real.sum(1).clamp(max=len(self.draw_rate) - 1)
+        selected = (torch.rand(input_ids.shape, generator=generator) < self.draw_rate[lengths, None]) & real
+        # A row that drew none gets one token, at the rate that keeps p exact (mlm_row_rates).
+        empty = ~selected.any(1) & (torch.rand(len(lengths), generator=generator) < self.force_rate[lengths])
+        forced = _uniform_pick(real, generator)
+        selected[empty.nonzero().squeeze(1), forced[empty]] = True
         labels = torch.where(selected & positive[:, None], input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         action = torch.rand(input_ids.shape, generator=generator)
         random_tokens = self.replacement_ids[torch.randint(

@@ -12,6 +12,7 @@ BACKBONES = {
     "resnext101_32x8d": ("bottleneck", [3, 4, 23, 3], 32, 8),
     "resnext152_32x8d": ("bottleneck", [3, 8, 36, 3], 32, 8),
 }
+CHECKPOINTING = ("none", "transformer", "all")
 
 
 @dataclass
@@ -36,7 +37,9 @@ class PixelBertConfig:
     pad_token_id: int = 0
     # execution
     attn_implementation: str = "sdpa"  # "sdpa" (fused kernels on GPU) or "eager"
-    activation_checkpointing: bool = False
+    # Recompute activations in backward instead of keeping them: "none", "transformer"
+    # (every encoder layer) or "all" (also the CNN's stem and four stages).
+    activation_checkpointing: str = "none"
     # losses
     mlm_weight: float = 1.0
     itm_weight: float = 1.0
@@ -50,6 +53,11 @@ class PixelBertConfig:
                              f"model.num_heads={self.num_heads}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'")
+        if isinstance(self.activation_checkpointing, bool):  # the former on/off switch (old exports)
+            self.activation_checkpointing = "transformer" if self.activation_checkpointing else "none"
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
+                             f"use one of {list(CHECKPOINTING)}")
         if self.pixel_sample_size < 0:
             raise ValueError("model.pixel_sample_size must be >= 0 (0 keeps every pixel)")
 

@@ -92,13 +92,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: PixelBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.checkpointing = cfg.activation_checkpointing in ("transformer", "all")
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         """x [B, S, H]; key_mask [B, S] bool, True where a token may be attended to."""
         mask = key_mask[:, None, None, :]  # broadcast over heads and queries
         for layer in self.layer:
-            if self.activation_checkpointing and self.training:
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                # keeps only the layer's input; RNG state (dropout) is replayed on recompute
                 x = checkpoint(layer, x, mask, use_reentrant=False)
             else:
                 x = layer(x, mask)

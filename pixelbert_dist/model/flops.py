@@ -30,7 +30,7 @@ def training_flops_per_sample(cfg: PixelBertConfig, image_hw: tuple[int, int] = 
     if num_pixels is not None:
         cfg = cfg.replace(pixel_sample_size=num_pixels)
     with torch.device("meta"):
-        model = PixelBert(cfg.replace(activation_checkpointing=False))
+        model = PixelBert(cfg.replace(activation_checkpointing="none"))
         batch = {k: v.to("meta") for k, v in _meta_batch(cfg, image_hw, text_len, 1).items()}
     model.train()
     counter = FlopCounterMode(display=False)

@@ -22,6 +22,7 @@ from torch import nn
 from .config import PixelBertConfig
 from .encoder import Encoder
 from .heads import ITMHead, MLMHead, Pooler
+from .pretrained import load_pretrained, save_pretrained
 from .text import TextEmbedding
 from .visual import VisualEmbedding
 
@@ -54,6 +55,14 @@ class PixelBert(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, VisualEmbedding):
             nn.init.normal_(module.semantic, std=0.02)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """"none", "transformer" (encoder layers) or "all" (also the CNN stem and stages):
+        what backward recomputes instead of keeping. Losses and gradients are unchanged."""
+        self.config = self.config.replace(activation_checkpointing=mode)  # checks the value
+        mode = self.config.activation_checkpointing
+        self.encoder.checkpointing = mode in ("transformer", "all")
+        self.visual.checkpointing = mode == "all"
 
     def pixel_sample_size(self) -> int:
         """Pixel random sampling is a pre-training regulariser: training mode only."""
@@ -110,14 +119,12 @@ class PixelBert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> "PixelBert":
-        """Load an export folder (config.json + model.safetensors); see ``pretrained``."""
-        from .pretrained import from_pretrained
-
-        return from_pretrained(folder, **kwargs)
+        """Load an export folder (config.json + model.safetensors, checksums verified), in
+        eval mode; see ``pretrained.load_pretrained``."""
+        return load_pretrained(cls, folder, **kwargs)
 
     def save_pretrained(self, folder, tokenizer=None, extra: dict | None = None):
-        from .pretrained import save_pretrained
-
+        """Write an export folder (fp32 copies: this model keeps its dtype)."""
         return save_pretrained(self, folder, tokenizer, extra)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -2,9 +2,13 @@
 random sampling, and the visual embedding v_hat = LN(W v) + s_v."""
 from __future__ import annotations
 
+import contextlib
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -24,20 +28,74 @@ class FrozenBN(FrozenBatchNorm2d):
         return x * scale.to(x.dtype)[None, :, None, None] + bias.to(x.dtype)[None, :, None, None]
 
 
+class BatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same names) safe under mixed precision and activation checkpointing.
+
+    DeepSpeed's bf16/fp16 casts parameters but keeps the running statistics in fp32, a mix
+    that CPU batch_norm refuses ("expected scalar type BFloat16 but found Float"): the
+    affine parameters (C values) are cast to the statistics' dtype instead, the mixed mode
+    CPU and cuDNN kernels both take (low-precision activations in and out, fp32 statistics).
+    A checkpointed stage runs forward twice; with ``recomputing`` set, the second run uses
+    the batch statistics again with momentum 0, so the running ones are updated once (and
+    the kernel saves the same tensors for backward, which checkpointing checks)."""
+
+    recomputing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.running_mean.dtype
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        momentum = 0.0  # evaluation, or a recomputation: the running statistics stay as they are
+        if self.training and not self.recomputing:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+
+
 def build_backbone(cfg: PixelBertConfig) -> ResNet:
     """A torchvision ResNet without avgpool/fc; its parameter names match torchvision
     weight files, so `load_state_dict` of an ImageNet checkpoint works directly."""
     block, layers, groups, width = BACKBONES[cfg.backbone]
-    norm = FrozenBN if cfg.freeze_bn else nn.BatchNorm2d
+    norm = FrozenBN if cfg.freeze_bn else BatchNorm
     net = ResNet(BasicBlock if block == "basic" else Bottleneck, layers, groups=groups,
                  width_per_group=width, norm_layer=norm)
     del net.avgpool, net.fc
     return net
 
 
-def trunk_forward(net: ResNet, images: torch.Tensor) -> torch.Tensor:
-    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+def _stem(net: ResNet, x: torch.Tensor) -> torch.Tensor:
+    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+
+@contextlib.contextmanager
+def _recomputing(module: nn.Module):
+    norms = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    for norm in norms:
+        norm.recomputing = True
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.recomputing = False
+
+
+def _checkpoint_contexts(owner: nn.Module):
+    """(context of the first forward, context of the recomputation in backward)."""
+    return contextlib.nullcontext(), _recomputing(owner)
+
+
+def trunk_forward(net: ResNet, images: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
+    """The trunk's stem and four stages; with ``checkpointing`` each one keeps only its
+    input for backward and recomputes the rest (non-reentrant torch checkpointing, RNG
+    state replayed, BatchNorm statistics updated once)."""
+    stages = [(partial(_stem, net), net.bn1)] + [(layer, layer) for layer in
+                                                  (net.layer1, net.layer2, net.layer3, net.layer4)]
+    x = images
+    for run, owner in stages:
+        if checkpointing:
+            x = checkpoint(run, x, use_reentrant=False, context_fn=partial(_checkpoint_contexts, owner))
+        else:
+            x = run(x)
+    return x
 
 
 def feature_mask(image_sizes: torch.Tensor, grid: tuple[int, int], stride: int = DOWNSAMPLE) -> torch.Tensor:
@@ -71,6 +129,7 @@ class VisualEmbedding(nn.Module):
     def __init__(self, cfg: PixelBertConfig):
         super().__init__()
         self.cfg = cfg
+        self.checkpointing = cfg.activation_checkpointing == "all"
         self.backbone = build_backbone(cfg)
         self.proj = nn.Linear(cfg.backbone_channels, cfg.hidden_size)
         # LayerNorm brings the projected CNN features to the scale of the LN-ed text
@@ -79,20 +138,54 @@ class VisualEmbedding(nn.Module):
         self.semantic = nn.Parameter(torch.zeros(cfg.hidden_size))
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None, sample: int = 0):
+    def cnn(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] feature grid of a batch of images (64-multiple sizes)."""
         if self.cfg.channels_last:
             # Only the input: a channels_last input makes cuDNN pick NHWC kernels, while
             # the weights stay contiguous (DeepSpeed views every parameter as flat bytes).
             images = images.contiguous(memory_format=torch.channels_last)
-        feats = trunk_forward(self.backbone, images)
+        checkpointing = self.checkpointing and self.training and torch.is_grad_enabled()
+        feats = trunk_forward(self.backbone, images, checkpointing)
         if self.cfg.extra_pool:
             feats = F.max_pool2d(feats, kernel_size=2, stride=2, ceil_mode=True)
+        return feats
+
+    def cnn_per_size(self, images: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """The feature grid with each image run at its own 64-multiple size, so its
+        features do not depend on how far a bigger neighbour padded it (the CNN's
+        receptive field reaches into the padding). For evaluation: one CNN call per
+        distinct size (one in all with bucketing), and BatchNorm uses running statistics,
+        so grouping changes nothing else."""
+        full = tuple(images.shape[-2:])
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, size in enumerate(image_sizes.tolist()):  # a host sync: evaluation only
+            own = tuple(min(-(-max(d, 1) // DOWNSAMPLE) * DOWNSAMPLE, limit) for d, limit in zip(size, full))
+            groups.setdefault(own, []).append(row)
+        if list(groups) == [full]:
+            return self.cnn(images)
+        stride = self.feature_stride()
+        out = None
+        for (h, w), rows in groups.items():
+            feats = self.cnn(images[rows, :, :h, :w])
+            if out is None:
+                out = feats.new_zeros(len(images), feats.shape[1], *(-(-d // stride) for d in full))
+            out[rows, :, : feats.shape[-2], : feats.shape[-1]] = feats
+        return out
+
+    def feature_stride(self) -> int:
+        return DOWNSAMPLE if self.cfg.extra_pool else DOWNSAMPLE // 2
+
+    def forward(self, images: torch.Tensor, image_sizes: torch.Tensor | None, sample: int = 0):
+        if image_sizes is not None and not self.training:
+            feats = self.cnn_per_size(images, image_sizes)
+        else:
+            feats = self.cnn(images)
         grid = feats.shape[-2:]
         feats = feats.flatten(2).transpose(1, 2)  # [B, h*w, C]
         if image_sizes is None:
             mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         else:
-            mask = feature_mask(image_sizes, grid, DOWNSAMPLE if self.cfg.extra_pool else DOWNSAMPLE // 2)
+            mask = feature_mask(image_sizes, grid, self.feature_stride())
         if sample:
             # Sample before projecting: the projection then runs on k pixels, not all.
             index, mask = sample_pixels(mask, sample)

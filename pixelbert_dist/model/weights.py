@@ -20,8 +20,17 @@ _BERT_PREFIXES = [
     ("cls.predictions.transform.", "mlm_head.transform."),
     ("cls.predictions.bias", "mlm_head.bias"),
 ]
+# The original BERT release (TF-converted bert-base-uncased files) names LayerNorm
+# parameters gamma/beta; transformers renames them on load, and so do we.
+_LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
 # Keys a BERT checkpoint carries that have no counterpart here, by design.
 _BERT_IGNORED = ("cls.seq_relationship.", "cls.predictions.decoder.", "position_ids")
+# Heads a BERT checkpoint may lack as a whole, by its kind: BertModel files ship no MLM
+# head (cls.predictions), BertForMaskedLM files no pooler. A head that is absent stays at
+# its fresh init and is reported; a head present in part is an error like any other gap.
+BERT_OPTIONAL_HEADS = {"pooler": ("pooler.",), "mlm_head": ("mlm_head.transform.", "mlm_head.bias")}
+# Ours, never in a BERT file: the visual side, the ITM head, the tied decoder.
+_NOT_FROM_BERT = ("visual.", "itm_head.", "mlm_head.decoder.")
 
 
 @dataclass
@@ -29,11 +38,21 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)     # ours, not in the file
     unexpected: list[str] = field(default_factory=list)  # the file's, unused
+    heads_not_shipped: list[str] = field(default_factory=list)  # whole heads left at their init
 
     def __str__(self) -> str:
+        heads = f"; heads not in the file (fresh init): {self.heads_not_shipped}" if self.heads_not_shipped else ""
         return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing[:8]}"
                 f"{' ...' if len(self.missing) > 8 else ''}; unexpected {len(self.unexpected)}: "
-                f"{self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}")
+                f"{self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}{heads}")
+
+
+def _refuse_gaps(path: Path, missing: list[str], unexpected: list[str], file_keys, hint: str) -> None:
+    """A load that would leave expected tensors at their init is refused, keys named."""
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} expected tensor(s) are not in the file: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}; the file holds e.g. {sorted(file_keys)[:5]} "
+                         f"(unused: {unexpected[:5]}). {hint}")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -55,18 +74,35 @@ def _bert_file(directory: Path) -> Path:
 
 
 def _rename_bert_key(key: str) -> str | None:
+    for old, new in _LEGACY_SUFFIXES.items():
+        if key.endswith(old):
+            key = key[: -len(old)] + new
     for old, new in _BERT_PREFIXES:
         if key.startswith(old):
             return new + key[len(old):]
     return None
 
 
-def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], origin: str) -> list[str]:
-    """Copy matching tensors; a shape mismatch is refused, naming the key."""
+def _heads_not_shipped(missing: set[str], expected: set[str]) -> list[str]:
+    """The optional heads of which the file has no tensor at all."""
+    absent = []
+    for head, prefixes in BERT_OPTIONAL_HEADS.items():
+        keys = {k for k in expected if k.startswith(prefixes)}
+        if keys and keys <= missing:
+            absent.append(head)
+    return absent
+
+
+def _check_shapes(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], origin: str) -> None:
     for key, value in source.items():
         if target[key].shape != value.shape:
             raise ValueError(f"{origin}: tensor {key!r} has shape {tuple(value.shape)} but the model "
                              f"expects {tuple(target[key].shape)}: wrong preset or checkpoint?")
+
+
+def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], origin: str) -> list[str]:
+    """Copy matching tensors, all or none: a shape mismatch is refused, naming the key."""
+    _check_shapes(target, source, origin)
     with torch.no_grad():
         for key, value in source.items():
             target[key].copy_(value)
@@ -74,35 +110,55 @@ def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
 
 
 def load_bert_checkpoint(model: nn.Module, directory: str | Path) -> LoadReport:
-    """Fill embeddings, transformer layers, pooler and (where present) the MLM head."""
+    """Fill embeddings, transformer layers, pooler and the MLM head from a BERT checkpoint.
+
+    Every text-side tensor must come from the file, except whole heads in
+    ``BERT_OPTIONAL_HEADS`` that the file does not ship (reported in
+    ``heads_not_shipped``); a key that names one of our modules but does not exist here
+    (a deeper encoder, say) is refused too. Anything else is an error naming the keys."""
     path = _bert_file(Path(directory))
     ours = model.state_dict(keep_vars=True)
-    text_keys = {k for k in ours if not k.startswith(("visual.", "itm_head.", "mlm_head.decoder."))}
+    expected = {k for k in ours if not k.startswith(_NOT_FROM_BERT)}
+    source = read_state_dict(path)
     renamed, unexpected = {}, []
-    for key, value in read_state_dict(path).items():
+    for key, value in source.items():
         new = _rename_bert_key(key)
-        if new in ours:
+        if new in expected:
             renamed[new] = value
         elif not any(part in key for part in _BERT_IGNORED):
             unexpected.append(key)
-    report = LoadReport(loaded=_copy_into(ours, renamed, str(path)), unexpected=sorted(unexpected))
-    report.missing = sorted(text_keys - set(renamed))
+    missing = expected - set(renamed)
+    heads = _heads_not_shipped(missing, expected)
+    gaps = sorted(k for k in missing if not any(k.startswith(BERT_OPTIONAL_HEADS[h]) for h in heads))
+    _refuse_gaps(path, gaps, sorted(unexpected), source, "Expected a BERT checkpoint with Hugging Face "
+                 "(bert.* / embeddings.*) or original (gamma/beta) names and this model's shape.")
+    ours_named = sorted(k for k in unexpected if (_rename_bert_key(k) or "").startswith(("embeddings.", "encoder.")))
+    if ours_named:
+        raise ValueError(f"{path}: tensors {ours_named[:5]} have no place in this model (a checkpoint "
+                         f"with more layers or other modules than model.num_layers={len(model.encoder.layer)})")
+    report = LoadReport(loaded=_copy_into(ours, renamed, str(path)), missing=sorted(missing),
+                        unexpected=sorted(unexpected), heads_not_shipped=heads)
     log.info("BERT weights from %s: %s", path, report)
     return report
 
 
 def load_torchvision_backbone(model: nn.Module, path: str | Path) -> LoadReport:
-    """Fill the CNN from a torchvision ResNet/ResNeXt weights file (the fc layer is dropped)."""
+    """Fill the CNN from a torchvision ResNet/ResNeXt weights file (the fc layer, the
+    classifier head, is dropped). Every trunk tensor must be in the file, and every file
+    tensor but fc.* must fit the trunk: another depth or family is refused, keys named."""
     path = Path(path)
     state = read_state_dict(path)
     backbone = model.visual.backbone.state_dict(keep_vars=True)
     matched = {k: v for k, v in state.items() if k in backbone}
     unexpected = sorted(k for k in state if k not in backbone and not k.startswith("fc."))
-    if not matched:
-        raise ValueError(f"{path}: no tensor matches the CNN trunk (expected torchvision ResNet keys "
-                         f"like 'conv1.weight', got {sorted(state)[:5]})")
     # FrozenBatchNorm2d has no num_batches_tracked; a missing one in the file is harmless.
     missing = sorted(k for k in backbone if k not in matched and not k.endswith("num_batches_tracked"))
+    _refuse_gaps(path, missing, unexpected, state, "Expected a torchvision weights file of this "
+                 "preset's trunk (keys like 'conv1.weight', 'layer1.0.bn1.running_mean').")
+    _check_shapes(backbone, matched, str(path))
+    if unexpected:
+        raise ValueError(f"{path}: tensors {unexpected[:5]} have no place in this model's CNN trunk "
+                         f"(model.backbone={model.config.backbone!r}): a file of another depth or family?")
     report = LoadReport(loaded=_copy_into(backbone, matched, str(path)), missing=missing, unexpected=unexpected)
     log.info("CNN weights from %s: %s", path, report)
     return report

@@ -1,5 +1,9 @@
 """Consolidate a DeepSpeed checkpoint into the fine-tuning export folder
-(config.json + model.safetensors + tokenizer), on rank 0, in fp32."""
+(config.json + model.safetensors + tokenizer), on rank 0, in fp32.
+
+config.json also records what fine-tuning needs to feed the model as pre-training did
+(``input_spec``): the preset, the image normalisation and sizes, the text length and the
+tokenizer's source."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +13,10 @@ import torch
 import torch.distributed as dist
 
 from pixelbert_dist.checkpoint import find_checkpoint
+from pixelbert_dist.config import load_config
+from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255
 from pixelbert_dist.model import PixelBert, PixelBertConfig
+from pixelbert_dist.train.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +31,26 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag_dir: Path, zero_stage: int
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_dir.name)
 
 
-def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, extra: dict | None = None) -> Path:
+def input_spec(run_cfg: RunConfig) -> dict:
+    """The config.json entries that let fine-tuning reproduce pre-training's inputs."""
+    data = run_cfg.data
+    return {"preset": run_cfg.model.preset, "preset_overrides": dict(run_cfg.model.overrides),
+            "inputs": {"image_mean_255": list(MEAN_255), "image_std_255": list(STD_255),
+                       "image_shorter": data.image_shorter, "image_max": data.image_max,
+                       "pad_multiple": PAD_MULTIPLE, "max_text_len": data.max_text_len,
+                       "tokenizer_dir": data.vocab_dir or "the shipped synthetic vocab"}}
+
+
+def _saved_run_config(ckpt_dir: Path) -> RunConfig | None:
+    """The run's config.yaml beside its checkpoints folder (the Trainer writes it)."""
+    path = Path(ckpt_dir).parent / "config.yaml"
+    return load_config(RunConfig, path) if path.is_file() else None
+
+
+def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, extra: dict | None = None,
+                 run_cfg: RunConfig | None = None) -> Path:
+    """``run_cfg`` (when given) adds ``input_spec`` to config.json."""
+    extra = {**(input_spec(run_cfg) if run_cfg is not None else {}), **(extra or {})}
     model = PixelBert(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the tied MLM decoder may be stored under either name; anything else is a real mismatch
@@ -36,8 +62,10 @@ def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, ex
     return out
 
 
-def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokenizer) -> Path | None:
-    """Rank 0 writes the export from the latest checkpoint; the others wait."""
+def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokenizer,
+                       run_cfg: RunConfig | None = None) -> Path | None:
+    """Rank 0 writes the export from the latest checkpoint; the others wait. Without
+    ``run_cfg`` the input settings come from the run's config.yaml, where there is one."""
     tag_dir = find_checkpoint(ckpt_dir, "auto")
     if tag_dir is None:
         raise RuntimeError(f"no checkpoint in {ckpt_dir} to export")
@@ -45,7 +73,9 @@ def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokeni
     if not dist.is_initialized() or dist.get_rank() == 0:
         with torch.no_grad():
             state = consolidated_state_dict(ckpt_dir, tag_dir, engine.zero_optimization_stage(), engine)
-        out = write_export(engine.module.config, state, Path(out_dir), tokenizer, {"checkpoint": str(tag_dir)})
+        run_cfg = run_cfg if run_cfg is not None else _saved_run_config(Path(ckpt_dir))
+        out = write_export(engine.module.config, state, Path(out_dir), tokenizer, {"checkpoint": str(tag_dir)},
+                           run_cfg)
     if dist.is_initialized():
         dist.barrier()
     return out

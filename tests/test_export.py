@@ -1,0 +1,121 @@
+"""The fine-tuning export: checksums verified on load, fp32 copies that leave the caller's
+model alone, eval mode, one file mode, and the input settings fine-tuning needs."""
+import hashlib
+import json
+import logging
+import os
+import stat
+
+import pytest
+import torch
+
+from pixelbert_dist.config import load_config, save_config
+from pixelbert_dist.data.images import MEAN_255
+from pixelbert_dist.data.text import load_tokenizer
+from pixelbert_dist.model import PixelBert, build_model
+from pixelbert_dist.train.config import RunConfig
+from pixelbert_dist.train.export import _saved_run_config, write_export
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("export")
+    model = build_model("tiny")
+    return model.save_pretrained(folder, load_tokenizer()), model
+
+
+def copy_export(src, dst):
+    dst.mkdir()
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def test_config_records_sha256_and_loads_back_equal_in_eval_mode(export):
+    folder, model = export
+    record = json.loads((folder / "config.json").read_text())
+    weights = (folder / "model.safetensors").read_bytes()
+    assert record["files"]["model.safetensors"] == {"sha256": hashlib.sha256(weights).hexdigest(),
+                                                    "bytes": len(weights)}
+    assert record["tokenizer"] == {"class": "BertTokenizer", "vocab_size": 512, "do_lower_case": True}
+    loaded = PixelBert.from_pretrained(folder)
+    assert not loaded.training
+    assert not any(m.training for m in loaded.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.mlm_head.decoder.weight is loaded.embeddings.word_embeddings.weight
+
+
+def test_every_exported_file_has_mode_0644(export):
+    folder, _ = export
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.txt"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_truncated_weights_are_refused_naming_the_file(export, tmp_path):
+    folder = copy_export(export[0], tmp_path / "cut")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=rf"{weights}.*bytes, config.json records .*truncated"):
+        PixelBert.from_pretrained(folder)
+
+
+def test_overwritten_bytes_are_refused_naming_the_file(export, tmp_path):
+    folder = copy_export(export[0], tmp_path / "flipped")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 1000] = os.urandom(1000)  # inside the tensor payload
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{weights} does not match the sha256 in config.json"):
+        PixelBert.from_pretrained(folder)
+
+
+def test_export_without_checksums_loads_with_a_warning(export, tmp_path, caplog):
+    folder = copy_export(export[0], tmp_path / "old")
+    record = json.loads((folder / "config.json").read_text())
+    del record["files"]
+    (folder / "config.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING):
+        PixelBert.from_pretrained(folder)
+    assert "records no checksums" in caplog.text
+
+
+def test_save_pretrained_leaves_a_bf16_model_in_bf16(tmp_path):
+    model = build_model("tiny").to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "bf16")
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert value.dtype == before[key].dtype, key
+        assert torch.equal(value, before[key]), key
+    loaded = PixelBert.from_pretrained(tmp_path / "bf16")
+    assert loaded.embeddings.word_embeddings.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.embeddings.word_embeddings.weight,
+                               before["embeddings.word_embeddings.weight"].float(), atol=0, rtol=0)
+
+
+def test_export_config_carries_the_input_settings(tmp_path):
+    run_cfg = load_config(RunConfig, overrides=["data.image_shorter=320", "data.image_max=512",
+                                                "data.max_text_len=24", "model.preset=tiny"])
+    model = build_model("tiny")
+    out = write_export(model.config, model.state_dict(), tmp_path / "export", load_tokenizer(),
+                       {"checkpoint": "step_1"}, run_cfg)
+    record = json.loads((out / "config.json").read_text())
+    assert record["preset"] == "tiny"
+    assert record["checkpoint"] == "step_1"
+    inputs = record["inputs"]
+    assert (inputs["image_shorter"], inputs["image_max"], inputs["max_text_len"]) == (320, 512, 24)
+    assert inputs["image_mean_255"] == list(MEAN_255)
+    assert inputs["pad_multiple"] == 64
+    assert inputs["tokenizer_dir"] == "the shipped synthetic vocab"
+
+
+def test_engine_export_reads_the_input_settings_from_the_run_folder(tmp_path):
+    """export_from_engine, given no run config, takes the one the Trainer wrote beside
+    the checkpoints folder."""
+    run_cfg = load_config(RunConfig, overrides=["data.image_shorter=320", "data.image_max=512"])
+    save_config(run_cfg, tmp_path / "config.yaml")
+    assert _saved_run_config(tmp_path / "checkpoints").data.image_max == 512
+    assert _saved_run_config(tmp_path / "elsewhere" / "checkpoints") is None
