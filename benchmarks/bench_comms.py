@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import synthetic_batch, to_device  # noqa: E402
 from comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings  # noqa: E402
-from common import ROOT, write_results  # noqa: E402
+from common import ROOT, results_dir, write_results  # noqa: E402
 
 COLUMNS = ["preset", "zero", "grad_accum", "world", "op", "predicted_mb", "measured_mb", "error",
            "calls", "wire_mb_predicted", "wire_mb_measured"]
@@ -125,12 +126,12 @@ def parse(argv):
                         help='JSON merged into zero_optimization, e.g. \'{"reduce_bucket_size": 1e6}\'')
     parser.add_argument("--out", default=None, help="results folder")
     parser.add_argument("--name", default="bench_comms", help="results file name (no .json)")
+    parser.add_argument("--append", action="store_true", help="add the rows to an existing results file")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
     return parser.parse_args(argv)
 
 
 def _json(text: str) -> dict:
-    import json
     return json.loads(text)
 
 
@@ -149,6 +150,9 @@ def main(argv=None) -> list[dict]:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "local_rank")}
         config["measured"] = "DeepSpeed comms_logger, logged message bytes per optimizer step (rank 0)"
         config["target"] = "|predicted - measured| / measured <= 5% for every TOTAL row"
+        path = results_dir(args.out) / f"{args.name}.json"
+        if args.append and path.is_file():  # one launch per config keeps each rank's memory small
+            rows = json.loads(path.read_text())["rows"] + rows
         write_results(args.name, rows, config, args.out, COLUMNS)
     return rows
 
