@@ -93,9 +93,10 @@ def test_memory_json(smoke):
 
 def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
-    rows = bench_scaling.main(["--preset", "pixelbert-r50", "--samples-per-gpu", "8", "64", "--out", str(folder)])
+    rows = bench_scaling.main(["--preset", "pixelbert-r50", "--samples-per-gpu", "8", "64", "--micro-batch", "8",
+                               "--out", str(folder)])
     settings = {r["setting"] for r in rows}
-    assert len(settings) == len(rows) // len(bench_scaling.NODES)
+    assert len(settings) == len(rows) // len(bench_scaling.NODES) == 2 * len(bench_scaling.settings_grid([8], 8))
     for label in settings:  # more nodes never helps, and one node's NVLink beats 64 nodes' network
         effs = [r["efficiency"] for r in rows if r["setting"] == label]
         assert all(a >= b - 1e-12 for a, b in zip(effs, effs[1:])) and effs[-1] < effs[0] <= 1
@@ -118,7 +119,7 @@ def test_scaling_projection_and_summary(smoke):
 def test_scaling_refuses_a_cpu_step_time(smoke):
     with pytest.raises(SystemExit, match="measured on a CPU"):
         bench_scaling.main(["--step-json", str(smoke[0] / "bench_step.json"), "--preset", "tiny",
-                            "--micro-batch", "2", "--out", str(smoke[0])])
+                            "--micro-batch", "2", "--out", str(smoke[0] / "refused")])
 
 
 def test_logged_traffic_per_zero_stage():
