@@ -149,6 +149,7 @@ def main(argv=None) -> list[dict]:
     if rank == 0:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "local_rank")}
         config["measured"] = "DeepSpeed comms_logger, logged message bytes per optimizer step (rank 0)"
+        config["baseline"] = "DeepSpeed's comms logger (measured) for comm_model's prediction"
         config["target"] = "|predicted - measured| / measured <= 5% for every TOTAL row"
         path = results_dir(args.out) / f"{args.name}.json"
         if args.append and path.is_file():  # one launch per config keeps each rank's memory small

@@ -91,10 +91,11 @@ def _section(name: str, data: dict, folder: Path) -> list[str]:
     columns = data.get("columns") or sorted({k for r in rows for k in r})
     lines = [f"## {name}", ""]
     config = data.get("config") or {k: v for k, v in data.items() if k not in ("rows", "machine")}
-    baseline, target = STANDARDS.get(name, (None, None))
+    kind = data.get("bench", name)  # several files of one benchmark (bench_comms_r50.json)
+    baseline, target = STANDARDS.get(kind, (None, None))
     lines += [f"- Compared against: {config.get('baseline') or baseline or '(not stated)'}",
               f"- Target: {config.get('target') or target or '(none)'}",
-              f"- Verdict: {verdict_of(name, rows)}", ""]
+              f"- Verdict: {verdict_of(kind, rows)}", ""]
     if config:
         shown = {k: v for k, v in config.items() if k != "model"}
         lines += ["Config: `" + json.dumps(shown, default=str) + "`", ""]
@@ -203,7 +204,7 @@ def brief(folder: Path) -> str:
     for r in files.get("bench_memory", {}).get("rows", []):
         lines.append(f"memory {r['preset']} {r['image']} mb{r['micro_batch']} checkpointing {r['mode']}: "
                      f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
-                     + (f", {r['saving_vs_none']:.0%} less than none" if "saving_vs_none" in r else ""))
+                     + (f", saving vs none {r['saving_vs_none']:.0%}" if "saving_vs_none" in r else ""))
     for r in files.get("bench_compile", {}).get("rows", []):
         lines.append(f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
                      f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}")
