@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, median, peak_tflops, sync, write_results  # noqa: E402
+from common import ROOT, peak_tflops, spread, sync, write_results  # noqa: E402
 
-COLUMNS = ["preset", "zero", "precision", "micro_batch", "sampling", "image", "step_ms",
+COLUMNS = ["preset", "zero", "precision", "micro_batch", "sampling", "image", "step_ms", "step_spread",
            "samples_per_s", "tflops_per_gpu", "mfu", "peak_mem_gib", "data_wait", "loss", "status"]
 IMAGE = {"tiny": (192, 256), "pixelbert-r50": (800, 1333), "pixelbert-x152": (600, 1000)}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -105,57 +105,104 @@ def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: 
     return engine, precision_of(ds)
 
 
-def run_config(args, preset, stage, precision, micro, sampling, world, rank, device) -> dict:
-    from pixelbert_dist.metrics import peak_memory_gib
-    from pixelbert_dist.model import preset_config, training_flops_per_sample
+class Run:
+    """One config's engine, batches and timings, so that several configs can take turns."""
 
-    hw = tuple(args.image) if args.image else IMAGE[preset]
-    row = {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
-           "sampling": "on" if sampling else "off", "image": f"{hw[0]}x{hw[1]}", "world": world}
-    cfg = preset_config(preset)
-    flops = training_flops_per_sample(cfg, padded(hw), args.text_len, cfg.pixel_sample_size if sampling else 0)
+    def __init__(self, args, preset, stage, precision, micro, sampling, world, rank, device):
+        from pixelbert_dist.model import preset_config, training_flops_per_sample
+
+        hw = tuple(args.image) if args.image else IMAGE[preset]
+        self.row = {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
+                    "sampling": "on" if sampling else "off", "image": f"{hw[0]}x{hw[1]}", "world": world}
+        cfg = preset_config(preset)
+        self.flops = training_flops_per_sample(cfg, padded(hw), args.text_len,
+                                               cfg.pixel_sample_size if sampling else 0)
+        self.device, self.step_times, self.data_times, self.loss = device, [], [], float("nan")
+        self.engine, used = build_engine(preset, stage, precision, micro, sampling, world)
+        self.row["precision"], self.dtype = used, _DTYPES[used]  # a CPU without bf16/fp16 falls back
+        self.source = batches(args, micro, hw, cfg.vocab_size, rank, world, device)
+
+    def steps(self, count: int, timed: bool) -> None:
+        for _ in range(count):
+            sync(self.device)
+            start = time.perf_counter()
+            batch = to_device(next(self.source), self.device, self.dtype)  # as the Trainer casts
+            sync(self.device)
+            fetched = time.perf_counter()
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+            sync(self.device)
+            if timed:
+                self.step_times.append(time.perf_counter() - start)
+                self.data_times.append(fetched - start)
+            self.loss = out["loss"].detach().float().item()
+
+    def close(self) -> None:
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def result(self, peak_gib: float | None) -> dict:
+        row, micro = self.row, self.row["micro_batch"]
+        stats = spread(self.step_times)
+        step_s = stats["median"]
+        tflops = self.flops * micro / step_s / 1e12
+        peak = peak_tflops(row["precision"], self.device)
+        row.update(step_ms=step_s * 1e3, step_ms_min=stats["min"] * 1e3, step_ms_max=stats["max"] * 1e3,
+                   step_spread=stats["spread"], steps_timed=stats["n"],
+                   samples_per_s=micro * row["world"] / step_s, tflops_per_gpu=tflops,
+                   mfu=tflops / peak if peak else None, peak_mem_gib=peak_gib,
+                   data_wait=sum(self.data_times) / sum(self.step_times), loss=self.loss,
+                   flops_per_sample=self.flops, params=sum(p.numel() for p in build_params(row["preset"])),
+                   status="ok" if math.isfinite(self.loss) else "non-finite loss")
+        return row
+
+
+def run_configs(args, configs: list[tuple], world: int, rank: int, device) -> list[dict]:
+    """Each config's steps; with ``--rounds R > 1`` all engines stay alive and take turns,
+    ``steps / R`` timed steps each per round (interleaved: load on a shared machine hits
+    every config alike; peak memory is then the process's, not one config's)."""
+    from pixelbert_dist.metrics import peak_memory_gib
+
+    if args.rounds <= 1:
+        return [run_one(args, config, world, rank, device) for config in configs]
+    runs = [Run(args, *config, world, rank, device) for config in configs]
+    for run in runs:
+        run.steps(args.warmup, timed=False)
+    per_round = max(1, args.steps // args.rounds)
+    for _ in range(args.rounds):
+        for run in runs:
+            run.steps(per_round, timed=True)
+    rows = [run.result(None) for run in runs]
+    for run in runs:
+        run.close()
+    for row in rows:
+        row["process_peak_mem_gib"] = peak_memory_gib(device)
+    return rows
+
+
+def run_one(args, config: tuple, world: int, rank: int, device) -> dict:
+    from pixelbert_dist.metrics import peak_memory_gib
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    engine = None
+    run = None
     try:
-        engine, used = build_engine(preset, stage, precision, micro, sampling, world)
-        row["precision"] = used  # a CPU without bf16/fp16 falls back (with a warning)
-        source = batches(args, micro, hw, cfg.vocab_size, rank, world, device)
-        step_times, data_times, loss = [], [], float("nan")
-        for step in range(args.warmup + args.steps):
-            sync(device)
-            start = time.perf_counter()
-            batch = to_device(next(source), device, _DTYPES[used])  # as the Trainer casts
-            sync(device)
-            fetched = time.perf_counter()
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            sync(device)
-            if step >= args.warmup:
-                step_times.append(time.perf_counter() - start)
-                data_times.append(fetched - start)
-            loss = out["loss"].detach().float().item()
+        run = Run(args, *config, world, rank, device)
+        run.steps(args.warmup, timed=False)
+        run.steps(args.steps, timed=True)
     except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-        return row
+        preset, stage, precision, micro, sampling = config
+        return {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
+                "sampling": "on" if sampling else "off", "status": "oom"}
     finally:
-        if engine is not None and hasattr(engine, "destroy"):
-            engine.destroy()
-        del engine
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    step_s = median(step_times)
-    tflops = flops * micro / step_s / 1e12
-    peak = peak_tflops(row["precision"], device)
-    row.update(step_ms=step_s * 1e3, step_ms_min=min(step_times) * 1e3,  # the spread shows noise
-               step_ms_max=max(step_times) * 1e3, samples_per_s=micro * world / step_s, tflops_per_gpu=tflops,
-               mfu=tflops / peak if peak else None, peak_mem_gib=peak_memory_gib(device),
-               data_wait=sum(data_times) / sum(step_times), loss=loss, flops_per_sample=flops,
-               params=sum(p.numel() for p in build_params(preset)),
-               status="ok" if math.isfinite(loss) else "non-finite loss")
-    return row
+        if run is not None:
+            run.close()
+    return run.result(peak_memory_gib(device))
 
 
 def build_params(preset: str):
@@ -179,6 +226,8 @@ def parse(argv):
     parser.add_argument("--text-len", type=int, default=40)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleave the configs over this many rounds (default: 1; --quick: the step count)")
     parser.add_argument("--shards", default=None, help="read real shards instead of synthetic batches")
     parser.add_argument("--backend", default="dali" if not gpu else "nvjpeg")
     parser.add_argument("--workers", type=int, default=2)
@@ -188,6 +237,7 @@ def parse(argv):
     args.micro_batch = args.micro_batch or ([2] if not gpu else [8] if args.quick else [8, 16])
     args.steps = args.steps or (5 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    args.rounds = args.rounds or (args.steps if args.quick else 1)
     return args
 
 
@@ -200,12 +250,14 @@ def main(argv=None) -> list[dict]:
     env = init_distributed()
     device, world, rank = device_for(env), dist.get_world_size(), dist.get_rank()
     rows = []
-    for preset, stage, precision, micro, sampling in itertools.product(
-            args.presets, args.zero, args.precision, args.micro_batch, args.sampling):
-        rows.append(run_config(args, preset, stage, precision, micro, sampling == "on", world, rank, device))
+    configs = [(preset, stage, precision, micro, sampling == "on") for preset, stage, precision, micro, sampling
+               in itertools.product(args.presets, args.zero, args.precision, args.micro_batch, args.sampling)]
+    rows += run_configs(args, configs, world, rank, device)
     if rank == 0:
         config = {k: v for k, v in vars(args).items() if k != "out"}
-        config.update(device=str(device), world_size=world,
+        config.update(device=str(device), world_size=world, baseline="the GPU's dense peak (MFU); "
+                      "the configs against each other (interleaved when rounds > 1)",
+                      target="pixelbert-r50 bf16 >= 40% MFU on an H100/H200",
                       peak_tflops=peak_tflops(args.precision[0], device))
         write_results("bench_step", rows, config, args.out, COLUMNS)
     return rows

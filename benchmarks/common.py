@@ -2,7 +2,11 @@
 
 Every benchmark writes ``{"bench": NAME, "machine": {...}, "config": {...}, "rows": [...]}``
 (the shape bench_data.py writes too), so summarize.py can read them all alike. Results go to
-``benchmarks/results/<machine>-<date>/`` unless ``--out`` says otherwise.
+a new folder per run, ``benchmarks/results/<machine>-<date>T<time>-<suite>/``, unless
+``--out`` or $BENCH_RESULTS_DIR says otherwise: two suite runs never share a folder.
+
+Timings that compare two things are taken interleaved (A B A B ...), so a neighbour's load
+on a shared machine hits both alike; each figure is a median with its spread.
 
 Peak TFLOP/s per GPU model: the table lives in ``pixelbert_dist.metrics`` (the trainer's
 MFU meter uses it too) and is re-exported here, so a benchmark and a training log
@@ -38,11 +42,26 @@ def machine_name() -> str:
     return f"cpu-{os.cpu_count()}core"
 
 
+def new_run_dir(suite: str, root: Path = RESULTS) -> Path:
+    """A fresh folder for one suite run: <machine>-<date>T<HHMMSS>-<suite>[-N]."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
+    base = root / f"{machine_name()}-{stamp}-{re.sub(r'[^a-z0-9]+', '-', suite.lower()).strip('-')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
 def results_dir(out: str | Path | None = None) -> Path:
-    """``out`` if given, else $BENCH_RESULTS_DIR, else results/<machine>-<date>/."""
-    path = Path(out or os.environ.get("BENCH_RESULTS_DIR") or
-                RESULTS / f"{machine_name()}-{_dt.date.today().isoformat()}")
-    path.mkdir(parents=True, exist_ok=True)
+    """``out`` if given, else $BENCH_RESULTS_DIR, else a new folder for this run (new_run_dir)."""
+    if out or os.environ.get("BENCH_RESULTS_DIR"):
+        path = Path(out or os.environ["BENCH_RESULTS_DIR"])
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = new_run_dir("single")
+    os.environ["BENCH_RESULTS_DIR"] = str(path)  # later writes of this process go beside it
     return path
 
 
@@ -94,6 +113,39 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return times
 
 
+def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, called round-robin ``repeats`` times after
+    ``warmup`` rounds, so drifting load on a shared machine hits every variant alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def spread(values: Iterable[float]) -> dict:
+    """Median, min, max and the relative half-range of repeated measurements."""
+    values = sorted(values)
+    mid = median(values)
+    return {"median": mid, "min": values[0], "max": values[-1], "n": len(values),
+            "spread": (values[-1] - values[0]) / 2 / mid if mid else None}
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
+    """"met" / "not met" against a target (or "-" without a figure)."""
+    if value is None:
+        return "-"
+    return "met" if (value >= target if higher_is_better else value <= target) else "not met"
+
+
 def median(values: Iterable[float]) -> float:
     values = sorted(values)
     mid = len(values) // 2
@@ -118,9 +170,12 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def write_results(name: str, rows: list[dict], config: dict, out: str | Path | None,
-                  columns: list[str]) -> Path:
-    """Print the table and write ``<dir>/<name>.json``; returns the JSON path."""
-    print(markdown_table(rows, columns), flush=True)
+                  columns: list[str], shown: list[dict] | None = None) -> Path:
+    """Print the table (``shown`` rows, default all) and write ``<dir>/<name>.json``.
+
+    ``config`` should say what the figures compare against (``baseline``) and the target
+    (``target``): summarize.py prints both above the table."""
+    print(markdown_table(rows if shown is None else shown, columns), flush=True)
     path = results_dir(out) / f"{name}.json"
     payload = {"bench": name, "machine": machine_info(), "config": config, "columns": columns,
                "rows": rows}

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check for one lent H100/H200, under 8 minutes: attention kernels at Pixel-BERT's
-# shapes, pixelbert-r50 pre-training steps in bf16 at 800x1333 with 100 sampled pixels,
-# nvjpeg decode throughput, and a one-screen summary against the targets
+# The GPU check for one lent H100/H200, under 10 minutes (each step has its own timeout;
+# they add up to 600 s): attention kernels at Pixel-BERT's shapes, pixelbert-r50
+# pre-training steps in bf16 at 800x1333 with 100 sampled pixels, peak memory with and
+# without activation checkpointing, torch.compile against eager, nvjpeg decode throughput, and a one-screen summary against the targets
 # (R50 step >= 40% MFU in bf16; fused attention >= 2x eager at pre-training shapes).
 #
 # Before the device call, here:  bash ../shared/device/fetch-wheels.sh   (fills .whl/)
 # The device call:               carry [".whl"], command "bash benchmarks/gpu_check.sh"
 # Options: --dry-run (print the commands), --cpu-smoke (the same steps at tiny sizes on a
 # CPU, to check the plumbing without a GPU), --out DIR (default: $OUT on the device
-# machine, else benchmarks/results/<machine>-<date>/).
+# machine, else a new benchmarks/results/<machine>-<date>T<time>-gpu-check|cpu-smoke/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0 SMOKE=0 DEST=""
@@ -45,7 +46,8 @@ fi
 if [ -z "$DEST" ] && [ "$DRY" = 1 ]; then
   DEST="<results-dir>"
 elif [ -z "$DEST" ]; then
-  DEST=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import results_dir; print(results_dir())' 2>/dev/null | tail -1)
+  SUITE=gpu-check; [ "$SMOKE" = 1 ] && SUITE=cpu-smoke
+  DEST=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
 fi
 LOG="$DEST/gpu_check.log"
 [ "$DRY" = 1 ] || { mkdir -p "$DEST" && : >"$LOG"; }
@@ -54,11 +56,17 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a CPU finishes in seconds
   ATTN=(--quick --shapes pretrain-100px --batch 2 --iters 2 --warmup 1)
   STEP=(--presets tiny --zero 2 --precision fp32 --micro-batch 2 --sampling on --steps 2 --warmup 1)
   DECODE="pil 2 4"
+  MEMORY=(--preset tiny --image 192 256 --steps 1 --warmup 1 --repeats 1)
+  COMPILE=()  # a CPU compile of even the tiny model takes minutes: GPU only
+  SCALE=3  # a shared 2-core CPU: the GPU's time limits x3
 else  # ~1 min, ~3 min, ~1 min on an H100
   ATTN=(--iters 30 --warmup 10)
   STEP=(--presets pixelbert-r50 --zero 2 --precision bf16 --micro-batch 8 16 --sampling on off
         --image 800 1333 --steps 10 --warmup 3)
   DECODE="nvjpeg 10 16"
+  MEMORY=(--preset pixelbert-r50 --image 800 1333 --micro-batch 2 --steps 3 --warmup 1 --repeats 1)
+  COMPILE=(--presets pixelbert-r50 --precision bf16 --micro-batch 8 --image 800 1333 --repeats 10)
+  SCALE=1
 fi
 
 status=0
@@ -67,18 +75,20 @@ step() {  # step NAME SECONDS CMD...
   if [ "$DRY" = 1 ]; then echo "$*"; return; fi
   local start=$SECONDS
   echo "== $name" | tee -a "$LOG"
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  timeout "$((limit * SCALE))" "$@" >>"$LOG" 2>&1
   local rc=$?
   echo "   $name: exit $rc after $((SECONDS - start)) s" | tee -a "$LOG"
   [ "$rc" = 0 ] || status=1
 }
 
 [ "$DRY" = 1 ] || { nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; } | tee -a "$LOG"
-step attention 150 "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$DEST"
-step train_step 240 "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$DEST"
+step attention 110 "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$DEST"
+step train_step 190 "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$DEST"
+step memory 90 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --out "$DEST"
+[ ${#COMPILE[@]} -eq 0 ] || step compile 120 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$DEST"
 # nvjpeg throughput with bench_data's photo-like JPEGs and loader timing (DALI's wheel is
 # too large to carry, so bench_data.py itself, which reports DALI's version, is not run).
-step decode 90 "$PY" - "$DEST" $DECODE <<'PY'
+step decode 60 "$PY" - "$DEST" $DECODE <<'PY'
 import sys, tempfile
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
@@ -93,6 +103,6 @@ with tempfile.TemporaryDirectory() as tmp:
 write_results("bench_decode", rows, {"batches": batches, "batch_size": batch_size}, dest,
               ["label", "device", "size", "shorter", "max", "images", "images_per_s", "padding_fraction"])
 PY
-step summary 60 "$PY" benchmarks/summarize.py "$DEST" --brief
+step summary 30 "$PY" benchmarks/summarize.py "$DEST" --brief
 [ "$DRY" = 1 ] || cat "$DEST/brief.txt" 2>/dev/null
 exit $status

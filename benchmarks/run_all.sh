@@ -2,7 +2,8 @@
 # The benchmark suite: data loading, attention kernels, training steps, scaling model.
 #   bash benchmarks/run_all.sh [--quick] [--out DIR]
 # Writes <name>.json, <name>.log, PNG plots and summary.md (hardware, torch, commit) into
-# DIR (default: benchmarks/results/<machine>-<date>/). --quick is the CPU smoke run
+# DIR (default: a new benchmarks/results/<machine>-<date>T<time>-quick|full/ per run, so no
+# run overwrites another). --quick is the CPU smoke run
 # (a few minutes on 2 cores); without it each benchmark runs its full grid (for a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,18 +12,19 @@ PY=${PYTHON:-.venv/bin/python}
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 export PYTHONUNBUFFERED=1
 
-QUICK=()
+QUICK=() COMPILE=()
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) QUICK=(--quick) ;;
+    --quick) QUICK=(--quick) COMPILE=(--repeats 3) ;;
     --out) OUT="$2"; shift ;;
     *) echo "run_all.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
   esac
   shift
 done
 if [ -z "$OUT" ]; then
-  OUT=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import results_dir; print(results_dir())' 2>/dev/null | tail -1)
+  SUITE=full; [ ${#QUICK[@]} -gt 0 ] && SUITE=quick
+  OUT=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
 fi
 mkdir -p "$OUT"
 echo "results: $OUT"
@@ -45,9 +47,11 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on a failur
 run bench_data 300 "$PY" benchmarks/bench_data.py "${QUICK[@]}" --out "$OUT/bench_data.json"
 run bench_attention 300 "$PY" benchmarks/bench_attention.py "${QUICK[@]}" --out "$OUT"
 run bench_step 1800 "$PY" benchmarks/bench_step.py "${QUICK[@]}" --out "$OUT"
-# the measured steps, and Pixel-BERT-R50 projected on H100s at an assumed 40% MFU
-run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --step-json "$OUT/bench_step.json" \
-  --project pixelbert-r50 --gpu H100 --mfu 0.4 --micro-batch 8 --out "$OUT"
+run bench_compile 900 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$OUT"
+# Pixel-BERT-R50 on 1-64 nodes of H100s at an assumed 40% MFU (the traffic model that
+# bench_comms.py checks against DeepSpeed's comms logger)
+run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --preset pixelbert-r50 --gpu H100 --mfu 0.4 \
+  --micro-batch 8 --out "$OUT"
 run summarize 120 "$PY" benchmarks/summarize.py "$OUT"
 echo "summary: $OUT/summary.md"
 exit "$failed"

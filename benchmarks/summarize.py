@@ -17,7 +17,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 
-ORDER = ["bench_data", "bench_attention", "bench_step", "bench_scaling"]
+ORDER = ["bench_data", "bench_attention", "bench_step", "bench_compile", "bench_memory", "bench_comms",
+         "bench_scaling"]
+# What each benchmark compares against and its target, for the ones whose JSON does not say.
+STANDARDS = {
+    "bench_data": ("the other backends in the table (PIL DataLoader, DALI CPU/GPU, nvjpeg) at the same sizes",
+                   "none: a throughput table (decode must outpace the training step, see bench_step's data wait)"),
+    "bench_attention": ("eager attention (matmul + softmax) at the same shape and dtype",
+                        "fused SDPA >= 2x eager at pre-training shapes on an H100/H200"),
+    "bench_step": ("the GPU's dense peak (MFU); steps are medians of the timed steps",
+                   "pixelbert-r50 bf16 >= 40% MFU on an H100/H200 (no peak on a CPU: no verdict)"),
+}
 
 
 def _plt():
@@ -81,6 +91,11 @@ def _section(name: str, data: dict, folder: Path) -> list[str]:
     columns = data.get("columns") or sorted({k for r in rows for k in r})
     lines = [f"## {name}", ""]
     config = data.get("config") or {k: v for k, v in data.items() if k not in ("rows", "machine")}
+    kind = data.get("bench", name)  # several files of one benchmark (bench_comms_r50.json)
+    baseline, target = STANDARDS.get(kind, (None, None))
+    lines += [f"- Compared against: {config.get('baseline') or baseline or '(not stated)'}",
+              f"- Target: {config.get('target') or target or '(none)'}",
+              f"- Verdict: {verdict_of(kind, rows)}", ""]
     if config:
         shown = {k: v for k, v in config.items() if k != "model"}
         lines += ["Config: `" + json.dumps(shown, default=str) + "`", ""]
@@ -94,6 +109,30 @@ def _section(name: str, data: dict, folder: Path) -> list[str]:
     if png.is_file():
         lines += [f"![{name}]({png.name})", ""]
     return lines
+
+
+def verdict_of(name: str, rows: list[dict]) -> str:
+    """One line: is the benchmark's target met by these rows?"""
+    if name == "bench_attention":
+        return "; ".join(_attention_lines(rows)) or "no rows"
+    if name == "bench_step":
+        mfus = [r["mfu"] for r in rows if r.get("status") == "ok" and r.get("mfu") is not None]
+        if not mfus:
+            return "no MFU (no GPU peak on this machine)"
+        return f"best MFU {max(mfus):.1%}: {_mark(max(mfus) >= TARGET_MFU)} target {TARGET_MFU:.0%}"
+    if name == "bench_comms":
+        totals = [r for r in rows if r.get("op") == "TOTAL"]
+        worst = max(abs(r["error"]) for r in totals) if totals else None
+        return "no TOTAL rows" if worst is None else \
+            f"worst |predicted - measured| / measured over {len(totals)} configs: {worst:.2%} ({_mark(worst <= 0.05)} 5%)"
+    if name == "bench_scaling":
+        top = max(r["nodes"] for r in rows)
+        ok = sorted({r["setting"] for r in rows if r["nodes"] == top and r["efficiency"] >= 0.9})
+        return f"{len(ok)} setting(s) at >= 90% on {top} nodes" + (f": {'; '.join(ok)}" if ok else "")
+    if name in ("bench_compile", "bench_memory"):
+        return "; ".join(f"{r.get('preset')} {r.get('mode', '')}: {r.get('verdict')}".replace("  ", " ")
+                         for r in rows if r.get("verdict") not in (None, "-")) or "no target row in this run"
+    return "no target"
 
 
 def summarize(folder: Path) -> Path:
@@ -162,6 +201,13 @@ def brief(folder: Path) -> str:
         lines += _attention_lines(files["bench_attention"]["rows"])
     if "bench_step" in files:
         lines += _step_lines(files["bench_step"]["rows"])
+    for r in files.get("bench_memory", {}).get("rows", []):
+        lines.append(f"memory {r['preset']} {r['image']} mb{r['micro_batch']} checkpointing {r['mode']}: "
+                     f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
+                     + (f", saving vs none {r['saving_vs_none']:.0%}" if "saving_vs_none" in r else ""))
+    for r in files.get("bench_compile", {}).get("rows", []):
+        lines.append(f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
+                     f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}")
     for r in files.get("bench_decode", {}).get("rows", []):
         lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: "
                      f"{r['images_per_s']:.0f} img/s")

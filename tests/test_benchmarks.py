@@ -1,10 +1,12 @@
 """The benchmark suite at tiny sizes: each benchmark's JSON fields (not its timings), the
-scaling model's arithmetic, the summary, and gpu_check.sh's plumbing (--cpu-smoke runs
-the same steps as on a GPU, at sizes a CPU finishes in seconds)."""
+traffic model against hand counts and against DeepSpeed's comms logger, the scaling
+arithmetic, the summary's verdicts, and gpu_check.sh's plumbing (--cpu-smoke runs the same
+steps as on a GPU, at sizes a CPU finishes in seconds)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +15,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
 import bench_scaling  # noqa: E402
 import summarize  # noqa: E402
-from common import machine_info, markdown_table, results_dir  # noqa: E402
+import torch  # noqa: E402
+from comm_model import Cluster, ParamCounts, Setting, efficiency, logged_elements, wire_bytes  # noqa: E402
+from common import (interleaved, machine_info, markdown_table, new_run_dir, results_dir, spread,  # noqa: E402
+                    verdict)
 
 MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 
@@ -26,7 +32,7 @@ def smoke(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=400)
+                          timeout=400, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr + (out / "gpu_check.log").read_text()
     return out, proc.stdout
 
@@ -74,34 +80,90 @@ def test_decode_json_and_brief(smoke):
     assert brief in stdout  # the one-screen summary is printed
     assert "attention pretrain seq 140 (padded mask" in brief and "step tiny ZeRO-2" in brief
     assert "decode pil paper" in brief and "missing results" not in brief
+    assert "memory tiny 192x256 mb2 checkpointing transformer" in brief
 
 
-def test_scaling_model_and_summary(smoke, tmp_path):
+def test_memory_json(smoke):
+    rows = _load(smoke[0], "bench_memory")["rows"]
+    assert [r["mode"] for r in rows] == ["none", "transformer"]
+    for r in rows:
+        assert 0 < r["step_gib"] < r["peak_rss_gib"] and r["step_s"] > 0 and math.isfinite(r["runs"][0]["loss"])
+    assert rows[1]["saving_vs_none"] == pytest.approx(1 - rows[1]["peak_rss_gib"] / rows[0]["peak_rss_gib"])
+
+
+def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
-    rows = bench_scaling.main(["--step-json", str(folder / "bench_step.json"), "--project",
-                               "pixelbert-r50", "--micro-batch", "8", "--out", str(folder)])
-    measured = [r for r in rows if r["source"].startswith("measured")]
-    assert [r["gpus"] for r in measured] == [1, 8, 16, 32, 64, 128, 256, 512]
-    assert measured[0]["comm_ms"] == 0 and measured[0]["efficiency"] == 1
-    projected = [r for r in rows if r["source"].startswith("projected")]
-    effs = [r["efficiency"] for r in projected]
-    assert all(a >= b for a, b in zip(effs, effs[1:])) and effs[-1] < 1  # more nodes, less efficient
+    rows = bench_scaling.main(["--preset", "pixelbert-r50", "--samples-per-gpu", "8", "64", "--micro-batch", "8",
+                               "--out", str(folder)])
+    settings = {r["setting"] for r in rows}
+    assert len(settings) == len(rows) // len(bench_scaling.NODES) == 2 * len(bench_scaling.settings_grid([8], 8))
+    for label in settings:  # more nodes never helps, and one node's NVLink beats 64 nodes' network
+        effs = [r["efficiency"] for r in rows if r["setting"] == label]
+        assert all(a >= b - 1e-12 for a, b in zip(effs, effs[1:])) and effs[-1] < effs[0] <= 1
+    # ZeRO-1 reduces once per optimizer step: accumulation buys efficiency; ZeRO-2 reduces every
+    # micro-batch: the exposed communication grows with the accumulation instead
+    at64 = {(r["stage"], r["grad_accum"], r["overlap"], r["multi_rank_allreduce"], r["bucket"]): r
+            for r in rows if r["nodes"] == 64 and not r["regather"] and r["hpz"] == 1}
+    assert at64[(1, 8, 0.5, True, 5e7)]["efficiency"] > at64[(1, 1, 0.5, True, 5e7)]["efficiency"]
+    assert at64[(1, 8, 0.5, True, 5e7)]["exposed_comm_ms"] == pytest.approx(at64[(1, 1, 0.5, True, 5e7)]["exposed_comm_ms"])
+    assert at64[(2, 8, 0.5, True, 5e7)]["exposed_comm_ms"] > 4 * at64[(2, 1, 0.5, True, 5e7)]["exposed_comm_ms"]
     assert (folder / "bench_scaling.png").stat().st_size > 1000
     summary = summarize.summarize(folder).read_text()
-    for name in ("bench_attention", "bench_step", "bench_scaling", "bench_decode"):
+    for name in ("bench_attention", "bench_step", "bench_scaling", "bench_decode", "bench_memory"):
         assert f"## {name}" in summary
-    assert "ring" in summary and "| torch |" in summary and "![bench_step](bench_step.png)" in summary
-    assert (folder / "bench_attention.png").is_file() and (folder / "bench_step.png").is_file()
+    assert summary.count("- Compared against:") == summary.count("\n## ") and "- Verdict:" in summary
+    assert "setting(s) at >= 90% on 64 nodes" in summary and "| torch |" in summary
+    assert "![bench_step](bench_step.png)" in summary and (folder / "bench_attention.png").is_file()
 
 
-def test_ring_traffic_by_zero_stage():
-    # 100M bf16 parameters over 16 GPUs (2 nodes) at 50 GB/s per GPU, no latency
-    args = dict(params=100_000_000, precision="bf16", gpus=16, gpus_per_node=8, intra_gbs=400.0,
-                inter_gbs_per_gpu=50.0, alpha_us=0.0, bucket=50_000_000)
-    zero2 = bench_scaling.comm_seconds(stage=2, **args)
-    assert zero2 == pytest.approx(2 * 15 / 16 * 100e6 * 2 / 50e9)
-    assert bench_scaling.comm_seconds(stage=3, **args) == pytest.approx(1.5 * zero2)
-    assert bench_scaling.comm_seconds(stage=2, **{**args, "gpus": 1}) == 0
+def test_scaling_refuses_a_cpu_step_time(smoke):
+    with pytest.raises(SystemExit, match="measured on a CPU"):
+        bench_scaling.main(["--step-json", str(smoke[0] / "bench_step.json"), "--preset", "tiny",
+                            "--micro-batch", "2", "--out", str(smoke[0] / "refused")])
+
+
+def test_logged_traffic_per_zero_stage():
+    """The bytes DeepSpeed logs per optimizer step (comm_model's reading of its code), by hand."""
+    counts = ParamCounts(trainable=100, total=120, persistent=20)
+
+    def logged(stage, accum, **zero):
+        ds = {"gradient_accumulation_steps": accum, "zero_optimization": {"stage": stage, **zero}}
+        return logged_elements(counts, ds, world=4)
+
+    assert logged(1, 4) == {"all_reduce": 100, "all_gather_into_tensor": 25}  # once per step
+    assert logged(2, 4) == {"all_reduce": 400, "all_gather_into_tensor": 25}  # every micro-batch
+    assert logged(2, 4, use_multi_rank_bucket_allreduce=False) == {"reduce": 400, "all_gather_into_tensor": 25}
+    assert logged(3, 4) == {"reduce_scatter_tensor": 400, "all_gather_into_tensor": (4 * 100 + 20) / 4}
+    assert logged(3, 4, stage3_max_reuse_distance=10) == {"reduce_scatter_tensor": 400,
+                                                          "all_gather_into_tensor": (8 * 100 + 20) / 4}
+    # on the wire (ring): all-reduce 2 (n-1)/n, all-gather (n-1)/n of the gathered whole
+    assert wire_bytes({"all_reduce": 100.0, "all_gather_into_tensor": 25.0}, 4) == pytest.approx(150 + 75)
+    with pytest.raises(ValueError, match="stages 1, 2 and 3"):
+        logged(0, 1)
+
+
+def test_more_bandwidth_less_exposed_time():
+    counts = ParamCounts(trainable=10**8, total=10**8, persistent=0)
+    slow, fast = Cluster(inter_gbs=10.0), Cluster(inter_gbs=100.0)
+    setting = Setting(stage=2, grad_accum=4)
+    assert efficiency(counts, setting, 64, 0.05, fast)["efficiency"] > efficiency(counts, setting, 64, 0.05, slow)["efficiency"]
+    assert efficiency(counts, setting, 1, 0.05, slow)["efficiency"] == 1
+
+
+@pytest.mark.launcher
+def test_predicted_bytes_match_the_comms_logger(tmp_path):
+    """bench_comms on 2 gloo ranks through the real launcher: the model's bytes per optimizer
+    step against DeepSpeed's comms logger, tiny, ZeRO-2 with accumulation (reduces per micro-batch)."""
+    from pretrain_helpers import run_launcher
+
+    run_launcher(str(REPO / "benchmarks" / "bench_comms.py"),
+                 ["--presets", "tiny", "--zero", "2", "--grad-accum", "2", "--steps", "1", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_comms.json").read_text())["rows"]
+    (total,) = [r for r in rows if r["op"] == "TOTAL"]
+    assert abs(total["error"]) <= 0.05, rows
+    reduce = next(r for r in rows if r["op"] == "all_reduce")
+    gather = next(r for r in rows if r["op"] == "all_gather_into_tensor")
+    assert reduce["measured_mb"] == pytest.approx(4 * gather["measured_mb"], rel=0.01)  # 2 reductions, half shards
 
 
 def test_common_helpers(tmp_path, monkeypatch):
@@ -111,6 +173,15 @@ def test_common_helpers(tmp_path, monkeypatch):
     assert results_dir() == tmp_path / "r" and (tmp_path / "r").is_dir()
     table = markdown_table([{"a": 1.23456, "b": None}], ["a", "b"])
     assert table.splitlines()[2] == "| 1.23 | - |"
+    first, second = new_run_dir("cpu-smoke", tmp_path), new_run_dir("cpu smoke", tmp_path)
+    assert first != second and first.name.endswith("-cpu-smoke") and second.is_dir()  # never shared
+    stats = spread([3.0, 1.0, 2.0, 2.0])
+    assert stats["median"] == 2.0 and stats["spread"] == pytest.approx(0.5)
+    order = []
+    times = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                        torch.device("cpu"), warmup=1, repeats=2)
+    assert order == ["a", "b"] * 3 and [len(v) for v in times.values()] == [2, 2]
+    assert verdict(0.45, 0.4) == "met" and verdict(0.06, 0.05, higher_is_better=False) == "not met"
 
 
 def test_gpu_check_dry_run_uses_real_flags():
@@ -126,3 +197,10 @@ def test_gpu_check_dry_run_uses_real_flags():
     args = bench_step.parse(step)
     assert args.presets == ["pixelbert-r50"] and args.precision == ["bf16"] and args.image == [800, 1333]
     assert args.sampling == ["on", "off"]
+    import bench_compile
+    import bench_memory
+
+    memory = next(l for l in out if "bench_memory.py" in l).split("bench_memory.py ")[1].split()
+    assert bench_memory.parse(memory).image == [800, 1333] and bench_memory.parse(memory).micro_batch == 2
+    compile_args = next(l for l in out if "bench_compile.py" in l).split("bench_compile.py ")[1].split()
+    assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]

@@ -1,0 +1,162 @@
+"""Measured bytes per optimizer step from DeepSpeed's communication logger, next to what
+``bench_scaling``'s traffic model predicts, for each ZeRO stage and gradient accumulation.
+
+    deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets tiny --zero 1 2 3 --grad-accum 1 4
+    deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets pixelbert-r50 --image 128 128
+
+Each config builds ``build_model(preset)`` with the hybrid optimiser and the stage's JSON
+from deepspeed_configs/ (filled as the trainer fills it) plus ``"comms_logger": {"enabled":
+true, "prof_all": true}``, runs ``--warmup`` optimizer steps (ZeRO-3 records its parameter
+trace in the first), clears the logger, runs ``--steps`` optimizer steps of ``grad_accum``
+micro-batches each, and divides the logged message bytes per collective by ``--steps``.
+The logger counts every collective DeepSpeed issues through ``deepspeed.comm``, with the
+message size it logs (the input tensor: the local shard for an all-gather, the full
+buffer for an all-reduce). The byte count depends on parameter counts, dtype, stage,
+accumulation and buckets, not on the image size, so pixelbert-r50 runs at a small image.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import synthetic_batch, to_device  # noqa: E402
+from comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings  # noqa: E402
+from common import ROOT, results_dir, write_results  # noqa: E402
+
+COLUMNS = ["preset", "zero", "grad_accum", "world", "op", "predicted_mb", "measured_mb", "error",
+           "calls", "wire_mb_predicted", "wire_mb_measured"]
+
+
+def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: int, ds_extra: dict):
+    import deepspeed
+
+    from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
+    from pixelbert_dist.model import build_model
+    from pixelbert_dist.train.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(preset)
+    ds = fill_deepspeed_config(ROOT / "deepspeed_configs" / f"zero{stage}.json", micro_batch=micro,
+                               grad_accum=grad_accum, world_size=world, grad_clip=1.0, precision="fp32")
+    ds["zero_optimization"].update(ds_extra)
+    ds.update(steps_per_print=10**9,
+              comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()),
+                                      config=ds)
+    return engine, ds, precision_of(ds)
+
+
+def optimizer_steps(engine, source, count: int, grad_accum: int, dtype) -> None:
+    for _ in range(count * grad_accum):
+        out = engine(to_device(next(source), torch.device("cpu"), dtype))
+        engine.backward(out["loss"])
+        engine.step()  # DeepSpeed steps the optimizer on the accumulation boundary only
+
+
+def logged_bytes_per_step(steps: int) -> dict[str, dict]:
+    """{op: {"bytes": per optimizer step, "calls": per optimizer step}} from the logger."""
+    from deepspeed.comm.comm import comms_logger
+
+    out = {}
+    for name, sizes in comms_logger.get_raw_data().items():
+        total = sum(size * vals[0] for size, vals in sizes.items())
+        calls = sum(vals[0] for vals in sizes.values())
+        out[name] = {"bytes": total / steps, "calls": calls / steps}
+    return out
+
+
+def measure(args, preset: str, stage: int, grad_accum: int, world: int, rank: int) -> list[dict]:
+    import deepspeed.comm as ds_comm
+    from deepspeed.comm.comm import comms_logger
+
+    from pixelbert_dist.model import preset_config
+
+    engine, ds, precision = build_engine(preset, stage, grad_accum, args.micro_batch, world,
+                                         args.ds_extra)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    vocab = preset_config(preset).vocab_size
+    source = itertools.cycle([synthetic_batch(args.micro_batch, tuple(args.image), args.text_len, vocab,
+                                              seed=rank * 10 + s) for s in (0, 1)])
+    optimizer_steps(engine, source, args.warmup, grad_accum, dtype)
+    ds_comm.barrier()
+    comms_logger.reset_data()
+    optimizer_steps(engine, source, args.steps, grad_accum, dtype)
+    measured = logged_bytes_per_step(args.steps)
+    comms_logger.reset_data()
+    elem_bytes = torch.tensor([], dtype=engine.communication_data_type).element_size()
+    counts = ParamCounts.of_preset(preset, zero_settings(ds)["persistence"])
+    predicted = predict_logged_bytes(counts, ds, world, elem_bytes)
+    engine.destroy()
+    rows = []
+    for op in sorted(set(measured) | set(predicted)):
+        pred, meas = predicted.get(op, 0.0), measured.get(op, {}).get("bytes", 0.0)
+        rows.append({"preset": preset, "zero": stage, "grad_accum": grad_accum, "world": world, "op": op,
+                     "predicted_mb": pred / 1e6, "measured_mb": meas / 1e6,
+                     "error": (pred - meas) / meas if meas else (0.0 if not pred else None),
+                     "calls": measured.get(op, {}).get("calls", 0.0), "precision": precision})
+    total_pred, total_meas = sum(predicted.values()), sum(v["bytes"] for v in measured.values())
+    rows.append({"preset": preset, "zero": stage, "grad_accum": grad_accum, "world": world, "op": "TOTAL",
+                 "predicted_mb": total_pred / 1e6, "measured_mb": total_meas / 1e6,
+                 "error": (total_pred - total_meas) / total_meas, "precision": precision,
+                 "calls": sum(v["calls"] for v in measured.values()),
+                 "wire_mb_predicted": wire_bytes(predicted, world) / 1e6,
+                 "wire_mb_measured": wire_bytes({k: v["bytes"] for k, v in measured.items()}, world) / 1e6,
+                 "params_trainable": counts.trainable, "params_total": counts.total,
+                 "params_persistent": counts.persistent})
+    return rows
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny"])
+    parser.add_argument("--zero", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
+    parser.add_argument("--grad-accum", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--image", nargs=2, type=int, default=[64, 64], metavar=("H", "W"))
+    parser.add_argument("--text-len", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per config")
+    parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
+    parser.add_argument("--ds-extra", type=_json, default={},
+                        help='JSON merged into zero_optimization, e.g. \'{"reduce_bucket_size": 1e6}\'')
+    parser.add_argument("--out", default=None, help="results folder")
+    parser.add_argument("--name", default="bench_comms", help="results file name (no .json)")
+    parser.add_argument("--append", action="store_true", help="add the rows to an existing results file")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
+    return parser.parse_args(argv)
+
+
+def _json(text: str) -> dict:
+    return json.loads(text)
+
+
+def main(argv=None) -> list[dict]:
+    import torch.distributed as dist
+
+    from pixelbert_dist.distributed.env import init_distributed
+
+    args = parse(argv)
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows = []
+    for preset, stage, accum in itertools.product(args.presets, args.zero, args.grad_accum):
+        rows += measure(args, preset, stage, accum, world, rank)
+    if rank == 0:
+        config = {k: v for k, v in vars(args).items() if k not in ("out", "local_rank")}
+        config["measured"] = "DeepSpeed comms_logger, logged message bytes per optimizer step (rank 0)"
+        config["baseline"] = "DeepSpeed's comms logger (measured) for comm_model's prediction"
+        config["target"] = "|predicted - measured| / measured <= 5% for every TOTAL row"
+        path = results_dir(args.out) / f"{args.name}.json"
+        if args.append and path.is_file():  # one launch per config keeps each rank's memory small
+            rows = json.loads(path.read_text())["rows"] + rows
+        write_results(args.name, rows, config, args.out, COLUMNS)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""torch.compile against eager: the Trainer's step (``engine(batch)``, ``engine.backward``,
+``engine.step``) through two DeepSpeed engines over the same model, one compiled with
+``engine.compile()`` as ``train.compile=true`` does, timed in one process with
+interleaved repeats (eager, compiled, eager, compiled, ...) so shared-machine load hits
+both alike.
+
+    python benchmarks/bench_compile.py                           # tiny, CPU
+    python benchmarks/bench_compile.py --presets tiny pixelbert-r50 --image 128 128
+    python benchmarks/bench_compile.py --presets pixelbert-r50 --precision bf16 --micro-batch 8   # GPU
+
+The first compiled step (tracing + code generation) is reported apart as ``compile_s``;
+the verdict says "compile wins" only when the compiled median beats eager's by more than
+the larger of the two spreads.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import IMAGE, build_engine, synthetic_batch, to_device  # noqa: E402
+from common import interleaved, spread, write_results  # noqa: E402
+
+COLUMNS = ["preset", "precision", "micro_batch", "image", "eager_ms", "eager_spread", "compiled_ms",
+           "compiled_spread", "speedup", "compile_s", "verdict"]
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def step_fn(engine, source, device, dtype):
+    def step():
+        out = engine(to_device(next(source), device, dtype))
+        engine.backward(out["loss"])
+        engine.step()
+        return out["loss"].detach()
+    return step
+
+
+def compare(args, preset: str, device: torch.device) -> dict:
+    from pixelbert_dist.model import preset_config
+
+    hw = tuple(args.image) if args.image else IMAGE[preset]
+    vocab = preset_config(preset).vocab_size
+    source = itertools.cycle([synthetic_batch(args.micro_batch, hw, args.text_len, vocab, s) for s in (0, 1)])
+    eager, used = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
+    compiled, _ = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
+    compiled.compile()
+    fns = {"eager": step_fn(eager, source, device, _DTYPES[used]),
+           "compiled": step_fn(compiled, source, device, _DTYPES[used])}
+    start = time.perf_counter()
+    fns["compiled"]()  # tracing and code generation happen here
+    compile_s = time.perf_counter() - start
+    times = interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
+    e, c = spread(times["eager"]), spread(times["compiled"])
+    speedup = e["median"] / c["median"]
+    wins = speedup - 1 > max(e["spread"], c["spread"])
+    loses = 1 - speedup > max(e["spread"], c["spread"])
+    for engine in (eager, compiled):
+        engine.destroy()
+    return {"preset": preset, "precision": used, "micro_batch": args.micro_batch, "image": f"{hw[0]}x{hw[1]}",
+            "eager_ms": e["median"] * 1e3, "eager_spread": e["spread"], "compiled_ms": c["median"] * 1e3,
+            "compiled_spread": c["spread"], "speedup": speedup, "compile_s": compile_s, "repeats": args.repeats,
+            "eager_all_ms": [t * 1e3 for t in times["eager"]],
+            "compiled_all_ms": [t * 1e3 for t in times["compiled"]],
+            "verdict": "compile wins" if wins else "compile loses" if loses else "no clear difference"}
+
+
+def parse(argv):
+    gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny"])
+    parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
+    parser.add_argument("--precision", default="bf16" if gpu else "fp32", choices=list(_DTYPES))
+    parser.add_argument("--micro-batch", type=int, default=8 if gpu else 2)
+    parser.add_argument("--image", nargs=2, type=int, default=None, metavar=("SHORTER", "LONGER"))
+    parser.add_argument("--text-len", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps of each variant, interleaved")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the compile step")
+    parser.add_argument("--out", default=None, help="results folder")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    from pixelbert_dist.distributed.env import device_for, init_distributed
+
+    args = parse(argv)
+    device = device_for(init_distributed())
+    rows = [compare(args, preset, device) for preset in args.presets]
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(baseline="eager step of the same model and batches, interleaved in one process",
+                  target="compiled median faster than eager by more than the spread (else keep train.compile off)")
+    write_results("bench_compile", rows, config, args.out, COLUMNS)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
