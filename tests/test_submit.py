@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pixelbert_dist.jobs import snapshot, submission, task
+from pixelbert_dist.jobs import snapshot, submission
+from pixelbert_dist.jobs import task as job_task
 from pixelbert_dist.jobs.options import SubmitError, parse_slurm_time
 from pixelbert_dist.jobs.plan import expand_sweep
 
@@ -129,10 +130,10 @@ def test_paths_in_the_script_are_validated(capsys, tmp_path, output_dir, bad):
 
 
 def test_visible_gpus_are_shared_among_the_node_tasks():
-    assert task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 1, 2) == "2,3"
-    assert task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 3, 4) == "3"
-    assert task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 0, 1) == "0,1,2,3"
-    assert task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0"}, 0, 1) is None
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 1, 2) == "2,3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 3, 4) == "3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 0, 1) == "0,1,2,3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0"}, 0, 1) is None
 
 
 def test_slurm_refusal_is_one_line_with_a_hint():
@@ -168,14 +169,14 @@ def test_task_environment(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     for key in ("MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "RANK"):
         monkeypatch.delenv(key, raising=False)
-    env = task._task_environment(6, str(tmp_path))
+    env = job_task._task_environment(6, str(tmp_path))
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
     assert env["CUDA_VISIBLE_DEVICES"] == "5"           # this task's GPU only
     assert env["NCCL_DEBUG"] == "INFO"                  # the user's choice stays
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "6"
     assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
     assert 20000 <= int(env["MASTER_PORT"]) <= 60000    # the same on every task of the job
-    assert task._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
+    assert job_task._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
 
 
 # ---- a real local job -----------------------------------------------------------------
@@ -205,7 +206,7 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     reaches the tasks mid-run: rank 0's checkpoint() stops the trainer, which saves;
     the job requeues and the second attempt continues from the saved step."""
     out, total = tmp_path / "out", 10
-    env = {k: v for k, v in os.environ.items() if k not in task.RANK_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in job_task.RANK_VARS}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--gpus-per-node", "2",
            "--cpus-per-task", "1", "--time", "20", "--output-dir", str(out), "--",

@@ -13,7 +13,6 @@ the same time the same way.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -29,6 +28,7 @@ from pixelbert_dist.distributed.env import (RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TI
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENTRY = "pixelbert_dist.train.run"
+TRAINER_MODULE = "pixelbert_dist.jobs.trainer_process"  # the child: see that module
 
 
 def _rendezvous(dist, environ: dict) -> tuple[str, str]:
@@ -94,7 +94,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
 
     def command(self) -> list[str]:
         # -P: the working directory (the user's checkout) must not shadow the snapshot
-        return [sys.executable, "-P", "-m", __name__, "--child", self.entry, *self.argv]
+        return [sys.executable, "-P", "-m", TRAINER_MODULE, self.entry, *self.argv]
 
     def _latest(self) -> str | None:
         return read_latest(Path(self.run_dir) / "checkpoints") if self.run_dir else None
@@ -169,16 +169,3 @@ def _reap(child: subprocess.Popen, timeout_s: float) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def _child_main(argv: list[str]) -> int:
-    """The trainer process: ``python -m pixelbert_dist.jobs.task --child ENTRY ...``."""
-    # Slurm may signal every process of a step; USR2 is for the submitit task, which
-    # forwards it as SIGUSR1. Left at its default, USR2 would kill the trainer unsaved.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    entry, rest = argv[1], argv[2:]
-    return int(importlib.import_module(entry).main(rest) or 0)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    sys.exit(_child_main(sys.argv[1:]))

@@ -65,8 +65,8 @@ JobRequeue=1
 MinJobAge=600
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-# a job past its time limit gets SIGTERM, then SIGKILL this many seconds later
-KillWait=15
+# a job past its time limit gets SIGTERM, then SIGKILL this many seconds later (time to save)
+KillWait=30
 OverTimeLimit=0
 InactiveLimit=0
 SlurmctldTimeout=30
