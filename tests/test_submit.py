@@ -262,3 +262,23 @@ def test_the_plumbing_layer_does_not_import_the_app():
             for name in names:
                 assert not name.startswith(("pixelbert_dist.train", "pixelbert_dist.jobs",
                                             "pixelbert_dist.finetune")), f"{path.name}: {name}"
+
+
+@pytest.mark.slow
+def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch):
+    """A trainer that dies in a --local job: the console shows the task's last error lines,
+    not only "see the log"."""
+    for key in job_task.RANK_VARS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(REPO)
+    missing = tmp_path / "no_shards_here"
+    rc = submit_cli.main(["--local", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
+                          "--output-dir", str(tmp_path / "out"), "--", "--deepspeed_config", DS,
+                          "--config", "launch/configs/demo_cpu.yaml", f"data.train_shards={missing}",
+                          f"data.val_shards={missing}", "train.max_steps=2", "data.backend=pil"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "failed" in err and "--- task 0, last lines of" in err
+    tail = err.split("--- task 0, last lines of", 1)[1]
+    assert str(missing) in tail  # the trainer's own error, naming what is wrong
+    assert "submitit ERROR" not in tail

@@ -115,7 +115,8 @@ def test_time_limit_checkpoints_requeues_and_resumes(two_node_jobs):
     assert wait_final(ref_id)["JobState"] == "COMPLETED"
     reference = {r["step"]: r["loss"] for r in train_rows(ref_out / "run" / "metrics.jsonl")}
     resumed = {r["step"]: r["loss"] for r in rows if r["step"] > stopped_at}
-    assert resumed == pytest.approx({s: reference[s] for s in resumed}, rel=1e-5, abs=1e-6)
+    # same ranks, same data order, gloo on CPU: the resumed run is the same run, bit for bit
+    assert resumed == {s: reference[s] for s in resumed}
 
 
 def test_two_node_pretraining_completes(two_node_jobs):
@@ -124,7 +125,8 @@ def test_two_node_pretraining_completes(two_node_jobs):
     record = wait_final(job_id)
     assert record["JobState"] == "COMPLETED", task_log(out, job_id, 0, "err")[-3000:]
     assert (record["NumNodes"], record["NodeList"], record["Restarts"]) == ("2", "node[1-2]", "0")
-    assert "[submit] attempt 0 rank 0/2" in task_log(out, job_id, 0)
+    # the master is node1 at its NodeAddr: node names need not resolve outside Slurm
+    assert "[submit] attempt 0 rank 0/2 master 127.0.0.1:" in task_log(out, job_id, 0)
     assert "[submit] attempt 0 rank 1/2" in task_log(out, job_id, 1)
     rows = train_rows(out / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
