@@ -8,35 +8,20 @@ keeps finished jobs for MinJobAge = 10 minutes).
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from slurm_helpers import CLUSTER_CONF, cluster_reason
 
 REPO = Path(__file__).resolve().parents[2]
-CLUSTER_CONF = Path(os.environ.get("PIXELBERT_SLURM_DIR", "/tmp/pixelbert_slurm")) / "slurm.conf"
-NOT_RUNNING = "no Slurm cluster: start one with tests/slurm/cluster.sh start (the slurm lane needs it)"
-
-
-def _cluster_reason() -> str | None:
-    """None when the local cluster answers with two idle nodes, else why not."""
-    if not shutil.which("sinfo") or not CLUSTER_CONF.is_file():
-        return NOT_RUNNING
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
-                             timeout=20, env={**os.environ, "SLURM_CONF": str(CLUSTER_CONF)}).stdout
-    except (subprocess.SubprocessError, OSError):
-        return NOT_RUNNING
-    return None if len(re.findall(r"^node[12] ", out, re.M)) == 2 else NOT_RUNNING
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Path:
     """Skips (one reason for the whole lane) unless the local cluster runs."""
-    reason = _cluster_reason()
+    reason = cluster_reason()
     if reason:
         pytest.skip(reason)
     return CLUSTER_CONF

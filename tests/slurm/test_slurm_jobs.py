@@ -15,14 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_helpers import (job_record, job_records, scontrol, task_log, train_rows, wait_final,
-                           wait_train_steps)
+from slurm_helpers import (cluster_reason, job_record, job_records, scontrol, task_log, train_rows,
+                           wait_final, wait_train_steps)
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "launch"))
 import submit as submit_cli  # noqa: E402
 
 pytestmark = pytest.mark.slurm
+if cluster_reason():  # one line for the whole lane, not one per test
+    pytest.skip(cluster_reason(), allow_module_level=True)
 
 DS = "deepspeed_configs/zero2.json"
 STEPS = 30
