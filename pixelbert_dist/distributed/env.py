@@ -35,7 +35,6 @@ import torch
 RENDEZVOUS_TIMEOUT_VAR = "PIXELBERT_RENDEZVOUS_TIMEOUT_S"
 RENDEZVOUS_SOURCE_VAR = "PIXELBERT_RENDEZVOUS_SOURCE"  # set by job launchers: how they chose
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # once every rank is in: torch's default
 
 
 class RendezvousError(RuntimeError):
@@ -249,13 +248,14 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def rendezvous(env: DistEnv, timeout_s: float) -> "torch.distributed.TCPStore":
+def rendezvous(env: DistEnv, timeout_s: float,
+               then: timedelta = timedelta(minutes=30)) -> "torch.distributed.TCPStore":
     """Meet every rank at MASTER_ADDR:MASTER_PORT (rank 0 serves) within ``timeout_s``.
 
     torch's own ``env://`` rendezvous retries for the whole process-group timeout (30
     min), longer than many time limits, and a client talking to a socket that never
     answers waits forever: the meeting runs in a thread with its own bound, and the
-    store gets the usual timeout once everyone is in.
+    store gets the usual timeout (``then``) once everyone is in.
     """
     outcome: dict = {}
 
@@ -279,7 +279,7 @@ def rendezvous(env: DistEnv, timeout_s: float) -> "torch.distributed.TCPStore":
             f"They came from: {env.source or env.launcher}. Check that every node resolves and "
             f"reaches {env.master_addr}:{env.master_port} and that no other process holds the port "
             f"(set MASTER_ADDR/MASTER_PORT to choose them; {RENDEZVOUS_TIMEOUT_VAR} sets the bound)")
-    outcome["store"].set_timeout(COLLECTIVE_TIMEOUT)
+    outcome["store"].set_timeout(then)
     return outcome["store"]
 
 
@@ -291,6 +291,7 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     """
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.constants import default_pg_timeout  # 10 min, or DEEPSPEED_TIMEOUT
 
     env = env or detect_env()
     if dist.is_initialized():
@@ -301,9 +302,9 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     else:
         share_cpu_threads(env)
     if not torch.distributed.is_initialized():
-        store = rendezvous(env, rendezvous_timeout_s())
+        store = rendezvous(env, rendezvous_timeout_s(), then=default_pg_timeout)
         torch.distributed.init_process_group(backend_for(), store=store, rank=env.rank,
-                                             world_size=env.world_size, timeout=COLLECTIVE_TIMEOUT)
+                                             world_size=env.world_size, timeout=default_pg_timeout)
     # DeepSpeed adopts the group torch already has
     deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False,
                                verbose=False)

@@ -31,7 +31,7 @@ ENTRY = "pixelbert_dist.train.run"
 TRAINER_MODULE = "pixelbert_dist.jobs.trainer_process"  # the child: see that module
 
 
-def _rendezvous(dist, environ: dict) -> tuple[str, str]:
+def _master_address(dist, environ: dict) -> tuple[str, str]:
     """MASTER_ADDR and a sentence on how it and MASTER_PORT were chosen."""
     port_how = ("MASTER_PORT exported where the job was submitted" if environ.get("MASTER_PORT")
                 else "MASTER_PORT derived from the job id")
@@ -56,7 +56,7 @@ def _task_environment(cpus_per_task: int, code_dir: str,
     """The trainer's environment: rank variables, CUDA devices, NCCL/OMP defaults."""
     dist = submitit.helpers.TorchDistributedEnvironment()
     env = dict(os.environ)
-    addr, source = _rendezvous(dist, env)
+    addr, source = _master_address(dist, env)
     env.update(MASTER_ADDR=addr, MASTER_PORT=str(dist.master_port),
                RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size),
                LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size))

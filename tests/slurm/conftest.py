@@ -7,7 +7,6 @@ keeps finished jobs for MinJobAge = 10 minutes).
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
