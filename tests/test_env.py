@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +125,48 @@ def test_cpu_ranks_split_the_cores_unless_omp_says_otherwise():
         assert share_cpu_threads(DistEnv(local_world_size=1), environ={"OMP_NUM_THREADS": "1"}) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_rendezvous_on_a_held_port_fails_at_once_with_the_reason():
+    """Rank 0 cannot serve on a port another process holds: a RendezvousError naming the
+    address, the port, where they came from and what the OS said."""
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    env = DistEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port,
+                  source="MASTER_PORT from the environment")
+    try:
+        with pytest.raises(envmod.RendezvousError) as err:
+            envmod.rendezvous(env, timeout_s=5)
+    finally:
+        holder.close()
+    message = str(err.value)
+    assert f"MASTER_ADDR=127.0.0.1 MASTER_PORT={port}" in message
+    assert "They came from: MASTER_PORT from the environment" in message
+    assert "address already in use" in message
+
+
+def test_rendezvous_with_a_silent_master_ends_within_the_bound(tmp_path):
+    """A client whose master accepts and never answers (another job's stale socket) would
+    wait forever in torch's store: the bound ends it, and the process exits 1 (a
+    subprocess: the stuck store thread makes the process leave with os._exit)."""
+    script = tmp_path / "rdzv.py"
+    script.write_text(
+        "import socket, sys, time\n"
+        "from pixelbert_dist.distributed.env import DistEnv, RendezvousError, rendezvous\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen()\n"
+        "env = DistEnv(rank=1, world_size=2, master_addr='127.0.0.1',\n"
+        "              master_port=s.getsockname()[1], source='a test')\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    rendezvous(env, timeout_s=2)\n"
+        "except RendezvousError as err:\n"
+        "    print(f'{time.monotonic() - start:.1f}', err, flush=True)\n"
+        "    sys.exit(1)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(envmod.__file__).parents[2])})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    seconds, message = proc.stdout.split(" ", 1)
+    assert float(seconds) < 10  # the bound (2 s) and a margin for a busy machine
+    assert "did not complete within 2 s" in message and "no answer from the master" in message

@@ -1,4 +1,4 @@
-"""launch/submit.py and pixelbert_dist.distributed.slurm: validation, dry-run, sweeps,
+"""launch/submit.py and pixelbert_dist.jobs: validation, dry-run, sweeps,
 the code snapshot, the task environment, and a real 2-task local job that is
 interrupted (as at a time limit), checkpoints, requeues and resumes."""
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pixelbert_dist.distributed import slurm
-from pixelbert_dist.distributed.slurm import SubmitError, expand_sweep, parse_slurm_time
+from pixelbert_dist.jobs import snapshot, submission
+from pixelbert_dist.jobs import task as job_task
+from pixelbert_dist.jobs.options import SubmitError, parse_slurm_time
+from pixelbert_dist.jobs.plan import expand_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "launch"))
@@ -101,12 +103,53 @@ def test_missing_separator_and_stray_argument(capsys, tmp_path):
     assert rc == 2 and "--bogus" in err
 
 
+def test_cpu_nodes_and_tasks_per_node(capsys, tmp_path):
+    """--gpus-per-node 0: CPU nodes, one task each, no gres line; tasks apart from GPUs."""
+    rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--nodes", "2", "--gpus-per-node", "0")
+    assert rc == 0
+    assert "#SBATCH --ntasks-per-node=1" in out
+    assert "gpus" not in out and "gres" not in out
+    rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--gpus-per-node", "8", "--tasks-per-node", "2")
+    assert rc == 0
+    assert "#SBATCH --ntasks-per-node=2" in out and "#SBATCH --gpus-per-node=8" in out
+    rc, _, err = _cli(capsys, tmp_path, "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2")
+    assert rc == 0
+    rc, _, err = _cli(capsys, tmp_path, "--gpus-per-node", "8", "--tasks-per-node", "3")
+    assert rc == 2 and "not a multiple of --tasks-per-node 3" in err
+
+
+@pytest.mark.parametrize("output_dir,bad", [("runs/a\nsrun rm -rf ~", "\n"), ("runs/a\rb", "\r"),
+                                            ("runs/100%j", "%"), ("runs/my run", " ")])
+def test_paths_in_the_script_are_validated(capsys, tmp_path, output_dir, bad):
+    """A newline in --output-dir would end the #SBATCH header and run a line of shell."""
+    rc = submit_cli.main(["--dry-run", "--output-dir", str(tmp_path / output_dir), "--",
+                          "--deepspeed_config", DS, "data.train_shards=/data/x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--output-dir" in err and repr(bad) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_visible_gpus_are_shared_among_the_node_tasks():
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 1, 2) == "2,3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 3, 4) == "3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, 0, 1) == "0,1,2,3"
+    assert job_task._visible_gpus({"CUDA_VISIBLE_DEVICES": "0"}, 0, 1) is None
+
+
+def test_slurm_refusal_is_one_line_with_a_hint():
+    message = ("sbatch: error: Invalid generic resource (gres) specification\n")
+    err = submission.slurm_error("sbatch", message)
+    assert str(err) == ("sbatch refused the job: sbatch: error: Invalid generic resource (gres) "
+                        "specification -> this cluster has no such GPUs: use --gpus-per-node 0 "
+                        "for CPU nodes, or a partition with GPUs")
+
+
 def test_code_snapshot_is_isolated(tmp_path):
     outside = tmp_path / "my.yaml"
     outside.write_text("train:\n  micro_batch: 4\n")
-    copies = slurm.snapshot_code(tmp_path / "code", [DS, str(outside)])
+    copies = snapshot.snapshot_code(tmp_path / "code", [DS, str(outside)])
     code = tmp_path / "code"
-    assert (code / "pixelbert_dist" / "distributed" / "slurm.py").is_file()
+    assert (code / "pixelbert_dist" / "jobs" / "task.py").is_file()
     assert (code / "launch" / "submit.py").is_file()
     assert copies[DS] == str(code / DS)
     outside.write_text("train:\n  micro_batch: 64\n")  # a later edit does not reach the job
@@ -114,7 +157,7 @@ def test_code_snapshot_is_isolated(tmp_path):
     assert not list(code.rglob("__pycache__"))
     assert json.loads((code / "SNAPSHOT.json").read_text())["commit"]
     with pytest.raises(SubmitError, match="already exists"):
-        slurm.snapshot_code(code, [DS])
+        snapshot.snapshot_code(code, [DS])
 
 
 def test_task_environment(monkeypatch, tmp_path):
@@ -126,14 +169,14 @@ def test_task_environment(monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
     for key in ("MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "RANK"):
         monkeypatch.delenv(key, raising=False)
-    env = slurm._task_environment(6, str(tmp_path))
+    env = job_task._task_environment(6, str(tmp_path))
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
     assert env["CUDA_VISIBLE_DEVICES"] == "5"           # this task's GPU only
     assert env["NCCL_DEBUG"] == "INFO"                  # the user's choice stays
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "6"
     assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
     assert 20000 <= int(env["MASTER_PORT"]) <= 60000    # the same on every task of the job
-    assert slurm._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
+    assert job_task._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
 
 
 # ---- a real local job -----------------------------------------------------------------
@@ -163,7 +206,7 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     reaches the tasks mid-run: rank 0's checkpoint() stops the trainer, which saves;
     the job requeues and the second attempt continues from the saved step."""
     out, total = tmp_path / "out", 10
-    env = {k: v for k, v in os.environ.items() if k not in slurm.RANK_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in job_task.RANK_VARS}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--gpus-per-node", "2",
            "--cpus-per-task", "1", "--time", "20", "--output-dir", str(out), "--",
@@ -206,3 +249,36 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     stopped_at = int(tags[0].split("_")[1])
     assert 3 <= stopped_at < total
     assert f"at step {stopped_at}" in rank0_err  # the trainer's "resumed from ... at step s"
+
+
+def test_the_plumbing_layer_does_not_import_the_app():
+    """distributed/ sits below train/ and jobs/: no import of them, not even in a function."""
+    import ast
+
+    for path in (REPO / "pixelbert_dist" / "distributed").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("pixelbert_dist.train", "pixelbert_dist.jobs",
+                                            "pixelbert_dist.finetune")), f"{path.name}: {name}"
+
+
+@pytest.mark.slow
+def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch):
+    """A trainer that dies in a --local job: the console shows the task's last error lines,
+    not only "see the log"."""
+    for key in job_task.RANK_VARS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(REPO)
+    missing = tmp_path / "no_shards_here"
+    rc = submit_cli.main(["--local", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
+                          "--output-dir", str(tmp_path / "out"), "--", "--deepspeed_config", DS,
+                          "--config", "launch/configs/demo_cpu.yaml", f"data.train_shards={missing}",
+                          f"data.val_shards={missing}", "train.max_steps=2", "data.backend=pil"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "failed" in err and "--- task 0, last lines of" in err
+    tail = err.split("--- task 0, last lines of", 1)[1]
+    assert str(missing) in tail  # the trainer's own error, naming what is wrong
+    assert "submitit ERROR" not in tail

@@ -10,18 +10,35 @@ Four ways to be started are understood, in this order of precedence:
   SLURM_JOB_NODELIST and the port is derived from the job id so every task agrees;
 * a plain ``python script.py``: rank 0 of 1 on 127.0.0.1 with a free port (DeepSpeed
   would otherwise go looking for mpi4py).
+
+The rendezvous is bounded: a rank that cannot reach MASTER_ADDR:MASTER_PORT within
+PIXELBERT_RENDEZVOUS_TIMEOUT_S (300 s by default) stops with a RendezvousError naming
+the address, the port and where they came from, instead of retrying until the job's
+time limit (and spending a requeue on a job that never reached step 1).
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import threading
+from datetime import timedelta
 from typing import Mapping
 
 import torch
+
+RENDEZVOUS_TIMEOUT_VAR = "PIXELBERT_RENDEZVOUS_TIMEOUT_S"
+RENDEZVOUS_SOURCE_VAR = "PIXELBERT_RENDEZVOUS_SOURCE"  # set by job launchers: how they chose
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+
+
+class RendezvousError(RuntimeError):
+    """The ranks could not meet at MASTER_ADDR:MASTER_PORT within the bound."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +50,8 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launcher: str = "single"  # "deepspeed" | "torchrun" | "slurm" | "single"
+    # how master_addr / master_port were chosen, for error messages (not part of equality)
+    source: str = dataclasses.field(default="", compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -87,20 +106,34 @@ def first_host(nodelist: str) -> str:
     return f"{prefix}{first}{suffix}"
 
 
-def _slurm_master(environ: Mapping[str, str]) -> str:
+def _scontrol(*args: str) -> str:
+    """``scontrol ARGS`` output, or "" where there is no scontrol or it fails."""
+    scontrol = shutil.which("scontrol")
+    if not scontrol:
+        return ""
+    try:
+        return subprocess.run([scontrol, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return ""
+
+
+def slurm_master(environ: Mapping[str, str]) -> tuple[str, str]:
+    """The rendezvous host of a Slurm job and how it was found.
+
+    The first node of SLURM_JOB_NODELIST, at the address Slurm itself reaches it by
+    (its NodeAddr): a node name need not resolve outside Slurm (two slurmd on one host,
+    clusters whose NodeAddr is an IP or a fabric interface).
+    """
     nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST") or ""
     if not nodelist:
-        return "127.0.0.1"
-    scontrol = shutil.which("scontrol")
-    if scontrol:
-        try:
-            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (subprocess.SubprocessError, OSError):
-            pass  # fall back to parsing the nodelist ourselves
-    return first_host(nodelist)
+        return "127.0.0.1", "no SLURM_JOB_NODELIST: this machine"
+    hosts = _scontrol("show", "hostnames", nodelist).split()
+    host = hosts[0] if hosts else first_host(nodelist)
+    match = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", host))
+    if match and match.group(1) not in ("(null)", host):
+        return match.group(1), f"NodeAddr of {host}, the first node of SLURM_JOB_NODELIST={nodelist}"
+    return host, f"the first node of SLURM_JOB_NODELIST={nodelist}"
 
 
 def _slurm_tasks_per_node(environ: Mapping[str, str], world_size: int) -> int:
@@ -121,7 +154,8 @@ def _from_launcher(environ: Mapping[str, str]) -> DistEnv:
     return DistEnv(rank=_int(environ, "RANK"), local_rank=_int(environ, "LOCAL_RANK", 0),
                    world_size=world, local_world_size=local_world,
                    master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-                   master_port=_int(environ, "MASTER_PORT", 29500), launcher=launcher)
+                   master_port=_int(environ, "MASTER_PORT", 29500), launcher=launcher,
+                   source=environ.get(RENDEZVOUS_SOURCE_VAR) or f"exported by the {launcher} launcher")
 
 
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
@@ -129,10 +163,16 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
     job_id = _int(environ, "SLURM_JOB_ID", 0)
     # every task computes the same port from the job id; jobs sharing a node rarely collide
     port = _int(environ, "MASTER_PORT", 15000 + job_id % 20000)
+    port_how = ("MASTER_PORT from the environment" if environ.get("MASTER_PORT")
+                else f"port derived from SLURM_JOB_ID={job_id}")
+    if environ.get("MASTER_ADDR"):
+        addr, addr_how = environ["MASTER_ADDR"], "MASTER_ADDR from the environment"
+    else:
+        addr, addr_how = slurm_master(environ)
     return DistEnv(rank=_int(environ, "SLURM_PROCID"), local_rank=_int(environ, "SLURM_LOCALID", 0),
                    world_size=world, local_world_size=_slurm_tasks_per_node(environ, world),
-                   master_addr=environ.get("MASTER_ADDR") or _slurm_master(environ),
-                   master_port=port, launcher="slurm")
+                   master_addr=addr, master_port=port, launcher="slurm",
+                   source=f"{addr_how}; {port_how}")
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -143,7 +183,8 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         return _from_slurm(environ)
     port = _int(environ, "MASTER_PORT", 0) or free_port()
-    return DistEnv(master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=port)
+    return DistEnv(master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=port,
+                   source="a single process: this machine and a free port unless MASTER_ADDR/PORT set")
 
 
 def export_env(env: DistEnv) -> None:
@@ -178,6 +219,70 @@ def share_cpu_threads(env: DistEnv, environ: Mapping[str, str] | None = None) ->
     return threads
 
 
+def rendezvous_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    environ = os.environ if environ is None else environ
+    raw = environ.get(RENDEZVOUS_TIMEOUT_VAR, "")
+    try:
+        value = float(raw) if raw else DEFAULT_RENDEZVOUS_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{RENDEZVOUS_TIMEOUT_VAR}={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise ValueError(f"{RENDEZVOUS_TIMEOUT_VAR}={raw!r} must be positive")
+    return value
+
+
+def _meet(env: DistEnv, timeout_s: float) -> "torch.distributed.TCPStore":
+    store = torch.distributed.TCPStore(
+        env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
+        timeout=timedelta(seconds=timeout_s), wait_for_workers=True)
+    # a client "connects" to whatever listens on the port (another job's server, a stale
+    # socket): only a round trip through a real store proves the meeting
+    store.set(f"pixelbert/rendezvous/{env.rank}", "1")
+    store.wait([f"pixelbert/rendezvous/{r}" for r in range(env.world_size)])
+    return store
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def rendezvous(env: DistEnv, timeout_s: float,
+               then: timedelta = timedelta(minutes=30)) -> "torch.distributed.TCPStore":
+    """Meet every rank at MASTER_ADDR:MASTER_PORT (rank 0 serves) within ``timeout_s``.
+
+    torch's own ``env://`` rendezvous retries for the whole process-group timeout (30
+    min), longer than many time limits, and a client talking to a socket that never
+    answers waits forever: the meeting runs in a thread with its own bound, and the
+    store gets the usual timeout (``then``) once everyone is in.
+    """
+    outcome: dict = {}
+
+    def meet() -> None:
+        try:
+            outcome["store"] = _meet(env, timeout_s)
+        except (RuntimeError, OSError, ValueError) as err:
+            outcome["error"] = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+    thread = threading.Thread(target=meet, name="rendezvous", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)  # the store's own timeouts usually fire first
+    if thread.is_alive():
+        # the stuck thread sits in C++: a normal interpreter exit would abort on it
+        atexit.register(_exit_now, 1)
+    if "store" not in outcome:
+        reason = outcome.get("error", "no answer from the master")
+        raise RendezvousError(
+            f"rank {env.rank} of {env.world_size}: the rendezvous at MASTER_ADDR={env.master_addr} "
+            f"MASTER_PORT={env.master_port} did not complete within {timeout_s:g} s ({reason}). "
+            f"They came from: {env.source or env.launcher}. Check that every node resolves and "
+            f"reaches {env.master_addr}:{env.master_port} and that no other process holds the port "
+            f"(set MASTER_ADDR/MASTER_PORT to choose them; {RENDEZVOUS_TIMEOUT_VAR} sets the bound)")
+    outcome["store"].set_timeout(then)
+    return outcome["store"]
+
+
 def init_distributed(env: DistEnv | None = None) -> DistEnv:
     """Start the process group once; later calls return at once.
 
@@ -186,6 +291,7 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     """
     import deepspeed
     import deepspeed.comm as dist
+    from deepspeed.constants import default_pg_timeout  # 10 min, or DEEPSPEED_TIMEOUT
 
     env = env or detect_env()
     if dist.is_initialized():
@@ -195,6 +301,11 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         torch.cuda.set_device(device_for(env))
     else:
         share_cpu_threads(env)
+    if not torch.distributed.is_initialized():
+        store = rendezvous(env, rendezvous_timeout_s(), then=default_pg_timeout)
+        torch.distributed.init_process_group(backend_for(), store=store, rank=env.rank,
+                                             world_size=env.world_size, timeout=default_pg_timeout)
+    # DeepSpeed adopts the group torch already has
     deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False,
                                verbose=False)
     return env

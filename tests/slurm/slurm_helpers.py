@@ -1,0 +1,79 @@
+"""Reading the local Slurm cluster from the tests: job records, waits, logs, metrics."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "PREEMPTED"}
+CLUSTER_CONF = Path(os.environ.get("PIXELBERT_SLURM_DIR", "/tmp/pixelbert_slurm")) / "slurm.conf"
+NOT_RUNNING = "no Slurm cluster: start one with tests/slurm/cluster.sh start (the slurm lane needs it)"
+
+
+def cluster_reason() -> str | None:
+    """None when the local cluster answers with two idle nodes, else why not."""
+    if not shutil.which("sinfo") or not CLUSTER_CONF.is_file():
+        return NOT_RUNNING
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                             timeout=20, env={**os.environ, "SLURM_CONF": str(CLUSTER_CONF)}).stdout
+    except (subprocess.SubprocessError, OSError):
+        return NOT_RUNNING
+    return None if len(re.findall(r"^node[12] ", out, re.M)) == 2 else NOT_RUNNING
+
+
+def scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+def job_records(job_id: str) -> list[dict[str, str]]:
+    """``scontrol -o show job``: one dict per job (per array element)."""
+    out = scontrol("-o", "show", "job", job_id)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+
+
+def job_record(job_id: str) -> dict[str, str]:
+    (record,) = job_records(job_id)
+    return record
+
+
+def wait_final(job_id: str, timeout_s: float = 600, release_requeued: bool = True) -> dict:
+    """Poll until the job ends. A requeued job waits ~2 min before Slurm starts it again
+    (its BeginTime): the test releases it at once (StartTime=now) to keep the lane short."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record = job_record(job_id)
+        if record["JobState"] in FINAL:
+            return record
+        if release_requeued and record["JobState"] == "PENDING" and record.get("Reason") == "BeginTime":
+            scontrol("update", f"jobid={job_id}", "StartTime=now")
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} did not end within {timeout_s} s: {job_record(job_id)}")
+
+
+def wait_train_steps(metrics: Path, at_least: int, job_id: str, timeout_s: float = 400) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(train_rows(metrics)) < at_least:
+        state = job_record(job_id)["JobState"]
+        assert state not in FINAL, f"job {job_id} ended ({state}) before step {at_least}"
+        assert time.monotonic() < deadline, f"job {job_id} logged no step {at_least} in {timeout_s} s"
+        time.sleep(1)
+
+
+def train_rows(metrics: Path) -> list[dict]:
+    if not metrics.is_file():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def task_log(out_dir: Path, job_id: str, rank: int, kind: str = "out") -> str:
+    """submitit's log of one task (``<id>_<rank>_log.out/.err``)."""
+    (folder,) = [p for p in (out_dir / "submitit").iterdir() if p.name == job_id]
+    return (folder / f"{job_id}_{rank}_log.{kind}").read_text(errors="replace")
