@@ -6,6 +6,7 @@
     python launch/make_shards.py vg --regions region_descriptions.json --image-data image_data.json \\
         --images VG_100K VG_100K_2 --out data/vg
     python launch/make_shards.py jsonl --file pairs.jsonl --out data/mine
+    python launch/make_shards.py index data/old_split     # index shards made before indexes
 
 Rerunning the same command skips the shards that are already finished.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pixelbert_dist.data.builders import build_coco, build_jsonl, build_synthetic, build_vg  # noqa: E402
+from pixelbert_dist.data.shards import ShardFormatError, index_split  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,11 +56,29 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--val-fraction", type=float, default=0.1)
     syn.add_argument("--min-size", type=int, default=96)
     syn.add_argument("--max-size", type=int, default=224)
+
+    index = sub.add_parser("index", help="write the per-shard index sidecars of an existing "
+                           "split (shards made before indexes existed)")
+    index.add_argument("directory", type=Path, help="split directory with manifest.json")
+    index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
     return parser
+
+
+def _index(args) -> int:
+    try:
+        written = index_split(args.directory, force=args.force,
+                              progress=lambda path: print(f"indexed {path}", flush=True))
+    except ShardFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.directory}: {written} shard index(es) written")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.source == "index":
+        return _index(args)
     common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers,
               "progress": not args.no_progress}
     if args.samples_per_shard < 1:
