@@ -109,6 +109,8 @@ class BatchAccounting:
     ``damaged`` counts damaged samples met (and replaced) so far in this process; each
     shard:key is named once in the log."""
 
+    damage_action = "replaced by a deterministic stand-in"
+
     def _init_accounting(self, device: torch.device) -> None:
         self.device = device
         self.valid_pixels, self.total_pixels, self.batches_seen = 0, 0, 0
@@ -125,8 +127,8 @@ class BatchAccounting:
             self.damaged += 1
             if event.where not in self._named_damage:
                 self._named_damage.add(event.where)
-                log.warning("damaged sample %s: %s; replaced by another sample (counted in "
-                            "loader.damaged)", event.where, event.reason)
+                log.warning("damaged sample %s: %s; %s (counted in loader.damaged)",
+                            event.where, event.reason, self.damage_action)
         return len(events)
 
     def _count_pixels(self, images: torch.Tensor, sizes: torch.Tensor) -> None:

@@ -128,17 +128,19 @@ class DaliImages:
         done = 0
         while done < len(batches):
             in_flight: deque = deque()
-            for batch in self._run(batches, done, flip_of, known_bad, in_flight):
+            failures: list[RuntimeError] = []
+            for batch in self._run(batches, done, flip_of, known_bad, in_flight, failures):
                 done += 1
                 yield batch
-            if done < len(batches) and not _find_undecodable(in_flight, known_bad):
+            if failures and not _find_undecodable(in_flight, known_bad):
                 raise RuntimeError(f"DALI failed on a batch holding "
-                                   f"{[s.key for rows in in_flight for s, _ in rows]}, "
-                                   "and PIL decodes every one of them")
+                                   f"{[s.key for rows in in_flight for s, _ in rows]}, and PIL "
+                                   f"decodes every one of them: {failures[0]}")
 
-    def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque):
-        """Yield from a pipeline fed from batch ``start``; return quietly on a decode
-        failure, leaving the batches fed but not yielded in ``in_flight``."""
+    def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque,
+             failures: list):
+        """Yield from a pipeline fed from batch ``start``; on a failure return quietly,
+        with the error in ``failures`` and the batches fed but not yielded in ``in_flight``."""
         cursor = iter(range(start, len(batches)))
 
         def source():
@@ -157,8 +159,9 @@ class DaliImages:
                     images, sizes = pipe.run()
                 except StopIteration:
                     return
-                except RuntimeError:
-                    return   # samples() looks for the undecodable JPEG in in_flight
+                except RuntimeError as err:
+                    failures.append(err)   # samples() looks for the culprit in in_flight
+                    return
                 rows = in_flight.popleft()
                 hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
                 used = [s for s, _ in rows]

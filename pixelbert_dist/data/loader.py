@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from pixelbert_dist.data.base import (STATE_VERSION, BatchAccounting, BatchLoader,  # noqa: F401
@@ -43,8 +44,9 @@ from pixelbert_dist.data.dali import DaliImages
 from pixelbert_dist.data.dali_wds import WebdatasetLoader
 from pixelbert_dist.data.images import swap_left_right
 from pixelbert_dist.data.sampling import EpochPlan, ShardIndex, epoch_plan
+from pixelbert_dist.data.streaming import StreamLoader, is_stream
 from pixelbert_dist.data.text import TextCollator, load_tokenizer
-from pixelbert_dist.data.torch_loader import PilImages, nvjpeg_images
+from pixelbert_dist.data.torch_loader import PilDecode, PilImages, nvjpeg_images
 
 _hash_unit = hash_unit   # the name other modules imported before base.py existed
 
@@ -58,6 +60,34 @@ class FlipRule:
 
     def __call__(self, key: str) -> bool:
         return self.enabled and hash_unit(self.seed, self.epoch, key, "flip") < 0.5
+
+
+class BatchText:
+    """The text half of a batch from the samples' keys and metadata: the caption choice
+    (a hash of seed, epoch and key), its left/right swap under a flip, and the MLM/ITM
+    collation seeded by the global batch index. Shared by the indexed and streaming loaders."""
+
+    def __init__(self, cfg: DataConfig, collator, rank: int, world_size: int, train: bool):
+        self.cfg, self.collator = cfg, collator
+        self.rank, self.world_size, self.train = rank, world_size, train
+
+    def flip_rule(self, epoch: int) -> FlipRule:
+        return FlipRule(self.cfg.seed, epoch, self.train and self.cfg.hflip)
+
+    def __call__(self, keys: list[str], metas: list[dict], flips: list[bool], is_pad, k: int,
+                 epoch: int) -> dict:
+        captions, image_ids = [], []
+        for key, meta, flip in zip(keys, metas, flips):
+            caps = meta["captions"]
+            caption = caps[int(hash_unit(self.cfg.seed, epoch, key, "caption") * len(caps))]
+            captions.append(swap_left_right(caption) if flip else caption)
+            image_ids.append(str(meta.get("image_id", key)))
+        generator = batch_generator(self.cfg.seed, epoch, k * self.world_size + self.rank)
+        out = self.collator(captions, image_ids, generator)
+        out["keys"] = list(keys)
+        out["captions"] = captions
+        out["is_pad"] = torch.as_tensor(np.asarray(is_pad, dtype=bool)).clone()
+        return out
 
 
 class PlanBatches(Sequence):
@@ -83,6 +113,7 @@ class Loader(PlannedLoader, BatchAccounting):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train = train
         self.backend = images.name
+        self.text = BatchText(cfg, collator, rank, world_size, train)
         super().__init__()
         self._init_accounting(device)
 
@@ -103,26 +134,14 @@ class Loader(PlannedLoader, BatchAccounting):
 
     # -- batches ----------------------------------------------------------------------
     def _flip_rule(self) -> FlipRule:
-        return FlipRule(self.cfg.seed, self.epoch, self.train and self.cfg.hflip)
+        return self.text.flip_rule(self.epoch)
 
     def _flip(self, key: str) -> bool:
         return self._flip_rule()(key)
 
     def _text(self, samples, flips: list[bool], is_pad, k: int) -> dict:
-        captions, image_ids, keys = [], [], []
-        for sample, flip in zip(samples, flips):
-            meta, key = self.index.meta(sample.index, sample), sample.key
-            caps = meta["captions"]
-            caption = caps[int(hash_unit(self.cfg.seed, self.epoch, key, "caption") * len(caps))]
-            captions.append(swap_left_right(caption) if flip else caption)
-            image_ids.append(str(meta.get("image_id", key)))
-            keys.append(key)
-        generator = batch_generator(self.cfg.seed, self.epoch, k * self.world_size + self.rank)
-        out = self.collator(captions, image_ids, generator)
-        out["keys"] = keys
-        out["captions"] = captions
-        out["is_pad"] = torch.as_tensor(is_pad, dtype=torch.bool).clone()
-        return out
+        metas = [self.index.meta(sample.index, sample) for sample in samples]
+        return self.text([s.key for s in samples], metas, flips, is_pad, k, self.epoch)
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan()
@@ -150,17 +169,27 @@ def images_backend(cfg: DataConfig, index: ShardIndex, batch_size: int, device: 
 
 def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu", train: bool = True,
-                 tokenizer=None) -> Loader:
-    """A Loader over ``shards_dir`` for this rank. ``train=False`` is evaluation: no
-    shuffle, no flip, no MLM masking or ITM negatives, and no sample ever dropped."""
+                 tokenizer=None) -> BatchLoader:
+    """A loader over ``shards_dir`` for this rank: a split directory (indexed, any
+    backend) or a brace pattern / URL / ``pipe:`` (streaming, ``streaming.py``).
+    ``train=False`` is evaluation: no shuffle, no flip, no MLM masking or ITM negatives,
+    and no sample ever dropped (indexed mode)."""
     cfg.validate()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    index = ShardIndex(shards_dir)
+    if is_stream(shards_dir) and cfg.backend != "pil":
+        raise ValueError(f"streamed shards ({shards_dir!r}) are decoded by data.backend='pil' "
+                         f"for now, not {cfg.backend!r}; or copy them to local disk, index "
+                         "them and use any backend")
+    index = None if is_stream(shards_dir) else ShardIndex(shards_dir)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
     collator = TextCollator(tokenizer, cfg.max_text_len, cfg.mlm_prob if train else 0.0,
                             cfg.itm_neg_prob if train else 0.0)
+    if index is None:
+        text = BatchText(cfg, collator, rank, world_size, train)
+        return StreamLoader(cfg, str(shards_dir), text, PilDecode(cfg.image_shorter, cfg.image_max),
+                            batch_size, rank, world_size, train, device)
     if cfg.backend == "dali" and cfg.dali_reader == "webdataset":
         # DALI's own reader + pipeline checkpoints (dali_wds.py), instead of the epoch plan.
         return WebdatasetLoader(cfg, index, collator, batch_size, rank, world_size, train, device)

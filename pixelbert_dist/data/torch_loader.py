@@ -35,6 +35,16 @@ def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str =
     return normalize_hwc_uint8(torch.from_numpy(np.asarray(img).copy()))
 
 
+class PilDecode:
+    """``decode(jpeg, flip, where)`` with the configured sizes (picklable, for workers)."""
+
+    def __init__(self, shorter: int, max_size: int):
+        self.shorter, self.max_size = shorter, max_size
+
+    def __call__(self, jpeg: bytes, flip: bool, where: str = "") -> torch.Tensor:
+        return pil_image(jpeg, self.shorter, self.max_size, flip, where)
+
+
 class _PilBatchDataset(torch.utils.data.Dataset):
     """Item i = the decoded, padded images of work batch i (one worker per batch)."""
 
@@ -78,7 +88,7 @@ class _PilSampleDataset(torch.utils.data.Dataset):
         return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
 
 
-def _data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
+def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
     extra = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
     # batch_size=None: each item is already a batch; order is kept by the DataLoader.
     # Its own generator: a DataLoader iterator otherwise draws its worker seed from
@@ -105,14 +115,14 @@ class PilImages:
         if not work:
             return iter(())
         dataset = _PilBatchDataset(self.index, work, self.shorter, self.max_size)
-        return iter(_data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
+        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
 
     def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
         """Batches of sample indices, damaged samples replaced (the Loader's path)."""
         if not len(batches):
             return iter(())
         dataset = _PilSampleDataset(self.index, batches, flip_of, self.shorter, self.max_size)
-        return iter(_data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
+        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
 
 
 class TorchJpegImages:
