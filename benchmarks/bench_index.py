@@ -2,6 +2,7 @@
 
     python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
     python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
+    python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -150,11 +151,45 @@ def measure(directory: str, batch_size: int) -> dict:
             "batches": batches, "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
 
 
-def run_measure(directory: Path, code: Path, batch_size: int) -> dict:
+def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
+    """Streaming mode (``--measure-stream``): start-up, first batch, then img/s over
+    ``batches`` more batches (PIL, 2 workers, shuffle buffer 1000, resampled shards:
+    the small splits have fewer shards than 8 ranks x 2 workers)."""
+    import psutil
+
+    import pixelbert_dist
+    from pixelbert_dist.data.config import DataConfig
+    from pixelbert_dist.data.loader import build_loader
+    from pixelbert_dist.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    process = psutil.Process()
+    rss0 = process.memory_info().rss
+    start = time.perf_counter()
+    cfg = DataConfig(backend="pil", num_workers=2, image_shorter=32, image_max=64,
+                     epoch_samples=8 * batch_size * (batches + 1), resampled=True)
+    loader = build_loader(cfg, spec, batch_size, rank=0, world_size=8, tokenizer=tokenizer)
+    startup = time.perf_counter() - start
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start - startup
+    rss = (process.memory_info().rss - rss0) / 2**20
+    timed = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch_size / (time.perf_counter() - timed)
+    return {"startup_s": round(startup, 3), "first_batch_s": round(first, 3),
+            "rss_added_mb": round(rss, 1), "images_per_s": round(rate, 1), "batches": batches,
+            "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
+
+
+def run_measure(directory: Path | str, code: Path, batch_size: int,
+                stream_batches: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
-    proc = subprocess.run([sys.executable, __file__, "--measure", str(directory),
-                           "--batch-size", str(batch_size)], env=env, capture_output=True,
-                          text=True, timeout=1800)
+    mode = ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)] \
+        if stream_batches else ["--measure", str(directory)]
+    proc = subprocess.run([sys.executable, __file__, *mode, "--batch-size", str(batch_size)],
+                          env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"measure {directory} with {code} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,13 +207,24 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline-max", type=int, default=100_000,
                         help="largest size to time the baseline at (it may take minutes)")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
+    parser.add_argument("--stream", action="store_true",
+                        help="streaming mode instead: the splits as local brace patterns and "
+                        "from a local http.server (127.0.0.1), start-up and img/s")
+    parser.add_argument("--stream-batches", type=int, default=100)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if not args.measure:
-        from common import write_results
     if args.measure:
         print(json.dumps(measure(args.measure, args.batch_size)))
         return
+    if args.measure_stream:
+        print(json.dumps(measure_stream(args.measure_stream, args.batch_size,
+                                        args.stream_batches)))
+        return
+    from common import write_results
+
+    if args.stream:
+        return stream_main(args, write_results)
     if args.quick:
         args.sizes = [10_000, 100_000]
     largest = build_largest(max(args.sizes))
@@ -199,6 +245,35 @@ def main(argv=None) -> None:
                                         "samples_per_shard": PER_SHARD,
                                         "baseline": str(args.baseline or "")},
                   args.out, COLUMNS)
+
+
+def stream_main(args, write_results) -> None:
+    """The same splits streamed: from local paths and over HTTP from 127.0.0.1."""
+    largest = build_largest(max(args.sizes))
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "--directory", str(CACHE)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().split("port ")[1].split()[0])
+        rows = []
+        for num in sorted(args.sizes):
+            directory = subset(largest, num) if num < max(args.sizes) else largest
+            pattern = f"tiny-{{000000..{-(-num // PER_SHARD) - 1:06d}}}.tar"
+            for label, spec in [("stream-disk", f"{directory}/{pattern}"),
+                                ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}")]:
+                row = {"code": label, "samples": num, "shards": -(-num // PER_SHARD),
+                       **run_measure(spec, ROOT, args.batch_size, args.stream_batches)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    write_results("bench_stream", rows, {"world_size": 8, "rank": 0, "backend": "pil",
+                                         "num_workers": 2, "shuffle_buffer": 1000,
+                                         "resampled": True,
+                                         "batch_size": args.batch_size,
+                                         "timed_batches": args.stream_batches},
+                  args.out, COLUMNS + ["images_per_s"])
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ def test_http_equals_local_and_ranks_stay_in_step(shards, server):
         per_rank.append({k for b in http for k in b["keys"]})
     assert not per_rank[0] & per_rank[1], "ranks read different shards"
     assert "img0008" not in per_rank[0] | per_rank[1]
+    with pytest.raises(ValueError, match="4 shards cannot feed 4 ranks x 2 workers.*resampled"):
+        _stream(f"{server}/{PATTERN}", world_size=4, num_workers=2)   # fails before step 1
 
 
 @pytest.mark.parametrize("resampled", [False, True])

@@ -221,6 +221,10 @@ class StreamLoader(LoaderState, BatchAccounting):
         self.backend = "pil-stream"
         self.read_errors = 0
         self.workers = max(1, cfg.num_workers)
+        if not cfg.resampled and len(self.urls) < world_size * self.workers:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {world_size} ranks x "
+                             f"{self.workers} workers without repeats: set data.resampled=true "
+                             "or use fewer data.num_workers")
         super().__init__()
         self._init_accounting(device)
         self.cursors = [0] * self.workers   # samples taken from each worker's stream
