@@ -143,3 +143,27 @@ def test_random_access_names_a_damaged_sample(tmp_path):
     where = _damage_bytes(directory, 4)
     with pytest.raises(ShardFormatError, match=where.split(":")[1] + r".jpg is damaged.*checksum"):
         ShardIndex(directory).jpeg(4)
+
+
+def test_webdataset_reader_replaces_changed_bytes_in_its_batch(tmp_path, clean, caplog):
+    """dali_reader='webdataset': DALI reads the bytes itself; the CRC check after it swaps
+    the damaged row for the next sound row of the same batch, and resume stays exact."""
+    directory = tmp_path / "train"
+    keys = write_split(directory, mixed_sizes(N, seed=2), per_shard=5)
+    where = _damage_bytes(directory, 3)
+    reference = _pixels_by_key(clean[0])
+    cfg = dict(dali_reader="webdataset", shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
+        loader, batches = _run(directory, "dali", **cfg)
+    seen = [k for b in batches for k in b["keys"]]
+    assert keys[3] not in seen and seen.count(keys[0]) == 2 and len(seen) == len(keys) + 2
+    assert loader.damaged == 1 and sum(b["damaged"] for b in batches) == 1
+    assert sum(where in r.getMessage() for r in caplog.records) == 1
+    for batch in batches:
+        for i, (key, (h, w)) in enumerate(zip(batch["keys"], batch["image_sizes"].tolist())):
+            assert (batch["images"][i, :, :h, :w] - reference[key]).abs().mean() < MEAN_TOL, key
+    first = build_loader(_cfg("dali", **cfg), directory, BATCH)
+    next(iter(first))
+    fresh = build_loader(_cfg("dali", **cfg), directory, BATCH)
+    fresh.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert [b["keys"] for b in fresh] == [b["keys"] for b in batches[1:]]

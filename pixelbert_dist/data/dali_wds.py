@@ -50,7 +50,9 @@ import torch
 from pixelbert_dist.data.base import STATE_VERSION as BASE_STATE_VERSION
 from pixelbert_dist.data.base import BatchAccounting, LoaderState, batch_generator, hash_unit
 from pixelbert_dist.data.dali import _to_torch, dali_available
+from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_left_right
+from pixelbert_dist.data.shard_index import crc32
 from pixelbert_dist.data.shards import ShardFormatError
 
 STATE_VERSION = "webdataset-1"   # never equal to loader.STATE_VERSION: the modes refuse each other
@@ -151,7 +153,7 @@ def _build_pipeline(paths, index_paths, *, shard_id: int, num_shards: int, batch
                                           std=list(STD_255), output_layout="CHW",
                                           dtype=types.FLOAT)
         images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
-        return images, sizes, metas, source, mirror
+        return images, sizes, metas, source, mirror, jpegs
 
     built = pipe(checkpoint=checkpoint)
     built.build()
@@ -175,9 +177,10 @@ def _meta_of(raw, key: str, directory) -> dict:
 
 class WebdatasetLoader(LoaderState, BatchAccounting):
     """A loader (``base.BatchLoader``) whose samples come from DALI's webdataset reader
-    (module docstring). It has no epoch plan: the order lives inside DALI. Damaged
-    samples are not checked in this mode (DALI reads the bytes itself): use the default
-    ``dali_reader='external'`` for that. The state adds
+    (module docstring). It has no epoch plan: the order lives inside DALI. A JPEG whose
+    bytes no longer match the index's CRC is replaced by another row of its batch and
+    counted (``damaged``); a truncated shard or an undecodable JPEG still stops DALI's
+    reader here (the default ``dali_reader='external'`` replaces those too). The state adds
     ``dali_checkpoint``: base64 of ``Pipeline.checkpoint()`` taken after exactly
     ``batches_done`` batches (DALI accounts for its prefetch queue; the tests check it).
     """
@@ -195,6 +198,7 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
         self._init_accounting(device)
         self.device_id = device_id
         self.index_paths = write_index_files(index)
+        self._shard_of = {str(path): shard for shard, path in enumerate(index.paths)}
         self.shuffle = train and cfg.shuffle
         self.drop_last = train and cfg.drop_last
         if len(self) == 0:
@@ -262,6 +266,23 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
         self._loaded = None if raw is None else (self.epoch, self.batches_done, raw)
 
     # -- batches ----------------------------------------------------------------------
+    def _stand_ins(self, sources, raw, keys: list[str]) -> tuple[list[int], list[Damaged]]:
+        """Which row each row of a batch takes: its own, or, for a JPEG whose bytes no
+        longer match the index's CRC, the next sound row of the same batch (DALI has
+        decoded it already; the batch keeps its size and resume its DALI checkpoint)."""
+        bad, events = set(), []
+        for row, (source, data) in enumerate(zip(sources, raw)):
+            path, offset, _ = np.asarray(source).tobytes().decode("utf-8").rsplit(":", 2)
+            stored = self.index.crc_at(self._shard_of[path], int(offset))
+            if stored is None or crc32(np.asarray(data).tobytes()) != stored:
+                bad.add(row)
+                events.append(Damaged(f"{Path(path).name}:{keys[row]}", "checksum mismatch "
+                                      "(bytes changed after the shard was written)", -1))
+        n = len(keys)
+        if len(bad) == n:
+            raise ShardFormatError(f"every sample of a batch is damaged ({events[0].where}, ...)")
+        return [next(j % n for j in range(i, i + n) if j % n not in bad) for i in range(n)], events
+
     def _build(self, checkpoint: bytes | None):
         pipe = self._build_pipeline(checkpoint)
         meta = pipe.reader_meta(READER)
@@ -314,14 +335,17 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
         self._pipe, self._pipe_at, self._loaded = pipe, (self.epoch, start), None
         begin, end = shard_bounds(len(self.index), self.shard(), self.world_size)
         for k in range(start, total):
-            images, sizes, metas, sources, mirror = pipe.run()
+            images, sizes, metas, sources, mirror, raw = pipe.run()
             keys = [_key_of(s) for s in sources]
-            metas = [_meta_of(m, key, self.index.directory) for m, key in zip(metas, keys)]
-            flips = [bool(np.asarray(f)) for f in mirror]
+            rows, damaged = self._stand_ins(sources, raw, keys)
+            keys = [keys[r] for r in rows]
+            metas = [_meta_of(metas[r], key, self.index.directory) for r, key in zip(rows, keys)]
+            flips = [bool(np.asarray(mirror[r])) for r in rows]
             batch = self._collate_text(metas, keys, flips, k, end - begin)
-            batch["images"] = _to_torch(images, self.device)
-            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]),
+            batch["images"] = _to_torch(images, self.device)[rows]
+            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(sizes[r])[:2] for r in rows]),
                                                 dtype=torch.int64)
+            batch["damaged"] = self._record_damage(damaged)
             self._count_pixels(batch["images"], batch["image_sizes"])
             self.batches_done = k + 1
             if self._pipe is pipe:

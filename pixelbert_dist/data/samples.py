@@ -127,6 +127,15 @@ class ShardIndex:
         return SampleRef(fmt_index.header_key(header), shard, jpg,
                          (int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])))
 
+    def crc_at(self, shard: int, jpg_offset: int) -> int | None:
+        """The stored CRC of the JPEG whose data starts at ``jpg_offset`` in ``shard``
+        (None if no sample starts there): for readers that give a position, not an index."""
+        blocks = self._columns(shard)[JPG_BLOCK]
+        row = int(np.searchsorted(blocks, jpg_offset // BLOCK))
+        if row == len(blocks) or int(blocks[row]) * BLOCK != jpg_offset:
+            return None
+        return int(self._columns(shard)[CRC32, row])
+
     def aspect_of(self, indices: np.ndarray) -> np.ndarray:
         """width / height of the given samples, from the index (for bucketing): reads the
         width/height rows of the shards they fall in, nothing else."""
