@@ -23,6 +23,8 @@ setup(
         "matplotlib",
         "pillow",
         "numpy",
+        "psutil",           # benchmarks/bench_index.py (RSS)
+        "webdataset>=1.0",  # streaming shards: brace patterns, gopen for http(s) / pipe:
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The benchmark suite: data loading, attention kernels, training steps, scaling model.
+# The benchmark suite: data loading, data start-up at scale, attention kernels, training steps, scaling model.
 #   bash benchmarks/run_all.sh [--quick] [--out DIR]
 # Writes <name>.json, <name>.log, PNG plots and summary.md (hardware, torch, commit) into
 # DIR (default: a new benchmarks/results/<machine>-<date>T<time>-quick|full/ per run, so no
@@ -45,6 +45,8 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on a failur
 }
 
 run bench_data 300 "$PY" benchmarks/bench_data.py "${QUICK[@]}" --out "$OUT/bench_data.json"
+# per-rank start-up and RSS of the indexed loader at 10^4..10^6 samples (builds them once)
+run bench_index 900 "$PY" benchmarks/bench_index.py "${QUICK[@]}" --out "$OUT"
 run bench_attention 300 "$PY" benchmarks/bench_attention.py "${QUICK[@]}" --out "$OUT"
 run bench_step 1800 "$PY" benchmarks/bench_step.py "${QUICK[@]}" --out "$OUT"
 run bench_compile 900 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$OUT"

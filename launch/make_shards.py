@@ -8,6 +8,7 @@
     python launch/make_shards.py jsonl --file pairs.jsonl --out data/mine
     python launch/make_shards.py images --kind nlvr2 --images nlvr2/images/train nlvr2/dev nlvr2/test1 --out data/nlvr2_images
     python launch/make_shards.py images --kind coco --images test2015 --out data/coco_test2015
+    python launch/make_shards.py index data/old_split     # index shards made before indexes
 
 `make_shards.py SOURCE --help` says where each source's official files come from.
 Keys: the data set's name and its own image id (coco391895, vg1, flickr30k42), the keys
@@ -99,11 +100,30 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--val-fraction", type=float, default=0.1)
     syn.add_argument("--min-size", type=int, default=96)
     syn.add_argument("--max-size", type=int, default=224)
+
+    index = sub.add_parser("index", help="write the per-shard index sidecars of an existing "
+                           "split (shards made before indexes existed)")
+    index.add_argument("directory", type=Path, help="split directory with manifest.json")
+    index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
     return parser
+
+
+def _index(args, index_split, ShardFormatError) -> int:
+    try:
+        written = index_split(args.directory, force=args.force,
+                              progress=lambda path: print(f"indexed {path}", flush=True))
+    except ShardFormatError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.directory}: {written} shard index(es) written")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.source == "index":
+        from pixelbert_dist.data.shards import ShardFormatError, index_split
+        return _index(args, index_split, ShardFormatError)
     common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers,
               "progress": not args.no_progress}
     if args.samples_per_shard < 1:

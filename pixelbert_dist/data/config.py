@@ -9,7 +9,8 @@ DALI_READERS = ("external", "webdataset")
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""              # split directory with manifest.json (launch/make_shards.py)
+    train_shards: str = ""              # split directory with manifest.json (launch/make_shards.py),
+    #                                     or streamed: "https://host/x-{000000..000099}.tar", "pipe:CMD"
     val_shards: str | None = None
     backend: str = "dali"               # dali | nvjpeg | pil  (see pixelbert_dist.data.loader)
     # backend=dali only: "external" feeds DALI from the shared epoch plan (dali.py);
@@ -29,6 +30,11 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False             # train only: drop the epoch's tail instead of wrapping
+    # streaming mode only (data/streaming.py)
+    epoch_samples: int = 0              # samples in one epoch over all ranks (required there)
+    resampled: bool = False             # draw shards with replacement (fixed-size epochs)
+    shuffle_buffer: int = 1000          # samples per worker
+    stream_retries: int = 3             # reopen a failed shard this often, with back-off
 
     def validate(self) -> "DataConfig":
         if self.backend not in BACKENDS:
@@ -37,6 +43,9 @@ class DataConfig:
         if self.image_shorter < 1 or self.image_max < self.image_shorter:
             raise ValueError(f"data.image_shorter={self.image_shorter} / data.image_max="
                              f"{self.image_max}: need 1 <= image_shorter <= image_max")
+        if self.epoch_samples < 0 or self.shuffle_buffer < 0 or self.stream_retries < 0:
+            raise ValueError("data.epoch_samples, data.shuffle_buffer and data.stream_retries "
+                             "must be >= 0")
         if self.num_workers < 0 or self.prefetch < 1 or self.bucket_window < 1:
             raise ValueError("data.num_workers must be >= 0, data.prefetch and "
                              "data.bucket_window >= 1")

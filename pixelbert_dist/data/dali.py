@@ -9,14 +9,24 @@ Feeding the bytes from ``sampling.epoch_plan`` keeps every backend on the same s
 makes the loader state two integers, and leaves DALI the expensive part (decode and
 resize on its thread pool or on the GPU). The flip decision comes in as an input
 because the caption must be swapped to match it.
+
+Damaged samples: the bytes are checked (``damage.resolve``) before DALI sees them. A
+JPEG that passes the checks but that DALI cannot decode fails the whole batch and
+leaves the pipeline unusable; the batches in flight are then decoded with PIL to find
+the culprits, which are replaced as the PIL backend would replace them, and a new
+pipeline starts at the first batch not yet yielded.
 """
 from __future__ import annotations
 
+import io
+from collections import deque
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pixelbert_dist.data.damage import DecodedBatch, resolve, without_jpeg
 from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
@@ -111,3 +121,67 @@ class DaliImages:
                 yield _to_torch(images, self.device), hw
         finally:
             del pipe
+
+    def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
+        """Batches of sample indices, damaged samples replaced (module docstring)."""
+        known_bad: dict[int, str] = {}
+        done = 0
+        while done < len(batches):
+            in_flight: deque = deque()
+            failures: list[RuntimeError] = []
+            for batch in self._run(batches, done, flip_of, known_bad, in_flight, failures):
+                done += 1
+                yield batch
+            if failures and not _find_undecodable(in_flight, known_bad):
+                raise RuntimeError(f"DALI failed on a batch holding "
+                                   f"{[s.key for rows in in_flight for s, _ in rows]}, and PIL "
+                                   f"decodes every one of them: {failures[0]}")
+
+    def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque,
+             failures: list):
+        """Yield from a pipeline fed from batch ``start``; on a failure return quietly,
+        with the error in ``failures`` and the batches fed but not yielded in ``in_flight``."""
+        cursor = iter(range(start, len(batches)))
+
+        def source():
+            k = next(cursor)  # StopIteration ends the pipeline's epoch
+            rows = [resolve(self.index, int(i), known_bad=known_bad)[::2] for i in batches[k]]
+            in_flight.append(rows)
+            return ([np.frombuffer(s.jpeg, dtype=np.uint8) for s, _ in rows],
+                    [np.int32(flip_of(s.key)) for s, _ in rows])
+
+        pipe = _build_pipeline(source, self.batch_size, self.shorter, self.max_size,
+                               self.num_threads, self.prefetch, self.device_id)
+        pipe.build()
+        try:
+            while True:
+                try:
+                    images, sizes = pipe.run()
+                except StopIteration:
+                    return
+                except RuntimeError as err:
+                    failures.append(err)   # samples() looks for the culprit in in_flight
+                    return
+                rows = in_flight.popleft()
+                hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
+                used = [s for s, _ in rows]
+                yield DecodedBatch(_to_torch(images, self.device), hw,
+                                   [without_jpeg(s) for s in used],
+                                   [flip_of(s.key) for s in used],
+                                   [e for _, events in rows for e in events])
+        finally:
+            del pipe
+
+
+def _find_undecodable(in_flight: deque, known_bad: dict) -> bool:
+    """Decode the in-flight samples with PIL; mark the failures. True if any found."""
+    found = False
+    for rows in in_flight:
+        for sample, _ in rows:
+            try:
+                with Image.open(io.BytesIO(sample.jpeg)) as img:
+                    img.convert("RGB")
+            except (OSError, ValueError) as err:
+                known_bad[sample.index] = f"undecodable JPEG ({err})"
+                found = True
+    return found

@@ -42,16 +42,17 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from pixelbert_dist.data.base import STATE_VERSION as BASE_STATE_VERSION
+from pixelbert_dist.data.base import BatchAccounting, LoaderState, batch_generator, hash_unit
 from pixelbert_dist.data.dali import _to_torch, dali_available
+from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_left_right
-from pixelbert_dist.data.loader import STATE_VERSION as BASE_STATE_VERSION
-from pixelbert_dist.data.loader import Loader, _hash_unit, batch_generator
+from pixelbert_dist.data.shard_index import crc32
 from pixelbert_dist.data.shards import ShardFormatError
 
 STATE_VERSION = "webdataset-1"   # never equal to loader.STATE_VERSION: the modes refuse each other
@@ -63,9 +64,19 @@ READER = "Reader"
 def _index_text(index, shard: int) -> str:
     """DALI's webdataset index (format v1.2, what its ``wds2idx`` writes): a header
     ``v1.2 N``, then per sample ``ext offset size name`` for each component."""
+    refs = (index.ref(i) for i in range(int(index.starts[shard]), int(index.starts[shard + 1])))
     lines = [f"jpg {s.jpg[0]} {s.jpg[1]} {s.key}.jpg json {s.meta[0]} {s.meta[1]} {s.key}.json"
-             for s in index.samples if s.shard == shard]
+             for s in refs]
     return "".join([f"v1.2 {len(lines)}\n"] + [line + "\n" for line in lines])
+
+
+def _is_current(path: Path, tar: Path, count: int) -> bool:
+    """An index file written after the tar, for as many samples, is reused as it is
+    (rewriting it would read every sample's tar header at every start)."""
+    if not path.is_file() or path.stat().st_mtime < Path(tar).stat().st_mtime:
+        return False
+    with open(path) as f:
+        return f.readline().split() == ["v1.2", str(count)]
 
 
 def index_dir(shards_dir: str | Path) -> Path:
@@ -80,19 +91,19 @@ def index_dir(shards_dir: str | Path) -> Path:
 
 
 def write_index_files(index) -> list[str]:
-    """One index per tar, from the offsets ``ShardIndex`` already scanned. Without them
-    DALI rescans every tar at each pipeline build (one per epoch here). A file is
-    rewritten only when its content changed; the write is atomic, so ranks sharing a
-    node can all call this."""
+    """One DALI index per tar, from the shard index sidecars. Without them DALI rescans
+    every tar at each pipeline build (one per epoch here). A file is written only when
+    missing or older than its tar; the write is atomic, so ranks sharing a node can all
+    call this."""
     folder = index_dir(index.directory)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for shard, tar in enumerate(index.paths):
         path = folder / (Path(tar).name + ".idx")
-        text = _index_text(index, shard)
-        if not path.is_file() or path.read_text() != text:
+        count = int(index.starts[shard + 1] - index.starts[shard])
+        if not _is_current(path, tar, count):
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
+            tmp.write_text(_index_text(index, shard))
             os.replace(tmp, path)
         paths.append(str(path))
     return paths
@@ -142,7 +153,7 @@ def _build_pipeline(paths, index_paths, *, shard_id: int, num_shards: int, batch
                                           std=list(STD_255), output_layout="CHW",
                                           dtype=types.FLOAT)
         images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
-        return images, sizes, metas, source, mirror
+        return images, sizes, metas, source, mirror, jpegs
 
     built = pipe(checkpoint=checkpoint)
     built.build()
@@ -164,10 +175,12 @@ def _meta_of(raw, key: str, directory) -> dict:
     return meta
 
 
-class WebdatasetLoader(Loader):
-    """A ``Loader`` whose samples come from DALI's webdataset reader (module docstring).
-
-    ``plan()`` does not exist here: the order lives inside DALI. The state adds
+class WebdatasetLoader(LoaderState, BatchAccounting):
+    """A loader (``base.BatchLoader``) whose samples come from DALI's webdataset reader
+    (module docstring). It has no epoch plan: the order lives inside DALI. A JPEG whose
+    bytes no longer match the index's CRC is replaced by another row of its batch and
+    counted (``damaged``); a truncated shard or an undecodable JPEG still stops DALI's
+    reader here (the default ``dali_reader='external'`` replaces those too). The state adds
     ``dali_checkpoint``: base64 of ``Pipeline.checkpoint()`` taken after exactly
     ``batches_done`` batches (DALI accounts for its prefetch queue; the tests check it).
     """
@@ -178,11 +191,14 @@ class WebdatasetLoader(Loader):
             raise RuntimeError("data.dali_reader='webdataset' needs NVIDIA DALI (pip install "
                                "nvidia-dali-cuda130); use data.backend='pil' without it")
         device_id = (device.index or 0) if device.type == "cuda" else None
-        # Loader wants an images backend only for its name: the pipeline is built here.
-        name = SimpleNamespace(name="dali-gpu-wds" if device_id is not None else "dali-cpu-wds")
-        super().__init__(cfg, index, name, collator, batch_size, rank, world_size, train, device)
+        self.backend = "dali-gpu-wds" if device_id is not None else "dali-cpu-wds"
+        self.cfg, self.index, self.collator = cfg, index, collator
+        self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
+        super().__init__()
+        self._init_accounting(device)
         self.device_id = device_id
         self.index_paths = write_index_files(index)
+        self._shard_of = {str(path): shard for shard, path in enumerate(index.paths)}
         self.shuffle = train and cfg.shuffle
         self.drop_last = train and cfg.drop_last
         if len(self) == 0:
@@ -192,10 +208,6 @@ class WebdatasetLoader(Loader):
         self._loaded: tuple[int, int, bytes] | None = None   # a restored checkpoint
 
     # -- geometry and state -----------------------------------------------------------
-    def plan(self, epoch=None):
-        raise NotImplementedError("the webdataset reader has no epoch plan: its sample "
-                                  "order lives inside DALI (data.dali_reader='external' has one)")
-
     def __len__(self) -> int:
         return batches_per_epoch(len(self.index), self.world_size, self.batch_size,
                                  self.drop_last)
@@ -211,8 +223,10 @@ class WebdatasetLoader(Loader):
             self._pipe = self._pipe_at = self._loaded = None
 
     def _fingerprint(self) -> dict:
-        return {**super()._fingerprint(), "dali_reader": "webdataset",
-                "hflip": self.train and self.cfg.hflip}
+        return {"num_samples": len(self.index), "world_size": self.world_size,
+                "batch_size": self.batch_size, "seed": self.cfg.seed, "shuffle": self.shuffle,
+                "bucketing": self.cfg.bucketing, "drop_last": self.drop_last,
+                "dali_reader": "webdataset", "hflip": self.train and self.cfg.hflip}
 
     def _checkpoint(self) -> bytes | None:
         """DALI's checkpoint for the current position (None where none is needed)."""
@@ -252,6 +266,23 @@ class WebdatasetLoader(Loader):
         self._loaded = None if raw is None else (self.epoch, self.batches_done, raw)
 
     # -- batches ----------------------------------------------------------------------
+    def _stand_ins(self, sources, raw, keys: list[str]) -> tuple[list[int], list[Damaged]]:
+        """Which row each row of a batch takes: its own, or, for a JPEG whose bytes no
+        longer match the index's CRC, the next sound row of the same batch (DALI has
+        decoded it already; the batch keeps its size and resume its DALI checkpoint)."""
+        bad, events = set(), []
+        for row, (source, data) in enumerate(zip(sources, raw)):
+            path, offset, _ = np.asarray(source).tobytes().decode("utf-8").rsplit(":", 2)
+            stored = self.index.crc_at(self._shard_of[path], int(offset))
+            if stored is None or crc32(np.asarray(data).tobytes()) != stored:
+                bad.add(row)
+                events.append(Damaged(f"{Path(path).name}:{keys[row]}", "checksum mismatch "
+                                      "(bytes changed after the shard was written)", -1))
+        n = len(keys)
+        if len(bad) == n:
+            raise ShardFormatError(f"every sample of a batch is damaged ({events[0].where}, ...)")
+        return [next(j % n for j in range(i, i + n) if j % n not in bad) for i in range(n)], events
+
     def _build(self, checkpoint: bytes | None):
         pipe = self._build_pipeline(checkpoint)
         meta = pipe.reader_meta(READER)
@@ -285,7 +316,7 @@ class WebdatasetLoader(Loader):
         captions, image_ids = [], []
         for meta, key, flip in zip(metas, keys, flips):
             caps = meta["captions"]
-            caption = caps[int(_hash_unit(self.cfg.seed, self.epoch, key, "caption") * len(caps))]
+            caption = caps[int(hash_unit(self.cfg.seed, self.epoch, key, "caption") * len(caps))]
             captions.append(swap_left_right(caption) if flip else caption)
             image_ids.append(str(meta.get("image_id", key)))
         generator = batch_generator(self.cfg.seed, self.epoch, k * self.world_size + self.rank)
@@ -304,14 +335,17 @@ class WebdatasetLoader(Loader):
         self._pipe, self._pipe_at, self._loaded = pipe, (self.epoch, start), None
         begin, end = shard_bounds(len(self.index), self.shard(), self.world_size)
         for k in range(start, total):
-            images, sizes, metas, sources, mirror = pipe.run()
+            images, sizes, metas, sources, mirror, raw = pipe.run()
             keys = [_key_of(s) for s in sources]
-            metas = [_meta_of(m, key, self.index.directory) for m, key in zip(metas, keys)]
-            flips = [bool(np.asarray(f)) for f in mirror]
+            rows, damaged = self._stand_ins(sources, raw, keys)
+            keys = [keys[r] for r in rows]
+            metas = [_meta_of(metas[r], key, self.index.directory) for r, key in zip(rows, keys)]
+            flips = [bool(np.asarray(mirror[r])) for r in rows]
             batch = self._collate_text(metas, keys, flips, k, end - begin)
-            batch["images"] = _to_torch(images, self.device)
-            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]),
+            batch["images"] = _to_torch(images, self.device)[rows]
+            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(sizes[r])[:2] for r in rows]),
                                                 dtype=torch.int64)
+            batch["damaged"] = self._record_damage(damaged)
             self._count_pixels(batch["images"], batch["image_sizes"])
             self.batches_done = k + 1
             if self._pipe is pipe:

@@ -20,24 +20,64 @@ The epoch plan (``N`` samples, ``W`` ranks, batch ``B``):
 * bucketing: within windows of ``bucket_window`` batches, the rank's samples are sorted
   by aspect ratio before cutting, and the window's full batches are then shuffled, so
   batches hold similar shapes (less padding) while the data order stays random.
+
+The plan is held in numpy arrays (``EpochPlan``: this rank's sample indices and pad
+flags in batch order), never as one Python object per sample: at 10^6 samples over 8
+ranks it is 1 MB. ``ShardIndex`` (random access through the index sidecars) lives in
+``samples`` and is re-exported here.
 """
 from __future__ import annotations
 
-import json
-import os
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from pixelbert_dist.data.shards import ShardFormatError, read_manifest
+from pixelbert_dist.data.samples import SampleRef, ShardIndex  # noqa: F401  (re-export)
 
 
 @dataclass(frozen=True)
 class PlannedSample:
     index: int      # into ShardIndex
     is_pad: bool    # a wrap-around repeat (see the module docstring)
+
+
+class PlanBatch(Sequence):
+    """One batch of the plan: numpy views, PlannedSample made on demand."""
+
+    def __init__(self, indices: np.ndarray, is_pad: np.ndarray):
+        self.indices, self.is_pad = indices, is_pad
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return PlannedSample(int(self.indices[i]), bool(self.is_pad[i]))
+
+    def __iter__(self) -> Iterator[PlannedSample]:
+        return (PlannedSample(int(i), bool(p)) for i, p in zip(self.indices, self.is_pad))
+
+
+class EpochPlan(Sequence):
+    """This rank's batches: ``indices``/``is_pad`` in batch order, cut at ``bounds``."""
+
+    def __init__(self, indices: np.ndarray, is_pad: np.ndarray, bounds: np.ndarray):
+        self.indices, self.is_pad, self.bounds = indices, is_pad, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} outside the plan's {len(self)}")
+        lo, hi = self.bounds[k], self.bounds[k + 1]
+        return PlanBatch(self.indices[lo:hi], self.is_pad[lo:hi])
 
 
 def _rng(*words: int) -> np.random.Generator:
@@ -48,27 +88,31 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return _rng(seed, epoch).permutation(n) if shuffle else np.arange(n)
 
 
-def _bucketed(slots: list[PlannedSample], aspect: np.ndarray, batch_size: int,
-              window: int, rng: np.random.Generator | None) -> list[list[PlannedSample]]:
+def _bucketed(indices: np.ndarray, is_pad: np.ndarray, ratios: np.ndarray, batch_size: int,
+              window: int, rng: np.random.Generator | None) -> EpochPlan:
     """Sort each window by aspect ratio, cut into batches, shuffle the full batches."""
-    batches: list[list[PlannedSample]] = []
+    order_parts, bounds = [], [0]
     step = window * batch_size
-    for start in range(0, len(slots), step):
-        chunk = slots[start:start + step]
-        chunk = sorted(chunk, key=lambda s: float(aspect[s.index]))  # stable
+    for start in range(0, len(indices), step):
+        chunk = start + np.argsort(ratios[start:start + step], kind="stable")
         cut = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
         full = [b for b in cut if len(b) == batch_size]
         if rng is not None:
             full = [full[i] for i in rng.permutation(len(full))]
-        batches.extend(full + [b for b in cut if len(b) < batch_size])
-    return batches
+        for b in full + [b for b in cut if len(b) < batch_size]:
+            order_parts.append(b)
+            bounds.append(bounds[-1] + len(b))
+    order = np.concatenate(order_parts) if order_parts else np.zeros(0, dtype=np.int64)
+    return EpochPlan(indices[order], is_pad[order], np.asarray(bounds, dtype=np.int64))
 
 
 def epoch_plan(num_samples: int, *, epoch: int, seed: int, rank: int, world_size: int,
                batch_size: int, shuffle: bool = True, drop_last: bool = False,
-               aspect: np.ndarray | None = None,
-               bucket_window: int = 16) -> list[list[PlannedSample]]:
-    """This rank's batches for ``epoch`` (see the module docstring for the rules)."""
+               aspect: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+               bucket_window: int = 16) -> EpochPlan:
+    """This rank's batches for ``epoch`` (see the module docstring for the rules).
+    ``aspect``: width/height per sample index, or a function of an index array (what
+    ``ShardIndex.aspect_of`` is), for bucketing."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if batch_size < 1 or num_samples < 1:
@@ -81,119 +125,14 @@ def epoch_plan(num_samples: int, *, epoch: int, seed: int, rank: int, world_size
                              f"= {world_size * batch_size} leaves no batch")
     else:
         total = -(-num_samples // world_size) * world_size
-    slots = [PlannedSample(int(order[i % num_samples]), i >= num_samples)
-             for i in range(rank, total, world_size)]
+    positions = np.arange(rank, total, world_size, dtype=np.int64)
+    indices = order[positions % num_samples].astype(np.int64)
+    del order
+    is_pad = positions >= num_samples
     if aspect is not None:
+        ratios = aspect(indices) if callable(aspect) else np.asarray(aspect)[indices]
         rng = _rng(seed, epoch, rank, 1) if shuffle else None
-        return _bucketed(slots, aspect, batch_size, bucket_window, rng)
-    return [slots[i:i + batch_size] for i in range(0, len(slots), batch_size)]
-
-
-@dataclass(frozen=True)
-class SampleRef:
-    key: str
-    shard: int          # index into ShardIndex.paths
-    jpg: tuple[int, int]   # (offset, size) of KEY.jpg's bytes in the tar
-    meta: tuple[int, int]  # (offset, size) of KEY.json's bytes
-
-
-def _scan_tar(path: Path, shard: int, expected: int) -> list[SampleRef]:
-    """Offsets of every KEY.jpg / KEY.json pair; reads tar headers only."""
-    refs: list[SampleRef] = []
-    pending = None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext == "jpg" and pending is None:
-                    pending = (key, (member.offset_data, member.size))
-                elif ext == "json" and pending is not None and pending[0] == key:
-                    refs.append(SampleRef(key, shard, pending[1], (member.offset_data, member.size)))
-                    pending = None
-                else:
-                    raise ShardFormatError(f"{path}: unexpected member {member.name!r} "
-                                           "(expected KEY.jpg followed by KEY.json)")
-    except (tarfile.TarError, EOFError) as err:
-        raise ShardFormatError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
-    if pending is not None or len(refs) != expected:
-        raise ShardFormatError(f"{path}: holds {len(refs)} complete samples, the manifest "
-                               f"says {expected} (truncated shard? rebuild it)")
-    return refs
-
-
-class ShardIndex:
-    """Random access to the samples of a split directory (tar offsets, no extraction).
-
-    File descriptors are opened lazily per process, so a copy inherited by a
-    DataLoader worker opens its own.
-    """
-
-    def __init__(self, directory: str | Path):
-        manifest = read_manifest(directory)
-        self.directory = Path(directory)
-        self.paths = manifest.shard_paths()
-        self.samples: list[SampleRef] = []
-        for shard, (info, path) in enumerate(zip(manifest.shards, self.paths)):
-            self.samples.extend(_scan_tar(path, shard, info.num_samples))
-        if not self.samples:
-            raise ShardFormatError(f"{directory}: the manifest lists no samples")
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
-        self._aspect: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, shard: int, span: tuple[int, int]) -> bytes:
-        if self._pid != os.getpid():  # forked: never share file offsets with the parent
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        data = os.pread(fd, span[1], span[0])
-        if len(data) != span[1]:
-            raise ShardFormatError(f"{self.paths[shard]}: short read at offset {span[0]} "
-                                   "(shard changed since it was indexed?)")
-        return data
-
-    def jpeg(self, index: int) -> bytes:
-        ref = self.samples[index]
-        return self._read(ref.shard, ref.jpg)
-
-    def meta(self, index: int) -> dict:
-        ref = self.samples[index]
-        try:
-            meta = json.loads(self._read(ref.shard, ref.meta))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ShardFormatError(f"{self.paths[ref.shard]}: {ref.key}.json is not valid "
-                                   f"JSON ({err})") from None
-        if not isinstance(meta, dict) or not meta.get("captions"):
-            raise ShardFormatError(f"{self.paths[ref.shard]}: {ref.key}.json has no 'captions'")
-        return meta
-
-    def aspect_ratios(self) -> np.ndarray:
-        """width / height of every sample, from its KEY.json (read once, for bucketing)."""
-        if self._aspect is None:
-            values = []
-            for i, ref in enumerate(self.samples):
-                meta = self.meta(i)
-                try:
-                    values.append(float(meta["width"]) / float(meta["height"]))
-                except (KeyError, TypeError, ValueError, ZeroDivisionError):
-                    raise ShardFormatError(f"{self.paths[ref.shard]}: {ref.key}.json needs "
-                                           "positive 'width' and 'height' for bucketing") from None
-            self._aspect = np.asarray(values, dtype=np.float64)
-        return self._aspect
-
-    def close(self) -> None:
-        if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fds"], state["_pid"] = {}, -1
-        return state
+        return _bucketed(indices, is_pad, np.asarray(ratios, dtype=np.float64), batch_size,
+                         bucket_window, rng)
+    bounds = np.append(np.arange(0, len(indices), batch_size), len(indices))
+    return EpochPlan(indices, is_pad, bounds)

@@ -3,7 +3,8 @@
 A split directory holds ``NAME-000000.tar, NAME-000001.tar, ...`` whose members are
 ``KEY.jpg`` then ``KEY.json`` for each sample (the WebDataset layout that DALI's
 ``fn.readers.webdataset``, OpenCLIP and LAION use), a ``manifest.json`` that lists the
-shards with their sample counts and sha256, and ``skipped.jsonl`` with one
+shards with their sample counts, sha256, byte size and index sidecar (``shard_index``:
+offsets, sizes, width, height and a CRC per sample, so no reader scans a tar), and ``skipped.jsonl`` with one
 ``{"file", "reason"}`` line per input item that did not make it into the shards.
 
 Shards are written to ``*.tar.tmp`` and renamed when complete, so a crash never leaves
@@ -23,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from pixelbert_dist.data.shard_index import (IndexBuilder, ShardFormatError, index_name, num_rows,
+                                             scan_tar)
+
 FORMAT = "pixelbert-wds-1"
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.jsonl"
@@ -31,15 +35,13 @@ _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,90}$")
 _HASH_CHUNK = 1 << 20
 
 
-class ShardFormatError(ValueError):
-    """A shard directory, manifest or shard file that does not follow the format."""
-
-
 @dataclass
 class ShardInfo:
     file: str
     num_samples: int
     sha256: str
+    size: int = 0       # bytes of the tar (a cheap truncation check at start-up)
+    index: str = ""     # the index sidecar's file name; "" for shards made before indexes
 
 
 @dataclass
@@ -86,34 +88,51 @@ def encode_meta(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one member; returns the offset of its data in the tar."""
     info = tarfile.TarInfo(name)
     info.size = len(data)
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(data))
+    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 def write_shard(path: str | Path, samples: Iterable[tuple[str, bytes, dict]]) -> ShardInfo:
-    """Write ``(key, jpeg_bytes, meta)`` samples to the tar ``path`` atomically."""
+    """Write ``(key, jpeg_bytes, meta)`` samples to the tar ``path`` and its index
+    sidecar, atomically (the index is renamed into place before the tar)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    count = 0
+    index = IndexBuilder()
     try:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for key, jpeg, meta in samples:
                 check_key(key)
-                _add_member(tar, f"{key}.jpg", jpeg)
-                _add_member(tar, f"{key}.json", encode_meta(meta))
-                count += 1
+                jpg_at = _add_member(tar, f"{key}.jpg", jpeg)
+                raw = encode_meta(meta)
+                index.add(jpg_at, jpeg, _add_member(tar, f"{key}.json", raw), len(raw), meta)
+        index.save(path.with_name(index_name(path.name)))
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return ShardInfo(file=path.name, num_samples=count, sha256=sha256_file(path))
+    return ShardInfo(file=path.name, num_samples=len(index.columns), sha256=sha256_file(path),
+                     size=path.stat().st_size, index=index_name(path.name))
+
+
+def _attach_index(directory: Path, info: ShardInfo) -> None:
+    """List a shard's index sidecar (and the tar size) when one lies next to it with the
+    shard's sample count: builders pass ShardInfo(file, num_samples, sha256) only."""
+    sidecar = directory / index_name(info.file)
+    if info.index or not sidecar.is_file() or not (directory / info.file).is_file():
+        return
+    if num_rows(sidecar) == info.num_samples:
+        info.index, info.size = sidecar.name, (directory / info.file).stat().st_size
 
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
+    for info in manifest.shards:
+        _attach_index(Path(directory), info)
     path = Path(directory) / MANIFEST
     tmp = path.with_name(MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
@@ -141,7 +160,8 @@ def _manifest_from_json(data, path: Path) -> Manifest:
         raise ShardFormatError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     try:
         shards = [ShardInfo(file=str(s["file"]), num_samples=int(s["num_samples"]),
-                            sha256=str(s["sha256"])) for s in data["shards"]]
+                            sha256=str(s["sha256"]), size=int(s.get("size", 0)),
+                            index=str(s.get("index", ""))) for s in data["shards"]]
         manifest = Manifest(name=str(data["name"]), num_samples=int(data["num_samples"]),
                             shards=shards, source=str(data.get("source", "")),
                             skipped=int(data.get("skipped", 0)), directory=path.parent)
@@ -171,6 +191,26 @@ def read_manifest(directory: str | Path, verify: bool = False) -> Manifest:
             raise ShardFormatError(f"{shard}: sha256 does not match {path} "
                                    "(truncated or modified shard; rebuild it)")
     return manifest
+
+
+def index_split(directory: str | Path, force: bool = False, progress=None) -> int:
+    """Write the index sidecar of every shard that has none (all with ``force``) and
+    list them in the manifest; returns how many were written. One sequential pass over
+    each such tar: run once per split, never on every rank (the loaders refuse a split
+    without indexes, naming this)."""
+    manifest = read_manifest(directory)
+    written = 0
+    for info, path in zip(manifest.shards, manifest.shard_paths()):
+        sidecar = path.with_name(index_name(info.file))
+        if info.index and sidecar.is_file() and not force:
+            continue
+        scan_tar(path, expected=info.num_samples).save(sidecar)
+        info.index, info.size = "", 0   # re-attached (with the tar size) below
+        written += 1
+        if progress is not None:
+            progress(path)
+    write_manifest(directory, manifest)
+    return written
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes, dict]]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pixelbert_dist.data.damage import DecodedBatch, resolve, without_jpeg
 from pixelbert_dist.data.images import normalize_hwc_uint8, pad_batch, resized_size
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
@@ -34,6 +35,16 @@ def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str =
     return normalize_hwc_uint8(torch.from_numpy(np.asarray(img).copy()))
 
 
+class PilDecode:
+    """``decode(jpeg, flip, where)`` with the configured sizes (picklable, for workers)."""
+
+    def __init__(self, shorter: int, max_size: int):
+        self.shorter, self.max_size = shorter, max_size
+
+    def __call__(self, jpeg: bytes, flip: bool, where: str = "") -> torch.Tensor:
+        return pil_image(jpeg, self.shorter, self.max_size, flip, where)
+
+
 class _PilBatchDataset(torch.utils.data.Dataset):
     """Item i = the decoded, padded images of work batch i (one worker per batch)."""
 
@@ -51,6 +62,43 @@ class _PilBatchDataset(torch.utils.data.Dataset):
         return pad_batch(images)
 
 
+class _PilSampleDataset(torch.utils.data.Dataset):
+    """Item j = batch j of sample indices, decoded with damaged samples replaced
+    (``damage.resolve``, with the decode itself as the last check)."""
+
+    def __init__(self, index, batches, flip_of, shorter: int, max_size: int):
+        self.index, self.batches, self.flip_of = index, batches, flip_of
+        self.shorter, self.max_size = shorter, max_size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _decode(self, sample) -> torch.Tensor:
+        return pil_image(sample.jpeg, self.shorter, self.max_size, self.flip_of(sample.key),
+                         where=self.index.where(sample.index, sample.key))
+
+    def __getitem__(self, j: int) -> DecodedBatch:
+        images, used, events = [], [], []
+        for i in self.batches[j]:
+            sample, image, damaged = resolve(self.index, int(i), self._decode)
+            images.append(image)
+            used.append(without_jpeg(sample))
+            events += damaged
+        stacked, sizes = pad_batch(images)
+        return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
+
+
+def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
+    extra = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
+    # batch_size=None: each item is already a batch; order is kept by the DataLoader.
+    # Its own generator: a DataLoader iterator otherwise draws its worker seed from
+    # torch's global RNG, which would shift the model's dropout / pixel-sampling
+    # stream whenever an epoch starts (and so break exact resume mid-epoch).
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
+                                       num_workers=num_workers, generator=torch.Generator(),
+                                       pin_memory=pin_memory, **extra)
+
+
 class PilImages:
     """PIL decode in ``num_workers`` DataLoader processes (0: in the calling process)."""
 
@@ -63,19 +111,18 @@ class PilImages:
         self.pin_memory = torch.device(device).type == "cuda"  # faster, async copy to GPU
 
     def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Exactly the given (index, flip) samples; a damaged one raises, named."""
         if not work:
             return iter(())
         dataset = _PilBatchDataset(self.index, work, self.shorter, self.max_size)
-        extra = {"prefetch_factor": self.prefetch, "persistent_workers": False} \
-            if self.num_workers > 0 else {}
-        # batch_size=None: each item is already a batch; order is kept by the DataLoader.
-        # Its own generator: a DataLoader iterator otherwise draws its worker seed from
-        # torch's global RNG, which would shift the model's dropout / pixel-sampling
-        # stream whenever an epoch starts (and so break exact resume mid-epoch).
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                             num_workers=self.num_workers, generator=torch.Generator(),
-                                             pin_memory=self.pin_memory, **extra)
-        return iter(loader)
+        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
+
+    def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
+        """Batches of sample indices, damaged samples replaced (the Loader's path)."""
+        if not len(batches):
+            return iter(())
+        dataset = _PilSampleDataset(self.index, batches, flip_of, self.shorter, self.max_size)
+        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
 
 
 class TorchJpegImages:
@@ -112,6 +159,17 @@ class TorchJpegImages:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
             yield pad_batch([self._one(img, flip) for img, (_, flip) in zip(decoded, batch)])
+
+    def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
+        """The Loader's path: samples that fail the index checks are replaced (an
+        undecodable JPEG with intact bytes still fails the batch decode here)."""
+        for indices in batches:
+            resolved = [resolve(self.index, int(i)) for i in indices]
+            used = [sample for sample, _, _ in resolved]
+            flips = [flip_of(s.key) for s in used]
+            images, sizes = next(self.batches([[(s.index, f) for s, f in zip(used, flips)]]))
+            yield DecodedBatch(images, sizes, [without_jpeg(s) for s in used], flips,
+                               [e for _, _, events in resolved for e in events])
 
 
 def nvjpeg_images(index, batch_size: int, shorter: int, max_size: int,

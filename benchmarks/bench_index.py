@@ -1,0 +1,280 @@
+"""How a rank's start-up and memory grow with the sample count (the indexed loader).
+
+    python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
+    python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
+    python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
+
+Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
+sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
+the smaller splits are manifests over the first shards of the largest (symlinks). Each
+measurement runs in a fresh process, as a rank would start: ``build_loader(rank=0,
+world_size=8, bucketing=True)``, the epoch plan, then the first batch (PIL, in-process).
+Reported per size: start-up seconds (build_loader + plan), first-batch seconds, and
+the RSS the loader added (psutil RSS after the first batch minus before build_loader,
+tokenizer loaded before, so it is not counted). ``--baseline DIR`` times another tree
+(e.g. ``git archive`` of the commit before the index) on the same splits, side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+# ``common`` (imported in main) puts this tree first on sys.path: the --measure
+# process must not import it, or a --baseline tree would never be the one measured.
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "bench_index"
+PER_SHARD = 10_000
+COLUMNS = ["code", "samples", "shards", "startup_s", "first_batch_s", "rss_added_mb"]
+
+
+def tiny_jpegs() -> list[tuple[bytes, int, int]]:
+    from PIL import Image
+
+    out = []
+    for width, height in [(8, 6), (6, 8), (12, 6), (6, 6)]:
+        buf = io.BytesIO()
+        Image.new("RGB", (width, height), (40 * width, 90, 20 * height)).save(buf, "JPEG")
+        out.append((buf.getvalue(), width, height))
+    return out
+
+
+_TEMPLATE = bytearray(tarfile.TarInfo("x").tobuf(tarfile.USTAR_FORMAT))
+
+
+def ustar_header(name: str, size: int) -> bytes:
+    """The header ``shards.write_shard`` writes (tarfile's, mtime 0, mode 0644), built
+    from a template: tarfile's own header code is ~80% of writing a tiny sample."""
+    header = bytearray(_TEMPLATE)
+    header[0:100] = name.encode().ljust(100, b"\0")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b" " * 8
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def write_tiny_shard(path: Path, first: int, count: int, jpegs):
+    """``count`` samples written directly (same bytes as write_shard) with the index."""
+    # imported here: ``--measure`` also runs under a --baseline tree without shard_index
+    from pixelbert_dist.data.shard_index import IndexBuilder, index_name
+    from pixelbert_dist.data.shards import ShardInfo, encode_meta
+
+    parts, index, offset = [], IndexBuilder(), 0
+    for i in range(first, first + count):
+        jpeg, width, height = jpegs[i % len(jpegs)]
+        key = f"s{i:09d}"
+        meta = {"key": key, "captions": [f"tiny image {i}"], "image_id": str(i),
+                "width": width, "height": height}
+        raw = encode_meta(meta)
+        parts += [ustar_header(f"{key}.jpg", len(jpeg)), _pad(jpeg),
+                  ustar_header(f"{key}.json", len(raw)), _pad(raw)]
+        jpg_at = offset + tarfile.BLOCKSIZE
+        offset = jpg_at + len(parts[-3]) + tarfile.BLOCKSIZE
+        index.add(jpg_at, jpeg, offset, len(raw), meta)
+        offset += len(parts[-1])
+    data = b"".join(parts) + b"\0" * (2 * tarfile.BLOCKSIZE)
+    data += b"\0" * (-len(data) % tarfile.RECORDSIZE)
+    index.save(path.with_name(index_name(path.name)))
+    path.write_bytes(data)
+    return ShardInfo(path.name, count, hashlib.sha256(data).hexdigest())
+
+
+def build_largest(num: int) -> Path:
+    """The largest split, written once (tiny JPEG bytes reused, tar written directly)."""
+    from pixelbert_dist.data.shards import Manifest, shard_name, write_manifest
+
+    directory = CACHE / f"n{num}"
+    if (directory / "manifest.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    jpegs, shards, start = tiny_jpegs(), [], time.perf_counter()
+    for s in range(-(-num // PER_SHARD)):
+        first = s * PER_SHARD
+        shards.append(write_tiny_shard(directory / shard_name("tiny", s), first,
+                                       min(PER_SHARD, num - first), jpegs))
+    write_manifest(directory, Manifest("tiny", num, shards, source="bench_index"))
+    print(f"built {num} samples in {time.perf_counter() - start:.1f} s -> {directory}", flush=True)
+    return directory
+
+
+def subset(largest: Path, num: int) -> Path:
+    """A split of the first ``num`` samples of ``largest``: symlinks + its own manifest."""
+    manifest = json.loads((largest / "manifest.json").read_text())
+    directory = CACHE / f"n{num}"
+    if (directory / "manifest.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    shards = manifest["shards"][:-(-num // PER_SHARD)]
+    for shard in shards:
+        for name in (shard["file"], shard["index"]):
+            link = directory / name
+            if not link.exists():
+                link.symlink_to(largest / name)
+    total = sum(s["num_samples"] for s in shards)
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "num_samples": total,
+                                                         "shards": shards}))
+    return directory
+
+
+def measure(directory: str, batch_size: int) -> dict:
+    """Runs in a fresh process (``--measure``): one rank's start-up."""
+    import psutil
+
+    import pixelbert_dist
+    from pixelbert_dist.data.config import DataConfig
+    from pixelbert_dist.data.loader import build_loader
+    from pixelbert_dist.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    process = psutil.Process()
+    rss0 = process.memory_info().rss
+    start = time.perf_counter()
+    cfg = DataConfig(backend="pil", bucketing=True, num_workers=0, image_shorter=32, image_max=64)
+    loader = build_loader(cfg, directory, batch_size, rank=0, world_size=8, tokenizer=tokenizer)
+    batches = len(loader)
+    startup = time.perf_counter() - start
+    next(iter(loader))
+    first = time.perf_counter() - start - startup
+    return {"startup_s": round(startup, 3), "first_batch_s": round(first, 3),
+            "rss_added_mb": round((process.memory_info().rss - rss0) / 2**20, 1),
+            "batches": batches, "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
+
+
+def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
+    """Streaming mode (``--measure-stream``): start-up, first batch, then img/s over
+    ``batches`` more batches (PIL, 2 workers, shuffle buffer 1000, resampled shards:
+    the small splits have fewer shards than 8 ranks x 2 workers)."""
+    import psutil
+
+    import pixelbert_dist
+    from pixelbert_dist.data.config import DataConfig
+    from pixelbert_dist.data.loader import build_loader
+    from pixelbert_dist.data.text import load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    process = psutil.Process()
+    rss0 = process.memory_info().rss
+    start = time.perf_counter()
+    cfg = DataConfig(backend="pil", num_workers=2, image_shorter=32, image_max=64,
+                     epoch_samples=8 * batch_size * (batches + 1), resampled=True)
+    loader = build_loader(cfg, spec, batch_size, rank=0, world_size=8, tokenizer=tokenizer)
+    startup = time.perf_counter() - start
+    it = iter(loader)
+    next(it)
+    first = time.perf_counter() - start - startup
+    rss = (process.memory_info().rss - rss0) / 2**20
+    timed = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch_size / (time.perf_counter() - timed)
+    return {"startup_s": round(startup, 3), "first_batch_s": round(first, 3),
+            "rss_added_mb": round(rss, 1), "images_per_s": round(rate, 1), "batches": batches,
+            "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
+
+
+def run_measure(directory: Path | str, code: Path, batch_size: int,
+                stream_batches: int = 0) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    mode = ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)] \
+        if stream_batches else ["--measure", str(directory)]
+    proc = subprocess.run([sys.executable, __file__, *mode, "--batch-size", str(batch_size)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measure {directory} with {code} failed:\n{proc.stderr[-3000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    if Path(row.pop("code_dir")).resolve() != Path(code).resolve():
+        raise RuntimeError(f"measured the tree at {row}, not {code}")
+    return row
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--quick", action="store_true", help="10^4 and 10^5 samples only")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--baseline", type=Path, help="another source tree to time alike")
+    parser.add_argument("--baseline-max", type=int, default=100_000,
+                        help="largest size to time the baseline at (it may take minutes)")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
+    parser.add_argument("--stream", action="store_true",
+                        help="streaming mode instead: the splits as local brace patterns and "
+                        "from a local http.server (127.0.0.1), start-up and img/s")
+    parser.add_argument("--stream-batches", type=int, default=100)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.batch_size)))
+        return
+    if args.measure_stream:
+        print(json.dumps(measure_stream(args.measure_stream, args.batch_size,
+                                        args.stream_batches)))
+        return
+    from common import write_results
+
+    if args.stream:
+        return stream_main(args, write_results)
+    if args.quick:
+        args.sizes = [10_000, 100_000]
+    largest = build_largest(max(args.sizes))
+    codes = [("indexed", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    rows = []
+    for num in sorted(args.sizes):
+        directory = subset(largest, num) if num < max(args.sizes) else largest
+        for label, code in codes:
+            if label == "baseline" and num > args.baseline_max:
+                continue
+            row = {"code": label, "samples": num, "shards": -(-num // PER_SHARD),
+                   **run_measure(directory, code, args.batch_size)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    write_results("bench_index", rows, {"world_size": 8, "rank": 0, "bucketing": True,
+                                        "backend": "pil", "num_workers": 0,
+                                        "batch_size": args.batch_size,
+                                        "samples_per_shard": PER_SHARD,
+                                        "baseline": str(args.baseline or "")},
+                  args.out, COLUMNS)
+
+
+def stream_main(args, write_results) -> None:
+    """The same splits streamed: from local paths and over HTTP from 127.0.0.1."""
+    largest = build_largest(max(args.sizes))
+    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                               "--directory", str(CACHE)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        port = int(server.stdout.readline().split("port ")[1].split()[0])
+        rows = []
+        for num in sorted(args.sizes):
+            directory = subset(largest, num) if num < max(args.sizes) else largest
+            pattern = f"tiny-{{000000..{-(-num // PER_SHARD) - 1:06d}}}.tar"
+            for label, spec in [("stream-disk", f"{directory}/{pattern}"),
+                                ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}")]:
+                row = {"code": label, "samples": num, "shards": -(-num // PER_SHARD),
+                       **run_measure(spec, ROOT, args.batch_size, args.stream_batches)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    write_results("bench_stream", rows, {"world_size": 8, "rank": 0, "backend": "pil",
+                                         "num_workers": 2, "shuffle_buffer": 1000,
+                                         "resampled": True,
+                                         "batch_size": args.batch_size,
+                                         "timed_batches": args.stream_batches},
+                  args.out, COLUMNS + ["images_per_s"])
+
+
+if __name__ == "__main__":
+    main()

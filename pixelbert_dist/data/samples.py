@@ -1,0 +1,246 @@
+"""``ShardIndex``: random access to the samples of a split directory through the index
+sidecars (``shard_index``), with nothing read per sample at start-up.
+
+Opening a split costs one manifest read and one ``stat`` per shard (the tar's size is
+checked against the manifest, so a truncated shard fails here, naming it). A shard's
+index is memory-mapped the first time a sample of that shard is read (a bounded LRU of
+maps, as a 10^5-shard split would otherwise exhaust the process's map count), and a
+sample's bytes come from one ``pread`` of its tar: header (for the key), JPEG, JSON.
+
+File descriptors are opened lazily per process, so a copy inherited by a DataLoader
+worker opens its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from pixelbert_dist.data import shard_index as fmt_index
+from pixelbert_dist.data.shard_index import (BLOCK, CRC32, HEIGHT, INDEX_COMMAND, JPG_BLOCK,
+                                             JPG_SIZE, JSON_BLOCK, JSON_SIZE, WIDTH,
+                                             ShardFormatError)
+from pixelbert_dist.data.shards import read_manifest
+
+MAX_OPEN_SHARDS = 64    # index maps and tar descriptors kept open per process
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    key: str
+    shard: int              # index into ShardIndex.paths
+    jpg: tuple[int, int]    # (offset, size) of KEY.jpg's bytes in the tar
+    meta: tuple[int, int]   # (offset, size) of KEY.json's bytes
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample's bytes as read; ``damage`` names what is wrong with them, if anything."""
+    index: int
+    key: str
+    jpeg: bytes
+    meta_raw: bytes
+    damage: str | None
+
+
+class _Refs(Sequence):
+    """``index.samples[i]``: a SampleRef made on demand (no list of N objects)."""
+
+    def __init__(self, index: "ShardIndex"):
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._index.ref(int(i))
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        return (self._index.ref(i) for i in range(len(self)))
+
+
+class ShardIndex:
+    """Random access to a split directory's samples (module docstring)."""
+
+    def __init__(self, directory: str | Path):
+        manifest = read_manifest(directory)
+        self.directory = Path(directory)
+        self.paths = manifest.shard_paths()
+        for info, path in zip(manifest.shards, self.paths):
+            _check_shard(self.directory, info, path)
+        counts = np.asarray([s.num_samples for s in manifest.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])   # shard s: [starts[s], starts[s+1])
+        if self.starts[-1] == 0:
+            raise ShardFormatError(f"{directory}: the manifest lists no samples")
+        self._index_files = [self.directory / s.index for s in manifest.shards]
+        self.samples = _Refs(self)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    # -- where a sample lies ------------------------------------------------------------
+    def locate(self, i: int) -> tuple[int, int]:
+        """(shard, row in that shard's index) of sample ``i``."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} outside 0..{len(self) - 1}")
+        shard = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return shard, i - int(self.starts[shard])
+
+    def _columns(self, shard: int) -> np.ndarray:
+        self._check_process()
+        array = self._maps.get(shard)
+        if array is None:
+            array = fmt_index.load(self._index_files[shard])
+            expected = int(self.starts[shard + 1] - self.starts[shard])
+            if array.shape[1] != expected:
+                raise ShardFormatError(f"{self._index_files[shard]}: {array.shape[1]} rows, the "
+                                       f"manifest says {expected} samples; rerun "
+                                       f"`{INDEX_COMMAND} {self.directory} --force`")
+            self._maps[shard] = array
+            if len(self._maps) > MAX_OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(shard)
+        return array
+
+    def _column(self, i: int) -> tuple[int, np.ndarray]:
+        shard, row = self.locate(i)
+        return shard, np.asarray(self._columns(shard)[:, row], dtype=np.int64)
+
+    def ref(self, i: int) -> SampleRef:
+        shard, col = self._column(i)
+        jpg = (int(col[JPG_BLOCK]) * BLOCK, int(col[JPG_SIZE]))
+        header = self._pread(shard, jpg[0] - BLOCK, BLOCK)
+        return SampleRef(fmt_index.header_key(header), shard, jpg,
+                         (int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])))
+
+    def crc_at(self, shard: int, jpg_offset: int) -> int | None:
+        """The stored CRC of the JPEG whose data starts at ``jpg_offset`` in ``shard``
+        (None if no sample starts there): for readers that give a position, not an index."""
+        blocks = self._columns(shard)[JPG_BLOCK]
+        row = int(np.searchsorted(blocks, jpg_offset // BLOCK))
+        if row == len(blocks) or int(blocks[row]) * BLOCK != jpg_offset:
+            return None
+        return int(self._columns(shard)[CRC32, row])
+
+    def aspect_of(self, indices: np.ndarray) -> np.ndarray:
+        """width / height of the given samples, from the index (for bucketing): reads the
+        width/height rows of the shards they fall in, nothing else."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shards = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty(len(indices), dtype=np.float64)
+        for shard in np.unique(shards):
+            where = np.nonzero(shards == shard)[0]
+            rows = indices[where] - self.starts[shard]
+            columns = self._columns(int(shard))
+            width = columns[WIDTH, rows].astype(np.float64)
+            height = columns[HEIGHT, rows].astype(np.float64)
+            bad = np.nonzero((width == 0) | (height == 0))[0]
+            if len(bad):
+                key = self.ref(int(indices[where[bad[0]]])).key
+                raise ShardFormatError(f"{self.paths[shard]}: {key}.json needs positive "
+                                       "'width' and 'height' for bucketing")
+            out[where] = width / height
+        return out
+
+    # -- bytes ------------------------------------------------------------------------
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # forked: never share file offsets with the parent
+            self._reset()
+
+    def _pread(self, shard: int, offset: int, size: int) -> bytes:
+        self._check_process()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            if len(self._fds) > MAX_OPEN_SHARDS:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(shard)
+        return os.pread(fd, size, offset)
+
+    def read(self, i: int) -> Sample:
+        """Header, JPEG and JSON of sample ``i`` in one read, checked against the index:
+        ``damage`` says why the JPEG cannot be trusted (short read, checksum, markers)."""
+        shard, col = self._column(i)
+        jpg_at, jpg_size = int(col[JPG_BLOCK]) * BLOCK, int(col[JPG_SIZE])
+        json_at, json_size = int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])
+        start = jpg_at - BLOCK
+        data = self._pread(shard, start, json_at + json_size - start)
+        key = fmt_index.header_key(data[:BLOCK]) if len(data) >= BLOCK else f"#{i}"
+        jpeg = data[BLOCK:BLOCK + jpg_size]
+        meta = data[json_at - start:json_at - start + json_size]
+        return Sample(i, key, jpeg, meta, _damage(jpeg, jpg_size, len(meta) == json_size,
+                                                  int(col[CRC32])))
+
+    def jpeg(self, i: int) -> bytes:
+        """The JPEG bytes of sample ``i``; a damaged sample raises, naming shard and key."""
+        sample = self.read(i)
+        if sample.damage:
+            raise ShardFormatError(f"{self.paths[self.locate(i)[0]]}: {sample.key}.jpg is "
+                                   f"damaged ({sample.damage})")
+        return sample.jpeg
+
+    def meta(self, i: int, sample: Sample | None = None) -> dict:
+        sample = sample if sample is not None else self.read(i)
+        where = f"{self.paths[self.locate(i)[0]]}: {sample.key}.json"
+        try:
+            meta = json.loads(sample.meta_raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ShardFormatError(f"{where} is not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or not meta.get("captions"):
+            raise ShardFormatError(f"{where} has no 'captions'")
+        return meta
+
+    def where(self, i: int, key: str) -> str:
+        return f"{self.paths[self.locate(i)[0]].name}:{key}"
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._reset()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_maps"], state["_fds"], state["_pid"] = OrderedDict(), OrderedDict(), -1
+        return state
+
+
+def _damage(jpeg: bytes, size: int, meta_complete: bool, crc: int) -> str | None:
+    """Why these JPEG bytes cannot be trusted, or None. The CRC is the sure check for bytes
+    changed after the shard was written; the markers catch a JPEG truncated before that."""
+    if len(jpeg) != size or not meta_complete:
+        return f"short read: {len(jpeg)} of {size} bytes (truncated shard)"
+    if fmt_index.crc32(jpeg) != crc:
+        return "checksum mismatch (bytes changed after the shard was written)"
+    if not jpeg.startswith(b"\xff\xd8") or b"\xff\xd9" not in jpeg[-1024:]:
+        return "not a complete JPEG (no start or end marker)"
+    return None
+
+
+def _check_shard(directory: Path, info, path: Path) -> None:
+    if not info.index:
+        raise ShardFormatError(f"{path}: no index sidecar listed in {directory / 'manifest.json'} "
+                               f"(shards made before indexes existed); index the split once "
+                               f"with `{INDEX_COMMAND} {directory}`")
+    if not (directory / info.index).is_file():
+        raise ShardFormatError(f"{directory / info.index} listed in the manifest is missing; "
+                               f"rerun `{INDEX_COMMAND} {directory} --force`")
+    size = path.stat().st_size
+    if size != info.size:
+        raise ShardFormatError(f"{path}: {size} bytes, the manifest says {info.size} "
+                               "(truncated or modified shard; rebuild it)")

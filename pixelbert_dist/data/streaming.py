@@ -1,0 +1,297 @@
+"""Streaming mode: ``data.train_shards`` names shards elsewhere (a brace pattern of URLs,
+``pipe:CMD``, or local paths with braces) and they are read front to back, never indexed.
+
+    data.train_shards="https://host/cc12m-{000000..001023}.tar" data.epoch_samples=10000000
+
+URLs are opened with ``webdataset.gopen`` (curl for http(s), a shell for ``pipe:``, e.g.
+``pipe:aws s3 cp s3://bucket/x.tar -``); ``pipe:`` runs the configured command in a shell,
+so it belongs in trusted configs only. The rules, all pure functions of the config seed
+and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
+
+* an epoch is ``data.epoch_samples`` samples over all ranks: ``epoch_samples // (W * B)``
+  batches on every rank, whatever the shards hold, so collectives never hang;
+* shard order: a permutation by ``(seed, epoch)``; rank ``r`` takes shards ``r, r + W..``
+  and its worker ``w`` (of ``n``) every ``n``-th of those, cycling through them again if
+  they run out before the epoch ends. With ``data.resampled`` each worker instead draws
+  shards with replacement, by ``(seed, epoch, rank, worker)`` (OpenCLIP's resampling:
+  fixed-size "epochs" over sets of any size);
+* a shuffle buffer of ``data.shuffle_buffer`` samples per worker, seeded alike;
+* worker ``w`` makes batches ``w, w + n, ...`` (the DataLoader's round robin); the state
+  adds each worker's count of samples taken from its stream, so a resumed run skips
+  them (reading, never decoding) and yields the batches the uninterrupted run would
+  have (same ``num_workers``: it is fingerprinted);
+* a read error reopens the shard after a back-off (``data.stream_retries`` times) and
+  skips what was already read from it; a JPEG that does not decode is skipped (the next
+  sample takes its place) and counted in ``loader.damaged``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+import time
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+
+from pixelbert_dist.data.base import BatchAccounting, LoaderState
+from pixelbert_dist.data.damage import Damaged
+from pixelbert_dist.data.images import pad_batch
+from pixelbert_dist.data.shard_index import ShardFormatError
+from pixelbert_dist.data.torch_loader import data_loader
+
+log = logging.getLogger("pixelbert_dist.data")
+BACKOFF_S = 0.5
+
+
+def is_stream(spec) -> bool:
+    spec = str(spec)
+    return "://" in spec or spec.startswith("pipe:") or ("{" in spec and ".." in spec)
+
+
+def expand(spec: str) -> list[str]:
+    from webdataset.shardlists import expand_urls
+
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"data.train_shards={spec!r} names no shard")
+    return urls
+
+
+def _rng(*words) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
+
+
+class Raw(NamedTuple):
+    key: str
+    jpeg: bytes
+    meta: bytes
+    url: str
+
+
+def _members(url: str) -> Iterator[Raw]:
+    from webdataset import gopen
+
+    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+        pending = None
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            data = tar.extractfile(member).read()
+            if ext == "jpg":
+                pending = (key, data)
+            elif ext == "json" and pending is not None and pending[0] == key:
+                yield Raw(key, pending[1], data, url)
+                pending = None
+
+
+def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
+    """The samples of one shard; a failed read is retried after a back-off, skipping the
+    samples already yielded (``errors`` collects one line per failure)."""
+    done, attempt = 0, 0
+    while True:
+        try:
+            for i, raw in enumerate(_members(url)):
+                if i >= done:
+                    done += 1
+                    yield raw
+            return
+        except (OSError, tarfile.TarError, ValueError) as err:
+            attempt += 1
+            errors.append(f"{url}: {type(err).__name__}: {err}")
+            if attempt > retries:
+                raise OSError(f"{url}: read failed {attempt} times, last: {err}") from None
+            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+
+
+class StreamPlan(NamedTuple):
+    urls: list
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    batch_size: int
+    batches: int          # per rank and epoch
+    resampled: bool
+    shuffle: bool
+    buffer: int
+    retries: int
+
+    def shard_stream(self, worker: int, workers: int) -> Iterator[str]:
+        if self.resampled:
+            rng = _rng(self.seed, self.epoch, self.rank, worker, 3)
+            while True:
+                yield self.urls[int(rng.integers(len(self.urls)))]
+        order = (_rng(self.seed, self.epoch).permutation(len(self.urls)) if self.shuffle
+                 else np.arange(len(self.urls)))
+        mine = [self.urls[i] for i in order[self.rank::self.world_size][worker::workers]]
+        if not mine:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {self.world_size} ranks x "
+                             f"{workers} workers: use data.resampled=true or fewer workers")
+        while True:
+            yield from mine
+
+    def samples(self, worker: int, workers: int, errors: list) -> Iterator[Raw]:
+        """This worker's samples, through the shuffle buffer."""
+        rng = _rng(self.seed, self.epoch, self.rank, worker, 2)
+        buffer: list[Raw] = []
+        for url in self.shard_stream(worker, workers):
+            for raw in read_shard(url, self.retries, errors):
+                if not self.shuffle or self.buffer <= 1:
+                    yield raw
+                    continue
+                buffer.append(raw)
+                if len(buffer) >= self.buffer:
+                    i = int(rng.integers(len(buffer)))
+                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                    yield buffer.pop()
+
+
+
+class StreamBatch(NamedTuple):
+    images: torch.Tensor
+    sizes: torch.Tensor
+    keys: list
+    metas: list
+    flips: list
+    damaged: list
+    read_errors: list
+
+
+class _StreamDataset(torch.utils.data.IterableDataset):
+    """Worker ``i`` of ``n`` plays stream ``v = (i + start) % n``: the DataLoader's round
+    robin begins at worker 0, and batch ``start`` is stream ``start % n``'s."""
+
+    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, decode):
+        self.plan, self.start, self.cursors = plan, start, cursors
+        self.flip_of, self.decode = flip_of, decode
+
+    def __iter__(self) -> Iterator[StreamBatch]:
+        info = torch.utils.data.get_worker_info()
+        real, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        virtual = (real + self.start) % workers
+        errors: list[str] = []
+        stream = self.plan.samples(virtual, workers, errors)
+        for _ in range(self.cursors[virtual]):
+            next(stream)   # resume: read, never decode, what was already trained on
+        first = self.start + (virtual - self.start) % workers
+        for _ in range(first, self.plan.batches, workers):
+            yield self._batch(stream, errors)
+
+    def _batch(self, stream, errors: list) -> StreamBatch:
+        images, keys, metas, flips, damaged = [], [], [], [], []
+        while len(images) < self.plan.batch_size:   # taken = batch_size + len(damaged)
+            raw = next(stream)
+            flip = self.flip_of(raw.key)
+            try:
+                images.append(self.decode(raw.jpeg, flip, raw.key))
+            except (ValueError, OSError) as err:
+                damaged.append(Damaged(f"{raw.url}:{raw.key}", f"undecodable JPEG ({err})", -1))
+                continue
+            keys.append(raw.key)
+            metas.append(raw.meta)
+            flips.append(flip)
+        stacked, sizes = pad_batch(images)
+        read_errors, errors[:] = list(errors), []
+        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors)
+
+
+def url_digest(urls: list[str]) -> str:
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
+
+
+class StreamLoader(LoaderState, BatchAccounting):
+    """One rank's batches from streamed shards (module docstring); a ``BatchLoader``."""
+
+    resume_hint = "the same shard URLs, world size, batch size, workers and data config"
+    damage_action = "skipped (the next sample in the stream takes its place)"
+
+    def __init__(self, cfg, spec: str, text, decode, batch_size: int, rank: int,
+                 world_size: int, train: bool, device: torch.device):
+        if cfg.epoch_samples < world_size * batch_size:
+            raise ValueError(f"streaming needs data.epoch_samples >= world_size x batch_size "
+                             f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
+                             "number of samples that make one epoch over all ranks")
+        self.cfg, self.urls = cfg, expand(spec)
+        self.text, self.decode = text, decode
+        self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
+        self.backend = "pil-stream"
+        self.read_errors = 0
+        self.workers = max(1, cfg.num_workers)
+        if not cfg.resampled and len(self.urls) < world_size * self.workers:
+            raise ValueError(f"{len(self.urls)} shards cannot feed {world_size} ranks x "
+                             f"{self.workers} workers without repeats: set data.resampled=true "
+                             "or use fewer data.num_workers")
+        super().__init__()
+        self._init_accounting(device)
+        self.cursors = [0] * self.workers   # samples taken from each worker's stream
+
+    def __len__(self) -> int:
+        return self.cfg.epoch_samples // (self.world_size * self.batch_size)
+
+    def _fingerprint(self) -> dict:
+        return {"stream": url_digest(self.urls), "epoch_samples": self.cfg.epoch_samples,
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "seed": self.cfg.seed, "shuffle": self.train and self.cfg.shuffle,
+                "resampled": self.cfg.resampled, "shuffle_buffer": self.cfg.shuffle_buffer,
+                "num_workers": self.cfg.num_workers}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            super().set_epoch(epoch)
+            self.cursors = [0] * self.workers
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "stream_cursors": list(self.cursors)}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, done = self.epoch, self.batches_done
+        super().load_state_dict(state)          # the fingerprint (num_workers too) first
+        cursors = state.get("stream_cursors")
+        if not isinstance(cursors, list) or len(cursors) != self.workers:
+            self.epoch, self.batches_done = epoch, done
+            raise ValueError(f"data loader state has no 'stream_cursors' for {self.workers} "
+                             f"workers (got {cursors!r}); resume with {self.resume_hint}")
+        self.cursors = [int(c) for c in cursors]
+
+    def plan(self) -> StreamPlan:
+        return StreamPlan(self.urls, self.cfg.seed, self.epoch, self.rank, self.world_size,
+                          self.batch_size, len(self), self.cfg.resampled,
+                          self.train and self.cfg.shuffle, self.cfg.shuffle_buffer,
+                          self.cfg.stream_retries)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.batches_done >= len(self):
+            self.batches_done, self.cursors = 0, [0] * self.workers
+        start = self.batches_done
+        flip_of = self.text.flip_rule(self.epoch)
+        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.decode)
+        loader = data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False)
+        for k, got in enumerate(loader, start):
+            self._log_read_errors(got.read_errors)
+            self.cursors[k % self.workers] += len(got.keys) + len(got.damaged)
+            metas = [_meta(raw, key) for raw, key in zip(got.metas, got.keys)]
+            batch = self.text(got.keys, metas, got.flips, [False] * len(got.keys), k, self.epoch)
+            batch["images"], batch["image_sizes"] = got.images, got.sizes
+            batch["damaged"] = self._record_damage(got.damaged)
+            self._count_pixels(got.images, got.sizes)
+            self.batches_done = k + 1
+            yield self._to_device(batch)
+
+    def _log_read_errors(self, errors: list) -> None:
+        for line in errors:
+            self.read_errors += 1
+            log.warning("stream read error (retried with back-off): %s", line)
+
+
+def _meta(raw: bytes, key: str) -> dict:
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ShardFormatError(f"streamed sample {key}: {key}.json is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not meta.get("captions"):
+        raise ShardFormatError(f"streamed sample {key}: {key}.json has no 'captions'")
+    return meta
