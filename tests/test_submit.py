@@ -251,19 +251,6 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     assert f"at step {stopped_at}" in rank0_err  # the trainer's "resumed from ... at step s"
 
 
-def test_the_plumbing_layer_does_not_import_the_app():
-    """distributed/ sits below train/ and jobs/: no import of them, not even in a function."""
-    import ast
-
-    for path in (REPO / "pixelbert_dist" / "distributed").glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            for name in names:
-                assert not name.startswith(("pixelbert_dist.train", "pixelbert_dist.jobs",
-                                            "pixelbert_dist.finetune")), f"{path.name}: {name}"
-
-
 @pytest.mark.slow
 def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch):
     """A trainer that dies in a --local job: the console shows the task's last error lines,
