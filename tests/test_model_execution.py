@@ -1,6 +1,5 @@
 """How the model runs: evaluation independent of the batch, bf16 on CPU as DeepSpeed runs
-it, activation checkpointing that changes nothing but memory, an import graph without
-cycles."""
+it, activation checkpointing that changes nothing but memory."""
 import copy
 
 import pytest
