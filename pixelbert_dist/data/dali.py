@@ -128,7 +128,7 @@ class DaliImages:
         done = 0
         while done < len(batches):
             in_flight: deque = deque()
-            failures: list[RuntimeError] = []
+            failures: list[str] = []
             for batch in self._run(batches, done, flip_of, known_bad, in_flight, failures):
                 done += 1
                 yield batch
@@ -160,7 +160,10 @@ class DaliImages:
                 except StopIteration:
                     return
                 except RuntimeError as err:
-                    failures.append(err)   # samples() looks for the culprit in in_flight
+                    # the message only: the exception's traceback would keep the failed
+                    # pipeline (and its threads) alive, and a DataLoader forked later in
+                    # this process could then deadlock on a lock one of them held
+                    failures.append(str(err) or repr(err))
                     return
                 rows = in_flight.popleft()
                 hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
