@@ -56,7 +56,7 @@ if [ "$SMOKE" = 1 ]; then  # the same steps at sizes a CPU finishes in seconds
   ATTN=(--quick --shapes pretrain-100px --batch 2 --iters 2 --warmup 1)
   STEP=(--presets tiny --zero 2 --precision fp32 --micro-batch 2 --sampling on --steps 2 --warmup 1)
   DECODE="pil 2 4"
-  MEMORY=(--preset tiny --image 192 256 --steps 1 --warmup 1 --repeats 1)
+  MEMORY=(--preset tiny --image 128 128 --steps 1 --warmup 0 --repeats 1)
   COMPILE=()  # a CPU compile of even the tiny model takes minutes: GPU only
   SCALE=3  # a shared 2-core CPU: the GPU's time limits x3
 else  # ~1 min, ~3 min, ~1 min on an H100

@@ -101,6 +101,10 @@ def _section(name: str, data: dict, folder: Path) -> list[str]:
         lines += ["Config: `" + json.dumps(shown, default=str) + "`", ""]
     if config.get("model"):
         lines += ["Model:", "", "```", config["model"], "```", ""]
+    if kind == "bench_scaling" and rows:  # the full grid is in the JSON and the plot
+        top = max(r["nodes"] for r in rows)
+        lines += [f"Rows at {top} nodes (every node count: {name}.json, {name}.png):", ""]
+        rows = [r for r in rows if r["nodes"] == top]
     lines += [markdown_table(rows, columns), ""]
     plotters = {"bench_attention": plot_attention, "bench_step": plot_step}
     png = folder / f"{name}.png"
@@ -127,11 +131,16 @@ def verdict_of(name: str, rows: list[dict]) -> str:
             f"worst |predicted - measured| / measured over {len(totals)} configs: {worst:.2%} ({_mark(worst <= 0.05)} 5%)"
     if name == "bench_scaling":
         top = max(r["nodes"] for r in rows)
-        ok = sorted({r["setting"] for r in rows if r["nodes"] == top and r["efficiency"] >= 0.9})
+        ok = sorted({f"mb{r['micro_batch']} {r['setting']}" for r in rows
+                     if r["nodes"] == top and r["efficiency"] >= 0.9})
         return f"{len(ok)} setting(s) at >= 90% on {top} nodes" + (f": {'; '.join(ok)}" if ok else "")
-    if name in ("bench_compile", "bench_memory"):
-        return "; ".join(f"{r.get('preset')} {r.get('mode', '')}: {r.get('verdict')}".replace("  ", " ")
-                         for r in rows if r.get("verdict") not in (None, "-")) or "no target row in this run"
+    if name == "bench_memory":
+        saved = [f"{r['mode']}: peak {r['saving_vs_none']:.0%} below none ({r.get('verdict', '-')})"
+                 for r in rows if "saving_vs_none" in r]
+        missing = "" if any(r["mode"] == "all" for r in rows) else "; mode 'all' not measured: no verdict"
+        return ("; ".join(saved) or "no mode to compare with none") + missing
+    if name == "bench_compile":
+        return "; ".join(f"{r['preset']}: {r['speedup']:.2f}x, {r['verdict']}" for r in rows) or "no rows"
     return "no target"
 
 

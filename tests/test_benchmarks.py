@@ -32,7 +32,7 @@ def smoke(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=400, env={**os.environ, "PYTHON": sys.executable})
+                          timeout=1500, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr + (out / "gpu_check.log").read_text()
     return out, proc.stdout
 
@@ -80,7 +80,7 @@ def test_decode_json_and_brief(smoke):
     assert brief in stdout  # the one-screen summary is printed
     assert "attention pretrain seq 140 (padded mask" in brief and "step tiny ZeRO-2" in brief
     assert "decode pil paper" in brief and "missing results" not in brief
-    assert "memory tiny 192x256 mb2 checkpointing transformer" in brief
+    assert "memory tiny 128x128 mb2 checkpointing transformer" in brief
 
 
 def test_memory_json(smoke):
