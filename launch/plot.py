@@ -1,11 +1,7 @@
 """python launch/plot.py RUN_DIR [--out FILE.png]: a run's metrics.jsonl as PNG curves."""
-import argparse
+import sys
 
-from pixelbert_dist.plotting import plot_run
+from pixelbert_dist.plotting import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_dir")
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    print(plot_run(args.run_dir, args.out))
+    sys.exit(main())

@@ -1,5 +1,10 @@
-"""Turn a run's metrics.jsonl into PNG curves: losses, accuracies, throughput."""
+"""Turn a run's metrics.jsonl into PNG curves: losses, accuracies, throughput.
+
+    python launch/plot.py RUN_DIR [--out FILE.png]     (or: pixelbert-plot RUN_DIR)
+"""
 from __future__ import annotations
+
+import argparse
 
 from pathlib import Path
 
@@ -8,7 +13,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on cluster nodes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pixelbert_dist.metrics import read_jsonl  # noqa: E402
 
 # (title, keys, y scale): MLM starts near ln(vocab) ~ 8-10 while ITM sits below 0.7, so the
 # losses share a log axis or ITM's whole curve is a flat line at the bottom.
@@ -25,6 +29,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """``RUN/metrics.jsonl`` -> ``out`` (default ``RUN/curves.png``)."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "curves.png"
+    from pixelbert_dist.metrics import read_jsonl  # torch: not before the command line is parsed
+
     fig = curves_figure(read_jsonl(run_dir / "metrics.jsonl"), title=str(run_dir))
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -49,3 +55,14 @@ def curves_figure(rows: list[dict], title: str = "") -> plt.Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a run's metrics.jsonl as PNG curves")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="default: RUN_DIR/curves.png")
+    args = parser.parse_args(argv)
+    if not (args.run_dir / "metrics.jsonl").is_file():
+        parser.error(f"{args.run_dir / 'metrics.jsonl'} does not exist: pass a run folder")
+    print(plot_run(args.run_dir, args.out))
+    return 0

@@ -2,7 +2,6 @@
 retrieval from a tiny export on the synthetic tasks (official file formats), their
 results files, the counted skips, the refusals of a wrong export or tokenizer, and the
 task loader's exact resume."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,18 +9,13 @@ import pytest
 import torch
 
 from pixelbert_dist.data.text import load_tokenizer
+from pixelbert_dist.finetune.run import main as finetune_main
 from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, generate_tasks
 from pixelbert_dist.model import build_model
 from tests.fixtures_data import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"finetune_{name}", REPO / "launch" / f"finetune_{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +67,7 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     files = _with_bad_items(ft, tmp_path)
     vqa = ft["tasks"] / "vqa"
     run_dir = tmp_path / "run"
-    results = script("vqa").main([
+    results = finetune_main("vqa", [
         *common(ft, run_dir, "train.micro_batch=16", "train.max_steps=6", "train.log_every=1"),
         "--train-questions", str(files["train"][0]), "--train-annotations", str(files["train"][1]),
         "--val-questions", str(files["val"][0]), "--val-annotations", str(files["val"][1]),
@@ -102,7 +96,7 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
 def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
     run_dir = tmp_path / "run"
-    results = script("nlvr2").main([
+    results = finetune_main("nlvr2", [
         *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3"),
         "--train", str(nlvr2 / "train.json"), "--dev", str(nlvr2 / "dev.json"), "--test", str(nlvr2 / "test1.json"),
         "--image-map", str(nlvr2 / "images.json")])
@@ -117,7 +111,7 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
 
 def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     run_dir = tmp_path / "run"
-    results = script("retrieval").main([
+    results = finetune_main("retrieval", [
         *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3", "train.freeze_cnn=true",
                 "retrieval.train_splits=[train]", "retrieval.eval_split=test", "retrieval.num_negatives=6",
                 "retrieval.hard_negatives=2", "retrieval.key_format='{stem}'"),
@@ -136,14 +130,14 @@ def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
         "--train-questions", str(vqa / "v2_OpenEnded_mscoco_train_questions.json"),
         "--train-annotations", str(vqa / "v2_mscoco_train_annotations.json"), "--image-map", str(vqa / "image_ids.json")]
     with pytest.raises(ValueError, match="is not a 'pixelbert-r50' export"):
-        script("vqa").main([*args, "preset=pixelbert-r50"])
+        finetune_main("vqa", [*args, "preset=pixelbert-r50"])
     other = tmp_path / "vocab"
     other.mkdir()
     (other / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nred\n")
     with pytest.raises(ValueError, match="tokenizer mismatch"):
-        script("vqa").main([*args, f"data.vocab_dir={other}"])
+        finetune_main("vqa", [*args, f"data.vocab_dir={other}"])
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
-        script("vqa").main([*args, "--pretrained", str(tmp_path)])
+        finetune_main("vqa", [*args, "--pretrained", str(tmp_path)])
     assert not (tmp_path / "run").exists()
 
 
@@ -173,7 +167,7 @@ def test_resume_continues_like_an_uninterrupted_run(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
 
     def run(run_dir, steps, resume):
-        script("nlvr2").main([
+        finetune_main("nlvr2", [
             *common(ft, run_dir, "train.micro_batch=4", f"train.max_steps={steps}", "train.log_every=1",
                     "schedule.kind=constant", "schedule.warmup_steps=0", f"train.resume={resume}"),
             "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")])
@@ -196,7 +190,7 @@ def _nlvr2_trainer(ft, run_dir, *extra):
     nlvr2 = ft["tasks"] / "nlvr2"
     argv = [*common(ft, run_dir, "train.micro_batch=4", "train.log_every=1", *extra),
             "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")]
-    return FinetuneTrainer(parse_config("nlvr2", argv, script("nlvr2").FILES), "deepspeed_configs/zero2.json")
+    return FinetuneTrainer(parse_config("nlvr2", argv), "deepspeed_configs/zero2.json")
 
 
 def _train_losses(run_dir) -> dict[int, float]:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from pixelbert_dist.plotting import curves_figure, plot_run
+import pytest
+
+from pixelbert_dist.plotting import curves_figure, main, plot_run
 
 
 def _rows() -> list[dict]:
@@ -31,3 +33,9 @@ def test_plot_run_writes_a_png(tmp_path):
     out = plot_run(tmp_path)
     assert out == tmp_path / "curves.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_command_refuses_a_folder_without_metrics(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main([str(tmp_path)])
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err

@@ -14,14 +14,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pixelbert_dist.jobs import cli as submit_cli
 from pixelbert_dist.jobs import snapshot, submission
 from pixelbert_dist.jobs import task as job_task
 from pixelbert_dist.jobs.options import SubmitError, parse_slurm_time
 from pixelbert_dist.jobs.plan import expand_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "launch"))
-import submit as submit_cli  # noqa: E402
 
 DS = "deepspeed_configs/zero2.json"
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
@@ -15,17 +16,39 @@ from pixelbert_dist.finetune.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Each task's own files: (flag, config key, help), and its --help description.
+TASK_FILES = {
+    "vqa": [("--train-questions", "vqa.train_questions", "official questions JSON of the training split"),
+            ("--train-annotations", "vqa.train_annotations", "official annotations JSON of the training split"),
+            ("--val-questions", "vqa.val_questions", "questions evaluated with the official accuracy"),
+            ("--val-annotations", "vqa.val_annotations", "their annotations"),
+            ("--test-questions", "vqa.test_questions", "questions to predict into the submission file"),
+            ("--image-map", "vqa.image_map", "JSON {image_id: shard key}; default key: vqa.key_format"),
+            ("--answer-vocab", "vqa.answer_vocab", "a saved answer vocabulary (else the top answers of train)")],
+    "nlvr2": [("--train", "nlvr2.train", "official train.json (jsonl)"),
+            ("--dev", "nlvr2.dev", "official dev.json"),
+            ("--test", "nlvr2.test", "official test1.json (test-P)"),
+            ("--image-map", "nlvr2.image_map", "JSON {image name: shard key}; default key: nlvr2.key_format")],
+    "retrieval": [("--karpathy", "retrieval.karpathy", "Karpathy split file dataset_{coco,flickr30k}.json")],
+}
+DESCRIPTIONS = {
+    "vqa": "Fine-tune and evaluate Pixel-BERT on VQA 2.0.",
+    "nlvr2": "Fine-tune and evaluate Pixel-BERT on NLVR2.",
+    "retrieval": "Fine-tune Pixel-BERT for image-text retrieval (ITM head, hard negatives).",
+}
 
-def build_parser(file_args: list[tuple[str, str, str]], description: str) -> argparse.ArgumentParser:
-    """``--pretrained``, ``--shards``, the task's files (``file_args``: flag, config key,
-    help), ``--config``, ``--deepspeed_config``, ``--print-config`` and key=value overrides."""
+
+def build_parser(task: str) -> argparse.ArgumentParser:
+    """``--pretrained``, ``--shards``, the task's files (``TASK_FILES``: flag, config key,
+    help), ``--config``, ``--deepspeed_config``, ``--print-config`` and key=value overrides.
+    Flags are dashed, except DeepSpeed's own (``--deepspeed_config``, ``--local_rank``)."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTIONS[task], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.epochs=3 optim.lr=3e-5);\n"
                "default and type shown:\n" + "\n".join(config_help(FinetuneConfig)))
     parser.add_argument("--pretrained", help="pre-training export folder (config.json, model.safetensors)")
     parser.add_argument("--shards", nargs="+", help="shard folder(s) holding the task's images")
-    for flag, key, text in file_args:
+    for flag, key, text in TASK_FILES[task]:
         parser.add_argument(flag, dest=key.replace(".", "__"), help=f"{text} ({key})")
     parser.add_argument("--config", help="fine-tuning config YAML (launch/configs/finetune_*.yaml)")
     parser.add_argument("--deepspeed_config", default=str(REPO / "deepspeed_configs" / "zero2.json"),
@@ -37,7 +60,7 @@ def build_parser(file_args: list[tuple[str, str, str]], description: str) -> arg
     return parser
 
 
-def config_from_args(task: str, args: argparse.Namespace, file_args) -> FinetuneConfig:
+def config_from_args(task: str, args: argparse.Namespace) -> FinetuneConfig:
     """Defaults <- --config <- key=value overrides <- the path flags."""
     # `--shards A B key=value`: nargs="+" swallows the overrides that follow; hand them back
     extra = [s for s in args.shards or [] if "=" in s and not Path(s).exists()]
@@ -48,7 +71,7 @@ def config_from_args(task: str, args: argparse.Namespace, file_args) -> Finetune
         cfg.pretrained = args.pretrained
     if shards:
         cfg.data.shards = shards
-    for _, key, _ in file_args:
+    for _, key, _ in TASK_FILES[task]:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             section, name = key.split(".")
@@ -56,15 +79,15 @@ def config_from_args(task: str, args: argparse.Namespace, file_args) -> Finetune
     return cfg
 
 
-def parse_config(task: str, argv, file_args) -> FinetuneConfig:
+def parse_config(task: str, argv) -> FinetuneConfig:
     """The config a fine-tuning command line describes (what ``--print-config`` prints)."""
-    return config_from_args(task, build_parser(file_args, "").parse_args(argv), file_args)
+    return config_from_args(task, build_parser(task).parse_args(argv))
 
 
-def main(task: str, argv, file_args: list[tuple[str, str, str]], description: str) -> dict:
+def main(task: str, argv=None) -> dict:
     """Parse the command line (``build_parser``), train, evaluate; the results."""
-    args = build_parser(file_args, description).parse_args(argv)
-    cfg = config_from_args(task, args, file_args)
+    args = build_parser(task).parse_args(argv)
+    cfg = config_from_args(task, args)
     if args.print_config:
         print(dump_config(cfg), end="", flush=True)
         return {}
@@ -78,3 +101,28 @@ def main(task: str, argv, file_args: list[tuple[str, str, str]], description: st
         print(json.dumps({"task": task, "metrics": results.get("metrics"), "skipped": results.get("skipped")}),
               flush=True)
     return results
+
+
+def cli(task: str, argv=None) -> int:
+    """``launch/finetune_TASK.py`` and the ``pixelbert-finetune-TASK`` console scripts: a bad
+    key or value is one line naming it (exit 2), not a traceback."""
+    from pixelbert_dist.config import ConfigError
+
+    try:
+        main(task, argv)
+    except ConfigError as err:
+        print(f"finetune {task}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def vqa() -> int:
+    return cli("vqa")
+
+
+def nlvr2() -> int:
+    return cli("nlvr2")
+
+
+def retrieval() -> int:
+    return cli("retrieval")

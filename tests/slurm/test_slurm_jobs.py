@@ -10,7 +10,6 @@ import math
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import pytest
 from slurm_helpers import (cluster_reason, job_record, job_records, scontrol, task_log, train_rows,
                            wait_final, wait_train_steps)
 
+from pixelbert_dist.jobs import cli as submit_cli
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "launch"))
-import submit as submit_cli  # noqa: E402
 
 pytestmark = pytest.mark.slurm
 if cluster_reason():  # one line for the whole lane, not one per test
