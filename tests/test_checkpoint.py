@@ -1,6 +1,7 @@
 """Checkpoints through a real DeepSpeed engine (one gloo rank): save, prune, resume exactly, signals."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -117,7 +118,9 @@ def test_save_keeps_last_k_and_moves_latest(run_dir):
         assert (run_dir / "latest").read_text() == f"step_{step:08d}\n"
     assert ckpt.list_tags(run_dir) == ["step_00000003", "step_00000004"]
     meta = json.loads((run_dir / "step_00000004" / "meta.json").read_text())
-    assert meta == {"step": 4, "world_size": 1, "zero_stage": 2, "config_fingerprint": "f00"}
+    written = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+               for p in (run_dir / "step_00000004").iterdir() if p.name != "meta.json"}
+    assert meta == {"step": 4, "world_size": 1, "zero_stage": 2, "config_fingerprint": "f00", "files": written}
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # the atomic write left nothing
     # pruning never deletes the tag `latest` names, even when it sorts first
     (run_dir / "latest").write_text("step_00000003\n")
