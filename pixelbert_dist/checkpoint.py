@@ -328,10 +328,15 @@ def check_zero_stage(tag_dir: Path, meta: dict, ds_config: dict, universal: bool
     saved, now = meta.get("zero_stage", 0), ds_config.get("zero_optimization", {}).get("stage", 0)
     if saved == now:
         return False
-    if universal and saved in (1, 2):
+    if universal and saved in (1, 2) and now in (1, 2):
         return True
+    # checked: DeepSpeed 0.19's ZeRO-3 universal load looks for per-rank model files that
+    # ds_to_universal does not write (AssertionError in state_dict_factory), so no bridge to 3
     hint = ("or pass train.resume_universal=true to convert it through DeepSpeed's universal checkpoint"
-            if saved in (1, 2) else "a ZeRO-0 or ZeRO-3 checkpoint cannot change stage")
+            if saved in (1, 2) and now in (1, 2) else
+            "or export its weights (python launch/export.py RUN_DIR) and start a new run from them "
+            "(model.visual_weights / a fine-tuning export): optimiser state does not cross to or from "
+            "ZeRO stages 0 and 3")
     raise CheckpointError(f"checkpoint {tag_dir} was saved with ZeRO stage {saved} but this run's DeepSpeed "
                           f"config has stage {now}: DeepSpeed cannot load its shards as they are. Resume with "
                           f"the stage it was saved with (--deepspeed_config deepspeed_configs/zero{saved}.json), "
