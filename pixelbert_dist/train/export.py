@@ -38,7 +38,7 @@ def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, ex
 
 def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokenizer) -> Path | None:
     """Rank 0 writes the export from the latest checkpoint; the others wait."""
-    tag_dir = find_checkpoint(ckpt_dir, "auto")
+    tag_dir = find_checkpoint(ckpt_dir, "auto", verify=False)  # written by this run a moment ago
     if tag_dir is None:
         raise RuntimeError(f"no checkpoint in {ckpt_dir} to export")
     out = None
