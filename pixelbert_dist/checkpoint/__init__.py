@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -39,14 +38,15 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
                                             UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
-from pixelbert_dist import checkpoint_files as files
-from pixelbert_dist.checkpoint_files import META, CheckpointError, read_meta
+from pixelbert_dist.checkpoint import files
+from pixelbert_dist.checkpoint.files import META, CheckpointError, read_meta
+from pixelbert_dist.checkpoint.universal import UNIVERSAL_SUFFIX, enable_universal_load
+from pixelbert_dist.checkpoint.universal import to_universal as _to_universal
 from pixelbert_dist.collectives import all_reduce_max, gather_objects
 
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
-UNIVERSAL_SUFFIX = "_universal"
 
 
 def tag_for(step: int) -> str:
@@ -118,7 +118,7 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
     differs per rank (e.g. its data loader position), kept for every rank; ``meta``:
     extra JSON entries for ``meta.json`` (e.g. the run config). ``keep_last`` <= 0 keeps
     everything. Written to a temporary folder, renamed into place, then ``latest`` moves
-    (see ``checkpoint_files``).
+    (see ``checkpoint.files``).
     """
     save_dir = Path(save_dir)
     tag = tag_for(step)
@@ -229,97 +229,6 @@ def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = Fal
             f"deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} --output_folder "
             f"{tag_dir}{UNIVERSAL_SUFFIX}).")
     return meta
-
-
-def _load_ds_file(path: Path) -> dict:
-    """A DeepSpeed optimizer shard, unpickled with only the classes it is known to hold."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
-                                           fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _dress_sgd_as_adam(tag_dir: Path, work: Path) -> set[str]:
-    """A copy of ``tag_dir`` whose SGD momentum sits where ds_to_universal looks for Adam's.
-
-    DeepSpeed's converter reads ``exp_avg`` and ``exp_avg_sq`` from every param group; the
-    CNN's SGD group has a ``momentum_buffer`` only. Model files are linked, not copied.
-    Returns the names of the SGD group's parameters.
-    """
-    work.mkdir(parents=True)
-    sgd_names: set[str] = set()
-    for src in tag_dir.iterdir():
-        if not src.name.endswith("_optim_states.pt"):
-            os.symlink(src.resolve(), work / src.name)
-            continue
-        shard = _load_ds_file(src)
-        osd = shard["optimizer_state_dict"]
-        for gid, state in osd["base_optimizer_state"]["state"].items():
-            if "momentum_buffer" in state and "exp_avg" not in state:
-                state["exp_avg"] = state.pop("momentum_buffer")
-                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                sgd_names.update(osd["param_slice_mappings"][gid])
-        torch.save(shard, work / src.name)
-    return sgd_names
-
-
-def _convert_universal(tag_dir: Path, out: Path) -> None:
-    """ds_to_universal for the hybrid optimiser (ZeRO 1/2); the SGD state is renamed back."""
-    from types import SimpleNamespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    work = out.with_name(out.name + ".in")
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        sgd_names = _dress_sgd_as_adam(tag_dir, work)
-        ds_to_universal(SimpleNamespace(input_folder=str(work), output_folder=str(out),
-                                        num_extract_workers=1, num_merge_workers=1,
-                                        keep_temp_folder=False, strict=True,
-                                        inject_missing_state=False))
-        for name in sgd_names:  # DeepSpeed's universal loader restores whatever keys it finds
-            folder = out / "zero" / name
-            os.replace(folder / "exp_avg.pt", folder / "momentum_buffer.pt")
-            (folder / "exp_avg_sq.pt").unlink()
-        shutil.copy(tag_dir / META, out / META)  # last: marks the conversion complete
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _try_convert(tag_dir: Path, out: Path) -> str | None:
-    """The conversion on rank 0; an error message instead of an exception (to share it)."""
-    stage = read_meta(tag_dir).get("zero_stage")
-    if stage not in (1, 2):
-        return (f"{tag_dir} was saved with ZeRO stage {stage}; a universal resume of the hybrid "
-                f"optimiser is supported from ZeRO 1 and 2 checkpoints. Resume with the world "
-                f"size it was written at.")
-    try:
-        _convert_universal(tag_dir, out)
-    except Exception as err:  # noqa: BLE001 - every rank raises it below
-        shutil.rmtree(out, ignore_errors=True)
-        return f"converting {tag_dir} to a universal checkpoint failed: {type(err).__name__}: {err}"
-    return None
-
-
-def _to_universal(tag_dir: Path) -> Path:
-    """Rank 0 converts once (kept next to the tag); every rank learns how it went."""
-    out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
-    error = None
-    if files.rank() == 0 and not (out / META).is_file():
-        error = _try_convert(tag_dir, out)
-    error = gather_objects(error)[0]  # a collective: also the barrier after the conversion
-    if error:
-        raise CheckpointError(error)
-    return out
-
-
-def enable_universal_load(ds_config: dict) -> dict:
-    """The DeepSpeed flag to set before ``deepspeed.initialize`` for a universal resume."""
-    ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    return ds_config
 
 
 def check_zero_stage(tag_dir: Path, meta: dict, ds_config: dict, universal: bool) -> bool:
