@@ -130,6 +130,9 @@ class RunLock:
         os.close(self.fd)
         self.fd = None
 
+    def __del__(self):  # a trainer dropped without fit() (an error in a test, say) frees the folder
+        self.release()
+
 
 def supersede_rows(run_dir: Path, step: int) -> int:
     """Move the metric rows of steps after ``step`` to metrics.superseded.jsonl (rank 0,
