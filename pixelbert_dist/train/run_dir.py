@@ -131,7 +131,10 @@ class RunLock:
         self.fd = None
 
     def __del__(self):  # a trainer dropped without fit() (an error in a test, say) frees the folder
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the kernel frees it anyway
+            pass
 
 
 def supersede_rows(run_dir: Path, step: int) -> int:
