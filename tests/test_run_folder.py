@@ -133,7 +133,7 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from pixelbert_dist.train.run_dir import RunLock; RunLock(Path(sys.argv[1])).acquire(); "
+         "from pixelbert_dist.train.run_dir import RunLock; lock = RunLock(Path(sys.argv[1])).acquire(); "
          "print('locked', flush=True); time.sleep(600)", str(run_dir)],
         stdout=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
     try:

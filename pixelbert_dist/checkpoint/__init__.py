@@ -234,7 +234,9 @@ def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = Fal
 def check_zero_stage(tag_dir: Path, meta: dict, ds_config: dict, universal: bool) -> bool:
     """True when the checkpoint's ZeRO stage differs from the run's and the universal
     checkpoint must bridge it; an error when it differs and may not."""
-    saved, now = meta.get("zero_stage", 0), ds_config.get("zero_optimization", {}).get("stage", 0)
+    if "zero_optimization" not in ds_config:  # fill_deepspeed_config always sets it: nothing to compare
+        return False
+    saved, now = meta.get("zero_stage", 0), ds_config["zero_optimization"].get("stage", 0)
     if saved == now:
         return False
     if universal and saved in (1, 2) and now in (1, 2):
