@@ -6,7 +6,7 @@ engines or GPUs."""
 import argparse
 from pathlib import Path
 
-from pixelbert_dist.checkpoint import find_checkpoint, read_meta
+from pixelbert_dist.checkpoint import CheckpointError, find_checkpoint, list_tags, read_meta
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.train.config import RunConfig
@@ -22,7 +22,14 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(RunConfig, args.run_dir / "config.yaml")
     ckpt_dir = args.run_dir / "checkpoints"
-    tag_dir = find_checkpoint(ckpt_dir, args.tag)
+    if args.tag not in ("auto", "latest") and not (ckpt_dir / args.tag).is_dir() and not Path(args.tag).is_dir():
+        tags = ", ".join(list_tags(ckpt_dir)) or "none"
+        raise SystemExit(f"no checkpoint {args.tag} in {ckpt_dir}; the checkpoints there: {tags} (train.keep_last "
+                         "keeps only the newest). Pass --tag with one of them, or no --tag for the latest.")
+    try:
+        tag_dir = find_checkpoint(ckpt_dir, args.tag)  # sizes and sha256 checked against meta.json
+    except CheckpointError as err:
+        raise SystemExit(str(err)) from None
     if tag_dir is None:
         raise SystemExit(f"no checkpoint in {ckpt_dir}")
     stage = read_meta(tag_dir)["zero_stage"]

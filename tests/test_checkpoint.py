@@ -1,6 +1,7 @@
 """Checkpoints through a real DeepSpeed engine (one gloo rank): save, prune, resume exactly, signals."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -50,11 +51,11 @@ BATCHES = [(torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)),
 
 
 def _engine(stage: int, seed: int, grad_accum: int = 1, world_size: int = 1, universal_from=None,
-            micro_batch: int = 4):
+            micro_batch: int = 4, random_ops: bool | None = None):
     import deepspeed
 
     torch.manual_seed(seed)
-    model = DropoutNet(random_ops=universal_from is None and world_size == 1)
+    model = DropoutNet(random_ops=universal_from is None and world_size == 1 if random_ops is None else random_ops)
     opt = build_optimizer(model, OptimConfig())
     sched = build_scheduler(opt, ScheduleConfig(warmup_steps=2, milestones_epochs=[0.4]),
                             steps_per_epoch=10, total_steps=6)  # /10 at step 4
@@ -117,7 +118,9 @@ def test_save_keeps_last_k_and_moves_latest(run_dir):
         assert (run_dir / "latest").read_text() == f"step_{step:08d}\n"
     assert ckpt.list_tags(run_dir) == ["step_00000003", "step_00000004"]
     meta = json.loads((run_dir / "step_00000004" / "meta.json").read_text())
-    assert meta == {"step": 4, "world_size": 1, "zero_stage": 2, "config_fingerprint": "f00"}
+    written = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+               for p in (run_dir / "step_00000004").iterdir() if p.name != "meta.json"}
+    assert meta == {"step": 4, "world_size": 1, "zero_stage": 2, "config_fingerprint": "f00", "files": written}
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # the atomic write left nothing
     # pruning never deletes the tag `latest` names, even when it sorts first
     (run_dir / "latest").write_text("step_00000003\n")
@@ -163,6 +166,16 @@ def test_other_world_size_is_refused(run_dir):
     ds = {}
     assert ckpt.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
     assert ds == {}
+
+
+def test_graceful_exit_on_sigint_like_sigterm_and_says_so(caplog):
+    with ckpt.GracefulExit() as stop, caplog.at_level("INFO", logger="pixelbert_dist.checkpoint"):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a save, not a KeyboardInterrupt
+        assert stop.received == signal.SIGINT
+        assert stop.should_exit() and stop.should_exit()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert caplog.text.count("stop requested (SIGINT): saving a checkpoint") == 1
 
 
 def test_graceful_exit_on_sigusr1_and_sigterm():
@@ -255,5 +268,108 @@ def test_universal_resume_on_another_world_size(run_dir):
         assert got_lrs == pytest.approx(lrs)
 
 
-if __name__ == "__main__":  # the 2-rank half of the universal test, under torchrun
-    _two_rank_save(sys.argv[1], int(sys.argv[2]))
+# ---- saves that cannot be half-read, resumes that check what they read --------------
+
+
+def _save_steps(run_dir, steps, stage=2):
+    engine, opt = _engine(stage, seed=0)
+    for step in steps:
+        _train(engine, opt, [step % 6])
+        ckpt.save_checkpoint(engine, run_dir, step, {"trainer": {"step": step}}, keep_last=0)
+    return engine
+
+
+def _killed_save(save_dir: str) -> None:
+    """Save step 1, then save step 1 again (as a stop signal on a save step once did) and
+    die by SIGKILL halfway through writing the first file of the second save."""
+    from pixelbert_dist.distributed.env import init_distributed
+
+    init_distributed()
+    engine = _save_steps(Path(save_dir), [1])
+    real_save = torch.save
+
+    def dying_save(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        with open(path, "r+b") as fh:
+            fh.truncate(Path(path).stat().st_size // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = dying_save
+    ckpt.save_checkpoint(engine, save_dir, 1, {"trainer": {"step": 1}}, keep_last=0)
+
+
+def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+           __file__, str(run_dir), "kill"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and (run_dir / ".step_00000001.tmp").is_dir(), proc.stderr[-3000:]
+    assert (run_dir / "latest").read_text() == "step_00000001\n"
+    assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"  # verified: sizes and sha256
+    engine, _ = _engine(2, seed=1)
+    assert ckpt.resume(engine, run_dir, "auto")["trainer"] == {"step": 1}
+    ckpt.save_checkpoint(engine, run_dir, 2, {}, keep_last=0)
+    assert not list(run_dir.glob(".*tmp"))  # the next good save clears the leftover
+
+
+def _model_file(tag_dir: Path) -> Path:
+    return next(p for p in tag_dir.iterdir() if p.name.endswith("model_states.pt"))
+
+
+def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, caplog):
+    _save_steps(run_dir, [1, 2, 3])
+    engine, _ = _engine(2, seed=1)
+    broken = _model_file(run_dir / "step_00000003")
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint"):
+        assert ckpt.resume(engine, run_dir, "auto")["step"] == 2
+    assert "resuming from" in caplog.text and "step_00000002" in caplog.text
+    assert f"step_00000003 skipped: {broken} has 100 bytes" in caplog.text
+    with pytest.raises(ckpt.CheckpointError, match=rf"step_00000003 is damaged: {broken} has 100 bytes"):
+        ckpt.resume(engine, run_dir, "step_00000003")
+    flipped = next((run_dir / "step_00000002").glob("*optim_states.pt"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, same size: loads fine, trains to garbage
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=rf"{flipped}: sha256 differs"):
+        ckpt.find_checkpoint(run_dir, "step_00000002")
+    assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    (run_dir / "latest").write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint"):
+        assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    assert "latest is empty" in caplog.text
+    (run_dir / "step_00000001" / "meta.json").write_text('{"step": 1, "world_')
+    with pytest.raises(ckpt.CheckpointError, match=r"no intact checkpoint.*latest is empty.*"
+                                                   r"step_00000001/meta.json is not valid JSON"):
+        ckpt.find_checkpoint(run_dir, "auto")
+
+
+def test_a_zero_stage_change_is_refused_or_bridged(run_dir):
+    _save_steps(run_dir, [1], stage=2)
+    ds3 = fill_deepspeed_config(CONFIGS / "zero3.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
+    for universal in (False, True):  # DeepSpeed's ZeRO-3 universal load cannot read the conversion
+        with pytest.raises(ckpt.CheckpointError, match=r"saved with ZeRO stage 2 but this run's DeepSpeed "
+                                                       r"config has stage 3.*zero2.json.*launch/export.py"):
+            ckpt.prepare_resume(ds3, run_dir, "auto", world_size=1, universal=universal)
+    ds1 = fill_deepspeed_config(CONFIGS / "zero1.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
+    with pytest.raises(ckpt.CheckpointError, match=r"stage 2 .* stage 1.*resume_universal=true"):
+        ckpt.prepare_resume(ds1, run_dir, "auto", world_size=1)
+    # bridged: the ZeRO-2 checkpoint loads under ZeRO-1 and trains on like a ZeRO-2 resume
+    same, opt2 = _engine(2, seed=5, random_ops=False)
+    ckpt.resume(same, run_dir, "auto")
+    expected = _train(same, opt2, [1, 2])
+    bridged, opt1 = _engine(1, seed=5, universal_from=run_dir)
+    assert bridged.load_universal_checkpoint()
+    assert ckpt.resume(bridged, run_dir, "auto", universal=True)["step"] == 1
+    for (loss, lrs), (ref_loss, ref_lrs) in zip(_train(bridged, opt1, [1, 2]), expected):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and lrs == pytest.approx(ref_lrs)
+
+
+if __name__ == "__main__":  # the subprocess halves of the universal and the kill tests, under torchrun
+    if sys.argv[2] == "kill":
+        _killed_save(sys.argv[1])
+    else:
+        _two_rank_save(sys.argv[1], int(sys.argv[2]))

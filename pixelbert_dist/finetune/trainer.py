@@ -113,7 +113,7 @@ class FinetuneTrainer(BaseTrainer):
     def check_resumed(self, client: dict) -> None:
         if client.get("model_fingerprint") != self.model_fingerprint:
             raise ckpt.CheckpointError(f"{self.ckpt_dir} was written for another model architecture than the "
-                                       f"export {self.cfg.pretrained}: use a new run_dir or train.resume=none")
+                                       f"export {self.cfg.pretrained}: use a new run_dir")
 
     def evaluate(self, splits=None) -> dict:
         out = {}

@@ -67,6 +67,7 @@ class LoopConfig:
     compile: bool = False           # torch.compile through DeepSpeed's engine.compile()
     sync_bn: bool = False           # SyncBatchNorm across ranks (CUDA only)
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
+    max_loss: float = 1e4           # a finite loss above this is a blow-up: skipped and counted like NaN/inf
 
     def validate(self) -> "LoopConfig":
         if self.micro_batch < 1 or self.grad_accum < 1:
@@ -76,6 +77,8 @@ class LoopConfig:
             raise ValueError("set train.epochs > 0 or train.max_steps > 0")
         if self.max_nonfinite_in_row < 1:
             raise ValueError(f"train.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
+        if not self.max_loss > 0:
+            raise ValueError(f"train.max_loss={self.max_loss} must be > 0")
         if self.log_every < 1:
             raise ValueError(f"train.log_every={self.log_every} must be >= 1")
         return self

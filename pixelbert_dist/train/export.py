@@ -66,7 +66,7 @@ def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokeni
                        run_cfg: RunConfig | None = None) -> Path | None:
     """Rank 0 writes the export from the latest checkpoint; the others wait. Without
     ``run_cfg`` the input settings come from the run's config.yaml, where there is one."""
-    tag_dir = find_checkpoint(ckpt_dir, "auto")
+    tag_dir = find_checkpoint(ckpt_dir, "auto", verify=False)  # written by this run a moment ago
     if tag_dir is None:
         raise RuntimeError(f"no checkpoint in {ckpt_dir} to export")
     out = None

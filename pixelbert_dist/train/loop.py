@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -21,12 +20,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pixelbert_dist import checkpoint as ckpt
-from pixelbert_dist.collectives import all_reduce_sums
-from pixelbert_dist.config import save_config, to_dict
+from pixelbert_dist.collectives import all_reduce_sums, gather_objects
+from pixelbert_dist.config import dump_config, to_dict
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import RunLogger, ThroughputMeter, peak_memory_gib, peak_tflops
-from pixelbert_dist.train.schedule import build_scheduler
+from pixelbert_dist.train import resume as resume_rule
+from pixelbert_dist.train.run_dir import RunFolderError, RunLock, check_run_dir_writable, record_config, supersede_rows
+from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -36,21 +37,9 @@ class NonFiniteLossError(RuntimeError):
     """Too many NaN/inf losses in a row: the run stops (on every rank) instead of diverging."""
 
 
-def check_run_dir_writable(run_dir: Path) -> None:
-    """Fail before any training, on every rank alike (so no rank waits for a failed one),
-    when the run folder cannot be created or written. Creates nothing: a run refused later
-    (a contradictory config, say) leaves no empty folder behind."""
-    existing = run_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        problem = f"{existing} is a file"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable"
-    else:
-        return
-    raise ValueError(f"run_dir={str(run_dir)!r} is not a writable folder ({problem}): checkpoints, logs "
-                     "and the export go there")
+def loss_is_bad(loss: torch.Tensor, max_loss: float) -> torch.Tensor:
+    """NaN/inf, or a finite blow-up above ``train.max_loss``: skipped and counted alike."""
+    return ~torch.isfinite(loss) | (loss.abs() > max_loss)
 
 
 class BaseTrainer:
@@ -74,11 +63,20 @@ class BaseTrainer:
         self.train_loader = self.build_loaders()
         self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
-        self._setup_engine(model, deepspeed_config)
+        self.run_lock, self._saved_step = None, None
+        try:
+            self._setup_engine(model, deepspeed_config)
+        except BaseException:
+            self._release_run()
+            raise
         torch.manual_seed(t.seed + 1000 * self.rank)  # own dropout / pixel draws
         self.state = {"step": 0, "epoch": 0, "samples": 0, "nonfinite_skipped": 0, "train_seconds": 0.0}
         self.nonfinite_in_row = 0
-        self._resume()
+        try:
+            self._resume()
+        except BaseException:
+            self._release_run()
+            raise
         self.logger = RunLogger(self.run_dir, self.is_main)
         self.meter = ThroughputMeter(self.flops_per_sample(), peak_tflops(self.precision, self.device), self.world)
 
@@ -132,13 +130,21 @@ class BaseTrainer:
         t = self.cfg.train
         ds = fill_deepspeed_config(deepspeed_config, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
                                    world_size=self.world, grad_clip=t.grad_clip, precision=t.precision)
+        self._take_run_folder()
+        if t.resume == "none":
+            resume_rule.refuse_fresh_over_checkpoints(self.ckpt_dir)
         self.resume_dir = ckpt.prepare_resume(ds, self.ckpt_dir, t.resume, self.world, t.resume_universal)
+        if self.resume_dir is not None:
+            resume_rule.check_resumable(self.resume_dir, t.resume, to_dict(self.cfg), self.total_steps)
         if t.sync_bn and self.world > 1:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
                 log.warning("train.sync_bn needs CUDA; keeping per-rank BatchNorm on %s", self.device)
         optimizer = self.build_optimizer(model)
+        warmup_note = clamp_warmup(self.cfg.schedule, self.total_steps)[1]
+        if warmup_note and self.is_main:
+            log.warning(warmup_note)
         scheduler = build_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch, self.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                  lr_scheduler=scheduler, config=ds)
@@ -150,24 +156,69 @@ class BaseTrainer:
         self.dtype = _DTYPES[self.precision]
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            start = ckpt.read_meta(self.resume_dir)["step"] if self.resume_dir else 0
+            record_config(self.run_dir / "config.yaml", dump_config(self.cfg), start)
             write_deepspeed_config(ds, self.run_dir / "deepspeed_config.json")
+
+    # -- the run folder, resume and save (see train/run_dir.py and train/resume.py) -----
+    def _take_run_folder(self) -> None:
+        """Rank 0 locks the run folder; every rank learns whether it could."""
+        error = None
+        if self.is_main:
+            try:
+                self.run_lock = RunLock(self.run_dir).acquire()
+            except (resume_rule.CheckpointError, RuntimeError, OSError) as err:
+                error = str(err)
+        error = gather_objects(error)[0]
+        if error:
+            raise RunFolderError(error)
+
+    def _release_run(self) -> None:
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     def _resume(self) -> None:
         t = self.cfg.train
-        client = ckpt.resume(self.engine, self.ckpt_dir, t.resume, t.resume_universal)
+        settings = group_settings(self.optimizer)  # the config's rates, before the checkpoint's replace them
+        client = None if self.resume_dir is None else \
+            ckpt.resume(self.engine, self.ckpt_dir, str(self.resume_dir), t.resume_universal, verify=False)
         if client is None:
+            if self.is_main:
+                supersede_rows(self.run_dir, 0)  # a fresh start: rows of an attempt that saved nothing
             return
         self.check_resumed(client)
         self.state.update(client["trainer"])  # older checkpoints lack newer counters
-        self.train_loader.load_state_dict(client["data"])
+        self.train_loader.load_state_dict(resume_rule.replan_data_state(client["data"], self.train_loader.state_dict()))
+        if self.train_loader.batches_done >= len(self.train_loader):
+            self.state["epoch"] += 1  # saved on an epoch's last batch: the next epoch is due, not a replay
+        changed = apply_settings(self.optimizer, self.scheduler, settings)
+        self._saved_step = self.state["step"]
         if self.is_main:
+            supersede_rows(self.run_dir, self.state["step"])
             log.info("resumed from %s at step %d", self.resume_dir, self.state["step"])
+            if changed:
+                log.warning("optimiser settings of this config applied from step %d on: %s",
+                            self.state["step"], "; ".join(changed))
 
     def save(self) -> None:
+        """A checkpoint of this step, once (a stop signal on a save step does not save again)."""
+        if self._saved_step == self.state["step"]:
+            return
+        config = to_dict(self.cfg)
         client = {"trainer": self.state, "data": self.train_loader.state_dict(),
-                  "config_fingerprint": ckpt.config_fingerprint(to_dict(self.cfg)), **self.client_state()}
-        ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state["step"], client, self.cfg.train.keep_last)
+                  "config_fingerprint": ckpt.config_fingerprint(config), **self.client_state()}
+        meta = {"config": config, "final": self.state["step"] >= self.total_steps}
+        ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state["step"], client, self.cfg.train.keep_last,
+                             meta=meta)
+        self._saved_step = self.state["step"]
+
+    def checkpoint_note(self) -> str:
+        """What a run that stops on an error leaves behind, for its message."""
+        latest = ckpt.read_latest(self.ckpt_dir)
+        if latest:
+            return f"the last checkpoint ({self.ckpt_dir / latest}) is untouched"
+        return f"no checkpoint was written yet (train.save_every={self.cfg.train.save_every})"
 
     # -- steps ------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
@@ -201,7 +252,7 @@ class BaseTrainer:
     def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
         # One tiny all-reduce per micro-batch: the ranks must agree, or one would wait in
         # backward's gradient reduction for a rank that skipped.
-        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        finite = (~loss_is_bad(loss.detach(), self.cfg.train.max_loss)).to(torch.float32).reshape(1)
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         return bool(finite.item())
 
@@ -222,8 +273,9 @@ class BaseTrainer:
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} NaN/inf losses in a row at step {self.state['step']} "
-                f"(train.max_nonfinite_in_row={limit}): the run stops; the last checkpoint in {self.ckpt_dir} "
-                "is untouched. Lower the learning rate, check the data, or use bf16 instead of fp16.")
+                f"(train.max_nonfinite_in_row={limit}, or above train.max_loss={self.cfg.train.max_loss:g}): the "
+                f"run stops; {self.checkpoint_note()}. Lower the learning rate (a resume with train.resume=latest "
+                "applies a new optim.lr), check the data, or use bf16 instead of fp16.")
 
     # -- logging ----------------------------------------------------------------------
     def _log_train(self, sums: dict) -> None:
@@ -265,6 +317,7 @@ class BaseTrainer:
                 if self._run_epoch(sums, bar, stop):
                     bar.close()
                     self.logger.close()
+                    self._release_run()
                     return self.stopped()
                 if not self.cfg.train.eval_every:
                     self.evaluate_during()
@@ -273,6 +326,7 @@ class BaseTrainer:
             self.save()
         result = self.finish()
         self.logger.close()
+        self._release_run()
         return result
 
     def _run_epoch(self, sums: dict, bar, stop) -> bool:

@@ -3,8 +3,12 @@
 Layout of ``save_dir``::
 
     step_00000100/            one DeepSpeed tag (model, optimizer and scheduler shards)
-        meta.json             step, world size, ZeRO stage, config fingerprint (no pickle)
-    latest                    the tag to resume from; moves only after every rank saved
+        meta.json             step, world size, ZeRO stage, config, size + sha256 of every file
+    .step_00000200.tmp/       a save in progress (renamed to step_00000200/ when whole)
+    latest                    the tag to resume from; moves only after the rename
+
+A resume verifies the files against meta.json; ``auto`` falls back to the newest intact
+checkpoint (saying which and why), an explicit tag that fails is an error naming the file.
 
 The ``client_state`` handed to DeepSpeed carries the trainer's state and, gathered from
 every rank, each rank's RNG states and its own extra state (e.g. its data loader
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import logging
 import random
 import re
 import shutil
@@ -34,16 +38,15 @@ from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
                                             UNIVERSAL_CHECKPOINT_VERSION_KEY,
                                             UNIVERSAL_CHECKPOINT_VERSION_VALUE)
 
+from pixelbert_dist.checkpoint import files
+from pixelbert_dist.checkpoint.files import META, CheckpointError, read_meta
+from pixelbert_dist.checkpoint.universal import UNIVERSAL_SUFFIX, enable_universal_load
+from pixelbert_dist.checkpoint.universal import to_universal as _to_universal
 from pixelbert_dist.collectives import all_reduce_max, gather_objects
 
+log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
-META = "meta.json"
-UNIVERSAL_SUFFIX = "_universal"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed as asked."""
 
 
 def tag_for(step: int) -> str:
@@ -76,29 +79,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---- small distributed helpers (work without a process group, too) ---------------
-
-
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_initialized() else 0
-
-
-def _world() -> int:
-    return tdist.get_world_size() if tdist.is_initialized() else 1
-
-
 def _barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new tag, never half
 
 
 # ---- save ------------------------------------------------------------------------
@@ -128,66 +111,109 @@ def _prune(save_dir: Path, keep_last: int, protect: str) -> list[str]:
 
 
 def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
-                    keep_last: int, rank_state: dict | None = None) -> Path:
+                    keep_last: int, rank_state: dict | None = None, meta: dict | None = None) -> Path:
     """Save on every rank (a collective); returns the tag folder.
 
     ``client_state``: the trainer's state (rank 0's copy is kept); ``rank_state``: what
-    differs per rank (e.g. its data loader position), kept for every rank.
-    ``keep_last`` <= 0 keeps everything.
+    differs per rank (e.g. its data loader position), kept for every rank; ``meta``:
+    extra JSON entries for ``meta.json`` (e.g. the run config). ``keep_last`` <= 0 keeps
+    everything. Written to a temporary folder, renamed into place, then ``latest`` moves
+    (see ``checkpoint.files``).
     """
     save_dir = Path(save_dir)
     tag = tag_for(step)
+    tmp = files.tmp_folder(save_dir, tag)
+    error = None
+    if files.rank() == 0:
+        try:
+            files.prepare_tmp(save_dir, tag)
+        except CheckpointError as err:
+            error = str(err)
+    error = gather_objects(error)[0]  # every rank stops alike on an unwritable folder
+    if error:
+        raise CheckpointError(error)
     ranks = gather_objects({"rng": rng_state(), "state": rank_state})
     state = dict(client_state, step=step, world_size=engine.dp_world_size, rank_states=ranks)
     # ds_to_universal refuses a checkpoint without this entry; a model with no tensor or
     # pipeline parallelism needs nothing in it but the format version
     state.setdefault(UNIVERSAL_CHECKPOINT_INFO,
                      {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=state, save_latest=False)
-    _barrier()  # every rank has written its shards: only now may `latest` move
-    if _rank() == 0:
-        meta = {"step": step, "world_size": engine.dp_world_size,
-                "zero_stage": engine.zero_optimization_stage(),
-                "config_fingerprint": client_state.get("config_fingerprint")}
-        _write_atomic(save_dir / tag / META, json.dumps(meta, indent=2) + "\n")
-        _write_atomic(save_dir / LATEST, tag + "\n")
+    engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state, save_latest=False)
+    table = files.record_files(tmp)  # each rank hashes its own files; also the barrier
+    if files.rank() == 0:
+        record = {"step": step, "world_size": engine.dp_world_size,
+                  "zero_stage": engine.zero_optimization_stage(),
+                  "config_fingerprint": client_state.get("config_fingerprint"), **(meta or {}), "files": table}
+        files.write_text_atomic(tmp / META, json.dumps(record, indent=2) + "\n")
+        files.publish(tmp, save_dir / tag)
+        files.write_text_atomic(save_dir / LATEST, tag + "\n")  # only now: the folder is whole
         _prune(save_dir, keep_last, protect=tag)
+        files.remove_leftovers(save_dir)
     _barrier()  # nobody reads `latest` or the pruned folders while rank 0 is at work
     return save_dir / tag
 
 
-# ---- resume ----------------------------------------------------------------------
+# ---- choosing the checkpoint to resume --------------------------------------------
 
 
-def find_checkpoint(save_dir: str | Path, which: str = "auto") -> Path | None:
-    """The tag folder ``which`` names: "none", "auto"/"latest" (what ``latest`` names; None
-    when nothing was saved yet), a tag, or a path to a tag folder."""
-    if which in (None, "none", ""):
-        return None
-    save_dir = Path(save_dir)
-    if which in ("auto", LATEST):
-        tag = read_latest(save_dir)
-        if tag is None:
-            return None  # a fresh run
-        path = save_dir / tag
-        if not path.is_dir():
-            raise CheckpointError(f"{save_dir / LATEST} names {tag!r} but {path} does not exist")
-        return path
+def _explicit(save_dir: Path, which: str) -> Path:
     path = Path(which)
     if not path.is_dir():
         path = save_dir / which
     if not path.is_dir():
-        raise CheckpointError(f"resume={which!r}: no checkpoint folder {which} nor {save_dir / which}; "
-                              f"available tags: {list_tags(save_dir)}")
+        raise CheckpointError(f"no checkpoint folder {which} nor {save_dir / which}; the checkpoints in "
+                              f"{save_dir}: {list_tags(save_dir) or 'none'}")
     return path
 
 
-def read_meta(tag_dir: str | Path) -> dict:
-    path = Path(tag_dir) / META
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete checkpoint of this "
-                              f"project (it is written last, after every rank saved)")
-    return json.loads(path.read_text())
+def _candidates(save_dir: Path) -> tuple[list[str], list[str]]:
+    """Tags to try newest first (`latest` first), and why `latest` itself could not lead."""
+    latest_file = save_dir / LATEST
+    tags = list_tags(save_dir)[::-1]
+    latest, notes = read_latest(save_dir), []
+    if latest == "":
+        notes.append(f"{latest_file} is empty (a write was cut short)")
+    elif latest is not None and latest not in tags:
+        notes.append(f"{latest_file} names {latest!r} but {save_dir / latest} does not exist")
+    elif latest is not None:
+        tags.remove(latest)
+        tags.insert(0, latest)
+    elif tags:
+        notes.append(f"{latest_file} is missing")
+    return tags, notes
+
+
+def _newest_intact(save_dir: Path, verify: bool) -> Path | None:
+    """What `latest` names when it is intact; else the newest intact tag, saying which and why."""
+    tags, notes = gather_objects(_candidates(save_dir) if files.rank() == 0 else None)[0]
+    for tag in tags:
+        problem = files.verify(save_dir / tag) if verify else None
+        if problem is None:
+            if notes and files.rank() == 0:
+                log.warning("resuming from %s, the newest intact checkpoint: %s", save_dir / tag, "; ".join(notes))
+            return save_dir / tag
+        notes.append(f"{tag} skipped: {problem}")
+    if tags or notes:
+        raise CheckpointError(f"no intact checkpoint in {save_dir}: " + "; ".join(notes) +
+                              ". Point train.resume at a good checkpoint, or start over in a new run_dir")
+    return None  # nothing saved yet: a fresh run
+
+
+def find_checkpoint(save_dir: str | Path, which: str = "auto", verify: bool = True) -> Path | None:
+    """The tag folder ``which`` names, checked against the sizes and sha256 in its meta.json:
+    "none", "auto"/"latest" (`latest`, or the newest intact tag if that is damaged; None when
+    nothing was saved yet), a tag, or a path to a tag folder (an error when it is damaged).
+    A collective when verifying."""
+    if which in (None, "none", ""):
+        return None
+    save_dir = Path(save_dir)
+    if which in ("auto", LATEST):
+        return _newest_intact(save_dir, verify)
+    path = _explicit(save_dir, which)
+    problem = files.verify(path) if verify else None
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    return path
 
 
 def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = False) -> dict:
@@ -205,120 +231,55 @@ def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = Fal
     return meta
 
 
-def _load_ds_file(path: Path) -> dict:
-    """A DeepSpeed optimizer shard, unpickled with only the classes it is known to hold."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
-                                           fragment_address]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _dress_sgd_as_adam(tag_dir: Path, work: Path) -> set[str]:
-    """A copy of ``tag_dir`` whose SGD momentum sits where ds_to_universal looks for Adam's.
-
-    DeepSpeed's converter reads ``exp_avg`` and ``exp_avg_sq`` from every param group; the
-    CNN's SGD group has a ``momentum_buffer`` only. Model files are linked, not copied.
-    Returns the names of the SGD group's parameters.
-    """
-    work.mkdir(parents=True)
-    sgd_names: set[str] = set()
-    for src in tag_dir.iterdir():
-        if not src.name.endswith("_optim_states.pt"):
-            os.symlink(src.resolve(), work / src.name)
-            continue
-        shard = _load_ds_file(src)
-        osd = shard["optimizer_state_dict"]
-        for gid, state in osd["base_optimizer_state"]["state"].items():
-            if "momentum_buffer" in state and "exp_avg" not in state:
-                state["exp_avg"] = state.pop("momentum_buffer")
-                state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-                sgd_names.update(osd["param_slice_mappings"][gid])
-        torch.save(shard, work / src.name)
-    return sgd_names
-
-
-def _convert_universal(tag_dir: Path, out: Path) -> None:
-    """ds_to_universal for the hybrid optimiser (ZeRO 1/2); the SGD state is renamed back."""
-    from types import SimpleNamespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-    work = out.with_name(out.name + ".in")
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        sgd_names = _dress_sgd_as_adam(tag_dir, work)
-        ds_to_universal(SimpleNamespace(input_folder=str(work), output_folder=str(out),
-                                        num_extract_workers=1, num_merge_workers=1,
-                                        keep_temp_folder=False, strict=True,
-                                        inject_missing_state=False))
-        for name in sgd_names:  # DeepSpeed's universal loader restores whatever keys it finds
-            folder = out / "zero" / name
-            os.replace(folder / "exp_avg.pt", folder / "momentum_buffer.pt")
-            (folder / "exp_avg_sq.pt").unlink()
-        shutil.copy(tag_dir / META, out / META)  # last: marks the conversion complete
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _try_convert(tag_dir: Path, out: Path) -> str | None:
-    """The conversion on rank 0; an error message instead of an exception (to share it)."""
-    stage = read_meta(tag_dir).get("zero_stage")
-    if stage not in (1, 2):
-        return (f"{tag_dir} was saved with ZeRO stage {stage}; a universal resume of the hybrid "
-                f"optimiser is supported from ZeRO 1 and 2 checkpoints. Resume with the world "
-                f"size it was written at.")
-    try:
-        _convert_universal(tag_dir, out)
-    except Exception as err:  # noqa: BLE001 - every rank raises it below
-        shutil.rmtree(out, ignore_errors=True)
-        return f"converting {tag_dir} to a universal checkpoint failed: {type(err).__name__}: {err}"
-    return None
-
-
-def _to_universal(tag_dir: Path) -> Path:
-    """Rank 0 converts once (kept next to the tag); every rank learns how it went."""
-    out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
-    error = None
-    if _rank() == 0 and not (out / META).is_file():
-        error = _try_convert(tag_dir, out)
-    error = gather_objects(error)[0]  # a collective: also the barrier after the conversion
-    if error:
-        raise CheckpointError(error)
-    return out
-
-
-def enable_universal_load(ds_config: dict) -> dict:
-    """The DeepSpeed flag to set before ``deepspeed.initialize`` for a universal resume."""
-    ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    return ds_config
+def check_zero_stage(tag_dir: Path, meta: dict, ds_config: dict, universal: bool) -> bool:
+    """True when the checkpoint's ZeRO stage differs from the run's and the universal
+    checkpoint must bridge it; an error when it differs and may not."""
+    if "zero_optimization" not in ds_config:  # fill_deepspeed_config always sets it: nothing to compare
+        return False
+    saved, now = meta.get("zero_stage", 0), ds_config["zero_optimization"].get("stage", 0)
+    if saved == now:
+        return False
+    if universal and saved in (1, 2) and now in (1, 2):
+        return True
+    # checked: DeepSpeed 0.19's ZeRO-3 universal load looks for per-rank model files that
+    # ds_to_universal does not write (AssertionError in state_dict_factory), so no bridge to 3
+    hint = ("or pass train.resume_universal=true to convert it through DeepSpeed's universal checkpoint"
+            if saved in (1, 2) and now in (1, 2) else
+            "or export its weights (python launch/export.py RUN_DIR) and start a new run from them "
+            "(model.visual_weights / a fine-tuning export): optimiser state does not cross to or from "
+            "ZeRO stages 0 and 3")
+    raise CheckpointError(f"checkpoint {tag_dir} was saved with ZeRO stage {saved} but this run's DeepSpeed "
+                          f"config has stage {now}: DeepSpeed cannot load its shards as they are. Resume with "
+                          f"the stage it was saved with (--deepspeed_config deepspeed_configs/zero{saved}.json), "
+                          f"{hint}.")
 
 
 def prepare_resume(ds_config: dict, save_dir: str | Path, which: str, world_size: int,
                    universal: bool = False) -> Path | None:
-    """Call before ``deepspeed.initialize``: checks the world size, and sets the universal
-    load flag in ``ds_config`` when the checkpoint came from another world size (and
-    ``universal`` allows it). Returns the tag folder, or None for a fresh run."""
+    """Call before ``deepspeed.initialize``: picks and verifies the checkpoint, checks the
+    world size and ZeRO stage, and sets the universal load flag in ``ds_config`` when the
+    checkpoint came from another world size or stage (and ``universal`` allows it).
+    Returns the tag folder, or None for a fresh run. A collective."""
     tag_dir = find_checkpoint(save_dir, which)
     if tag_dir is not None:
         meta = check_world_size(tag_dir, world_size, universal)
+        other_stage = check_zero_stage(tag_dir, meta, ds_config, universal)
         # ZeRO-0 shards nothing: its checkpoint loads as is on any number of ranks
-        if meta["world_size"] != world_size and meta.get("zero_stage", 0) != 0:
+        if other_stage or (meta["world_size"] != world_size and meta.get("zero_stage", 0) != 0):
             enable_universal_load(ds_config)
     return tag_dir
 
 
-def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = False
-           ) -> dict | None:
+def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = False,
+           verify: bool = True) -> dict | None:
     """Load model, optimizer, scheduler and RNG states; the client_state, or None for a fresh run.
 
     The returned dict holds what ``save_checkpoint`` got as ``client_state``, plus
     ``rank_state`` (this rank's own saved state; None after a world-size change) and
-    ``rank_states`` (the states every saved rank passed, in rank order).
+    ``rank_states`` (the states every saved rank passed, in rank order). ``verify=False``
+    when ``which`` is a folder ``prepare_resume`` already verified.
     """
-    tag_dir = find_checkpoint(save_dir, which)
+    tag_dir = find_checkpoint(save_dir, which, verify)
     if tag_dir is None:
         return None
     meta = check_world_size(tag_dir, engine.dp_world_size, universal)
@@ -337,8 +298,8 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
     client_state = dict(client_state or {})
     ranks = client_state.pop("rank_states", None) or []
     client_state["rank_states"] = [r["state"] for r in ranks]  # every saved rank's own state
-    if same_world and len(ranks) == _world():
-        mine = ranks[_rank()]
+    if same_world and len(ranks) == files.world():
+        mine = ranks[files.rank()]
         set_rng_state(mine["rng"])
         client_state["rank_state"] = mine["state"]
     else:
@@ -352,16 +313,19 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
 
 
 class GracefulExit:
-    """SIGTERM / SIGUSR1 (Slurm's warning before a time limit) only set a flag.
+    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warning before a time limit) only set
+    a flag; a second SIGINT gets Python's default (KeyboardInterrupt) to abort at once.
 
     The trainer calls ``should_exit()`` at the same step on every rank; it all-reduces
     the flag so that all ranks stop together (a rank that left alone would leave the
-    others hanging in the next collective), then saves and exits 0.
+    others hanging in the next collective), then saves and exits 0. The first time the
+    ranks agree, one line is logged.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
         self.signals = signals
         self.received: int | None = None
+        self.announced = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "GracefulExit":
@@ -381,6 +345,8 @@ class GracefulExit:
         self.uninstall()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            signal.default_int_handler(signum, frame)  # Ctrl-C twice: stop now, without a save
         self.received = signum  # nothing else here: a handler runs between two bytecodes
 
     @property
@@ -389,4 +355,9 @@ class GracefulExit:
 
     def should_exit(self) -> bool:
         """True on every rank as soon as any rank got a signal (a collective call)."""
-        return all_reduce_max(1.0 if self.requested else 0.0) > 0
+        stop = all_reduce_max(1.0 if self.requested else 0.0) > 0
+        if stop and not self.announced:
+            self.announced = True
+            source = signal.Signals(self.received).name if self.requested else "a signal on another rank"
+            log.info("stop requested (%s): saving a checkpoint, then exiting", source)
+        return stop

@@ -1,0 +1,164 @@
+"""The files of a checkpoint: written whole or not at all, and checked before a resume.
+
+A save goes to a hidden ``.step_XXXXXXXX.tmp`` folder; once every rank wrote its
+shards and ``meta.json`` records the size and sha256 of every file, rank 0 renames the
+folder into place and only then moves ``latest``. A kill at any moment leaves either the
+previous checkpoint named by ``latest`` or the new one, never a half-written folder.
+
+Hashing is spread over the ranks: at save, each rank hashes the files it wrote itself
+(DeepSpeed names them ``*zero_pp_rank_R_*``; the rest, e.g. ``mp_rank_00_model_states.pt``,
+are rank 0's), while they are still in its page cache; at resume, rank r checks files
+r, r + W, ... of the sorted list. Rank 0 then decides from every rank's findings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as tdist
+
+from pixelbert_dist.collectives import gather_objects
+
+META = "meta.json"
+TMP_SUFFIX = ".tmp"
+_OWNER_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or resumed as asked."""
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def world() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def file_digest(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def _owner(name: str) -> int:
+    match = _OWNER_RE.search(name)
+    return int(match.group(1)) if match else 0
+
+
+def record_files(folder: Path) -> dict[str, dict] | None:
+    """Every rank hashes the files it wrote; rank 0 gets the whole table (None elsewhere).
+    A collective; it also stands for the barrier after the ranks' writes."""
+    me = rank()
+    own = {p.name: file_digest(p) for p in sorted(folder.iterdir())
+           if p.is_file() and p.name != META and _owner(p.name) == me}
+    tables = gather_objects(own)
+    if me != 0:
+        return None
+    files = {name: entry for table in tables for name, entry in table.items()}
+    for path in sorted(folder.iterdir()):  # a file no rank claimed (another naming): rank 0 hashes it
+        if path.is_file() and path.name != META and path.name not in files:
+            files[path.name] = file_digest(path)
+    return dict(sorted(files.items()))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never half
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_folder(save_dir: Path, tag: str) -> Path:
+    return save_dir / f".{tag}{TMP_SUFFIX}"
+
+
+def prepare_tmp(save_dir: Path, tag: str) -> Path:
+    """Rank 0: the empty temporary folder for ``tag`` (a leftover of a killed save goes)."""
+    tmp = tmp_folder(save_dir, tag)
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoints to {save_dir}: {err.strerror or err} "
+                              f"(is the folder writable?)") from None
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rank 0: rename the finished temporary folder into place. A folder of the same tag
+    already there (a step trained again after resuming an older tag) is moved aside first
+    and deleted after."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(save_dir: Path) -> None:
+    """Temporary folders of saves that were killed (rank 0, after a successful save)."""
+    for path in save_dir.glob(f".step_*{TMP_SUFFIX}"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- reading and checking --------------------------------------------------------
+
+
+def read_meta(tag_dir: str | Path) -> dict:
+    path = Path(tag_dir) / META
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete checkpoint of this "
+                              f"project (it is written last, after every rank saved)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not valid JSON ({err}): the checkpoint's record is damaged") from None
+    if not isinstance(meta, dict) or not {"step", "world_size"} <= set(meta):
+        raise CheckpointError(f"{path} lacks 'step' and 'world_size': not a meta.json of this project")
+    return meta
+
+
+def _check_file(path: Path, entry: dict) -> str | None:
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != entry["size"]:
+        return f"{path} has {size} bytes, meta.json recorded {entry['size']} (truncated or overwritten)"
+    if file_digest(path)["sha256"] != entry["sha256"]:
+        return f"{path}: sha256 differs from the one meta.json recorded (the file is corrupted)"
+    return None
+
+
+def verify(tag_dir: Path) -> str | None:
+    """What is wrong with ``tag_dir`` (the first problem, named by file), or None when it is
+    intact. A collective: every rank checks its share of the files."""
+    try:
+        meta = read_meta(tag_dir)
+        files = meta.get("files")
+        problems = []
+        if files is not None:  # older checkpoints recorded no files: nothing to check against
+            names = sorted(files)
+            problems = [p for name in names[rank()::world()] if (p := _check_file(tag_dir / name, files[name]))]
+    except CheckpointError as err:
+        problems = [str(err)]
+    found = [p for mine in gather_objects(problems) for p in mine]
+    return found[0] if found else None
