@@ -35,6 +35,7 @@ setup(
         "pixelbert-make-shards = pixelbert_dist.data.builders.cli:main",
         "pixelbert-submit = pixelbert_dist.jobs.cli:main",
         "pixelbert-plot = pixelbert_dist.plotting:main",
+        "pixelbert-export = pixelbert_dist.train.export:main",
     ]},
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

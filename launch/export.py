@@ -3,45 +3,9 @@
 Consolidate a pre-training checkpoint (any ZeRO stage 1-3) into a fine-tuning export
 folder (config.json, model.safetensors, tokenizer) on this machine, without DeepSpeed
 engines or GPUs."""
-import argparse
-from pathlib import Path
+import sys
 
-from pixelbert_dist.checkpoint import CheckpointError, find_checkpoint, list_tags, read_meta
-from pixelbert_dist.config import load_config
-from pixelbert_dist.data.text import load_tokenizer
-from pixelbert_dist.train.config import RunConfig
-from pixelbert_dist.train.export import consolidated_state_dict, write_export
-from pixelbert_dist.model import preset_config
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--tag", default="auto", help="checkpoint tag (default: latest)")
-    parser.add_argument("--out", type=Path, help="default: RUN_DIR/export")
-    args = parser.parse_args()
-    cfg = load_config(RunConfig, args.run_dir / "config.yaml")
-    ckpt_dir = args.run_dir / "checkpoints"
-    if args.tag not in ("auto", "latest") and not (ckpt_dir / args.tag).is_dir() and not Path(args.tag).is_dir():
-        tags = ", ".join(list_tags(ckpt_dir)) or "none"
-        raise SystemExit(f"no checkpoint {args.tag} in {ckpt_dir}; the checkpoints there: {tags} (train.keep_last "
-                         "keeps only the newest). Pass --tag with one of them, or no --tag for the latest.")
-    try:
-        tag_dir = find_checkpoint(ckpt_dir, args.tag)  # sizes and sha256 checked against meta.json
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if tag_dir is None:
-        raise SystemExit(f"no checkpoint in {ckpt_dir}")
-    stage = read_meta(tag_dir)["zero_stage"]
-    if stage == 0:
-        raise SystemExit(f"{tag_dir} is a ZeRO-0 checkpoint, which zero_to_fp32 cannot read: a ZeRO-0 run "
-                         "writes its export at the end of training (train.export=true)")
-    model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides)
-    state = consolidated_state_dict(ckpt_dir, tag_dir, stage)
-    out = write_export(model_cfg, state, args.out or args.run_dir / "export", load_tokenizer(cfg.data.vocab_dir),
-                       {"checkpoint": str(tag_dir)}, cfg)
-    print(out)
-
+from pixelbert_dist.train.export import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

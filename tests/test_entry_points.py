@@ -11,6 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHIMS = ["pretrain", "finetune_vqa", "finetune_nlvr2", "finetune_retrieval", "make_shards", "submit", "plot"]
+HEAVY = ["export"]  # reads checkpoints: torch at import is fine there
 NO_TORCH = "import sys, runpy; sys.argv = [{script!r}, '--help']\n" \
            "try:\n    runpy.run_path({script!r}, run_name='__main__')\n" \
            "except SystemExit as stop:\n    assert stop.code in (0, None), stop.code\n" \
@@ -26,9 +27,18 @@ def test_launch_help_is_instant(name):
     assert "usage:" in proc.stdout
 
 
+@pytest.mark.parametrize("name", HEAVY)
+def test_launch_help_answers(name):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / f"{name}.py"), "--help"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
 def test_console_scripts_point_at_callables():
     scripts = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("pixelbert-")}
     assert set(scripts) >= {"pixelbert-pretrain", "pixelbert-submit", "pixelbert-make-shards", "pixelbert-plot",
-                            "pixelbert-finetune-vqa", "pixelbert-finetune-nlvr2", "pixelbert-finetune-retrieval"}
+                            "pixelbert-finetune-vqa", "pixelbert-finetune-nlvr2", "pixelbert-finetune-retrieval",
+                            "pixelbert-export"}
     for ep in scripts.values():
         assert callable(ep.load()), ep.value
