@@ -1,8 +1,7 @@
 """Peak memory and step time of one training step with activation checkpointing off and
 on: pixelbert-r50 at 800x1333, micro-batch 2 (the issue's shape) by default.
 
-    python benchmarks/bench_memory.py --modes none transformer            # what the model has today
-    python benchmarks/bench_memory.py --modes none transformer all        # once the 'all' mode exists
+    python benchmarks/bench_memory.py --modes none transformer all
     python benchmarks/bench_memory.py --preset tiny --image 192 256 --steps 1 --repeats 1   # smoke
 
 Each (mode, repeat) runs in a fresh child process, in the order none, transformer, none,
@@ -13,10 +12,9 @@ the child's resident-set high-water mark (``ru_maxrss``), given whole and as the
 above its resident size just before the first step (the activations, gradients and
 optimizer state a step adds); on a GPU, ``torch.cuda.max_memory_allocated``.
 
-Modes: the model today has one switch, ``PixelBertConfig.activation_checkpointing: bool``
-(the transformer layers, torch.utils.checkpoint): ``none`` = False, ``transformer`` = True.
-Where the config takes the strings ``none | transformer | all`` (issue 13.4), the mode is
-passed as it is.
+Modes: ``PixelBertConfig.activation_checkpointing``: ``none``, ``transformer`` (the encoder
+layers) or ``all`` (also the CNN stem and its four stages), through torch.utils.checkpoint.
+An export whose config still holds the old bool maps it to ``none`` / ``transformer``.
 """
 from __future__ import annotations
 
