@@ -34,3 +34,34 @@ def run_dir(tmp_path: Path) -> Path:
     path = tmp_path / "run"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> dict:
+    """The synthetic pre-training set most trainer tests share: train and val splits, 48
+    images, 16 per shard (built once per session; nothing writes into it). A module that
+    needs another set defines its own ``shards``."""
+    from tests.fixtures_data import make_synthetic_shards
+
+    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
+
+
+@pytest.fixture(scope="session")
+def ft(tmp_path_factory) -> dict:
+    """Fine-tuning: shards, the synthetic tasks made from them, and a tiny export (the tiny
+    preset as the pre-training export writes it: config.json, safetensors, tokenizer files)."""
+    import torch
+
+    from pixelbert_dist.data.text import load_tokenizer
+    from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, generate_tasks
+    from pixelbert_dist.model import build_model
+    from tests.fixtures_data import make_synthetic_shards
+
+    root = tmp_path_factory.mktemp("ft")
+    shards = make_synthetic_shards(root / "shards", num=60, samples_per_shard=30, val_fraction=0.25)
+    tasks = root / "tasks"
+    summary = generate_tasks([shards["train"], shards["val"]], tasks, SyntheticTasksConfig(seed=1))
+    torch.manual_seed(0)
+    export = build_model("tiny").save_pretrained(root / "export", load_tokenizer())
+    return {"shards": [str(shards["train"]), str(shards["val"])], "tasks": tasks, "export": export,
+            "summary": summary, "root": root}

@@ -11,7 +11,6 @@ from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.tasks import make_task
 from pixelbert_dist.finetune.trainer import load_export
 from pixelbert_dist.finetune.vqa_data import answer_score
-from tests.test_finetune_run import ft  # noqa: F401  (the session fixture)
 
 
 def _task(ft, name, tmp_path, *overrides):

@@ -8,28 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.finetune.run import main as finetune_main
-from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, generate_tasks
-from pixelbert_dist.model import build_model
-from tests.fixtures_data import make_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-
-@pytest.fixture(scope="session")
-def ft(tmp_path_factory):
-    """Shards, the synthetic tasks made from them, and a tiny export (the tiny preset as the
-    pre-training export writes it: config.json, safetensors, tokenizer files)."""
-    root = tmp_path_factory.mktemp("ft")
-    shards = make_synthetic_shards(root / "shards", num=60, samples_per_shard=30, val_fraction=0.25)
-    tasks = root / "tasks"
-    summary = generate_tasks([shards["train"], shards["val"]], tasks, SyntheticTasksConfig(seed=1))
-    torch.manual_seed(0)
-    export = build_model("tiny").save_pretrained(root / "export", load_tokenizer())
-    return {"shards": [str(shards["train"]), str(shards["val"])], "tasks": tasks, "export": export,
-            "summary": summary, "root": root}
 
 
 def common(ft, run_dir, *extra):

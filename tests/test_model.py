@@ -4,7 +4,7 @@ import torch
 import transformers
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from pixelbert_dist.model import (PixelBert, build_model, feature_mask, list_presets,
+from pixelbert_dist.model import (build_model, feature_mask, list_presets,
                                   load_bert_checkpoint, load_torchvision_backbone, preset_config,
                                   sample_pixels, training_flops_per_sample)
 

@@ -14,11 +14,6 @@ from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import fast_overrides, train_losses
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
-
-
 def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     from pixelbert_dist.train.trainer import Trainer
 

@@ -8,13 +8,7 @@ import time
 import psutil
 import pytest
 
-from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import REPO, deepspeed_cmd, fast_overrides, launch_env, run_launcher, train_losses
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
 
 
 def pretrain_args(run_dir, shards, steps):

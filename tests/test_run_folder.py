@@ -17,15 +17,9 @@ import yaml
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.train.config import RunConfig
-from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import REPO, fast_overrides, launch_env, poison_images, train_losses
 
 pytestmark = [pytest.mark.usefixtures("dist_env"), pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
 
 
 def trainer(run_dir, shards, *extra, steps=4):
