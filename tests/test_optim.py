@@ -130,7 +130,7 @@ def test_fused_falls_back_with_a_warning_where_unsupported(monkeypatch):
     fused = build_optimizer(model, OptimConfig(fused=True))
     plain = build_optimizer(twin, OptimConfig(fused=False))
     images, tokens, labels = _batches(1)[0]
-    for m, o in ((model, fused), (twin, plain)):
+    for m in (model, twin):
         m(images, tokens, labels).backward()
     with pytest.warns(UserWarning, match=r"fused AdamW is not available for params on \['cpu'\]"):
         fused.step()

@@ -304,7 +304,7 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
         client_state["rank_state"] = mine["state"]
     else:
         warnings.warn(f"resumed {tag_dir} from {meta['world_size']} ranks on {engine.dp_world_size}: "
-                      f"per-rank RNG and data positions are not restored")
+                      f"per-rank RNG and data positions are not restored", stacklevel=2)
         client_state["rank_state"] = None
     return client_state
 

@@ -119,7 +119,8 @@ def batches_per_epoch(num_samples: int, world_size: int, batch_size: int,
                       drop_last: bool) -> int:
     if drop_last:
         return num_samples // world_size // batch_size
-    return -(-(-(-num_samples // world_size)) // batch_size)
+    per_rank = -(-num_samples // world_size)  # ceil: the last rank's share is padded
+    return -(-per_rank // batch_size)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

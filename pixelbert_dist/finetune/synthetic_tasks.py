@@ -263,7 +263,7 @@ def write_nlvr2(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksCo
                                   "right_url": f"synthetic:{right.key}",
                                   "synset": "synthetic shapes", "query": f"shapes {set_id}",
                                   "writer": "generator"})
-        (out / f"{name}.json").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        (out / f"{name}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
         counts[name] = len(lines)
     _dump(out / "images.json", images)
     return counts

@@ -21,7 +21,11 @@ from pixelbert_dist.model import PixelBert, PixelBertConfig, preset_config
 from pixelbert_dist.train.config import RunConfig
 
 log = logging.getLogger(__name__)
-EXPORT_USAGE = 'python launch/export.py RUN_DIR [--tag step_00001000] [--out DIR]\n\nConsolidate a pre-training checkpoint (any ZeRO stage 1-3) into a fine-tuning export\nfolder (config.json, model.safetensors, tokenizer) on this machine, without DeepSpeed\nengines or GPUs.'
+EXPORT_USAGE = """python launch/export.py RUN_DIR [--tag step_00001000] [--out DIR]
+
+Consolidate a pre-training checkpoint (any ZeRO stage 1-3) into a fine-tuning export
+folder (config.json, model.safetensors, tokenizer) on this machine, without DeepSpeed
+engines or GPUs."""
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag_dir: Path, zero_stage: int, engine=None) -> dict:
