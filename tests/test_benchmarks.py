@@ -191,8 +191,8 @@ def test_gpu_check_dry_run_uses_real_flags():
 
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
                          cwd=REPO, capture_output=True, text=True, timeout=60).stdout.splitlines()
-    attention = next(line for line in out if "bench_attention.py" in l).split("bench_attention.py ")[1].split()
-    step = next(line for line in out if "bench_step.py" in l).split("bench_step.py ")[1].split()
+    attention = next(line for line in out if "bench_attention.py" in line).split("bench_attention.py ")[1].split()
+    step = next(line for line in out if "bench_step.py" in line).split("bench_step.py ")[1].split()
     assert bench_attention.parse(attention).iters == 30
     args = bench_step.parse(step)
     assert args.presets == ["pixelbert-r50"] and args.precision == ["bf16"] and args.image == [800, 1333]
@@ -200,7 +200,7 @@ def test_gpu_check_dry_run_uses_real_flags():
     import bench_compile
     import bench_memory
 
-    memory = next(line for line in out if "bench_memory.py" in l).split("bench_memory.py ")[1].split()
+    memory = next(line for line in out if "bench_memory.py" in line).split("bench_memory.py ")[1].split()
     assert bench_memory.parse(memory).image == [800, 1333] and bench_memory.parse(memory).micro_batch == 2
-    compile_args = next(line for line in out if "bench_compile.py" in l).split("bench_compile.py ")[1].split()
+    compile_args = next(line for line in out if "bench_compile.py" in line).split("bench_compile.py ")[1].split()
     assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]
