@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 
 
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import (PixelBert, build_model, load_bert_checkpoint, load_torchvision_backbone,
-                                  load_visual_weights, training_flops_per_sample)
+                                  load_visual_weights)
+from pixelbert_dist.model.flops import training_flops_analytic
 from pixelbert_dist.train.config import ModelSection
 from pixelbert_dist.train.evaluate import batch_metrics, evaluate, metric_values
 from pixelbert_dist.train.export import export_from_engine
@@ -78,7 +78,7 @@ class Trainer(BaseTrainer):
         return build_optimizer(model, self.cfg.optim)
 
     def batch_sums(self, out: dict, batch: dict) -> dict:
-        return {k: v.double().cpu() for k, v in batch_metrics(out, batch).items()}
+        return batch_metrics(out, batch)
 
     def window_values(self, totals: dict) -> dict:
         return metric_values(totals)
@@ -86,10 +86,12 @@ class Trainer(BaseTrainer):
     def samples_in(self, batch: dict) -> int:
         return len(batch["keys"])
 
-    def flops_per_sample(self) -> float:
-        d = self.cfg.data
-        hw = (math.ceil(d.image_shorter / 64) * 64, math.ceil(d.image_max / 64) * 64)  # the padded size class
-        return training_flops_per_sample(self.engine.module.config, hw, d.max_text_len)
+    def flops_shape(self, batch: dict) -> tuple:
+        return (len(batch["keys"]), *batch["images"].shape[-2:], batch["input_ids"].shape[1])
+
+    def shape_flops(self, size: int, height: int, width: int, text_len: int) -> float:
+        """The padded image and text this batch really has, and the pixels sampled from it."""
+        return size * training_flops_analytic(self.engine.module.config, (height, width), text_len)
 
     def evaluate(self) -> dict:
         if self.val_loader is None:
