@@ -3,6 +3,7 @@ log time, and the throughput / MFU meter."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import subprocess
@@ -14,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from pixelbert_dist.collectives import collective_device
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s per GPU by precision (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {
@@ -136,6 +139,7 @@ class RunLogger:
     def __init__(self, run_dir: str | Path, enabled: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.evaluations: list[tuple[int, str, dict]] = []  # every non-train row, for the summary
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -151,10 +155,50 @@ class RunLogger:
             f.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean}) + "\n")
         for key, value in clean.items():
             self.tb.add_scalar(f"{split}/{key}", value, step)
+        if split != "train":
+            self.evaluations.append((step, split, clean))
+            log.info("%s at step %d: %s", split, step, format_values(clean))
+
+    def log_config(self, config: dict) -> None:
+        """The resolved config in TensorBoard: as YAML text, and as hparams (flat keys)."""
+        if not self.enabled:
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()}
+        for summary in hparams(flat, {"train/loss": 0.0}):
+            self.tb.file_writer.add_summary(summary)
+
+    def best(self) -> dict[str, tuple[float, int]]:
+        """Per ``split/metric``: the best value over the evaluations and its step (losses
+        lowest, everything else highest)."""
+        out: dict = {}
+        for step, split, values in self.evaluations:
+            for key, value in values.items():
+                name, lower = f"{split}/{key}", "loss" in key
+                if name not in out or (value < out[name][0] if lower else value > out[name][0]):
+                    out[name] = (value, step)
+        return out
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def format_values(values: dict, digits: int = 4) -> str:
+    return ", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

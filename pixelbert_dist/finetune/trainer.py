@@ -132,6 +132,9 @@ class FinetuneTrainer(BaseTrainer):
         if self.eval_loaders and self.state["step"] < self.total_steps:
             self.evaluate(list(self.eval_loaders)[:1])
 
+    def outputs(self) -> dict:
+        return {**super().outputs(), "results": self.run_dir / "results.json"}
+
     def finish(self) -> dict:
         return self.write_results(self.evaluate())
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.config import save_config, to_dict
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
-from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, peak_memory_gib, peak_tflops
+from pixelbert_dist.console import duration
+from pixelbert_dist.metrics import (MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib,
+                                    peak_tflops)
 from pixelbert_dist.train.schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -335,7 +338,7 @@ class BaseTrainer:
         step, t = self.state["step"], self.cfg.train
         if step % t.log_every == 0 or step == self.total_steps:
             self._log_train()
-            bar.set_postfix({k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train})
+            self._show_progress(bar)
         if t.eval_every and step % t.eval_every == 0:
             self.evaluate_during()
         if t.save_every and step % t.save_every == 0:
@@ -348,12 +351,69 @@ class BaseTrainer:
         bar.update(1)
         self._on_step(bar)
 
+    # -- console ----------------------------------------------------------------------
+    def outputs(self) -> dict[str, Path]:
+        """What the run leaves behind, for the closing summary (those that exist)."""
+        return {"metrics": self.run_dir / "metrics.jsonl"}
+
+    def _start_console(self):
+        """Rank 0: the start banner, the config into TensorBoard, and a tqdm bar on a
+        terminal only; under Slurm (no tty) each log period prints one plain line instead."""
+        self._wall_start, self._log_mark = time.perf_counter(), (self.state["step"], time.perf_counter())
+        self._tty = sys.stderr.isatty()
+        if self.is_main:
+            self.logger.log_config(to_dict(self.cfg))
+            log.info("%s", self._banner())
+        return tqdm(total=self.total_steps, initial=self.state["step"], desc=self.name, unit="step",
+                    disable=not (self.is_main and self._tty), dynamic_ncols=True)
+
+    def _banner(self) -> str:
+        t, step = self.cfg.train, self.state["step"]
+        per_step = t.micro_batch * t.grad_accum * self.world
+        start = f"resumed from {self.resume_dir} at step {step}" if step else "step 0 (no checkpoint resumed)"
+        return "\n".join([
+            f"{self.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.world} rank(s), "
+            f"{self.device.type}",
+            f"  batch {per_step} per step = micro {t.micro_batch} x grad_accum {t.grad_accum} x {self.world} rank(s)",
+            f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
+            f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
+            f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/"])
+
+    def _show_progress(self, bar) -> None:
+        step, now = self.state["step"], time.perf_counter()
+        rate = (step - self._log_mark[0]) / max(now - self._log_mark[1], 1e-9)
+        self._log_mark = (step, now)
+        lrs = [v for k, v in self.last_train.items() if k.startswith("lr_")]
+        shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
+        if lrs:
+            shown["lr"] = f"{max(lrs):.2e}"
+        bar.set_postfix(shown)
+        if self.is_main and not self._tty:
+            eta = duration((self.total_steps - step) / rate) if rate > 0 else "?"
+            log.info("step %d/%d | %.3g steps/s | ETA %s | %s", step, self.total_steps, rate, eta,
+                     " ".join(f"{k} {v}" for k, v in shown.items()))
+
+    def _print_summary(self) -> None:
+        if not self.is_main:
+            return
+        lines = [f"{self.name} done: {self.state['step']} steps in {duration(time.perf_counter() - self._wall_start)}"
+                 f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"]
+        final = {k: self.last_train[k] for k in self.postfix_keys if k in self.last_train}
+        if final:
+            lines.append(f"  final train: {format_values(final)}")
+        if self.logger.evaluations:
+            step, split, values = self.logger.evaluations[-1]
+            lines.append(f"  final {split} (step {step}): {format_values(values)}")
+            best = {k: v for k, v in self.logger.best().items() if k.split("/", 1)[1] in values}
+            lines.append("  best: " + ", ".join(f"{k}={v:.4g} (step {s})" for k, (v, s) in best.items()))
+        lines += [f"  {name}: {path}" for name, path in self.outputs().items() if path.exists()]
+        log.info("%s", "\n".join(lines))
+
     # -- the loop ---------------------------------------------------------------------
     def fit(self):
         """Train until total_steps, save, then ``finish()``; a signal stops it early with
         a checkpoint (``stopped()``)."""
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=self.name,
-                   disable=not self.is_main, dynamic_ncols=True)
+        bar = self._start_console()
         with ckpt.GracefulExit() as stop:
             while self.state["step"] < self.total_steps:
                 if self._run_epoch(bar, stop):
@@ -366,6 +426,7 @@ class BaseTrainer:
         if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
             self.save()
         result = self.finish()
+        self._print_summary()
         self.logger.close()
         return result
 

@@ -4,7 +4,6 @@ visual weights), the shard loaders, ITM / MLM / R@1 evaluation and the export.""
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 
 from pixelbert_dist.data.loader import build_loader
@@ -19,7 +18,6 @@ from pixelbert_dist.train.loop import BaseTrainer, NonFiniteLossError, check_run
 from pixelbert_dist.train.optim import build_optimizer
 
 __all__ = ["Trainer", "NonFiniteLossError", "check_run_dir_writable", "build_run_model", "freeze_prefixes"]
-log = logging.getLogger(__name__)
 
 
 def build_run_model(section: ModelSection, vocab_size: int | None = None) -> PixelBert:
@@ -27,12 +25,12 @@ def build_run_model(section: ModelSection, vocab_size: int | None = None) -> Pix
     if vocab_size is not None and vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {section.preset!r} has "
                          f"vocab_size={model.config.vocab_size}: set model.overrides.vocab_size or data.vocab_dir")
-    if section.bert_dir:
-        log.info("BERT weights: %s", load_bert_checkpoint(model, section.bert_dir))
+    if section.bert_dir:  # each loader logs what it loaded (once)
+        load_bert_checkpoint(model, section.bert_dir)
     if section.cnn_weights:
-        log.info("CNN weights: %s", load_torchvision_backbone(model, section.cnn_weights))
+        load_torchvision_backbone(model, section.cnn_weights)
     if section.visual_weights:
-        log.info("visual weights: %s", load_visual_weights(model, section.visual_weights))
+        load_visual_weights(model, section.visual_weights)
     freeze_prefixes(model, section.freeze)
     return model
 
@@ -111,6 +109,9 @@ class Trainer(BaseTrainer):
         if self.cfg.train.export:
             export_from_engine(self.engine, self.ckpt_dir, self.run_dir / "export", self.tokenizer)
         return self.last_val
+
+    def outputs(self) -> dict:
+        return {**super().outputs(), "export": self.run_dir / "export"}
 
     def stopped(self) -> dict:
         return self.last_val
