@@ -26,11 +26,11 @@ def shards(tmp_path_factory):
     return make_synthetic_shards(tmp_path_factory.mktemp("shards"), num=48, samples_per_shard=16)
 
 
-def trainer(shards, run_dir, *extra):
+def trainer(shards, run_dir, *extra, stage: int = 2):
     from pixelbert_dist.train.trainer import Trainer
 
     overrides = fast_overrides(run_dir, shards, val=False) + ["train.export=false", "train.save_every=0", *extra]
-    return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
+    return Trainer(load_config(RunConfig, None, overrides), f"deepspeed_configs/zero{stage}.json")
 
 
 def count_syncs(monkeypatch) -> list[str]:
@@ -77,15 +77,18 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatc
     assert list(losses) == [4] and torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time
 
 
-def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path):
+@pytest.mark.parametrize("stage", [2, pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow)])
+def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path, stage):
     """With 2 micro-batches per step and trained BatchNorm: a window whose second
     micro-batch is NaN leaves exactly what a window of two NaN micro-batches leaves (the
-    finite one's gradients and BatchNorm updates are dropped with it), and training goes
-    on to the asked step count."""
+    finite one's gradients and BatchNorm updates are dropped with it), under every ZeRO
+    stage, and training goes on to the asked step count with the lr schedule not advanced
+    by the skipped window."""
     extra = ("train.max_steps=3", "train.grad_accum=2", "model.overrides.freeze_bn=false")
     runs = {}
     for name, bad in (("both", (2, 3)), ("second", (3,))):
-        run = trainer(shards, tmp_path / name, *extra)
+        run = trainer(shards, tmp_path / name, *extra, stage=stage)
         assert run.batchnorms, "the test needs BatchNorm running statistics"
         poison_images(run, lambda i, bad=bad: i in bad)
         run.fit()
@@ -93,6 +96,7 @@ def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path):
     assert runs["both"].state["nonfinite_skipped"] == 2 and runs["second"].state["nonfinite_skipped"] == 1
     assert runs["both"].state["step"] == runs["second"].state["step"] == 3
     assert runs["both"].state["samples"] == runs["second"].state["samples"] == 3 * 2 * 4  # skipped ones not counted
+    assert runs["both"].scheduler.last_epoch == 3  # 3 applied steps; DeepSpeed counted the skipped one too
     assert train_losses(tmp_path / "both") == train_losses(tmp_path / "second")
     both, second = (dict(runs[k].engine.module.state_dict()) for k in ("both", "second"))
     for key, value in both.items():

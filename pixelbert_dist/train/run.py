@@ -44,9 +44,5 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
     from pixelbert_dist.train.trainer import Trainer  # heavy imports after the argument check
 
-    trainer = Trainer(cfg, args.deepspeed_config)
-    final = trainer.fit()
-    if trainer.is_main and final:
-        values = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()) if k != "step")
-        print(f"final validation (step {final['step']}): {values}", flush=True)
+    Trainer(cfg, args.deepspeed_config).fit()  # rank 0 ends with the summary: final / best metrics, the export
     return 0
