@@ -305,6 +305,8 @@ class BaseTrainer:
         self._log_sums, self._window_sums = MetricSums(), MetricSums()
         self._window_bn, self._window_bad, self._window_samples = None, None, 0
         self.last_train, self.last_val = {}, {}
+        self._wall_start, self._log_mark = time.perf_counter(), (self.state["step"], time.perf_counter())
+        self._tty = sys.stderr.isatty()
 
     def damaged_samples(self) -> int | None:
         """Samples this rank's training loader replaced because they were damaged (the
@@ -360,7 +362,6 @@ class BaseTrainer:
         """Rank 0: the start banner, the config into TensorBoard, and a tqdm bar on a
         terminal only; under Slurm (no tty) each log period prints one plain line instead."""
         self._wall_start, self._log_mark = time.perf_counter(), (self.state["step"], time.perf_counter())
-        self._tty = sys.stderr.isatty()
         if self.is_main:
             self.logger.log_config(to_dict(self.cfg))
             log.info("%s", self._banner())
