@@ -180,9 +180,8 @@ def overhead(args) -> list[dict]:
     paired ratios (and their spread)."""
     import tempfile
 
-    from tqdm import tqdm
-
     from pixelbert_dist.config import load_config
+    from pixelbert_dist.console import Progress
     from pixelbert_dist.data.builders.synthetic import build_synthetic
     from pixelbert_dist.train.config import RunConfig
     from pixelbert_dist.train.trainer import Trainer
@@ -192,8 +191,8 @@ def overhead(args) -> list[dict]:
         enough = int(args.steps * max(args.micro_batch) / 0.8) + 20  # 80% train: a batch per step
         shards = build_synthetic(tmp, enough, seed=0, val_fraction=0.2, min_size=64, max_size=128,
                                  samples_per_shard=16, progress=False)["train"].directory
-        for preset in args.presets:
-            hw, micro = OVERHEAD_IMAGE.get(preset, (128, 192)), args.micro_batch[0]
+        for i, preset in enumerate(args.presets):  # --micro-batch: one per preset, or one for all
+            hw, micro = OVERHEAD_IMAGE.get(preset, (128, 192)), args.micro_batch[min(i, len(args.micro_batch) - 1)]
             cfg = load_config(RunConfig, None, [
                 f"run_dir={tmp}/run_{preset}", f"data.train_shards={shards}", "data.val_shards=null",
                 "data.backend=pil", "data.num_workers=0", f"data.image_shorter={hw[0]}", f"data.image_max={hw[1]}",
@@ -202,7 +201,8 @@ def overhead(args) -> list[dict]:
             trainer = Trainer(cfg, ROOT / "deepspeed_configs" / f"zero{args.zero[0]}.json")
             loader = iter(trainer.train_loader)
             batches = [next(loader) for _ in range(args.steps)]
-            dtype, device, engine, bar = trainer.dtype, trainer.device, trainer.engine, tqdm(disable=True)
+            dtype, device, engine = trainer.dtype, trainer.device, trainer.engine
+            bar = Progress(preset, 10**6, 0, enabled=False)
 
             def trainer_loop():
                 for batch in batches:

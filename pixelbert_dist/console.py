@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
+import time
 import warnings
 
 # (logger, message pattern, dropped on rank 0 too?). Each one is said once by rank 0, or
@@ -62,3 +64,36 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Progress:
+    """A run's progress on rank 0: a tqdm bar on a terminal; elsewhere (Slurm logs, pipes)
+    no bar, and one plain line per ``report`` (each log period) with steps/s, ETA and the
+    values shown, instead of a log line thousands of ``\\r``-joined characters long."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+        self.start, self.mark = time.perf_counter(), (initial, time.perf_counter())
+        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
+                        disable=not (enabled and self.tty))
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def report(self, step: int, shown: dict[str, str]) -> None:
+        now = time.perf_counter()
+        rate = (step - self.mark[0]) / max(now - self.mark[1], 1e-9)
+        self.mark = (step, now)
+        self.bar.set_postfix(shown)
+        if self.enabled and not self.tty:
+            eta = duration((self.total - step) / rate) if rate > 0 else "?"
+            logging.getLogger(__name__).info("step %d/%d | %.3g steps/s | ETA %s | %s", step, self.total, rate, eta,
+                                             " ".join(f"{k} {v}" for k, v in shown.items()))
+
+    def elapsed(self) -> str:
+        return duration(time.perf_counter() - self.start)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -13,21 +13,19 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.config import save_config, to_dict
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
-from pixelbert_dist.console import duration
+from pixelbert_dist.console import Progress
 from pixelbert_dist.metrics import (MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib,
                                     peak_tflops)
 from pixelbert_dist.train.schedule import build_scheduler
@@ -305,8 +303,6 @@ class BaseTrainer:
         self._log_sums, self._window_sums = MetricSums(), MetricSums()
         self._window_bn, self._window_bad, self._window_samples = None, None, 0
         self.last_train, self.last_val = {}, {}
-        self._wall_start, self._log_mark = time.perf_counter(), (self.state["step"], time.perf_counter())
-        self._tty = sys.stderr.isatty()
 
     def damaged_samples(self) -> int | None:
         """Samples this rank's training loader replaced because they were damaged (the
@@ -350,7 +346,7 @@ class BaseTrainer:
         """After an applied optimiser step: count it, advance the bar, log / evaluate / save
         on their periods."""
         self.state["step"] += 1
-        bar.update(1)
+        bar.update()
         self._on_step(bar)
 
     # -- console ----------------------------------------------------------------------
@@ -358,15 +354,12 @@ class BaseTrainer:
         """What the run leaves behind, for the closing summary (those that exist)."""
         return {"metrics": self.run_dir / "metrics.jsonl"}
 
-    def _start_console(self):
-        """Rank 0: the start banner, the config into TensorBoard, and a tqdm bar on a
-        terminal only; under Slurm (no tty) each log period prints one plain line instead."""
-        self._wall_start, self._log_mark = time.perf_counter(), (self.state["step"], time.perf_counter())
+    def _start_console(self) -> Progress:
+        """Rank 0: the start banner, the config into TensorBoard; the progress display."""
         if self.is_main:
             self.logger.log_config(to_dict(self.cfg))
             log.info("%s", self._banner())
-        return tqdm(total=self.total_steps, initial=self.state["step"], desc=self.name, unit="step",
-                    disable=not (self.is_main and self._tty), dynamic_ncols=True)
+        return Progress(self.name, self.total_steps, self.state["step"], enabled=self.is_main)
 
     def _banner(self) -> str:
         t, step = self.cfg.train, self.state["step"]
@@ -380,24 +373,17 @@ class BaseTrainer:
             f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
             f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/"])
 
-    def _show_progress(self, bar) -> None:
-        step, now = self.state["step"], time.perf_counter()
-        rate = (step - self._log_mark[0]) / max(now - self._log_mark[1], 1e-9)
-        self._log_mark = (step, now)
-        lrs = [v for k, v in self.last_train.items() if k.startswith("lr_")]
+    def _show_progress(self, bar: Progress) -> None:
         shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
+        lrs = [v for k, v in self.last_train.items() if k.startswith("lr_")]
         if lrs:
             shown["lr"] = f"{max(lrs):.2e}"
-        bar.set_postfix(shown)
-        if self.is_main and not self._tty:
-            eta = duration((self.total_steps - step) / rate) if rate > 0 else "?"
-            log.info("step %d/%d | %.3g steps/s | ETA %s | %s", step, self.total_steps, rate, eta,
-                     " ".join(f"{k} {v}" for k, v in shown.items()))
+        bar.report(self.state["step"], shown)
 
-    def _print_summary(self) -> None:
+    def _print_summary(self, bar: Progress) -> None:
         if not self.is_main:
             return
-        lines = [f"{self.name} done: {self.state['step']} steps in {duration(time.perf_counter() - self._wall_start)}"
+        lines = [f"{self.name} done: {self.state['step']} steps in {bar.elapsed()}"
                  f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"]
         final = {k: self.last_train[k] for k in self.postfix_keys if k in self.last_train}
         if final:
@@ -427,7 +413,7 @@ class BaseTrainer:
         if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
             self.save()
         result = self.finish()
-        self._print_summary()
+        self._print_summary(bar)
         self.logger.close()
         return result
 
