@@ -241,7 +241,7 @@ def overhead(args) -> list[dict]:
     config = {"mode": "overhead", "zero": args.zero[0], "precision": args.precision[0], "target": "overhead <= 3%",
               "log_every": cfg.train.log_every, "compared": "Trainer.train_micro_batch + finish_step vs bare "
               "engine(batch); engine.backward(loss); engine.step(), same engine and batches, interleaved repeats"}
-    write_results("bench_step_overhead", rows, config, args.out, OVERHEAD_COLUMNS)
+    write_results("bench_step_overhead_" + "_".join(args.presets), rows, config, args.out, OVERHEAD_COLUMNS)
     return rows
 
 
