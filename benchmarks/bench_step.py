@@ -211,6 +211,87 @@ def build_params(preset: str):
     return build_model(preset, device="meta").parameters()
 
 
+# -- --overhead: the Trainer's step against a bare DeepSpeed loop ------------------------
+OVERHEAD_IMAGE = {"tiny": (64, 128), "pixelbert-r50": (128, 192)}  # small: CPU-sized steps
+OVERHEAD_COLUMNS = ["preset", "image", "micro_batch", "steps", "repeats", "bare_ms", "trainer_ms", "overhead",
+                    "overhead_min", "overhead_max", "target_met"]
+
+
+def overhead(args) -> list[dict]:
+    """Per preset: one real pre-training Trainer (its engine, model, loader, logger); N of
+    its host batches kept in memory; then, interleaved (the order flips every repeat), the
+    Trainer's own hot loop (``train_micro_batch`` + ``finish_step``: device copy, NaN/inf
+    window check, metric sums, meter, logging every ``train.log_every``) and a bare
+    ``engine(batch); engine.backward(loss); engine.step()`` over the same batches and the
+    same engine. Overhead = trainer / bare step time - 1, median over repeats of the
+    paired ratios (and their spread)."""
+    import tempfile
+
+    from pixelbert_dist.config import load_config
+    from pixelbert_dist.console import Progress
+    from pixelbert_dist.data.builders.synthetic import build_synthetic
+    from pixelbert_dist.train.config import RunConfig
+    from pixelbert_dist.train.trainer import Trainer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        enough = int(args.steps * max(args.micro_batch) / 0.8) + 20  # 80% train: a batch per step
+        shards = build_synthetic(tmp, enough, seed=0, val_fraction=0.2, min_size=64, max_size=128,
+                                 samples_per_shard=16, progress=False)["train"].directory
+        for i, preset in enumerate(args.presets):  # --micro-batch: one per preset, or one for all
+            hw, micro = OVERHEAD_IMAGE.get(preset, (128, 192)), args.micro_batch[min(i, len(args.micro_batch) - 1)]
+            cfg = load_config(RunConfig, None, [
+                f"run_dir={tmp}/run_{preset}", f"data.train_shards={shards}", "data.val_shards=null",
+                "data.backend=pil", "data.num_workers=0", f"data.image_shorter={hw[0]}", f"data.image_max={hw[1]}",
+                f"model.preset={preset}", f"train.micro_batch={micro}", f"train.precision={args.precision[0]}",
+                "train.max_steps=1000000", "train.save_every=0", "train.export=false", "train.resume=none"])
+            trainer = Trainer(cfg, ROOT / "deepspeed_configs" / f"zero{args.zero[0]}.json")
+            loader = iter(trainer.train_loader)
+            batches = [next(loader) for _ in range(args.steps)]
+            dtype, device, engine = trainer.dtype, trainer.device, trainer.engine
+            bar = Progress(preset, 10**6, 0, enabled=False)
+
+            def trainer_loop():
+                for batch in batches:
+                    if trainer.train_micro_batch(batch):
+                        trainer.finish_step(bar)
+
+            def bare_loop():
+                for batch in batches:
+                    out = engine(to_device(batch, device, dtype))
+                    engine.backward(out["loss"])
+                    engine.step()
+
+            loops = {"trainer": trainer_loop, "bare": bare_loop}
+            times = {name: [] for name in loops}
+            for repeat in range(1 + args.repeats):  # the first pass of each: warm-up (FLOPs count, allocator)
+                for name in (("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer")):
+                    sync(device)
+                    start = time.perf_counter()
+                    loops[name]()
+                    sync(device)
+                    if repeat >= 1:
+                        times[name].append((time.perf_counter() - start) / len(batches))
+            ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"])]
+            rows.append({"preset": preset, "image": f"{hw[0]}x{hw[1]}", "micro_batch": micro, "steps": len(batches),
+                         "repeats": args.repeats, "bare_ms": median(times["bare"]) * 1e3,
+                         "trainer_ms": median(times["trainer"]) * 1e3, "overhead": median(ratios),
+                         "overhead_min": min(ratios), "overhead_max": max(ratios),
+                         "target_met": "yes" if median(ratios) <= 0.03 else "no",
+                         "bare_ms_all": [t * 1e3 for t in times["bare"]],
+                         "trainer_ms_all": [t * 1e3 for t in times["trainer"]]})
+            print(f"{preset}: bare {rows[-1]['bare_ms']:.1f} ms/step, trainer {rows[-1]['trainer_ms']:.1f} ms/step, "
+                  f"overhead {median(ratios):+.2%} (paired, {min(ratios):+.2%} .. {max(ratios):+.2%})", flush=True)
+            trainer.logger.close()
+            if hasattr(engine, "destroy"):
+                engine.destroy()
+    config = {"mode": "overhead", "zero": args.zero[0], "precision": args.precision[0], "target": "overhead <= 3%",
+              "log_every": cfg.train.log_every, "compared": "Trainer.train_micro_batch + finish_step vs bare "
+              "engine(batch); engine.backward(loss); engine.step(), same engine and batches, interleaved repeats"}
+    write_results("bench_step_overhead_" + "_".join(args.presets), rows, config, args.out, OVERHEAD_COLUMNS)
+    return rows
+
+
 def parse(argv):
     gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -232,6 +313,9 @@ def parse(argv):
     parser.add_argument("--backend", default="dali" if not gpu else "nvjpeg")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder")
+    parser.add_argument("--overhead", action="store_true",
+                        help="the Trainer's step against a bare engine loop (same engine, batches; interleaved)")
+    parser.add_argument("--repeats", type=int, default=7, help="--overhead: timed repeats of each loop")
     args = parser.parse_args(argv)
     args.zero = args.zero or [1, 2, 3]
     args.micro_batch = args.micro_batch or ([2] if not gpu else [8] if args.quick else [8, 16])
@@ -247,6 +331,8 @@ def main(argv=None) -> list[dict]:
     from pixelbert_dist.distributed.env import device_for, init_distributed
 
     args = parse(argv)
+    if args.overhead:
+        return overhead(args)
     env = init_distributed()
     device, world, rank = device_for(env), dist.get_world_size(), dist.get_rank()
     rows = []

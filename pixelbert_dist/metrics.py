@@ -1,7 +1,9 @@
-"""Run logging (TensorBoard + JSONL, rank 0 only) and the throughput / MFU meter."""
+"""Run logging (TensorBoard + JSONL, rank 0 only), metric sums kept on the device until
+log time, and the throughput / MFU meter."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import subprocess
@@ -10,6 +12,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from pixelbert_dist.collectives import collective_device
+
+log = logging.getLogger(__name__)
 
 # Dense peak TFLOP/s per GPU by precision (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {
@@ -52,27 +59,72 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
+class MetricSums:
+    """Sums of per-micro-batch metrics that stay where they were computed until ``reduce``:
+    tensors add up on their device (no host sync in the hot loop), plain numbers (counts the
+    host already knows, such as a batch's size) on the host."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.numbers: dict[str, float] = {}
+
+    def add(self, values: dict) -> None:
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                value = value.detach().double()
+                self.tensors[key] = value + self.tensors[key] if key in self.tensors else value
+            else:
+                self.numbers[key] = self.numbers.get(key, 0) + value
+
+    def merge(self, other: "MetricSums") -> None:
+        self.add(other.tensors)
+        self.add(other.numbers)
+
+    def clear(self) -> None:
+        self.tensors, self.numbers = {}, {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors or self.numbers)
+
+    def reduce(self) -> dict[str, float]:
+        """Every rank's sums added up: one all-reduce and one device-to-host copy in all
+        (every rank must hold the same keys)."""
+        if not self:
+            return {}
+        keys, numbers = sorted(self.tensors), sorted(self.numbers)
+        distributed = dist.is_initialized() and dist.get_world_size() > 1
+        device = collective_device() if distributed else next(iter(self.tensors.values()), torch.zeros(())).device
+        parts = [torch.stack([self.tensors[k].reshape(()) for k in keys]).to(device)] if keys else []
+        parts.append(torch.tensor([float(self.numbers[k]) for k in numbers], dtype=torch.float64, device=device))
+        flat = torch.cat(parts)
+        if distributed:
+            dist.all_reduce(flat)
+        return dict(zip(keys + numbers, flat.tolist()))
+
+
 class ThroughputMeter:
     """Samples/s, TFLOP/s per GPU and MFU over a logging window, and how much of the
-    window the step waited for data rather than computed."""
+    window the step waited for data rather than computed. FLOPs are charged per batch (at
+    its own padded size), so bucketed image sizes count what really ran."""
 
-    def __init__(self, flops_per_sample: float, peak: float | None, world_size: int):
-        self.flops_per_sample, self.peak, self.world_size = flops_per_sample, peak, world_size
+    def __init__(self, peak: float | None, world_size: int):
+        self.peak, self.world_size = peak, world_size
         self.reset()
 
     def reset(self) -> None:
-        self.samples, self.data_time, self.compute_time = 0, 0.0, 0.0
+        self.samples, self.flops, self.data_time, self.compute_time = 0, 0.0, 0.0, 0.0
         self.start = time.perf_counter()
 
-    def add(self, samples: int, data_time: float, compute_time: float) -> None:
+    def add(self, samples: int, data_time: float, compute_time: float, flops: float = 0.0) -> None:
         self.samples += samples
+        self.flops += flops
         self.data_time += data_time
         self.compute_time += compute_time
 
     def summary(self) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_gpu = self.samples / elapsed  # this rank's samples: ranks run in lock-step
-        tflops = per_gpu * self.flops_per_sample / 1e12
+        tflops = self.flops / elapsed / 1e12
         out = {"samples_per_s": per_gpu * self.world_size, "tflops_per_gpu": tflops,
                "data_wait_frac": self.data_time / max(self.data_time + self.compute_time, 1e-9)}
         if self.peak:
@@ -87,6 +139,7 @@ class RunLogger:
     def __init__(self, run_dir: str | Path, enabled: bool):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.evaluations: list[tuple[int, str, dict]] = []  # every non-train row, for the summary
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -102,10 +155,50 @@ class RunLogger:
             f.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean}) + "\n")
         for key, value in clean.items():
             self.tb.add_scalar(f"{split}/{key}", value, step)
+        if split != "train":
+            self.evaluations.append((step, split, clean))
+            log.info("%s at step %d: %s", split, step, format_values(clean))
+
+    def log_config(self, config: dict) -> None:
+        """The resolved config in TensorBoard: as YAML text, and as hparams (flat keys)."""
+        if not self.enabled:
+            return
+        import yaml
+        from torch.utils.tensorboard.summary import hparams
+
+        self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()}
+        for summary in hparams(flat, {"train/loss": 0.0}):
+            self.tb.file_writer.add_summary(summary)
+
+    def best(self) -> dict[str, tuple[float, int]]:
+        """Per ``split/metric``: the best value over the evaluations and its step (losses
+        lowest, everything else highest)."""
+        out: dict = {}
+        for step, split, values in self.evaluations:
+            for key, value in values.items():
+                name, lower = f"{split}/{key}", "loss" in key
+                if name not in out or (value < out[name][0] if lower else value > out[name][0]):
+                    out[name] = (value, step)
+        return out
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def format_values(values: dict, digits: int = 4) -> str:
+    return ", ".join(f"{k}={v:.{digits}g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

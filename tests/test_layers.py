@@ -9,8 +9,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 
 # The lowest layer: leaf modules every layer may use (they import no other package module).
-LAYERS = {"pixelbert_dist": 0, "config": 0, "metrics": 0, "collectives": 0,
-          "data": 1, "model": 1, "checkpoint": 1, "distributed": 2, "train": 3, "finetune": 4, "jobs": 5, "plotting": 5}
+LAYERS = {"pixelbert_dist": 0, "config": 0, "metrics": 0, "collectives": 0, "console": 0,
+          "data": 1, "model": 1, "checkpoint": 1, "distributed": 2, "train": 3, "finetune": 4,
+          "jobs": 5, "plotting": 5}
 # Siblings of one layer that must not import each other: the data path never imports the model.
 FORBIDDEN = {("data", "model"), ("model", "data")}
 

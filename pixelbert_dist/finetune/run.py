@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
+from pixelbert_dist.console import setup_console
 from pixelbert_dist.finetune.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,8 +90,7 @@ def main(task: str, argv=None) -> dict:
     if args.print_config:
         print(dump_config(cfg), end="", flush=True)
         return {}
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()  # levels and noise filters, before DeepSpeed is imported
     from pixelbert_dist.finetune.trainer import FinetuneTrainer  # torch and DeepSpeed: after the arguments
 
     trainer = FinetuneTrainer(cfg, args.deepspeed_config)

@@ -16,7 +16,8 @@ from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
 from pixelbert_dist.finetune.tasks import make_task
-from pixelbert_dist.model import PixelBert, preset_config, training_flops_per_sample
+from pixelbert_dist.model import PixelBert, preset_config
+from pixelbert_dist.model.flops import training_flops_analytic
 from pixelbert_dist.model.pretrained import read_pretrained_config
 from pixelbert_dist.train.loop import BaseTrainer
 from pixelbert_dist.train.optim import HybridOptimizer, param_groups
@@ -99,13 +100,15 @@ class FinetuneTrainer(BaseTrainer):
     def samples_in(self, batch: dict) -> int:
         return len(batch["examples"])
 
-    def flops_per_sample(self) -> float:
-        """The backbone's FLOPs per image-text pair (every feature pixel) times the images
-        per example; the head and retrieval's extra negative rows are left out."""
-        d = self.cfg.data
-        hw = (-(-d.image_shorter // 64) * 64, -(-d.image_max // 64) * 64)
-        pair = training_flops_per_sample(self.backbone_config, hw, d.max_text_len, num_pixels=0)
-        return pair * self.task.images_per_example
+    def flops_shape(self, batch: dict) -> tuple:
+        return (len(batch["examples"]), *batch["images"].shape[-2:], batch["input_ids"].shape[1])
+
+    def shape_flops(self, examples: int, height: int, width: int, text_len: int) -> float:
+        """The backbone's FLOPs per image-text pair at the batch's padded sizes (every
+        feature pixel) times the images per example; the head and retrieval's extra
+        negative rows are left out."""
+        pair = training_flops_analytic(self.backbone_config, (height, width), text_len, num_pixels=0, mlm_fraction=0)
+        return examples * pair * self.task.images_per_example
 
     def client_state(self) -> dict:
         return {"model_fingerprint": self.model_fingerprint}
@@ -128,6 +131,9 @@ class FinetuneTrainer(BaseTrainer):
         """The first split only, and not at the last step: ``finish`` evaluates them all."""
         if self.eval_loaders and self.state["step"] < self.total_steps:
             self.evaluate(list(self.eval_loaders)[:1])
+
+    def outputs(self) -> dict:
+        return {**super().outputs(), "results": self.run_dir / "results.json"}
 
     def finish(self) -> dict:
         return self.write_results(self.evaluate())

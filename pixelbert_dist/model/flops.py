@@ -1,12 +1,16 @@
 """Training FLOPs per sample, counted by torch's FlopCounterMode on the meta device (no
-memory, no compute), for the MFU meter."""
+memory, no compute), and the same count in closed form for the MFU meter's every batch."""
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import PixelBertConfig
 from .pixelbert import PixelBert
+from .visual import DOWNSAMPLE, build_backbone, trunk_forward
 
 
 def _meta_batch(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int, batch: int) -> dict:
@@ -38,3 +42,32 @@ def training_flops_per_sample(cfg: PixelBertConfig, image_hw: tuple[int, int] = 
         model(batch)["loss"].backward()
     mlm_head = 3 * 2 * mlm_fraction * text_len * cfg.hidden_size * (cfg.hidden_size + cfg.vocab_size)
     return float(counter.get_total_flops() + mlm_head)
+
+
+@functools.lru_cache(maxsize=None)
+def _cnn_training_flops(backbone: str, image_hw: tuple[int, int]) -> float:
+    """Forward + backward FLOPs of the CNN trunk on one image, counted once per (trunk, size)."""
+    cfg = PixelBertConfig(backbone=backbone)
+    with torch.device("meta"):
+        trunk = build_backbone(cfg)
+        images = torch.zeros(1, 3, *image_hw)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trunk_forward(trunk, images).sum().backward()
+    return float(counter.get_total_flops())
+
+
+def training_flops_analytic(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int,
+                            num_pixels: int | None = None, mlm_fraction: float = 0.15) -> float:
+    """What ``training_flops_per_sample`` counts, in closed form (the CNN trunk counted once
+    per image size and cached), cheap enough for every batch: the MFU meter charges each
+    batch at its own padded size, text length and sampled pixels."""
+    stride = DOWNSAMPLE if cfg.extra_pool else DOWNSAMPLE // 2
+    grid = math.ceil(image_hw[0] / stride) * math.ceil(image_hw[1] / stride)
+    sample = cfg.pixel_sample_size if num_pixels is None else num_pixels
+    pixels = min(sample, grid) if sample else grid
+    d, length = cfg.hidden_size, text_len + pixels
+    layer = 2 * length * d * (4 * d + 2 * cfg.intermediate_size) + 4 * length * length * d  # matmuls + attention
+    forward = cfg.num_layers * layer + 2 * pixels * cfg.backbone_channels * d + 2 * d * d + 2 * d * 2
+    mlm_head = 3 * 2 * mlm_fraction * text_len * d * (d + cfg.vocab_size)
+    return _cnn_training_flops(cfg.backbone, tuple(image_hw)) + 3 * forward + mlm_head

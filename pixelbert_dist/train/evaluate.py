@@ -6,18 +6,19 @@ import contextlib
 
 import torch
 
-from pixelbert_dist.collectives import all_reduce_sums
+from pixelbert_dist.metrics import MetricSums
 from pixelbert_dist.train.recall import recall_at_k
 
 
-def batch_metrics(out: dict, batch: dict) -> dict[str, torch.Tensor]:
-    """Sums and counts (not means) so windows and ranks combine exactly."""
+def batch_metrics(out: dict, batch: dict) -> dict:
+    """Sums and counts (not means) so windows and ranks combine exactly: sums as tensors on
+    the device (nothing waits for them here), the counts the host knows as ints."""
     itm_right = (out["itm_logits"].argmax(-1) == batch["itm_labels"]).sum()
     mlm_right = (out["mlm_logits"].argmax(-1) == out["mlm_targets"]).sum()
     n, m = batch["itm_labels"].numel(), out["mlm_targets"].numel()
     return {"loss": out["loss"].detach() * n, "mlm_loss": out["mlm_loss"].detach() * m,
             "itm_loss": out["itm_loss"].detach() * n, "itm_right": itm_right, "mlm_right": mlm_right,
-            "n": torch.tensor(n), "m": torch.tensor(m)}
+            "n": n, "m": m}
 
 
 def metric_values(totals: dict[str, float]) -> dict[str, float]:
@@ -27,8 +28,8 @@ def metric_values(totals: dict[str, float]) -> dict[str, float]:
             "itm_acc": totals["itm_right"] / n, "mlm_acc": totals["mlm_right"] / m}
 
 
-def reduce_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    return metric_values(all_reduce_sums(sums))
+def reduce_metrics(sums: MetricSums) -> dict[str, float]:
+    return metric_values(sums.reduce())
 
 
 def gathered_params(engine):
@@ -56,7 +57,7 @@ def itm_score_matrix(model, probe: dict) -> torch.Tensor:
 def evaluate(engine, val_loader, probe_loader, to_device, max_batches: int = 0) -> dict:
     """Sums over every rank's share of the validation split (is_pad repeats excluded)."""
     engine.eval()
-    sums: dict = {}
+    sums = MetricSums()
     for k, batch in enumerate(val_loader):
         if max_batches and k >= max_batches:
             break
@@ -68,8 +69,7 @@ def evaluate(engine, val_loader, probe_loader, to_device, max_batches: int = 0) 
         kept = dict(out, itm_logits=out["itm_logits"][keep.to(out["itm_logits"].device)],
                     mlm_logits=out["mlm_logits"][masked_keep], mlm_targets=out["mlm_targets"][masked_keep])
         labels = {"itm_labels": batch["itm_labels"][keep].to(kept["itm_logits"].device)}
-        for key, value in batch_metrics(kept, labels).items():
-            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + value.double().cpu()
+        sums.add(batch_metrics(kept, labels))
     values = reduce_metrics(sums) if sums else {}
     if probe_loader is not None:
         probe = to_device(next(iter(probe_loader)))

@@ -9,6 +9,7 @@ Steps count optimiser steps: one per accumulation window whose micro-batches ran
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,14 +18,15 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from pixelbert_dist import checkpoint as ckpt
-from pixelbert_dist.collectives import all_reduce_sums, gather_objects
+from pixelbert_dist.collectives import collective_device, gather_objects
 from pixelbert_dist.config import dump_config, to_dict
+from pixelbert_dist.console import Progress
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
-from pixelbert_dist.metrics import RunLogger, ThroughputMeter, peak_memory_gib, peak_tflops
+from pixelbert_dist.metrics import (MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib,
+                                    peak_tflops)
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.run_dir import RunFolderError, RunLock, check_run_dir_writable, record_config, supersede_rows
 from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
@@ -40,6 +42,26 @@ class NonFiniteLossError(RuntimeError):
 def loss_is_bad(loss: torch.Tensor, max_loss: float) -> torch.Tensor:
     """NaN/inf, or a finite blow-up above ``train.max_loss``: skipped and counted alike."""
     return ~torch.isfinite(loss) | (loss.abs() > max_loss)
+
+
+@contextlib.contextmanager
+def _update_left_out(engine, optimizer: torch.optim.Optimizer):
+    """One ``engine.step()`` with DeepSpeed's bookkeeping (gradient release, micro-step and
+    global-step counters, offload buffers) but without the weight update: the base
+    optimiser's ``step`` is shadowed by a no-op (ZeRO 1-3, BF16_Optimizer and the plain
+    engine all call it as ``optimizer.step()``) and the lr scheduler is hidden from the
+    engine. DeepSpeed has no public "drop this accumulation window" call."""
+    wrapped = optimizer.__dict__.get("step")  # torch's lr scheduler wraps the instance's step
+    scheduler, engine.lr_scheduler = engine.lr_scheduler, None
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        engine.lr_scheduler = scheduler
+        if wrapped is None:
+            del optimizer.step
+        else:
+            optimizer.step = wrapped
 
 
 class BaseTrainer:
@@ -78,7 +100,7 @@ class BaseTrainer:
             self._release_run()
             raise
         self.logger = RunLogger(self.run_dir, self.is_main)
-        self.meter = ThroughputMeter(self.flops_per_sample(), peak_tflops(self.precision, self.device), self.world)
+        self._init_hot_loop()
 
     # -- hooks ------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -93,9 +115,10 @@ class BaseTrainer:
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError
 
-    def batch_sums(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
-        """What one micro-batch adds to the logging window (sums, so ranks combine exactly)."""
-        return {"loss": out["loss"].detach().double().cpu(), "n": torch.tensor(1.0, dtype=torch.float64)}
+    def batch_sums(self, out: dict, batch: dict) -> dict:
+        """What one micro-batch adds to the logging window (sums, so ranks combine exactly):
+        tensors stay on the device until log time, plain numbers are host-side counts."""
+        return {"loss": out["loss"].detach(), "n": 1}
 
     def window_values(self, totals: dict[str, float]) -> dict[str, float]:
         """The logged train values from the window's sums over every rank."""
@@ -104,7 +127,12 @@ class BaseTrainer:
     def samples_in(self, batch: dict) -> int:
         raise NotImplementedError
 
-    def flops_per_sample(self) -> float:
+    def flops_shape(self, batch: dict) -> tuple | None:
+        """What a micro-batch's FLOPs depend on (its padded sizes), hashable; None: not counted."""
+        return None
+
+    def shape_flops(self, *shape) -> float:
+        """Training FLOPs of a micro-batch of ``flops_shape`` (asked once per distinct shape)."""
         return 0.0
 
     def client_state(self) -> dict:
@@ -235,41 +263,69 @@ class BaseTrainer:
             out[key] = value
         return out
 
-    def train_step(self, batch: dict) -> dict | None:
-        """One micro-batch: forward, backward; DeepSpeed steps the optimiser at the
-        accumulation boundary (and clips, scales the loss, reduces the gradients).
-        Returns None when the loss was NaN/inf on any rank: every rank then skips it."""
-        running_stats = self._batchnorm_stats()
+    # -- the hot loop: one host sync per optimizer step ---------------------------------
+    def train_micro_batch(self, batch: dict, data_seconds: float = 0.0) -> bool:
+        """One micro-batch: forward and backward; at the accumulation boundary the optimiser
+        step (DeepSpeed clips, scales the loss, reduces the gradients), or the skip of the
+        whole window when a loss in it was NaN/inf on any rank. True when a step was applied.
+
+        Nothing here waits for the device before the boundary: the finiteness of each loss
+        and the logged metrics accumulate as device tensors, and the boundary reads them
+        with one all-reduce + one ``.item()`` (the step's only host sync)."""
+        start = time.perf_counter()
+        if self._window_bn is None:  # the window's first micro-batch
+            self._window_bn = self._batchnorm_stats()
+            self._window_bad = torch.zeros((), dtype=torch.int32, device=self.device)
         out = self.engine(self.to_device(batch))
-        if not self._finite_on_all_ranks(out["loss"]):
-            self._skip_nonfinite(running_stats)
-            return None
-        self.nonfinite_in_row = 0
+        self._window_bad += loss_is_bad(out["loss"].detach(), self.cfg.train.max_loss).to(torch.int32)
         self.engine.backward(out["loss"])
-        self.engine.step()
-        return out
+        self._window_sums.add(self.batch_sums(out, batch))
+        samples = self.samples_in(batch)
+        self._window_samples += samples
+        # Asked before engine.step(): DeepSpeed advances its micro-step counter there.
+        if self.engine.is_gradient_accumulation_boundary():
+            applied = self._end_window()
+        else:
+            self.engine.step()  # DeepSpeed only counts the micro-step here
+            applied = False
+        self.meter.add(samples, data_seconds, time.perf_counter() - start, self.batch_flops(batch))
+        return applied
 
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        # One tiny all-reduce per micro-batch: the ranks must agree, or one would wait in
-        # backward's gradient reduction for a rank that skipped.
-        finite = (~loss_is_bad(loss.detach(), self.cfg.train.max_loss)).to(torch.float32).reshape(1)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite.item())
+    def _end_window(self) -> bool:
+        bad = self._window_bad.to(torch.float32).reshape(1)
+        if self.world > 1:  # the ranks must agree: a rank that steps alone waits for the others forever
+            bad = bad.to(collective_device())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        nonfinite = int(bad.item())  # the one host sync of the step
+        if nonfinite:
+            self._skip_window(nonfinite)
+        else:
+            self.engine.step()
+            self.nonfinite_in_row = 0
+            self._log_sums.merge(self._window_sums)
+            self.state["samples"] += self._window_samples * self.world
+        self._window_bn, self._window_sums, self._window_samples = None, MetricSums(), 0
+        return not nonfinite
 
-    def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(buffer, copy) of every BatchNorm running statistic: a NaN batch's forward has
-        already folded NaN into them, and a skipped step must leave no trace."""
-        return [(buf, buf.clone()) for module in self.batchnorms if module.training for buf in module.buffers()]
-
-    def _skip_nonfinite(self, running_stats) -> None:
-        with torch.no_grad():
-            for buf, saved in running_stats:
+    def _skip_window(self, nonfinite: int) -> None:
+        """Drop the whole accumulation window. Its backward passes have already added the
+        NaN/inf gradients into DeepSpeed's accumulated (for ZeRO 1-3 partitioned, perhaps
+        offloaded) gradients, so dropping only the bad micro-batch is not possible.
+        ``engine.step()`` still runs, so DeepSpeed releases those gradients and advances
+        its micro-step counter as it does at every boundary for every stage, but without
+        the update (the base optimiser's ``step`` is a no-op for this call) and without
+        the lr schedule's step: weights, optimiser state and schedule stay as they were."""
+        with _update_left_out(self.engine, self.optimizer):
+            self.engine.step()
+        with torch.no_grad():  # the window's forwards folded NaN into BatchNorm's statistics
+            for buf, saved in self._window_bn:
                 buf.copy_(saved)
-        self.state["nonfinite_skipped"] += 1
-        self.nonfinite_in_row += 1
+        self.state["nonfinite_skipped"] += nonfinite
+        self.nonfinite_in_row += nonfinite
         limit = self.cfg.train.max_nonfinite_in_row
-        log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row, %d in all)",
-                    self.state["step"], self.nonfinite_in_row, self.state["nonfinite_skipped"])
+        log.warning("non-finite loss in %d micro-batch(es) after step %d: the accumulation window is skipped "
+                    "(%d in a row, %d in all)", nonfinite, self.state["step"], self.nonfinite_in_row,
+                    self.state["nonfinite_skipped"])
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} NaN/inf losses in a row at step {self.state['step']} "
@@ -277,9 +333,42 @@ class BaseTrainer:
                 f"run stops; {self.checkpoint_note()}. Lower the learning rate (a resume with train.resume=latest "
                 "applies a new optim.lr), check the data, or use bf16 instead of fp16.")
 
+    def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, copy) of every BatchNorm running statistic at the window's start: a
+        skipped window must leave no trace. Device copies, no sync; none with FrozenBN."""
+        return [(buf, buf.clone()) for module in self.batchnorms if module.training for buf in module.buffers()]
+
+    def batch_flops(self, batch: dict) -> float:
+        """Training FLOPs of this micro-batch at its own shapes: ``shape_flops`` once per
+        distinct ``flops_shape``, then a dict lookup."""
+        shape = self.flops_shape(batch)
+        if shape is None:
+            return 0.0
+        if shape not in self._flops_by_shape:
+            self._flops_by_shape[shape] = self.shape_flops(*shape)
+        return self._flops_by_shape[shape]
+
     # -- logging ----------------------------------------------------------------------
-    def _log_train(self, sums: dict) -> None:
-        values = self.window_values(all_reduce_sums(sums))
+    def _init_hot_loop(self) -> None:
+        self.meter = ThroughputMeter(peak_tflops(self.precision, self.device), self.world)
+        self._flops_by_shape: dict = {}
+        self._log_sums, self._window_sums = MetricSums(), MetricSums()
+        self._window_bn, self._window_bad, self._window_samples = None, None, 0
+        self.last_train, self.last_val = {}, {}
+
+    def damaged_samples(self) -> int | None:
+        """Samples this rank's training loader replaced because they were damaged (the
+        loader's ``damaged`` running count; summed over ranks in the log); None while the
+        loader keeps no such count."""
+        return getattr(self.train_loader, "damaged", None)
+
+    def _log_train(self) -> None:
+        damaged = self.damaged_samples()
+        if damaged is not None:  # rides in the same all-reduce as the metric sums
+            self._log_sums.add({"damaged_samples": damaged})
+        totals = self._log_sums.reduce()  # the log period's one all-reduce and host copy
+        damaged = totals.pop("damaged_samples", None)
+        values = self.window_values(totals) if totals else {}
         values.update(self.meter.summary())
         for group in self.optimizer.param_groups:
             values[f"lr_{group.get('name', 'group')}"] = group["lr"]
@@ -289,32 +378,84 @@ class BaseTrainer:
         values["peak_mem_gib"] = peak_memory_gib(self.device)
         values["epoch"] = self.state["epoch"]
         values["nonfinite_skipped"] = self.state["nonfinite_skipped"]
+        values["damaged_samples"] = damaged
         self.logger.log(self.state["step"], "train", values)
         self.last_train = values
+        self._log_sums.clear()
         self.meter.reset()
 
-    def _on_step(self, sums: dict, bar) -> None:
+    def _on_step(self, bar) -> None:
         step, t = self.state["step"], self.cfg.train
         if step % t.log_every == 0 or step == self.total_steps:
-            self._log_train(sums)
-            sums.clear()
-            bar.set_postfix({k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train})
+            self._log_train()
+            self._show_progress(bar)
         if t.eval_every and step % t.eval_every == 0:
             self.evaluate_during()
         if t.save_every and step % t.save_every == 0:
             self.save()
 
+    def finish_step(self, bar) -> None:
+        """After an applied optimiser step: count it, advance the bar, log / evaluate / save
+        on their periods."""
+        self.state["step"] += 1
+        bar.update()
+        self._on_step(bar)
+
+    # -- console ----------------------------------------------------------------------
+    def outputs(self) -> dict[str, Path]:
+        """What the run leaves behind, for the closing summary (those that exist)."""
+        return {"metrics": self.run_dir / "metrics.jsonl"}
+
+    def _start_console(self) -> Progress:
+        """Rank 0: the start banner, the config into TensorBoard; the progress display."""
+        if self.is_main:
+            self.logger.log_config(to_dict(self.cfg))
+            log.info("%s", self._banner())
+        return Progress(self.name, self.total_steps, self.state["step"], enabled=self.is_main)
+
+    def _banner(self) -> str:
+        t, step = self.cfg.train, self.state["step"]
+        per_step = t.micro_batch * t.grad_accum * self.world
+        start = f"resumed from {self.resume_dir} at step {step}" if step else "step 0 (no checkpoint resumed)"
+        return "\n".join([
+            f"{self.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.world} rank(s), "
+            f"{self.device.type}",
+            f"  batch {per_step} per step = micro {t.micro_batch} x grad_accum {t.grad_accum} x {self.world} rank(s)",
+            f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
+            f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
+            f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/"])
+
+    def _show_progress(self, bar: Progress) -> None:
+        shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
+        lrs = [v for k, v in self.last_train.items() if k.startswith("lr_")]
+        if lrs:
+            shown["lr"] = f"{max(lrs):.2e}"
+        bar.report(self.state["step"], shown)
+
+    def _print_summary(self, bar: Progress) -> None:
+        if not self.is_main:
+            return
+        lines = [f"{self.name} done: {self.state['step']} steps in {bar.elapsed()}"
+                 f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"]
+        final = {k: self.last_train[k] for k in self.postfix_keys if k in self.last_train}
+        if final:
+            lines.append(f"  final train: {format_values(final)}")
+        if self.logger.evaluations:
+            step, split, values = self.logger.evaluations[-1]
+            lines.append(f"  final {split} (step {step}): {format_values(values)}")
+            best = {k: v for k, v in self.logger.best().items() if k.split("/", 1)[1] in values}
+            lines.append("  best: " + ", ".join(f"{k}={v:.4g} (step {s})" for k, (v, s) in best.items()))
+        lines += [f"  {name}: {path}" for name, path in self.outputs().items() if path.exists()]
+        log.info("%s", "\n".join(lines))
+
     # -- the loop ---------------------------------------------------------------------
     def fit(self):
         """Train until total_steps, save, then ``finish()``; a signal stops it early with
         a checkpoint (``stopped()``)."""
-        self.last_train, self.last_val = {}, {}
-        sums: dict = {}
-        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc=self.name,
-                   disable=not self.is_main, dynamic_ncols=True)
+        bar = self._start_console()
         with ckpt.GracefulExit() as stop:
             while self.state["step"] < self.total_steps:
-                if self._run_epoch(sums, bar, stop):
+                if self._run_epoch(bar, stop):
                     bar.close()
                     self.logger.close()
                     self._release_run()
@@ -325,11 +466,12 @@ class BaseTrainer:
         if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
             self.save()
         result = self.finish()
+        self._print_summary(bar)
         self.logger.close()
         self._release_run()
         return result
 
-    def _run_epoch(self, sums: dict, bar, stop) -> bool:
+    def _run_epoch(self, bar, stop) -> bool:
         """One pass over this rank's batches; True when a signal asked to stop."""
         self.train_loader.set_epoch(self.state["epoch"])
         self.engine.train()
@@ -341,22 +483,10 @@ class BaseTrainer:
             if batch is None:
                 self.state["epoch"] += 1
                 return False
-            fetched = time.perf_counter()
-            steps_before = self.engine.global_steps
-            out = self.train_step(batch)
-            if out is None:
-                continue  # a NaN/inf loss, skipped on every rank and counted
-            for key, value in self.batch_sums(out, batch).items():
-                sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + value
-            samples = self.samples_in(batch)
-            self.meter.add(samples, fetched - start, time.perf_counter() - fetched)
-            self.state["samples"] += samples * self.world
-            if self.engine.global_steps == steps_before:
-                continue  # inside a gradient accumulation window
-            self.state["step"] += 1
+            if not self.train_micro_batch(batch, time.perf_counter() - start):
+                continue  # inside a gradient accumulation window, or a skipped one (NaN/inf)
             self.state["train_seconds"] += time.perf_counter() - step_start
-            bar.update(1)
-            self._on_step(sums, bar)
+            self.finish_step(bar)
             step_start = time.perf_counter()
             if stop.should_exit():
                 self.save()

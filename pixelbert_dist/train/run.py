@@ -5,10 +5,10 @@ Nothing heavy (torch, DeepSpeed) is imported before the arguments are parsed, so
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from pixelbert_dist.config import config_help, dump_config, load_config
+from pixelbert_dist.console import setup_console
 from pixelbert_dist.distributed.ds_config import resolve_deepspeed_path
 from pixelbert_dist.train.config import RunConfig
 
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(load_config(RunConfig, args.config, args.overrides)), end="", flush=True)
         return 0
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console()  # levels and noise filters, before DeepSpeed is imported
     args.deepspeed_config = str(resolve_deepspeed_path(args.deepspeed_config))
     if not os.path.isfile(args.deepspeed_config):
         raise SystemExit(f"--deepspeed_config {args.deepspeed_config}: no such file (a path, or the name of "
@@ -45,9 +44,5 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(RunConfig, args.config, args.overrides)
     from pixelbert_dist.train.trainer import Trainer  # heavy imports after the argument check
 
-    trainer = Trainer(cfg, args.deepspeed_config)
-    final = trainer.fit()
-    if trainer.is_main and final:
-        values = ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()) if k != "step")
-        print(f"final validation (step {final['step']}): {values}", flush=True)
+    Trainer(cfg, args.deepspeed_config).fit()  # rank 0 ends with the summary: final / best metrics, the export
     return 0

@@ -4,14 +4,13 @@ visual weights), the shard loaders, ITM / MLM / R@1 evaluation and the export.""
 from __future__ import annotations
 
 import dataclasses
-import logging
-import math
 
 
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import (PixelBert, build_model, load_bert_checkpoint, load_torchvision_backbone,
-                                  load_visual_weights, training_flops_per_sample)
+                                  load_visual_weights)
+from pixelbert_dist.model.flops import training_flops_analytic
 from pixelbert_dist.train.config import ModelSection
 from pixelbert_dist.train.evaluate import batch_metrics, evaluate, metric_values
 from pixelbert_dist.train.export import export_from_engine
@@ -19,7 +18,6 @@ from pixelbert_dist.train.loop import BaseTrainer, NonFiniteLossError, check_run
 from pixelbert_dist.train.optim import build_optimizer
 
 __all__ = ["Trainer", "NonFiniteLossError", "check_run_dir_writable", "build_run_model", "freeze_prefixes"]
-log = logging.getLogger(__name__)
 
 
 def build_run_model(section: ModelSection, vocab_size: int | None = None) -> PixelBert:
@@ -27,12 +25,12 @@ def build_run_model(section: ModelSection, vocab_size: int | None = None) -> Pix
     if vocab_size is not None and vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {section.preset!r} has "
                          f"vocab_size={model.config.vocab_size}: set model.overrides.vocab_size or data.vocab_dir")
-    if section.bert_dir:
-        log.info("BERT weights: %s", load_bert_checkpoint(model, section.bert_dir))
+    if section.bert_dir:  # each loader logs what it loaded (once)
+        load_bert_checkpoint(model, section.bert_dir)
     if section.cnn_weights:
-        log.info("CNN weights: %s", load_torchvision_backbone(model, section.cnn_weights))
+        load_torchvision_backbone(model, section.cnn_weights)
     if section.visual_weights:
-        log.info("visual weights: %s", load_visual_weights(model, section.visual_weights))
+        load_visual_weights(model, section.visual_weights)
     freeze_prefixes(model, section.freeze)
     return model
 
@@ -78,7 +76,7 @@ class Trainer(BaseTrainer):
         return build_optimizer(model, self.cfg.optim)
 
     def batch_sums(self, out: dict, batch: dict) -> dict:
-        return {k: v.double().cpu() for k, v in batch_metrics(out, batch).items()}
+        return batch_metrics(out, batch)
 
     def window_values(self, totals: dict) -> dict:
         return metric_values(totals)
@@ -86,10 +84,12 @@ class Trainer(BaseTrainer):
     def samples_in(self, batch: dict) -> int:
         return len(batch["keys"])
 
-    def flops_per_sample(self) -> float:
-        d = self.cfg.data
-        hw = (math.ceil(d.image_shorter / 64) * 64, math.ceil(d.image_max / 64) * 64)  # the padded size class
-        return training_flops_per_sample(self.engine.module.config, hw, d.max_text_len)
+    def flops_shape(self, batch: dict) -> tuple:
+        return (len(batch["keys"]), *batch["images"].shape[-2:], batch["input_ids"].shape[1])
+
+    def shape_flops(self, size: int, height: int, width: int, text_len: int) -> float:
+        """The padded image and text this batch really has, and the pixels sampled from it."""
+        return size * training_flops_analytic(self.engine.module.config, (height, width), text_len)
 
     def evaluate(self) -> dict:
         if self.val_loader is None:
@@ -109,6 +109,9 @@ class Trainer(BaseTrainer):
         if self.cfg.train.export:
             export_from_engine(self.engine, self.ckpt_dir, self.run_dir / "export", self.tokenizer)
         return self.last_val
+
+    def outputs(self) -> dict:
+        return {**super().outputs(), "export": self.run_dir / "export"}
 
     def stopped(self) -> dict:
         return self.last_val
