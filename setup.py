@@ -28,7 +28,7 @@ setup(
     ],
     # `python launch/X.py` keeps working; these are the same commands once installed
     entry_points={"console_scripts": [
-        "pixelbert-pretrain = pixelbert_dist.train.run:main",
+        "pixelbert-pretrain = pixelbert_dist.train.run:cli",
         "pixelbert-finetune-vqa = pixelbert_dist.finetune.run:vqa",
         "pixelbert-finetune-nlvr2 = pixelbert_dist.finetune.run:nlvr2",
         "pixelbert-finetune-retrieval = pixelbert_dist.finetune.run:retrieval",

@@ -42,3 +42,12 @@ def test_console_scripts_point_at_callables():
                             "pixelbert-export"}
     for ep in scripts.values():
         assert callable(ep.load()), ep.value
+
+
+@pytest.mark.parametrize("cmd", [["launch/pretrain.py", "--deepspeed_config", "zero2.json", "train.compile=abc"],
+                                 ["launch/finetune_vqa.py", "train.compile=abc"]])
+def test_a_refused_run_is_one_line_not_a_traceback(cmd):
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "train.compile" in proc.stderr.strip().splitlines()[-1]

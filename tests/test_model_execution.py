@@ -146,3 +146,22 @@ def test_activation_checkpointing_setting_is_checked():
     with pytest.raises(ValueError, match="activation_checkpointing='cnn'.*none.*transformer.*all"):
         build_model("tiny", activation_checkpointing="cnn")
 
+
+
+def test_train_activation_checkpointing_reaches_every_pixelbert():
+    """`train.activation_checkpointing=all` sets the model's mode, also inside a task model."""
+    from pixelbert_dist.config import ConfigError, load_config
+    from pixelbert_dist.train.config import RunConfig
+    from pixelbert_dist.train.loop import set_activation_checkpointing
+
+    model = build_model("tiny")
+    set_activation_checkpointing(torch.nn.Sequential(model), "all")
+    assert model.config.activation_checkpointing == "all"
+    assert model.encoder.checkpointing
+    assert model.visual.checkpointing
+    with pytest.raises(ValueError, match="holds no PixelBert"):
+        set_activation_checkpointing(torch.nn.Linear(2, 2), "all")
+    assert load_config(RunConfig, None, ["train.activation_checkpointing=transformer"]).train.activation_checkpointing \
+        == "transformer"
+    with pytest.raises(ConfigError, match="train.activation_checkpointing"):
+        load_config(RunConfig, None, ["train.activation_checkpointing=cnn"])

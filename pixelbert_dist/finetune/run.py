@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -103,13 +104,14 @@ def main(task: str, argv=None) -> dict:
 
 def cli(task: str, argv=None) -> int:
     """``launch/finetune_TASK.py`` and the ``pixelbert-finetune-TASK`` console scripts: a bad
-    key or value is one line naming it (exit 2), not a traceback."""
-    from pixelbert_dist.config import ConfigError
+    key or value, a refused run folder or a damaged checkpoint is one line (exit 2), not a traceback."""
+    from pixelbert_dist.train.run import refused_run_errors
 
     try:
         main(task, argv)
-    except ConfigError as err:
-        print(f"finetune {task}: {err}", file=sys.stderr)
+    except refused_run_errors() as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"finetune {task}: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -65,6 +65,9 @@ class LoopConfig:
     resume_universal: bool = False  # allow a resume at another world size (universal ckpt)
     seed: int = 0
     compile: bool = False           # torch.compile through DeepSpeed's engine.compile()
+    # recompute instead of keeping activations: none, transformer (encoder layers) or all (also
+    # the CNN stem and stages); None: as the model preset / model.overrides say
+    activation_checkpointing: Literal["none", "transformer", "all"] | None = None
     sync_bn: bool = False           # SyncBatchNorm across ranks (CUDA only)
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
     max_loss: float = 1e4           # a finite loss above this is a blow-up: skipped and counted like NaN/inf

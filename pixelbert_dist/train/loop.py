@@ -27,6 +27,7 @@ from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precisio
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import (MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib,
                                     peak_tflops)
+from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.run_dir import RunFolderError, RunLock, check_run_dir_writable, record_config, supersede_rows
 from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
@@ -37,6 +38,16 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 class NonFiniteLossError(RuntimeError):
     """Too many NaN/inf losses in a row: the run stops (on every rank) instead of diverging."""
+
+
+def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """``train.activation_checkpointing`` on every PixelBert inside ``model`` (a fine-tuning
+    task model wraps one)."""
+    found = [m for m in model.modules() if isinstance(m, PixelBert)]
+    if not found:
+        raise ValueError(f"train.activation_checkpointing={mode!r}: {type(model).__name__} holds no PixelBert")
+    for pixelbert in found:
+        pixelbert.set_activation_checkpointing(mode)
 
 
 def loss_is_bad(loss: torch.Tensor, max_loss: float) -> torch.Tensor:
@@ -82,6 +93,8 @@ class BaseTrainer:
         t = cfg.train
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = self.build_model()
+        if t.activation_checkpointing is not None:
+            set_activation_checkpointing(model, t.activation_checkpointing)
         self.train_loader = self.build_loaders()
         self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)

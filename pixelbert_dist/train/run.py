@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
-from pixelbert_dist.config import config_help, dump_config, load_config
+from pixelbert_dist.config import ConfigError, config_help, dump_config, load_config
 from pixelbert_dist.console import setup_console
 from pixelbert_dist.distributed.ds_config import resolve_deepspeed_path
 from pixelbert_dist.train.config import RunConfig
@@ -46,3 +47,23 @@ def main(argv: list[str] | None = None) -> int:
 
     Trainer(cfg, args.deepspeed_config).fit()  # rank 0 ends with the summary: final / best metrics, the export
     return 0
+
+
+def refused_run_errors() -> tuple[type[Exception], ...]:
+    """What stops a run before or at start-up for a reason the message states (a bad key, a
+    locked or finished run folder, a damaged checkpoint): one line, not a traceback."""
+    from pixelbert_dist.checkpoint import CheckpointError
+    from pixelbert_dist.train.run_dir import RunFolderError
+
+    return ConfigError, RunFolderError, CheckpointError
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``launch/pretrain.py`` and ``pixelbert-pretrain``: ``main`` with refusals as one line
+    on stderr (rank 0 only: the other ranks stop with the same reason) and exit code 2."""
+    try:
+        return main(argv)
+    except refused_run_errors() as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"pretrain: {err}", file=sys.stderr, flush=True)
+        return 2
