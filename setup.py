@@ -23,20 +23,22 @@ setup(
         "matplotlib",
         "pillow",
         "numpy",
-        "psutil",           # benchmarks/bench_index.py (RSS)
+        "psutil",  # benchmarks/bench_index.py (RSS)
         "webdataset>=1.0",  # streaming shards: brace patterns, gopen for http(s) / pipe:
     ],
     # `python launch/X.py` keeps working; these are the same commands once installed
-    entry_points={"console_scripts": [
-        "pixelbert-pretrain = pixelbert_dist.train.run:cli",
-        "pixelbert-finetune-vqa = pixelbert_dist.finetune.run:vqa",
-        "pixelbert-finetune-nlvr2 = pixelbert_dist.finetune.run:nlvr2",
-        "pixelbert-finetune-retrieval = pixelbert_dist.finetune.run:retrieval",
-        "pixelbert-make-shards = pixelbert_dist.data.builders.cli:main",
-        "pixelbert-submit = pixelbert_dist.jobs.cli:main",
-        "pixelbert-plot = pixelbert_dist.plotting:main",
-        "pixelbert-export = pixelbert_dist.train.export:main",
-    ]},
+    entry_points={
+        "console_scripts": [
+            "pixelbert-pretrain = pixelbert_dist.train.run:cli",
+            "pixelbert-finetune-vqa = pixelbert_dist.finetune.run:vqa",
+            "pixelbert-finetune-nlvr2 = pixelbert_dist.finetune.run:nlvr2",
+            "pixelbert-finetune-retrieval = pixelbert_dist.finetune.run:retrieval",
+            "pixelbert-make-shards = pixelbert_dist.data.builders.cli:main",
+            "pixelbert-submit = pixelbert_dist.jobs.cli:main",
+            "pixelbert-plot = pixelbert_dist.plotting:main",
+            "pixelbert-export = pixelbert_dist.train.export:main",
+        ]
+    },
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "dev": ["pytest", "pytest-timeout", "ruff"],

@@ -12,6 +12,7 @@ FlashAttention kernel needs (it takes no arbitrary mask). A backend that cannot 
 case is listed as unsupported, with torch's reason. FLOPs: 4·B·H·S²·D forward, 3x that
 for forward + backward (the work done, not counting FlashAttention's recomputation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,23 +30,34 @@ from common import median, time_fn, write_results  # noqa: E402
 from pixelbert_dist.model.encoder import eager_attention  # noqa: E402
 
 SHAPES = {"pretrain-100px": (40, 100), "finetune-300px": (40, 300), "finetune-500px": (40, 500)}
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
-COLUMNS = ["shape", "seq", "batch", "mask", "backend", "dtype", "ms", "tflops", "speedup",
-           "max_err", "status"]
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+COLUMNS = ["shape", "seq", "batch", "mask", "backend", "dtype", "ms", "tflops", "speedup", "max_err", "status"]
 
 
-def make_inputs(batch: int, text: int, pixels: int, heads: int, dim: int, masked: bool,
-                device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_inputs(
+    batch: int,
+    text: int,
+    pixels: int,
+    heads: int,
+    dim: int,
+    masked: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+):
     gen = torch.Generator().manual_seed(seed)
     seq = text + pixels
-    q, k, v = (torch.randn(batch, heads, seq, dim, generator=gen).to(device, dtype)
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, seq, dim, generator=gen).to(device, dtype) for _ in range(3))
     mask = torch.ones(batch, seq, dtype=torch.bool)
     if masked:  # captions of different lengths; every other image smaller (padding pixels)
         lengths = torch.randint(text // 3, text + 1, (batch,), generator=gen)
         mask[:, :text] = torch.arange(text) < lengths[:, None]
-        mask[1::2, text + pixels * 3 // 4:] = False
+        mask[1::2, text + pixels * 3 // 4 :] = False
     return q, k, v, mask[:, None, None, :].to(device)
 
 
@@ -89,8 +101,14 @@ def bench_case(shape: str, batch: int, masked: bool, args, device, dtype) -> lis
     flops = 3 * 4 * batch * args.heads * seq * seq * args.head_dim
     rows = []
     for backend in ["eager", *BACKENDS]:
-        row = {"shape": shape, "seq": seq, "batch": batch, "mask": "padded" if masked else "none",
-               "backend": backend, "dtype": str(dtype).replace("torch.", "")}
+        row = {
+            "shape": shape,
+            "seq": seq,
+            "batch": batch,
+            "mask": "padded" if masked else "none",
+            "backend": backend,
+            "dtype": str(dtype).replace("torch.", ""),
+        }
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns before raising "no kernel"
@@ -119,8 +137,9 @@ def parse(argv):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                        help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--out", default=None, help="results folder")
@@ -132,7 +151,8 @@ def main(argv=None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if gpu else "fp32")]
+        args.dtype or ("bf16" if gpu else "fp32")
+    ]
     args.batch = args.batch or (32 if gpu else 4)
     args.iters = args.iters or (5 if args.quick else (50 if gpu else 10))
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10 if gpu else 3)

@@ -14,6 +14,7 @@ message size it logs (the input tensor: the local shard for an all-gather, the f
 buffer for an all-reduce). The byte count depends on parameter counts, dtype, stage,
 accumulation and buckets, not on the image size, so pixelbert-r50 runs at a small image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,19 @@ from bench_step import synthetic_batch, to_device  # noqa: E402
 from comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings  # noqa: E402
 from common import ROOT, results_dir, write_results  # noqa: E402
 
-COLUMNS = ["preset", "zero", "grad_accum", "world", "op", "predicted_mb", "measured_mb", "error",
-           "calls", "wire_mb_predicted", "wire_mb_measured"]
+COLUMNS = [
+    "preset",
+    "zero",
+    "grad_accum",
+    "world",
+    "op",
+    "predicted_mb",
+    "measured_mb",
+    "error",
+    "calls",
+    "wire_mb_predicted",
+    "wire_mb_measured",
+]
 
 
 def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: int, ds_extra: dict):
@@ -42,13 +54,17 @@ def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: in
 
     torch.manual_seed(0)
     model = build_model(preset)
-    ds = fill_deepspeed_config(ROOT / "deepspeed_configs" / f"zero{stage}.json", micro_batch=micro,
-                               grad_accum=grad_accum, world_size=world, grad_clip=1.0, precision="fp32")
+    ds = fill_deepspeed_config(
+        ROOT / "deepspeed_configs" / f"zero{stage}.json",
+        micro_batch=micro,
+        grad_accum=grad_accum,
+        world_size=world,
+        grad_clip=1.0,
+        precision="fp32",
+    )
     ds["zero_optimization"].update(ds_extra)
-    ds.update(steps_per_print=10**9,
-              comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False})
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()),
-                                      config=ds)
+    ds.update(steps_per_print=10**9, comms_logger={"enabled": True, "prof_all": True, "verbose": False, "debug": False})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()), config=ds)
     return engine, ds, precision_of(ds)
 
 
@@ -77,12 +93,12 @@ def measure(args, preset: str, stage: int, grad_accum: int, world: int, rank: in
 
     from pixelbert_dist.model import preset_config
 
-    engine, ds, precision = build_engine(preset, stage, grad_accum, args.micro_batch, world,
-                                         args.ds_extra)
+    engine, ds, precision = build_engine(preset, stage, grad_accum, args.micro_batch, world, args.ds_extra)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     vocab = preset_config(preset).vocab_size
-    source = itertools.cycle([synthetic_batch(args.micro_batch, tuple(args.image), args.text_len, vocab,
-                                              seed=rank * 10 + s) for s in (0, 1)])
+    source = itertools.cycle(
+        [synthetic_batch(args.micro_batch, tuple(args.image), args.text_len, vocab, seed=rank * 10 + s) for s in (0, 1)]
+    )
     optimizer_steps(engine, source, args.warmup, grad_accum, dtype)
     ds_comm.barrier()
     comms_logger.reset_data()
@@ -96,19 +112,40 @@ def measure(args, preset: str, stage: int, grad_accum: int, world: int, rank: in
     rows = []
     for op in sorted(set(measured) | set(predicted)):
         pred, meas = predicted.get(op, 0.0), measured.get(op, {}).get("bytes", 0.0)
-        rows.append({"preset": preset, "zero": stage, "grad_accum": grad_accum, "world": world, "op": op,
-                     "predicted_mb": pred / 1e6, "measured_mb": meas / 1e6,
-                     "error": (pred - meas) / meas if meas else (0.0 if not pred else None),
-                     "calls": measured.get(op, {}).get("calls", 0.0), "precision": precision})
+        rows.append(
+            {
+                "preset": preset,
+                "zero": stage,
+                "grad_accum": grad_accum,
+                "world": world,
+                "op": op,
+                "predicted_mb": pred / 1e6,
+                "measured_mb": meas / 1e6,
+                "error": (pred - meas) / meas if meas else (0.0 if not pred else None),
+                "calls": measured.get(op, {}).get("calls", 0.0),
+                "precision": precision,
+            }
+        )
     total_pred, total_meas = sum(predicted.values()), sum(v["bytes"] for v in measured.values())
-    rows.append({"preset": preset, "zero": stage, "grad_accum": grad_accum, "world": world, "op": "TOTAL",
-                 "predicted_mb": total_pred / 1e6, "measured_mb": total_meas / 1e6,
-                 "error": (total_pred - total_meas) / total_meas, "precision": precision,
-                 "calls": sum(v["calls"] for v in measured.values()),
-                 "wire_mb_predicted": wire_bytes(predicted, world) / 1e6,
-                 "wire_mb_measured": wire_bytes({k: v["bytes"] for k, v in measured.items()}, world) / 1e6,
-                 "params_trainable": counts.trainable, "params_total": counts.total,
-                 "params_persistent": counts.persistent})
+    rows.append(
+        {
+            "preset": preset,
+            "zero": stage,
+            "grad_accum": grad_accum,
+            "world": world,
+            "op": "TOTAL",
+            "predicted_mb": total_pred / 1e6,
+            "measured_mb": total_meas / 1e6,
+            "error": (total_pred - total_meas) / total_meas,
+            "precision": precision,
+            "calls": sum(v["calls"] for v in measured.values()),
+            "wire_mb_predicted": wire_bytes(predicted, world) / 1e6,
+            "wire_mb_measured": wire_bytes({k: v["bytes"] for k, v in measured.items()}, world) / 1e6,
+            "params_trainable": counts.trainable,
+            "params_total": counts.total,
+            "params_persistent": counts.persistent,
+        }
+    )
     return rows
 
 
@@ -122,8 +159,12 @@ def parse(argv):
     parser.add_argument("--text-len", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2, help="measured optimizer steps per config")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before measuring")
-    parser.add_argument("--ds-extra", type=_json, default={},
-                        help='JSON merged into zero_optimization, e.g. \'{"reduce_bucket_size": 1e6}\'')
+    parser.add_argument(
+        "--ds-extra",
+        type=_json,
+        default={},
+        help="JSON merged into zero_optimization, e.g. '{\"reduce_bucket_size\": 1e6}'",
+    )
     parser.add_argument("--out", default=None, help="results folder")
     parser.add_argument("--name", default="bench_comms", help="results file name (no .json)")
     parser.add_argument("--append", action="store_true", help="add the rows to an existing results file")

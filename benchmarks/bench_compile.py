@@ -12,6 +12,7 @@ The first compiled step (tracing + code generation) is reported apart as ``compi
 the verdict says "compile wins" only when the compiled median beats eager's by more than
 the larger of the two spreads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import IMAGE, build_engine, synthetic_batch, to_device  # noqa: E402
 from common import interleaved, spread, write_results  # noqa: E402
 
-COLUMNS = ["preset", "precision", "micro_batch", "image", "eager_ms", "eager_spread", "compiled_ms",
-           "compiled_spread", "speedup", "compile_s", "verdict"]
+COLUMNS = [
+    "preset",
+    "precision",
+    "micro_batch",
+    "image",
+    "eager_ms",
+    "eager_spread",
+    "compiled_ms",
+    "compiled_spread",
+    "speedup",
+    "compile_s",
+    "verdict",
+]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -37,6 +49,7 @@ def step_fn(engine, source, device, dtype):
         engine.backward(out["loss"])
         engine.step()
         return out["loss"].detach()
+
     return step
 
 
@@ -49,8 +62,10 @@ def compare(args, preset: str, device: torch.device) -> dict:
     eager, used = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
     compiled, _ = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
     compiled.compile()
-    fns = {"eager": step_fn(eager, source, device, _DTYPES[used]),
-           "compiled": step_fn(compiled, source, device, _DTYPES[used])}
+    fns = {
+        "eager": step_fn(eager, source, device, _DTYPES[used]),
+        "compiled": step_fn(compiled, source, device, _DTYPES[used]),
+    }
     start = time.perf_counter()
     fns["compiled"]()  # tracing and code generation happen here
     compile_s = time.perf_counter() - start
@@ -61,12 +76,22 @@ def compare(args, preset: str, device: torch.device) -> dict:
     loses = 1 - speedup > max(e["spread"], c["spread"])
     for engine in (eager, compiled):
         engine.destroy()
-    return {"preset": preset, "precision": used, "micro_batch": args.micro_batch, "image": f"{hw[0]}x{hw[1]}",
-            "eager_ms": e["median"] * 1e3, "eager_spread": e["spread"], "compiled_ms": c["median"] * 1e3,
-            "compiled_spread": c["spread"], "speedup": speedup, "compile_s": compile_s, "repeats": args.repeats,
-            "eager_all_ms": [t * 1e3 for t in times["eager"]],
-            "compiled_all_ms": [t * 1e3 for t in times["compiled"]],
-            "verdict": "compile wins" if wins else "compile loses" if loses else "no clear difference"}
+    return {
+        "preset": preset,
+        "precision": used,
+        "micro_batch": args.micro_batch,
+        "image": f"{hw[0]}x{hw[1]}",
+        "eager_ms": e["median"] * 1e3,
+        "eager_spread": e["spread"],
+        "compiled_ms": c["median"] * 1e3,
+        "compiled_spread": c["spread"],
+        "speedup": speedup,
+        "compile_s": compile_s,
+        "repeats": args.repeats,
+        "eager_all_ms": [t * 1e3 for t in times["eager"]],
+        "compiled_all_ms": [t * 1e3 for t in times["compiled"]],
+        "verdict": "compile wins" if wins else "compile loses" if loses else "no clear difference",
+    }
 
 
 def parse(argv):
@@ -91,8 +116,10 @@ def main(argv=None) -> list[dict]:
     device = device_for(init_distributed())
     rows = [compare(args, preset, device) for preset in args.presets]
     config = {k: v for k, v in vars(args).items() if k != "out"}
-    config.update(baseline="eager step of the same model and batches, interleaved in one process",
-                  target="compiled median faster than eager by more than the spread (else keep train.compile off)")
+    config.update(
+        baseline="eager step of the same model and batches, interleaved in one process",
+        target="compiled median faster than eager by more than the spread (else keep train.compile off)",
+    )
     write_results("bench_compile", rows, config, args.out, COLUMNS)
     return rows
 

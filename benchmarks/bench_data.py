@@ -9,6 +9,7 @@ decode about as slowly as photos, unlike flat synthetic shapes) at COCO-like siz
 640x480, 480x640 and some 2:1 panoramas. Prints a markdown table and writes JSON with
 the machine, versions and commit to ``benchmarks/results/``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,18 @@ def make_shards(directory: Path, num: int, seed: int = 0) -> Path:
     with ShardWriter(directory, "bench", samples_per_shard=256, source="bench") as writer:
         for i in range(num):
             height, width = SHAPES[int(rng.integers(len(SHAPES)))]
-            writer.write(f"bench{i:06d}", photo_like_jpeg(height, width, rng), {
-                "key": f"bench{i:06d}", "captions": [f"a gradient picture number {i}"],
-                "image_id": str(i), "width": width, "height": height, "source": "bench"})
+            writer.write(
+                f"bench{i:06d}",
+                photo_like_jpeg(height, width, rng),
+                {
+                    "key": f"bench{i:06d}",
+                    "captions": [f"a gradient picture number {i}"],
+                    "image_id": str(i),
+                    "width": width,
+                    "height": height,
+                    "source": "bench",
+                },
+            )
     return directory
 
 
@@ -69,14 +79,16 @@ def backends() -> list[tuple[str, str, str]]:
     return out
 
 
-def measure(shards: Path, backend: str, device: str, size: str, bucketing: bool,
-            batches: int, batch_size: int, workers: int) -> dict:
+def measure(
+    shards: Path, backend: str, device: str, size: str, bucketing: bool, batches: int, batch_size: int, workers: int
+) -> dict:
     shorter, longest = SIZES[size]
-    cfg = DataConfig(backend=backend, image_shorter=shorter, image_max=longest,
-                     bucketing=bucketing, num_workers=workers, hflip=True)
+    cfg = DataConfig(
+        backend=backend, image_shorter=shorter, image_max=longest, bucketing=bucketing, num_workers=workers, hflip=True
+    )
     loader = build_loader(cfg, shards, batch_size, device=device)
     it = iter(loader)
-    next(it)                                  # start-up: pipeline build, worker fork
+    next(it)  # start-up: pipeline build, worker fork
     loader.valid_pixels = loader.total_pixels = 0
     images, start = 0, time.perf_counter()
     for _ in range(min(batches, len(loader) - 1)):
@@ -86,23 +98,42 @@ def measure(shards: Path, backend: str, device: str, size: str, bucketing: bool,
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     del it
-    return {"backend": backend, "label": None, "device": device, "size": size,
-            "shorter": shorter, "max": longest, "bucketing": bucketing, "images": images,
-            "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
-            "padding_fraction": round(loader.padding_fraction, 4)}
+    return {
+        "backend": backend,
+        "label": None,
+        "device": device,
+        "size": size,
+        "shorter": shorter,
+        "max": longest,
+        "bucketing": bucketing,
+        "images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(images / seconds, 1),
+        "padding_fraction": round(loader.padding_fraction, 4),
+    }
 
 
 def machine() -> dict:
     import nvidia.dali
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "dali": nvidia.dali.__version__, "commit": commit}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "dali": nvidia.dali.__version__,
+        "commit": commit,
+    }
 
 
 def main(argv=None) -> None:
@@ -117,23 +148,32 @@ def main(argv=None) -> None:
     if args.quick:
         args.batches, args.batch_size = 4, 4
     with tempfile.TemporaryDirectory() as tmp:
-        shards = Path(args.shards) if args.shards else make_shards(
-            Path(tmp) / "bench", (args.batches + 1) * args.batch_size * 2)
+        shards = (
+            Path(args.shards)
+            if args.shards
+            else make_shards(Path(tmp) / "bench", (args.batches + 1) * args.batch_size * 2)
+        )
         rows = []
         for label, backend, device in backends():
             for size in SIZES:
                 for bucketing in (False, True):
-                    row = measure(shards, backend, device, size, bucketing, args.batches,
-                                  args.batch_size, args.workers)
+                    row = measure(shards, backend, device, size, bucketing, args.batches, args.batch_size, args.workers)
                     row["label"] = label
                     rows.append(row)
-                    print(f"| {label:9s} | {size:5s} {row['shorter']}/{row['max']} | "
-                          f"bucketing {'on ' if bucketing else 'off'} | "
-                          f"{row['images_per_s']:7.1f} img/s | padding {row['padding_fraction']:.3f} |",
-                          flush=True)
-    result = {"machine": machine(), "batch_size": args.batch_size, "batches": args.batches,
-              "workers": args.workers, "shards": args.shards or "photo-like synthetic",
-              "rows": rows}
+                    print(
+                        f"| {label:9s} | {size:5s} {row['shorter']}/{row['max']} | "
+                        f"bucketing {'on ' if bucketing else 'off'} | "
+                        f"{row['images_per_s']:7.1f} img/s | padding {row['padding_fraction']:.3f} |",
+                        flush=True,
+                    )
+    result = {
+        "machine": machine(),
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "workers": args.workers,
+        "shards": args.shards or "photo-like synthetic",
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -14,6 +14,7 @@ the RSS the loader added (psutil RSS after the first batch minus before build_lo
 tokenizer loaded before, so it is not counted). ``--baseline DIR`` times another tree
 (e.g. ``git archive`` of the commit before the index) on the same splits, side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,11 +75,9 @@ def write_tiny_shard(path: Path, first: int, count: int, jpegs):
     for i in range(first, first + count):
         jpeg, width, height = jpegs[i % len(jpegs)]
         key = f"s{i:09d}"
-        meta = {"key": key, "captions": [f"tiny image {i}"], "image_id": str(i),
-                "width": width, "height": height}
+        meta = {"key": key, "captions": [f"tiny image {i}"], "image_id": str(i), "width": width, "height": height}
         raw = encode_meta(meta)
-        parts += [ustar_header(f"{key}.jpg", len(jpeg)), _pad(jpeg),
-                  ustar_header(f"{key}.json", len(raw)), _pad(raw)]
+        parts += [ustar_header(f"{key}.jpg", len(jpeg)), _pad(jpeg), ustar_header(f"{key}.json", len(raw)), _pad(raw)]
         jpg_at = offset + tarfile.BLOCKSIZE
         offset = jpg_at + len(parts[-3]) + tarfile.BLOCKSIZE
         index.add(jpg_at, jpeg, offset, len(raw), meta)
@@ -101,8 +100,7 @@ def build_largest(num: int) -> Path:
     jpegs, shards, start = tiny_jpegs(), [], time.perf_counter()
     for s in range(-(-num // PER_SHARD)):
         first = s * PER_SHARD
-        shards.append(write_tiny_shard(directory / shard_name("tiny", s), first,
-                                       min(PER_SHARD, num - first), jpegs))
+        shards.append(write_tiny_shard(directory / shard_name("tiny", s), first, min(PER_SHARD, num - first), jpegs))
     write_manifest(directory, Manifest("tiny", num, shards, source="bench_index"))
     print(f"built {num} samples in {time.perf_counter() - start:.1f} s -> {directory}", flush=True)
     return directory
@@ -115,15 +113,14 @@ def subset(largest: Path, num: int) -> Path:
     if (directory / "manifest.json").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    shards = manifest["shards"][:-(-num // PER_SHARD)]
+    shards = manifest["shards"][: -(-num // PER_SHARD)]
     for shard in shards:
         for name in (shard["file"], shard["index"]):
             link = directory / name
             if not link.exists():
                 link.symlink_to(largest / name)
     total = sum(s["num_samples"] for s in shards)
-    (directory / "manifest.json").write_text(json.dumps({**manifest, "num_samples": total,
-                                                         "shards": shards}))
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "num_samples": total, "shards": shards}))
     return directory
 
 
@@ -146,9 +143,13 @@ def measure(directory: str, batch_size: int) -> dict:
     startup = time.perf_counter() - start
     next(iter(loader))
     first = time.perf_counter() - start - startup
-    return {"startup_s": round(startup, 3), "first_batch_s": round(first, 3),
-            "rss_added_mb": round((process.memory_info().rss - rss0) / 2**20, 1),
-            "batches": batches, "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
+    return {
+        "startup_s": round(startup, 3),
+        "first_batch_s": round(first, 3),
+        "rss_added_mb": round((process.memory_info().rss - rss0) / 2**20, 1),
+        "batches": batches,
+        "code_dir": str(Path(pixelbert_dist.__file__).parents[1]),
+    }
 
 
 def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
@@ -166,8 +167,14 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     process = psutil.Process()
     rss0 = process.memory_info().rss
     start = time.perf_counter()
-    cfg = DataConfig(backend="pil", num_workers=2, image_shorter=32, image_max=64,
-                     epoch_samples=8 * batch_size * (batches + 1), resampled=True)
+    cfg = DataConfig(
+        backend="pil",
+        num_workers=2,
+        image_shorter=32,
+        image_max=64,
+        epoch_samples=8 * batch_size * (batches + 1),
+        resampled=True,
+    )
     loader = build_loader(cfg, spec, batch_size, rank=0, world_size=8, tokenizer=tokenizer)
     startup = time.perf_counter() - start
     it = iter(loader)
@@ -178,18 +185,30 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     for _ in range(batches):
         next(it)
     rate = batches * batch_size / (time.perf_counter() - timed)
-    return {"startup_s": round(startup, 3), "first_batch_s": round(first, 3),
-            "rss_added_mb": round(rss, 1), "images_per_s": round(rate, 1), "batches": batches,
-            "code_dir": str(Path(pixelbert_dist.__file__).parents[1])}
+    return {
+        "startup_s": round(startup, 3),
+        "first_batch_s": round(first, 3),
+        "rss_added_mb": round(rss, 1),
+        "images_per_s": round(rate, 1),
+        "batches": batches,
+        "code_dir": str(Path(pixelbert_dist.__file__).parents[1]),
+    }
 
 
-def run_measure(directory: Path | str, code: Path, batch_size: int,
-                stream_batches: int = 0) -> dict:
+def run_measure(directory: Path | str, code: Path, batch_size: int, stream_batches: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
-    mode = ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)] \
-        if stream_batches else ["--measure", str(directory)]
-    proc = subprocess.run([sys.executable, __file__, *mode, "--batch-size", str(batch_size)],
-                          env=env, capture_output=True, text=True, timeout=1800)
+    mode = (
+        ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)]
+        if stream_batches
+        else ["--measure", str(directory)]
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, *mode, "--batch-size", str(batch_size)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"measure {directory} with {code} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -204,12 +223,16 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="10^4 and 10^5 samples only")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--baseline", type=Path, help="another source tree to time alike")
-    parser.add_argument("--baseline-max", type=int, default=100_000,
-                        help="largest size to time the baseline at (it may take minutes)")
+    parser.add_argument(
+        "--baseline-max", type=int, default=100_000, help="largest size to time the baseline at (it may take minutes)"
+    )
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
-    parser.add_argument("--stream", action="store_true",
-                        help="streaming mode instead: the splits as local brace patterns and "
-                        "from a local http.server (127.0.0.1), start-up and img/s")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="streaming mode instead: the splits as local brace patterns and "
+        "from a local http.server (127.0.0.1), start-up and img/s",
+    )
     parser.add_argument("--stream-batches", type=int, default=100)
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
@@ -218,8 +241,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.measure, args.batch_size)))
         return
     if args.measure_stream:
-        print(json.dumps(measure_stream(args.measure_stream, args.batch_size,
-                                        args.stream_batches)))
+        print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches)))
         return
     from common import write_results
 
@@ -235,45 +257,78 @@ def main(argv=None) -> None:
         for label, code in codes:
             if label == "baseline" and num > args.baseline_max:
                 continue
-            row = {"code": label, "samples": num, "shards": -(-num // PER_SHARD),
-                   **run_measure(directory, code, args.batch_size)}
+            row = {
+                "code": label,
+                "samples": num,
+                "shards": -(-num // PER_SHARD),
+                **run_measure(directory, code, args.batch_size),
+            }
             print(json.dumps(row), flush=True)
             rows.append(row)
-    write_results("bench_index", rows, {"world_size": 8, "rank": 0, "bucketing": True,
-                                        "backend": "pil", "num_workers": 0,
-                                        "batch_size": args.batch_size,
-                                        "samples_per_shard": PER_SHARD,
-                                        "baseline": str(args.baseline or "")},
-                  args.out, COLUMNS)
+    write_results(
+        "bench_index",
+        rows,
+        {
+            "world_size": 8,
+            "rank": 0,
+            "bucketing": True,
+            "backend": "pil",
+            "num_workers": 0,
+            "batch_size": args.batch_size,
+            "samples_per_shard": PER_SHARD,
+            "baseline": str(args.baseline or ""),
+        },
+        args.out,
+        COLUMNS,
+    )
 
 
 def stream_main(args, write_results) -> None:
     """The same splits streamed: from local paths and over HTTP from 127.0.0.1."""
     largest = build_largest(max(args.sizes))
-    server = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
-                               "--directory", str(CACHE)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(CACHE)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         port = int(server.stdout.readline().split("port ")[1].split()[0])
         rows = []
         for num in sorted(args.sizes):
             directory = subset(largest, num) if num < max(args.sizes) else largest
             pattern = f"tiny-{{000000..{-(-num // PER_SHARD) - 1:06d}}}.tar"
-            for label, spec in [("stream-disk", f"{directory}/{pattern}"),
-                                ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}")]:
-                row = {"code": label, "samples": num, "shards": -(-num // PER_SHARD),
-                       **run_measure(spec, ROOT, args.batch_size, args.stream_batches)}
+            for label, spec in [
+                ("stream-disk", f"{directory}/{pattern}"),
+                ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}"),
+            ]:
+                row = {
+                    "code": label,
+                    "samples": num,
+                    "shards": -(-num // PER_SHARD),
+                    **run_measure(spec, ROOT, args.batch_size, args.stream_batches),
+                }
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     finally:
         server.terminate()
         server.wait(timeout=10)
-    write_results("bench_stream", rows, {"world_size": 8, "rank": 0, "backend": "pil",
-                                         "num_workers": 2, "shuffle_buffer": 1000,
-                                         "resampled": True,
-                                         "batch_size": args.batch_size,
-                                         "timed_batches": args.stream_batches},
-                  args.out, COLUMNS + ["images_per_s"])
+    write_results(
+        "bench_stream",
+        rows,
+        {
+            "world_size": 8,
+            "rank": 0,
+            "backend": "pil",
+            "num_workers": 2,
+            "shuffle_buffer": 1000,
+            "resampled": True,
+            "batch_size": args.batch_size,
+            "timed_batches": args.stream_batches,
+        },
+        args.out,
+        COLUMNS + ["images_per_s"],
+    )
 
 
 if __name__ == "__main__":

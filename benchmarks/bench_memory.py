@@ -16,6 +16,7 @@ Modes: ``PixelBertConfig.activation_checkpointing``: ``none``, ``transformer`` (
 layers) or ``all`` (also the CNN stem and its four stages), through torch.utils.checkpoint.
 An export whose config still holds the old bool maps it to ``none`` / ``transformer``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, spread, verdict, write_results  # noqa: E402
 
-COLUMNS = ["preset", "mode", "image", "micro_batch", "peak_rss_gib", "step_gib", "step_s", "step_s_spread",
-           "saving_vs_none", "verdict"]
+COLUMNS = [
+    "preset",
+    "mode",
+    "image",
+    "micro_batch",
+    "peak_rss_gib",
+    "step_gib",
+    "step_s",
+    "step_s_spread",
+    "saving_vs_none",
+    "verdict",
+]
 TARGET_SAVING = 0.40
 
 
@@ -45,8 +56,10 @@ def model_override(mode: str) -> dict:
     field = next(f for f in dataclasses.fields(PixelBertConfig) if f.name == "activation_checkpointing")
     if isinstance(field.default, bool):
         if mode == "all":
-            raise SystemExit("activation_checkpointing 'all' is not in this tree's model "
-                             "(PixelBertConfig.activation_checkpointing is a bool: transformer only)")
+            raise SystemExit(
+                "activation_checkpointing 'all' is not in this tree's model "
+                "(PixelBertConfig.activation_checkpointing is a bool: transformer only)"
+            )
         return {"activation_checkpointing": mode == "transformer"}
     return {"activation_checkpointing": mode}
 
@@ -68,8 +81,12 @@ def child(args) -> dict:
     torch.manual_seed(0)
     model = build_model(args.preset, **model_override(args.mode)).to(device).train()
     optimizer = build_optimizer(model, OptimConfig())
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in
-             synthetic_batch(args.micro_batch, tuple(args.image), 40, preset_config(args.preset).vocab_size, 0).items()}
+    batch = {
+        k: v.to(device) if torch.is_tensor(v) else v
+        for k, v in synthetic_batch(
+            args.micro_batch, tuple(args.image), 40, preset_config(args.preset).vocab_size, 0
+        ).items()
+    }
     before = rss_gib() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**30
     times = []
     for step in range(args.warmup + args.steps):
@@ -86,14 +103,33 @@ def child(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     else:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
-    return {"peak_rss_gib": peak, "before_step_gib": before, "step_gib": peak - before,
-            "times": times, "loss": float(loss.detach())}
+    return {
+        "peak_rss_gib": peak,
+        "before_step_gib": before,
+        "step_gib": peak - before,
+        "times": times,
+        "loss": float(loss.detach()),
+    }
 
 
 def run_child(args, mode: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--mode", mode, "--preset", args.preset,
-           "--micro-batch", str(args.micro_batch), "--image", *map(str, args.image),
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--mode",
+        mode,
+        "--preset",
+        args.preset,
+        "--micro-batch",
+        str(args.micro_batch),
+        "--image",
+        *map(str, args.image),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -105,10 +141,19 @@ def rows_from(args, results: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for mode, runs in results.items():
         step = spread([t for r in runs for t in r["times"]])
-        rows.append({"preset": args.preset, "mode": mode, "image": f"{args.image[0]}x{args.image[1]}",
-                     "micro_batch": args.micro_batch, "peak_rss_gib": min(r["peak_rss_gib"] for r in runs),
-                     "step_gib": min(r["step_gib"] for r in runs), "step_s": step["median"],
-                     "step_s_spread": step["spread"], "runs": runs})
+        rows.append(
+            {
+                "preset": args.preset,
+                "mode": mode,
+                "image": f"{args.image[0]}x{args.image[1]}",
+                "micro_batch": args.micro_batch,
+                "peak_rss_gib": min(r["peak_rss_gib"] for r in runs),
+                "step_gib": min(r["step_gib"] for r in runs),
+                "step_s": step["median"],
+                "step_s_spread": step["spread"],
+                "runs": runs,
+            }
+        )
     base = next((r for r in rows if r["mode"] == "none"), None)
     for row in rows:
         if base and row is not base:
@@ -122,8 +167,7 @@ def rows_from(args, results: dict[str, list[dict]]) -> list[dict]:
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="pixelbert-r50")
-    parser.add_argument("--modes", nargs="+", default=["none", "transformer"],
-                        choices=["none", "transformer", "all"])
+    parser.add_argument("--modes", nargs="+", default=["none", "transformer"], choices=["none", "transformer", "all"])
     parser.add_argument("--mode", default="none", help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--image", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--micro-batch", type=int, default=2)
@@ -148,10 +192,12 @@ def main(argv=None) -> list[dict] | None:
             results[mode].append(run_child(args, mode))
     rows = rows_from(args, results)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "child", "mode")}
-    config.update(baseline="mode none (no activation checkpointing), same preset, image and batch",
-                  target=f">= {TARGET_SAVING:.0%} lower peak memory with 'all'",
-                  memory="CPU: ru_maxrss of a fresh child per run (min over repeats); "
-                         "step_gib: above the resident size before the first step")
+    config.update(
+        baseline="mode none (no activation checkpointing), same preset, image and batch",
+        target=f">= {TARGET_SAVING:.0%} lower peak memory with 'all'",
+        memory="CPU: ru_maxrss of a fresh child per run (min over repeats); "
+        "step_gib: above the resident size before the first step",
+    )
     write_results("bench_memory", rows, config, args.out, COLUMNS)
     return rows
 

@@ -15,6 +15,7 @@ wait is the host-to-device copy only) unless ``--shards DIR`` reads real shards 
 the project's loader. FLOPs per sample come from ``training_flops_per_sample`` (counted on
 the meta device at the padded image size); MFU divides by the GPU's dense peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,14 +25,30 @@ import math
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_tflops, spread, sync, write_results  # noqa: E402
 
-COLUMNS = ["preset", "zero", "precision", "micro_batch", "sampling", "image", "step_ms", "step_spread",
-           "samples_per_s", "tflops_per_gpu", "mfu", "peak_mem_gib", "data_wait", "loss", "status"]
+COLUMNS = [
+    "preset",
+    "zero",
+    "precision",
+    "micro_batch",
+    "sampling",
+    "image",
+    "step_ms",
+    "step_spread",
+    "samples_per_s",
+    "tflops_per_gpu",
+    "mfu",
+    "peak_mem_gib",
+    "data_wait",
+    "loss",
+    "status",
+]
 IMAGE = {"tiny": (192, 256), "pixelbert-r50": (800, 1333), "pixelbert-x152": (600, 1000)}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -50,11 +67,16 @@ def synthetic_batch(batch: int, hw: tuple[int, int], text_len: int, vocab: int, 
     itm = torch.arange(batch) % 2
     chosen = (torch.rand(batch, text_len, generator=gen) < 0.15) & attention.bool() & (itm[:, None] == 1)
     height, width = padded(hw)
-    return {"images": torch.randn(batch, 3, height, width, generator=gen),
-            "image_sizes": torch.tensor([list(hw)] * batch), "input_ids": ids * attention,
-            "attention_mask": attention, "token_type_ids": torch.zeros_like(ids),
-            "mlm_labels": torch.where(chosen, ids, -100), "itm_labels": itm,
-            "keys": [f"synthetic{seed}_{i}" for i in range(batch)]}
+    return {
+        "images": torch.randn(batch, 3, height, width, generator=gen),
+        "image_sizes": torch.tensor([list(hw)] * batch),
+        "input_ids": ids * attention,
+        "attention_mask": attention,
+        "token_type_ids": torch.zeros_like(ids),
+        "mlm_labels": torch.where(chosen, ids, -100),
+        "itm_labels": itm,
+        "keys": [f"synthetic{seed}_{i}" for i in range(batch)],
+    }
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -74,14 +96,21 @@ def batches(args, micro: int, hw, vocab: int, rank: int, world: int, device):
     from pixelbert_dist.data.config import DataConfig
     from pixelbert_dist.data.loader import build_loader
 
-    cfg = DataConfig(train_shards=args.shards, backend=args.backend, image_shorter=hw[0],
-                     image_max=hw[1], max_text_len=args.text_len, num_workers=args.workers)
+    cfg = DataConfig(
+        train_shards=args.shards,
+        backend=args.backend,
+        image_shorter=hw[0],
+        image_max=hw[1],
+        max_text_len=args.text_len,
+        num_workers=args.workers,
+    )
     loader = build_loader(cfg, args.shards, micro, rank, world, device)
 
     def forever():
         for epoch in itertools.count():
             loader.set_epoch(epoch)
             yield from loader
+
     return forever()
 
 
@@ -97,11 +126,16 @@ def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: 
         overrides["pixel_sample_size"] = 100 if sampling else 0
     torch.manual_seed(0)
     model = build_model(preset, **overrides)
-    ds = fill_deepspeed_config(ROOT / "deepspeed_configs" / f"zero{stage}.json", micro_batch=micro,
-                               grad_accum=1, world_size=world, grad_clip=1.0, precision=precision)
+    ds = fill_deepspeed_config(
+        ROOT / "deepspeed_configs" / f"zero{stage}.json",
+        micro_batch=micro,
+        grad_accum=1,
+        world_size=world,
+        grad_clip=1.0,
+        precision=precision,
+    )
     ds["steps_per_print"] = 10**9
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()),
-                                      config=ds)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, OptimConfig()), config=ds)
     return engine, precision_of(ds)
 
 
@@ -112,11 +146,17 @@ class Run:
         from pixelbert_dist.model import preset_config, training_flops_per_sample
 
         hw = tuple(args.image) if args.image else IMAGE[preset]
-        self.row = {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
-                    "sampling": "on" if sampling else "off", "image": f"{hw[0]}x{hw[1]}", "world": world}
+        self.row = {
+            "preset": preset,
+            "zero": stage,
+            "precision": precision,
+            "micro_batch": micro,
+            "sampling": "on" if sampling else "off",
+            "image": f"{hw[0]}x{hw[1]}",
+            "world": world,
+        }
         cfg = preset_config(preset)
-        self.flops = training_flops_per_sample(cfg, padded(hw), args.text_len,
-                                               cfg.pixel_sample_size if sampling else 0)
+        self.flops = training_flops_per_sample(cfg, padded(hw), args.text_len, cfg.pixel_sample_size if sampling else 0)
         self.device, self.step_times, self.data_times, self.loss = device, [], [], float("nan")
         self.engine, used = build_engine(preset, stage, precision, micro, sampling, world)
         self.row["precision"], self.dtype = used, _DTYPES[used]  # a CPU without bf16/fp16 falls back
@@ -152,13 +192,22 @@ class Run:
         step_s = stats["median"]
         tflops = self.flops * micro / step_s / 1e12
         peak = peak_tflops(row["precision"], self.device)
-        row.update(step_ms=step_s * 1e3, step_ms_min=stats["min"] * 1e3, step_ms_max=stats["max"] * 1e3,
-                   step_spread=stats["spread"], steps_timed=stats["n"],
-                   samples_per_s=micro * row["world"] / step_s, tflops_per_gpu=tflops,
-                   mfu=tflops / peak if peak else None, peak_mem_gib=peak_gib,
-                   data_wait=sum(self.data_times) / sum(self.step_times), loss=self.loss,
-                   flops_per_sample=self.flops, params=sum(p.numel() for p in build_params(row["preset"])),
-                   status="ok" if math.isfinite(self.loss) else "non-finite loss")
+        row.update(
+            step_ms=step_s * 1e3,
+            step_ms_min=stats["min"] * 1e3,
+            step_ms_max=stats["max"] * 1e3,
+            step_spread=stats["spread"],
+            steps_timed=stats["n"],
+            samples_per_s=micro * row["world"] / step_s,
+            tflops_per_gpu=tflops,
+            mfu=tflops / peak if peak else None,
+            peak_mem_gib=peak_gib,
+            data_wait=sum(self.data_times) / sum(self.step_times),
+            loss=self.loss,
+            flops_per_sample=self.flops,
+            params=sum(p.numel() for p in build_params(row["preset"])),
+            status="ok" if math.isfinite(self.loss) else "non-finite loss",
+        )
         return row
 
 
@@ -197,8 +246,14 @@ def run_one(args, config: tuple, world: int, rank: int, device) -> dict:
         run.steps(args.steps, timed=True)
     except torch.cuda.OutOfMemoryError:
         preset, stage, precision, micro, sampling = config
-        return {"preset": preset, "zero": stage, "precision": precision, "micro_batch": micro,
-                "sampling": "on" if sampling else "off", "status": "oom"}
+        return {
+            "preset": preset,
+            "zero": stage,
+            "precision": precision,
+            "micro_batch": micro,
+            "sampling": "on" if sampling else "off",
+            "status": "oom",
+        }
     finally:
         if run is not None:
             run.close()
@@ -213,8 +268,19 @@ def build_params(preset: str):
 
 # -- --overhead: the Trainer's step against a bare DeepSpeed loop ------------------------
 OVERHEAD_IMAGE = {"tiny": (64, 128), "pixelbert-r50": (128, 192)}  # small: CPU-sized steps
-OVERHEAD_COLUMNS = ["preset", "image", "micro_batch", "steps", "repeats", "bare_ms", "trainer_ms", "overhead",
-                    "overhead_min", "overhead_max", "target_met"]
+OVERHEAD_COLUMNS = [
+    "preset",
+    "image",
+    "micro_batch",
+    "steps",
+    "repeats",
+    "bare_ms",
+    "trainer_ms",
+    "overhead",
+    "overhead_min",
+    "overhead_max",
+    "target_met",
+]
 
 
 def overhead(args) -> list[dict]:
@@ -236,27 +302,43 @@ def overhead(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         enough = int(args.steps * max(args.micro_batch) / 0.8) + 20  # 80% train: a batch per step
-        shards = build_synthetic(tmp, enough, seed=0, val_fraction=0.2, min_size=64, max_size=128,
-                                 samples_per_shard=16, progress=False)["train"].directory
+        shards = build_synthetic(
+            tmp, enough, seed=0, val_fraction=0.2, min_size=64, max_size=128, samples_per_shard=16, progress=False
+        )["train"].directory
         for i, preset in enumerate(args.presets):  # --micro-batch: one per preset, or one for all
             hw, micro = OVERHEAD_IMAGE.get(preset, (128, 192)), args.micro_batch[min(i, len(args.micro_batch) - 1)]
-            cfg = load_config(RunConfig, None, [
-                f"run_dir={tmp}/run_{preset}", f"data.train_shards={shards}", "data.val_shards=null",
-                "data.backend=pil", "data.num_workers=0", f"data.image_shorter={hw[0]}", f"data.image_max={hw[1]}",
-                f"model.preset={preset}", f"train.micro_batch={micro}", f"train.precision={args.precision[0]}",
-                "train.max_steps=1000000", "train.save_every=0", "train.export=false", "train.resume=none"])
+            cfg = load_config(
+                RunConfig,
+                None,
+                [
+                    f"run_dir={tmp}/run_{preset}",
+                    f"data.train_shards={shards}",
+                    "data.val_shards=null",
+                    "data.backend=pil",
+                    "data.num_workers=0",
+                    f"data.image_shorter={hw[0]}",
+                    f"data.image_max={hw[1]}",
+                    f"model.preset={preset}",
+                    f"train.micro_batch={micro}",
+                    f"train.precision={args.precision[0]}",
+                    "train.max_steps=1000000",
+                    "train.save_every=0",
+                    "train.export=false",
+                    "train.resume=none",
+                ],
+            )
             trainer = Trainer(cfg, ROOT / "deepspeed_configs" / f"zero{args.zero[0]}.json")
             loader = iter(trainer.train_loader)
             batches = [next(loader) for _ in range(args.steps)]
             dtype, device, engine = trainer.dtype, trainer.device, trainer.engine
             bar = Progress(preset, 10**6, 0, enabled=False)
 
-            def trainer_loop():
+            def trainer_loop(batches=batches, trainer=trainer, bar=bar):  # this config's, bound now
                 for batch in batches:
                     if trainer.train_micro_batch(batch):
                         trainer.finish_step(bar)
 
-            def bare_loop():
+            def bare_loop(batches=batches, engine=engine, device=device, dtype=dtype):
                 for batch in batches:
                     out = engine(to_device(batch, device, dtype))
                     engine.backward(out["loss"])
@@ -265,7 +347,7 @@ def overhead(args) -> list[dict]:
             loops = {"trainer": trainer_loop, "bare": bare_loop}
             times = {name: [] for name in loops}
             for repeat in range(1 + args.repeats):  # the first pass of each: warm-up (FLOPs count, allocator)
-                for name in (("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer")):
+                for name in ("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer"):
                     sync(device)
                     start = time.perf_counter()
                     loops[name]()
@@ -273,21 +355,40 @@ def overhead(args) -> list[dict]:
                     if repeat >= 1:
                         times[name].append((time.perf_counter() - start) / len(batches))
             ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"])]
-            rows.append({"preset": preset, "image": f"{hw[0]}x{hw[1]}", "micro_batch": micro, "steps": len(batches),
-                         "repeats": args.repeats, "bare_ms": median(times["bare"]) * 1e3,
-                         "trainer_ms": median(times["trainer"]) * 1e3, "overhead": median(ratios),
-                         "overhead_min": min(ratios), "overhead_max": max(ratios),
-                         "target_met": "yes" if median(ratios) <= 0.03 else "no",
-                         "bare_ms_all": [t * 1e3 for t in times["bare"]],
-                         "trainer_ms_all": [t * 1e3 for t in times["trainer"]]})
-            print(f"{preset}: bare {rows[-1]['bare_ms']:.1f} ms/step, trainer {rows[-1]['trainer_ms']:.1f} ms/step, "
-                  f"overhead {median(ratios):+.2%} (paired, {min(ratios):+.2%} .. {max(ratios):+.2%})", flush=True)
+            rows.append(
+                {
+                    "preset": preset,
+                    "image": f"{hw[0]}x{hw[1]}",
+                    "micro_batch": micro,
+                    "steps": len(batches),
+                    "repeats": args.repeats,
+                    "bare_ms": median(times["bare"]) * 1e3,
+                    "trainer_ms": median(times["trainer"]) * 1e3,
+                    "overhead": median(ratios),
+                    "overhead_min": min(ratios),
+                    "overhead_max": max(ratios),
+                    "target_met": "yes" if median(ratios) <= 0.03 else "no",
+                    "bare_ms_all": [t * 1e3 for t in times["bare"]],
+                    "trainer_ms_all": [t * 1e3 for t in times["trainer"]],
+                }
+            )
+            print(
+                f"{preset}: bare {rows[-1]['bare_ms']:.1f} ms/step, trainer {rows[-1]['trainer_ms']:.1f} ms/step, "
+                f"overhead {median(ratios):+.2%} (paired, {min(ratios):+.2%} .. {max(ratios):+.2%})",
+                flush=True,
+            )
             trainer.logger.close()
             if hasattr(engine, "destroy"):
                 engine.destroy()
-    config = {"mode": "overhead", "zero": args.zero[0], "precision": args.precision[0], "target": "overhead <= 3%",
-              "log_every": cfg.train.log_every, "compared": "Trainer.train_micro_batch + finish_step vs bare "
-              "engine(batch); engine.backward(loss); engine.step(), same engine and batches, interleaved repeats"}
+    config = {
+        "mode": "overhead",
+        "zero": args.zero[0],
+        "precision": args.precision[0],
+        "target": "overhead <= 3%",
+        "log_every": cfg.train.log_every,
+        "compared": "Trainer.train_micro_batch + finish_step vs bare "
+        "engine(batch); engine.backward(loss); engine.step(), same engine and batches, interleaved repeats",
+    }
     write_results("bench_step_overhead_" + "_".join(args.presets), rows, config, args.out, OVERHEAD_COLUMNS)
     return rows
 
@@ -298,23 +399,35 @@ def parse(argv):
     parser.add_argument("--quick", action="store_true", help="a handful of steps per config")
     parser.add_argument("--presets", nargs="+", default=["pixelbert-r50" if gpu else "tiny"])
     parser.add_argument("--zero", nargs="+", type=int, default=None, choices=[0, 1, 2, 3])
-    parser.add_argument("--precision", nargs="+", default=["bf16" if gpu else "fp32"],
-                        choices=list(_DTYPES))
+    parser.add_argument("--precision", nargs="+", default=["bf16" if gpu else "fp32"], choices=list(_DTYPES))
     parser.add_argument("--micro-batch", nargs="+", type=int, default=None)
     parser.add_argument("--sampling", nargs="+", default=["on", "off"], choices=["on", "off"])
-    parser.add_argument("--image", nargs=2, type=int, default=None, metavar=("SHORTER", "LONGER"),
-                        help="image size before padding (default: the preset's paper size)")
+    parser.add_argument(
+        "--image",
+        nargs=2,
+        type=int,
+        default=None,
+        metavar=("SHORTER", "LONGER"),
+        help="image size before padding (default: the preset's paper size)",
+    )
     parser.add_argument("--text-len", type=int, default=40)
     parser.add_argument("--steps", type=int, default=None, help="timed steps per config")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="interleave the configs over this many rounds (default: 1; --quick: the step count)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleave the configs over this many rounds (default: 1; --quick: the step count)",
+    )
     parser.add_argument("--shards", default=None, help="read real shards instead of synthetic batches")
     parser.add_argument("--backend", default="dali" if not gpu else "nvjpeg")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder")
-    parser.add_argument("--overhead", action="store_true",
-                        help="the Trainer's step against a bare engine loop (same engine, batches; interleaved)")
+    parser.add_argument(
+        "--overhead",
+        action="store_true",
+        help="the Trainer's step against a bare engine loop (same engine, batches; interleaved)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="--overhead: timed repeats of each loop")
     args = parser.parse_args(argv)
     args.zero = args.zero or [1, 2, 3]
@@ -336,15 +449,22 @@ def main(argv=None) -> list[dict]:
     env = init_distributed()
     device, world, rank = device_for(env), dist.get_world_size(), dist.get_rank()
     rows = []
-    configs = [(preset, stage, precision, micro, sampling == "on") for preset, stage, precision, micro, sampling
-               in itertools.product(args.presets, args.zero, args.precision, args.micro_batch, args.sampling)]
+    configs = [
+        (preset, stage, precision, micro, sampling == "on")
+        for preset, stage, precision, micro, sampling in itertools.product(
+            args.presets, args.zero, args.precision, args.micro_batch, args.sampling
+        )
+    ]
     rows += run_configs(args, configs, world, rank, device)
     if rank == 0:
         config = {k: v for k, v in vars(args).items() if k != "out"}
-        config.update(device=str(device), world_size=world, baseline="the GPU's dense peak (MFU); "
-                      "the configs against each other (interleaved when rounds > 1)",
-                      target="pixelbert-r50 bf16 >= 40% MFU on an H100/H200",
-                      peak_tflops=peak_tflops(args.precision[0], device))
+        config.update(
+            device=str(device),
+            world_size=world,
+            baseline="the GPU's dense peak (MFU); the configs against each other (interleaved when rounds > 1)",
+            target="pixelbert-r50 bf16 >= 40% MFU on an H100/H200",
+            peak_tflops=peak_tflops(args.precision[0], device),
+        )
         write_results("bench_step", rows, config, args.out, COLUMNS)
     return rows
 

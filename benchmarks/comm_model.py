@@ -29,6 +29,7 @@ whole buffer) per optimizer step, element size ``b``:
 Bytes on the wire per GPU (ring): all-reduce ``2 (n-1)/n``, reduce-scatter, reduce and
 all-gather ``(n-1)/n`` of the full buffer.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,11 @@ class ParamCounts:
     @classmethod
     def of_model(cls, model, persistence_threshold: int = DEFAULT_PERSISTENCE) -> "ParamCounts":
         sizes = [(p.numel(), p.requires_grad) for p in model.parameters()]
-        return cls(trainable=sum(n for n, grad in sizes if grad), total=sum(n for n, _ in sizes),
-                   persistent=sum(n for n, _ in sizes if n <= persistence_threshold))
+        return cls(
+            trainable=sum(n for n, grad in sizes if grad),
+            total=sum(n for n, _ in sizes),
+            persistent=sum(n for n, _ in sizes if n <= persistence_threshold),
+        )
 
     @classmethod
     def of_preset(cls, preset: str, persistence_threshold: int = DEFAULT_PERSISTENCE) -> "ParamCounts":
@@ -61,11 +65,13 @@ class ParamCounts:
 def zero_settings(ds: dict) -> dict:
     """The few DeepSpeed settings the traffic depends on, with DeepSpeed's defaults."""
     zo = ds.get("zero_optimization", {})
-    return {"stage": int(zo.get("stage", 0)), "grad_accum": int(ds.get("gradient_accumulation_steps", 1)),
-            "multi_rank_allreduce": zo.get("use_multi_rank_bucket_allreduce", True) or
-            not zo.get("reduce_scatter", True),
-            "persistence": int(zo.get("stage3_param_persistence_threshold", DEFAULT_PERSISTENCE)),
-            "reuse": int(zo.get("stage3_max_reuse_distance", DEFAULT_REUSE))}
+    return {
+        "stage": int(zo.get("stage", 0)),
+        "grad_accum": int(ds.get("gradient_accumulation_steps", 1)),
+        "multi_rank_allreduce": zo.get("use_multi_rank_bucket_allreduce", True) or not zo.get("reduce_scatter", True),
+        "persistence": int(zo.get("stage3_param_persistence_threshold", DEFAULT_PERSISTENCE)),
+        "reuse": int(zo.get("stage3_max_reuse_distance", DEFAULT_REUSE)),
+    }
 
 
 def logged_elements(counts: ParamCounts, ds: dict, world: int) -> dict[str, float]:
@@ -117,8 +123,9 @@ class Cluster:
         return (self.intra_gbs if inside else min(self.intra_gbs, self.inter_gbs)) * 1e9
 
 
-def phase_seconds(volume_bytes: float, factor: float, gpus: int, calls: int, cluster: Cluster,
-                  group: int | None = None) -> float:
+def phase_seconds(
+    volume_bytes: float, factor: float, gpus: int, calls: int, cluster: Cluster, group: int | None = None
+) -> float:
     """One collective phase: ``factor (n-1)/n`` of ``volume_bytes`` on the ring's bandwidth,
     plus ``factor`` passes round the ring per call."""
     n = group or gpus
@@ -147,12 +154,12 @@ class Setting:
         extra += [f"hpZ{self.hpz}"] if self.hpz > 1 else []
         extra += ["qwZ"] if self.quantized_weights else []
         extra += ["qgZ"] if self.quantized_gradients else []
-        return (f"ZeRO-{self.stage} ga{self.grad_accum} bucket {self.bucket:.0e} overlap {self.overlap:.0%}"
-                + (" " + "+".join(extra) if extra else ""))
+        return f"ZeRO-{self.stage} ga{self.grad_accum} bucket {self.bucket:.0e} overlap {self.overlap:.0%}" + (
+            " " + "+".join(extra) if extra else ""
+        )
 
 
-def exposed_comm_seconds(counts: ParamCounts, s: Setting, gpus: int, t_micro: float,
-                         cluster: Cluster) -> float:
+def exposed_comm_seconds(counts: ParamCounts, s: Setting, gpus: int, t_micro: float, cluster: Cluster) -> float:
     """Communication time left after overlap, per optimizer step, for ``s`` on ``gpus``."""
     if gpus <= 1:
         return 0.0
@@ -162,8 +169,9 @@ def exposed_comm_seconds(counts: ParamCounts, s: Setting, gpus: int, t_micro: fl
     gather_all = phase_seconds(counts.trainable * b, 1.0, gpus, calls(counts.trainable), cluster)
     if s.stage in (1, 2):
         # one all-reduce per bucket, or one reduce per owning rank (a bucket spans many owners)
-        factor, n_calls = (2.0, calls(counts.trainable)) if s.multi_rank_allreduce else \
-            (1.0, calls(counts.trainable) + gpus - 1)
+        factor, n_calls = (
+            (2.0, calls(counts.trainable)) if s.multi_rank_allreduce else (1.0, calls(counts.trainable) + gpus - 1)
+        )
         reduce = phase_seconds(grads, factor, gpus, n_calls, cluster)
         if s.stage == 1:  # once, in the last backward (overlap_comm) or after it
             return max(0.0, reduce - s.overlap * t_bwd) + gather_all
@@ -176,8 +184,9 @@ def exposed_comm_seconds(counts: ParamCounts, s: Setting, gpus: int, t_micro: fl
     if s.quantized_gradients:
         reduce += phase_seconds(grads, 1.0, gpus, calls(counts.trainable), cluster, group=cluster.gpus_per_node)
     if s.regather:  # hpZ keeps a secondary shard per node: the backward gathers stay inside it
-        reduce += phase_seconds(sharded * wbytes, 1.0, gpus, calls(sharded), cluster,
-                                group=min(s.hpz, gpus) if s.hpz > 1 else None)
+        reduce += phase_seconds(
+            sharded * wbytes, 1.0, gpus, calls(sharded), cluster, group=min(s.hpz, gpus) if s.hpz > 1 else None
+        )
     persist = phase_seconds(counts.persistent * b, 1.0, gpus, 1, cluster)
     return g * (max(0.0, fwd_gather - s.overlap * t_fwd) + max(0.0, reduce - s.overlap * t_bwd)) + persist
 
@@ -185,5 +194,9 @@ def exposed_comm_seconds(counts: ParamCounts, s: Setting, gpus: int, t_micro: fl
 def efficiency(counts: ParamCounts, s: Setting, gpus: int, t_micro: float, cluster: Cluster) -> dict:
     compute = s.grad_accum * t_micro
     comm = exposed_comm_seconds(counts, s, gpus, t_micro, cluster)
-    return {"compute_ms": compute * 1e3, "exposed_comm_ms": comm * 1e3, "step_ms": (compute + comm) * 1e3,
-            "efficiency": compute / (compute + comm)}
+    return {
+        "compute_ms": compute * 1e3,
+        "exposed_comm_ms": comm * 1e3,
+        "step_ms": (compute + comm) * 1e3,
+        "efficiency": compute / (compute + comm),
+    }

@@ -12,6 +12,7 @@ Peak TFLOP/s per GPU model: the table lives in ``pixelbert_dist.metrics`` (the t
 MFU meter uses it too) and is re-exported here, so a benchmark and a training log
 compute MFU against the same number.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -77,17 +78,29 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     """Hardware, software versions and commit: what a number needs to be comparable."""
-    info = {"host": platform.node(), "cpu": _cpu_model(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "gpu": None, "gpu_count": 0, "commit": git_commit(ROOT),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+    info = {
+        "host": platform.node(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": None,
+        "gpu_count": 0,
+        "commit": git_commit(ROOT),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=props.name,
+            gpu_count=torch.cuda.device_count(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cudnn=torch.backends.cudnn.version(),
+        )
     try:
         import deepspeed
+
         info["deepspeed"] = deepspeed.__version__
     except Exception:  # noqa: BLE001 - optional here (the attention bench needs none)
         info["deepspeed"] = None
@@ -113,8 +126,9 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return times
 
 
-def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
-                repeats: int) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns``, called round-robin ``repeats`` times after
     ``warmup`` rounds, so drifting load on a shared machine hits every variant alike."""
     for _ in range(warmup):
@@ -135,12 +149,17 @@ def spread(values: Iterable[float]) -> dict:
     """Median, min, max and the relative half-range of repeated measurements."""
     values = sorted(values)
     mid = median(values)
-    return {"median": mid, "min": values[0], "max": values[-1], "n": len(values),
-            "spread": (values[-1] - values[0]) / 2 / mid if mid else None}
+    return {
+        "median": mid,
+        "min": values[0],
+        "max": values[-1],
+        "n": len(values),
+        "spread": (values[-1] - values[0]) / 2 / mid if mid else None,
+    }
 
 
 def verdict(value: float | None, target: float, higher_is_better: bool = True) -> str:
-    """"met" / "not met" against a target (or "-" without a figure)."""
+    """ "met" / "not met" against a target (or "-" without a figure)."""
     if value is None:
         return "-"
     return "met" if (value >= target if higher_is_better else value <= target) else "not met"
@@ -169,16 +188,21 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: list[dict], config: dict, out: str | Path | None,
-                  columns: list[str], shown: list[dict] | None = None) -> Path:
+def write_results(
+    name: str,
+    rows: list[dict],
+    config: dict,
+    out: str | Path | None,
+    columns: list[str],
+    shown: list[dict] | None = None,
+) -> Path:
     """Print the table (``shown`` rows, default all) and write ``<dir>/<name>.json``.
 
     ``config`` should say what the figures compare against (``baseline``) and the target
     (``target``): summarize.py prints both above the table."""
     print(markdown_table(rows if shown is None else shown, columns), flush=True)
     path = results_dir(out) / f"{name}.json"
-    payload = {"bench": name, "machine": machine_info(), "config": config, "columns": columns,
-               "rows": rows}
+    payload = {"bench": name, "machine": machine_info(), "config": config, "columns": columns, "rows": rows}
     path.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {path}", flush=True)
     return path

@@ -7,6 +7,7 @@ one markdown file with the hardware, torch version and commit, a table per bench
 the plots: attention TFLOP/s per backend, training samples/s and MFU per config, and the
 scaling efficiency curve (bench_scaling draws that one itself).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,23 +18,30 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table  # noqa: E402
 
-ORDER = ["bench_data", "bench_attention", "bench_step", "bench_compile", "bench_memory", "bench_comms",
-         "bench_scaling"]
+ORDER = ["bench_data", "bench_attention", "bench_step", "bench_compile", "bench_memory", "bench_comms", "bench_scaling"]
 # What each benchmark compares against and its target, for the ones whose JSON does not say.
 STANDARDS = {
-    "bench_data": ("the other backends in the table (PIL DataLoader, DALI CPU/GPU, nvjpeg) at the same sizes",
-                   "none: a throughput table (decode must outpace the training step, see bench_step's data wait)"),
-    "bench_attention": ("eager attention (matmul + softmax) at the same shape and dtype",
-                        "fused SDPA >= 2x eager at pre-training shapes on an H100/H200"),
-    "bench_step": ("the GPU's dense peak (MFU); steps are medians of the timed steps",
-                   "pixelbert-r50 bf16 >= 40% MFU on an H100/H200 (no peak on a CPU: no verdict)"),
+    "bench_data": (
+        "the other backends in the table (PIL DataLoader, DALI CPU/GPU, nvjpeg) at the same sizes",
+        "none: a throughput table (decode must outpace the training step, see bench_step's data wait)",
+    ),
+    "bench_attention": (
+        "eager attention (matmul + softmax) at the same shape and dtype",
+        "fused SDPA >= 2x eager at pre-training shapes on an H100/H200",
+    ),
+    "bench_step": (
+        "the GPU's dense peak (MFU); steps are medians of the timed steps",
+        "pixelbert-r50 bf16 >= 40% MFU on an H100/H200 (no peak on a CPU: no verdict)",
+    ),
 }
 
 
 def _plt():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -44,13 +52,14 @@ def plot_attention(rows: list[dict], path: Path) -> Path | None:
     plt = _plt()
     seq = {r["shape"]: r["seq"] for r in ok}
     cases = sorted({(r["shape"], r["mask"]) for r in ok}, key=lambda c: (seq[c[0]], c[1] != "padded"))
-    backends = [b for b in ["eager", "math", "flash", "mem_efficient", "cudnn"]
-                if any(r["backend"] == b for r in ok)]
+    backends = [b for b in ["eager", "math", "flash", "mem_efficient", "cudnn"] if any(r["backend"] == b for r in ok)]
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / len(backends)
     for i, backend in enumerate(backends):
-        values = [next((r["tflops"] for r in ok if (r["shape"], r["mask"]) == c and r["backend"] == backend), 0)
-                  for c in cases]
+        values = [
+            next((r["tflops"] for r in ok if (r["shape"], r["mask"]) == c and r["backend"] == backend), 0)
+            for c in cases
+        ]
         ax.bar([j + i * width for j in range(len(cases))], values, width, label=backend)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
     ax.set_xticklabels([f"{s}\n{m}" for s, m in cases], fontsize=7)
@@ -93,9 +102,12 @@ def _section(name: str, data: dict, folder: Path) -> list[str]:
     config = data.get("config") or {k: v for k, v in data.items() if k not in ("rows", "machine")}
     kind = data.get("bench", name)  # several files of one benchmark (bench_comms_r50.json)
     baseline, target = STANDARDS.get(kind, (None, None))
-    lines += [f"- Compared against: {config.get('baseline') or baseline or '(not stated)'}",
-              f"- Target: {config.get('target') or target or '(none)'}",
-              f"- Verdict: {verdict_of(kind, rows)}", ""]
+    lines += [
+        f"- Compared against: {config.get('baseline') or baseline or '(not stated)'}",
+        f"- Target: {config.get('target') or target or '(none)'}",
+        f"- Verdict: {verdict_of(kind, rows)}",
+        "",
+    ]
     if config:
         shown = {k: v for k, v in config.items() if k != "model"}
         lines += ["Config: `" + json.dumps(shown, default=str) + "`", ""]
@@ -127,16 +139,24 @@ def verdict_of(name: str, rows: list[dict]) -> str:
     if name == "bench_comms":
         totals = [r for r in rows if r.get("op") == "TOTAL"]
         worst = max(abs(r["error"]) for r in totals) if totals else None
-        return "no TOTAL rows" if worst is None else \
-            f"worst |predicted - measured| / measured over {len(totals)} configs: {worst:.2%} ({_mark(worst <= 0.05)} 5%)"
+        return (
+            "no TOTAL rows"
+            if worst is None
+            else f"worst |predicted - measured| / measured over {len(totals)} configs: "
+            f"{worst:.2%} ({_mark(worst <= 0.05)} 5%)"
+        )
     if name == "bench_scaling":
         top = max(r["nodes"] for r in rows)
-        ok = sorted({f"mb{r['micro_batch']} {r['setting']}" for r in rows
-                     if r["nodes"] == top and r["efficiency"] >= 0.9})
+        ok = sorted(
+            {f"mb{r['micro_batch']} {r['setting']}" for r in rows if r["nodes"] == top and r["efficiency"] >= 0.9}
+        )
         return f"{len(ok)} setting(s) at >= 90% on {top} nodes" + (f": {'; '.join(ok)}" if ok else "")
     if name == "bench_memory":
-        saved = [f"{r['mode']}: peak {r['saving_vs_none']:.0%} below none ({r.get('verdict', '-')})"
-                 for r in rows if "saving_vs_none" in r]
+        saved = [
+            f"{r['mode']}: peak {r['saving_vs_none']:.0%} below none ({r.get('verdict', '-')})"
+            for r in rows
+            if "saving_vs_none" in r
+        ]
         missing = "" if any(r["mode"] == "all" for r in rows) else "; mode 'all' not measured: no verdict"
         return ("; ".join(saved) or "no mode to compare with none") + missing
     if name == "bench_compile":
@@ -150,8 +170,7 @@ def summarize(folder: Path) -> Path:
         raise SystemExit(f"{folder}: no benchmark JSON to summarise")
     names = [n for n in ORDER if n in files] + sorted(set(files) - set(ORDER))
     machine = next(iter(files.values())).get("machine", {})
-    lines = [f"# Benchmarks: {folder.name}", "",
-             "| machine | value |", "|---|---|"]
+    lines = [f"# Benchmarks: {folder.name}", "", "| machine | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in machine.items()]
     lines.append("")
     for name in names:
@@ -171,17 +190,18 @@ def _mark(ok: bool) -> str:
 def _attention_lines(rows: list[dict]) -> list[str]:
     lines = []
     for mask in ("padded", "none"):
-        case = [r for r in rows if r.get("status") == "ok" and r["mask"] == mask
-                and r["shape"].startswith("pretrain")]
+        case = [r for r in rows if r.get("status") == "ok" and r["mask"] == mask and r["shape"].startswith("pretrain")]
         eager = next((r for r in case if r["backend"] == "eager"), None)
         fused = [r for r in case if r["backend"] not in ("eager", "math")]
         if not eager or not fused:
             lines.append(f"attention pretrain ({mask} mask): no fused backend ran")
             continue
         best = max(fused, key=lambda r: r["speedup"])
-        lines.append(f"attention pretrain seq {best['seq']} ({mask} mask, {best['dtype']}): "
-                     f"{best['backend']} {best['speedup']:.2f}x eager, {best['tflops']:.1f} TFLOP/s "
-                     f"[{_mark(best['speedup'] >= TARGET_SPEEDUP)} target {TARGET_SPEEDUP:.0f}x]")
+        lines.append(
+            f"attention pretrain seq {best['seq']} ({mask} mask, {best['dtype']}): "
+            f"{best['backend']} {best['speedup']:.2f}x eager, {best['tflops']:.1f} TFLOP/s "
+            f"[{_mark(best['speedup'] >= TARGET_SPEEDUP)} target {TARGET_SPEEDUP:.0f}x]"
+        )
     return lines
 
 
@@ -193,10 +213,12 @@ def _step_lines(rows: list[dict]) -> list[str]:
             continue
         mfu = r.get("mfu")
         verdict = f" [{_mark(mfu >= TARGET_MFU)} target {TARGET_MFU:.0%}]" if mfu is not None else ""
-        lines.append(f"step {r['preset']} ZeRO-{r['zero']} {r['precision']} mb{r['micro_batch']} "
-                     f"{r['image']} px:{r['sampling']}: {r['samples_per_s']:.1f} samples/s, "
-                     f"{r['tflops_per_gpu']:.1f} TFLOP/s, MFU {'-' if mfu is None else f'{mfu:.1%}'}, "
-                     f"{r['peak_mem_gib']:.1f} GiB, data wait {r['data_wait']:.1%}{verdict}")
+        lines.append(
+            f"step {r['preset']} ZeRO-{r['zero']} {r['precision']} mb{r['micro_batch']} "
+            f"{r['image']} px:{r['sampling']}: {r['samples_per_s']:.1f} samples/s, "
+            f"{r['tflops_per_gpu']:.1f} TFLOP/s, MFU {'-' if mfu is None else f'{mfu:.1%}'}, "
+            f"{r['peak_mem_gib']:.1f} GiB, data wait {r['data_wait']:.1%}{verdict}"
+        )
     return lines
 
 
@@ -204,22 +226,26 @@ def brief(folder: Path) -> str:
     """One screen: the figures the GPU check exists for, against the targets."""
     files = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     machine = next(iter(files.values()), {}).get("machine", {})
-    lines = [f"GPU check: {machine.get('gpu') or 'no GPU'} | torch {machine.get('torch')} | "
-             f"commit {machine.get('commit')}"]
+    lines = [
+        f"GPU check: {machine.get('gpu') or 'no GPU'} | torch {machine.get('torch')} | commit {machine.get('commit')}"
+    ]
     if "bench_attention" in files:
         lines += _attention_lines(files["bench_attention"]["rows"])
     if "bench_step" in files:
         lines += _step_lines(files["bench_step"]["rows"])
     for r in files.get("bench_memory", {}).get("rows", []):
-        lines.append(f"memory {r['preset']} {r['image']} mb{r['micro_batch']} checkpointing {r['mode']}: "
-                     f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
-                     + (f", saving vs none {r['saving_vs_none']:.0%}" if "saving_vs_none" in r else ""))
+        lines.append(
+            f"memory {r['preset']} {r['image']} mb{r['micro_batch']} checkpointing {r['mode']}: "
+            f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
+            + (f", saving vs none {r['saving_vs_none']:.0%}" if "saving_vs_none" in r else "")
+        )
     for r in files.get("bench_compile", {}).get("rows", []):
-        lines.append(f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
-                     f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}")
+        lines.append(
+            f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
+            f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}"
+        )
     for r in files.get("bench_decode", {}).get("rows", []):
-        lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: "
-                     f"{r['images_per_s']:.0f} img/s")
+        lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: {r['images_per_s']:.0f} img/s")
     missing = [n for n in ("bench_attention", "bench_step", "bench_decode") if n not in files]
     if missing:
         lines.append(f"missing results: {missing} (see gpu_check.log)")

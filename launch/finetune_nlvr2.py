@@ -4,6 +4,7 @@
     deepspeed launch/finetune_nlvr2.py --pretrained runs/X/export --shards data/nlvr2_images \
         --train train.json --dev dev.json --test test1.json [--image-map images.json] [key=value ...]
 """
+
 import sys
 
 from pixelbert_dist.finetune.run import cli

@@ -8,6 +8,7 @@
 Images are found by the shard keys make_shards gives them (retrieval.key_format, default
 {dataset}{image_id}: flickr30k42, coco391895).
 """
+
 import sys
 
 from pixelbert_dist.finetune.run import cli

@@ -6,7 +6,8 @@
     python launch/make_shards.py vg --regions region_descriptions.json --image-data image_data.json \\
         --images VG_100K VG_100K_2 --out data/vg
     python launch/make_shards.py jsonl --file pairs.jsonl --out data/mine
-    python launch/make_shards.py images --kind nlvr2 --images nlvr2/images/train nlvr2/dev nlvr2/test1 --out data/nlvr2_images
+    python launch/make_shards.py images --kind nlvr2 --images nlvr2/images/train nlvr2/dev nlvr2/test1 \\
+        --out data/nlvr2_images
     python launch/make_shards.py images --kind coco --images test2015 --out data/coco_test2015
     python launch/make_shards.py index data/old_split     # index shards made before indexes
 
@@ -17,6 +18,7 @@ Rerunning the same command skips the shards that are already finished and still 
 and rebuilds those whose input files (size, mtime) or annotations changed.
 Exit status: 0 when every split holds samples, 1 when a split wrote none, 2 on bad input.
 """
+
 import sys
 
 from pixelbert_dist.data.builders.cli import main

@@ -1,4 +1,5 @@
 """python launch/plot.py RUN_DIR [--out FILE.png]: a run's metrics.jsonl as PNG curves."""
+
 import sys
 
 from pixelbert_dist.plotting import main

@@ -14,6 +14,7 @@
 Everything after ``--`` is what launch/pretrain.py takes. The logic lives in
 pixelbert_dist.jobs.
 """
+
 import sys
 
 from pixelbert_dist.jobs.cli import main

@@ -6,6 +6,7 @@ the trainers.
 NCCL reduces CUDA tensors only, gloo CPU ones: ``collective_device`` is that choice,
 made once here instead of at every all-reduce.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ An unknown key stops with an error naming it: a typo must never be silently igno
 a value of the wrong type (``train.compile=abc``, ``optim.betas=0.9``) stops with the
 key, the declared type and the value.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,10 @@ def check_keys(cls: type, data: dict | None, where: str = "") -> None:
     types_ = _field_types(cls)
     unknown = sorted(set(data or {}) - set(types_))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
-                          f"valid keys under '{where or '<root>'}': {sorted(types_)}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; "
+            f"valid keys under '{where or '<root>'}': {sorted(types_)}"
+        )
     for name, value in (data or {}).items():
         sub = _dataclass_of(types_[name])
         if sub is not None and isinstance(value, dict):
@@ -143,8 +146,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None,
-                overrides: Iterable[str] = ()) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
     """Defaults <- YAML file <- key=value overrides, validated into ``cls``."""
     tree = to_dict(cls())
     if path is not None:

@@ -3,6 +3,7 @@ stack's repeated noise. Each filter names the message it drops; errors are never
 
 Called by the entry points before DeepSpeed is imported: its logger ("DeepSpeed") and
 torch's build logger get their filters before their first line."""
+
 from __future__ import annotations
 
 import logging
@@ -15,7 +16,7 @@ import warnings
 # (logger, message pattern, dropped on rank 0 too?). Each one is said once by rank 0, or
 # said by the banner instead, or is a caution the shipped configs answer on purpose.
 LOG_NOISE = [
-    ("DeepSpeed", r"Setting accelerator to CPU", False),           # once per rank
+    ("DeepSpeed", r"Setting accelerator to CPU", False),  # once per rank
     ("torch.utils.cpp_extension", r"No CUDA runtime is found", False),  # once per rank per op build
     ("DeepSpeed", r"You are using ZeRO with an untested optimizer", True),  # the hybrid optimiser: tested
 ]
@@ -49,8 +50,9 @@ def launch_rank() -> int:
 def setup_console(rank: int | None = None) -> None:
     """Logging format and levels, and the noise filters, for this rank."""
     rank = launch_rank() if rank is None else rank
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for name, pattern, everywhere in LOG_NOISE:
         if everywhere or rank != 0:
             logging.getLogger(name).addFilter(DropMessages(pattern))
@@ -76,8 +78,9 @@ class Progress:
 
         self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
         self.start, self.mark = time.perf_counter(), (initial, time.perf_counter())
-        self.bar = tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True,
-                        disable=not (enabled and self.tty))
+        self.bar = tqdm(
+            total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, disable=not (enabled and self.tty)
+        )
 
     def update(self) -> None:
         self.bar.update(1)
@@ -89,8 +92,14 @@ class Progress:
         self.bar.set_postfix(shown)
         if self.enabled and not self.tty:
             eta = duration((self.total - step) / rate) if rate > 0 else "?"
-            logging.getLogger(__name__).info("step %d/%d | %.3g steps/s | ETA %s | %s", step, self.total, rate, eta,
-                                             " ".join(f"{k} {v}" for k, v in shown.items()))
+            logging.getLogger(__name__).info(
+                "step %d/%d | %.3g steps/s | ETA %s | %s",
+                step,
+                self.total,
+                rate,
+                eta,
+                " ".join(f"{k} {v}" for k, v in shown.items()),
+            )
 
     def elapsed(self) -> str:
         return duration(time.perf_counter() - self.start)

@@ -1,5 +1,6 @@
 """Run logging (TensorBoard + JSONL, rank 0 only), metric sums kept on the device until
 log time, and the throughput / MFU meter."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 # Dense peak TFLOP/s per GPU by precision (vendor data sheets, no sparsity).
 PEAK_TFLOPS = {
     "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},   # SXM; PCIe is lower, see below
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM; PCIe is lower, see below
     "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
     "L40S": {"bf16": 362.0, "fp16": 362.0, "fp32": 91.6},
@@ -44,8 +45,9 @@ def peak_tflops(precision: str, device: torch.device | None = None) -> float | N
 def git_commit(repo: str | Path) -> str:
     """`git describe --always --dirty` of ``repo`` for run records; "unknown" outside a checkout."""
     try:
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=30
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -125,8 +127,11 @@ class ThroughputMeter:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_gpu = self.samples / elapsed  # this rank's samples: ranks run in lock-step
         tflops = self.flops / elapsed / 1e12
-        out = {"samples_per_s": per_gpu * self.world_size, "tflops_per_gpu": tflops,
-               "data_wait_frac": self.data_time / max(self.data_time + self.compute_time, 1e-9)}
+        out = {
+            "samples_per_s": per_gpu * self.world_size,
+            "tflops_per_gpu": tflops,
+            "data_wait_frac": self.data_time / max(self.data_time + self.compute_time, 1e-9),
+        }
         if self.peak:
             out["mfu"] = tflops / self.peak
         return out

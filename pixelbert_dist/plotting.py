@@ -1,7 +1,8 @@
 """Turn a run's metrics.jsonl into PNG curves: losses, accuracies, throughput.
 
-    python launch/plot.py RUN_DIR [--out FILE.png]     (or: pixelbert-plot RUN_DIR)
+python launch/plot.py RUN_DIR [--out FILE.png]     (or: pixelbert-plot RUN_DIR)
 """
+
 from __future__ import annotations
 
 import argparse

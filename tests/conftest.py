@@ -3,6 +3,7 @@
 The group is created once and never destroyed: DeepSpeed keeps references to the
 groups it made, and a re-init after a destroy in the same process breaks it.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,15 @@ def dist_env():
     """A single-process gloo group (rank 0 of 1) that DeepSpeed engines can use."""
     from pixelbert_dist.distributed.env import DistEnv, free_port, init_distributed
 
-    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
-                  master_addr="127.0.0.1", master_port=free_port(), launcher="single")
+    env = DistEnv(
+        rank=0,
+        local_rank=0,
+        world_size=1,
+        local_world_size=1,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+        launcher="single",
+    )
     return init_distributed(env)
 
 
@@ -63,5 +71,10 @@ def ft(tmp_path_factory) -> dict:
     summary = generate_tasks([shards["train"], shards["val"]], tasks, SyntheticTasksConfig(seed=1))
     torch.manual_seed(0)
     export = build_model("tiny").save_pretrained(root / "export", load_tokenizer())
-    return {"shards": [str(shards["train"]), str(shards["val"])], "tasks": tasks, "export": export,
-            "summary": summary, "root": root}
+    return {
+        "shards": [str(shards["train"]), str(shards["val"])],
+        "tasks": tasks,
+        "export": export,
+        "summary": summary,
+        "root": root,
+    }

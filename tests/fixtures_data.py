@@ -5,6 +5,7 @@ Every writer returns the paths it made plus what a correct builder must produce:
 ``expected`` maps each image that must be written to its captions, ``bad`` maps each
 image file that must land in skipped.jsonl to a word its reason contains.
 """
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,17 @@ from PIL import Image
 
 RED, BLUE = (230, 20, 20), (20, 20, 230)
 # kind -> a word the builder's skip reason must contain (None: the image is good)
-KINDS = {"rgb": None, "gray": None, "cmyk": None, "png": None, "palette": None,
-         "exif": None, "corrupt": "unreadable", "truncated": "unreadable", "missing": "missing"}
+KINDS = {
+    "rgb": None,
+    "gray": None,
+    "cmyk": None,
+    "png": None,
+    "palette": None,
+    "exif": None,
+    "corrupt": "unreadable",
+    "truncated": "unreadable",
+    "missing": "missing",
+}
 
 
 def two_tone(width: int = 40, height: int = 20) -> Image.Image:
@@ -42,7 +52,7 @@ def write_image(path: str | Path, kind: str, seed: int = 0) -> Path:
         noise_image(seed=seed).convert("L").save(path, "JPEG")
     elif kind == "cmyk":
         Image.new("CMYK", (32, 24), (0, 255, 255, 0)).save(path, "JPEG")
-    elif kind == "png":   # PNG bytes behind a .jpg name, with an alpha channel
+    elif kind == "png":  # PNG bytes behind a .jpg name, with an alpha channel
         Image.new("RGBA", (30, 20), (0, 200, 0, 255)).save(path, "PNG")
     elif kind == "palette":
         two_tone().convert("P").save(path, "PNG")
@@ -66,7 +76,7 @@ def write_coco(root: str | Path) -> dict:
     root = Path(root)
     images_dir = root / "train2017"
     images, annotations, expected, bad = [], [], {}, {}
-    kinds = list(KINDS) + ["rgb", "rgb"]   # 10: one empty caption, 11: only empty captions
+    kinds = list(KINDS) + ["rgb", "rgb"]  # 10: one empty caption, 11: only empty captions
     for image_id, kind in enumerate(kinds, start=1):
         name = f"{image_id:012d}.jpg"
         write_image(images_dir / name, kind, seed=image_id)
@@ -76,8 +86,7 @@ def write_coco(root: str | Path) -> dict:
             caps.append("   ")
         if image_id == len(KINDS) + 2:
             caps = ["", " \t"]
-        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c}
-                        for j, c in enumerate(caps)]
+        annotations += [{"id": 100 * image_id + j, "image_id": image_id, "caption": c} for j, c in enumerate(caps)]
         kept = [c for c in caps if c.strip()]
         if KINDS[kind] is not None:
             bad[name] = KINDS[kind]
@@ -88,8 +97,13 @@ def write_coco(root: str | Path) -> dict:
     annotations.append({"id": 99999, "image_id": 424242, "caption": "no such image"})
     captions = root / "captions_train2017.json"
     captions.write_text(json.dumps({"images": images, "annotations": annotations}))
-    return {"captions": captions, "images": images_dir, "expected": expected, "bad": bad,
-            "kinds": dict(enumerate(kinds, start=1))}
+    return {
+        "captions": captions,
+        "images": images_dir,
+        "expected": expected,
+        "bad": bad,
+        "kinds": dict(enumerate(kinds, start=1)),
+    }
 
 
 def write_karpathy(root: str | Path, flickr: bool = False) -> dict:
@@ -102,8 +116,12 @@ def write_karpathy(root: str | Path, flickr: bool = False) -> dict:
         name = f"{1000 + i}.jpg" if flickr else f"COCO_{folder}_{i + 1:012d}.jpg"
         write_image(root / "images" / folder / name, "rgb", seed=i)
         caps = [f"split {split} image {i} sentence {j}" for j in range(3)]
-        entry = {"filename": name, "split": split, "imgid": i,
-                 "sentences": [{"raw": c, "tokens": c.split()} for c in caps]}
+        entry = {
+            "filename": name,
+            "split": split,
+            "imgid": i,
+            "sentences": [{"raw": c, "tokens": c.split()} for c in caps],
+        }
         if not flickr:
             entry.update(filepath=folder, cocoid=i + 1)
         entries.append(entry)
@@ -123,23 +141,49 @@ def write_vg(root: str | Path) -> dict:
     for image_id, kind in enumerate(kinds, start=1):
         folder = dirs[image_id % 2]
         write_image(folder / f"{image_id}.jpg", kind, seed=image_id)
-        image_data.append({"image_id": image_id, "width": 1, "height": 1, "coco_id": None,
-                           "flickr_id": None,
-                           "url": f"https://example.org/rak248/{folder.name}/{image_id}.jpg"})
+        image_data.append(
+            {
+                "image_id": image_id,
+                "width": 1,
+                "height": 1,
+                "coco_id": None,
+                "flickr_id": None,
+                "url": f"https://example.org/rak248/{folder.name}/{image_id}.jpg",
+            }
+        )
         phrases = [f"region {j} of image {image_id}" for j in range(3)]
         if image_id == len(kinds):
             phrases.append("")
-        regions.append({"id": image_id, "regions": [
-            {"region_id": 10 * image_id + j, "image_id": image_id, "phrase": p,
-             "x": 0, "y": 0, "width": 5, "height": 5} for j, p in enumerate(phrases)]})
+        regions.append(
+            {
+                "id": image_id,
+                "regions": [
+                    {
+                        "region_id": 10 * image_id + j,
+                        "image_id": image_id,
+                        "phrase": p,
+                        "x": 0,
+                        "y": 0,
+                        "width": 5,
+                        "height": 5,
+                    }
+                    for j, p in enumerate(phrases)
+                ],
+            }
+        )
         if KINDS[kind] is None:
             expected[image_id] = [p for p in phrases if p]
         else:
             bad[f"{image_id}.jpg"] = KINDS[kind]
     (root / "region_descriptions.json").write_text(json.dumps(regions))
     (root / "image_data.json").write_text(json.dumps(image_data))
-    return {"regions": root / "region_descriptions.json", "image_data": root / "image_data.json",
-            "images": dirs, "expected": expected, "bad": bad}
+    return {
+        "regions": root / "region_descriptions.json",
+        "image_data": root / "image_data.json",
+        "images": dirs,
+        "expected": expected,
+        "bad": bad,
+    }
 
 
 def write_jsonl(root: str | Path) -> dict:
@@ -149,25 +193,38 @@ def write_jsonl(root: str | Path) -> dict:
     write_image(root / "pics" / "b.jpg", "png")
     absolute = write_image(root / "elsewhere" / "c.jpg", "exif").resolve()
     write_image(root / "pics" / "bad.jpg", "truncated")
-    lines = [{"image": "pics/a.jpg", "caption": "first caption of a"},
-             {"image": "pics/b.jpg", "caption": "a green box"},
-             {"image": str(absolute), "caption": "red above blue"},
-             {"image": "pics/a.jpg", "caption": "second caption of a"},
-             {"image": "pics/bad.jpg", "caption": "never written"},
-             {"image": "pics/b.jpg", "caption": "  "}]
+    lines = [
+        {"image": "pics/a.jpg", "caption": "first caption of a"},
+        {"image": "pics/b.jpg", "caption": "a green box"},
+        {"image": str(absolute), "caption": "red above blue"},
+        {"image": "pics/a.jpg", "caption": "second caption of a"},
+        {"image": "pics/bad.jpg", "caption": "never written"},
+        {"image": "pics/b.jpg", "caption": "  "},
+    ]
     path = root / "data.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    expected = {"pics/a.jpg": ["first caption of a", "second caption of a"],
-                "pics/b.jpg": ["a green box"], str(absolute): ["red above blue"]}
+    expected = {
+        "pics/a.jpg": ["first caption of a", "second caption of a"],
+        "pics/b.jpg": ["a green box"],
+        str(absolute): ["red above blue"],
+    }
     return {"file": path, "expected": expected, "bad": {"bad.jpg": "unreadable", "b.jpg": "empty"}}
 
 
-def make_synthetic_shards(out_dir: str | Path, num: int = 24, seed: int = 0,
-                          samples_per_shard: int = 8, val_fraction: float = 0.25) -> dict:
+def make_synthetic_shards(
+    out_dir: str | Path, num: int = 24, seed: int = 0, samples_per_shard: int = 8, val_fraction: float = 0.25
+) -> dict:
     """A small synthetic set in the shard format: {"train": Path, "val": Path}."""
     from pixelbert_dist.data.builders.synthetic import build_synthetic
 
-    results = build_synthetic(out_dir, num, seed=seed, val_fraction=val_fraction,
-                              min_size=64, max_size=128, samples_per_shard=samples_per_shard,
-                              progress=False)
+    results = build_synthetic(
+        out_dir,
+        num,
+        seed=seed,
+        val_fraction=val_fraction,
+        min_size=64,
+        max_size=128,
+        samples_per_shard=samples_per_shard,
+        progress=False,
+    )
     return {split: result.directory for split, result in results.items()}

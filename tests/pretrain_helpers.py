@@ -1,4 +1,5 @@
 """Shared by the pre-training tests: tiny shards, fast overrides, launching real ranks."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 def fast_overrides(run_dir, shards: dict, steps: int = 8, val: bool = True) -> list[str]:
     """A tiny, fp32, CPU-fast run over the test shards."""
-    return [f"run_dir={run_dir}", f"data.train_shards={shards['train']}",
-            f"data.val_shards={shards['val'] if val else 'null'}", "data.backend=pil", "data.num_workers=0",
-            "data.image_shorter=64", "data.image_max=128", "data.max_text_len=24",
-            "model.overrides.pixel_sample_size=4", "train.micro_batch=4", "train.precision=fp32",
-            f"train.max_steps={steps}", "train.log_every=1", "train.save_every=4", "train.eval_every=0",
-            "train.retrieval_size=8", "schedule.warmup_steps=2"]
+    return [
+        f"run_dir={run_dir}",
+        f"data.train_shards={shards['train']}",
+        f"data.val_shards={shards['val'] if val else 'null'}",
+        "data.backend=pil",
+        "data.num_workers=0",
+        "data.image_shorter=64",
+        "data.image_max=128",
+        "data.max_text_len=24",
+        "model.overrides.pixel_sample_size=4",
+        "train.micro_batch=4",
+        "train.precision=fp32",
+        f"train.max_steps={steps}",
+        "train.log_every=1",
+        "train.save_every=4",
+        "train.eval_every=0",
+        "train.retrieval_size=8",
+        "schedule.warmup_steps=2",
+    ]
 
 
 def launch_env() -> dict:
@@ -35,8 +49,9 @@ def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2) -> list[str]
 
 
 def run_launcher(script: str, args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
-    proc = subprocess.run(deepspeed_cmd(script, args), cwd=REPO, env=launch_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        deepspeed_cmd(script, args), cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -60,4 +75,5 @@ def poison_images(trainer, bad) -> None:
         if bad(calls[-1]):
             out["images"] = torch.full_like(out["images"], float("nan"))
         return out
+
     trainer.to_device = wrapped

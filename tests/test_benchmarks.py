@@ -2,6 +2,7 @@
 traffic model against hand counts and against DeepSpeed's comms logger, the scaling
 arithmetic, the summary's verdicts, and gpu_check.sh's plumbing (--cpu-smoke runs the same
 steps as on a GPU, at sizes a CPU finishes in seconds)."""
+
 from __future__ import annotations
 
 import json
@@ -16,12 +17,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tests"))
-import bench_scaling  # noqa: E402
-import summarize  # noqa: E402
-import torch  # noqa: E402
-from comm_model import Cluster, ParamCounts, Setting, efficiency, logged_elements, wire_bytes  # noqa: E402
-from common import (interleaved, machine_info, markdown_table, new_run_dir, results_dir, spread,  # noqa: E402
-                    verdict)
+import bench_scaling
+import summarize
+import torch
+from comm_model import Cluster, ParamCounts, Setting, efficiency, logged_elements, wire_bytes
+from common import (
+    interleaved,
+    machine_info,
+    markdown_table,
+    new_run_dir,
+    results_dir,
+    spread,
+    verdict,
+)
 
 MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 
@@ -30,9 +38,14 @@ MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 def smoke(tmp_path_factory) -> tuple[Path, str]:
     """gpu_check.sh --cpu-smoke: bench_attention, bench_step, the decode step, the brief."""
     out = tmp_path_factory.mktemp("gpu_check")
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke",
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=1500, env={**os.environ, "PYTHON": sys.executable})
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr + (out / "gpu_check.log").read_text()
     return out, proc.stdout
 
@@ -40,8 +53,7 @@ def smoke(tmp_path_factory) -> tuple[Path, str]:
 def _load(folder: Path, name: str) -> dict:
     data = json.loads((folder / f"{name}.json").read_text())
     assert data["bench"] == name and MACHINE_KEYS <= set(data["machine"])
-    assert data["rows"] and set(data["columns"]) <= set().union(*data["rows"]) | {"speedup", "ms",
-                                                                                 "tflops", "max_err"}
+    assert data["rows"] and set(data["columns"]) <= set().union(*data["rows"]) | {"speedup", "ms", "tflops", "max_err"}
     return data
 
 
@@ -67,7 +79,8 @@ def test_step_json(smoke):
     assert math.isfinite(row["loss"]) and row["loss"] > 0
     assert row["samples_per_s"] == pytest.approx(row["micro_batch"] * row["world"] / (row["step_ms"] / 1e3))
     assert row["tflops_per_gpu"] == pytest.approx(
-        row["flops_per_sample"] * row["micro_batch"] / (row["step_ms"] / 1e3) / 1e12)
+        row["flops_per_sample"] * row["micro_batch"] / (row["step_ms"] / 1e3) / 1e12
+    )
     assert row["mfu"] is None  # no peak for a CPU
     assert 0 <= row["data_wait"] < 1 and row["peak_mem_gib"] > 0 and row["params"] > 1e5
 
@@ -93,8 +106,9 @@ def test_memory_json(smoke):
 
 def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
-    rows = bench_scaling.main(["--preset", "pixelbert-r50", "--samples-per-gpu", "8", "64", "--micro-batch", "8",
-                               "--out", str(folder)])
+    rows = bench_scaling.main(
+        ["--preset", "pixelbert-r50", "--samples-per-gpu", "8", "64", "--micro-batch", "8", "--out", str(folder)]
+    )
     settings = {r["setting"] for r in rows}
     assert len(settings) == len(rows) // len(bench_scaling.NODES) == 2 * len(bench_scaling.settings_grid([8], 8))
     for label in settings:  # more nodes never helps, and one node's NVLink beats 64 nodes' network
@@ -102,10 +116,15 @@ def test_scaling_projection_and_summary(smoke):
         assert all(a >= b - 1e-12 for a, b in zip(effs, effs[1:])) and effs[-1] < effs[0] <= 1
     # ZeRO-1 reduces once per optimizer step: accumulation buys efficiency; ZeRO-2 reduces every
     # micro-batch: the exposed communication grows with the accumulation instead
-    at64 = {(r["stage"], r["grad_accum"], r["overlap"], r["multi_rank_allreduce"], r["bucket"]): r
-            for r in rows if r["nodes"] == 64 and not r["regather"] and r["hpz"] == 1}
+    at64 = {
+        (r["stage"], r["grad_accum"], r["overlap"], r["multi_rank_allreduce"], r["bucket"]): r
+        for r in rows
+        if r["nodes"] == 64 and not r["regather"] and r["hpz"] == 1
+    }
     assert at64[(1, 8, 0.5, True, 5e7)]["efficiency"] > at64[(1, 1, 0.5, True, 5e7)]["efficiency"]
-    assert at64[(1, 8, 0.5, True, 5e7)]["exposed_comm_ms"] == pytest.approx(at64[(1, 1, 0.5, True, 5e7)]["exposed_comm_ms"])
+    assert at64[(1, 8, 0.5, True, 5e7)]["exposed_comm_ms"] == pytest.approx(
+        at64[(1, 1, 0.5, True, 5e7)]["exposed_comm_ms"]
+    )
     assert at64[(2, 8, 0.5, True, 5e7)]["exposed_comm_ms"] > 4 * at64[(2, 1, 0.5, True, 5e7)]["exposed_comm_ms"]
     assert (folder / "bench_scaling.png").stat().st_size > 1000
     summary = summarize.summarize(folder).read_text()
@@ -118,8 +137,18 @@ def test_scaling_projection_and_summary(smoke):
 
 def test_scaling_refuses_a_cpu_step_time(smoke):
     with pytest.raises(SystemExit, match="measured on a CPU"):
-        bench_scaling.main(["--step-json", str(smoke[0] / "bench_step.json"), "--preset", "tiny",
-                            "--micro-batch", "2", "--out", str(smoke[0] / "refused")])
+        bench_scaling.main(
+            [
+                "--step-json",
+                str(smoke[0] / "bench_step.json"),
+                "--preset",
+                "tiny",
+                "--micro-batch",
+                "2",
+                "--out",
+                str(smoke[0] / "refused"),
+            ]
+        )
 
 
 def test_logged_traffic_per_zero_stage():
@@ -134,8 +163,10 @@ def test_logged_traffic_per_zero_stage():
     assert logged(2, 4) == {"all_reduce": 400, "all_gather_into_tensor": 25}  # every micro-batch
     assert logged(2, 4, use_multi_rank_bucket_allreduce=False) == {"reduce": 400, "all_gather_into_tensor": 25}
     assert logged(3, 4) == {"reduce_scatter_tensor": 400, "all_gather_into_tensor": (4 * 100 + 20) / 4}
-    assert logged(3, 4, stage3_max_reuse_distance=10) == {"reduce_scatter_tensor": 400,
-                                                          "all_gather_into_tensor": (8 * 100 + 20) / 4}
+    assert logged(3, 4, stage3_max_reuse_distance=10) == {
+        "reduce_scatter_tensor": 400,
+        "all_gather_into_tensor": (8 * 100 + 20) / 4,
+    }
     # on the wire (ring): all-reduce 2 (n-1)/n, all-gather (n-1)/n of the gathered whole
     assert wire_bytes({"all_reduce": 100.0, "all_gather_into_tensor": 25.0}, 4) == pytest.approx(150 + 75)
     with pytest.raises(ValueError, match="stages 1, 2 and 3"):
@@ -146,7 +177,10 @@ def test_more_bandwidth_less_exposed_time():
     counts = ParamCounts(trainable=10**8, total=10**8, persistent=0)
     slow, fast = Cluster(inter_gbs=10.0), Cluster(inter_gbs=100.0)
     setting = Setting(stage=2, grad_accum=4)
-    assert efficiency(counts, setting, 64, 0.05, fast)["efficiency"] > efficiency(counts, setting, 64, 0.05, slow)["efficiency"]
+    assert (
+        efficiency(counts, setting, 64, 0.05, fast)["efficiency"]
+        > efficiency(counts, setting, 64, 0.05, slow)["efficiency"]
+    )
     assert efficiency(counts, setting, 1, 0.05, slow)["efficiency"] == 1
 
 
@@ -156,8 +190,10 @@ def test_predicted_bytes_match_the_comms_logger(tmp_path):
     step against DeepSpeed's comms logger, tiny, ZeRO-2 with accumulation (reduces per micro-batch)."""
     from pretrain_helpers import run_launcher
 
-    run_launcher(str(REPO / "benchmarks" / "bench_comms.py"),
-                 ["--presets", "tiny", "--zero", "2", "--grad-accum", "2", "--steps", "1", "--out", str(tmp_path)])
+    run_launcher(
+        str(REPO / "benchmarks" / "bench_comms.py"),
+        ["--presets", "tiny", "--zero", "2", "--grad-accum", "2", "--steps", "1", "--out", str(tmp_path)],
+    )
     rows = json.loads((tmp_path / "bench_comms.json").read_text())["rows"]
     (total,) = [r for r in rows if r["op"] == "TOTAL"]
     assert abs(total["error"]) <= 0.05, rows
@@ -178,8 +214,9 @@ def test_common_helpers(tmp_path, monkeypatch):
     stats = spread([3.0, 1.0, 2.0, 2.0])
     assert stats["median"] == 2.0 and stats["spread"] == pytest.approx(0.5)
     order = []
-    times = interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
-                        torch.device("cpu"), warmup=1, repeats=2)
+    times = interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, torch.device("cpu"), warmup=1, repeats=2
+    )
     assert order == ["a", "b"] * 3 and [len(v) for v in times.values()] == [2, 2]
     assert verdict(0.45, 0.4) == "met" and verdict(0.06, 0.05, higher_is_better=False) == "not met"
 
@@ -189,8 +226,13 @@ def test_gpu_check_dry_run_uses_real_flags():
     import bench_attention
     import bench_step
 
-    out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60).stdout.splitlines()
+    out = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()
     attention = next(line for line in out if "bench_attention.py" in line).split("bench_attention.py ")[1].split()
     step = next(line for line in out if "bench_step.py" in line).split("bench_step.py ")[1].split()
     assert bench_attention.parse(attention).iters == 30

@@ -1,4 +1,5 @@
 """Shard builders on tiny fixtures in the official formats, with bad inputs; the CLI."""
+
 from __future__ import annotations
 
 import io
@@ -53,13 +54,13 @@ def test_coco_captions(tmp_path):
     fx = write_coco(tmp_path / "src")
     result = build_coco(tmp_path / "out", fx["images"], captions_json=fx["captions"], **FAST)["coco"]
     samples = _read(tmp_path / "out")
-    assert {k: m["captions"] for k, (_, m) in samples.items()} == \
-        {f"coco{i}": caps for i, caps in fx["expected"].items()}
+    assert {k: m["captions"] for k, (_, m) in samples.items()} == {
+        f"coco{i}": caps for i, caps in fx["expected"].items()
+    }
     assert result.written == len(fx["expected"]) == 7
     _assert_skipped(tmp_path / "out", fx["bad"])
     assert any("424242" in e["reason"] for e in read_skipped(tmp_path / "out"))
-    by_kind = {kind: samples[f"coco{i}"][0] for i, kind in fx["kinds"].items()
-               if f"coco{i}" in samples}
+    by_kind = {kind: samples[f"coco{i}"][0] for i, kind in fx["kinds"].items() if f"coco{i}" in samples}
     _assert_upright(by_kind["exif"])
     assert by_kind["cmyk"].getpixel((5, 5))[0] > 200 > by_kind["cmyk"].getpixel((5, 5))[1]
     assert by_kind["png"].size == (30, 20) and by_kind["png"].getpixel((5, 5))[1] > 150
@@ -76,7 +77,7 @@ def test_rerun_skips_finished_shards(tmp_path):
     shards = sorted(out.glob("*.tar"))
     assert len(shards) == 3 and first.shards_reused == 0
     stamps = {p: p.stat().st_mtime_ns for p in shards}
-    (out / ".progress" / "coco-000001.tar.json").unlink()   # as if killed after that shard
+    (out / ".progress" / "coco-000001.tar.json").unlink()  # as if killed after that shard
     again = build_coco(out, fx["images"], captions_json=fx["captions"], **FAST)["coco"]
     assert again.shards_reused == 2 and again.written == first.written
     assert (out / "manifest.json").read_text() == manifest
@@ -131,8 +132,7 @@ def _shard_hashes(directory) -> list[str]:
 
 
 def test_synthetic_deterministic_and_describes_its_images(tmp_path):
-    kw = {"num": 20, "val_fraction": 0.25, "min_size": 64, "max_size": 128, "samples_per_shard": 6,
-          "progress": False}
+    kw = {"num": 20, "val_fraction": 0.25, "min_size": 64, "max_size": 128, "samples_per_shard": 6, "progress": False}
     a = build_synthetic(tmp_path / "a", seed=3, workers=0, **kw)
     build_synthetic(tmp_path / "b", seed=3, workers=2, **kw)
     build_synthetic(tmp_path / "c", seed=4, workers=0, **kw)
@@ -150,21 +150,44 @@ def test_synthetic_deterministic_and_describes_its_images(tmp_path):
             assert "[UNK]" not in tok.tokenize(caption), caption
         for obj in meta["objects"]:
             assert obj["shape"] in SHAPES and all(obj["color"] in c for c in meta["captions"][:3])
-            pixel = image.getpixel((obj["x"], obj["y"]))   # a shape's centre shows its colour
+            pixel = image.getpixel((obj["x"], obj["y"]))  # a shape's centre shows its colour
             assert all(abs(p - q) < 40 for p, q in zip(pixel, COLORS[obj["color"]])), (meta, pixel)
 
 
 def test_cli_synthetic(tmp_path):
     out = tmp_path / "syn"
-    cmd = [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out),
-           "--num", "50", "--workers", "0", "--no-progress", "--samples-per-shard", "20"]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "make_shards.py"),
+        "synthetic",
+        "--out",
+        str(out),
+        "--num",
+        "50",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--samples-per-shard",
+        "20",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train: written 45, skipped 0" in proc.stdout and "val: written 5, skipped 0" in proc.stdout
     assert read_manifest(out / "train", verify=True).num_samples == 45
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "3 finished shard(s) reused" in again.stdout
-    missing = subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "jsonl",
-                              "--file", str(tmp_path / "none.jsonl"), "--out", str(out)],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "make_shards.py"),
+            "jsonl",
+            "--file",
+            str(tmp_path / "none.jsonl"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "none.jsonl" in missing.stderr

@@ -1,4 +1,5 @@
 """Checkpoints through a real DeepSpeed engine (one gloo rank): save, prune, resume exactly, signals."""
+
 from __future__ import annotations
 
 import hashlib
@@ -46,21 +47,39 @@ class DropoutNet(nn.Module):
         return nn.functional.cross_entropy(self.head(hidden), labels) * (1.0 + 1e-3 * noise)
 
 
-BATCHES = [(torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)),
-            torch.tensor([i % 3, (i + 1) % 3, (i + 2) % 3, i % 3])) for i in range(6)]
+BATCHES = [
+    (
+        torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(i)),
+        torch.tensor([i % 3, (i + 1) % 3, (i + 2) % 3, i % 3]),
+    )
+    for i in range(6)
+]
 
 
-def _engine(stage: int, seed: int, grad_accum: int = 1, world_size: int = 1, universal_from=None,
-            micro_batch: int = 4, random_ops: bool | None = None):
+def _engine(
+    stage: int,
+    seed: int,
+    grad_accum: int = 1,
+    world_size: int = 1,
+    universal_from=None,
+    micro_batch: int = 4,
+    random_ops: bool | None = None,
+):
     import deepspeed
 
     torch.manual_seed(seed)
     model = DropoutNet(random_ops=universal_from is None and world_size == 1 if random_ops is None else random_ops)
     opt = build_optimizer(model, OptimConfig())
-    sched = build_scheduler(opt, ScheduleConfig(warmup_steps=2, milestones_epochs=[0.4]),
-                            steps_per_epoch=10, total_steps=6)  # /10 at step 4
-    ds = fill_deepspeed_config(CONFIGS / f"zero{stage}.json", micro_batch=micro_batch,
-                               grad_accum=grad_accum, world_size=world_size, grad_clip=1.0)
+    sched = build_scheduler(
+        opt, ScheduleConfig(warmup_steps=2, milestones_epochs=[0.4]), steps_per_epoch=10, total_steps=6
+    )  # /10 at step 4
+    ds = fill_deepspeed_config(
+        CONFIGS / f"zero{stage}.json",
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        grad_clip=1.0,
+    )
     ds["bf16"]["enabled"] = False  # fp32 so a resumed run must match to rounding
     if universal_from is not None:
         ckpt.prepare_resume(ds, universal_from, "auto", world_size, universal=True)
@@ -94,8 +113,14 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, stage):
     engine, opt = _engine(stage, seed=0)
     first = _train(engine, opt, range(3))
     assert first == reference[:3]
-    ckpt.save_checkpoint(engine, run_dir, 3, {"trainer": {"step": 3}, "config_fingerprint": "abc"},
-                         keep_last=2, rank_state={"data": {"batches_seen": 3}})
+    ckpt.save_checkpoint(
+        engine,
+        run_dir,
+        3,
+        {"trainer": {"step": 3}, "config_fingerprint": "abc"},
+        keep_last=2,
+        rank_state={"data": {"batches_seen": 3}},
+    )
 
     _seed_all(123)  # a new process: other RNG streams, another init
     engine, opt = _engine(stage, seed=99)
@@ -118,8 +143,11 @@ def test_save_keeps_last_k_and_moves_latest(run_dir):
         assert (run_dir / "latest").read_text() == f"step_{step:08d}\n"
     assert ckpt.list_tags(run_dir) == ["step_00000003", "step_00000004"]
     meta = json.loads((run_dir / "step_00000004" / "meta.json").read_text())
-    written = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-               for p in (run_dir / "step_00000004").iterdir() if p.name != "meta.json"}
+    written = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in (run_dir / "step_00000004").iterdir()
+        if p.name != "meta.json"
+    }
     assert meta == {"step": 4, "world_size": 1, "zero_stage": 2, "config_fingerprint": "f00", "files": written}
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # the atomic write left nothing
     # pruning never deletes the tag `latest` names, even when it sorts first
@@ -148,8 +176,11 @@ def test_other_world_size_is_refused(run_dir):
     tag = ckpt.save_checkpoint(engine, run_dir, 1, {}, keep_last=3)
     meta = json.loads((tag / "meta.json").read_text())
     (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8}))
-    with pytest.raises(ckpt.CheckpointError, match=r"written by 8 data-parallel ranks but this run "
-                                                   r"has 1.*ds_to_universal"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"written by 8 data-parallel ranks but this run "
+        r"has 1.*ds_to_universal",
+    ):
         ckpt.resume(engine, run_dir, "auto")
     ds: dict = {}
     with pytest.raises(ckpt.CheckpointError, match="written by 8"):
@@ -213,7 +244,7 @@ def _global_step(engine, opt, step: int, micro_rows: list[int]) -> tuple[float, 
     images, labels = BATCHES[step]
     losses = []
     for r in micro_rows:  # each micro-batch is 2 of the batch's 4 rows
-        loss = engine(images[2 * r:2 * r + 2], labels[2 * r:2 * r + 2])
+        loss = engine(images[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2])
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
@@ -238,17 +269,26 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
             os.kill(os.getpid(), signal.SIGUSR1)
         agreed = stop.should_exit()
     if env.rank == 0:
-        (Path(save_dir) / "reference.json").write_text(json.dumps(
-            {"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested}))
+        (Path(save_dir) / "reference.json").write_text(
+            json.dumps({"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested})
+        )
 
 
 def test_universal_resume_on_another_world_size(run_dir):
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           __file__, str(run_dir), "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        __file__,
+        str(run_dir),
+        "2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((run_dir / "reference.json").read_text())
     reference = result["steps"]
@@ -301,10 +341,18 @@ def _killed_save(save_dir: str) -> None:
 def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           __file__, str(run_dir), "kill"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        __file__,
+        str(run_dir),
+        "kill",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and (run_dir / ".step_00000001.tmp").is_dir(), proc.stderr[-3000:]
     assert (run_dir / "latest").read_text() == "step_00000001\n"
     assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"  # verified: sizes and sha256
@@ -342,8 +390,11 @@ def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, capl
         assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
     assert "latest is empty" in caplog.text
     (run_dir / "step_00000001" / "meta.json").write_text('{"step": 1, "world_')
-    with pytest.raises(ckpt.CheckpointError, match=r"no intact checkpoint.*latest is empty.*"
-                                                   r"step_00000001/meta.json is not valid JSON"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"no intact checkpoint.*latest is empty.*"
+        r"step_00000001/meta.json is not valid JSON",
+    ):
         ckpt.find_checkpoint(run_dir, "auto")
 
 
@@ -351,8 +402,11 @@ def test_a_zero_stage_change_is_refused_or_bridged(run_dir):
     _save_steps(run_dir, [1], stage=2)
     ds3 = fill_deepspeed_config(CONFIGS / "zero3.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
     for universal in (False, True):  # DeepSpeed's ZeRO-3 universal load cannot read the conversion
-        with pytest.raises(ckpt.CheckpointError, match=r"saved with ZeRO stage 2 but this run's DeepSpeed "
-                                                       r"config has stage 3.*zero2.json.*launch/export.py"):
+        with pytest.raises(
+            ckpt.CheckpointError,
+            match=r"saved with ZeRO stage 2 but this run's DeepSpeed "
+            r"config has stage 3.*zero2.json.*launch/export.py",
+        ):
             ckpt.prepare_resume(ds3, run_dir, "auto", world_size=1, universal=universal)
     ds1 = fill_deepspeed_config(CONFIGS / "zero1.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
     with pytest.raises(ckpt.CheckpointError, match=r"stage 2 .* stage 1.*resume_universal=true"):

@@ -1,4 +1,5 @@
 """The run config: dataclass defaults <- YAML <- key=value, with strict keys and numbers."""
+
 import os
 import re
 import subprocess
@@ -17,8 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"train": {"micro_batch": 4, "epochs": 2}, "optim": {"lr": "2e-4"}}))
-    cfg = load_config(RunConfig, path, ["train.micro_batch=8", "optim.lr=1e-3", "schedule.milestones_epochs=[1,2]",
-                                        "model.overrides.num_layers=3"])
+    cfg = load_config(
+        RunConfig,
+        path,
+        ["train.micro_batch=8", "optim.lr=1e-3", "schedule.milestones_epochs=[1,2]", "model.overrides.num_layers=3"],
+    )
     assert cfg.train.micro_batch == 8 and cfg.train.epochs == 2
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as text
     assert cfg.schedule.milestones_epochs == [1, 2] and cfg.model.overrides == {"num_layers": 3}
@@ -36,14 +40,17 @@ def test_bad_keys_and_values_are_named(tmp_path):
         load_config(RunConfig, tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("train.compile=abc", "train.compile", "expected bool, got 'abc'"),
-    ("model.freeze=embeddings", "model.freeze", r"expected list\[str\], got 'embeddings'"),
-    ("optim.betas=0.9", "optim.betas", r"expected tuple\[float, float\], got 0.9"),
-    ("train.precision=fp8", "train.precision", "expected one of 'fp32', 'bf16', 'fp16' or null, got 'fp8'"),
-    ("schedule.kind=linear", "schedule.kind", "expected one of 'step', 'cosine', 'constant', got 'linear'"),
-    ("train.micro_batch=2.5", "train.micro_batch", "expected int, got 2.5"),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.compile=abc", "train.compile", "expected bool, got 'abc'"),
+        ("model.freeze=embeddings", "model.freeze", r"expected list\[str\], got 'embeddings'"),
+        ("optim.betas=0.9", "optim.betas", r"expected tuple\[float, float\], got 0.9"),
+        ("train.precision=fp8", "train.precision", "expected one of 'fp32', 'bf16', 'fp16' or null, got 'fp8'"),
+        ("schedule.kind=linear", "schedule.kind", "expected one of 'step', 'cosine', 'constant', got 'linear'"),
+        ("train.micro_batch=2.5", "train.micro_batch", "expected int, got 2.5"),
+    ],
+)
 def test_values_of_the_wrong_type_are_refused_naming_key_type_and_value(override, key, expected):
     with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': {expected}"):
         load_config(RunConfig, None, [override])
@@ -74,15 +81,23 @@ def _leaf_keys(tree: dict, where: str = "") -> list[str]:
 def test_help_lists_every_key_with_its_default_without_importing_deepspeed(script, cls):
     from pixelbert_dist.finetune.config import FinetuneConfig
 
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['{script}.py', '--help']\n"
-            "try:\n"
-            f"    runpy.run_path('launch/{script}.py', run_name='__main__')\n"
-            "except SystemExit:\n"
-            "    pass\n"
-            "print('deepspeed loaded:', 'deepspeed' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(REPO))).stdout
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['{script}.py', '--help']\n"
+        "try:\n"
+        f"    runpy.run_path('launch/{script}.py', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('deepspeed loaded:', 'deepspeed' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    ).stdout
     assert out.rstrip().endswith("deepspeed loaded: False")
     defaults = to_dict({"RunConfig": RunConfig, "FinetuneConfig": FinetuneConfig}[cls]())
     for key in _leaf_keys(defaults):

@@ -5,6 +5,7 @@ and with PIL by key, hflip swaps the caption with the pixels, and a loader resto
 from a JSON round trip of its state (DALI pipeline checkpoint inside) continues exactly,
 on this rank and on another one.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ from pixelbert_dist.data.images import padded_batch_size, resized_size, swap_lef
 from pixelbert_dist.data.loader import build_loader
 
 N = 22
-TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels",
-           "is_pad")
+TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels", "is_pad")
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,14 @@ def split(tmp_path_factory):
 
 
 def _wds(directory, batch_size=4, rank=0, world_size=1, train=True, **kw):
-    return build_loader(_cfg("dali", dali_reader="webdataset", **kw), directory, batch_size,
-                        rank=rank, world_size=world_size, train=train)
+    return build_loader(
+        _cfg("dali", dali_reader="webdataset", **kw),
+        directory,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        train=train,
+    )
 
 
 def _by_key(batches) -> dict:
@@ -74,17 +80,16 @@ def test_ranks_partition_the_epoch_and_flag_repeats(split, batch_size):
             begin, end = shard_bounds(N, loader.shard(), world)
             rows = [(k, bool(p)) for b in batches for k, p in zip(b["keys"], b["is_pad"])]
             real = [k for k, pad in rows if not pad]
-            assert sorted(real) == keys[begin:end]            # DALI's contiguous shard
+            assert sorted(real) == keys[begin:end]  # DALI's contiguous shard
             assert {k for k, pad in rows if pad} <= set(real)  # repeats of its own samples
             seen += real
-        assert sorted(seen) == keys                           # every sample exactly once
+        assert sorted(seen) == keys  # every sample exactly once
         orders[epoch] = seen
-    assert orders[0] != orders[1]                             # shards rotate, order reshuffles
+    assert orders[0] != orders[1]  # shards rotate, order reshuffles
     if batch_size == 7:
         assert n_batches == 2 and shard_bounds(N, 0, world) == (0, 7)
-    else:   # drop_last: floor(floor(22 / 3) / 4) = 1 full batch per rank, no repeat
-        dropped = [list(_wds(directory, batch_size, rank=r, world_size=world, drop_last=True))
-                   for r in range(world)]
+    else:  # drop_last: floor(floor(22 / 3) / 4) = 1 full batch per rank, no repeat
+        dropped = [list(_wds(directory, batch_size, rank=r, world_size=world, drop_last=True)) for r in range(world)]
         rows = [k for batches in dropped for b in batches for k in b["keys"]]
         assert [len(batches) for batches in dropped] == [1] * world
         assert len(set(rows)) == len(rows) == world * batch_size
@@ -109,7 +114,7 @@ def test_eval_pixels_match_external_dali_and_pil(split):
     pil = _by_key(build_loader(_cfg("pil"), directory, 5, train=False))
     assert ours.keys() == external.keys() == pil.keys() == set(keys)
     for key in keys:
-        assert torch.equal(ours[key], external[key]), key     # same decoder and ops
+        assert torch.equal(ours[key], external[key]), key  # same decoder and ops
         assert (ours[key] - pil[key]).abs().mean() < MEAN_TOL, key
 
 
@@ -119,13 +124,12 @@ def test_hflip_mirrors_pixels_and_swaps_words(split):
     flipped = list(_wds(directory, 4, hflip=True))
     n_flipped = 0
     for a, b in zip(plain, flipped):
-        assert a["keys"] == b["keys"]                         # the flip op never moves the order
+        assert a["keys"] == b["keys"]  # the flip op never moves the order
         for i, (h, w) in enumerate(a["image_sizes"].tolist()):
             x, y = a["images"][i, :, :h, :w], b["images"][i, :, :h, :w]
             mirrored = torch.allclose(x.flip(-1), y, atol=1e-5)
             assert torch.equal(x, y) != mirrored, a["keys"][i]
-            assert b["captions"][i] == (swap_left_right(a["captions"][i]) if mirrored
-                                        else a["captions"][i])
+            assert b["captions"][i] == (swap_left_right(a["captions"][i]) if mirrored else a["captions"][i])
             n_flipped += mirrored
     assert 0 < n_flipped < sum(len(b["keys"]) for b in plain)
 
@@ -146,7 +150,7 @@ def test_restore_continues_exactly(split):
     kw = dict(batch_size=3, world_size=2, hflip=True, prefetch=2)
     reference = _two_epochs(_wds(directory, rank=1, **kw))
     assert len(reference[0]) == 4 and reference[0][-1]["is_pad"].any()
-    for k in (1, 3):                                   # 3: the next batch holds repeats
+    for k in (1, 3):  # 3: the next batch holds repeats
         loader = _wds(directory, rank=1, **kw)
         first = []
         for batch in loader:
@@ -157,11 +161,11 @@ def test_restore_continues_exactly(split):
         assert state["batches_done"] == k and state["dali_checkpoint"]
         fresh = _wds(directory, rank=1, **kw)
         fresh.load_state_dict(state)
-        fresh.set_epoch(0)                             # same epoch: keeps the position
+        fresh.set_epoch(0)  # same epoch: keeps the position
         _assert_same(first + list(fresh), reference[0])
         fresh.set_epoch(1)
         _assert_same(list(fresh), reference[1])
-        _assert_same(first + list(loader), reference[0])   # the same object continues too
+        _assert_same(first + list(loader), reference[0])  # the same object continues too
 
 
 def test_rank0_state_restores_rank1(split):
@@ -199,9 +203,11 @@ def test_states_of_other_modes_and_bad_configs_are_refused(split):
         _wds(directory).load_state_dict({**state, "dali_checkpoint": None})
     with pytest.raises(ValueError, match="dali_checkpoint.*base64"):
         _wds(directory).load_state_dict({**state, "dali_checkpoint": "not base64!"})
-    for bad, match in [(dict(dali_reader="native"), "data.dali_reader='native'"),
-                       (dict(backend="pil", dali_reader="webdataset"), "mode of data.backend"),
-                       (dict(dali_reader="webdataset", bucketing=True), "bucketing")]:
+    for bad, match in [
+        (dict(dali_reader="native"), "data.dali_reader='native'"),
+        (dict(backend="pil", dali_reader="webdataset"), "mode of data.backend"),
+        (dict(dali_reader="webdataset", bucketing=True), "bucketing"),
+    ]:
         with pytest.raises(ValueError, match=match):
             DataConfig(**bad).validate()
 
@@ -216,8 +222,13 @@ def test_index_files_never_touch_a_read_only_shard_dir(tmp_path, capfd, monkeypa
     # The tests run as root, which chmod cannot stop: deny write access the way a
     # read-only mount does, for this directory only.
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if (
-        mode & os.W_OK and str(path) == str(directory.resolve())) else real_access(path, mode))
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode, **kw: (
+            False if (mode & os.W_OK and str(path) == str(directory.resolve())) else real_access(path, mode)
+        ),
+    )
     loader = _wds(directory, 2, train=False)
     assert sorted(os.listdir(directory)) == before
     assert not str(index_dir(directory)).startswith(str(tmp_path))

@@ -2,6 +2,7 @@
 a finished shard (same size), a shard truncated under a running loader, a JPEG that
 does not decode. None stops the run, none reaches a batch: each is replaced by the
 same stand-in on both backends and after a resume, counted, and named once."""
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,7 @@ def _damage_bytes(directory, sample: int, cut: bool = False) -> str:
     if cut:
         tar.write_bytes(bytes(data[:middle]))
     else:
-        data[middle:middle + 64] = bytes(b ^ 0x5A for b in data[middle:middle + 64])
+        data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
         tar.write_bytes(bytes(data))
     return f"{tar.name}:{ref.key}"
 
@@ -65,10 +66,10 @@ def _check_replaced(batches, loader, bad_key, reference, caplog, where):
     assert loader.damaged == 1 and sum(b["damaged"] for b in batches) == 1
     named = [r for r in caplog.records if where in r.getMessage()]
     assert len(named) == 1, [r.getMessage() for r in caplog.records]
-    for batch in batches:   # every row is a clean image of the key it claims
+    for batch in batches:  # every row is a clean image of the key it claims
         for i, (key, (h, w)) in enumerate(zip(batch["keys"], batch["image_sizes"].tolist())):
             diff = (batch["images"][i, :, :h, :w] - reference[key]).abs().mean()
-            assert diff < MEAN_TOL, (key, float(diff))   # garbage differs by > 0.3
+            assert diff < MEAN_TOL, (key, float(diff))  # garbage differs by > 0.3
     return keys
 
 
@@ -102,13 +103,13 @@ def test_changed_bytes_same_size_are_replaced_alike_and_resume_exactly(tmp_path,
 def test_shard_truncated_under_a_running_loader(tmp_path, clean, backend, caplog):
     directory = tmp_path / "train"
     keys = write_split(directory, mixed_sizes(N, seed=2), per_shard=5)
-    loader = build_loader(_cfg(backend, shuffle=False), directory, BATCH)   # start-up checks pass
-    where = _damage_bytes(directory, N - 1, cut=True)                       # last sample of the last shard
+    loader = build_loader(_cfg(backend, shuffle=False), directory, BATCH)  # start-up checks pass
+    where = _damage_bytes(directory, N - 1, cut=True)  # last sample of the last shard
     with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
         batches = list(loader)
     _check_replaced(batches, loader, keys[N - 1], _pixels_by_key(clean[0]), caplog, where)
     assert "short read" in caplog.records[0].getMessage()
-    with pytest.raises(ShardFormatError, match="truncated or modified"):   # a new start names it
+    with pytest.raises(ShardFormatError, match="truncated or modified"):  # a new start names it
         build_loader(_cfg(backend), directory, BATCH)
 
 
@@ -118,10 +119,12 @@ def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):
     with ShardWriter(directory, "train", samples_per_shard=5) as writer:
         for i, (height, width) in enumerate(sizes):
             key = f"img{i:04d}"
-            writer.write(key, UNDECODABLE if i == 9 else _jpeg(height, width, i),
-                         {"key": key, "captions": [f"caption {i}"], "width": width,
-                          "height": height})
-    assert ShardIndex(directory).read(9).damage is None      # intact bytes: only decoding tells
+            writer.write(
+                key,
+                UNDECODABLE if i == 9 else _jpeg(height, width, i),
+                {"key": key, "captions": [f"caption {i}"], "width": width, "height": height},
+            )
+    assert ShardIndex(directory).read(9).damage is None  # intact bytes: only decoding tells
     with pytest.raises(OSError):
         Image.open(io.BytesIO(UNDECODABLE))
     seen = {}
@@ -131,8 +134,12 @@ def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):
             loader, batches = _run(directory, backend, shuffle=False)
         seen[backend] = [k for b in batches for k in b["keys"]]
         assert "img0009" not in seen[backend] and loader.damaged == 1
-        assert sum("train-000001.tar:img0009" in r.getMessage() and "undecodable" in r.getMessage()
-                   for r in caplog.records) == 1
+        assert (
+            sum(
+                "train-000001.tar:img0009" in r.getMessage() and "undecodable" in r.getMessage() for r in caplog.records
+            )
+            == 1
+        )
         assert all(np.isfinite(b["images"].numpy()).all() for b in batches)
     assert seen["dali"] == seen["pil"]
 

@@ -1,4 +1,5 @@
 """DeepSpeed JSON filling: "auto" from the run config, contradictions refused, CPU fallbacks."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,15 @@ def test_shipped_configs_fill(name):
 
 
 def test_missing_keys_filled_and_equal_values_accepted(tmp_path):
-    path = _write(tmp_path, {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1,
-                             "train_batch_size": 24, "zero_optimization": {"stage": 1}})
+    path = _write(
+        tmp_path,
+        {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_clipping": 1,
+            "train_batch_size": 24,
+            "zero_optimization": {"stage": 1},
+        },
+    )
     ds = fill_deepspeed_config(path, **RUN)
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 24
     assert precision_of(ds) == "fp32"
@@ -62,11 +70,14 @@ def test_input_dict_not_modified():
     assert original == {"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True}}
 
 
-@pytest.mark.parametrize("key,value,run_key", [
-    ("train_micro_batch_size_per_gpu", 8, "micro_batch"),
-    ("gradient_accumulation_steps", 1, "grad_accum"),
-    ("gradient_clipping", 0.5, "grad_clip"),
-])
+@pytest.mark.parametrize(
+    "key,value,run_key",
+    [
+        ("train_micro_batch_size_per_gpu", 8, "micro_batch"),
+        ("gradient_accumulation_steps", 1, "grad_accum"),
+        ("gradient_clipping", 0.5, "grad_clip"),
+    ],
+)
 def test_contradiction_names_file_key_and_values(tmp_path, key, value, run_key):
     path = _write(tmp_path, {key: value}, "mine.json")
     with pytest.raises(ConfigError) as err:
@@ -117,32 +128,37 @@ def test_precision_override_and_auto():
     with pytest.warns(UserWarning, match="enables bf16; the run config asks fp32"):
         ds = fill_deepspeed_config(CONFIGS / "zero2.json", **RUN, precision="fp32")
     assert precision_of(ds) == "fp32" and ds["bf16"]["enabled"] is False
-    ds = fill_deepspeed_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}},
-                               **RUN, precision="fp16")
+    ds = fill_deepspeed_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, **RUN, precision="fp16")
     assert ds["fp16"] == {"enabled": True, "loss_scale": 0} and ds["bf16"]["enabled"] is False
     assert precision_of(fill_deepspeed_config({"bf16": {"enabled": "auto"}}, **RUN)) == "bf16"
 
 
 def test_fp16_falls_back_where_the_accelerator_lacks_it(monkeypatch):
     monkeypatch.setattr(dsc, "_accelerator_caps", lambda: {**CPU_CAPS, "fp16": False})
-    with pytest.warns(UserWarning, match="fp16 is not supported on this cpu accelerator; "
-                                         "falling back to bf16"):
+    with pytest.warns(UserWarning, match="fp16 is not supported on this cpu accelerator; falling back to bf16"):
         ds = fill_deepspeed_config(CONFIGS / "zero2_fp16.json", **RUN)
     assert precision_of(ds) == "bf16" and ds["fp16"]["enabled"] is False
 
 
 def test_nvme_offload_falls_back_to_cpu():
-    zero = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"},
-            "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True}}
-    with pytest.warns(UserWarning, match="nvme.*async_io.*offloading to \"cpu\""):
+    zero = {
+        "stage": 3,
+        "offload_param": {"device": "nvme", "nvme_path": "/local_nvme"},
+        "offload_optimizer": {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True},
+    }
+    with pytest.warns(UserWarning, match='nvme.*async_io.*offloading to "cpu"'):
         ds = fill_deepspeed_config({"zero_optimization": zero}, **RUN)
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["zero_force_ds_cpu_optimizer"] is False
-    with pytest.raises(ConfigError, match="zero_force_ds_cpu_optimizer\" must be false"):
-        fill_deepspeed_config({"zero_force_ds_cpu_optimizer": True,
-                               "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
-                              **RUN)
+    with pytest.raises(ConfigError, match='zero_force_ds_cpu_optimizer" must be false'):
+        fill_deepspeed_config(
+            {
+                "zero_force_ds_cpu_optimizer": True,
+                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+            },
+            **RUN,
+        )
 
 
 def test_real_accelerator_probe():

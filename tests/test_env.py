@@ -1,4 +1,5 @@
 """The launcher's variables parsed right: deepspeed, torchrun, Slurm, a plain process."""
+
 from __future__ import annotations
 
 import os
@@ -14,10 +15,24 @@ import torch
 from pixelbert_dist.distributed import env as envmod
 from pixelbert_dist.distributed.env import DistEnv, detect_env, device_for, first_host
 
-_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR",
-                "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_JOB_NODELIST",
-                "SLURM_NODELIST", "SLURM_JOB_ID")
+_LAUNCH_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_JOB_ID",
+)
 
 
 @pytest.fixture
@@ -28,17 +43,37 @@ def clean_env(monkeypatch):
 
 
 def test_deepspeed_launcher(clean_env):
-    for key, value in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", LOCAL_SIZE="2",
-                           MASTER_ADDR="10.1.2.3", MASTER_PORT="29611", CROSS_RANK="1").items():
+    for key, value in dict(
+        RANK="3",
+        LOCAL_RANK="1",
+        WORLD_SIZE="4",
+        LOCAL_SIZE="2",
+        MASTER_ADDR="10.1.2.3",
+        MASTER_PORT="29611",
+        CROSS_RANK="1",
+    ).items():
         clean_env.setenv(key, value)
-    assert detect_env() == DistEnv(rank=3, local_rank=1, world_size=4, local_world_size=2,
-                                   master_addr="10.1.2.3", master_port=29611, launcher="deepspeed")
+    assert detect_env() == DistEnv(
+        rank=3,
+        local_rank=1,
+        world_size=4,
+        local_world_size=2,
+        master_addr="10.1.2.3",
+        master_port=29611,
+        launcher="deepspeed",
+    )
 
 
 def test_torchrun(clean_env):
-    for key, value in dict(RANK="5", LOCAL_RANK="1", WORLD_SIZE="8", LOCAL_WORLD_SIZE="4",
-                           MASTER_ADDR="host0", MASTER_PORT="29400",
-                           TORCHELASTIC_RUN_ID="abc").items():
+    for key, value in dict(
+        RANK="5",
+        LOCAL_RANK="1",
+        WORLD_SIZE="8",
+        LOCAL_WORLD_SIZE="4",
+        MASTER_ADDR="host0",
+        MASTER_PORT="29400",
+        TORCHELASTIC_RUN_ID="abc",
+    ).items():
         clean_env.setenv(key, value)
     env = detect_env()
     assert env == DistEnv(5, 1, 8, 4, "host0", 29400, "torchrun")
@@ -47,21 +82,32 @@ def test_torchrun(clean_env):
 
 def test_launcher_wins_over_slurm(clean_env):
     # `srun deepspeed ...` or torchrun inside an allocation: the launcher's ranks are the truth
-    for key, value in dict(RANK="1", WORLD_SIZE="2", MASTER_PORT="1234", SLURM_PROCID="0",
-                           SLURM_NTASKS="1").items():
+    for key, value in dict(RANK="1", WORLD_SIZE="2", MASTER_PORT="1234", SLURM_PROCID="0", SLURM_NTASKS="1").items():
         clean_env.setenv(key, value)
     assert detect_env().launcher == "deepspeed" and detect_env().rank == 1
 
 
 def test_slurm(clean_env, monkeypatch):
     monkeypatch.setattr(envmod.shutil, "which", lambda name: None)  # no scontrol: parse ourselves
-    for key, value in dict(SLURM_PROCID="6", SLURM_NTASKS="8", SLURM_LOCALID="2",
-                           SLURM_NTASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu[07-08]",
-                           SLURM_JOB_ID="123456").items():
+    for key, value in dict(
+        SLURM_PROCID="6",
+        SLURM_NTASKS="8",
+        SLURM_LOCALID="2",
+        SLURM_NTASKS_PER_NODE="4(x2)",
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_JOB_ID="123456",
+    ).items():
         clean_env.setenv(key, value)
     env = detect_env()
-    assert env == DistEnv(rank=6, local_rank=2, world_size=8, local_world_size=4,
-                          master_addr="gpu07", master_port=15000 + 123456 % 20000, launcher="slurm")
+    assert env == DistEnv(
+        rank=6,
+        local_rank=2,
+        world_size=8,
+        local_world_size=4,
+        master_addr="gpu07",
+        master_port=15000 + 123456 % 20000,
+        launcher="slurm",
+    )
 
 
 def test_slurm_uses_scontrol_when_present(clean_env, tmp_path):
@@ -69,17 +115,29 @@ def test_slurm_uses_scontrol_when_present(clean_env, tmp_path):
     fake.write_text("#!/bin/sh\n[ \"$1 $2\" = 'show hostnames' ] && printf 'nodeA\\nnodeB\\n'\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     clean_env.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    for key, value in dict(SLURM_PROCID="0", SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="1(x2)",
-                           SLURM_JOB_NODELIST="weird-list", SLURM_JOB_ID="7").items():
+    for key, value in dict(
+        SLURM_PROCID="0",
+        SLURM_NTASKS="2",
+        SLURM_TASKS_PER_NODE="1(x2)",
+        SLURM_JOB_NODELIST="weird-list",
+        SLURM_JOB_ID="7",
+    ).items():
         clean_env.setenv(key, value)
     env = detect_env()
     assert env.master_addr == "nodeA" and env.local_world_size == 1 and env.master_port == 15007
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("node[01-04]", "node01"), ("node[3,5-7]", "node3"), ("a01,b02", "a01"),
-    ("gpu[1-2],cpu[3-4]", "gpu1"), ("single", "single"), ("rack1-n[010-012]", "rack1-n010"),
-])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("node[01-04]", "node01"),
+        ("node[3,5-7]", "node3"),
+        ("a01,b02", "a01"),
+        ("gpu[1-2],cpu[3-4]", "gpu1"),
+        ("single", "single"),
+        ("rack1-n[010-012]", "rack1-n010"),
+    ],
+)
 def test_first_host(nodelist, first):
     assert first_host(nodelist) == first
 
@@ -134,8 +192,9 @@ def test_rendezvous_on_a_held_port_fails_at_once_with_the_reason():
     holder.bind(("0.0.0.0", 0))
     holder.listen()
     port = holder.getsockname()[1]
-    env = DistEnv(rank=0, world_size=2, master_addr="127.0.0.1", master_port=port,
-                  source="MASTER_PORT from the environment")
+    env = DistEnv(
+        rank=0, world_size=2, master_addr="127.0.0.1", master_port=port, source="MASTER_PORT from the environment"
+    )
     try:
         with pytest.raises(envmod.RendezvousError) as err:
             envmod.rendezvous(env, timeout_s=5)
@@ -163,9 +222,15 @@ def test_rendezvous_with_a_silent_master_ends_within_the_bound(tmp_path):
         "    rendezvous(env, timeout_s=2)\n"
         "except RendezvousError as err:\n"
         "    print(f'{time.monotonic() - start:.1f}', err, flush=True)\n"
-        "    sys.exit(1)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(Path(envmod.__file__).parents[2])})
+        "    sys.exit(1)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(envmod.__file__).parents[2])},
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     seconds, message = proc.stdout.split(" ", 1)
     assert float(seconds) < 10  # the bound (2 s) and a margin for a busy machine

@@ -1,5 +1,6 @@
 """The fine-tuning export: checksums verified on load, fp32 copies that leave the caller's
 model alone, eval mode, one file mode, and the input settings fine-tuning needs."""
+
 import hashlib
 import json
 import logging
@@ -36,8 +37,10 @@ def test_config_records_sha256_and_loads_back_equal_in_eval_mode(export):
     folder, model = export
     record = json.loads((folder / "config.json").read_text())
     weights = (folder / "model.safetensors").read_bytes()
-    assert record["files"]["model.safetensors"] == {"sha256": hashlib.sha256(weights).hexdigest(),
-                                                    "bytes": len(weights)}
+    assert record["files"]["model.safetensors"] == {
+        "sha256": hashlib.sha256(weights).hexdigest(),
+        "bytes": len(weights),
+    }
     assert record["tokenizer"] == {"class": "BertTokenizer", "vocab_size": 512, "do_lower_case": True}
     loaded = PixelBert.from_pretrained(folder)
     assert not loaded.training
@@ -66,7 +69,7 @@ def test_overwritten_bytes_are_refused_naming_the_file(export, tmp_path):
     folder = copy_export(export[0], tmp_path / "flipped")
     weights = folder / "model.safetensors"
     data = bytearray(weights.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 1000] = os.urandom(1000)  # inside the tensor payload
+    data[len(data) // 2 : len(data) // 2 + 1000] = os.urandom(1000)  # inside the tensor payload
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=rf"{weights} does not match the sha256 in config.json"):
         PixelBert.from_pretrained(folder)
@@ -92,16 +95,20 @@ def test_save_pretrained_leaves_a_bf16_model_in_bf16(tmp_path):
         assert torch.equal(value, before[key]), key
     loaded = PixelBert.from_pretrained(tmp_path / "bf16")
     assert loaded.embeddings.word_embeddings.weight.dtype == torch.float32
-    torch.testing.assert_close(loaded.embeddings.word_embeddings.weight,
-                               before["embeddings.word_embeddings.weight"].float(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        loaded.embeddings.word_embeddings.weight, before["embeddings.word_embeddings.weight"].float(), atol=0, rtol=0
+    )
 
 
 def test_export_config_carries_the_input_settings(tmp_path):
-    run_cfg = load_config(RunConfig, overrides=["data.image_shorter=320", "data.image_max=512",
-                                                "data.max_text_len=24", "model.preset=tiny"])
+    run_cfg = load_config(
+        RunConfig,
+        overrides=["data.image_shorter=320", "data.image_max=512", "data.max_text_len=24", "model.preset=tiny"],
+    )
     model = build_model("tiny")
-    out = write_export(model.config, model.state_dict(), tmp_path / "export", load_tokenizer(),
-                       {"checkpoint": "step_1"}, run_cfg)
+    out = write_export(
+        model.config, model.state_dict(), tmp_path / "export", load_tokenizer(), {"checkpoint": "step_1"}, run_cfg
+    )
     record = json.loads((out / "config.json").read_text())
     assert record["preset"] == "tiny"
     assert record["checkpoint"] == "step_1"

@@ -2,6 +2,7 @@
 shards built the documented way are found with the readers' defaults, a mismatch says
 which key was wanted and which were found, and missing demo task files name the command
 that makes them (issue 14 item 8)."""
+
 from __future__ import annotations
 
 import json
@@ -41,10 +42,18 @@ def test_retrieval_defaults_find_karpathy_shards(tmp_path, flickr):
 def test_retrieval_key_mismatch_names_wanted_and_found_keys(tmp_path):
     fx = write_karpathy(tmp_path / "src")
     build_coco(tmp_path / "shards", fx["images"], karpathy_json=fx["karpathy"], **FAST)
-    with pytest.raises(ValueError, match=r"0 images found.*wanted key 'COCO_train2014_000000000001' "
-                                         r"\(retrieval.key_format='\{stem\}'.*found keys like 'coco1'"):
-        _task(tmp_path, [tmp_path / "shards" / "train"], "task=retrieval",
-              f"retrieval.karpathy={fx['karpathy']}", "retrieval.key_format='{stem}'")
+    with pytest.raises(
+        ValueError,
+        match=r"0 images found.*wanted key 'COCO_train2014_000000000001' "
+        r"\(retrieval.key_format='\{stem\}'.*found keys like 'coco1'",
+    ):
+        _task(
+            tmp_path,
+            [tmp_path / "shards" / "train"],
+            "task=retrieval",
+            f"retrieval.karpathy={fx['karpathy']}",
+            "retrieval.key_format='{stem}'",
+        )
 
 
 def _vqa_files(root, image_ids):
@@ -62,34 +71,50 @@ def test_vqa_defaults_find_image_only_test2015_shards_and_name_a_mismatch(tmp_pa
     task = _task(tmp_path, [tmp_path / "shards"], "task=vqa", *_vqa_files(tmp_path, [1, 57, 3]))
     assert sorted(ex.image_id for ex, _ in task.train_examples) == [1, 57]
     assert task.skipped["train_images"]["images_missing"] == 1
-    with pytest.raises(ValueError, match=r"q\.json: 0 images found.*wanted key 'COCO_1' "
-                                         r"\(vqa.key_format='COCO_\{image_id\}' for image_id 1\).*'coco1'"):
-        _task(tmp_path, [tmp_path / "shards"], "task=vqa", *_vqa_files(tmp_path, [1, 57]),
-              "vqa.key_format=COCO_{image_id}")
+    with pytest.raises(
+        ValueError,
+        match=r"q\.json: 0 images found.*wanted key 'COCO_1' "
+        r"\(vqa.key_format='COCO_\{image_id\}' for image_id 1\).*'coco1'",
+    ):
+        _task(
+            tmp_path,
+            [tmp_path / "shards"],
+            "task=vqa",
+            *_vqa_files(tmp_path, [1, 57]),
+            "vqa.key_format=COCO_{image_id}",
+        )
 
 
 def test_nlvr2_defaults_find_image_only_shards(tmp_path):
     for name in ("dev-850-0-img0", "dev-850-0-img1", "dev-851-0-img0"):
         write_image(tmp_path / "dev" / f"{name}.jpg", "rgb").rename(tmp_path / "dev" / f"{name}.png")
     build_images(tmp_path / "shards", [tmp_path / "dev"], "nlvr2", **FAST)
-    lines = [{"identifier": "dev-850-0-0", "sentence": "two dogs", "label": "True"},
-             {"identifier": "dev-851-0-0", "sentence": "a cat", "label": "False"}]   # img1 missing
+    lines = [
+        {"identifier": "dev-850-0-0", "sentence": "two dogs", "label": "True"},
+        {"identifier": "dev-851-0-0", "sentence": "a cat", "label": "False"},
+    ]  # img1 missing
     (tmp_path / "train.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
     task = _task(tmp_path, [tmp_path / "shards"], "task=nlvr2", f"nlvr2.train={tmp_path / 'train.json'}")
     assert [ex.identifier for ex in task.train_examples] == ["dev-850-0-0"]
     with pytest.raises(ValueError, match=r"wanted key 'nlvr2-dev-850-0-img0'.*found keys like 'dev-850-0-img0'"):
-        _task(tmp_path, [tmp_path / "shards"], "task=nlvr2", f"nlvr2.train={tmp_path / 'train.json'}",
-              "nlvr2.key_format=nlvr2-{name}")
+        _task(
+            tmp_path,
+            [tmp_path / "shards"],
+            "task=nlvr2",
+            f"nlvr2.train={tmp_path / 'train.json'}",
+            "nlvr2.key_format=nlvr2-{name}",
+        )
 
 
-@pytest.mark.parametrize("task, setting", [("vqa", "vqa.image_map"), ("nlvr2", "nlvr2.image_map"),
-                                           ("retrieval", "retrieval.karpathy")])
+@pytest.mark.parametrize(
+    "task, setting", [("vqa", "vqa.image_map"), ("nlvr2", "nlvr2.image_map"), ("retrieval", "retrieval.karpathy")]
+)
 def test_missing_demo_task_files_name_the_command(tmp_path, task, setting):
     write_image(tmp_path / "dev" / "dev-1-0-img0.png", "rgb")
     build_images(tmp_path / "shards", [tmp_path / "dev"], "nlvr2", **FAST)
-    files = {"vqa": _vqa_files(tmp_path, [1]), "nlvr2": [f"nlvr2.train={tmp_path / 'none.json'}"],
-             "retrieval": []}[task]
+    files = {"vqa": _vqa_files(tmp_path, [1]), "nlvr2": [f"nlvr2.train={tmp_path / 'none.json'}"], "retrieval": []}[
+        task
+    ]
     with pytest.raises(FileNotFoundError, match=r"data/tasks/\w+/missing.json does not exist") as err:
-        _task(tmp_path, [tmp_path / "shards"], f"task={task}", *files,
-              f"{setting}=data/tasks/{task}/missing.json")
+        _task(tmp_path, [tmp_path / "shards"], f"task={task}", *files, f"{setting}=data/tasks/{task}/missing.json")
     assert MAKE_TASKS in str(err.value)

@@ -1,17 +1,33 @@
 """NLVR2: official jsonl reader, image naming, metrics and predictions file."""
+
 import json
 
 import pytest
 
 from pixelbert_dist.finetune.nlvr2_data import (
-    Nlvr2FormatError, drop_missing_images, evaluate_nlvr2, image_keys, read_nlvr2, read_nlvr2_predictions,
-    write_nlvr2_predictions)
+    Nlvr2FormatError,
+    drop_missing_images,
+    evaluate_nlvr2,
+    image_keys,
+    read_nlvr2,
+    read_nlvr2_predictions,
+    write_nlvr2_predictions,
+)
 
 
 def _line(identifier, sentence="one image has two dogs.", label="True", **extra):
-    row = {"validation": {"W0": "True"}, "sentence": sentence, "left_url": "http://x/l.jpg",
-           "writer": "W1", "label": label, "right_url": "http://x/r.jpg", "synset": "n02084071",
-           "query": "dog 12", "identifier": identifier, **extra}
+    row = {
+        "validation": {"W0": "True"},
+        "sentence": sentence,
+        "left_url": "http://x/l.jpg",
+        "writer": "W1",
+        "label": label,
+        "right_url": "http://x/r.jpg",
+        "synset": "n02084071",
+        "query": "dog 12",
+        "identifier": identifier,
+        **extra,
+    }
     return json.dumps(row)
 
 
@@ -29,9 +45,15 @@ def test_image_keys():
 
 
 def test_read_official_jsonl(tmp_path):
-    path = _write(tmp_path / "dev.json", [_line("dev-850-0-0"), "",
-                                          _line("dev-850-1-0", label="False"),
-                                          _line("dev-851-0-1", sentence="no dogs.", label="true")])
+    path = _write(
+        tmp_path / "dev.json",
+        [
+            _line("dev-850-0-0"),
+            "",
+            _line("dev-850-1-0", label="False"),
+            _line("dev-851-0-1", sentence="no dogs.", label="true"),
+        ],
+    )
     examples = read_nlvr2(path)
     assert [e.identifier for e in examples] == ["dev-850-0-0", "dev-850-1-0", "dev-851-0-1"]
     assert [e.label for e in examples] == [True, False, True]
@@ -59,14 +81,17 @@ def test_images_resolved_flat_and_in_train_directories(tmp_path):
         read_nlvr2(missing, images)
 
 
-@pytest.mark.parametrize("line, message", [
-    (_line("dev-1-0-0", label="yes"), r"bad.json:2: label must be \"True\" or \"False\", got 'yes'"),
-    (_line("dev-1-0-0", label=1), r"bad.json:2: label must be"),
-    (_line("dev-1-0"), r"bad.json:2: identifier 'dev-1-0'"),
-    ('{"identifier": "dev-1-0-0"', r"bad.json:2: not valid JSON"),
-    (json.dumps({"identifier": "dev-1-0-0", "label": "True"}), r"bad.json:2: 'identifier' and 'sentence'"),
-    (_line("dev-9-0-0"), r"bad.json:2: duplicate identifier dev-9-0-0"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (_line("dev-1-0-0", label="yes"), r"bad.json:2: label must be \"True\" or \"False\", got 'yes'"),
+        (_line("dev-1-0-0", label=1), r"bad.json:2: label must be"),
+        (_line("dev-1-0"), r"bad.json:2: identifier 'dev-1-0'"),
+        ('{"identifier": "dev-1-0-0"', r"bad.json:2: not valid JSON"),
+        (json.dumps({"identifier": "dev-1-0-0", "label": "True"}), r"bad.json:2: 'identifier' and 'sentence'"),
+        (_line("dev-9-0-0"), r"bad.json:2: duplicate identifier dev-9-0-0"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = _write(tmp_path / "bad.json", [_line("dev-9-0-0"), line])
     with pytest.raises(Nlvr2FormatError, match=message):
@@ -75,16 +100,28 @@ def test_bad_lines_name_file_and_line(tmp_path, line, message):
 
 def test_accuracy_and_consistency(tmp_path):
     # Sentence "dev-1-_-0" has two pairs, "dev-1-_-1" one, "dev-2-_-0" two.
-    lines = [_line("dev-1-0-0", label="True"), _line("dev-1-1-0", label="False"),
-             _line("dev-1-0-1", label="True"),
-             _line("dev-2-0-0", label="False"), _line("dev-2-3-0", label="False")]
+    lines = [
+        _line("dev-1-0-0", label="True"),
+        _line("dev-1-1-0", label="False"),
+        _line("dev-1-0-1", label="True"),
+        _line("dev-2-0-0", label="False"),
+        _line("dev-2-3-0", label="False"),
+    ]
     examples = read_nlvr2(_write(tmp_path / "dev.json", lines))
-    preds = {"dev-1-0-0": True, "dev-1-1-0": False,      # group fully right
-             "dev-1-0-1": False,                         # group wrong
-             "dev-2-0-0": False, "dev-2-3-0": True}      # one of two wrong
+    preds = {
+        "dev-1-0-0": True,
+        "dev-1-1-0": False,  # group fully right
+        "dev-1-0-1": False,  # group wrong
+        "dev-2-0-0": False,
+        "dev-2-3-0": True,
+    }  # one of two wrong
     result = evaluate_nlvr2(preds, examples)
-    assert result == {"accuracy": pytest.approx(60.0), "consistency": pytest.approx(100 / 3),
-                      "num_examples": 5, "num_sentences": 3}
+    assert result == {
+        "accuracy": pytest.approx(60.0),
+        "consistency": pytest.approx(100 / 3),
+        "num_examples": 5,
+        "num_sentences": 3,
+    }
     path = write_nlvr2_predictions(tmp_path / "pred.csv", preds, examples)
     assert path.read_text().splitlines()[:2] == ["dev-1-0-0,True", "dev-1-1-0,False"]
     assert read_nlvr2_predictions(path) == preds
@@ -96,5 +133,4 @@ def test_missing_images_are_dropped_and_counted(tmp_path):
     examples = read_nlvr2(_write(tmp_path / "dev.json", [_line("dev-1-0-0"), _line("dev-1-1-0")]))
     kept, stats = drop_missing_images(examples, ["dev-1-0-img0", "dev-1-0-img1", "dev-1-1-img0"])
     assert [ex.identifier for ex in kept] == ["dev-1-0-0"]
-    assert stats == {"examples_missing_image": 1, "images_missing": 1,
-                     "example_missing_images": ["dev-1-1-img1"]}
+    assert stats == {"examples_missing_image": 1, "images_missing": 1, "example_missing_images": ["dev-1-1-img1"]}

@@ -1,6 +1,7 @@
 """Fine-tuning parts against references: the task loader's exact resume, VQA soft targets
 in the batch, NLVR2 pairs, hardest-negative selection, and retrieval scores computed with
 the CNN once per image equal to scoring every pair on its own."""
+
 import pytest
 import torch
 
@@ -15,16 +16,35 @@ from pixelbert_dist.finetune.vqa_data import answer_score
 
 def _task(ft, name, tmp_path, *overrides):
     t = ft["tasks"]
-    files = {"vqa": [f"vqa.train_questions={t}/vqa/v2_OpenEnded_mscoco_train_questions.json",
-                     f"vqa.train_annotations={t}/vqa/v2_mscoco_train_annotations.json",
-                     f"vqa.image_map={t}/vqa/image_ids.json"],
-             "nlvr2": [f"nlvr2.train={t}/nlvr2/train.json", f"nlvr2.image_map={t}/nlvr2/images.json"],
-             "retrieval": [f"retrieval.karpathy={t}/retrieval/dataset_synthetic.json", "retrieval.train_splits=[train]",
-                           "retrieval.num_negatives=6", "retrieval.hard_negatives=2",
-                           "retrieval.key_format='{stem}'"]}[name]  # the synthetic file names KEY.jpg
-    cfg = load_config(FinetuneConfig, None, [f"task={name}", f"pretrained={ft['export']}", "data.backend=pil",
-                                             "data.num_workers=0", "data.image_shorter=64", "data.image_max=64",
-                                             *files, *overrides])
+    files = {
+        "vqa": [
+            f"vqa.train_questions={t}/vqa/v2_OpenEnded_mscoco_train_questions.json",
+            f"vqa.train_annotations={t}/vqa/v2_mscoco_train_annotations.json",
+            f"vqa.image_map={t}/vqa/image_ids.json",
+        ],
+        "nlvr2": [f"nlvr2.train={t}/nlvr2/train.json", f"nlvr2.image_map={t}/nlvr2/images.json"],
+        "retrieval": [
+            f"retrieval.karpathy={t}/retrieval/dataset_synthetic.json",
+            "retrieval.train_splits=[train]",
+            "retrieval.num_negatives=6",
+            "retrieval.hard_negatives=2",
+            "retrieval.key_format='{stem}'",
+        ],
+    }[name]  # the synthetic file names KEY.jpg
+    cfg = load_config(
+        FinetuneConfig,
+        None,
+        [
+            f"task={name}",
+            f"pretrained={ft['export']}",
+            "data.backend=pil",
+            "data.num_workers=0",
+            "data.image_shorter=64",
+            "data.image_max=64",
+            *files,
+            *overrides,
+        ],
+    )
     cfg.data.shards = ft["shards"]
     backbone, tokenizer = load_export(cfg)
     task = make_task(cfg, tokenizer, KeyedImages(cfg.data.shards), tmp_path)
@@ -32,8 +52,16 @@ def _task(ft, name, tmp_path, *overrides):
 
 
 def _loader(cfg, task, batch, **kw):
-    return TaskLoader(task.train_examples, task.images, task.image_keys, task.collate, loader_data_config(cfg.data),
-                      batch, images_per_example=task.images_per_example, **kw)
+    return TaskLoader(
+        task.train_examples,
+        task.images,
+        task.image_keys,
+        task.collate,
+        loader_data_config(cfg.data),
+        batch,
+        images_per_example=task.images_per_example,
+        **kw,
+    )
 
 
 def _ids(batch):
@@ -54,7 +82,7 @@ def test_task_loader_resumes_exactly(ft, tmp_path):
     fresh.load_state_dict(state)
     rest = list(fresh)
     assert [_ids(b) for b in first + rest] == [_ids(b) for b in full]
-    for a, b in zip(first + rest, full):   # the same negatives are drawn after a resume
+    for a, b in zip(first + rest, full):  # the same negatives are drawn after a resume
         torch.testing.assert_close(a["negatives"]["input_ids"], b["negatives"]["input_ids"])
         torch.testing.assert_close(a["images"], b["images"])
     other = _loader(cfg, task, 4, rank=1, world_size=2, seed=3)
@@ -81,10 +109,14 @@ def test_vqa_batch_targets_and_nlvr2_pairs(ft, tmp_path):
     with torch.no_grad():
         logits = model(batch)["logits"]
         # reference: each image with the sentence on its own, then the head on [left; right]
-        pooled = [model.pooled({k: batch[k][i // 2:i // 2 + 1] for k in TEXT_KEYS},
-                               *model.backbone.encode_pixels(batch["images"][i:i + 1], batch["image_sizes"][i:i + 1]))
-                  for i in range(6)]
-        want = model.head(torch.cat([torch.cat(pooled[2 * j:2 * j + 2], 1) for j in range(3)]))
+        pooled = [
+            model.pooled(
+                {k: batch[k][i // 2 : i // 2 + 1] for k in TEXT_KEYS},
+                *model.backbone.encode_pixels(batch["images"][i : i + 1], batch["image_sizes"][i : i + 1]),
+            )
+            for i in range(6)
+        ]
+        want = model.head(torch.cat([torch.cat(pooled[2 * j : 2 * j + 2], 1) for j in range(3)]))
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
 
 
@@ -92,7 +124,7 @@ def test_retrieval_hard_negatives_and_scores(ft, tmp_path):
     cfg, task, backbone = _task(ft, "retrieval", tmp_path)
     batch = next(iter(_loader(cfg, task, 3, seed=1)))
     owner = task.train_owner
-    for item in batch["examples"]:   # negatives are captions of other images
+    for item in batch["examples"]:  # negatives are captions of other images
         assert item.image == owner[item.text]
     model: RetrievalModel = task.build_model(backbone).eval()
     neg = batch["negatives"]
@@ -117,20 +149,37 @@ def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
 
     cfg, task, backbone = _task(ft, "retrieval", tmp_path, "retrieval.text_batch=7", "retrieval.max_eval_images=5")
     model = task.build_model(backbone)
-    engine, *_ = deepspeed.initialize(model=model, config={"train_micro_batch_size_per_gpu": 1,
-                                                           "zero_optimization": {"stage": 0}})
+    engine, *_ = deepspeed.initialize(
+        model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    )
     split = cfg.retrieval.eval_split
-    loader = TaskLoader(task.eval_splits[split], task.images, task.image_keys, task.collate,
-                        loader_data_config(cfg.data), 2, train=False)
+    loader = TaskLoader(
+        task.eval_splits[split],
+        task.images,
+        task.image_keys,
+        task.collate,
+        loader_data_config(cfg.data),
+        2,
+        train=False,
+    )
     metrics = task.evaluate(engine, split, loader, lambda b: b)
     scores = torch.load(tmp_path / f"retrieval_{split}_scores.pt", weights_only=True)["scores"]
     assert scores.shape == (5, task.eval_owner.numel()) and metrics["num_images"] == 5
     model.eval()
-    one = TaskLoader(task.eval_splits[split], task.images, task.image_keys, task.collate,
-                     loader_data_config(cfg.data), 1, train=False)
+    one = TaskLoader(
+        task.eval_splits[split],
+        task.images,
+        task.image_keys,
+        task.collate,
+        loader_data_config(cfg.data),
+        1,
+        train=False,
+    )
     with torch.no_grad():
         for i, batch in enumerate(one):
-            for t in range(0, scores.shape[1], 9):   # a few pairs, each scored alone
-                text = {k: task.eval_texts[k][t:t + 1] for k in TEXT_KEYS}
-                want = model.backbone.itm_score(text, *model.backbone.encode_pixels(batch["images"], batch["image_sizes"]))
+            for t in range(0, scores.shape[1], 9):  # a few pairs, each scored alone
+                text = {k: task.eval_texts[k][t : t + 1] for k in TEXT_KEYS}
+                want = model.backbone.itm_score(
+                    text, *model.backbone.encode_pixels(batch["images"], batch["image_sizes"])
+                )
                 torch.testing.assert_close(scores[i, t], want[0], atol=1e-5, rtol=1e-4)

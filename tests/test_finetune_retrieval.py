@@ -1,4 +1,5 @@
 """Retrieval: Karpathy split reader, recall@K on hand-computed matrices, hard negatives."""
+
 import json
 
 import pytest
@@ -6,15 +7,21 @@ import torch
 
 from pixelbert_dist.train import recall  # recall@K's home, shared with pre-training's probe
 from pixelbert_dist.finetune.retrieval_metrics import (
-    KarpathyFormatError, flatten_captions, hardest_negatives, read_karpathy_split, recall_at_k,
-    retrieval_ranks, sample_negatives)
+    KarpathyFormatError,
+    flatten_captions,
+    hardest_negatives,
+    read_karpathy_split,
+    recall_at_k,
+    retrieval_ranks,
+    sample_negatives,
+)
 
 # 3 images x 6 captions; captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
 OWNER = [0, 0, 1, 1, 2, 2]
 SCORES = [
-    [0.9, 0.1, 0.5, 0.2, 0.3, 0.1],   # best own 0.9, no negative >= 0.9        -> i2t rank 0
+    [0.9, 0.1, 0.5, 0.2, 0.3, 0.1],  # best own 0.9, no negative >= 0.9        -> i2t rank 0
     [0.8, 0.7, 0.6, 0.75, 0.1, 0.2],  # best own 0.75, caption 0 (0.8) above    -> rank 1
-    [0.4, 0.4, 0.4, 0.4, 0.4, 0.1],   # best own 0.4, four negatives TIE at 0.4 -> rank 4
+    [0.4, 0.4, 0.4, 0.4, 0.4, 0.1],  # best own 0.4, four negatives TIE at 0.4 -> rank 4
 ]
 # t2i, column by column (own image's score vs the other two images' scores):
 #  c0 .9 vs .8,.4 -> 0 | c1 .1 vs .7,.4 -> 2 | c2 .6 vs .5,.4 -> 0 | c3 .75 vs .2,.4 -> 0
@@ -29,8 +36,16 @@ def test_ranks_by_hand():
 
 def test_recall_at_k_by_hand():
     r = recall_at_k(SCORES, OWNER, ks=(1, 2, 3, 5))
-    expected = {"i2t_r1": 100 / 3, "i2t_r2": 200 / 3, "i2t_r3": 200 / 3, "i2t_r5": 100.0,
-                "t2i_r1": 400 / 6, "t2i_r2": 400 / 6, "t2i_r3": 100.0, "t2i_r5": 100.0}
+    expected = {
+        "i2t_r1": 100 / 3,
+        "i2t_r2": 200 / 3,
+        "i2t_r3": 200 / 3,
+        "i2t_r5": 100.0,
+        "t2i_r1": 400 / 6,
+        "t2i_r2": 400 / 6,
+        "t2i_r3": 100.0,
+        "t2i_r5": 100.0,
+    }
     expected["rsum"] = sum(expected.values())
     assert r == pytest.approx(expected)
 
@@ -47,16 +62,18 @@ def _reference_ranks(scores, owner):
     for i, row in enumerate(scores):
         best = max(s for t, s in enumerate(row) if owner[t] == i)
         i2t.append(sum(1 for t, s in enumerate(row) if owner[t] != i and s >= best))
-    t2i = [sum(1 for i in range(len(scores)) if i != owner[t] and scores[i][t] >= scores[owner[t]][t])
-           for t in range(len(owner))]
+    t2i = [
+        sum(1 for i in range(len(scores)) if i != owner[t] and scores[i][t] >= scores[owner[t]][t])
+        for t in range(len(owner))
+    ]
     return i2t, t2i
 
 
 def test_chunked_ranks_match_a_plain_loop(monkeypatch):
     gen = torch.Generator().manual_seed(0)
-    owner = [i // 5 for i in range(35)] + [3]          # 7 images, one with 6 captions
+    owner = [i // 5 for i in range(35)] + [3]  # 7 images, one with 6 captions
     scores = torch.randint(0, 6, (7, 36), generator=gen).float()  # many ties
-    monkeypatch.setattr(recall, "_CHUNK", 3)           # exercise chunk boundaries
+    monkeypatch.setattr(recall, "_CHUNK", 3)  # exercise chunk boundaries
     i2t, t2i = retrieval_ranks(scores, owner)
     assert (i2t.tolist(), t2i.tolist()) == _reference_ranks(scores.tolist(), owner)
 
@@ -71,10 +88,8 @@ def test_recall_input_errors():
 
 
 def test_hardest_negatives():
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.3],
-                           [0.2, 0.2, 0.2, 0.7, 0.2]])
-    positives = torch.tensor([[False, True, False, False, False],
-                              [False, False, False, True, False]])
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.9, 0.3], [0.2, 0.2, 0.2, 0.7, 0.2]])
+    positives = torch.tensor([[False, True, False, False, False], [False, False, False, True, False]])
     # Row 0: index 1 is a positive, so 3 (0.9) then 2 (0.5); row 1: four-way tie -> lowest indices.
     assert hardest_negatives(scores, positives, 2).tolist() == [[3, 2], [0, 1]]
     assert hardest_negatives(scores, None, 1).tolist() == [[1], [3]]
@@ -83,7 +98,7 @@ def test_hardest_negatives():
 
 
 def test_sample_negatives_then_hardest_five_of_twenty():
-    owner = [i // 5 for i in range(50)]                 # 10 images x 5 captions
+    owner = [i // 5 for i in range(50)]  # 10 images x 5 captions
     gen = torch.Generator().manual_seed(1)
     negs = sample_negatives(owner, [0, 7], 20, gen)
     assert negs.shape == (2, 20)
@@ -91,7 +106,7 @@ def test_sample_negatives_then_hardest_five_of_twenty():
         assert len(set(row)) == 20 and all(owner[t] != image for t in row)
     again = sample_negatives(owner, [0, 7], 20, torch.Generator().manual_seed(1))
     assert torch.equal(negs, again)
-    scores = -negs.float()                              # lower caption index = harder
+    scores = -negs.float()  # lower caption index = harder
     hard = hardest_negatives(scores, None, 5)
     picked = negs.gather(1, hard)
     assert picked.tolist() == [sorted(r)[:5] for r in negs.tolist()]
@@ -106,35 +121,53 @@ def _karpathy(tmp_path, name, images):
 
 
 def _img(split, filename, imgid, captions, **extra):
-    return {"filename": filename, "imgid": imgid, "split": split, "sentids": [],
-            "sentences": [{"tokens": c.split(), "raw": c, "imgid": imgid, "sentid": i}
-                          for i, c in enumerate(captions)], **extra}
+    return {
+        "filename": filename,
+        "imgid": imgid,
+        "split": split,
+        "sentids": [],
+        "sentences": [{"tokens": c.split(), "raw": c, "imgid": imgid, "sentid": i} for i, c in enumerate(captions)],
+        **extra,
+    }
 
 
 def test_read_karpathy_coco_and_flickr(tmp_path):
-    coco = _karpathy(tmp_path, "dataset_coco.json", [
-        _img("test", "COCO_val2014_000000000042.jpg", 0, ["A cat.", "a cat sits."],
-             filepath="val2014", cocoid=42),
-        _img("restval", "COCO_val2014_000000000043.jpg", 1, ["a dog."], filepath="val2014", cocoid=43),
-        _img("train", "COCO_train2014_000000000044.jpg", 2, ["a bus."], filepath="train2014", cocoid=44)])
+    coco = _karpathy(
+        tmp_path,
+        "dataset_coco.json",
+        [
+            _img("test", "COCO_val2014_000000000042.jpg", 0, ["A cat.", "a cat sits."], filepath="val2014", cocoid=42),
+            _img("restval", "COCO_val2014_000000000043.jpg", 1, ["a dog."], filepath="val2014", cocoid=43),
+            _img("train", "COCO_train2014_000000000044.jpg", 2, ["a bus."], filepath="train2014", cocoid=44),
+        ],
+    )
     test = read_karpathy_split(coco, "test")
     assert [(im.image_id, im.relative_path, im.captions) for im in test] == [
-        (42, "val2014/COCO_val2014_000000000042.jpg", ("A cat.", "a cat sits."))]
+        (42, "val2014/COCO_val2014_000000000042.jpg", ("A cat.", "a cat sits."))
+    ]
     assert [im.image_id for im in read_karpathy_split(coco, ("train", "restval"))] == [43, 44]
-    flickr = _karpathy(tmp_path, "dataset_flickr30k.json", [
-        _img("test", "1000092795.jpg", 0, ["two men.", "a man.", "men outside."]),
-        _img("test", "10002456.jpg", 1, ["workers."])])
+    flickr = _karpathy(
+        tmp_path,
+        "dataset_flickr30k.json",
+        [
+            _img("test", "1000092795.jpg", 0, ["two men.", "a man.", "men outside."]),
+            _img("test", "10002456.jpg", 1, ["workers."]),
+        ],
+    )
     images = read_karpathy_split(flickr, "test")
     assert images[0].filepath is None and images[0].relative_path == "1000092795.jpg"
     texts, owner = flatten_captions(images)
     assert texts == ["two men.", "a man.", "men outside.", "workers."] and owner == [0, 0, 0, 1]
 
 
-@pytest.mark.parametrize("image, message", [
-    (_img("test", "x.jpg", 0, []), r"image #0 \(x.jpg\): 'sentences'"),
-    ({**_img("test", "x.jpg", 0, ["a"]), "imgid": "0"}, r"image #0 \(x.jpg\): needs an integer"),
-    ({**_img("test", "x.jpg", 0, ["a"]), "split": None}, r"image #0: 'filename' and 'split'"),
-])
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (_img("test", "x.jpg", 0, []), r"image #0 \(x.jpg\): 'sentences'"),
+        ({**_img("test", "x.jpg", 0, ["a"]), "imgid": "0"}, r"image #0 \(x.jpg\): needs an integer"),
+        ({**_img("test", "x.jpg", 0, ["a"]), "split": None}, r"image #0: 'filename' and 'split'"),
+    ],
+)
 def test_karpathy_errors(tmp_path, image, message):
     with pytest.raises(KarpathyFormatError, match=message):
         read_karpathy_split(_karpathy(tmp_path, "dataset_flickr8k.json", [image]), "test")

@@ -2,6 +2,7 @@
 retrieval from a tiny export on the synthetic tasks (official file formats), their
 results files, the counted skips, the refusals of a wrong export or tokenizer, and the
 task loader's exact resume."""
+
 import json
 from pathlib import Path
 
@@ -13,13 +14,28 @@ from pixelbert_dist.finetune.run import main as finetune_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-
 def common(ft, run_dir, *extra):
-    return ["--pretrained", str(ft["export"]), "--shards", *ft["shards"], f"run_dir={run_dir}",
-            "data.backend=pil", "data.num_workers=0", "data.image_shorter=64", "data.image_max=64",
-            "data.max_text_len=24", "train.precision=fp32", "train.resume=none", "train.log_every=5",
-            "train.save_every=0", "optim.lr=0.0003", "optim.cnn_lr=0.003", "train.head_lr_mult=1.0",
-            "schedule.warmup_steps=1", *extra]
+    return [
+        "--pretrained",
+        str(ft["export"]),
+        "--shards",
+        *ft["shards"],
+        f"run_dir={run_dir}",
+        "data.backend=pil",
+        "data.num_workers=0",
+        "data.image_shorter=64",
+        "data.image_max=64",
+        "data.max_text_len=24",
+        "train.precision=fp32",
+        "train.resume=none",
+        "train.log_every=5",
+        "train.save_every=0",
+        "optim.lr=0.0003",
+        "optim.cnn_lr=0.003",
+        "train.head_lr_mult=1.0",
+        "schedule.warmup_steps=1",
+        *extra,
+    ]
 
 
 def _with_bad_items(ft, tmp_path):
@@ -33,7 +49,7 @@ def _with_bad_items(ft, tmp_path):
         ex_q, ex_a = dict(q["questions"][0]), dict(a["annotations"][0])
         ex_q["question_id"] = ex_a["question_id"] = 999990 + len(split)
         if split == "train":
-            ex_q["image_id"] = ex_a["image_id"] = 424242   # no such image
+            ex_q["image_id"] = ex_a["image_id"] = 424242  # no such image
         else:
             ex_a["answers"] = [{"answer": "zebra", "answer_id": i + 1} for i in range(10)]
             ex_a["multiple_choice_answer"] = "zebra"
@@ -49,24 +65,39 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     files = _with_bad_items(ft, tmp_path)
     vqa = ft["tasks"] / "vqa"
     run_dir = tmp_path / "run"
-    results = finetune_main("vqa", [
-        *common(ft, run_dir, "train.micro_batch=16", "train.max_steps=6", "train.log_every=1"),
-        "--train-questions", str(files["train"][0]), "--train-annotations", str(files["train"][1]),
-        "--val-questions", str(files["val"][0]), "--val-annotations", str(files["val"][1]),
-        "--test-questions", str(vqa / "v2_OpenEnded_mscoco_test_questions.json"),
-        "--image-map", str(vqa / "image_ids.json")])
+    results = finetune_main(
+        "vqa",
+        [
+            *common(ft, run_dir, "train.micro_batch=16", "train.max_steps=6", "train.log_every=1"),
+            "--train-questions",
+            str(files["train"][0]),
+            "--train-annotations",
+            str(files["train"][1]),
+            "--val-questions",
+            str(files["val"][0]),
+            "--val-annotations",
+            str(files["val"][1]),
+            "--test-questions",
+            str(vqa / "v2_OpenEnded_mscoco_test_questions.json"),
+            "--image-map",
+            str(vqa / "image_ids.json"),
+        ],
+    )
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["metrics"] == json.loads(json.dumps(results["metrics"]))
     # the bad items are counted, not silently dropped
     assert saved["skipped"]["train_images"]["questions_missing_image"] == 1
     assert saved["skipped"]["val_answers"]["answers_oov"] >= 10
     # official submission files, one answer per question
-    test_ids = {q["question_id"] for q in json.loads((vqa / "v2_OpenEnded_mscoco_test_questions.json")
-                                                        .read_text())["questions"]}
+    test_ids = {
+        q["question_id"] for q in json.loads((vqa / "v2_OpenEnded_mscoco_test_questions.json").read_text())["questions"]
+    }
     submitted = json.loads((run_dir / "vqa_test_results.json").read_text())
     assert {r["question_id"] for r in submitted} == test_ids and all(isinstance(r["answer"], str) for r in submitted)
     val = saved["metrics"]["val"]
-    print("VQA held-out:", val, "blind:", ft["summary"]["baselines"]["vqa_val_blind"], "train s:", saved["train_seconds"])
+    print(
+        "VQA held-out:", val, "blind:", ft["summary"]["baselines"]["vqa_val_blind"], "train s:", saved["train_seconds"]
+    )
     assert val["num_questions"] == ft["summary"]["vqa_questions"]["val"] + 1
     assert 0.0 <= val["overall"] <= 100.0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -78,10 +109,20 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
 def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
     run_dir = tmp_path / "run"
-    results = finetune_main("nlvr2", [
-        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3"),
-        "--train", str(nlvr2 / "train.json"), "--dev", str(nlvr2 / "dev.json"), "--test", str(nlvr2 / "test1.json"),
-        "--image-map", str(nlvr2 / "images.json")])
+    results = finetune_main(
+        "nlvr2",
+        [
+            *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3"),
+            "--train",
+            str(nlvr2 / "train.json"),
+            "--dev",
+            str(nlvr2 / "dev.json"),
+            "--test",
+            str(nlvr2 / "test1.json"),
+            "--image-map",
+            str(nlvr2 / "images.json"),
+        ],
+    )
     dev = results["metrics"]["dev"]
     print("NLVR2 dev:", dev, "majority:", ft["summary"]["baselines"]["nlvr2_dev_majority"])
     assert dev["num_examples"] == ft["summary"]["nlvr2_examples"]["dev"]
@@ -93,11 +134,25 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
 
 def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     run_dir = tmp_path / "run"
-    results = finetune_main("retrieval", [
-        *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3", "train.freeze_cnn=true",
-                "retrieval.train_splits=[train]", "retrieval.eval_split=test", "retrieval.num_negatives=6",
-                "retrieval.hard_negatives=2", "retrieval.key_format='{stem}'"),
-        "--karpathy", str(ft["tasks"] / "retrieval" / "dataset_synthetic.json")])
+    results = finetune_main(
+        "retrieval",
+        [
+            *common(
+                ft,
+                run_dir,
+                "train.micro_batch=8",
+                "train.max_steps=3",
+                "train.freeze_cnn=true",
+                "retrieval.train_splits=[train]",
+                "retrieval.eval_split=test",
+                "retrieval.num_negatives=6",
+                "retrieval.hard_negatives=2",
+                "retrieval.key_format='{stem}'",
+            ),
+            "--karpathy",
+            str(ft["tasks"] / "retrieval" / "dataset_synthetic.json"),
+        ],
+    )
     test = results["metrics"]["test"]
     print("retrieval test:", test)
     assert test["num_images"] == ft["summary"]["retrieval_images"]["test"]
@@ -109,8 +164,13 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
 def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
     vqa = ft["tasks"] / "vqa"
     args = common(ft, tmp_path / "run") + [
-        "--train-questions", str(vqa / "v2_OpenEnded_mscoco_train_questions.json"),
-        "--train-annotations", str(vqa / "v2_mscoco_train_annotations.json"), "--image-map", str(vqa / "image_ids.json")]
+        "--train-questions",
+        str(vqa / "v2_OpenEnded_mscoco_train_questions.json"),
+        "--train-annotations",
+        str(vqa / "v2_mscoco_train_annotations.json"),
+        "--image-map",
+        str(vqa / "image_ids.json"),
+    ]
     with pytest.raises(ValueError, match="is not a 'pixelbert-r50' export"):
         finetune_main("vqa", [*args, "preset=pixelbert-r50"])
     other = tmp_path / "vocab"
@@ -132,11 +192,20 @@ def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
     dev = tmp_path / "dev.json"
     lines = (nlvr2 / "dev.json").read_text().splitlines()
-    dev.write_text("\n".join(lines[:len(lines) - 1 if len(lines) % 2 == 0 else len(lines)]) + "\n")
+    dev.write_text("\n".join(lines[: len(lines) - 1 if len(lines) % 2 == 0 else len(lines)]) + "\n")
     run_dir = tmp_path / "run"
-    run_launcher("launch/finetune_nlvr2.py", [
-        *common(ft, run_dir, "train.micro_batch=4", "train.max_steps=2"),
-        "--train", str(nlvr2 / "train.json"), "--dev", str(dev), "--image-map", str(nlvr2 / "images.json")])
+    run_launcher(
+        "launch/finetune_nlvr2.py",
+        [
+            *common(ft, run_dir, "train.micro_batch=4", "train.max_steps=2"),
+            "--train",
+            str(nlvr2 / "train.json"),
+            "--dev",
+            str(dev),
+            "--image-map",
+            str(nlvr2 / "images.json"),
+        ],
+    )
     results = json.loads((run_dir / "results.json").read_text())
     n_dev = len(dev.read_text().splitlines())
     assert results["world_size"] == 2 and n_dev % 2 == 1
@@ -149,10 +218,25 @@ def test_resume_continues_like_an_uninterrupted_run(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
 
     def run(run_dir, steps, resume):
-        finetune_main("nlvr2", [
-            *common(ft, run_dir, "train.micro_batch=4", f"train.max_steps={steps}", "train.log_every=1",
-                    "schedule.kind=constant", "schedule.warmup_steps=0", f"train.resume={resume}"),
-            "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")])
+        finetune_main(
+            "nlvr2",
+            [
+                *common(
+                    ft,
+                    run_dir,
+                    "train.micro_batch=4",
+                    f"train.max_steps={steps}",
+                    "train.log_every=1",
+                    "schedule.kind=constant",
+                    "schedule.warmup_steps=0",
+                    f"train.resume={resume}",
+                ),
+                "--train",
+                str(nlvr2 / "train.json"),
+                "--image-map",
+                str(nlvr2 / "images.json"),
+            ],
+        )
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
@@ -170,8 +254,13 @@ def _nlvr2_trainer(ft, run_dir, *extra):
     from pixelbert_dist.finetune.trainer import FinetuneTrainer
 
     nlvr2 = ft["tasks"] / "nlvr2"
-    argv = [*common(ft, run_dir, "train.micro_batch=4", "train.log_every=1", *extra),
-            "--train", str(nlvr2 / "train.json"), "--image-map", str(nlvr2 / "images.json")]
+    argv = [
+        *common(ft, run_dir, "train.micro_batch=4", "train.log_every=1", *extra),
+        "--train",
+        str(nlvr2 / "train.json"),
+        "--image-map",
+        str(nlvr2 / "images.json"),
+    ]
     return FinetuneTrainer(parse_config("nlvr2", argv), "deepspeed_configs/zero2.json")
 
 
@@ -200,8 +289,9 @@ def test_finetune_skips_nonfinite_losses_and_stops_after_too_many(dist_env, ft, 
     assert all(torch.isfinite(p).all() for p in run.engine.module.parameters())
     assert all(torch.isfinite(b.float()).all() for b in run.engine.module.buffers())  # BatchNorm statistics too
 
-    stopped = _nlvr2_trainer(ft, tmp_path / "stopped", "train.max_steps=6", "train.save_every=2",
-                             "train.max_nonfinite_in_row=3")
+    stopped = _nlvr2_trainer(
+        ft, tmp_path / "stopped", "train.max_steps=6", "train.save_every=2", "train.max_nonfinite_in_row=3"
+    )
     poison_images(stopped, lambda i: i >= 2)  # two good steps (a checkpoint at step 2), then only NaN
     with pytest.raises(NonFiniteLossError, match=r"3 NaN/inf losses in a row at step 2 .*max_nonfinite_in_row=3"):
         stopped.fit()
@@ -229,6 +319,7 @@ def test_finetune_sigterm_then_resume_matches_uninterrupted_run(dist_env, ft, tm
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's GracefulExit
         return to_device(batch)
+
     cut.to_device = signal_at_third_micro_batch
     assert cut.fit() == {"stopped_at_step": 3}
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_00000003"

@@ -1,6 +1,7 @@
 """The training loop's hot path (one gloo rank, real DeepSpeed engines): host syncs per
 optimizer step, a partly non-finite accumulation window dropped without a trace, and
 FLOPs charged at each batch's own padded size."""
+
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def count_syncs(monkeypatch) -> list[str]:
                 if "_run_epoch" in stack and not set(LEFT_OUT) & set(stack):
                     calls.append(f"{name} from {path.name}:{caller.f_lineno}")
             return original(*args, **kwargs)
+
         return wrapper
 
     for owner, name in SYNC_CALLS:
@@ -77,8 +79,15 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatc
     assert list(losses) == [4] and torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time
 
 
-@pytest.mark.parametrize("stage", [2, pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                   pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        2,
+        pytest.param(0, marks=pytest.mark.slow),
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(3, marks=pytest.mark.slow),
+    ],
+)
 def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path, stage):
     """With 2 micro-batches per step and trained BatchNorm: a window whose second
     micro-batch is NaN leaves exactly what a window of two NaN micro-batches leaves (the
@@ -112,8 +121,10 @@ def test_each_batch_is_charged_its_own_flops(dist_env, shards, tmp_path):
     height, width = batch["images"].shape[-2:]
     bigger = dict(batch, images=torch.nn.functional.pad(batch["images"], (0, 64, 0, 128)))
     size, text_len, cfg = len(batch["keys"]), batch["input_ids"].shape[1], run.engine.module.config
-    expected = [size * training_flops_per_sample(cfg, (h, w), text_len) for h, w in
-                ((height, width), (height + 128, width + 64))]
+    expected = [
+        size * training_flops_per_sample(cfg, (h, w), text_len)
+        for h, w in ((height, width), (height + 128, width + 64))
+    ]
     assert expected[1] > expected[0]
     charged = [run.batch_flops(batch), run.batch_flops(bigger)]
     assert charged == pytest.approx(expected, rel=1e-9)

@@ -1,6 +1,7 @@
 """The per-shard index sidecars: written by the shard writer, listed in the manifest,
 read lazily; old splits get theirs from `make_shards.py index`; the numpy epoch plan
 equals the list-of-objects plan it replaced, sample for sample."""
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,7 @@ def test_sidecar_matches_the_tar(split):
             for row, (jpg, meta) in enumerate(zip(jpgs, jsons)):
                 data = tar.extractfile(jpg).read()
                 got = [int(v) for v in columns[:, row]]
-                assert got[:4] == [jpg.offset_data // 512, jpg.size, meta.offset_data // 512,
-                                   meta.size]
+                assert got[:4] == [jpg.offset_data // 512, jpg.size, meta.offset_data // 512, meta.size]
                 assert got[6] == zlib.crc32(data)
                 seen.append((jpg.name[:-4], got[5], got[4]))
     assert seen == [(k, h, w) for k, (h, w) in zip(keys, sizes)]
@@ -72,19 +72,26 @@ def _strip_index(directory: Path) -> None:
 def test_old_split_fails_clearly_then_index_command_fixes_it(tmp_path, split):
     directory = tmp_path / "old"
     write_split(directory, mixed_sizes(9, seed=1), per_shard=4)
-    reference = [b["keys"] for b in build_loader(_cfg("pil", num_workers=0, bucketing=True),
-                                                 directory, 3)]
+    reference = [b["keys"] for b in build_loader(_cfg("pil", num_workers=0, bucketing=True), directory, 3)]
     _strip_index(directory)
     with pytest.raises(ShardFormatError, match=r"no index.*make_shards.py index .*old"):
         build_loader(_cfg("pil", num_workers=0), directory, 3)
-    run = subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "index",
-                          str(directory)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "make_shards.py"), "index", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert "3 shard index(es) written" in run.stdout
     loader = build_loader(_cfg("pil", num_workers=0, bucketing=True), directory, 3)
     assert [b["keys"] for b in loader] == reference
-    again = subprocess.run([sys.executable, str(ROOT / "launch" / "make_shards.py"), "index",
-                            str(directory)], capture_output=True, text=True, timeout=120)
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "make_shards.py"), "index", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "0 shard index(es) written" in again.stdout
 
 
@@ -98,21 +105,19 @@ def test_stale_index_is_named(tmp_path):
         list(loader)
 
 
-def _reference_plan(n, *, epoch, seed, rank, world_size, batch_size, shuffle, drop_last,
-                    aspect, window):
+def _reference_plan(n, *, epoch, seed, rank, world_size, batch_size, shuffle, drop_last, aspect, window):
     """The plan as the list-of-objects code computed it before the numpy rewrite."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
     order = rng.permutation(n) if shuffle else np.arange(n)
-    total = (n // (world_size * batch_size) * world_size * batch_size if drop_last
-             else -(-n // world_size) * world_size)
+    total = n // (world_size * batch_size) * world_size * batch_size if drop_last else -(-n // world_size) * world_size
     slots = [(int(order[i % n]), i >= n) for i in range(rank, total, world_size)]
     if aspect is None:
-        return [slots[i:i + batch_size] for i in range(0, len(slots), batch_size)]
+        return [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
     brng = np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, 1])) if shuffle else None
     out, step = [], window * batch_size
     for start in range(0, len(slots), step):
-        chunk = sorted(slots[start:start + step], key=lambda s: float(aspect[s[0]]))
-        cut = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(slots[start : start + step], key=lambda s: float(aspect[s[0]]))
+        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         full = [b for b in cut if len(b) == batch_size]
         if brng is not None:
             full = [full[i] for i in brng.permutation(len(full))]
@@ -123,13 +128,15 @@ def _reference_plan(n, *, epoch, seed, rank, world_size, batch_size, shuffle, dr
 @pytest.mark.parametrize("bucketing", [False, True])
 def test_numpy_plan_equals_the_old_plan(bucketing):
     aspect = np.random.default_rng(3).uniform(0.5, 2.0, 103).round(1) if bucketing else None
-    for n, world, batch, shuffle, drop in [(103, 4, 5, True, False), (103, 3, 4, True, True),
-                                           (103, 2, 7, False, False), (9, 4, 3, True, False)]:
+    for n, world, batch, shuffle, drop in [
+        (103, 4, 5, True, False),
+        (103, 3, 4, True, True),
+        (103, 2, 7, False, False),
+        (9, 4, 3, True, False),
+    ]:
         for rank in range(world):
-            kw = dict(epoch=2, seed=5, rank=rank, world_size=world, batch_size=batch,
-                      shuffle=shuffle, drop_last=drop)
-            got = epoch_plan(n, aspect=(lambda idx: aspect[idx]) if bucketing else None,
-                             bucket_window=3, **kw)
+            kw = dict(epoch=2, seed=5, rank=rank, world_size=world, batch_size=batch, shuffle=shuffle, drop_last=drop)
+            got = epoch_plan(n, aspect=(lambda idx: aspect[idx]) if bucketing else None, bucket_window=3, **kw)
             want = _reference_plan(n, aspect=aspect, window=3, **kw)
             assert [[(p.index, p.is_pad) for p in b] for b in got] == want
 

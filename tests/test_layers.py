@@ -1,6 +1,7 @@
 """The package's import graph: no cycles (function-level imports included) and no import
 against the layer order  base <- data / model / checkpoint <- distributed <- train <-
 finetune <- apps  (DESIGN.md). Built from the source with ``ast``, importing nothing."""
+
 from __future__ import annotations
 
 import ast
@@ -9,12 +10,23 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 
 # The lowest layer: leaf modules every layer may use (they import no other package module).
-LAYERS = {"pixelbert_dist": 0, "config": 0, "metrics": 0, "collectives": 0, "console": 0,
-          "data": 1, "model": 1, "checkpoint": 1, "distributed": 2, "train": 3, "finetune": 4,
-          "jobs": 5, "plotting": 5}
+LAYERS = {
+    "pixelbert_dist": 0,
+    "config": 0,
+    "metrics": 0,
+    "collectives": 0,
+    "console": 0,
+    "data": 1,
+    "model": 1,
+    "checkpoint": 1,
+    "distributed": 2,
+    "train": 3,
+    "finetune": 4,
+    "jobs": 5,
+    "plotting": 5,
+}
 # Siblings of one layer that must not import each other: the data path never imports the model.
 FORBIDDEN = {("data", "model"), ("model", "data")}
-
 
 
 def module_name(path: Path) -> str:
@@ -26,7 +38,7 @@ def _resolve(module: str, is_package: bool, node: ast.ImportFrom) -> str:
     if not node.level:
         return node.module or ""
     base = module.split(".") if is_package else module.split(".")[:-1]
-    base = base[:len(base) - node.level + 1]
+    base = base[: len(base) - node.level + 1]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -99,7 +111,7 @@ def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
-    assert "pixelbert_dist.train.trainer" in graph["pixelbert_dist.train.run"]      # inside main()
+    assert "pixelbert_dist.train.trainer" in graph["pixelbert_dist.train.run"]  # inside main()
     assert "pixelbert_dist.model.pixelbert" in graph["pixelbert_dist.model.flops"]  # from .pixelbert import
     assert {"pixelbert_dist.train.loop", "pixelbert_dist.checkpoint"} <= graph["pixelbert_dist.finetune.trainer"]
 
@@ -115,4 +127,3 @@ def test_no_import_cycles():
 
 def test_imports_follow_the_layer_order():
     assert sorted(upward_imports(import_graph())) == []
-

@@ -1,5 +1,6 @@
 """The image loaders on CPU: real JPEGs in real WebDataset shards, real DALI CPU
 pipelines, real PIL DataLoader workers, the shipped BertTokenizer vocab."""
+
 from __future__ import annotations
 
 import io
@@ -11,15 +12,14 @@ import torch
 from PIL import Image
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.images import (MEAN_255, STD_255, padded_batch_size, resized_size,
-                                        swap_left_right)
+from pixelbert_dist.data.images import MEAN_255, STD_255, padded_batch_size, resized_size, swap_left_right
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.sampling import epoch_plan
 from pixelbert_dist.data.shards import ShardFormatError, ShardWriter
 from pixelbert_dist.data.torch_loader import TorchJpegImages
 
 BACKENDS = ["dali", "pil"]
-SHORTER, MAX = 96, 160   # small stand-ins for 800 / 1333 (ratio 1.67 as in the paper)
+SHORTER, MAX = 96, 160  # small stand-ins for 800 / 1333 (ratio 1.67 as in the paper)
 # DALI and PIL decode and filter with different rounding: on these images the mean
 # |diff| per image is at most ~0.008 in normalised units (~0.45 grey levels). 0.015 keeps
 # 2x headroom yet fails a nearest-neighbour resize (~0.022 here), and any misalignment,
@@ -44,9 +44,18 @@ def write_split(directory, sizes, per_shard: int = 7) -> list[str]:
         for i, (height, width) in enumerate(sizes):
             key = f"img{i:04d}"
             captions = [f"the dog on the left of box {i}", f"Right of the {i} is a Left cat"]
-            writer.write(key, _jpeg(height, width, i), {
-                "key": key, "captions": captions, "source": "test", "image_id": f"id{i}",
-                "width": width, "height": height})
+            writer.write(
+                key,
+                _jpeg(height, width, i),
+                {
+                    "key": key,
+                    "captions": captions,
+                    "source": "test",
+                    "image_id": f"id{i}",
+                    "width": width,
+                    "height": height,
+                },
+            )
             keys.append(key)
     return keys
 
@@ -82,8 +91,8 @@ def _epoch(directory, backend, batch_size=4, **kw):
 def test_resize_rule():
     assert resized_size(480, 640, 800, 1333) == (800, 1067)
     assert resized_size(640, 480, 800, 1333) == (1067, 800)
-    assert resized_size(400, 1200, 800, 1333) == (444, 1333)   # max_size wins
-    assert resized_size(150, 151, 80, 120) == (80, 81)          # rounds to nearest
+    assert resized_size(400, 1200, 800, 1333) == (444, 1333)  # max_size wins
+    assert resized_size(150, 151, 80, 120) == (80, 81)  # rounds to nearest
     assert padded_batch_size([[800, 1067], [444, 1333]]) == (832, 1344)
 
 
@@ -95,8 +104,7 @@ def test_dali_and_pil_agree(split):
     size_of = dict(zip(keys, sizes))
     for a, b in zip(dali, pil):
         assert a["keys"] == b["keys"]
-        for name in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels",
-                     "itm_labels", "image_sizes"):
+        for name in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "image_sizes"):
             assert torch.equal(a[name], b[name]), name
         assert a["images"].shape == b["images"].shape and a["images"].dtype == torch.float32
         expected = [resized_size(*size_of[k], SHORTER, MAX) for k in a["keys"]]
@@ -127,8 +135,9 @@ def test_normalisation_matches_imagenet_stats(tmp_path):
     with ShardWriter(directory, "train") as writer:
         buf = io.BytesIO()
         Image.new("RGB", (120, 96), (128, 128, 128)).save(buf, "JPEG", quality=95)
-        writer.write("grey", buf.getvalue(), {"key": "grey", "captions": ["grey"],
-                                              "image_id": "g", "width": 120, "height": 96})
+        writer.write(
+            "grey", buf.getvalue(), {"key": "grey", "captions": ["grey"], "image_id": "g", "width": 120, "height": 96}
+        )
     for backend in BACKENDS:
         _, (batch,) = _epoch(directory, backend, batch_size=1, train=False)
         got = batch["images"][0, :, :96, :120].mean(dim=(1, 2))
@@ -149,19 +158,18 @@ def test_ranks_are_disjoint_and_cover_the_epoch(split, backend):
             counts.append([len(b["keys"]) for b in batches])
             seen += [(k, bool(p)) for b in batches for k, p in zip(b["keys"], b["is_pad"])]
         real = [k for k, pad in seen if not pad]
-        assert sorted(real) == sorted(keys)                      # each sample exactly once
+        assert sorted(real) == sorted(keys)  # each sample exactly once
         assert sum(pad for _, pad in seen) == -(-len(keys) // world) * world - len(keys)
-        assert all(c == counts[0] for c in counts)               # same batches on every rank
+        assert all(c == counts[0] for c in counts)  # same batches on every rank
         per_epoch[epoch] = [k for k, _ in seen]
-    assert per_epoch[0] != per_epoch[1]                          # a new epoch reshuffles
+    assert per_epoch[0] != per_epoch[1]  # a new epoch reshuffles
 
 
 def test_eval_keeps_order_and_every_sample(split):
     directory, keys, _ = split
     seen = []
     for rank in range(4):
-        loader = build_loader(_cfg("dali", hflip=True), directory, 4, rank=rank, world_size=4,
-                              train=False)
+        loader = build_loader(_cfg("dali", hflip=True), directory, 4, rank=rank, world_size=4, train=False)
         for batch in loader:
             assert (batch["mlm_labels"] == -100).all() and (batch["itm_labels"] == 1).all()
             seen += [k for k, p in zip(batch["keys"], batch["is_pad"]) if not p]
@@ -177,15 +185,13 @@ def test_hflip_mirrors_pixels_and_swaps_words(split):
         assert a["keys"] == b["keys"]
         for i, (h, w) in enumerate(a["image_sizes"].tolist()):
             same = torch.equal(a["images"][i, :, :h, :w], b["images"][i, :, :h, :w])
-            mirrored = torch.allclose(a["images"][i, :, :h, :w].flip(-1),
-                                      b["images"][i, :, :h, :w], atol=1e-5)
+            mirrored = torch.allclose(a["images"][i, :, :h, :w].flip(-1), b["images"][i, :, :h, :w], atol=1e-5)
             assert same != mirrored, a["keys"][i]
             expected = swap_left_right(a["captions"][i]) if mirrored else a["captions"][i]
             assert b["captions"][i] == expected
             n_flipped += mirrored
     assert 0 < n_flipped < 22
-    assert swap_left_right("Left of the LEFT box, right-hand, bright") == \
-        "Right of the RIGHT box, left-hand, bright"
+    assert swap_left_right("Left of the LEFT box, right-hand, bright") == "Right of the RIGHT box, left-hand, bright"
 
 
 def test_bucketing_cuts_padding(tmp_path):
@@ -202,13 +208,18 @@ def test_bucketing_cuts_padding(tmp_path):
 
 def test_epoch_plan_rules():
     for n, world, batch in [(10, 3, 4), (7, 4, 2), (12, 2, 3), (1, 2, 4)]:
-        plans = [epoch_plan(n, epoch=0, seed=1, rank=r, world_size=world, batch_size=batch)
-                 for r in range(world)]
+        plans = [epoch_plan(n, epoch=0, seed=1, rank=r, world_size=world, batch_size=batch) for r in range(world)]
         real = sorted(p.index for plan in plans for b in plan for p in b if not p.is_pad)
         assert real == list(range(n))
         assert len({tuple(len(b) for b in plan) for plan in plans}) == 1
-        dropped = [epoch_plan(n, epoch=0, seed=1, rank=r, world_size=world, batch_size=batch,
-                              drop_last=True) for r in range(world)] if n >= world * batch else []
+        dropped = (
+            [
+                epoch_plan(n, epoch=0, seed=1, rank=r, world_size=world, batch_size=batch, drop_last=True)
+                for r in range(world)
+            ]
+            if n >= world * batch
+            else []
+        )
         for plan in dropped:
             assert all(len(b) == batch for b in plan) and not any(p.is_pad for b in plan for p in b)
 
@@ -217,10 +228,8 @@ def test_torchvision_decode_path_matches_pil(split):
     """The nvjpeg backend's resize/flip/pad code, run with torchvision's CPU decoder."""
     directory, _, _ = split
     loader, pil = _epoch(directory, "pil", hflip=True)
-    work = [[(p.index, loader._flip(loader.index.samples[p.index].key)) for p in b]
-            for b in loader.plan()]
-    for (images, sizes), ref in zip(TorchJpegImages(loader.index, 4, SHORTER, MAX, "cpu")
-                                    .batches(work), pil):
+    work = [[(p.index, loader._flip(loader.index.samples[p.index].key)) for p in b] for b in loader.plan()]
+    for (images, sizes), ref in zip(TorchJpegImages(loader.index, 4, SHORTER, MAX, "cpu").batches(work), pil):
         assert torch.equal(sizes, ref["image_sizes"])
         valid = torch.zeros_like(images, dtype=torch.bool)
         for i, (h, w) in enumerate(sizes.tolist()):

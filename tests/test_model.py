@@ -1,12 +1,20 @@
 """The Pixel-BERT model: presets, losses, attention backends, real BERT weights, sampling."""
+
 import pytest
 import torch
 import transformers
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from pixelbert_dist.model import (build_model, feature_mask, list_presets,
-                                  load_bert_checkpoint, load_torchvision_backbone, preset_config,
-                                  sample_pixels, training_flops_per_sample)
+from pixelbert_dist.model import (
+    build_model,
+    feature_mask,
+    list_presets,
+    load_bert_checkpoint,
+    load_torchvision_backbone,
+    preset_config,
+    sample_pixels,
+    training_flops_per_sample,
+)
 
 
 def make_batch(vocab=512, batch=4, text_len=12, seed=0):
@@ -17,10 +25,14 @@ def make_batch(vocab=512, batch=4, text_len=12, seed=0):
     attention[3, 5:] = 0
     masked = (torch.rand(batch, text_len, generator=gen) < 0.3) & attention.bool()
     masked[:, 1] = True
-    return {"images": torch.randn(batch, 3, 192, 256, generator=gen),
-            "image_sizes": torch.tensor([[192, 256], [130, 200], [64, 64], [190, 100]] * 2)[:batch],
-            "input_ids": ids * attention, "attention_mask": attention,
-            "mlm_labels": torch.where(masked, ids, -100), "itm_labels": torch.arange(batch) % 2}
+    return {
+        "images": torch.randn(batch, 3, 192, 256, generator=gen),
+        "image_sizes": torch.tensor([[192, 256], [130, 200], [64, 64], [190, 100]] * 2)[:batch],
+        "input_ids": ids * attention,
+        "attention_mask": attention,
+        "mlm_labels": torch.where(masked, ids, -100),
+        "itm_labels": torch.arange(batch) % 2,
+    }
 
 
 def count(module):
@@ -30,15 +42,24 @@ def count(module):
 def independent_count(name):
     """Torchvision trunk (no fc) + HF BertModel (with pooler) + projection + heads."""
     cfg = preset_config(name)
-    trunks = {"resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64), "resnext152_32x8d": (Bottleneck, [3, 8, 36, 3], 32, 8),
-              "resnet10": (BasicBlock, [1, 1, 1, 1], 1, 64)}
+    trunks = {
+        "resnet50": (Bottleneck, [3, 4, 6, 3], 1, 64),
+        "resnext152_32x8d": (Bottleneck, [3, 8, 36, 3], 32, 8),
+        "resnet10": (BasicBlock, [1, 1, 1, 1], 1, 64),
+    }
     block, layers, groups, width = trunks[cfg.backbone]
     with torch.device("meta"):
         trunk = ResNet(block, layers, groups=groups, width_per_group=width)
-        bert = transformers.BertModel(transformers.BertConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position_embeddings))
+        bert = transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=cfg.max_position_embeddings,
+            )
+        )
     h, c = cfg.hidden_size, trunk.fc.in_features
     cnn = count(trunk) - count(trunk.fc)
     projection = c * h + h + 2 * h + h  # linear, LayerNorm, semantic vector s_v
@@ -109,8 +130,15 @@ def test_masked_tokens_do_not_change_valid_outputs():
 
 def tiny_hf_bert(tmp_path, hidden=64, **kw):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=512, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=128, max_position_embeddings=64, **kw)
+    cfg = transformers.BertConfig(
+        vocab_size=512,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        **kw,
+    )
     bert = transformers.BertModel(cfg).eval()
     bert.save_pretrained(tmp_path)
     return bert
@@ -121,8 +149,13 @@ def test_text_path_matches_huggingface_bert(tmp_path):
     model = build_model("tiny", hidden_size=64, intermediate_size=128, num_heads=4).eval()
     report = load_bert_checkpoint(model, tmp_path)
     assert report.unexpected == []
-    assert report.missing == ["mlm_head.bias", "mlm_head.transform.LayerNorm.bias", "mlm_head.transform.LayerNorm.weight",
-                              "mlm_head.transform.dense.bias", "mlm_head.transform.dense.weight"]
+    assert report.missing == [
+        "mlm_head.bias",
+        "mlm_head.transform.LayerNorm.bias",
+        "mlm_head.transform.LayerNorm.weight",
+        "mlm_head.transform.dense.bias",
+        "mlm_head.transform.dense.weight",
+    ]
     batch = make_batch()
     text = {k: batch[k] for k in ("input_ids", "attention_mask")}
     ours = model(text)

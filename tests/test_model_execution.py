@@ -1,5 +1,6 @@
 """How the model runs: evaluation independent of the batch, bf16 on CPU as DeepSpeed runs
 it, activation checkpointing that changes nothing but memory."""
+
 import copy
 
 import pytest
@@ -31,9 +32,13 @@ def train_batch(seed=0):
     batch = text(4, seed)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, 2:5] = batch["input_ids"][:, 2:5]
-    return {**batch, "images": torch.randn(4, 3, 128, 192, generator=gen),
-            "image_sizes": torch.tensor([[128, 192], [100, 150], [64, 64], [120, 70]]),
-            "mlm_labels": labels, "itm_labels": torch.tensor([1, 0, 1, 0])}
+    return {
+        **batch,
+        "images": torch.randn(4, 3, 128, 192, generator=gen),
+        "image_sizes": torch.tensor([[128, 192], [100, 150], [64, 64], [120, 70]]),
+        "mlm_labels": labels,
+        "itm_labels": torch.tensor([1, 0, 1, 0]),
+    }
 
 
 @pytest.mark.parametrize("small_size", [(64, 128), (50, 100)])
@@ -52,13 +57,13 @@ def test_eval_outputs_of_an_image_do_not_depend_on_its_batch(small_size):
     with torch.no_grad():
         tokens_alone, mask_alone = model.encode_pixels(alone, sizes[:1])
         tokens_batch, mask_batch = model.encode_pixels(batched, sizes)
-        torch.testing.assert_close(tokens_batch[0][mask_batch[0]], tokens_alone[0][mask_alone[0]],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tokens_batch[0][mask_batch[0]], tokens_alone[0][mask_alone[0]], atol=1e-5, rtol=1e-5)
         score_alone = model.itm_score({k: v[:1] for k, v in captions.items()}, tokens_alone, mask_alone)
         score_batch = model.itm_score(captions, tokens_batch, mask_batch)
         torch.testing.assert_close(score_batch[:1], score_alone, atol=1e-5, rtol=1e-5)
-        logits_alone = model({**{k: v[:1] for k, v in captions.items()}, "images": alone,
-                              "image_sizes": sizes[:1]})["itm_logits"]
+        logits_alone = model({**{k: v[:1] for k, v in captions.items()}, "images": alone, "image_sizes": sizes[:1]})[
+            "itm_logits"
+        ]
         logits_batch = model({**captions, "images": batched, "image_sizes": sizes})["itm_logits"]
         torch.testing.assert_close(logits_batch[:1], logits_alone, atol=1e-5, rtol=1e-5)
         # the big image is unchanged by the grouping too
@@ -96,11 +101,16 @@ def test_tiny_trains_in_bf16_on_cpu_like_deepspeed():
 def forward_calls(model, batch) -> dict[str, int]:
     """How often an encoder layer, a CNN stage and the CNN stem run in one training step:
     twice where checkpointing recomputes them in backward."""
-    parts = {"encoder": model.encoder.layer[0], "cnn_stage": model.visual.backbone.layer3,
-             "cnn_stem": model.visual.backbone.conv1}
+    parts = {
+        "encoder": model.encoder.layer[0],
+        "cnn_stage": model.visual.backbone.layer3,
+        "cnn_stem": model.visual.backbone.conv1,
+    }
     calls = dict.fromkeys(parts, 0)
-    handles = [module.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
-               for key, module in parts.items()]
+    handles = [
+        module.register_forward_pre_hook(lambda *_, key=key: calls.__setitem__(key, calls[key] + 1))
+        for key, module in parts.items()
+    ]
     model(batch)["loss"].backward()
     for handle in handles:
         handle.remove()
@@ -147,7 +157,6 @@ def test_activation_checkpointing_setting_is_checked():
         build_model("tiny", activation_checkpointing="cnn")
 
 
-
 def test_train_activation_checkpointing_reaches_every_pixelbert():
     """`train.activation_checkpointing=all` sets the model's mode, also inside a task model."""
     from pixelbert_dist.config import ConfigError, load_config
@@ -161,7 +170,9 @@ def test_train_activation_checkpointing_reaches_every_pixelbert():
     assert model.visual.checkpointing
     with pytest.raises(ValueError, match="holds no PixelBert"):
         set_activation_checkpointing(torch.nn.Linear(2, 2), "all")
-    assert load_config(RunConfig, None, ["train.activation_checkpointing=transformer"]).train.activation_checkpointing \
+    assert (
+        load_config(RunConfig, None, ["train.activation_checkpointing=transformer"]).train.activation_checkpointing
         == "transformer"
+    )
     with pytest.raises(ConfigError, match="train.activation_checkpointing"):
         load_config(RunConfig, None, ["train.activation_checkpointing=cnn"])

@@ -1,4 +1,5 @@
 """The hybrid optimiser equals torch SGD + AdamW, builds the paper's groups, and shards under ZeRO."""
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,14 @@ class TinyPixelModel(nn.Module):
 
 def _batches(n: int, batch: int = 4, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 3, 8, 8, generator=gen), torch.randint(0, 10, (batch, 5), generator=gen),
-             torch.randint(0, 4, (batch,), generator=gen)) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch, 3, 8, 8, generator=gen),
+            torch.randint(0, 10, (batch, 5), generator=gen),
+            torch.randint(0, 4, (batch,), generator=gen),
+        )
+        for _ in range(n)
+    ]
 
 
 def _groups_by_name(model: nn.Module, cfg: OptimConfig) -> dict:
@@ -45,8 +52,7 @@ def test_groups_follow_the_paper():
     model = TinyPixelModel()
     model.embed.weight.requires_grad_(False)  # frozen params are left out
     groups = _groups_by_name(model, OptimConfig())
-    names = {n for g in groups.values() for n, p in model.named_parameters()
-             if any(p is q for q in g["params"])}
+    names = {n for g in groups.values() for n, p in model.named_parameters() if any(p is q for q in g["params"])}
     assert "embed.weight" not in names
     cnn, decay, no_decay = groups["cnn"], groups["transformer_decay"], groups["transformer_no_decay"]
     assert (cnn["rule"], cnn["lr"], cnn["momentum"], cnn["weight_decay"]) == ("sgd", 1e-2, 0.9, 5e-4)
@@ -70,13 +76,11 @@ def test_refuses_empty_model_and_bad_groups():
     with pytest.raises(ValueError, match="'rule' must be one of"):
         HybridOptimizer([{"params": [nn.Parameter(torch.zeros(2))]}])
     with pytest.raises(ValueError, match=r"param group 0 \(cnn\): lr must be >= 0"):
-        HybridOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "rule": "sgd", "lr": -1.0,
-                          "name": "cnn"}])
+        HybridOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "rule": "sgd", "lr": -1.0, "name": "cnn"}])
     with pytest.raises(ValueError, match="betas must lie in"):
         build_optimizer(TinyPixelModel(), OptimConfig(betas=(0.9, 1.5)))
     with pytest.raises(ValueError, match="nesterov needs momentum"):
-        HybridOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "rule": "sgd",
-                          "nesterov": True}])
+        HybridOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "rule": "sgd", "nesterov": True}])
 
 
 def _reference_optimizers(model: nn.Module, ref_model: nn.Module, hybrid: HybridOptimizer) -> list:
@@ -87,11 +91,15 @@ def _reference_optimizers(model: nn.Module, ref_model: nn.Module, hybrid: Hybrid
     for g in hybrid.param_groups:
         ps = [ref_params[name_of[id(p)]] for p in g["params"]]
         if g["rule"] == "sgd":
-            out.append(torch.optim.SGD(ps, lr=g["lr"], momentum=g["momentum"],
-                                       weight_decay=g["weight_decay"], foreach=False))
+            out.append(
+                torch.optim.SGD(ps, lr=g["lr"], momentum=g["momentum"], weight_decay=g["weight_decay"], foreach=False)
+            )
         else:
-            out.append(torch.optim.AdamW(ps, lr=g["lr"], betas=g["betas"], eps=g["eps"],
-                                         weight_decay=g["weight_decay"], foreach=False))
+            out.append(
+                torch.optim.AdamW(
+                    ps, lr=g["lr"], betas=g["betas"], eps=g["eps"], weight_decay=g["weight_decay"], foreach=False
+                )
+            )
     return out
 
 
@@ -161,8 +169,9 @@ def _run_engine(stage: int, steps: int = 4) -> tuple[list[float], list[tuple]]:
     torch.manual_seed(0)
     model = TinyPixelModel()
     opt = build_optimizer(model, OptimConfig())
-    ds = fill_deepspeed_config(CONFIGS / f"zero{stage}.json", micro_batch=4, grad_accum=1,
-                               world_size=1, grad_clip=0.0, precision=None)
+    ds = fill_deepspeed_config(
+        CONFIGS / f"zero{stage}.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=0.0, precision=None
+    )
     ds["bf16"]["enabled"] = False  # fp32: the stages must agree to rounding
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     losses = []
@@ -192,8 +201,7 @@ from pixelbert_dist.train.schedule import LrFactor, ScheduleConfig, build_schedu
 def _lrs(kind: str, steps: int, **kw) -> list[list[float]]:
     model = TinyPixelModel()
     opt = build_optimizer(model, OptimConfig())
-    sched = build_scheduler(opt, ScheduleConfig(kind=kind, **kw), steps_per_epoch=10,
-                            total_steps=steps)
+    sched = build_scheduler(opt, ScheduleConfig(kind=kind, **kw), steps_per_epoch=10, total_steps=steps)
     out = []
     for _ in range(steps):
         out.append([g["lr"] for g in opt.param_groups])

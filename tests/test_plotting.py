@@ -1,4 +1,5 @@
 """The curves plot: losses on a log axis, train and val of one quantity in one colour."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,17 @@ from pixelbert_dist.plotting import curves_figure, main, plot_run
 def _rows() -> list[dict]:
     rows = []
     for step in range(10, 110, 10):
-        rows.append({"step": step, "split": "train", "loss": 9.0 / step ** 0.5, "mlm_loss": 8.0 / step ** 0.5,
-                     "itm_loss": 0.69, "itm_acc": 0.5, "samples_per_s": 30.0})
+        rows.append(
+            {
+                "step": step,
+                "split": "train",
+                "loss": 9.0 / step**0.5,
+                "mlm_loss": 8.0 / step**0.5,
+                "itm_loss": 0.69,
+                "itm_acc": 0.5,
+                "samples_per_s": 30.0,
+            }
+        )
     rows.append({"step": 100, "split": "val", "mlm_loss": 1.0, "itm_loss": 0.6, "itm_acc": 0.8})
     return rows
 

@@ -1,5 +1,6 @@
 """Pre-training in this process (one gloo rank): the Trainer end to end, the export, and
 the run-config checks that must stop a run before it starts."""
+
 import json
 
 import pytest
@@ -26,8 +27,18 @@ def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final) and final["step"] == 8  # the final model
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*(r.keys() for r in rows if r["split"] == "train"))
-    assert {"lr_cnn", "lr_transformer_decay", "grad_norm", "loss_scale", "samples_per_s", "tflops_per_gpu",
-            "data_wait_frac", "peak_mem_gib", "mlm_acc", "itm_acc"} <= logged
+    assert {
+        "lr_cnn",
+        "lr_transformer_decay",
+        "grad_norm",
+        "loss_scale",
+        "samples_per_s",
+        "tflops_per_gpu",
+        "data_wait_frac",
+        "peak_mem_gib",
+        "mlm_acc",
+        "itm_acc",
+    } <= logged
     # checkpoints every 4 steps, keep-last, `latest`; the resolved configs in the run folder
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["micro_batch"] == 4
@@ -49,7 +60,10 @@ def _write(path, data):
 
 def test_contradictory_configs_are_refused(dist_env, shards, tmp_path):
     ds = _write(tmp_path / "ds.json", {"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 2}})
-    with pytest.raises(ConfigError, match=r"ds\.json: \"train_micro_batch_size_per_gpu\": 16 contradicts the run config \(micro_batch=4\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ds\.json: \"train_micro_batch_size_per_gpu\": 16 contradicts the run config \(micro_batch=4\)",
+    ):
         run.main(["--deepspeed_config", ds, *fast_overrides(tmp_path / "r", shards)])
     assert not (tmp_path / "r").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="unknown config key"):
@@ -70,13 +84,23 @@ def test_visual_warmstart_learns_the_scene_words_and_loads_into_pretraining(tmp_
     from pixelbert_dist.train.trainer import build_run_model
     from pixelbert_dist.train.visual_warmstart import WORDS, scene_targets, warmstart_visual
 
-    targets = scene_targets([{"background": "noisy", "objects": [{"color": "red", "shape": "star"},
-                                                                   {"color": "blue", "shape": "star"}]}])
+    targets = scene_targets(
+        [{"background": "noisy", "objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "star"}]}]
+    )
     assert targets.sum() == 4 and targets[0, WORDS.index("star")] == 1 and targets[0, WORDS.index("noisy")] == 1
     shards = make_synthetic_shards(tmp_path / "shards", num=240, samples_per_shard=120)  # enough to generalise
-    cfg = load_config(RunConfig, overrides=[f"data.train_shards={shards['train']}", f"data.val_shards={shards['val']}",
-                                            "data.backend=pil", "data.num_workers=0", "data.image_shorter=64",
-                                            "data.image_max=128", "model.overrides.extra_pool=false"])
+    cfg = load_config(
+        RunConfig,
+        overrides=[
+            f"data.train_shards={shards['train']}",
+            f"data.val_shards={shards['val']}",
+            "data.backend=pil",
+            "data.num_workers=0",
+            "data.image_shorter=64",
+            "data.image_max=128",
+            "model.overrides.extra_pool=false",
+        ],
+    )
     model = build_run_model(cfg.model)
     untrained = {k: v.clone() for k, v in model.visual.state_dict().items()}
     result = warmstart_visual(cfg, model, tmp_path / "visual.safetensors", steps=100, batch_size=16, lr=3e-3)
@@ -124,6 +148,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards,
             if bad(calls[-1]):
                 out["images"] = torch.full_like(out["images"], float("nan"))
             return out
+
         trainer.to_device = wrapped
 
     run = trainer(tmp_path / "run", "train.save_every=0")

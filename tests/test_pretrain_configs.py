@@ -1,6 +1,7 @@
 """The shipped real-size pre-training configs load, validate, build their model on the meta
 device, fill the DeepSpeed JSON, and hold the paper's numbers (Pixel-BERT, arXiv 2004.00849,
 section 4.1: "Implementation Details")."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,7 @@ from pixelbert_dist.train.config import RunConfig
 REPO = Path(__file__).resolve().parents[1]
 PAPER_GPUS, PAPER_BATCH = 64, 4096
 # model -> (preset, CNN, shorter side, longer side)
-PAPER = {"r50": ("pixelbert-r50", "resnet50", 800, 1333),
-         "x152": ("pixelbert-x152", "resnext152_32x8d", 600, 1000)}
+PAPER = {"r50": ("pixelbert-r50", "resnet50", 800, 1333), "x152": ("pixelbert-x152", "resnext152_32x8d", 600, 1000)}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
@@ -35,9 +35,13 @@ def test_pretrain_config_is_the_papers_recipe(name):
     assert (o.lr, o.weight_decay) == (1e-4, 1e-2)
     s = cfg.schedule
     assert (s.kind, list(s.milestones_epochs), s.gamma, cfg.train.epochs) == ("step", [25, 35], 0.1, 40)
-    ds = fill_deepspeed_config(REPO / "deepspeed_configs" / "zero2.json", micro_batch=cfg.train.micro_batch,
-                               grad_accum=cfg.train.grad_accum, world_size=PAPER_GPUS,
-                               grad_clip=cfg.train.grad_clip)
+    ds = fill_deepspeed_config(
+        REPO / "deepspeed_configs" / "zero2.json",
+        micro_batch=cfg.train.micro_batch,
+        grad_accum=cfg.train.grad_accum,
+        world_size=PAPER_GPUS,
+        grad_clip=cfg.train.grad_clip,
+    )
     assert ds["train_batch_size"] == PAPER_BATCH
     assert cfg.model.bert_dir == cfg.data.vocab_dir, "BERT's own vocab goes with its weights"
     model = build_model(cfg.model.preset, device="meta", **cfg.model.overrides)

@@ -1,5 +1,6 @@
 """Pre-training with two real ranks through the `deepspeed` launcher (CPU, gloo): the
 entry point, ZeRO parity, and a SIGTERM'd run that resumes to the uninterrupted losses."""
+
 import json
 import signal
 import subprocess
@@ -29,8 +30,12 @@ def test_zero_stages_follow_zero0_and_export_reloads(shards, tmp_path):
 
 def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
     children = psutil.Process(launcher.pid).children(recursive=True)
-    return [p for p in children if any("pretrain.py" in part for part in p.cmdline()) and
-            not any("deepspeed.launcher" in part for part in p.cmdline())]
+    return [
+        p
+        for p in children
+        if any("pretrain.py" in part for part in p.cmdline())
+        and not any("deepspeed.launcher" in part for part in p.cmdline())
+    ]
 
 
 def test_sigterm_then_resume_matches_uninterrupted_run(shards, tmp_path):
@@ -43,8 +48,13 @@ def test_sigterm_then_resume_matches_uninterrupted_run(shards, tmp_path):
 
     # Same run, stopped by SIGTERM on every rank (as Slurm does) once a few steps are logged.
     cut = tmp_path / "cut"
-    launcher = subprocess.Popen(deepspeed_cmd("launch/pretrain.py", pretrain_args(cut, shards, steps)),
-                                cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    launcher = subprocess.Popen(
+        deepspeed_cmd("launch/pretrain.py", pretrain_args(cut, shards, steps)),
+        cwd=REPO,
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(train_losses(cut) if (cut / "metrics.jsonl").exists() else {}) < 3:
         time.sleep(0.2)

@@ -1,5 +1,6 @@
 """Exact resume of the data loaders: state after k batches -> batches k+1.. identical
 (keys, pixels, MLM/ITM draws) to an uninterrupted run, on both CPU backends."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ from test_loaders import BACKENDS, _cfg, mixed_sizes, write_split
 
 from pixelbert_dist.data.loader import build_loader
 
-TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels",
-           "is_pad")
+TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels", "is_pad")
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,7 @@ def split(tmp_path_factory):
 
 def _loader(directory, backend, **kw):
     rank, world = kw.pop("rank", 0), kw.pop("world_size", 1)
-    return build_loader(_cfg(backend, hflip=True, **kw), directory, 3, rank=rank,
-                        world_size=world)
+    return build_loader(_cfg(backend, hflip=True, **kw), directory, 3, rank=rank, world_size=world)
 
 
 def _assert_same(got: list[dict], want: list[dict]) -> None:
@@ -55,7 +54,7 @@ def test_restore_continues_exactly(split, backend):
         first.append(batch)
         if len(first) == 2:
             break
-    state = json.loads(json.dumps(loader.state_dict()))   # must survive a JSON checkpoint
+    state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
     assert state["epoch"] == 0 and state["batches_done"] == 2
 
     # The same object continues where it stopped ...
@@ -63,7 +62,7 @@ def test_restore_continues_exactly(split, backend):
     # ... and so does a fresh one restored from the state, into the next epoch too.
     fresh = _loader(split, backend, rank=1, world_size=2)
     fresh.load_state_dict(state)
-    fresh.set_epoch(0)                                       # same epoch: keeps the position
+    fresh.set_epoch(0)  # same epoch: keeps the position
     _assert_same(first + list(fresh), reference[0])
     fresh.set_epoch(1)
     _assert_same(list(fresh), reference[1])
@@ -92,7 +91,7 @@ def test_end_of_epoch_state_and_restart(split):
     epoch0 = list(loader)
     state = loader.state_dict()
     assert state["batches_done"] == len(loader) == len(epoch0)
-    _assert_same(list(loader), epoch0)                       # a finished epoch starts over
+    _assert_same(list(loader), epoch0)  # a finished epoch starts over
     restored = _loader(split, "dali")
     restored.load_state_dict(state)
     restored.set_epoch(1)
@@ -102,7 +101,7 @@ def test_end_of_epoch_state_and_restart(split):
 def test_rank0_state_restores_other_ranks_and_mismatch_is_refused(split):
     rank0 = _loader(split, "pil", world_size=2)
     next(iter(rank0))
-    state = rank0.state_dict()          # DeepSpeed keeps rank 0's client_state only
+    state = rank0.state_dict()  # DeepSpeed keeps rank 0's client_state only
     rank1 = _loader(split, "pil", rank=1, world_size=2)
     rank1.load_state_dict(state)
     want = list(_loader(split, "pil", rank=1, world_size=2))[1:]

@@ -1,6 +1,7 @@
 """The run folder and resume rules through the real Trainer (one gloo rank, DeepSpeed
 ZeRO-2): a stop signal on a save step, re-running a command over a finished run, changed
 learning rates on resume, the lock, short runs, bad input, and a world-size change."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ pytestmark = [pytest.mark.usefixtures("dist_env"), pytest.mark.slow]
 def trainer(run_dir, shards, *extra, steps=4):
     from pixelbert_dist.train.trainer import Trainer
 
-    overrides = fast_overrides(run_dir, shards, steps=steps, val=False) + \
-        ["train.export=false", "train.save_every=2", *extra]
+    overrides = fast_overrides(run_dir, shards, steps=steps, val=False) + [
+        "train.export=false",
+        "train.save_every=2",
+        *extra,
+    ]
     return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
 
 
@@ -39,6 +43,7 @@ def signal_at(run, micro_batch: int, sig=signal.SIGTERM) -> None:
         if len(calls) == micro_batch + 1:
             os.kill(os.getpid(), sig)
         return to_device(batch)
+
     run.to_device = wrapped
 
 
@@ -53,6 +58,7 @@ def counting_saves(monkeypatch):
     def save(engine, save_dir, step, *args, **kwargs):
         steps.append(step)
         return real(engine, save_dir, step, *args, **kwargs)
+
     monkeypatch.setattr(ckpt, "save_checkpoint", save)
     yield steps
 
@@ -72,8 +78,11 @@ def test_rerunning_a_command_never_overwrites_a_finished_run(shards, tmp_path):
     run_dir = tmp_path / "run"
     trainer(run_dir, shards).fit()
     finished = rows(run_dir)
-    with pytest.raises(ckpt.CheckpointError, match=r"holds a finished run \(step 4, its final step\).*new "
-                                                   r"run_dir.*train.resume=latest"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"holds a finished run \(step 4, its final step\).*new "
+        r"run_dir.*train.resume=latest",
+    ):
         trainer(run_dir, shards)
     with pytest.raises(ckpt.CheckpointError, match=r"holds a finished run"):
         trainer(run_dir, shards, steps=6)  # the README's command with other settings: refused alike
@@ -102,12 +111,22 @@ def test_changed_learning_rates_apply_from_the_resumed_step(shards, tmp_path, ca
     first = trainer(run_dir, shards, steps=6)
     signal_at(first, 1)
     first.fit()  # stopped at step 2 (warm-up of 2 steps done)
-    with pytest.raises(ckpt.CheckpointError, match=r"another config \(optim.lr: 0.0001 -> 5e-05\).*"
-                                                   r"train.resume=latest to continue that run from step 2"):
+    with pytest.raises(
+        ckpt.CheckpointError,
+        match=r"another config \(optim.lr: 0.0001 -> 5e-05\).*"
+        r"train.resume=latest to continue that run from step 2",
+    ):
         trainer(run_dir, shards, "optim.lr=5e-5", steps=6)  # train.resume=auto: the same run only
     with caplog.at_level("WARNING"):
-        resumed = trainer(run_dir, shards, "train.resume=latest", "optim.lr=5e-5", "optim.cnn_lr=2e-3",
-                          "optim.weight_decay=0.05", steps=6)
+        resumed = trainer(
+            run_dir,
+            shards,
+            "train.resume=latest",
+            "optim.lr=5e-5",
+            "optim.cnn_lr=2e-3",
+            "optim.weight_decay=0.05",
+            steps=6,
+        )
     assert "optim.lr: 0.0001 -> 5e-05" in caplog.text
     assert "applied from step 2" in caplog.text
     groups = {g["name"]: g for g in resumed.optimizer.param_groups}
@@ -126,10 +145,19 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
-         "from pixelbert_dist.train.run_dir import RunLock; lock = RunLock(Path(sys.argv[1])).acquire(); "
-         "print('locked', flush=True); time.sleep(600)", str(run_dir)],
-        stdout=subprocess.PIPE, text=True, env=launch_env(), cwd=REPO)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from pixelbert_dist.train.run_dir import RunLock; lock = RunLock(Path(sys.argv[1])).acquire(); "
+            "print('locked', flush=True); time.sleep(600)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=launch_env(),
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=rf"in use by another run \(host \S+, pid {holder.pid}, since"):
@@ -176,8 +204,11 @@ def test_bad_input_names_the_key_or_the_folder(shards, tmp_path):
     checkpoints.mkdir(parents=True)
     subprocess.run(["chattr", "+i", str(checkpoints)], check=True)  # read-only, even for root
     try:
-        with pytest.raises(ValueError, match=r"checkpoints is not writable: Operation not permitted\): "
-                                             r"checkpoints go there"):
+        with pytest.raises(
+            ValueError,
+            match=r"checkpoints is not writable: Operation not permitted\): "
+            r"checkpoints go there",
+        ):
             trainer(tmp_path / "run", shards)
     finally:
         subprocess.run(["chattr", "-i", str(checkpoints)], check=True)
@@ -186,8 +217,14 @@ def test_bad_input_names_the_key_or_the_folder(shards, tmp_path):
 def test_export_of_a_pruned_tag_lists_the_tags_there(shards, tmp_path):
     run_dir = tmp_path / "run"
     trainer(run_dir, shards, "train.keep_last=1").fit()
-    proc = subprocess.run([sys.executable, "launch/export.py", str(run_dir), "--tag", "step_00000002"],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "launch/export.py", str(run_dir), "--tag", "step_00000002"],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"no checkpoint step_00000002 in {run_dir / 'checkpoints'}" in proc.stderr
     assert "checkpoints there: step_00000004" in proc.stderr and "resume" not in proc.stderr
@@ -204,10 +241,12 @@ def test_the_data_plan_of_two_ranks_continues_on_one(shards):
 
     done = 3
     seen = {s.index for r in (0, 1) for b in plan(r, 2, 4)[:done] for s in b}
-    state = replan_data_state({"epoch": 1, "batches_done": done, "batch_size": 4, "world_size": 2},
-                              {"epoch": 0, "batches_done": 0, "batch_size": 8, "world_size": 1})
+    state = replan_data_state(
+        {"epoch": 1, "batches_done": done, "batch_size": 4, "world_size": 2},
+        {"epoch": 0, "batches_done": 0, "batch_size": 8, "world_size": 1},
+    )
     assert state == {"epoch": 1, "batches_done": 3, "batch_size": 8, "world_size": 1}
-    rest = [s.index for b in plan(0, 1, 8)[state["batches_done"]:] for s in b]
+    rest = [s.index for b in plan(0, 1, 8)[state["batches_done"] :] for s in b]
     assert not seen & set(rest) and seen | set(rest) == set(range(40)) and len(rest) == 40 - len(seen)
     assert replan_data_state(state, dict(state)) is state  # same shape: untouched
 
@@ -217,15 +256,30 @@ def test_universal_resume_from_two_ranks_to_one_through_the_launcher(shards, tmp
     from tests.pretrain_helpers import deepspeed_cmd, run_launcher
 
     run_dir = tmp_path / "run"
-    args = ["--deepspeed_config", "deepspeed_configs/zero2.json", *fast_overrides(run_dir, shards, steps=4, val=False),
-            "train.export=false"]
+    args = [
+        "--deepspeed_config",
+        "deepspeed_configs/zero2.json",
+        *fast_overrides(run_dir, shards, steps=4, val=False),
+        "train.export=false",
+    ]
     run_launcher("launch/pretrain.py", args)  # 2 ranks x batch 4: 32 samples in 4 steps
-    proc = subprocess.run(deepspeed_cmd("launch/pretrain.py", [*args, "train.max_steps=8", "train.resume=latest",
-                                                               "train.resume_universal=true"], num_ranks=1),
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        deepspeed_cmd(
+            "launch/pretrain.py",
+            [*args, "train.max_steps=8", "train.resume=latest", "train.resume_universal=true"],
+            num_ranks=1,
+        ),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "data position re-planned from 2 rank(s) x batch 4 to 1 rank(s) x batch 4: 32 samples into epoch 0 " \
-           "-> batch 8" in proc.stdout + proc.stderr
+    assert (
+        "data position re-planned from 2 rank(s) x batch 4 to 1 rank(s) x batch 4: 32 samples into epoch 0 "
+        "-> batch 8" in proc.stdout + proc.stderr
+    )
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 9)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
     assert ckpt.read_meta(run_dir / "checkpoints" / "step_00000008")["world_size"] == 1

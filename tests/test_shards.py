@@ -1,4 +1,5 @@
 """The shard format: round trip, manifest checks, tampering, atomic writes (real JPEGs)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,8 +9,16 @@ import tarfile
 
 import pytest
 
-from pixelbert_dist.data.shards import (FORMAT, ShardFormatError, ShardWriter, iter_samples,
-                                        iter_shard, read_manifest, read_skipped, write_shard)
+from pixelbert_dist.data.shards import (
+    FORMAT,
+    ShardFormatError,
+    ShardWriter,
+    iter_samples,
+    iter_shard,
+    read_manifest,
+    read_skipped,
+    write_shard,
+)
 from tests.fixtures_data import noise_image
 
 
@@ -18,8 +27,14 @@ def _samples(n: int):
     for i in range(n):
         buf = io.BytesIO()
         noise_image(32 + i, 24, seed=i).save(buf, "JPEG", quality=95)
-        meta = {"key": f"s{i:03d}", "captions": [f"caption {i}", "another"], "source": "test",
-                "image_id": str(i), "width": 32 + i, "height": 24}
+        meta = {
+            "key": f"s{i:03d}",
+            "captions": [f"caption {i}", "another"],
+            "source": "test",
+            "image_id": str(i),
+            "width": 32 + i,
+            "height": 24,
+        }
         out.append((f"s{i:03d}", buf.getvalue(), meta))
     return out
 
@@ -35,8 +50,7 @@ def _write(directory, samples, per_shard=3):
 def test_round_trip(tmp_path):
     samples = _samples(7)
     manifest = _write(tmp_path, samples)
-    assert [s.file for s in manifest.shards] == ["part-000000.tar", "part-000001.tar",
-                                                 "part-000002.tar"]
+    assert [s.file for s in manifest.shards] == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
     assert [s.num_samples for s in manifest.shards] == [3, 3, 1]
     read = read_manifest(tmp_path, verify=True)
     assert read.num_samples == 7 and read.skipped == 1 and read.source == "test"
@@ -46,8 +60,7 @@ def test_round_trip(tmp_path):
     assert list(iter_samples(tmp_path)) == samples
     assert read_skipped(tmp_path) == [{"file": "broken.jpg", "reason": "unreadable image"}]
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == FORMAT and set(raw) == {"format", "name", "num_samples", "shards",
-                                                    "source", "skipped"}
+    assert raw["format"] == FORMAT and set(raw) == {"format", "name", "num_samples", "shards", "source", "skipped"}
 
 
 def test_member_layout_and_determinism(tmp_path):
@@ -64,7 +77,7 @@ def test_truncated_shard_is_named(tmp_path):
     _write(tmp_path, _samples(5))
     shard = tmp_path / "part-000001.tar"
     shard.write_bytes(shard.read_bytes()[:700])
-    read_manifest(tmp_path)   # without verify only presence is checked
+    read_manifest(tmp_path)  # without verify only presence is checked
     with pytest.raises(ShardFormatError, match="part-000001.tar.*sha256"):
         read_manifest(tmp_path, verify=True)
     with pytest.raises(ShardFormatError, match="part-000001.tar"):
@@ -84,13 +97,16 @@ def test_modified_byte_and_missing_shard(tmp_path):
         read_manifest(tmp_path)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "manifest.json not found"),
-    ("{not json", "not valid JSON"),
-    (json.dumps({"format": "other"}), "format is 'other'"),
-    (json.dumps({"format": FORMAT, "name": "x"}), "malformed manifest"),
-    (json.dumps({"format": FORMAT, "name": "x", "num_samples": 3, "shards": []}), "differs"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "manifest.json not found"),
+        ("{not json", "not valid JSON"),
+        (json.dumps({"format": "other"}), "format is 'other'"),
+        (json.dumps({"format": FORMAT, "name": "x"}), "malformed manifest"),
+        (json.dumps({"format": FORMAT, "name": "x", "num_samples": 3, "shards": []}), "differs"),
+    ],
+)
 def test_bad_manifest_is_named(tmp_path, content, message):
     if content is not None:
         (tmp_path / "manifest.json").write_text(content)
@@ -116,7 +132,7 @@ def test_bad_key_and_member_order(tmp_path):
     with pytest.raises(ShardFormatError, match="no dots"):
         write_shard(tmp_path / "x.tar", [("a.b", jpeg, {})])
     assert not list(tmp_path.iterdir()), "a failed write leaves neither shard nor tmp file"
-    with tarfile.open(tmp_path / "y.tar", "w") as tar:   # json before jpg: not our layout
+    with tarfile.open(tmp_path / "y.tar", "w") as tar:  # json before jpg: not our layout
         for name in ("k.json", "k.jpg"):
             info = tarfile.TarInfo(name)
             info.size = 2

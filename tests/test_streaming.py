@@ -2,6 +2,7 @@
 only), from `pipe:` commands and from local brace patterns. Unequal shards still give
 every rank the same batches, a resumed run (also in resampled mode, also with a JPEG that
 does not decode) continues exactly, and a failed read is retried and counted."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ from test_loaders import _cfg, _jpeg, mixed_sizes
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.shards import ShardWriter
 
-N, PER_SHARD, BATCH = 22, 6, 3          # shards of 6, 6, 6, 4 samples
+N, PER_SHARD, BATCH = 22, 6, 3  # shards of 6, 6, 6, 4 samples
 PATTERN = "train-{000000..000003}.tar"
 UNDECODABLE = b"\xff\xd8" + b"not a JPEG stream " * 8 + b"\xff\xd9"
 
@@ -30,9 +31,11 @@ def shards(tmp_path_factory):
     with ShardWriter(directory, "train", samples_per_shard=PER_SHARD) as writer:
         for i, (height, width) in enumerate(mixed_sizes(N, seed=4)):
             key = f"img{i:04d}"
-            writer.write(key, UNDECODABLE if i == 8 else _jpeg(height, width, i),
-                         {"key": key, "captions": [f"caption {i} on the left"], "width": width,
-                          "height": height})
+            writer.write(
+                key,
+                UNDECODABLE if i == 8 else _jpeg(height, width, i),
+                {"key": key, "captions": [f"caption {i} on the left"], "width": width, "height": height},
+            )
     return directory
 
 
@@ -41,9 +44,11 @@ def server(shards):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
-                             "127.0.0.1", "--directory", str(shards)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(shards)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(100):
         try:
@@ -59,8 +64,7 @@ def server(shards):
 def _stream(spec, rank=0, world_size=2, **kw):
     kw.setdefault("epoch_samples", 24)
     kw.setdefault("shuffle_buffer", 5)
-    return build_loader(_cfg("pil", hflip=True, **kw), spec, BATCH, rank=rank,
-                        world_size=world_size)
+    return build_loader(_cfg("pil", hflip=True, **kw), spec, BATCH, rank=rank, world_size=world_size)
 
 
 def _same(got, want):
@@ -81,7 +85,7 @@ def test_http_equals_local_and_ranks_stay_in_step(shards, server):
     assert not per_rank[0] & per_rank[1], "ranks read different shards"
     assert "img0008" not in per_rank[0] | per_rank[1]
     with pytest.raises(ValueError, match="4 shards cannot feed 4 ranks x 2 workers.*resampled"):
-        _stream(f"{server}/{PATTERN}", world_size=4, num_workers=2)   # fails before step 1
+        _stream(f"{server}/{PATTERN}", world_size=4, num_workers=2)  # fails before step 1
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -112,9 +116,11 @@ def test_pipe_and_a_retried_read(shards, tmp_path):
     local = list(_stream(str(shards / PATTERN), world_size=1, epoch_samples=21))
     marker = tmp_path / "failed-once"
     # the first read of each shard stops after 3000 bytes and exits 1: a transient failure
-    command = (f"pipe:sh -c 'if [ -e {marker}-$0 ]; then cat {shards}/$0; else touch {marker}-$0; "
-               f"head -c 3000 {shards}/$0; exit 1; fi' train-{{000000..000003}}.tar")
+    command = (
+        f"pipe:sh -c 'if [ -e {marker}-$0 ]; then cat {shards}/$0; else touch {marker}-$0; "
+        f"head -c 3000 {shards}/$0; exit 1; fi' train-{{000000..000003}}.tar"
+    )
     loader = _stream(command, world_size=1, epoch_samples=21)
     _same(list(loader), local)
     assert loader.read_errors == 4
-    assert loader.damaged == 1      # img0008 does not decode: skipped, counted
+    assert loader.damaged == 1  # img0008 does not decode: skipped, counted

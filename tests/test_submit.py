@@ -1,6 +1,7 @@
 """launch/submit.py and pixelbert_dist.jobs: validation, dry-run, sweeps,
 the code snapshot, the task environment, and a real 2-task local job that is
 interrupted (as at a time limit), checkpoints, requeues and resumes."""
+
 from __future__ import annotations
 
 import json
@@ -27,14 +28,14 @@ DS = "deepspeed_configs/zero2.json"
 
 def _cli(capsys, tmp_path, *opts, pretrain=(DS, "data.train_shards=/data/x")):
     ds, *overrides = pretrain
-    rc = submit_cli.main([*opts, "--output-dir", str(tmp_path / "out"), "--",
-                          "--deepspeed_config", ds, *overrides])
+    rc = submit_cli.main([*opts, "--output-dir", str(tmp_path / "out"), "--", "--deepspeed_config", ds, *overrides])
     out = capsys.readouterr()
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("text,minutes", [("90", 90), ("5:30", 6), ("01:00:00", 60),
-                                          ("2-00", 2880), ("1-12:30", 2190), ("0-00:00:59", 1)])
+@pytest.mark.parametrize(
+    "text,minutes", [("90", 90), ("5:30", 6), ("01:00:00", 60), ("2-00", 2880), ("1-12:30", 2190), ("0-00:00:59", 1)]
+)
 def test_slurm_time_forms(text, minutes):
     assert parse_slurm_time(text) == minutes
 
@@ -46,14 +47,42 @@ def test_slurm_time_refused(text):
 
 
 def test_dry_run_prints_the_sbatch_script(capsys, tmp_path):
-    rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
-                      "--cpus-per-task", "12", "--time", "2-00:00:00", "--partition", "gpu",
-                      "--account", "vision", "--mem", "480G", "--job-name", "pb-r50")
+    rc, out, _ = _cli(
+        capsys,
+        tmp_path,
+        "--dry-run",
+        "--nodes",
+        "4",
+        "--gpus-per-node",
+        "8",
+        "--cpus-per-task",
+        "12",
+        "--time",
+        "2-00:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "vision",
+        "--mem",
+        "480G",
+        "--job-name",
+        "pb-r50",
+    )
     assert rc == 0
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --cpus-per-task=12", "#SBATCH --time=2880", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=vision", "#SBATCH --mem=480G", "#SBATCH --job-name=pb-r50",
-                 "#SBATCH --signal=USR2@180", "#SBATCH --requeue", "srun --unbuffered"]:
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=12",
+        "#SBATCH --time=2880",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=vision",
+        "#SBATCH --mem=480G",
+        "#SBATCH --job-name=pb-r50",
+        "#SBATCH --signal=USR2@180",
+        "#SBATCH --requeue",
+        "srun --unbuffered",
+    ]:
         assert line in out, line
     code = tmp_path / "out" / "code"
     assert f"cd {code}" in out and f"export PYTHONPATH={code}" in out  # runs from the snapshot
@@ -76,19 +105,22 @@ def test_sweep_makes_one_job_per_value(capsys, tmp_path):
     assert len(points) == 4 and ["a=1", "schedule.milestones=[25,35]"] in points
 
 
-@pytest.mark.parametrize("opts,pretrain,message", [
-    (["--time", "25:61:00"], (DS,), "--time"),
-    (["--time", "forever"], (DS,), "not a Slurm time"),
-    (["--partition", "gpu;rm -rf"], (DS,), "--partition"),
-    (["--mem", "lots"], (DS,), "--mem"),
-    (["--nodes", "0"], (DS,), "--nodes"),
-    (["--local", "--nodes", "2"], (DS,), "--local"),
-    (["--stop-timeout-s", "300"], (DS,), "--stop-timeout-s"),
-    ([], ("deepspeed_configs/missing.json",), "missing.json does not exist"),
-    (["--sweep", "optim.no_such_key=1,2"], (DS,), "optim.no_such_key"),
-    (["--sweep", "optim.lr="], (DS,), "--sweep"),
-    ([], (DS, "train.micro_batch=0"), "micro_batch"),
-])
+@pytest.mark.parametrize(
+    "opts,pretrain,message",
+    [
+        (["--time", "25:61:00"], (DS,), "--time"),
+        (["--time", "forever"], (DS,), "not a Slurm time"),
+        (["--partition", "gpu;rm -rf"], (DS,), "--partition"),
+        (["--mem", "lots"], (DS,), "--mem"),
+        (["--nodes", "0"], (DS,), "--nodes"),
+        (["--local", "--nodes", "2"], (DS,), "--local"),
+        (["--stop-timeout-s", "300"], (DS,), "--stop-timeout-s"),
+        ([], ("deepspeed_configs/missing.json",), "missing.json does not exist"),
+        (["--sweep", "optim.no_such_key=1,2"], (DS,), "optim.no_such_key"),
+        (["--sweep", "optim.lr="], (DS,), "--sweep"),
+        ([], (DS, "train.micro_batch=0"), "micro_batch"),
+    ],
+)
 def test_bad_input_is_refused_before_submission(capsys, tmp_path, opts, pretrain, message):
     rc, _, err = _cli(capsys, tmp_path, *opts, pretrain=(*pretrain, "data.train_shards=/data/x"))
     assert rc == 2 and message in err
@@ -117,12 +149,22 @@ def test_cpu_nodes_and_tasks_per_node(capsys, tmp_path):
     assert rc == 2 and "not a multiple of --tasks-per-node 3" in err
 
 
-@pytest.mark.parametrize("output_dir,bad", [("runs/a\nsrun rm -rf ~", "\n"), ("runs/a\rb", "\r"),
-                                            ("runs/100%j", "%"), ("runs/my run", " ")])
+@pytest.mark.parametrize(
+    "output_dir,bad", [("runs/a\nsrun rm -rf ~", "\n"), ("runs/a\rb", "\r"), ("runs/100%j", "%"), ("runs/my run", " ")]
+)
 def test_paths_in_the_script_are_validated(capsys, tmp_path, output_dir, bad):
     """A newline in --output-dir would end the #SBATCH header and run a line of shell."""
-    rc = submit_cli.main(["--dry-run", "--output-dir", str(tmp_path / output_dir), "--",
-                          "--deepspeed_config", DS, "data.train_shards=/data/x"])
+    rc = submit_cli.main(
+        [
+            "--dry-run",
+            "--output-dir",
+            str(tmp_path / output_dir),
+            "--",
+            "--deepspeed_config",
+            DS,
+            "data.train_shards=/data/x",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--output-dir" in err and repr(bad) in err
     assert len(err.strip().splitlines()) == 1
@@ -136,11 +178,13 @@ def test_visible_gpus_are_shared_among_the_node_tasks():
 
 
 def test_slurm_refusal_is_one_line_with_a_hint():
-    message = ("sbatch: error: Invalid generic resource (gres) specification\n")
+    message = "sbatch: error: Invalid generic resource (gres) specification\n"
     err = submission.slurm_error("sbatch", message)
-    assert str(err) == ("sbatch refused the job: sbatch: error: Invalid generic resource (gres) "
-                        "specification -> this cluster has no such GPUs: use --gpus-per-node 0 "
-                        "for CPU nodes, or a partition with GPUs")
+    assert str(err) == (
+        "sbatch refused the job: sbatch: error: Invalid generic resource (gres) "
+        "specification -> this cluster has no such GPUs: use --gpus-per-node 0 "
+        "for CPU nodes, or a partition with GPUs"
+    )
 
 
 def test_code_snapshot_is_isolated(tmp_path):
@@ -160,37 +204,48 @@ def test_code_snapshot_is_isolated(tmp_path):
 
 
 def test_task_environment(monkeypatch, tmp_path):
-    for key, value in dict(SUBMITIT_EXECUTOR="local", SUBMITIT_LOCAL_JOB_ID="4242",
-                           SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_JOB_NUM_NODES="1",
-                           SUBMITIT_LOCAL_NODEID="0", SUBMITIT_LOCAL_GLOBALID="1",
-                           SUBMITIT_LOCAL_LOCALID="1", CUDA_VISIBLE_DEVICES="4,5",
-                           NCCL_DEBUG="INFO", PYTHONPATH="/elsewhere").items():
+    for key, value in dict(
+        SUBMITIT_EXECUTOR="local",
+        SUBMITIT_LOCAL_JOB_ID="4242",
+        SUBMITIT_LOCAL_NTASKS="2",
+        SUBMITIT_LOCAL_JOB_NUM_NODES="1",
+        SUBMITIT_LOCAL_NODEID="0",
+        SUBMITIT_LOCAL_GLOBALID="1",
+        SUBMITIT_LOCAL_LOCALID="1",
+        CUDA_VISIBLE_DEVICES="4,5",
+        NCCL_DEBUG="INFO",
+        PYTHONPATH="/elsewhere",
+    ).items():
         monkeypatch.setenv(key, value)
     for key in ("MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "RANK"):
         monkeypatch.delenv(key, raising=False)
     env = job_task._task_environment(6, str(tmp_path))
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
-    assert env["CUDA_VISIBLE_DEVICES"] == "5"           # this task's GPU only
-    assert env["NCCL_DEBUG"] == "INFO"                  # the user's choice stays
+    assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this task's GPU only
+    assert env["NCCL_DEBUG"] == "INFO"  # the user's choice stays
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "6"
     assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
-    assert 20000 <= int(env["MASTER_PORT"]) <= 60000    # the same on every task of the job
+    assert 20000 <= int(env["MASTER_PORT"]) <= 60000  # the same on every task of the job
     assert job_task._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
 
 
 # ---- a real local job -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic",
-                    "--out", str(out), "--num", "72"], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out), "--num", "72"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return out
 
 
 def _task_processes(root: psutil.Process) -> list[psutil.Process]:
-    return [p for p in root.children(recursive=True)
-            if "submitit.core._submit" in " ".join(p.cmdline())]
+    return [p for p in root.children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]
 
 
 def _train_steps(metrics: Path) -> list[int]:
@@ -207,16 +262,37 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     out, total = tmp_path / "out", 10
     env = {k: v for k, v in os.environ.items() if k not in job_task.RANK_VARS}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
-    cmd = [sys.executable, str(REPO / "launch" / "submit.py"), "--local", "--gpus-per-node", "2",
-           "--cpus-per-task", "1", "--time", "20", "--output-dir", str(out), "--",
-           "--deepspeed_config", DS, "--config", "launch/configs/demo_cpu.yaml",
-           f"data.train_shards={shards}/train", f"data.val_shards={shards}/val",
-           f"train.max_steps={total}", "train.save_every=1000", "train.micro_batch=4",
-           "train.log_every=1", "train.retrieval_size=0", "train.eval_batches=1",
-           "train.export=false", "schedule.warmup_steps=1", "data.backend=pil",
-           "data.num_workers=0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        str(REPO / "launch" / "submit.py"),
+        "--local",
+        "--gpus-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "20",
+        "--output-dir",
+        str(out),
+        "--",
+        "--deepspeed_config",
+        DS,
+        "--config",
+        "launch/configs/demo_cpu.yaml",
+        f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/val",
+        f"train.max_steps={total}",
+        "train.save_every=1000",
+        "train.micro_batch=4",
+        "train.log_every=1",
+        "train.retrieval_size=0",
+        "train.eval_batches=1",
+        "train.export=false",
+        "schedule.warmup_steps=1",
+        "data.backend=pil",
+        "data.num_workers=0",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "run" / "metrics.jsonl"
     try:
         deadline = time.time() + 240
@@ -258,10 +334,28 @@ def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch)
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(REPO)
     missing = tmp_path / "no_shards_here"
-    rc = submit_cli.main(["--local", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
-                          "--output-dir", str(tmp_path / "out"), "--", "--deepspeed_config", DS,
-                          "--config", "launch/configs/demo_cpu.yaml", f"data.train_shards={missing}",
-                          f"data.val_shards={missing}", "train.max_steps=2", "data.backend=pil"])
+    rc = submit_cli.main(
+        [
+            "--local",
+            "--gpus-per-node",
+            "0",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "10",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--",
+            "--deepspeed_config",
+            DS,
+            "--config",
+            "launch/configs/demo_cpu.yaml",
+            f"data.train_shards={missing}",
+            f"data.val_shards={missing}",
+            "train.max_steps=2",
+            "data.backend=pil",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert "failed" in err and "--- task 0, last lines of" in err

@@ -1,4 +1,5 @@
 """Synthetic fine-tuning tasks: deterministic, true to the scenes, readable by the readers."""
+
 import json
 import re
 from pathlib import Path
@@ -9,8 +10,7 @@ from pixelbert_dist.data.builders.synthetic import SHAPES, build_synthetic
 from pixelbert_dist.data.shards import iter_samples
 from pixelbert_dist.finetune.nlvr2_data import read_nlvr2
 from pixelbert_dist.finetune.retrieval_metrics import read_karpathy_split
-from pixelbert_dist.finetune.synthetic_tasks import (
-    SyntheticTasksConfig, SyntheticTasksError, generate_tasks, main)
+from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, SyntheticTasksError, generate_tasks, main
 from pixelbert_dist.finetune.vqa_data import read_vqa, vqa_accuracy
 
 VOCAB = Path(__file__).resolve().parents[1] / "pixelbert_dist/assets/vocab_synthetic/vocab.txt"
@@ -32,8 +32,7 @@ def tasks(shards, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scenes(shards):
-    return {key: meta["objects"] for split in ("train", "val")
-            for key, _, meta in iter_samples(shards / split)}
+    return {key: meta["objects"] for split in ("train", "val") for key, _, meta in iter_samples(shards / split)}
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -60,7 +59,7 @@ def _count(objects, shape=None, color=None):
 
 def _true_answer(question, objects):
     if m := re.fullmatch(r"what color is the (\w+)\?", question):
-        (obj,) = [o for o in objects if o["shape"] == m[1]]   # asked only of a unique shape
+        (obj,) = [o for o in objects if o["shape"] == m[1]]  # asked only of a unique shape
         return obj["color"]
     if m := re.fullmatch(r"how many (\w+) are there\?", question):
         return str(_count(objects, shape=_singular(m[1])))
@@ -73,8 +72,9 @@ def test_vqa_answers_follow_the_objects(tasks, scenes):
     keys = json.loads((out / "vqa/image_ids.json").read_text())
     seen_types = set()
     for split in ("train", "val", "test"):
-        examples = read_vqa(out / f"vqa/v2_OpenEnded_mscoco_{split}_questions.json",
-                            out / f"vqa/v2_mscoco_{split}_annotations.json")
+        examples = read_vqa(
+            out / f"vqa/v2_OpenEnded_mscoco_{split}_questions.json", out / f"vqa/v2_mscoco_{split}_annotations.json"
+        )
         assert examples
         for ex in examples:
             truth = _true_answer(ex.question, scenes[keys[str(ex.image_id)]])
@@ -110,7 +110,7 @@ def test_nlvr2_labels_follow_the_objects(tasks, scenes):
             left, right = scenes[images[ex.left_image]], scenes[images[ex.right_image]]
             assert ex.label == _true_sentence(ex.sentence, left, right), ex
             labels.append(ex.label)
-    assert 0.35 < sum(labels) / len(labels) < 0.65   # balanced, not a majority-class task
+    assert 0.35 < sum(labels) / len(labels) < 0.65  # balanced, not a majority-class task
 
 
 def test_one_image_split_shared_by_all_tasks(tasks, scenes):
@@ -134,8 +134,11 @@ def test_one_image_split_shared_by_all_tasks(tasks, scenes):
 def test_generated_words_are_in_the_synthetic_vocab(tasks):
     out, _ = tasks
     vocab = set(VOCAB.read_text().split())
-    texts = [json.loads(line)["sentence"] for name in ("train", "dev", "test1")
-             for line in (out / f"nlvr2/{name}.json").read_text().splitlines()]
+    texts = [
+        json.loads(line)["sentence"]
+        for name in ("train", "dev", "test1")
+        for line in (out / f"nlvr2/{name}.json").read_text().splitlines()
+    ]
     for split in ("train", "val", "test"):
         data = json.loads((out / f"vqa/v2_OpenEnded_mscoco_{split}_questions.json").read_text())
         texts += [q["question"] for q in data["questions"]]

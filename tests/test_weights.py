@@ -1,6 +1,7 @@
 """Weight loading loads everything it should or refuses, naming the keys: BERT checkpoints
 (Hugging Face and original gamma/beta names, against transformers' own BertModel), the
 torchvision CNN trunk."""
+
 import pytest
 import torch
 import transformers
@@ -12,8 +13,14 @@ TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4}
 
 
 def hf_config(layers=2):
-    return transformers.BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                                   intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertConfig(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
 
 
 def legacy_names(state: dict) -> dict:
@@ -68,8 +75,9 @@ def test_legacy_gamma_beta_checkpoint_matches_transformers(tmp_path):
     valid = batch["attention_mask"].bool()
     torch.testing.assert_close(ours["hidden_states"][valid], theirs.hidden_states[-1][valid], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours["pooled"], ref.bert.pooler(theirs.hidden_states[-1]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(model.mlm_head(ours["hidden_states"][valid]), theirs.prediction_logits[valid],
-                               atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        model.mlm_head(ours["hidden_states"][valid]), theirs.prediction_logits[valid], atol=1e-4, rtol=1e-5
+    )
 
 
 def test_checkpoint_of_another_model_is_refused_naming_keys(tmp_path):
@@ -78,15 +86,23 @@ def test_checkpoint_of_another_model_is_refused_naming_keys(tmp_path):
     state = {k.replace("bert.", "roberta."): v for k, v in bert.state_dict().items()}
     model = build_model("tiny", **TINY_TEXT)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"roberta.*: \d+ expected tensor\(s\) are not in the file: "
-                                         r"\['embeddings\.LayerNorm\.bias'.*the file holds e\.g\. \['cls\."):
+    with pytest.raises(
+        ValueError,
+        match=r"roberta.*: \d+ expected tensor\(s\) are not in the file: "
+        r"\['embeddings\.LayerNorm\.bias'.*the file holds e\.g\. \['cls\.",
+    ):
         load_bert_checkpoint(model, save_bin(state, tmp_path / "roberta"))
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("dropped", ["bert.encoder.layer.1.output.dense.weight",
-                                     "bert.embeddings.token_type_embeddings.weight",
-                                     "cls.predictions.transform.dense.weight"])  # half an MLM head
+@pytest.mark.parametrize(
+    "dropped",
+    [
+        "bert.encoder.layer.1.output.dense.weight",
+        "bert.embeddings.token_type_embeddings.weight",
+        "cls.predictions.transform.dense.weight",
+    ],
+)  # half an MLM head
 def test_any_missing_tensor_is_refused_naming_it(tmp_path, dropped):
     torch.manual_seed(0)
     state = transformers.BertForPreTraining(hf_config()).state_dict()

@@ -18,6 +18,7 @@ DeepSpeed's universal checkpoint (ZeRO 1/2), which re-partitions the shards; its
 converter only knows Adam state, so the CNN's SGD momentum is dressed as Adam's for
 the conversion and renamed back after (checked: 2 ranks -> 1 gives the same losses).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as tdist
-from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO,
-                                            UNIVERSAL_CHECKPOINT_VERSION_KEY,
-                                            UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+from deepspeed.checkpoint.constants import (
+    UNIVERSAL_CHECKPOINT_INFO,
+    UNIVERSAL_CHECKPOINT_VERSION_KEY,
+    UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+)
 
 from pixelbert_dist.checkpoint import files
 from pixelbert_dist.checkpoint.files import META, CheckpointError, read_meta
@@ -110,8 +113,15 @@ def _prune(save_dir: Path, keep_last: int, protect: str) -> list[str]:
     return doomed
 
 
-def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
-                    keep_last: int, rank_state: dict | None = None, meta: dict | None = None) -> Path:
+def save_checkpoint(
+    engine,
+    save_dir: str | Path,
+    step: int,
+    client_state: dict,
+    keep_last: int,
+    rank_state: dict | None = None,
+    meta: dict | None = None,
+) -> Path:
     """Save on every rank (a collective); returns the tag folder.
 
     ``client_state``: the trainer's state (rank 0's copy is kept); ``rank_state``: what
@@ -136,14 +146,18 @@ def save_checkpoint(engine, save_dir: str | Path, step: int, client_state: dict,
     state = dict(client_state, step=step, world_size=engine.dp_world_size, rank_states=ranks)
     # ds_to_universal refuses a checkpoint without this entry; a model with no tensor or
     # pipeline parallelism needs nothing in it but the format version
-    state.setdefault(UNIVERSAL_CHECKPOINT_INFO,
-                     {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    state.setdefault(UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     engine.save_checkpoint(str(save_dir), tag=tmp.name, client_state=state, save_latest=False)
     table = files.record_files(tmp)  # each rank hashes its own files; also the barrier
     if files.rank() == 0:
-        record = {"step": step, "world_size": engine.dp_world_size,
-                  "zero_stage": engine.zero_optimization_stage(),
-                  "config_fingerprint": client_state.get("config_fingerprint"), **(meta or {}), "files": table}
+        record = {
+            "step": step,
+            "world_size": engine.dp_world_size,
+            "zero_stage": engine.zero_optimization_stage(),
+            "config_fingerprint": client_state.get("config_fingerprint"),
+            **(meta or {}),
+            "files": table,
+        }
         files.write_text_atomic(tmp / META, json.dumps(record, indent=2) + "\n")
         files.publish(tmp, save_dir / tag)
         files.write_text_atomic(save_dir / LATEST, tag + "\n")  # only now: the folder is whole
@@ -161,8 +175,10 @@ def _explicit(save_dir: Path, which: str) -> Path:
     if not path.is_dir():
         path = save_dir / which
     if not path.is_dir():
-        raise CheckpointError(f"no checkpoint folder {which} nor {save_dir / which}; the checkpoints in "
-                              f"{save_dir}: {list_tags(save_dir) or 'none'}")
+        raise CheckpointError(
+            f"no checkpoint folder {which} nor {save_dir / which}; the checkpoints in "
+            f"{save_dir}: {list_tags(save_dir) or 'none'}"
+        )
     return path
 
 
@@ -194,8 +210,11 @@ def _newest_intact(save_dir: Path, verify: bool) -> Path | None:
             return save_dir / tag
         notes.append(f"{tag} skipped: {problem}")
     if tags or notes:
-        raise CheckpointError(f"no intact checkpoint in {save_dir}: " + "; ".join(notes) +
-                              ". Point train.resume at a good checkpoint, or start over in a new run_dir")
+        raise CheckpointError(
+            f"no intact checkpoint in {save_dir}: "
+            + "; ".join(notes)
+            + ". Point train.resume at a good checkpoint, or start over in a new run_dir"
+        )
     return None  # nothing saved yet: a fresh run
 
 
@@ -227,7 +246,8 @@ def check_world_size(tag_dir: str | Path, world_size: int, universal: bool = Fal
             f"ranks. Resume with the same number of ranks, or pass resume_universal=true to "
             f"convert it with DeepSpeed's universal checkpoint (python -m "
             f"deepspeed.checkpoint.ds_to_universal --input_folder {tag_dir} --output_folder "
-            f"{tag_dir}{UNIVERSAL_SUFFIX}).")
+            f"{tag_dir}{UNIVERSAL_SUFFIX})."
+        )
     return meta
 
 
@@ -243,19 +263,24 @@ def check_zero_stage(tag_dir: Path, meta: dict, ds_config: dict, universal: bool
         return True
     # checked: DeepSpeed 0.19's ZeRO-3 universal load looks for per-rank model files that
     # ds_to_universal does not write (AssertionError in state_dict_factory), so no bridge to 3
-    hint = ("or pass train.resume_universal=true to convert it through DeepSpeed's universal checkpoint"
-            if saved in (1, 2) and now in (1, 2) else
-            "or export its weights (python launch/export.py RUN_DIR) and start a new run from them "
-            "(model.visual_weights / a fine-tuning export): optimiser state does not cross to or from "
-            "ZeRO stages 0 and 3")
-    raise CheckpointError(f"checkpoint {tag_dir} was saved with ZeRO stage {saved} but this run's DeepSpeed "
-                          f"config has stage {now}: DeepSpeed cannot load its shards as they are. Resume with "
-                          f"the stage it was saved with (--deepspeed_config deepspeed_configs/zero{saved}.json), "
-                          f"{hint}.")
+    hint = (
+        "or pass train.resume_universal=true to convert it through DeepSpeed's universal checkpoint"
+        if saved in (1, 2) and now in (1, 2)
+        else "or export its weights (python launch/export.py RUN_DIR) and start a new run from them "
+        "(model.visual_weights / a fine-tuning export): optimiser state does not cross to or from "
+        "ZeRO stages 0 and 3"
+    )
+    raise CheckpointError(
+        f"checkpoint {tag_dir} was saved with ZeRO stage {saved} but this run's DeepSpeed "
+        f"config has stage {now}: DeepSpeed cannot load its shards as they are. Resume with "
+        f"the stage it was saved with (--deepspeed_config deepspeed_configs/zero{saved}.json), "
+        f"{hint}."
+    )
 
 
-def prepare_resume(ds_config: dict, save_dir: str | Path, which: str, world_size: int,
-                   universal: bool = False) -> Path | None:
+def prepare_resume(
+    ds_config: dict, save_dir: str | Path, which: str, world_size: int, universal: bool = False
+) -> Path | None:
     """Call before ``deepspeed.initialize``: picks and verifies the checkpoint, checks the
     world size and ZeRO stage, and sets the universal load flag in ``ds_config`` when the
     checkpoint came from another world size or stage (and ``universal`` allows it).
@@ -270,8 +295,9 @@ def prepare_resume(ds_config: dict, save_dir: str | Path, which: str, world_size
     return tag_dir
 
 
-def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = False,
-           verify: bool = True) -> dict | None:
+def resume(
+    engine, save_dir: str | Path, which: str = "auto", universal: bool = False, verify: bool = True
+) -> dict | None:
     """Load model, optimizer, scheduler and RNG states; the client_state, or None for a fresh run.
 
     The returned dict holds what ``save_checkpoint`` got as ``client_state``, plus
@@ -288,11 +314,14 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
     if engine.load_universal_checkpoint():
         tag = _to_universal(tag_dir).name
     elif not same_world and meta.get("zero_stage", 0) != 0:
-        raise CheckpointError("a universal resume needs the DeepSpeed config flag "
-                              "checkpoint.load_universal=true before deepspeed.initialize "
-                              "(prepare_resume sets it)")
+        raise CheckpointError(
+            "a universal resume needs the DeepSpeed config flag "
+            "checkpoint.load_universal=true before deepspeed.initialize "
+            "(prepare_resume sets it)"
+        )
     load_path, client_state = engine.load_checkpoint(
-        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     client_state = dict(client_state or {})
@@ -303,8 +332,11 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
         set_rng_state(mine["rng"])
         client_state["rank_state"] = mine["state"]
     else:
-        warnings.warn(f"resumed {tag_dir} from {meta['world_size']} ranks on {engine.dp_world_size}: "
-                      f"per-rank RNG and data positions are not restored", stacklevel=2)
+        warnings.warn(
+            f"resumed {tag_dir} from {meta['world_size']} ranks on {engine.dp_world_size}: "
+            f"per-rank RNG and data positions are not restored",
+            stacklevel=2,
+        )
         client_state["rank_state"] = None
     return client_state
 

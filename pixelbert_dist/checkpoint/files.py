@@ -10,6 +10,7 @@ Hashing is spread over the ranks: at save, each rank hashes the files it wrote i
 are rank 0's), while they are still in its page cache; at resume, rank r checks files
 r, r + W, ... of the sorted list. Rank 0 then decides from every rank's findings.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,8 +56,11 @@ def record_files(folder: Path) -> dict[str, dict] | None:
     """Every rank hashes the files it wrote; rank 0 gets the whole table (None elsewhere).
     A collective; it also stands for the barrier after the ranks' writes."""
     me = rank()
-    own = {p.name: file_digest(p) for p in sorted(folder.iterdir())
-           if p.is_file() and p.name != META and _owner(p.name) == me}
+    own = {
+        p.name: file_digest(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != META and _owner(p.name) == me
+    }
     tables = gather_objects(own)
     if me != 0:
         return None
@@ -96,8 +100,9 @@ def prepare_tmp(save_dir: Path, tag: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoints to {save_dir}: {err.strerror or err} "
-                              f"(is the folder writable?)") from None
+        raise CheckpointError(
+            f"cannot write checkpoints to {save_dir}: {err.strerror or err} (is the folder writable?)"
+        ) from None
     return tmp
 
 
@@ -126,8 +131,10 @@ def remove_leftovers(save_dir: Path) -> None:
 def read_meta(tag_dir: str | Path) -> dict:
     path = Path(tag_dir) / META
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {tag_dir} is not a complete checkpoint of this "
-                              f"project (it is written last, after every rank saved)")
+        raise CheckpointError(
+            f"{path} is missing: {tag_dir} is not a complete checkpoint of this "
+            f"project (it is written last, after every rank saved)"
+        )
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -157,7 +164,7 @@ def verify(tag_dir: Path) -> str | None:
         problems = []
         if files is not None:  # older checkpoints recorded no files: nothing to check against
             names = sorted(files)
-            problems = [p for name in names[rank()::world()] if (p := _check_file(tag_dir / name, files[name]))]
+            problems = [p for name in names[rank() :: world()] if (p := _check_file(tag_dir / name, files[name]))]
     except CheckpointError as err:
         problems = [str(err)]
     found = [p for mine in gather_objects(problems) for p in mine]

@@ -5,6 +5,7 @@ DeepSpeed's converter (``ds_to_universal``) only knows Adam state, so the CNN's 
 momentum is dressed as Adam's for the conversion and renamed back after (checked:
 2 ranks -> 1 gives the same losses). Rank 0 converts once, next to the tag.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,7 @@ def _load_ds_file(path: Path) -> dict:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum,
-                                           fragment_address]):
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -64,10 +64,17 @@ def _convert_universal(tag_dir: Path, out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
     try:
         sgd_names = _dress_sgd_as_adam(tag_dir, work)
-        ds_to_universal(SimpleNamespace(input_folder=str(work), output_folder=str(out),
-                                        num_extract_workers=1, num_merge_workers=1,
-                                        keep_temp_folder=False, strict=True,
-                                        inject_missing_state=False))
+        ds_to_universal(
+            SimpleNamespace(
+                input_folder=str(work),
+                output_folder=str(out),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+        )
         for name in sgd_names:  # DeepSpeed's universal loader restores whatever keys it finds
             folder = out / "zero" / name
             os.replace(folder / "exp_avg.pt", folder / "momentum_buffer.pt")
@@ -81,9 +88,11 @@ def _try_convert(tag_dir: Path, out: Path) -> str | None:
     """The conversion on rank 0; an error message instead of an exception (to share it)."""
     stage = read_meta(tag_dir).get("zero_stage")
     if stage not in (1, 2):
-        return (f"{tag_dir} was saved with ZeRO stage {stage}; a universal resume of the hybrid "
-                f"optimiser is supported from ZeRO 1 and 2 checkpoints. Resume with the world "
-                f"size it was written at.")
+        return (
+            f"{tag_dir} was saved with ZeRO stage {stage}; a universal resume of the hybrid "
+            f"optimiser is supported from ZeRO 1 and 2 checkpoints. Resume with the world "
+            f"size it was written at."
+        )
     try:
         _convert_universal(tag_dir, out)
     except Exception as err:  # noqa: BLE001 - every rank raises it below

@@ -3,6 +3,7 @@ trainer relies on, the resumable state, the epoch-plan cache, the per-batch acco
 and the seeded draws. ``loader`` (the epoch-plan loader) and ``dali_wds`` (DALI's own
 reader) both build on this module and never on each other.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,7 +39,7 @@ class BatchLoader(Protocol):
 def hash_unit(*words) -> float:
     """A uniform number in [0, 1) from the words (stable across processes and runs)."""
     digest = hashlib.blake2b("\x1f".join(map(str, words)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0 ** 64
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def batch_generator(seed: int, epoch: int, global_batch: int) -> torch.Generator:
@@ -66,18 +67,17 @@ class LoaderState:
 
     def state_dict(self) -> dict:
         """Plain JSON-able dict: safe in a DeepSpeed checkpoint without pickle."""
-        return {"version": STATE_VERSION, "epoch": self.epoch,
-                "batches_done": self.batches_done, **self._fingerprint()}
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{self.state_name} state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION}")
-        mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items()
-                      if state.get(k) != v}
+            raise ValueError(f"{self.state_name} state version {state.get('version')!r} is not {STATE_VERSION}")
+        mismatched = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
         if mismatched:
-            raise ValueError(f"{self.state_name} state does not match this loader "
-                             f"(key: (saved, now)): {mismatched}; resume with {self.resume_hint}")
+            raise ValueError(
+                f"{self.state_name} state does not match this loader "
+                f"(key: (saved, now)): {mismatched}; resume with {self.resume_hint}"
+            )
         self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
 
 
@@ -95,7 +95,7 @@ class PlannedLoader(LoaderState):
     def plan(self, epoch: int | None = None):
         epoch = self.epoch if epoch is None else epoch
         if self._plan_cache is None or self._plan_cache[0] != epoch:
-            self._plan_cache = None   # never hold two epochs' plans at once
+            self._plan_cache = None  # never hold two epochs' plans at once
             self._plan_cache = (epoch, self._new_plan(epoch))
         return self._plan_cache[1]
 
@@ -127,15 +127,18 @@ class BatchAccounting:
             self.damaged += 1
             if event.where not in self._named_damage:
                 self._named_damage.add(event.where)
-                log.warning("damaged sample %s: %s; %s (counted in loader.damaged)",
-                            event.where, event.reason, self.damage_action)
+                log.warning(
+                    "damaged sample %s: %s; %s (counted in loader.damaged)",
+                    event.where,
+                    event.reason,
+                    self.damage_action,
+                )
         return len(events)
 
     def _count_pixels(self, images: torch.Tensor, sizes: torch.Tensor) -> None:
         expected = padded_batch_size(sizes.numpy())
         if tuple(images.shape[2:]) != expected:
-            raise RuntimeError(f"{self.backend}: batch padded to {tuple(images.shape[2:])}, "
-                               f"expected {expected}")
+            raise RuntimeError(f"{self.backend}: batch padded to {tuple(images.shape[2:])}, expected {expected}")
         self.valid_pixels += int((sizes[:, 0] * sizes[:, 1]).sum())
         self.total_pixels += images.shape[0] * images.shape[2] * images.shape[3]
         self.batches_seen += 1
@@ -143,5 +146,4 @@ class BatchAccounting:
     def _to_device(self, batch: dict) -> dict:
         if self.device.type == "cpu":
             return batch
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

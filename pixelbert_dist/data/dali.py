@@ -16,6 +16,7 @@ leaves the pipeline unusable; the batches in flight are then decoded with PIL to
 the culprits, which are replaced as the PIL backend would replace them, and a new
 pipeline starts at the first batch not yet yielded.
 """
+
 from __future__ import annotations
 
 import io
@@ -40,28 +41,33 @@ def dali_available() -> bool:
     return True
 
 
-def _build_pipeline(source, batch_size: int, shorter: int, max_size: int, num_threads: int,
-                    prefetch: int, device_id: int | None):
+def _build_pipeline(
+    source, batch_size: int, shorter: int, max_size: int, num_threads: int, prefetch: int, device_id: int | None
+):
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, exec_dynamic=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,
+    )
     def pipe():
-        jpegs, mirror = fn.external_source(source=source, num_outputs=2, batch=True,
-                                           dtype=[types.UINT8, types.INT32])
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
-                                   output_type=types.RGB)
+        jpegs, mirror = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         # Antialiased linear (a triangle filter when shrinking): what PIL's BILINEAR does,
         # so the backends agree to within JPEG-decoder differences.
-        images = fn.resize(images, resize_shorter=shorter, max_size=max_size, antialias=True,
-                           interp_type=types.INTERP_LINEAR)
+        images = fn.resize(
+            images, resize_shorter=shorter, max_size=max_size, antialias=True, interp_type=types.INTERP_LINEAR
+        )
         sizes = images.shape()
         # ``mirror`` stays a CPU argument input even when the images are on the GPU.
-        images = fn.crop_mirror_normalize(images, mirror=mirror,
-                                          mean=list(MEAN_255), std=list(STD_255),
-                                          output_layout="CHW", dtype=types.FLOAT)
+        images = fn.crop_mirror_normalize(
+            images, mirror=mirror, mean=list(MEAN_255), std=list(STD_255), output_layout="CHW", dtype=types.FLOAT
+        )
         # Pads to the batch's largest H and W, each rounded up to x64; zeros after
         # normalisation, as the batch contract says.
         images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
@@ -85,11 +91,21 @@ class DaliImages:
     """Decodes the batches of a work list with one DALI pipeline (rebuilt per pass, so a
     pass that was abandoned half way never leaves prefetched batches behind)."""
 
-    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
-                 num_threads: int = 2, prefetch: int = 2, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        index,
+        batch_size: int,
+        shorter: int,
+        max_size: int,
+        num_threads: int = 2,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+    ):
         if not dali_available():
-            raise RuntimeError("data.backend='dali' needs NVIDIA DALI (pip install "
-                               "nvidia-dali-cuda130); use data.backend='pil' without it")
+            raise RuntimeError(
+                "data.backend='dali' needs NVIDIA DALI (pip install "
+                "nvidia-dali-cuda130); use data.backend='pil' without it"
+            )
         self.index, self.batch_size = index, batch_size
         self.shorter, self.max_size = shorter, max_size
         self.num_threads, self.prefetch = max(1, num_threads), max(1, prefetch)
@@ -107,8 +123,9 @@ class DaliImages:
             jpegs = [np.frombuffer(self.index.jpeg(i), dtype=np.uint8) for i, _ in batch]
             return jpegs, [np.int32(flip) for _, flip in batch]
 
-        pipe = _build_pipeline(source, self.batch_size, self.shorter, self.max_size,
-                               self.num_threads, self.prefetch, self.device_id)
+        pipe = _build_pipeline(
+            source, self.batch_size, self.shorter, self.max_size, self.num_threads, self.prefetch, self.device_id
+        )
         pipe.build()
         try:
             while True:
@@ -116,8 +133,7 @@ class DaliImages:
                     images, sizes = pipe.run()
                 except StopIteration:
                     return
-                hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]),
-                                  dtype=torch.int64)
+                hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
                 yield _to_torch(images, self.device), hw
         finally:
             del pipe
@@ -133,12 +149,13 @@ class DaliImages:
                 done += 1
                 yield batch
             if failures and not _find_undecodable(in_flight, known_bad):
-                raise RuntimeError(f"DALI failed on a batch holding "
-                                   f"{[s.key for rows in in_flight for s, _ in rows]}, and PIL "
-                                   f"decodes every one of them: {failures[0]}")
+                raise RuntimeError(
+                    f"DALI failed on a batch holding "
+                    f"{[s.key for rows in in_flight for s, _ in rows]}, and PIL "
+                    f"decodes every one of them: {failures[0]}"
+                )
 
-    def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque,
-             failures: list):
+    def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque, failures: list):
         """Yield from a pipeline fed from batch ``start``; on a failure return quietly,
         with the error in ``failures`` and the batches fed but not yielded in ``in_flight``."""
         cursor = iter(range(start, len(batches)))
@@ -147,11 +164,14 @@ class DaliImages:
             k = next(cursor)  # StopIteration ends the pipeline's epoch
             rows = [resolve(self.index, int(i), known_bad=known_bad)[::2] for i in batches[k]]
             in_flight.append(rows)
-            return ([np.frombuffer(s.jpeg, dtype=np.uint8) for s, _ in rows],
-                    [np.int32(flip_of(s.key)) for s, _ in rows])
+            return (
+                [np.frombuffer(s.jpeg, dtype=np.uint8) for s, _ in rows],
+                [np.int32(flip_of(s.key)) for s, _ in rows],
+            )
 
-        pipe = _build_pipeline(source, self.batch_size, self.shorter, self.max_size,
-                               self.num_threads, self.prefetch, self.device_id)
+        pipe = _build_pipeline(
+            source, self.batch_size, self.shorter, self.max_size, self.num_threads, self.prefetch, self.device_id
+        )
         pipe.build()
         try:
             while True:
@@ -168,10 +188,13 @@ class DaliImages:
                 rows = in_flight.popleft()
                 hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
                 used = [s for s, _ in rows]
-                yield DecodedBatch(_to_torch(images, self.device), hw,
-                                   [without_jpeg(s) for s in used],
-                                   [flip_of(s.key) for s in used],
-                                   [e for _, events in rows for e in events])
+                yield DecodedBatch(
+                    _to_torch(images, self.device),
+                    hw,
+                    [without_jpeg(s) for s in used],
+                    [flip_of(s.key) for s in used],
+                    [e for _, events in rows for e in events],
+                )
         finally:
             del pipe
 

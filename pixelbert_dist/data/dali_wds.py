@@ -33,6 +33,7 @@ Everything else follows the loader contract (``loader.py``): captions chosen by
 ``(seed, epoch, key)``, MLM/ITM draws by ``batch_generator(seed, epoch, k * W + r)``,
 images normalised and zero-padded to x64, ``image_sizes``, ``keys``, ``captions``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,8 +56,8 @@ from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_lef
 from pixelbert_dist.data.shard_index import crc32
 from pixelbert_dist.data.shards import ShardFormatError
 
-STATE_VERSION = "webdataset-1"   # never equal to loader.STATE_VERSION: the modes refuse each other
-INDEX_DIR = ".dali_index"        # next to the tars when that directory is writable
+STATE_VERSION = "webdataset-1"  # never equal to loader.STATE_VERSION: the modes refuse each other
+INDEX_DIR = ".dali_index"  # next to the tars when that directory is writable
 READER = "Reader"
 
 
@@ -65,8 +66,7 @@ def _index_text(index, shard: int) -> str:
     """DALI's webdataset index (format v1.2, what its ``wds2idx`` writes): a header
     ``v1.2 N``, then per sample ``ext offset size name`` for each component."""
     refs = (index.ref(i) for i in range(int(index.starts[shard]), int(index.starts[shard + 1])))
-    lines = [f"jpg {s.jpg[0]} {s.jpg[1]} {s.key}.jpg json {s.meta[0]} {s.meta[1]} {s.key}.json"
-             for s in refs]
+    lines = [f"jpg {s.jpg[0]} {s.jpg[1]} {s.key}.jpg json {s.meta[0]} {s.meta[1]} {s.key}.json" for s in refs]
     return "".join([f"v1.2 {len(lines)}\n"] + [line + "\n" for line in lines])
 
 
@@ -115,8 +115,7 @@ def shard_bounds(num_samples: int, shard: int, num_shards: int) -> tuple[int, in
     return shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
 
 
-def batches_per_epoch(num_samples: int, world_size: int, batch_size: int,
-                      drop_last: bool) -> int:
+def batches_per_epoch(num_samples: int, world_size: int, batch_size: int, drop_last: bool) -> int:
     if drop_last:
         return num_samples // world_size // batch_size
     per_rank = -(-num_samples // world_size)  # ceil: the last rank's share is padded
@@ -128,31 +127,58 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, 0x57D5]).generate_state(1)[0]) & 0x7FFFFFFF
 
 
-def _build_pipeline(paths, index_paths, *, shard_id: int, num_shards: int, batch_size: int,
-                    shuffle: bool, flip: bool, seed: int, shorter: int, max_size: int,
-                    num_threads: int, prefetch: int, device_id: int | None,
-                    checkpoint: bytes | None):
+def _build_pipeline(
+    paths,
+    index_paths,
+    *,
+    shard_id: int,
+    num_shards: int,
+    batch_size: int,
+    shuffle: bool,
+    flip: bool,
+    seed: int,
+    shorter: int,
+    max_size: int,
+    num_threads: int,
+    prefetch: int,
+    device_id: int | None,
+    checkpoint: bytes | None,
+):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  prefetch_queue_depth=prefetch, seed=seed, exec_dynamic=True,
-                  enable_checkpointing=True)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+        exec_dynamic=True,
+        enable_checkpointing=True,
+    )
     def pipe():
         jpegs, metas = fn.readers.webdataset(
-            paths=paths, index_paths=index_paths, ext=["jpg", "json"],
-            missing_component_behavior="error", shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=shuffle, pad_last_batch=True, stick_to_shard=True, name=READER)
-        source = fn.get_property(jpegs, key="source_info")   # "TAR:OFFSET:KEY.jpg"
+            paths=paths,
+            index_paths=index_paths,
+            ext=["jpg", "json"],
+            missing_component_behavior="error",
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=shuffle,
+            pad_last_batch=True,
+            stick_to_shard=True,
+            name=READER,
+        )
+        source = fn.get_property(jpegs, key="source_info")  # "TAR:OFFSET:KEY.jpg"
         mirror = fn.random.coin_flip(probability=0.5 if flip else 0.0, dtype=types.INT32)
-        images = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu",
-                                   output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device="mixed" if device_id is not None else "cpu", output_type=types.RGB)
         # The resize rule of images.resized_size, antialiased as in dali.py / PIL.
-        images = fn.resize(images, resize_shorter=shorter, max_size=max_size, antialias=True,
-                           interp_type=types.INTERP_LINEAR)
+        images = fn.resize(
+            images, resize_shorter=shorter, max_size=max_size, antialias=True, interp_type=types.INTERP_LINEAR
+        )
         sizes = images.shape()
-        images = fn.crop_mirror_normalize(images, mirror=mirror, mean=list(MEAN_255),
-                                          std=list(STD_255), output_layout="CHW",
-                                          dtype=types.FLOAT)
+        images = fn.crop_mirror_normalize(
+            images, mirror=mirror, mean=list(MEAN_255), std=list(STD_255), output_layout="CHW", dtype=types.FLOAT
+        )
         images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
         return images, sizes, metas, source, mirror, jpegs
 
@@ -186,11 +212,14 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
     ``batches_done`` batches (DALI accounts for its prefetch queue; the tests check it).
     """
 
-    def __init__(self, cfg, index, collator, batch_size: int, rank: int, world_size: int,
-                 train: bool, device: torch.device):
+    def __init__(
+        self, cfg, index, collator, batch_size: int, rank: int, world_size: int, train: bool, device: torch.device
+    ):
         if not dali_available():
-            raise RuntimeError("data.dali_reader='webdataset' needs NVIDIA DALI (pip install "
-                               "nvidia-dali-cuda130); use data.backend='pil' without it")
+            raise RuntimeError(
+                "data.dali_reader='webdataset' needs NVIDIA DALI (pip install "
+                "nvidia-dali-cuda130); use data.backend='pil' without it"
+            )
         device_id = (device.index or 0) if device.type == "cuda" else None
         self.backend = "dali-gpu-wds" if device_id is not None else "dali-cpu-wds"
         self.cfg, self.index, self.collator = cfg, index, collator
@@ -203,15 +232,15 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
         self.shuffle = train and cfg.shuffle
         self.drop_last = train and cfg.drop_last
         if len(self) == 0:
-            raise ValueError(f"drop_last with {len(index)} samples over {world_size} ranks "
-                             f"of batch {batch_size} leaves no batch")
-        self._pipe, self._pipe_at = None, None        # live pipeline, (epoch, batches) it is at
-        self._loaded: tuple[int, int, bytes] | None = None   # a restored checkpoint
+            raise ValueError(
+                f"drop_last with {len(index)} samples over {world_size} ranks of batch {batch_size} leaves no batch"
+            )
+        self._pipe, self._pipe_at = None, None  # live pipeline, (epoch, batches) it is at
+        self._loaded: tuple[int, int, bytes] | None = None  # a restored checkpoint
 
     # -- geometry and state -----------------------------------------------------------
     def __len__(self) -> int:
-        return batches_per_epoch(len(self.index), self.world_size, self.batch_size,
-                                 self.drop_last)
+        return batches_per_epoch(len(self.index), self.world_size, self.batch_size, self.drop_last)
 
     def shard(self, epoch: int | None = None) -> int:
         """The DALI shard this rank reads in ``epoch``."""
@@ -224,10 +253,17 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             self._pipe = self._pipe_at = self._loaded = None
 
     def _fingerprint(self) -> dict:
-        return {"num_samples": len(self.index), "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.cfg.seed, "shuffle": self.shuffle,
-                "bucketing": self.cfg.bucketing, "drop_last": self.drop_last,
-                "dali_reader": "webdataset", "hflip": self.train and self.cfg.hflip}
+        return {
+            "num_samples": len(self.index),
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.cfg.seed,
+            "shuffle": self.shuffle,
+            "bucketing": self.cfg.bucketing,
+            "drop_last": self.drop_last,
+            "dali_reader": "webdataset",
+            "hflip": self.train and self.cfg.hflip,
+        }
 
     def _checkpoint(self) -> bytes | None:
         """DALI's checkpoint for the current position (None where none is needed)."""
@@ -237,21 +273,27 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             return self._pipe.checkpoint()
         if self._loaded is not None and self._loaded[:2] == (self.epoch, self.batches_done):
             return self._loaded[2]
-        raise RuntimeError(f"no DALI checkpoint for epoch {self.epoch} batch "
-                           f"{self.batches_done}: the position was set by hand; the "
-                           "webdataset reader resumes only where it stopped or was restored")
+        raise RuntimeError(
+            f"no DALI checkpoint for epoch {self.epoch} batch "
+            f"{self.batches_done}: the position was set by hand; the "
+            "webdataset reader resumes only where it stopped or was restored"
+        )
 
     def state_dict(self) -> dict:
         checkpoint = self._checkpoint()
-        return {**super().state_dict(), "version": STATE_VERSION,
-                "dali_checkpoint": None if checkpoint is None
-                else base64.b64encode(checkpoint).decode("ascii")}
+        return {
+            **super().state_dict(),
+            "version": STATE_VERSION,
+            "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii"),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')!r} is not "
-                             f"{STATE_VERSION!r}: it was saved by another data.dali_reader "
-                             "mode, whose sample order differs")
+            raise ValueError(
+                f"data loader state version {state.get('version')!r} is not "
+                f"{STATE_VERSION!r}: it was saved by another data.dali_reader "
+                "mode, whose sample order differs"
+            )
         raw, encoded = None, state.get("dali_checkpoint")
         if encoded is not None:
             try:
@@ -259,9 +301,11 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             except (binascii.Error, TypeError, ValueError):
                 raise ValueError("data loader state: 'dali_checkpoint' is not base64") from None
         if raw is None and 0 < int(state.get("batches_done", 0)) < len(self):
-            raise ValueError(f"data loader state stops inside epoch {state.get('epoch')} "
-                             f"(batch {state['batches_done']} of {len(self)}) but has no "
-                             "'dali_checkpoint' to resume the DALI reader from")
+            raise ValueError(
+                f"data loader state stops inside epoch {state.get('epoch')} "
+                f"(batch {state['batches_done']} of {len(self)}) but has no "
+                "'dali_checkpoint' to resume the DALI reader from"
+            )
         super().load_state_dict({**state, "version": BASE_STATE_VERSION})
         self._pipe = self._pipe_at = None
         self._loaded = None if raw is None else (self.epoch, self.batches_done, raw)
@@ -277,8 +321,13 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             stored = self.index.crc_at(self._shard_of[path], int(offset))
             if stored is None or crc32(np.asarray(data).tobytes()) != stored:
                 bad.add(row)
-                events.append(Damaged(f"{Path(path).name}:{keys[row]}", "checksum mismatch "
-                                      "(bytes changed after the shard was written)", -1))
+                events.append(
+                    Damaged(
+                        f"{Path(path).name}:{keys[row]}",
+                        "checksum mismatch (bytes changed after the shard was written)",
+                        -1,
+                    )
+                )
         n = len(keys)
         if len(bad) == n:
             raise ShardFormatError(f"every sample of a batch is damaged ({events[0].where}, ...)")
@@ -291,29 +340,41 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
         # must have found the same samples in the tars and padded every shard alike.
         padded = self.world_size * -(-len(self.index) // self.world_size)
         if (meta["epoch_size"], meta["epoch_size_padded"]) != (len(self.index), padded):
-            raise ShardFormatError(f"{self.index.directory}: DALI's webdataset reader sees "
-                                   f"{meta['epoch_size']} samples (padded "
-                                   f"{meta['epoch_size_padded']}), the manifest "
-                                   f"{len(self.index)} (padded {padded})")
+            raise ShardFormatError(
+                f"{self.index.directory}: DALI's webdataset reader sees "
+                f"{meta['epoch_size']} samples (padded "
+                f"{meta['epoch_size_padded']}), the manifest "
+                f"{len(self.index)} (padded {padded})"
+            )
         return pipe
 
     def _build_pipeline(self, checkpoint: bytes | None):
         try:
             return _build_pipeline(
-                [str(p) for p in self.index.paths], self.index_paths, shard_id=self.shard(),
-                num_shards=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle,
-                flip=self.train and self.cfg.hflip, seed=epoch_seed(self.cfg.seed, self.epoch),
-                shorter=self.cfg.image_shorter, max_size=self.cfg.image_max,
-                num_threads=max(1, self.cfg.num_workers), prefetch=max(1, self.cfg.prefetch),
-                device_id=self.device_id, checkpoint=checkpoint)
+                [str(p) for p in self.index.paths],
+                self.index_paths,
+                shard_id=self.shard(),
+                num_shards=self.world_size,
+                batch_size=self.batch_size,
+                shuffle=self.shuffle,
+                flip=self.train and self.cfg.hflip,
+                seed=epoch_seed(self.cfg.seed, self.epoch),
+                shorter=self.cfg.image_shorter,
+                max_size=self.cfg.image_max,
+                num_threads=max(1, self.cfg.num_workers),
+                prefetch=max(1, self.cfg.prefetch),
+                device_id=self.device_id,
+                checkpoint=checkpoint,
+            )
         except RuntimeError as err:
             if checkpoint is None:
                 raise
-            raise ValueError(f"DALI could not restore the loader state's 'dali_checkpoint' "
-                             f"(saved with another DALI version or pipeline?): {err}") from None
+            raise ValueError(
+                f"DALI could not restore the loader state's 'dali_checkpoint' "
+                f"(saved with another DALI version or pipeline?): {err}"
+            ) from None
 
-    def _collate_text(self, metas: list[dict], keys: list[str], flips: list[bool], k: int,
-              shard_size: int) -> dict:
+    def _collate_text(self, metas: list[dict], keys: list[str], flips: list[bool], k: int, shard_size: int) -> dict:
         captions, image_ids = [], []
         for meta, key, flip in zip(metas, keys, flips):
             caps = meta["captions"]
@@ -344,8 +405,7 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             flips = [bool(np.asarray(mirror[r])) for r in rows]
             batch = self._collate_text(metas, keys, flips, k, end - begin)
             batch["images"] = _to_torch(images, self.device)[rows]
-            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(sizes[r])[:2] for r in rows]),
-                                                dtype=torch.int64)
+            batch["image_sizes"] = torch.tensor(np.stack([np.asarray(sizes[r])[:2] for r in rows]), dtype=torch.int64)
             batch["damaged"] = self._record_damage(damaged)
             self._count_pixels(batch["images"], batch["image_sizes"])
             self.batches_done = k + 1

@@ -7,6 +7,7 @@ its JPEG does not decode. It is then replaced by the first sound sample among
 resumed run makes the same replacements, and the batch keeps its size (ranks stay in
 step). Each occurrence is returned as a ``Damaged`` event for the loader to count.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,7 +24,7 @@ REPLACE_TRIES = 16
 
 @dataclass(frozen=True)
 class Damaged:
-    where: str      # "SHARD.tar:KEY"
+    where: str  # "SHARD.tar:KEY"
     reason: str
     index: int
 
@@ -54,14 +55,17 @@ def resolve(index, i: int, decode: Callable | None = None, known_bad: dict | Non
         if reason is None:
             return sample, decoded, events
         events.append(Damaged(index.where(c, sample.key), reason, c))
-    raise ShardFormatError(f"sample {i} and its {REPLACE_TRIES} stand-ins are all damaged "
-                           f"(first: {events[0].where}: {events[0].reason}); is the split "
-                           "mostly damaged? verify it with read_manifest(DIR, verify=True)")
+    raise ShardFormatError(
+        f"sample {i} and its {REPLACE_TRIES} stand-ins are all damaged "
+        f"(first: {events[0].where}: {events[0].reason}); is the split "
+        "mostly damaged? verify it with read_manifest(DIR, verify=True)"
+    )
 
 
 class DecodedBatch(NamedTuple):
     """What an image backend's ``samples()`` yields per batch: the images, the samples
     actually used (after replacements, JPEG bytes dropped), their flips, the events."""
+
     images: torch.Tensor
     sizes: torch.Tensor
     samples: list

@@ -4,6 +4,7 @@ Keeping the size rule, the normalisation constants, the padding rule and the cap
 flip in one place is what makes the backends interchangeable: they differ only in who
 decodes and resizes, never in what the batch looks like.
 """
+
 from __future__ import annotations
 
 import math

@@ -27,6 +27,7 @@ Epoch protocol: ``set_epoch(e)`` for a new ``e`` starts that epoch at batch 0; f
 current epoch it keeps the position (so ``load_state_dict`` then ``set_epoch`` of the
 same epoch resumes). Iterating a finished epoch again starts it over.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from pixelbert_dist.data.base import (STATE_VERSION, BatchAccounting, BatchLoader,  # noqa: F401
-                                      PlannedLoader, batch_generator, hash_unit)
+from pixelbert_dist.data.base import (
+    BatchAccounting,
+    BatchLoader,  # noqa: F401
+    PlannedLoader,
+    batch_generator,
+    hash_unit,
+)
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.dali import DaliImages
 from pixelbert_dist.data.dali_wds import WebdatasetLoader
@@ -48,12 +54,13 @@ from pixelbert_dist.data.streaming import StreamLoader, is_stream
 from pixelbert_dist.data.text import TextCollator, load_tokenizer
 from pixelbert_dist.data.torch_loader import PilDecode, PilImages, nvjpeg_images
 
-_hash_unit = hash_unit   # the name other modules imported before base.py existed
+_hash_unit = hash_unit  # the name other modules imported before base.py existed
 
 
 @dataclass(frozen=True)
 class FlipRule:
     """Whether the image of ``key`` is flipped this epoch (picklable, for workers)."""
+
     seed: int
     epoch: int
     enabled: bool
@@ -74,8 +81,7 @@ class BatchText:
     def flip_rule(self, epoch: int) -> FlipRule:
         return FlipRule(self.cfg.seed, epoch, self.train and self.cfg.hflip)
 
-    def __call__(self, keys: list[str], metas: list[dict], flips: list[bool], is_pad, k: int,
-                 epoch: int) -> dict:
+    def __call__(self, keys: list[str], metas: list[dict], flips: list[bool], is_pad, k: int, epoch: int) -> dict:
         captions, image_ids = [], []
         for key, meta, flip in zip(keys, metas, flips):
             caps = meta["captions"]
@@ -107,8 +113,18 @@ class PlanBatches(Sequence):
 class Loader(PlannedLoader, BatchAccounting):
     """One rank's view of a shard directory; see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, index: ShardIndex, images, collator, batch_size: int,
-                 rank: int, world_size: int, train: bool, device: torch.device):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: ShardIndex,
+        images,
+        collator,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        device: torch.device,
+    ):
         self.cfg, self.index, self.images, self.collator = cfg, index, images, collator
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.train = train
@@ -120,17 +136,29 @@ class Loader(PlannedLoader, BatchAccounting):
     # -- plan and state ---------------------------------------------------------------
     def _new_plan(self, epoch: int) -> EpochPlan:
         aspect = self.index.aspect_of if self.cfg.bucketing else None
-        return epoch_plan(len(self.index), epoch=epoch, seed=self.cfg.seed, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size,
-                          shuffle=self.train and self.cfg.shuffle,
-                          drop_last=self.train and self.cfg.drop_last, aspect=aspect,
-                          bucket_window=self.cfg.bucket_window)
+        return epoch_plan(
+            len(self.index),
+            epoch=epoch,
+            seed=self.cfg.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            shuffle=self.train and self.cfg.shuffle,
+            drop_last=self.train and self.cfg.drop_last,
+            aspect=aspect,
+            bucket_window=self.cfg.bucket_window,
+        )
 
     def _fingerprint(self) -> dict:
-        return {"num_samples": len(self.index), "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.cfg.seed,
-                "shuffle": self.train and self.cfg.shuffle, "bucketing": self.cfg.bucketing,
-                "drop_last": self.train and self.cfg.drop_last}
+        return {
+            "num_samples": len(self.index),
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.cfg.seed,
+            "shuffle": self.train and self.cfg.shuffle,
+            "bucketing": self.cfg.bucketing,
+            "drop_last": self.train and self.cfg.drop_last,
+        }
 
     # -- batches ----------------------------------------------------------------------
     def _flip_rule(self) -> FlipRule:
@@ -160,16 +188,22 @@ class Loader(PlannedLoader, BatchAccounting):
 def images_backend(cfg: DataConfig, index: ShardIndex, batch_size: int, device: torch.device):
     args = (index, batch_size, cfg.image_shorter, cfg.image_max)
     if cfg.backend == "dali":
-        return DaliImages(*args, num_threads=cfg.num_workers, prefetch=cfg.prefetch,
-                          device=device)
+        return DaliImages(*args, num_threads=cfg.num_workers, prefetch=cfg.prefetch, device=device)
     if cfg.backend == "nvjpeg":
         return nvjpeg_images(*args, device=device)
     return PilImages(*args, num_workers=cfg.num_workers, prefetch=cfg.prefetch, device=device)
 
 
-def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
-                 world_size: int = 1, device: str | torch.device = "cpu", train: bool = True,
-                 tokenizer=None) -> BatchLoader:
+def build_loader(
+    cfg: DataConfig,
+    shards_dir,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    train: bool = True,
+    tokenizer=None,
+) -> BatchLoader:
     """A loader over ``shards_dir`` for this rank: a split directory (indexed, any
     backend) or a brace pattern / URL / ``pipe:`` (streaming, ``streaming.py``).
     ``train=False`` is evaluation: no shuffle, no flip, no MLM masking or ITM negatives,
@@ -179,17 +213,29 @@ def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     if is_stream(shards_dir) and cfg.backend != "pil":
-        raise ValueError(f"streamed shards ({shards_dir!r}) are decoded by data.backend='pil' "
-                         f"for now, not {cfg.backend!r}; or copy them to local disk, index "
-                         "them and use any backend")
+        raise ValueError(
+            f"streamed shards ({shards_dir!r}) are decoded by data.backend='pil' "
+            f"for now, not {cfg.backend!r}; or copy them to local disk, index "
+            "them and use any backend"
+        )
     index = None if is_stream(shards_dir) else ShardIndex(shards_dir)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
-    collator = TextCollator(tokenizer, cfg.max_text_len, cfg.mlm_prob if train else 0.0,
-                            cfg.itm_neg_prob if train else 0.0)
+    collator = TextCollator(
+        tokenizer, cfg.max_text_len, cfg.mlm_prob if train else 0.0, cfg.itm_neg_prob if train else 0.0
+    )
     if index is None:
         text = BatchText(cfg, collator, rank, world_size, train)
-        return StreamLoader(cfg, str(shards_dir), text, PilDecode(cfg.image_shorter, cfg.image_max),
-                            batch_size, rank, world_size, train, device)
+        return StreamLoader(
+            cfg,
+            str(shards_dir),
+            text,
+            PilDecode(cfg.image_shorter, cfg.image_max),
+            batch_size,
+            rank,
+            world_size,
+            train,
+            device,
+        )
     if cfg.backend == "dali" and cfg.dali_reader == "webdataset":
         # DALI's own reader + pipeline checkpoints (dali_wds.py), instead of the epoch plan.
         return WebdatasetLoader(cfg, index, collator, batch_size, rank, world_size, train, device)
@@ -198,8 +244,7 @@ def build_loader(cfg: DataConfig, shards_dir, batch_size: int, rank: int = 0,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Read a few batches and print shapes, "
-                                     "padding and images/s.")
+    parser = argparse.ArgumentParser(description="Read a few batches and print shapes, padding and images/s.")
     parser.add_argument("--shards", required=True, help="split directory with manifest.json")
     parser.add_argument("--backend", default="dali", choices=["dali", "nvjpeg", "pil"])
     parser.add_argument("--batches", type=int, default=5)
@@ -210,21 +255,30 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    cfg = DataConfig(train_shards=args.shards, backend=args.backend, image_shorter=args.shorter,
-                     image_max=args.max_size, bucketing=args.bucketing, num_workers=args.workers)
+    cfg = DataConfig(
+        train_shards=args.shards,
+        backend=args.backend,
+        image_shorter=args.shorter,
+        image_max=args.max_size,
+        bucketing=args.bucketing,
+        num_workers=args.workers,
+    )
     loader = build_loader(cfg, args.shards, args.batch_size, device=args.device)
-    print(f"{args.shards}: {len(loader.index)} samples, {len(loader)} batches/epoch, "
-          f"backend {loader.backend}")
+    print(f"{args.shards}: {len(loader.index)} samples, {len(loader)} batches/epoch, backend {loader.backend}")
     images, start = 0, time.perf_counter()
     for i, batch in enumerate(loader):
         if i == args.batches:
             break
         images += batch["images"].shape[0]
-        print(f"batch {i}: images {tuple(batch['images'].shape)} input_ids "
-              f"{tuple(batch['input_ids'].shape)} keys {batch['keys'][:3]}...")
+        print(
+            f"batch {i}: images {tuple(batch['images'].shape)} input_ids "
+            f"{tuple(batch['input_ids'].shape)} keys {batch['keys'][:3]}..."
+        )
     seconds = time.perf_counter() - start
-    print(f"{images} images in {seconds:.2f}s = {images / seconds:.1f} img/s "
-          f"(incl. start-up); padding fraction {loader.padding_fraction:.3f}")
+    print(
+        f"{images} images in {seconds:.2f}s = {images / seconds:.1f} img/s "
+        f"(incl. start-up); padding fraction {loader.padding_fraction:.3f}"
+    )
 
 
 if __name__ == "__main__":

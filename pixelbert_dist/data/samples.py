@@ -10,6 +10,7 @@ sample's bytes come from one ``pread`` of its tar: header (for the key), JPEG, J
 File descriptors are opened lazily per process, so a copy inherited by a DataLoader
 worker opens its own.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,25 +23,35 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from pixelbert_dist.data import shard_index as fmt_index
-from pixelbert_dist.data.shard_index import (BLOCK, CRC32, HEIGHT, INDEX_COMMAND, JPG_BLOCK,
-                                             JPG_SIZE, JSON_BLOCK, JSON_SIZE, WIDTH,
-                                             ShardFormatError)
+from pixelbert_dist.data.shard_index import (
+    BLOCK,
+    CRC32,
+    HEIGHT,
+    INDEX_COMMAND,
+    JPG_BLOCK,
+    JPG_SIZE,
+    JSON_BLOCK,
+    JSON_SIZE,
+    WIDTH,
+    ShardFormatError,
+)
 from pixelbert_dist.data.shards import read_manifest
 
-MAX_OPEN_SHARDS = 64    # index maps and tar descriptors kept open per process
+MAX_OPEN_SHARDS = 64  # index maps and tar descriptors kept open per process
 
 
 @dataclass(frozen=True)
 class SampleRef:
     key: str
-    shard: int              # index into ShardIndex.paths
-    jpg: tuple[int, int]    # (offset, size) of KEY.jpg's bytes in the tar
-    meta: tuple[int, int]   # (offset, size) of KEY.json's bytes
+    shard: int  # index into ShardIndex.paths
+    jpg: tuple[int, int]  # (offset, size) of KEY.jpg's bytes in the tar
+    meta: tuple[int, int]  # (offset, size) of KEY.json's bytes
 
 
 @dataclass(frozen=True)
 class Sample:
     """One sample's bytes as read; ``damage`` names what is wrong with them, if anything."""
+
     index: int
     key: str
     jpeg: bytes
@@ -76,7 +87,7 @@ class ShardIndex:
         for info, path in zip(manifest.shards, self.paths):
             _check_shard(self.directory, info, path)
         counts = np.asarray([s.num_samples for s in manifest.shards], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(counts)])   # shard s: [starts[s], starts[s+1])
+        self.starts = np.concatenate([[0], np.cumsum(counts)])  # shard s: [starts[s], starts[s+1])
         if self.starts[-1] == 0:
             raise ShardFormatError(f"{directory}: the manifest lists no samples")
         self._index_files = [self.directory / s.index for s in manifest.shards]
@@ -106,9 +117,11 @@ class ShardIndex:
             array = fmt_index.load(self._index_files[shard])
             expected = int(self.starts[shard + 1] - self.starts[shard])
             if array.shape[1] != expected:
-                raise ShardFormatError(f"{self._index_files[shard]}: {array.shape[1]} rows, the "
-                                       f"manifest says {expected} samples; rerun "
-                                       f"`{INDEX_COMMAND} {self.directory} --force`")
+                raise ShardFormatError(
+                    f"{self._index_files[shard]}: {array.shape[1]} rows, the "
+                    f"manifest says {expected} samples; rerun "
+                    f"`{INDEX_COMMAND} {self.directory} --force`"
+                )
             self._maps[shard] = array
             if len(self._maps) > MAX_OPEN_SHARDS:
                 self._maps.popitem(last=False)
@@ -124,8 +137,7 @@ class ShardIndex:
         shard, col = self._column(i)
         jpg = (int(col[JPG_BLOCK]) * BLOCK, int(col[JPG_SIZE]))
         header = self._pread(shard, jpg[0] - BLOCK, BLOCK)
-        return SampleRef(fmt_index.header_key(header), shard, jpg,
-                         (int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])))
+        return SampleRef(fmt_index.header_key(header), shard, jpg, (int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])))
 
     def crc_at(self, shard: int, jpg_offset: int) -> int | None:
         """The stored CRC of the JPEG whose data starts at ``jpg_offset`` in ``shard``
@@ -151,8 +163,9 @@ class ShardIndex:
             bad = np.nonzero((width == 0) | (height == 0))[0]
             if len(bad):
                 key = self.ref(int(indices[where[bad[0]]])).key
-                raise ShardFormatError(f"{self.paths[shard]}: {key}.json needs positive "
-                                       "'width' and 'height' for bucketing")
+                raise ShardFormatError(
+                    f"{self.paths[shard]}: {key}.json needs positive 'width' and 'height' for bucketing"
+                )
             out[where] = width / height
         return out
 
@@ -181,17 +194,15 @@ class ShardIndex:
         start = jpg_at - BLOCK
         data = self._pread(shard, start, json_at + json_size - start)
         key = fmt_index.header_key(data[:BLOCK]) if len(data) >= BLOCK else f"#{i}"
-        jpeg = data[BLOCK:BLOCK + jpg_size]
-        meta = data[json_at - start:json_at - start + json_size]
-        return Sample(i, key, jpeg, meta, _damage(jpeg, jpg_size, len(meta) == json_size,
-                                                  int(col[CRC32])))
+        jpeg = data[BLOCK : BLOCK + jpg_size]
+        meta = data[json_at - start : json_at - start + json_size]
+        return Sample(i, key, jpeg, meta, _damage(jpeg, jpg_size, len(meta) == json_size, int(col[CRC32])))
 
     def jpeg(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``; a damaged sample raises, naming shard and key."""
         sample = self.read(i)
         if sample.damage:
-            raise ShardFormatError(f"{self.paths[self.locate(i)[0]]}: {sample.key}.jpg is "
-                                   f"damaged ({sample.damage})")
+            raise ShardFormatError(f"{self.paths[self.locate(i)[0]]}: {sample.key}.jpg is damaged ({sample.damage})")
         return sample.jpeg
 
     def meta(self, i: int, sample: Sample | None = None) -> dict:
@@ -234,13 +245,17 @@ def _damage(jpeg: bytes, size: int, meta_complete: bool, crc: int) -> str | None
 
 def _check_shard(directory: Path, info, path: Path) -> None:
     if not info.index:
-        raise ShardFormatError(f"{path}: no index sidecar listed in {directory / 'manifest.json'} "
-                               f"(shards made before indexes existed); index the split once "
-                               f"with `{INDEX_COMMAND} {directory}`")
+        raise ShardFormatError(
+            f"{path}: no index sidecar listed in {directory / 'manifest.json'} "
+            f"(shards made before indexes existed); index the split once "
+            f"with `{INDEX_COMMAND} {directory}`"
+        )
     if not (directory / info.index).is_file():
-        raise ShardFormatError(f"{directory / info.index} listed in the manifest is missing; "
-                               f"rerun `{INDEX_COMMAND} {directory} --force`")
+        raise ShardFormatError(
+            f"{directory / info.index} listed in the manifest is missing; rerun `{INDEX_COMMAND} {directory} --force`"
+        )
     size = path.stat().st_size
     if size != info.size:
-        raise ShardFormatError(f"{path}: {size} bytes, the manifest says {info.size} "
-                               "(truncated or modified shard; rebuild it)")
+        raise ShardFormatError(
+            f"{path}: {size} bytes, the manifest says {info.size} (truncated or modified shard; rebuild it)"
+        )

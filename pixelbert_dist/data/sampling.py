@@ -26,6 +26,7 @@ flags in batch order), never as one Python object per sample: at 10^6 samples ov
 ranks it is 1 MB. ``ShardIndex`` (random access through the index sidecars) lives in
 ``samples`` and is re-exported here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ from pixelbert_dist.data.samples import SampleRef, ShardIndex  # noqa: F401  (re
 
 @dataclass(frozen=True)
 class PlannedSample:
-    index: int      # into ShardIndex
-    is_pad: bool    # a wrap-around repeat (see the module docstring)
+    index: int  # into ShardIndex
+    is_pad: bool  # a wrap-around repeat (see the module docstring)
 
 
 class PlanBatch(Sequence):
@@ -88,14 +89,20 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return _rng(seed, epoch).permutation(n) if shuffle else np.arange(n)
 
 
-def _bucketed(indices: np.ndarray, is_pad: np.ndarray, ratios: np.ndarray, batch_size: int,
-              window: int, rng: np.random.Generator | None) -> EpochPlan:
+def _bucketed(
+    indices: np.ndarray,
+    is_pad: np.ndarray,
+    ratios: np.ndarray,
+    batch_size: int,
+    window: int,
+    rng: np.random.Generator | None,
+) -> EpochPlan:
     """Sort each window by aspect ratio, cut into batches, shuffle the full batches."""
     order_parts, bounds = [], [0]
     step = window * batch_size
     for start in range(0, len(indices), step):
-        chunk = start + np.argsort(ratios[start:start + step], kind="stable")
-        cut = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = start + np.argsort(ratios[start : start + step], kind="stable")
+        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         full = [b for b in cut if len(b) == batch_size]
         if rng is not None:
             full = [full[i] for i in rng.permutation(len(full))]
@@ -106,10 +113,19 @@ def _bucketed(indices: np.ndarray, is_pad: np.ndarray, ratios: np.ndarray, batch
     return EpochPlan(indices[order], is_pad[order], np.asarray(bounds, dtype=np.int64))
 
 
-def epoch_plan(num_samples: int, *, epoch: int, seed: int, rank: int, world_size: int,
-               batch_size: int, shuffle: bool = True, drop_last: bool = False,
-               aspect: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
-               bucket_window: int = 16) -> EpochPlan:
+def epoch_plan(
+    num_samples: int,
+    *,
+    epoch: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    aspect: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+    bucket_window: int = 16,
+) -> EpochPlan:
     """This rank's batches for ``epoch`` (see the module docstring for the rules).
     ``aspect``: width/height per sample index, or a function of an index array (what
     ``ShardIndex.aspect_of`` is), for bucketing."""
@@ -121,8 +137,10 @@ def epoch_plan(num_samples: int, *, epoch: int, seed: int, rank: int, world_size
     if drop_last:
         total = num_samples // (world_size * batch_size) * world_size * batch_size
         if total == 0:
-            raise ValueError(f"drop_last with {num_samples} samples < world_size x batch_size "
-                             f"= {world_size * batch_size} leaves no batch")
+            raise ValueError(
+                f"drop_last with {num_samples} samples < world_size x batch_size "
+                f"= {world_size * batch_size} leaves no batch"
+            )
     else:
         total = -(-num_samples // world_size) * world_size
     positions = np.arange(rank, total, world_size, dtype=np.int64)
@@ -132,7 +150,6 @@ def epoch_plan(num_samples: int, *, epoch: int, seed: int, rank: int, world_size
     if aspect is not None:
         ratios = aspect(indices) if callable(aspect) else np.asarray(aspect)[indices]
         rng = _rng(seed, epoch, rank, 1) if shuffle else None
-        return _bucketed(indices, is_pad, np.asarray(ratios, dtype=np.float64), batch_size,
-                         bucket_window, rng)
+        return _bucketed(indices, is_pad, np.asarray(ratios, dtype=np.float64), batch_size, bucket_window, rng)
     bounds = np.append(np.arange(0, len(indices), batch_size), len(indices))
     return EpochPlan(indices, is_pad, bounds)

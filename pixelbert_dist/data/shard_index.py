@@ -10,6 +10,7 @@ starts on a block), so 32 bits address tars up to 2 TiB. ``crc32`` is zlib's CRC
 JPEG bytes: the cheap, sure check that the bytes are still the ones the builder wrote.
 The sample's key is not stored: it is the name in the tar header just before its JPEG.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,7 @@ def _dimension(meta: dict, name: str) -> int:
         value = int(meta.get(name, 0))
     except (TypeError, ValueError):
         return 0
-    return value if 0 < value < 2 ** 32 else 0
+    return value if 0 < value < 2**32 else 0
 
 
 class IndexBuilder:
@@ -56,13 +57,20 @@ class IndexBuilder:
     def __init__(self):
         self.columns: list[tuple[int, ...]] = []
 
-    def add(self, jpg_offset: int, jpeg: bytes, json_offset: int, json_size: int,
-            meta: dict) -> None:
+    def add(self, jpg_offset: int, jpeg: bytes, json_offset: int, json_size: int, meta: dict) -> None:
         if jpg_offset % BLOCK or json_offset % BLOCK:
-            raise ValueError(f"tar member data at offsets {jpg_offset}/{json_offset} is not "
-                             f"{BLOCK}-byte aligned")
-        self.columns.append((jpg_offset // BLOCK, len(jpeg), json_offset // BLOCK, json_size,
-                             _dimension(meta, "width"), _dimension(meta, "height"), crc32(jpeg)))
+            raise ValueError(f"tar member data at offsets {jpg_offset}/{json_offset} is not {BLOCK}-byte aligned")
+        self.columns.append(
+            (
+                jpg_offset // BLOCK,
+                len(jpeg),
+                json_offset // BLOCK,
+                json_size,
+                _dimension(meta, "width"),
+                _dimension(meta, "height"),
+                crc32(jpeg),
+            )
+        )
 
     def array(self) -> np.ndarray:
         out = np.zeros((len(FIELDS), len(self.columns)), dtype=np.uint32)
@@ -83,8 +91,9 @@ class IndexBuilder:
 def load(path: str | Path, mmap: bool = True) -> np.ndarray:
     array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     if array.dtype != np.uint32 or array.ndim != 2 or array.shape[0] != len(FIELDS):
-        raise ShardFormatError(f"{path}: not a shard index (dtype {array.dtype}, shape {array.shape}; "
-                          f"expected uint32 ({len(FIELDS)}, n))")
+        raise ShardFormatError(
+            f"{path}: not a shard index (dtype {array.dtype}, shape {array.shape}; expected uint32 ({len(FIELDS)}, n))"
+        )
     return array
 
 
@@ -117,17 +126,21 @@ def scan_tar(path: str | Path, expected: int | None = None) -> IndexBuilder:
                     pending = (key, member.offset_data, data)
                 elif ext == "json" and pending is not None and pending[0] == key:
                     meta = json.loads(data)
-                    builder.add(pending[1], pending[2], member.offset_data, member.size,
-                                meta if isinstance(meta, dict) else {})
+                    builder.add(
+                        pending[1], pending[2], member.offset_data, member.size, meta if isinstance(meta, dict) else {}
+                    )
                     pending = None
                 else:
-                    raise ShardFormatError(f"{path}: unexpected member {member.name!r} "
-                                      "(expected KEY.jpg followed by KEY.json)")
+                    raise ShardFormatError(
+                        f"{path}: unexpected member {member.name!r} (expected KEY.jpg followed by KEY.json)"
+                    )
     except (tarfile.TarError, EOFError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardFormatError(f"{path}: unreadable shard ({type(err).__name__}: {err})") from None
     if pending is not None or (expected is not None and len(builder.columns) != expected):
-        raise ShardFormatError(f"{path}: holds {len(builder.columns)} complete samples, the "
-                          f"manifest says {expected} (truncated shard? rebuild it)")
+        raise ShardFormatError(
+            f"{path}: holds {len(builder.columns)} complete samples, the "
+            f"manifest says {expected} (truncated shard? rebuild it)"
+        )
     return builder
 
 
@@ -137,5 +150,7 @@ def _check_header(path: Path, member: tarfile.TarInfo) -> None:
         f.seek(member.offset_data - BLOCK)
         got = header_key(f.read(BLOCK))
     if got != member.name.rpartition("/")[2].partition(".")[0]:
-        raise ShardFormatError(f"{path}: member {member.name!r} has extended tar headers (long "
-                          "names?); rewrite the shard in USTAR format (launch/make_shards.py)")
+        raise ShardFormatError(
+            f"{path}: member {member.name!r} has extended tar headers (long "
+            "names?); rewrite the shard in USTAR format (launch/make_shards.py)"
+        )

@@ -11,6 +11,7 @@ Shards are written to ``*.tar.tmp`` and renamed when complete, so a crash never 
 a half shard that looks finished. Tar headers carry no time stamps or owners, so the
 same samples always give byte-identical shards.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pixelbert_dist.data.shard_index import (IndexBuilder, ShardFormatError, index_name, num_rows,
-                                             scan_tar)
+from pixelbert_dist.data.shard_index import IndexBuilder, ShardFormatError, index_name, num_rows, scan_tar
 
 FORMAT = "pixelbert-wds-1"
 MANIFEST = "manifest.json"
@@ -40,8 +40,8 @@ class ShardInfo:
     file: str
     num_samples: int
     sha256: str
-    size: int = 0       # bytes of the tar (a cheap truncation check at start-up)
-    index: str = ""     # the index sidecar's file name; "" for shards made before indexes
+    size: int = 0  # bytes of the tar (a cheap truncation check at start-up)
+    index: str = ""  # the index sidecar's file name; "" for shards made before indexes
 
 
 @dataclass
@@ -71,8 +71,10 @@ def shard_name(name: str, index: int) -> str:
 
 def check_key(key: str) -> str:
     if not _KEY_RE.match(key):
-        raise ShardFormatError(f"sample key {key!r} must be 1-90 characters of [A-Za-z0-9_-] "
-                               "(no dots: WebDataset splits member names at the first dot)")
+        raise ShardFormatError(
+            f"sample key {key!r} must be 1-90 characters of [A-Za-z0-9_-] "
+            "(no dots: WebDataset splits member names at the first dot)"
+        )
     return key
 
 
@@ -116,8 +118,13 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, bytes, dict]]) ->
     finally:
         if tmp.exists():
             tmp.unlink()
-    return ShardInfo(file=path.name, num_samples=len(index.columns), sha256=sha256_file(path),
-                     size=path.stat().st_size, index=index_name(path.name))
+    return ShardInfo(
+        file=path.name,
+        num_samples=len(index.columns),
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        index=index_name(path.name),
+    )
 
 
 def _attach_index(directory: Path, info: ShardInfo) -> None:
@@ -159,17 +166,31 @@ def _manifest_from_json(data, path: Path) -> Manifest:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise ShardFormatError(f"{path}: format is {found!r}, expected {FORMAT!r}")
     try:
-        shards = [ShardInfo(file=str(s["file"]), num_samples=int(s["num_samples"]),
-                            sha256=str(s["sha256"]), size=int(s.get("size", 0)),
-                            index=str(s.get("index", ""))) for s in data["shards"]]
-        manifest = Manifest(name=str(data["name"]), num_samples=int(data["num_samples"]),
-                            shards=shards, source=str(data.get("source", "")),
-                            skipped=int(data.get("skipped", 0)), directory=path.parent)
+        shards = [
+            ShardInfo(
+                file=str(s["file"]),
+                num_samples=int(s["num_samples"]),
+                sha256=str(s["sha256"]),
+                size=int(s.get("size", 0)),
+                index=str(s.get("index", "")),
+            )
+            for s in data["shards"]
+        ]
+        manifest = Manifest(
+            name=str(data["name"]),
+            num_samples=int(data["num_samples"]),
+            shards=shards,
+            source=str(data.get("source", "")),
+            skipped=int(data.get("skipped", 0)),
+            directory=path.parent,
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise ShardFormatError(f"{path}: malformed manifest ({type(err).__name__}: {err})") from None
     if sum(s.num_samples for s in shards) != manifest.num_samples:
-        raise ShardFormatError(f"{path}: num_samples {manifest.num_samples} differs from the "
-                               f"sum over its shards ({sum(s.num_samples for s in shards)})")
+        raise ShardFormatError(
+            f"{path}: num_samples {manifest.num_samples} differs from the "
+            f"sum over its shards ({sum(s.num_samples for s in shards)})"
+        )
     return manifest
 
 
@@ -177,8 +198,9 @@ def read_manifest(directory: str | Path, verify: bool = False) -> Manifest:
     """Read ``DIR/manifest.json``; with ``verify`` also check every shard's sha256."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise ShardFormatError(f"{path} not found: {directory} is not a shard directory "
-                               "(build one with launch/make_shards.py)")
+        raise ShardFormatError(
+            f"{path} not found: {directory} is not a shard directory (build one with launch/make_shards.py)"
+        )
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -188,8 +210,7 @@ def read_manifest(directory: str | Path, verify: bool = False) -> Manifest:
         if not shard.is_file():
             raise ShardFormatError(f"{shard} listed in {path} is missing")
         if verify and sha256_file(shard) != info.sha256:
-            raise ShardFormatError(f"{shard}: sha256 does not match {path} "
-                                   "(truncated or modified shard; rebuild it)")
+            raise ShardFormatError(f"{shard}: sha256 does not match {path} (truncated or modified shard; rebuild it)")
     return manifest
 
 
@@ -205,7 +226,7 @@ def index_split(directory: str | Path, force: bool = False, progress=None) -> in
         if info.index and sidecar.is_file() and not force:
             continue
         scan_tar(path, expected=info.num_samples).save(sidecar)
-        info.index, info.size = "", 0   # re-attached (with the tar size) below
+        info.index, info.size = "", 0  # re-attached (with the tar size) below
         written += 1
         if progress is not None:
             progress(path)
@@ -230,8 +251,9 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes, dict]]:
                     yield key, pending[1], json.loads(data)
                     pending = None
                 else:
-                    raise ShardFormatError(f"{path}: unexpected member {member.name!r} "
-                                           "(expected KEY.jpg followed by KEY.json)")
+                    raise ShardFormatError(
+                        f"{path}: unexpected member {member.name!r} (expected KEY.jpg followed by KEY.json)"
+                    )
             if pending is not None:
                 raise ShardFormatError(f"{path}: {pending[0]}.jpg has no {pending[0]}.json")
     except (tarfile.TarError, EOFError, json.JSONDecodeError) as err:
@@ -251,8 +273,7 @@ class ShardWriter:
     an exception, so an interrupted run never looks finished.
     """
 
-    def __init__(self, out_dir: str | Path, name: str, samples_per_shard: int = 2000,
-                 source: str = ""):
+    def __init__(self, out_dir: str | Path, name: str, samples_per_shard: int = 2000, source: str = ""):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
         self.out_dir = Path(out_dir)
@@ -261,7 +282,7 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.skipped: list[dict] = []
         self._buffer: list[tuple[str, bytes, dict]] = []
-        self.manifest: Manifest | None = None   # set when the block ends cleanly
+        self.manifest: Manifest | None = None  # set when the block ends cleanly
 
     def __enter__(self) -> "ShardWriter":
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,9 +305,14 @@ class ShardWriter:
     def close(self) -> Manifest:
         self._flush()
         skipped = write_skipped(self.out_dir, self.skipped)
-        manifest = Manifest(name=self.name, num_samples=sum(s.num_samples for s in self.shards),
-                            shards=list(self.shards), source=self.source, skipped=skipped,
-                            directory=self.out_dir)
+        manifest = Manifest(
+            name=self.name,
+            num_samples=sum(s.num_samples for s in self.shards),
+            shards=list(self.shards),
+            source=self.source,
+            skipped=skipped,
+            directory=self.out_dir,
+        )
         write_manifest(self.out_dir, manifest)
         return manifest
 

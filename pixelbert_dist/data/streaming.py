@@ -24,6 +24,7 @@ and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
   skips what was already read from it; a JPEG that does not decode is skipped (the next
   sample takes its place) and counted in ``loader.damaged``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -114,7 +115,7 @@ class StreamPlan(NamedTuple):
     rank: int
     world_size: int
     batch_size: int
-    batches: int          # per rank and epoch
+    batches: int  # per rank and epoch
     resampled: bool
     shuffle: bool
     buffer: int
@@ -125,12 +126,13 @@ class StreamPlan(NamedTuple):
             rng = _rng(self.seed, self.epoch, self.rank, worker, 3)
             while True:
                 yield self.urls[int(rng.integers(len(self.urls)))]
-        order = (_rng(self.seed, self.epoch).permutation(len(self.urls)) if self.shuffle
-                 else np.arange(len(self.urls)))
-        mine = [self.urls[i] for i in order[self.rank::self.world_size][worker::workers]]
+        order = _rng(self.seed, self.epoch).permutation(len(self.urls)) if self.shuffle else np.arange(len(self.urls))
+        mine = [self.urls[i] for i in order[self.rank :: self.world_size][worker::workers]]
         if not mine:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {self.world_size} ranks x "
-                             f"{workers} workers: use data.resampled=true or fewer workers")
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {self.world_size} ranks x "
+                f"{workers} workers: use data.resampled=true or fewer workers"
+            )
         while True:
             yield from mine
 
@@ -148,7 +150,6 @@ class StreamPlan(NamedTuple):
                     i = int(rng.integers(len(buffer)))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     yield buffer.pop()
-
 
 
 class StreamBatch(NamedTuple):
@@ -176,14 +177,14 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         errors: list[str] = []
         stream = self.plan.samples(virtual, workers, errors)
         for _ in range(self.cursors[virtual]):
-            next(stream)   # resume: read, never decode, what was already trained on
+            next(stream)  # resume: read, never decode, what was already trained on
         first = self.start + (virtual - self.start) % workers
         for _ in range(first, self.plan.batches, workers):
             yield self._batch(stream, errors)
 
     def _batch(self, stream, errors: list) -> StreamBatch:
         images, keys, metas, flips, damaged = [], [], [], [], []
-        while len(images) < self.plan.batch_size:   # taken = batch_size + len(damaged)
+        while len(images) < self.plan.batch_size:  # taken = batch_size + len(damaged)
             raw = next(stream)
             flip = self.flip_of(raw.key)
             try:
@@ -209,12 +210,24 @@ class StreamLoader(LoaderState, BatchAccounting):
     resume_hint = "the same shard URLs, world size, batch size, workers and data config"
     damage_action = "skipped (the next sample in the stream takes its place)"
 
-    def __init__(self, cfg, spec: str, text, decode, batch_size: int, rank: int,
-                 world_size: int, train: bool, device: torch.device):
+    def __init__(
+        self,
+        cfg,
+        spec: str,
+        text,
+        decode,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        train: bool,
+        device: torch.device,
+    ):
         if cfg.epoch_samples < world_size * batch_size:
-            raise ValueError(f"streaming needs data.epoch_samples >= world_size x batch_size "
-                             f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
-                             "number of samples that make one epoch over all ranks")
+            raise ValueError(
+                f"streaming needs data.epoch_samples >= world_size x batch_size "
+                f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
+                "number of samples that make one epoch over all ranks"
+            )
         self.cfg, self.urls = cfg, expand(spec)
         self.text, self.decode = text, decode
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
@@ -222,22 +235,30 @@ class StreamLoader(LoaderState, BatchAccounting):
         self.read_errors = 0
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
-            raise ValueError(f"{len(self.urls)} shards cannot feed {world_size} ranks x "
-                             f"{self.workers} workers without repeats: set data.resampled=true "
-                             "or use fewer data.num_workers")
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed {world_size} ranks x "
+                f"{self.workers} workers without repeats: set data.resampled=true "
+                "or use fewer data.num_workers"
+            )
         super().__init__()
         self._init_accounting(device)
-        self.cursors = [0] * self.workers   # samples taken from each worker's stream
+        self.cursors = [0] * self.workers  # samples taken from each worker's stream
 
     def __len__(self) -> int:
         return self.cfg.epoch_samples // (self.world_size * self.batch_size)
 
     def _fingerprint(self) -> dict:
-        return {"stream": url_digest(self.urls), "epoch_samples": self.cfg.epoch_samples,
-                "world_size": self.world_size, "batch_size": self.batch_size,
-                "seed": self.cfg.seed, "shuffle": self.train and self.cfg.shuffle,
-                "resampled": self.cfg.resampled, "shuffle_buffer": self.cfg.shuffle_buffer,
-                "num_workers": self.cfg.num_workers}
+        return {
+            "stream": url_digest(self.urls),
+            "epoch_samples": self.cfg.epoch_samples,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.cfg.seed,
+            "shuffle": self.train and self.cfg.shuffle,
+            "resampled": self.cfg.resampled,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "num_workers": self.cfg.num_workers,
+        }
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -249,19 +270,30 @@ class StreamLoader(LoaderState, BatchAccounting):
 
     def load_state_dict(self, state: dict) -> None:
         epoch, done = self.epoch, self.batches_done
-        super().load_state_dict(state)          # the fingerprint (num_workers too) first
+        super().load_state_dict(state)  # the fingerprint (num_workers too) first
         cursors = state.get("stream_cursors")
         if not isinstance(cursors, list) or len(cursors) != self.workers:
             self.epoch, self.batches_done = epoch, done
-            raise ValueError(f"data loader state has no 'stream_cursors' for {self.workers} "
-                             f"workers (got {cursors!r}); resume with {self.resume_hint}")
+            raise ValueError(
+                f"data loader state has no 'stream_cursors' for {self.workers} "
+                f"workers (got {cursors!r}); resume with {self.resume_hint}"
+            )
         self.cursors = [int(c) for c in cursors]
 
     def plan(self) -> StreamPlan:
-        return StreamPlan(self.urls, self.cfg.seed, self.epoch, self.rank, self.world_size,
-                          self.batch_size, len(self), self.cfg.resampled,
-                          self.train and self.cfg.shuffle, self.cfg.shuffle_buffer,
-                          self.cfg.stream_retries)
+        return StreamPlan(
+            self.urls,
+            self.cfg.seed,
+            self.epoch,
+            self.rank,
+            self.world_size,
+            self.batch_size,
+            len(self),
+            self.cfg.resampled,
+            self.train and self.cfg.shuffle,
+            self.cfg.shuffle_buffer,
+            self.cfg.stream_retries,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         if self.batches_done >= len(self):

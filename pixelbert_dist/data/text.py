@@ -8,6 +8,7 @@ length (``mlm_row_rates``), and masks them with BERT's 80/10/10 rule; only match
 carry MLM labels. All randomness comes from the ``torch.Generator`` passed in, so a loader
 that derives it from (seed, epoch, step) reproduces a batch exactly after a resume.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,11 +66,16 @@ def mlm_row_rates(mlm_prob: float, max_tokens: int) -> tuple[torch.Tensor, torch
 class TextCollator:
     """Tokenise captions and draw the ITM negatives and MLM masks for one batch."""
 
-    def __init__(self, tokenizer, max_len: int = 40, mlm_prob: float = 0.15,
-                 itm_neg_prob: float = 0.5, pad_to_max_len: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        max_len: int = 40,
+        mlm_prob: float = 0.15,
+        itm_neg_prob: float = 0.5,
+        pad_to_max_len: bool = False,
+    ):
         if not 0.0 <= mlm_prob <= 1.0 or not 0.0 <= itm_neg_prob <= 1.0:
-            raise ValueError(f"mlm_prob ({mlm_prob}) and itm_neg_prob ({itm_neg_prob}) "
-                             "must lie in [0, 1]")
+            raise ValueError(f"mlm_prob ({mlm_prob}) and itm_neg_prob ({itm_neg_prob}) must lie in [0, 1]")
         if max_len < 3:
             raise ValueError(f"max_len must be >= 3 ([CLS] word [SEP]), got {max_len}")
         self.tokenizer = tokenizer
@@ -78,8 +84,9 @@ class TextCollator:
         special = set(tokenizer.all_special_ids)
         vocab = tokenizer.get_vocab()
         # Random replacement tokens: real words only, never [CLS]/[PAD]/... or [unusedN].
-        self.replacement_ids = torch.tensor(sorted(
-            i for tok, i in vocab.items() if i not in special and not tok.startswith("[unused")))
+        self.replacement_ids = torch.tensor(
+            sorted(i for tok, i in vocab.items() if i not in special and not tok.startswith("[unused"))
+        )
         self.mask_id = tokenizer.mask_token_id
         self.draw_rate, self.force_rate = mlm_row_rates(mlm_prob, max_len)
 
@@ -107,16 +114,16 @@ class TextCollator:
         selected[empty.nonzero().squeeze(1), forced[empty]] = True
         labels = torch.where(selected & positive[:, None], input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         action = torch.rand(input_ids.shape, generator=generator)
-        random_tokens = self.replacement_ids[torch.randint(
-            len(self.replacement_ids), input_ids.shape, generator=generator)]
+        random_tokens = self.replacement_ids[
+            torch.randint(len(self.replacement_ids), input_ids.shape, generator=generator)
+        ]
         masked = input_ids.clone()
         masked[selected & (action < 0.8)] = self.mask_id
         use_random = selected & (action >= 0.8) & (action < 0.9)
         masked[use_random] = random_tokens[use_random]
         return masked, labels
 
-    def __call__(self, captions: list[str], image_ids: list[str],
-                 generator: torch.Generator) -> dict:
+    def __call__(self, captions: list[str], image_ids: list[str], generator: torch.Generator) -> dict:
         if len(captions) != len(image_ids):
             raise ValueError(f"{len(captions)} captions for {len(image_ids)} image ids")
         for caption, image_id in zip(captions, image_ids):
@@ -124,9 +131,14 @@ class TextCollator:
                 raise ValueError(f"empty caption for image {image_id!r}")
         partner, itm_labels = self.draw_itm(image_ids, generator)
         texts = [captions[j] for j in partner.tolist()]
-        enc = self.tokenizer(texts, padding="max_length" if self.pad_to_max_len else "longest",
-                             truncation=True, max_length=self.max_len,
-                             return_special_tokens_mask=True, return_tensors="pt")
+        enc = self.tokenizer(
+            texts,
+            padding="max_length" if self.pad_to_max_len else "longest",
+            truncation=True,
+            max_length=self.max_len,
+            return_special_tokens_mask=True,
+            return_tensors="pt",
+        )
         input_ids = enc["input_ids"].long()
         attention_mask = enc["attention_mask"].long()
         real = attention_mask.bool() & ~enc["special_tokens_mask"].bool()

@@ -5,6 +5,7 @@ Both apply the size rule of ``images.resized_size`` with an antialiased bilinear
 (triangle) filter, as the DALI path does, so all backends give the same shapes and
 pixels that differ only by decoder rounding.
 """
+
 from __future__ import annotations
 
 import io
@@ -56,9 +57,10 @@ class _PilBatchDataset(torch.utils.data.Dataset):
         return len(self.work)
 
     def __getitem__(self, i: int):
-        images = [pil_image(self.index.jpeg(s), self.shorter, self.max_size, flip,
-                            where=self.index.samples[s].key)
-                  for s, flip in self.work[i]]
+        images = [
+            pil_image(self.index.jpeg(s), self.shorter, self.max_size, flip, where=self.index.samples[s].key)
+            for s, flip in self.work[i]
+        ]
         return pad_batch(images)
 
 
@@ -74,8 +76,13 @@ class _PilSampleDataset(torch.utils.data.Dataset):
         return len(self.batches)
 
     def _decode(self, sample) -> torch.Tensor:
-        return pil_image(sample.jpeg, self.shorter, self.max_size, self.flip_of(sample.key),
-                         where=self.index.where(sample.index, sample.key))
+        return pil_image(
+            sample.jpeg,
+            self.shorter,
+            self.max_size,
+            self.flip_of(sample.key),
+            where=self.index.where(sample.index, sample.key),
+        )
 
     def __getitem__(self, j: int) -> DecodedBatch:
         images, used, events = [], [], []
@@ -94,9 +101,15 @@ def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
     # Its own generator: a DataLoader iterator otherwise draws its worker seed from
     # torch's global RNG, which would shift the model's dropout / pixel-sampling
     # stream whenever an epoch starts (and so break exact resume mid-epoch).
-    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False,
-                                       num_workers=num_workers, generator=torch.Generator(),
-                                       pin_memory=pin_memory, **extra)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+        pin_memory=pin_memory,
+        **extra,
+    )
 
 
 class PilImages:
@@ -104,8 +117,16 @@ class PilImages:
 
     name = "pil"
 
-    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
-                 num_workers: int = 2, prefetch: int = 2, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        index,
+        batch_size: int,
+        shorter: int,
+        max_size: int,
+        num_workers: int = 2,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+    ):
         self.index, self.shorter, self.max_size = index, shorter, max_size
         self.num_workers, self.prefetch = num_workers, prefetch
         self.pin_memory = torch.device(device).type == "cuda"  # faster, async copy to GPU
@@ -130,8 +151,7 @@ class TorchJpegImages:
     interpolation on the same device. On "cuda" this is the nvjpeg backend; "cpu" is
     kept for tests of the resize/pad path on machines without a GPU."""
 
-    def __init__(self, index, batch_size: int, shorter: int, max_size: int,
-                 device: str | torch.device = "cuda"):
+    def __init__(self, index, batch_size: int, shorter: int, max_size: int, device: str | torch.device = "cuda"):
         self.index, self.shorter, self.max_size = index, shorter, max_size
         self.device = torch.device(device)
         self.name = "nvjpeg" if self.device.type == "cuda" else "torchvision-cpu"
@@ -139,8 +159,8 @@ class TorchJpegImages:
     def _one(self, image: torch.Tensor, flip: bool) -> torch.Tensor:
         height, width = resized_size(image.shape[1], image.shape[2], self.shorter, self.max_size)
         resized = torch.nn.functional.interpolate(
-            image[None].float(), size=(height, width), mode="bilinear", antialias=True,
-            align_corners=False)[0]
+            image[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )[0]
         # Round and clamp like an 8-bit resize would, so values match PIL and DALI.
         resized = resized.round_().clamp_(0, 255)
         if flip:
@@ -151,8 +171,7 @@ class TorchJpegImages:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         for batch in work:
-            data = [torch.frombuffer(bytearray(self.index.jpeg(s)), dtype=torch.uint8)
-                    for s, _ in batch]
+            data = [torch.frombuffer(bytearray(self.index.jpeg(s)), dtype=torch.uint8) for s, _ in batch]
             with warnings.catch_warnings():
                 # torchvision 0.29 deprecates its codecs for TorchCodec; decode_jpeg on
                 # CUDA is still the batched nvJPEG path this backend exists for.
@@ -168,16 +187,20 @@ class TorchJpegImages:
             used = [sample for sample, _, _ in resolved]
             flips = [flip_of(s.key) for s in used]
             images, sizes = next(self.batches([[(s.index, f) for s, f in zip(used, flips)]]))
-            yield DecodedBatch(images, sizes, [without_jpeg(s) for s in used], flips,
-                               [e for _, _, events in resolved for e in events])
+            yield DecodedBatch(
+                images, sizes, [without_jpeg(s) for s in used], flips, [e for _, _, events in resolved for e in events]
+            )
 
 
-def nvjpeg_images(index, batch_size: int, shorter: int, max_size: int,
-                  device: str | torch.device = "cuda") -> TorchJpegImages:
+def nvjpeg_images(
+    index, batch_size: int, shorter: int, max_size: int, device: str | torch.device = "cuda"
+) -> TorchJpegImages:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"data.backend='nvjpeg' decodes on the GPU and needs CUDA "
-                           f"(device={str(device)!r}, cuda available: "
-                           f"{torch.cuda.is_available()}); use data.backend='dali' "
-                           "(CPU decode) or 'pil' on this machine")
+        raise RuntimeError(
+            f"data.backend='nvjpeg' decodes on the GPU and needs CUDA "
+            f"(device={str(device)!r}, cuda available: "
+            f"{torch.cuda.is_available()}); use data.backend='dali' "
+            "(CPU decode) or 'pil' on this machine"
+        )
     return TorchJpegImages(index, batch_size, shorter, max_size, device)

@@ -3,12 +3,19 @@
 The re-exports load on first use (PEP 562), so that reading a DeepSpeed JSON (a command's
 argument check, ``--help``) does not import torch.
 """
+
 from __future__ import annotations
 
 import importlib
 
-_MODULE_OF = {"fill_deepspeed_config": "ds_config", "precision_of": "ds_config", "DistEnv": "env",
-              "detect_env": "env", "device_for": "env", "init_distributed": "env"}
+_MODULE_OF = {
+    "fill_deepspeed_config": "ds_config",
+    "precision_of": "ds_config",
+    "DistEnv": "env",
+    "detect_env": "env",
+    "device_for": "env",
+    "init_distributed": "env",
+}
 __all__ = sorted(_MODULE_OF)
 
 

@@ -11,6 +11,7 @@ section is refused rather than silently fighting ours.
 Settings this machine cannot honour fall back with a warning: fp16/bf16 where the
 accelerator lacks them, NVMe offload where DeepSpeed's async_io op cannot build.
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,10 @@ def load_deepspeed_json(ds: dict | str | Path, source: str | None = None) -> tup
     source = source or str(path)
     if not path.is_file():
         shipped = ", ".join(sorted(p.name for p in SHIPPED_DIR.glob("*.json")))
-        raise ConfigError(f"DeepSpeed config {source} does not exist (pass a path, or the name of a "
-                          f"shipped one in {SHIPPED_DIR}: {shipped})")
+        raise ConfigError(
+            f"DeepSpeed config {source} does not exist (pass a path, or the name of a "
+            f"shipped one in {SHIPPED_DIR}: {shipped})"
+        )
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -65,18 +68,21 @@ def _fill(ds: dict, key: str, wanted: Any, source: str, run_key: str) -> None:
     if value == _AUTO:
         ds[key] = wanted
         return
-    same = (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=0.0))
+    same = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=0.0)
+    )
     if not same:
-        raise ConfigError(f"{source}: \"{key}\": {json.dumps(value)} contradicts the run config "
-                          f"({run_key}={wanted}). Set \"{key}\": \"auto\" in {source} (the run "
-                          f"config is the single source of truth) or change {run_key}.")
+        raise ConfigError(
+            f'{source}: "{key}": {json.dumps(value)} contradicts the run config '
+            f'({run_key}={wanted}). Set "{key}": "auto" in {source} (the run '
+            f"config is the single source of truth) or change {run_key}."
+        )
 
 
-def _fill_batch(ds: dict, source: str, micro_batch: int, grad_accum: int, world_size: int,
-                grad_clip: float) -> None:
-    for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum),
-                        ("world_size", world_size)):
+def _fill_batch(ds: dict, source: str, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float) -> None:
+    for name, value in (("micro_batch", micro_batch), ("grad_accum", grad_accum), ("world_size", world_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if not grad_clip >= 0:
@@ -87,28 +93,32 @@ def _fill_batch(ds: dict, source: str, micro_batch: int, grad_accum: int, world_
     total = micro_batch * grad_accum * world_size
     value = ds.get("train_batch_size", _AUTO)
     if value != _AUTO and value != total:
-        raise ConfigError(f"{source}: \"train_batch_size\": {json.dumps(value)} != micro_batch x "
-                          f"grad_accum x world_size = {micro_batch} x {grad_accum} x {world_size} "
-                          f"= {total}. Set \"train_batch_size\": \"auto\" or change the run config.")
+        raise ConfigError(
+            f'{source}: "train_batch_size": {json.dumps(value)} != micro_batch x '
+            f"grad_accum x world_size = {micro_batch} x {grad_accum} x {world_size} "
+            f'= {total}. Set "train_batch_size": "auto" or change the run config.'
+        )
     ds["train_batch_size"] = total
 
 
 def _check_sections(ds: dict, source: str) -> None:
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ConfigError(f"{source}: remove the \"{section}\" section. The optimiser (SGD for "
-                              f"the CNN, AdamW for the transformer) and the lr schedule are set in "
-                              f"the run config (optim.*, schedule.*), not in the DeepSpeed JSON.")
+            raise ConfigError(
+                f'{source}: remove the "{section}" section. The optimiser (SGD for '
+                f"the CNN, AdamW for the transformer) and the lr schedule are set in "
+                f"the run config (optim.*, schedule.*), not in the DeepSpeed JSON."
+            )
     if isinstance(ds.get("amp"), dict) and ds["amp"].get("enabled"):
-        raise ConfigError(f"{source}: \"amp\" (NVIDIA apex) is not supported; use "
-                          f"\"bf16\" or \"fp16\" instead")
+        raise ConfigError(f'{source}: "amp" (NVIDIA apex) is not supported; use "bf16" or "fp16" instead')
     if ds.get("zero_allow_untested_optimizer", True) is not True:
-        raise ConfigError(f"{source}: \"zero_allow_untested_optimizer\" must be true: ZeRO shards "
-                          f"our own hybrid SGD/AdamW optimiser")
+        raise ConfigError(
+            f'{source}: "zero_allow_untested_optimizer" must be true: ZeRO shards our own hybrid SGD/AdamW optimiser'
+        )
     ds["zero_allow_untested_optimizer"] = True
     stage = ds.setdefault("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{source}: \"zero_optimization.stage\" must be 0, 1, 2 or 3, got {stage!r}")
+        raise ConfigError(f'{source}: "zero_optimization.stage" must be 0, 1, 2 or 3, got {stage!r}')
 
 
 def _accelerator_caps() -> dict[str, bool]:
@@ -117,9 +127,12 @@ def _accelerator_caps() -> dict[str, bool]:
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     acc = get_accelerator()
-    return {"fp16": bool(acc.is_fp16_supported()), "bf16": bool(acc.is_bf16_supported()),
-            "aio": bool(AsyncIOBuilder().is_compatible(verbose=False)),
-            "device": acc.device_name()}
+    return {
+        "fp16": bool(acc.is_fp16_supported()),
+        "bf16": bool(acc.is_bf16_supported()),
+        "aio": bool(AsyncIOBuilder().is_compatible(verbose=False)),
+        "device": acc.device_name(),
+    }
 
 
 def _enabled(ds: dict, section: str) -> Any:
@@ -130,22 +143,24 @@ def _enabled(ds: dict, section: str) -> Any:
 def _set_precision(ds: dict, source: str, precision: str | None, caps: dict) -> None:
     fp16, bf16 = _enabled(ds, "fp16"), _enabled(ds, "bf16")
     if fp16 is True and bf16 is True:
-        raise ConfigError(f"{source}: \"fp16\" and \"bf16\" are both enabled; enable one of them")
+        raise ConfigError(f'{source}: "fp16" and "bf16" are both enabled; enable one of them')
     if precision is None:
         # an "auto" in the JSON with no run-config choice means the project default, bf16
-        precision = "fp16" if fp16 is True else "bf16" if bf16 in (True, _AUTO) else (
-            "fp16" if fp16 == _AUTO else "fp32")
+        precision = (
+            "fp16" if fp16 is True else "bf16" if bf16 in (True, _AUTO) else ("fp16" if fp16 == _AUTO else "fp32")
+        )
     elif precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     else:
         current = "fp16" if fp16 is True else "bf16" if bf16 is True else None
         if current is not None and current != precision:
-            warnings.warn(f"{source} enables {current}; the run config asks {precision}, which wins",
-                          stacklevel=3)
+            warnings.warn(f"{source} enables {current}; the run config asks {precision}, which wins", stacklevel=3)
     if precision in ("fp16", "bf16") and not caps[precision]:
         fallback = "bf16" if precision == "fp16" and caps["bf16"] else "fp32"
-        warnings.warn(f"{source}: {precision} is not supported on this {caps['device']} "
-                      f"accelerator; falling back to {fallback}", stacklevel=3)
+        warnings.warn(
+            f"{source}: {precision} is not supported on this {caps['device']} accelerator; falling back to {fallback}",
+            stacklevel=3,
+        )
         precision = fallback
     for section in ("fp16", "bf16"):
         node = ds.get(section)
@@ -164,22 +179,34 @@ def _check_offload(ds: dict, source: str, caps: dict) -> None:
             continue
         offloading = True
         if node.get("device") == "nvme" and not caps["aio"]:
-            warnings.warn(f"{source}: zero_optimization.{key}.device=\"nvme\" needs DeepSpeed's "
-                          f"async_io op (libaio), which cannot be built here; offloading to "
-                          f"\"cpu\" instead", stacklevel=3)
+            warnings.warn(
+                f'{source}: zero_optimization.{key}.device="nvme" needs DeepSpeed\'s '
+                f"async_io op (libaio), which cannot be built here; offloading to "
+                f'"cpu" instead',
+                stacklevel=3,
+            )
             zero[key] = {k: v for k, v in node.items() if not k.startswith(("nvme", "buffer"))}
             zero[key]["device"] = "cpu"
     if offloading:
         # DeepSpeed insists on its CPUAdam for offload unless told our optimiser is meant
         if ds.get("zero_force_ds_cpu_optimizer", False) is not False:
-            raise ConfigError(f"{source}: \"zero_force_ds_cpu_optimizer\" must be false: the "
-                              f"offloaded optimiser is our hybrid SGD/AdamW, not DeepSpeedCPUAdam")
+            raise ConfigError(
+                f'{source}: "zero_force_ds_cpu_optimizer" must be false: the '
+                f"offloaded optimiser is our hybrid SGD/AdamW, not DeepSpeedCPUAdam"
+            )
         ds["zero_force_ds_cpu_optimizer"] = False
 
 
-def fill_deepspeed_config(ds: dict | str | Path, *, micro_batch: int, grad_accum: int,
-                          world_size: int, grad_clip: float, precision: str | None = None,
-                          source: str | None = None) -> dict:
+def fill_deepspeed_config(
+    ds: dict | str | Path,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    precision: str | None = None,
+    source: str | None = None,
+) -> dict:
     """The DeepSpeed config to hand to ``deepspeed.initialize`` (a new dict).
 
     ``precision``: None keeps the JSON's choice; "fp32"/"bf16"/"fp16" overrides it
@@ -195,7 +222,7 @@ def fill_deepspeed_config(ds: dict | str | Path, *, micro_batch: int, grad_accum
 
 
 def precision_of(ds: dict) -> str:
-    """"bf16", "fp16" or "fp32" for a filled config (the dtype the inputs must have)."""
+    """ "bf16", "fp16" or "fp32" for a filled config (the dtype the inputs must have)."""
     if _enabled(ds, "bf16") is True:
         return "bf16"
     return "fp16" if _enabled(ds, "fp16") is True else "fp32"

@@ -16,6 +16,7 @@ PIXELBERT_RENDEZVOUS_TIMEOUT_S (300 s by default) stops with a RendezvousError n
 the address, the port and where they came from, instead of retrying until the job's
 time limit (and spending a requeue on a job that never reached step 1).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -112,8 +113,7 @@ def _scontrol(*args: str) -> str:
     if not scontrol:
         return ""
     try:
-        return subprocess.run([scontrol, *args], capture_output=True, text=True, timeout=30,
-                              check=True).stdout
+        return subprocess.run([scontrol, *args], capture_output=True, text=True, timeout=30, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return ""
 
@@ -151,11 +151,16 @@ def _from_launcher(environ: Mapping[str, str]) -> DistEnv:
     world = _int(environ, "WORLD_SIZE")
     local_world = _int(environ, "LOCAL_WORLD_SIZE", _int(environ, "LOCAL_SIZE", world))
     launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in environ else "deepspeed"
-    return DistEnv(rank=_int(environ, "RANK"), local_rank=_int(environ, "LOCAL_RANK", 0),
-                   world_size=world, local_world_size=local_world,
-                   master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-                   master_port=_int(environ, "MASTER_PORT", 29500), launcher=launcher,
-                   source=environ.get(RENDEZVOUS_SOURCE_VAR) or f"exported by the {launcher} launcher")
+    return DistEnv(
+        rank=_int(environ, "RANK"),
+        local_rank=_int(environ, "LOCAL_RANK", 0),
+        world_size=world,
+        local_world_size=local_world,
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int(environ, "MASTER_PORT", 29500),
+        launcher=launcher,
+        source=environ.get(RENDEZVOUS_SOURCE_VAR) or f"exported by the {launcher} launcher",
+    )
 
 
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
@@ -163,16 +168,23 @@ def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
     job_id = _int(environ, "SLURM_JOB_ID", 0)
     # every task computes the same port from the job id; jobs sharing a node rarely collide
     port = _int(environ, "MASTER_PORT", 15000 + job_id % 20000)
-    port_how = ("MASTER_PORT from the environment" if environ.get("MASTER_PORT")
-                else f"port derived from SLURM_JOB_ID={job_id}")
+    port_how = (
+        "MASTER_PORT from the environment" if environ.get("MASTER_PORT") else f"port derived from SLURM_JOB_ID={job_id}"
+    )
     if environ.get("MASTER_ADDR"):
         addr, addr_how = environ["MASTER_ADDR"], "MASTER_ADDR from the environment"
     else:
         addr, addr_how = slurm_master(environ)
-    return DistEnv(rank=_int(environ, "SLURM_PROCID"), local_rank=_int(environ, "SLURM_LOCALID", 0),
-                   world_size=world, local_world_size=_slurm_tasks_per_node(environ, world),
-                   master_addr=addr, master_port=port, launcher="slurm",
-                   source=f"{addr_how}; {port_how}")
+    return DistEnv(
+        rank=_int(environ, "SLURM_PROCID"),
+        local_rank=_int(environ, "SLURM_LOCALID", 0),
+        world_size=world,
+        local_world_size=_slurm_tasks_per_node(environ, world),
+        master_addr=addr,
+        master_port=port,
+        launcher="slurm",
+        source=f"{addr_how}; {port_how}",
+    )
 
 
 def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
@@ -183,17 +195,25 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
     if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         return _from_slurm(environ)
     port = _int(environ, "MASTER_PORT", 0) or free_port()
-    return DistEnv(master_addr=environ.get("MASTER_ADDR", "127.0.0.1"), master_port=port,
-                   source="a single process: this machine and a free port unless MASTER_ADDR/PORT set")
+    return DistEnv(
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=port,
+        source="a single process: this machine and a free port unless MASTER_ADDR/PORT set",
+    )
 
 
 def export_env(env: DistEnv) -> None:
     """Write the variables torch's ``env://`` rendezvous and DeepSpeed read."""
-    os.environ.update({
-        "RANK": str(env.rank), "LOCAL_RANK": str(env.local_rank),
-        "WORLD_SIZE": str(env.world_size), "LOCAL_WORLD_SIZE": str(env.local_world_size),
-        "MASTER_ADDR": env.master_addr, "MASTER_PORT": str(env.master_port),
-    })
+    os.environ.update(
+        {
+            "RANK": str(env.rank),
+            "LOCAL_RANK": str(env.local_rank),
+            "WORLD_SIZE": str(env.world_size),
+            "LOCAL_WORLD_SIZE": str(env.local_world_size),
+            "MASTER_ADDR": env.master_addr,
+            "MASTER_PORT": str(env.master_port),
+        }
+    )
 
 
 def backend_for() -> str:
@@ -233,8 +253,13 @@ def rendezvous_timeout_s(environ: Mapping[str, str] | None = None) -> float:
 
 def _meet(env: DistEnv, timeout_s: float) -> "torch.distributed.TCPStore":
     store = torch.distributed.TCPStore(
-        env.master_addr, env.master_port, env.world_size, is_master=env.rank == 0,
-        timeout=timedelta(seconds=timeout_s), wait_for_workers=True)
+        env.master_addr,
+        env.master_port,
+        env.world_size,
+        is_master=env.rank == 0,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=True,
+    )
     # a client "connects" to whatever listens on the port (another job's server, a stale
     # socket): only a round trip through a real store proves the meeting
     store.set(f"pixelbert/rendezvous/{env.rank}", "1")
@@ -248,8 +273,7 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def rendezvous(env: DistEnv, timeout_s: float,
-               then: timedelta = timedelta(minutes=30)) -> "torch.distributed.TCPStore":
+def rendezvous(env: DistEnv, timeout_s: float, then: timedelta = timedelta(minutes=30)) -> "torch.distributed.TCPStore":
     """Meet every rank at MASTER_ADDR:MASTER_PORT (rank 0 serves) within ``timeout_s``.
 
     torch's own ``env://`` rendezvous retries for the whole process-group timeout (30
@@ -278,7 +302,8 @@ def rendezvous(env: DistEnv, timeout_s: float,
             f"MASTER_PORT={env.master_port} did not complete within {timeout_s:g} s ({reason}). "
             f"They came from: {env.source or env.launcher}. Check that every node resolves and "
             f"reaches {env.master_addr}:{env.master_port} and that no other process holds the port "
-            f"(set MASTER_ADDR/MASTER_PORT to choose them; {RENDEZVOUS_TIMEOUT_VAR} sets the bound)")
+            f"(set MASTER_ADDR/MASTER_PORT to choose them; {RENDEZVOUS_TIMEOUT_VAR} sets the bound)"
+        )
     outcome["store"].set_timeout(then)
     return outcome["store"]
 
@@ -303,9 +328,9 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         share_cpu_threads(env)
     if not torch.distributed.is_initialized():
         store = rendezvous(env, rendezvous_timeout_s(), then=default_pg_timeout)
-        torch.distributed.init_process_group(backend_for(), store=store, rank=env.rank,
-                                             world_size=env.world_size, timeout=default_pg_timeout)
+        torch.distributed.init_process_group(
+            backend_for(), store=store, rank=env.rank, world_size=env.world_size, timeout=default_pg_timeout
+        )
     # DeepSpeed adopts the group torch already has
-    deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False,
-                               verbose=False)
+    deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False, verbose=False)
     return env

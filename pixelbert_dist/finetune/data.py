@@ -11,6 +11,7 @@ is ``{epoch, batches_done}`` and a resumed run sees the batches an uninterrupted
 would have. A task supplies two functions: which images an example needs, and how a
 list of examples becomes the text/label part of a batch.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
@@ -55,7 +56,8 @@ class KeyedImages:
             f"{what}: 0 images found in the shards {folders} ({len(self)} samples): wanted key "
             f"{wanted} ({rule}), found keys like {found}. make_shards.py keys images coco391895, "
             "flickr30k42, vg1 (NLVR2: dev-850-0-img0): build the shards with it, or set the key "
-            "format / image map to the shards' keys")
+            "format / image map to the shards' keys"
+        )
 
     def jpeg(self, i: int) -> bytes:
         part, j = self._where[i]
@@ -68,11 +70,9 @@ class KeyedImages:
 
 def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> dict:
     """``[CLS] words [SEP] [PAD]..`` as int64 tensors (token types all 0)."""
-    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,
-                    return_tensors="pt")
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
     ids = enc["input_ids"].long()
-    return {"input_ids": ids, "attention_mask": enc["attention_mask"].long(),
-            "token_type_ids": torch.zeros_like(ids)}
+    return {"input_ids": ids, "attention_mask": enc["attention_mask"].long(), "token_type_ids": torch.zeros_like(ids)}
 
 
 class TaskLoader(PlannedLoader):
@@ -87,10 +87,22 @@ class TaskLoader(PlannedLoader):
     state_name = "fine-tuning loader"
     resume_hint = "the same task files, shards, world size and batch size"
 
-    def __init__(self, examples: Sequence, images: KeyedImages, image_keys: Callable,
-                 collate: Callable, data: DataConfig, batch_size: int, rank: int = 0,
-                 world_size: int = 1, train: bool = True, seed: int = 0, shuffle: bool = True,
-                 device: str | torch.device = "cpu", images_per_example: int = 1):
+    def __init__(
+        self,
+        examples: Sequence,
+        images: KeyedImages,
+        image_keys: Callable,
+        collate: Callable,
+        data: DataConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        train: bool = True,
+        seed: int = 0,
+        shuffle: bool = True,
+        device: str | torch.device = "cpu",
+        images_per_example: int = 1,
+    ):
         if not examples:
             raise ValueError("TaskLoader: no examples (every one skipped, or an empty file?)")
         self.examples, self.images, self.image_keys, self.collate = list(examples), images, image_keys, collate
@@ -101,17 +113,32 @@ class TaskLoader(PlannedLoader):
         super().__init__()
 
     def _new_plan(self, epoch: int) -> list:
-        return epoch_plan(len(self.examples), epoch=epoch, seed=self.seed, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size, shuffle=self.shuffle)
+        return epoch_plan(
+            len(self.examples),
+            epoch=epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle,
+        )
 
     def _fingerprint(self) -> dict:
-        return {"num_examples": len(self.examples), "world_size": self.world_size,
-                "batch_size": self.batch_size, "seed": self.seed, "shuffle": self.shuffle}
+        return {
+            "num_examples": len(self.examples),
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        }
 
     def _work(self, batch) -> list[tuple[int, bool]]:
         # no flips: "left"/"right" in questions and NLVR2 sentences must stay true
-        return [(self.images.position[key], False)
-                for planned in batch for key in self.image_keys(self.examples[planned.index])]
+        return [
+            (self.images.position[key], False)
+            for planned in batch
+            for key in self.image_keys(self.examples[planned.index])
+        ]
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan()
@@ -122,14 +149,25 @@ class TaskLoader(PlannedLoader):
             chosen = [self.examples[p.index] for p in plan[k]]
             generator = batch_generator(self.seed, self.epoch, k * self.world_size + self.rank)
             batch = self.collate(chosen, generator)
-            batch.update(images=images, image_sizes=sizes, examples=chosen,
-                         is_pad=torch.tensor([p.is_pad for p in plan[k]], dtype=torch.bool))
+            batch.update(
+                images=images,
+                image_sizes=sizes,
+                examples=chosen,
+                is_pad=torch.tensor([p.is_pad for p in plan[k]], dtype=torch.bool),
+            )
             self.batches_done = k + 1
             yield batch
 
 
 def loader_data_config(data, seed: int = 0) -> DataConfig:
     """The pre-training DataConfig the image backends take, from the fine-tuning section."""
-    return DataConfig(train_shards=data.shards[0], backend=data.backend, image_shorter=data.image_shorter,
-                      image_max=data.image_max, max_text_len=data.max_text_len, num_workers=data.num_workers,
-                      prefetch=data.prefetch, seed=seed).validate()
+    return DataConfig(
+        train_shards=data.shards[0],
+        backend=data.backend,
+        image_shorter=data.image_shorter,
+        image_max=data.image_max,
+        max_text_len=data.max_text_len,
+        num_workers=data.num_workers,
+        prefetch=data.prefetch,
+        seed=seed,
+    ).validate()

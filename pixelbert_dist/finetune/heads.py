@@ -12,6 +12,7 @@ the pixel tokens come from ``encode_pixels`` with sampling off (every valid pixe
 * Retrieval: the ITM head itself; per pair, ``num_negatives`` random captions of other
   images are scored without gradients, and only the hardest go through backprop.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,13 @@ TEXT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
     """Linear -> GELU -> LayerNorm -> Dropout -> Linear (the UNITER / Pixel-BERT classifier)."""
-    head = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.LayerNorm(hidden, eps=1e-12),
-                         nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+    head = nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.GELU(),
+        nn.LayerNorm(hidden, eps=1e-12),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, out_dim),
+    )
     for module in head:
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
@@ -70,8 +76,9 @@ class VqaModel(_Finetuned):
         out = {"logits": logits}
         if batch.get("targets") is not None:
             # BCE summed over answers, mean over questions (x num_answers of the usual mean)
-            out["loss"] = F.binary_cross_entropy_with_logits(logits, batch["targets"].float(),
-                                                             reduction="sum") / logits.shape[0]
+            out["loss"] = (
+                F.binary_cross_entropy_with_logits(logits, batch["targets"].float(), reduction="sum") / logits.shape[0]
+            )
         return out
 
 
@@ -99,8 +106,14 @@ class RetrievalModel(_Finetuned):
     i*N..i*N+N-1). Loss: softmax over (positive, hardest negatives) of the match score
     ``itm_logit[1] - itm_logit[0]`` plus the binary ITM cross-entropy on the same rows."""
 
-    def __init__(self, backbone: PixelBert, hard_negatives: int = 5, rank_weight: float = 1.0,
-                 itm_weight: float = 1.0, freeze_cnn: bool = False):
+    def __init__(
+        self,
+        backbone: PixelBert,
+        hard_negatives: int = 5,
+        rank_weight: float = 1.0,
+        itm_weight: float = 1.0,
+        freeze_cnn: bool = False,
+    ):
         super().__init__(backbone, freeze_cnn)
         self.hard, self.rank_weight, self.itm_weight = hard_negatives, rank_weight, itm_weight
 
@@ -121,7 +134,7 @@ class RetrievalModel(_Finetuned):
             rep = lambda x: x.detach().repeat_interleave(n, dim=0)  # noqa: E731
             scores = self.match_logits(neg, rep(pixels), rep(mask))
             scores = (scores[:, 1] - scores[:, 0]).view(b, n)
-            hard = hardest_negatives(scores, None, self.hard)                   # [B, k]
+            hard = hardest_negatives(scores, None, self.hard)  # [B, k]
         rows = (hard + torch.arange(b, device=hard.device)[:, None] * n).flatten()
         # positives and negatives are tokenised to one length (the collate pads them together)
         both = {k: torch.cat([text[k], neg[k][rows]], 0) for k in TEXT_KEYS}
@@ -132,6 +145,9 @@ class RetrievalModel(_Finetuned):
         rank_loss = F.cross_entropy(ranking, torch.zeros(b, dtype=torch.long, device=match.device))
         labels = torch.cat([torch.ones(b), torch.zeros(b * self.hard)]).long().to(logits.device)
         itm_loss = F.cross_entropy(logits, labels)
-        return {"loss": self.rank_weight * rank_loss + self.itm_weight * itm_loss, "rank_loss": rank_loss,
-                "itm_loss": itm_loss, "rank_acc": (ranking.argmax(1) == 0).float().mean()}
-
+        return {
+            "loss": self.rank_weight * rank_loss + self.itm_weight * itm_loss,
+            "rank_loss": rank_loss,
+            "itm_loss": itm_loss,
+            "rank_acc": (ranking.argmax(1) == 0).float().mean(),
+        }

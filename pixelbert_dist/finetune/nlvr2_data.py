@@ -9,6 +9,7 @@ official train images sit in numbered sub-folders given by the line's ``director
 The metrics follow the official ``eval/metrics.py``: accuracy, and consistency = the
 share of sentences (identifier with the pair id blanked) whose every pair is right.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,10 @@ class Nlvr2FormatError(ValueError):
 class Nlvr2Example:
     identifier: str
     sentence: str
-    label: bool | None          # None on an unlabelled (hidden test) split
-    left_image: str             # image key, e.g. "dev-850-0-img0"
+    label: bool | None  # None on an unlabelled (hidden test) split
+    left_image: str  # image key, e.g. "dev-850-0-img0"
     right_image: str
-    left_path: Path | None = None   # resolved under image_dir, when one is given
+    left_path: Path | None = None  # resolved under image_dir, when one is given
     right_path: Path | None = None
 
     @property
@@ -56,12 +57,12 @@ def _parse_label(value, where: str) -> bool | None:
         return value
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    raise Nlvr2FormatError(f"{where}: label must be \"True\" or \"False\", got {value!r}")
+    raise Nlvr2FormatError(f'{where}: label must be "True" or "False", got {value!r}')
 
 
 def _resolve(image_dir: Path, key: str, directory, where: str) -> Path:
     candidates = [image_dir / f"{key}.png"]
-    if directory is not None:   # the official train images: images/train/<directory>/
+    if directory is not None:  # the official train images: images/train/<directory>/
         candidates.insert(0, image_dir / str(directory) / f"{key}.png")
     for path in candidates:
         if path.is_file():
@@ -86,8 +87,7 @@ def _parse_line(line: str, where: str, image_dir: Path | None) -> Nlvr2Example:
     paths = (None, None)
     if image_dir is not None:
         paths = tuple(_resolve(image_dir, key, row.get("directory"), where) for key in (left, right))
-    return Nlvr2Example(identifier, sentence, _parse_label(row.get("label"), where),
-                        left, right, *paths)
+    return Nlvr2Example(identifier, sentence, _parse_label(row.get("label"), where), left, right, *paths)
 
 
 def read_nlvr2(jsonl_path: str | Path, image_dir: str | Path | None = None) -> list[Nlvr2Example]:
@@ -110,14 +110,18 @@ def read_nlvr2(jsonl_path: str | Path, image_dir: str | Path | None = None) -> l
     return examples
 
 
-def drop_missing_images(examples: Sequence[Nlvr2Example], available_keys: Iterable[str]
-                        ) -> tuple[list[Nlvr2Example], dict]:
+def drop_missing_images(
+    examples: Sequence[Nlvr2Example], available_keys: Iterable[str]
+) -> tuple[list[Nlvr2Example], dict]:
     """Keep the examples whose two images are available; count the rest for the results."""
     available = set(available_keys)
     kept = [ex for ex in examples if ex.left_image in available and ex.right_image in available]
     missing = sorted({k for ex in examples for k in (ex.left_image, ex.right_image)} - available)
-    return kept, {"examples_missing_image": len(examples) - len(kept),
-                  "images_missing": len(missing), "example_missing_images": missing[:5]}
+    return kept, {
+        "examples_missing_image": len(examples) - len(kept),
+        "images_missing": len(missing),
+        "example_missing_images": missing[:5],
+    }
 
 
 def _check_predictions(predictions: Mapping[str, bool], examples: Sequence[Nlvr2Example]) -> None:
@@ -125,8 +129,10 @@ def _check_predictions(predictions: Mapping[str, bool], examples: Sequence[Nlvr2
     missing = sorted(wanted - set(predictions))
     extra = sorted(set(predictions) - wanted)
     if missing or extra:
-        raise ValueError(f"predictions do not match the examples: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
+        raise ValueError(
+            f"predictions do not match the examples: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})"
+        )
 
 
 def evaluate_nlvr2(predictions: Mapping[str, bool], examples: Sequence[Nlvr2Example]) -> dict:
@@ -140,13 +146,17 @@ def evaluate_nlvr2(predictions: Mapping[str, bool], examples: Sequence[Nlvr2Exam
         correct += right
         groups[ex.sentence_group] = groups.get(ex.sentence_group, True) and right
     n = len(examples)
-    return {"accuracy": 100.0 * correct / n if n else 0.0,
-            "consistency": 100.0 * sum(groups.values()) / len(groups) if groups else 0.0,
-            "num_examples": n, "num_sentences": len(groups)}
+    return {
+        "accuracy": 100.0 * correct / n if n else 0.0,
+        "consistency": 100.0 * sum(groups.values()) / len(groups) if groups else 0.0,
+        "num_examples": n,
+        "num_sentences": len(groups),
+    }
 
 
-def write_nlvr2_predictions(path: str | Path, predictions: Mapping[str, bool],
-                            examples: Sequence[Nlvr2Example] | None = None) -> Path:
+def write_nlvr2_predictions(
+    path: str | Path, predictions: Mapping[str, bool], examples: Sequence[Nlvr2Example] | None = None
+) -> Path:
     """The official predictions CSV: ``identifier,True|False`` per line."""
     if examples is not None:
         _check_predictions(predictions, examples)

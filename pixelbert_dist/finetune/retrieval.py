@@ -10,6 +10,7 @@ image's pixel tokens are computed once (the CNN runs once per image), and the
 transformer runs over ``text_batch`` captions at a time against them. Ranks split the
 images; the score matrix is summed across ranks, then R@1/5/10 both ways and rsum.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,16 +22,20 @@ import torch.distributed as dist
 from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
-from pixelbert_dist.finetune.retrieval_metrics import (flatten_captions, read_karpathy_split, recall_at_k,
-                                                       sample_negatives)
+from pixelbert_dist.finetune.retrieval_metrics import (
+    flatten_captions,
+    read_karpathy_split,
+    recall_at_k,
+    sample_negatives,
+)
 from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
 
 
 class Item(NamedTuple):
-    key: str            # shard key of the image
-    image: int          # index of the image in its split
-    text: int | None    # caption index (training pairs); None for an evaluation image
+    key: str  # shard key of the image
+    image: int  # index of the image in its split
+    text: int | None  # caption index (training pairs); None for an evaluation image
 
 
 class RetrievalTask(Task):
@@ -42,9 +47,11 @@ class RetrievalTask(Task):
         if not r.karpathy:
             raise ValueError("retrieval needs retrieval.karpathy (--karpathy dataset_coco.json)")
         if not Path(r.karpathy).is_file():
-            raise FileNotFoundError(f"Karpathy split file {r.karpathy} does not exist (official: dataset_coco.json "
-                                    "or dataset_flickr30k.json in Karpathy's caption_datasets.zip; the demo's is "
-                                    f"made from its shards by: {MAKE_DEMO_TASKS})")
+            raise FileNotFoundError(
+                f"Karpathy split file {r.karpathy} does not exist (official: dataset_coco.json "
+                "or dataset_flickr30k.json in Karpathy's caption_datasets.zip; the demo's is "
+                f"made from its shards by: {MAKE_DEMO_TASKS})"
+            )
         train = self._read("train", r.train_splits)
         self.train_keys = [self.key_of(im) for im in train]
         self.train_texts, self.train_owner = flatten_captions(train)
@@ -53,27 +60,31 @@ class RetrievalTask(Task):
         self.train_examples = [Item(self.train_keys[i], i, t) for t, i in enumerate(self.train_owner)]
         test = self._read(r.eval_split, [r.eval_split])
         if r.max_eval_images:
-            test = test[:r.max_eval_images]
+            test = test[: r.max_eval_images]
         texts, owner = flatten_captions(test)
         self.eval_texts = tokenize(tokenizer, texts, self.max_len)
         self.eval_owner = torch.tensor(owner)
         self.eval_splits[r.eval_split] = [Item(self.key_of(im), i, None) for i, im in enumerate(test)]
 
     def key_of(self, image) -> str:
-        return self.cfg.retrieval.key_format.format(stem=Path(image.filename).stem, image_id=image.image_id,
-                                                    filename=image.filename, dataset=image.dataset)
+        return self.cfg.retrieval.key_format.format(
+            stem=Path(image.filename).stem, image_id=image.image_id, filename=image.filename, dataset=image.dataset
+        )
 
     def _read(self, split: str, splits: list[str]) -> list:
         images = read_karpathy_split(self.cfg.retrieval.karpathy, splits)
         kept = [im for im in images if self.key_of(im) in self.images]
         if not kept:
             rule = f"retrieval.key_format={self.cfg.retrieval.key_format!r} for {images[0].filename}"
-            raise self.images.no_match(f"{self.cfg.retrieval.karpathy} split(s) {list(splits)}",
-                                       self.key_of(images[0]), rule)
+            raise self.images.no_match(
+                f"{self.cfg.retrieval.karpathy} split(s) {list(splits)}", self.key_of(images[0]), rule
+            )
         missing = [im.filename for im in images if self.key_of(im) not in self.images]
-        self.skipped[f"{split}_images"] = {"images_missing": len(missing), "example_missing_images": missing[:5],
-                                           "captions_missing_image": sum(len(im.captions) for im in images
-                                                                         if self.key_of(im) not in self.images)}
+        self.skipped[f"{split}_images"] = {
+            "images_missing": len(missing),
+            "example_missing_images": missing[:5],
+            "captions_missing_image": sum(len(im.captions) for im in images if self.key_of(im) not in self.images),
+        }
         return kept
 
     def build_model(self, backbone):
@@ -108,10 +119,15 @@ class RetrievalTask(Task):
                     if pad:
                         continue
                     for lo in range(0, scores.shape[1], step):
-                        chunk = {k: texts[k][lo:lo + step] for k in TEXT_KEYS}
+                        chunk = {k: texts[k][lo : lo + step] for k in TEXT_KEYS}
                         n = chunk["input_ids"].shape[0]
-                        scores[item.image, lo:lo + n] = model.backbone.itm_score(
-                            chunk, pixels[row:row + 1].expand(n, -1, -1), mask[row:row + 1].expand(n, -1)).float().cpu()
+                        scores[item.image, lo : lo + n] = (
+                            model.backbone.itm_score(
+                                chunk, pixels[row : row + 1].expand(n, -1, -1), mask[row : row + 1].expand(n, -1)
+                            )
+                            .float()
+                            .cpu()
+                        )
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:
             # each image was scored by exactly one rank (repeats skipped): a sum assembles the matrix
@@ -120,6 +136,7 @@ class RetrievalTask(Task):
             scores = reduced.cpu()
         metrics = recall_at_k(scores, self.eval_owner)
         if self.is_main():
-            torch.save({"scores": scores, "text_to_image": self.eval_owner},
-                       self.run_dir / f"retrieval_{split}_scores.pt")
+            torch.save(
+                {"scores": scores, "text_to_image": self.eval_owner}, self.run_dir / f"retrieval_{split}_scores.pt"
+            )
         return {**metrics, "num_images": scores.shape[0], "num_texts": scores.shape[1]}

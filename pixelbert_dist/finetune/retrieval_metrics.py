@@ -4,6 +4,7 @@ here) and hard-negative mining.
 Naming as in the paper's tables: TR = ``i2t``, IR = ``t2i``; ties count against the model
 (see ``pixelbert_dist.train.recall``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,12 +23,12 @@ class KarpathyFormatError(ValueError):
 
 @dataclass(frozen=True)
 class RetrievalImage:
-    image_id: int                 # cocoid for COCO, else imgid
-    filename: str                 # e.g. "COCO_val2014_000000391895.jpg" or "1000092795.jpg"
-    filepath: str | None          # COCO's sub-folder ("val2014"); Flickr30K has none
+    image_id: int  # cocoid for COCO, else imgid
+    filename: str  # e.g. "COCO_val2014_000000391895.jpg" or "1000092795.jpg"
+    filepath: str | None  # COCO's sub-folder ("val2014"); Flickr30K has none
     split: str
     captions: tuple[str, ...]
-    dataset: str = "coco"         # the file's "dataset": with image_id, the shard key (coco391895)
+    dataset: str = "coco"  # the file's "dataset": with image_id, the shard key (coco391895)
 
     @property
     def relative_path(self) -> str:
@@ -53,8 +54,9 @@ def _read_image(entry, where: str, dataset: str) -> RetrievalImage:
     if not isinstance(image_id, int) or isinstance(image_id, bool):
         raise KarpathyFormatError(f"{where} ({filename}): needs an integer 'cocoid' or 'imgid'")
     filepath = entry.get("filepath")
-    return RetrievalImage(image_id, filename, filepath if isinstance(filepath, str) else None,
-                          split, tuple(captions), dataset)
+    return RetrievalImage(
+        image_id, filename, filepath if isinstance(filepath, str) else None, split, tuple(captions), dataset
+    )
 
 
 def read_karpathy_split(path: str | Path, split: str | Iterable[str]) -> list[RetrievalImage]:
@@ -64,9 +66,8 @@ def read_karpathy_split(path: str | Path, split: str | Iterable[str]) -> list[Re
     splits = {split} if isinstance(split, str) else set(split)
     data = load_json(path, KarpathyFormatError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise KarpathyFormatError(f"{path}: expected an object with an 'images' list "
-                                  "(the Karpathy split format)")
-    dataset = str(data.get("dataset", "coco"))   # as make_shards.py coco --karpathy reads it
+        raise KarpathyFormatError(f"{path}: expected an object with an 'images' list (the Karpathy split format)")
+    dataset = str(data.get("dataset", "coco"))  # as make_shards.py coco --karpathy reads it
     images = [_read_image(entry, f"{path}: image #{i}", dataset) for i, entry in enumerate(data["images"])]
     chosen = [im for im in images if im.split in splits]
     if not chosen:
@@ -84,8 +85,9 @@ def flatten_captions(images: Sequence[RetrievalImage]) -> tuple[list[str], list[
     return texts, owner
 
 
-def sample_negatives(text_to_image, images: Sequence[int], n: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_negatives(
+    text_to_image, images: Sequence[int], n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``n`` distinct random captions of OTHER images for each of ``images`` -> [B, n]
     caption indices (the paper draws 20 per pair for its hard-negative step)."""
     owner = torch.as_tensor(text_to_image, dtype=torch.long)

@@ -2,6 +2,7 @@
 
 Nothing heavy (torch, DeepSpeed) is imported before the arguments are parsed, so
 ``--help`` (every config key with its default) and ``--print-config`` answer at once."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,17 +19,21 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Each task's own files: (flag, config key, help), and its --help description.
 TASK_FILES = {
-    "vqa": [("--train-questions", "vqa.train_questions", "official questions JSON of the training split"),
-            ("--train-annotations", "vqa.train_annotations", "official annotations JSON of the training split"),
-            ("--val-questions", "vqa.val_questions", "questions evaluated with the official accuracy"),
-            ("--val-annotations", "vqa.val_annotations", "their annotations"),
-            ("--test-questions", "vqa.test_questions", "questions to predict into the submission file"),
-            ("--image-map", "vqa.image_map", "JSON {image_id: shard key}; default key: vqa.key_format"),
-            ("--answer-vocab", "vqa.answer_vocab", "a saved answer vocabulary (else the top answers of train)")],
-    "nlvr2": [("--train", "nlvr2.train", "official train.json (jsonl)"),
-            ("--dev", "nlvr2.dev", "official dev.json"),
-            ("--test", "nlvr2.test", "official test1.json (test-P)"),
-            ("--image-map", "nlvr2.image_map", "JSON {image name: shard key}; default key: nlvr2.key_format")],
+    "vqa": [
+        ("--train-questions", "vqa.train_questions", "official questions JSON of the training split"),
+        ("--train-annotations", "vqa.train_annotations", "official annotations JSON of the training split"),
+        ("--val-questions", "vqa.val_questions", "questions evaluated with the official accuracy"),
+        ("--val-annotations", "vqa.val_annotations", "their annotations"),
+        ("--test-questions", "vqa.test_questions", "questions to predict into the submission file"),
+        ("--image-map", "vqa.image_map", "JSON {image_id: shard key}; default key: vqa.key_format"),
+        ("--answer-vocab", "vqa.answer_vocab", "a saved answer vocabulary (else the top answers of train)"),
+    ],
+    "nlvr2": [
+        ("--train", "nlvr2.train", "official train.json (jsonl)"),
+        ("--dev", "nlvr2.dev", "official dev.json"),
+        ("--test", "nlvr2.test", "official test1.json (test-P)"),
+        ("--image-map", "nlvr2.image_map", "JSON {image name: shard key}; default key: nlvr2.key_format"),
+    ],
     "retrieval": [("--karpathy", "retrieval.karpathy", "Karpathy split file dataset_{coco,flickr30k}.json")],
 }
 DESCRIPTIONS = {
@@ -43,18 +48,26 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     help), ``--config``, ``--deepspeed_config``, ``--print-config`` and key=value overrides.
     Flags are dashed, except DeepSpeed's own (``--deepspeed_config``, ``--local_rank``)."""
     parser = argparse.ArgumentParser(
-        description=DESCRIPTIONS[task], formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTIONS[task],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.epochs=3 optim.lr=3e-5);\n"
-               "default and type shown:\n" + "\n".join(config_help(FinetuneConfig)))
+        "default and type shown:\n" + "\n".join(config_help(FinetuneConfig)),
+    )
     parser.add_argument("--pretrained", help="pre-training export folder (config.json, model.safetensors)")
     parser.add_argument("--shards", nargs="+", help="shard folder(s) holding the task's images")
     for flag, key, text in TASK_FILES[task]:
         parser.add_argument(flag, dest=key.replace(".", "__"), help=f"{text} ({key})")
     parser.add_argument("--config", help="fine-tuning config YAML (launch/configs/finetune_*.yaml)")
-    parser.add_argument("--deepspeed_config", default=str(REPO / "deepspeed_configs" / "zero2.json"),
-                        help="ZeRO + precision JSON (precision: the run config's train.precision wins)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the merged config (defaults <- --config <- flags and overrides) as YAML and exit")
+    parser.add_argument(
+        "--deepspeed_config",
+        default=str(REPO / "deepspeed_configs" / "zero2.json"),
+        help="ZeRO + precision JSON (precision: the run config's train.precision wins)",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the merged config (defaults <- --config <- flags and overrides) as YAML and exit",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     return parser
@@ -97,8 +110,9 @@ def main(task: str, argv=None) -> dict:
     trainer = FinetuneTrainer(cfg, args.deepspeed_config)
     results = trainer.fit()
     if trainer.is_main:
-        print(json.dumps({"task": task, "metrics": results.get("metrics"), "skipped": results.get("skipped")}),
-              flush=True)
+        print(
+            json.dumps({"task": task, "metrics": results.get("metrics"), "skipped": results.get("skipped")}), flush=True
+        )
     return results
 
 

@@ -14,6 +14,7 @@ name -> shard key), ``retrieval/dataset_synthetic.json`` (Karpathy form; ``filen
 val / test, drawn from the seed) is shared by all tasks, so held-out images are never
 trained on. Text uses only lower-case words of the synthetic vocabulary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,7 @@ from typing import Sequence
 from pixelbert_dist.data.shards import MANIFEST, iter_samples
 from pixelbert_dist.finetune.vqa_data import normalize_answer
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-                "nine", "ten")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SPLITS = ("train", "val", "test")
 NLVR2_SPLITS = {"train": "train", "val": "dev", "test": "test1"}
 
@@ -43,9 +43,9 @@ class SyntheticTasksConfig:
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
-    answer_noise: float = 0.1       # chance that each human answer is a wrong one
-    word_answers: float = 0.2       # chance that a count is written as a word ("two")
-    sentences_per_pair: int = 2     # NLVR2 sentences per image pair
+    answer_noise: float = 0.1  # chance that each human answer is a wrong one
+    word_answers: float = 0.2  # chance that a count is written as a word ("two")
+    sentences_per_pair: int = 2  # NLVR2 sentences per image pair
     max_images: int | None = None
 
 
@@ -64,8 +64,7 @@ def shard_dirs(path: str | Path) -> list[Path]:
         return [path]
     found = sorted(p for p in path.glob("*") if (p / MANIFEST).is_file()) if path.is_dir() else []
     if not found:
-        raise SyntheticTasksError(f"{path}: no {MANIFEST} in it or in its sub-folders "
-                                  "(not a shard directory)")
+        raise SyntheticTasksError(f"{path}: no {MANIFEST} in it or in its sub-folders (not a shard directory)")
     return found
 
 
@@ -93,11 +92,10 @@ def split_scenes(scenes: list[Scene], cfg: SyntheticTasksConfig) -> dict[str, li
     order = list(scenes)
     random.Random(f"{cfg.seed}:split").shuffle(order)
     if cfg.max_images is not None:
-        order = order[:cfg.max_images]
+        order = order[: cfg.max_images]
     n_test = int(round(len(order) * cfg.test_fraction))
     n_val = int(round(len(order) * cfg.val_fraction))
-    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
-             "train": order[n_test + n_val:]}
+    parts = {"test": order[:n_test], "val": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
     return {name: sorted(parts[name], key=lambda s: s.key) for name in SPLITS}
 
 
@@ -111,13 +109,13 @@ def article(word: str) -> str:
 
 
 def count(objects: Sequence[dict], shape: str | None = None, color: str | None = None) -> int:
-    return sum(1 for o in objects if (shape is None or o["shape"] == shape)
-               and (color is None or o["color"] == color))
+    return sum(1 for o in objects if (shape is None or o["shape"] == shape) and (color is None or o["color"] == color))
 
 
 # ---------------------------------------------------------------- VQA
-def vqa_questions(scene: Scene, rng: random.Random, colors: list[str], shapes: list[str]
-                  ) -> list[tuple[str, str, str, str]]:
+def vqa_questions(
+    scene: Scene, rng: random.Random, colors: list[str], shapes: list[str]
+) -> list[tuple[str, str, str, str]]:
     """(question, answer, question_type, answer_type) about one scene."""
     objs, out = scene.objects, []
     unique = [o for o in objs if count(objs, shape=o["shape"]) == 1]
@@ -126,12 +124,11 @@ def vqa_questions(scene: Scene, rng: random.Random, colors: list[str], shapes: l
         out.append((f"what color is the {obj['shape']}?", obj["color"], "what color is the", "other"))
     present = sorted({o["shape"] for o in objs})
     shape = rng.choice(present if rng.random() < 0.7 else shapes)
-    out.append((f"how many {plural(shape)} are there?", str(count(objs, shape=shape)),
-                "how many", "number"))
+    out.append((f"how many {plural(shape)} are there?", str(count(objs, shape=shape)), "how many", "number"))
     if rng.random() < 0.5:
         obj = rng.choice(objs)
         color, shape = obj["color"], obj["shape"]
-    else:   # an absent pair, often sharing a colour or a shape with the scene (harder)
+    else:  # an absent pair, often sharing a colour or a shape with the scene (harder)
         absent = [(c, s) for c in colors for s in shapes if count(objs, s, c) == 0]
         color, shape = rng.choice(absent)
     answer = "yes" if count(objs, shape, color) else "no"
@@ -139,12 +136,15 @@ def vqa_questions(scene: Scene, rng: random.Random, colors: list[str], shapes: l
     return out
 
 
-def human_answers(answer: str, answer_type: str, rng: random.Random, cfg: SyntheticTasksConfig,
-                  colors: list[str]) -> list[dict]:
+def human_answers(
+    answer: str, answer_type: str, rng: random.Random, cfg: SyntheticTasksConfig, colors: list[str]
+) -> list[dict]:
     """Ten answers in the official form: mostly right, some wrong, counts sometimes as words."""
-    wrong = {"other": [c for c in colors if c != answer],
-             "number": [str(n) for n in range(5) if str(n) != answer],
-             "yes/no": ["no" if answer == "yes" else "yes"]}[answer_type]
+    wrong = {
+        "other": [c for c in colors if c != answer],
+        "number": [str(n) for n in range(5) if str(n) != answer],
+        "yes/no": ["no" if answer == "yes" else "yes"],
+    }[answer_type]
     answers = []
     for i in range(10):
         text, confident = answer, "yes"
@@ -161,8 +161,9 @@ def _mode(answers: list[dict]) -> str:
     return min(counts, key=lambda a: (-counts[a], a))
 
 
-def write_vqa(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConfig,
-              colors: list[str], shapes: list[str]) -> dict:
+def write_vqa(
+    out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConfig, colors: list[str], shapes: list[str]
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     all_keys = sorted(s.key for scenes in splits.values() for s in scenes)
     image_ids = {key: i + 1 for i, key in enumerate(all_keys)}
@@ -176,13 +177,26 @@ def write_vqa(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConf
                 qid = image_id * 10 + j
                 answers = human_answers(answer, atype, rng, cfg, colors)
                 questions.append({"image_id": image_id, "question": question, "question_id": qid})
-                annotations.append({"question_id": qid, "image_id": image_id, "question_type": qtype,
-                                    "answer_type": atype, "multiple_choice_answer": _mode(answers),
-                                    "answers": answers})
-        header = {"info": {"description": "synthetic shapes VQA"}, "license": {},
-                  "data_type": "synthetic", "data_subtype": split}
-        _dump(out / f"v2_OpenEnded_mscoco_{split}_questions.json",
-              {**header, "task_type": "Open-Ended", "questions": questions})
+                annotations.append(
+                    {
+                        "question_id": qid,
+                        "image_id": image_id,
+                        "question_type": qtype,
+                        "answer_type": atype,
+                        "multiple_choice_answer": _mode(answers),
+                        "answers": answers,
+                    }
+                )
+        header = {
+            "info": {"description": "synthetic shapes VQA"},
+            "license": {},
+            "data_type": "synthetic",
+            "data_subtype": split,
+        }
+        _dump(
+            out / f"v2_OpenEnded_mscoco_{split}_questions.json",
+            {**header, "task_type": "Open-Ended", "questions": questions},
+        )
         _dump(out / f"v2_mscoco_{split}_annotations.json", {**header, "annotations": annotations})
         counts[split] = len(questions)
     _dump(out / "image_ids.json", {str(i): key for key, i in image_ids.items()})
@@ -193,35 +207,44 @@ def write_vqa(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConf
 def _nlvr2_template(rng: random.Random, left: Scene, right: Scene, colors, shapes):
     """A random sentence and a function (left_objects, right_objects) -> truth."""
     seen = [o for s in (left, right) for o in s.objects]
-    pick = rng.choice(seen) if rng.random() < 0.7 else {"shape": rng.choice(shapes),
-                                                          "color": rng.choice(colors)}
+    pick = rng.choice(seen) if rng.random() < 0.7 else {"shape": rng.choice(shapes), "color": rng.choice(colors)}
     shape, color = pick["shape"], pick["color"]
     kind = rng.randrange(8)
     if kind == 0:
-        return (f"the left image has more {plural(shape)} than the right image",
-                lambda a, b: count(a, shape) > count(b, shape))
+        return (
+            f"the left image has more {plural(shape)} than the right image",
+            lambda a, b: count(a, shape) > count(b, shape),
+        )
     if kind == 1:
-        return (f"the right image has more {plural(shape)} than the left image",
-                lambda a, b: count(b, shape) > count(a, shape))
+        return (
+            f"the right image has more {plural(shape)} than the left image",
+            lambda a, b: count(b, shape) > count(a, shape),
+        )
     if kind == 2:
-        return (f"each image contains {article(color)} {color} shape",
-                lambda a, b: count(a, color=color) > 0 and count(b, color=color) > 0)
+        return (
+            f"each image contains {article(color)} {color} shape",
+            lambda a, b: count(a, color=color) > 0 and count(b, color=color) > 0,
+        )
     if kind == 3:
-        return ("there are more shapes in the left image than in the right image",
-                lambda a, b: len(a) > len(b))
+        return ("there are more shapes in the left image than in the right image", lambda a, b: len(a) > len(b))
     if kind == 6:
-        return (f"each image contains {article(shape)} {shape}",
-                lambda a, b: count(a, shape) > 0 and count(b, shape) > 0)
-    if kind == 7:   # true of a pair and of its swap alike: lets both halves be True
-        return (f"an image contains {article(color)} {color} {shape}",
-                lambda a, b: count(a, shape, color) + count(b, shape, color) > 0)
+        return (
+            f"each image contains {article(shape)} {shape}",
+            lambda a, b: count(a, shape) > 0 and count(b, shape) > 0,
+        )
+    if kind == 7:  # true of a pair and of its swap alike: lets both halves be True
+        return (
+            f"an image contains {article(color)} {color} {shape}",
+            lambda a, b: count(a, shape, color) + count(b, shape, color) > 0,
+        )
     side = "left" if kind == 4 else "right"
-    return (f"the {side} image contains {article(color)} {color} {shape}",
-            lambda a, b: count(a if side == "left" else b, shape, color) > 0)
+    return (
+        f"the {side} image contains {article(color)} {color} {shape}",
+        lambda a, b: count(a if side == "left" else b, shape, color) > 0,
+    )
 
 
-def nlvr2_sentence(rng: random.Random, left: Scene, right: Scene, want: tuple[bool, bool],
-                   colors, shapes):
+def nlvr2_sentence(rng: random.Random, left: Scene, right: Scene, want: tuple[bool, bool], colors, shapes):
     """A sentence and its truth function, drawn so that its truth about (left, right) and
     about the swapped pair is ``want`` when a few tries find one (else at least the first
     half of ``want``): without this, swapped pairs would come out mostly False."""
@@ -236,8 +259,9 @@ def nlvr2_sentence(rng: random.Random, left: Scene, right: Scene, want: tuple[bo
     return fallback or (sentence, truth)
 
 
-def write_nlvr2(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConfig,
-                colors: list[str], shapes: list[str]) -> dict:
+def write_nlvr2(
+    out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksConfig, colors: list[str], shapes: list[str]
+) -> dict:
     """Image sets of two scenes A, B; pair 0 shows (A, B), pair 1 (B, A), and every
     sentence is asked about both pairs, so the official consistency metric means something."""
     out.mkdir(parents=True, exist_ok=True)
@@ -253,16 +277,20 @@ def write_nlvr2(out: Path, splits: dict[str, list[Scene]], cfg: SyntheticTasksCo
                 images[f"{name}-{set_id}-{pair_id}-img0"] = left.key
                 images[f"{name}-{set_id}-{pair_id}-img1"] = right.key
             for sent_id in range(cfg.sentences_per_pair):
-                sentence, truth = nlvr2_sentence(rng, a, b, (rng.random() < 0.5, rng.random() < 0.5),
-                                                 colors, shapes)
+                sentence, truth = nlvr2_sentence(rng, a, b, (rng.random() < 0.5, rng.random() < 0.5), colors, shapes)
                 for pair_id, (left, right) in enumerate(((a, b), (b, a))):
-                    lines.append({"identifier": f"{name}-{set_id}-{pair_id}-{sent_id}",
-                                  "sentence": sentence,
-                                  "label": str(truth(left.objects, right.objects)),
-                                  "left_url": f"synthetic:{left.key}",
-                                  "right_url": f"synthetic:{right.key}",
-                                  "synset": "synthetic shapes", "query": f"shapes {set_id}",
-                                  "writer": "generator"})
+                    lines.append(
+                        {
+                            "identifier": f"{name}-{set_id}-{pair_id}-{sent_id}",
+                            "sentence": sentence,
+                            "label": str(truth(left.objects, right.objects)),
+                            "left_url": f"synthetic:{left.key}",
+                            "right_url": f"synthetic:{right.key}",
+                            "synset": "synthetic shapes",
+                            "query": f"shapes {set_id}",
+                            "writer": "generator",
+                        }
+                    )
         (out / f"{name}.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
         counts[name] = len(lines)
     _dump(out / "images.json", images)
@@ -278,13 +306,21 @@ def write_retrieval(out: Path, splits: dict[str, list[Scene]]) -> dict:
     for imgid, scene in enumerate(all_scenes):
         sentences = []
         for raw in scene.captions:
-            sentences.append({"tokens": re.findall(r"[a-z0-9]+", raw.lower()), "raw": raw,
-                              "imgid": imgid, "sentid": sentid})
+            sentences.append(
+                {"tokens": re.findall(r"[a-z0-9]+", raw.lower()), "raw": raw, "imgid": imgid, "sentid": sentid}
+            )
             sentid += 1
         if not sentences:
             continue
-        images.append({"filename": f"{scene.key}.jpg", "imgid": imgid, "split": split_of[scene.key],
-                       "sentids": [s["sentid"] for s in sentences], "sentences": sentences})
+        images.append(
+            {
+                "filename": f"{scene.key}.jpg",
+                "imgid": imgid,
+                "split": split_of[scene.key],
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+            }
+        )
         counts[split_of[scene.key]] = counts.get(split_of[scene.key], 0) + 1
     _dump(out / "dataset_synthetic.json", {"images": images, "dataset": "synthetic"})
     return counts
@@ -299,29 +335,30 @@ def blind_baselines(out: Path) -> dict:
     from pixelbert_dist.finetune.vqa_data import evaluate_vqa, read_vqa
 
     def vqa(split):
-        return read_vqa(out / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json",
-                        out / "vqa" / f"v2_mscoco_{split}_annotations.json")
+        return read_vqa(
+            out / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json",
+            out / "vqa" / f"v2_mscoco_{split}_annotations.json",
+        )
 
     by_type: dict[str, Counter] = {}
     for ex in vqa("train"):
         by_type.setdefault(ex.question_type, Counter())[ex.multiple_choice_answer] += 1
     val = vqa("val")
-    guess = {ex.question_id: by_type.get(ex.question_type, Counter({"yes": 1})).most_common(1)[0][0]
-             for ex in val}
+    guess = {ex.question_id: by_type.get(ex.question_type, Counter({"yes": 1})).most_common(1)[0][0] for ex in val}
     train_labels = Counter(ex.label for ex in read_nlvr2(out / "nlvr2" / "train.json"))
     dev = read_nlvr2(out / "nlvr2" / "dev.json")
     majority = train_labels.most_common(1)[0][0]
-    return {"vqa_val_blind": evaluate_vqa(guess, val)["overall"] if val else None,
-            "nlvr2_dev_majority": evaluate_nlvr2({e.identifier: majority for e in dev}, dev)["accuracy"]
-            if dev else None}
+    return {
+        "vqa_val_blind": evaluate_vqa(guess, val)["overall"] if val else None,
+        "nlvr2_dev_majority": evaluate_nlvr2({e.identifier: majority for e in dev}, dev)["accuracy"] if dev else None,
+    }
 
 
 def _dump(path: Path, data) -> None:
     path.write_text(json.dumps(data))
 
 
-def generate_tasks(shards: Sequence[str | Path], out_dir: str | Path,
-                   cfg: SyntheticTasksConfig | None = None) -> dict:
+def generate_tasks(shards: Sequence[str | Path], out_dir: str | Path, cfg: SyntheticTasksConfig | None = None) -> dict:
     """Write all three tasks under ``out_dir``; returns (and writes) the summary."""
     cfg = cfg or SyntheticTasksConfig()
     scenes = load_scenes(shards)
@@ -331,12 +368,14 @@ def generate_tasks(shards: Sequence[str | Path], out_dir: str | Path,
     colors = sorted({o["color"] for s in scenes for o in s.objects})
     shapes = sorted({o["shape"] for s in scenes for o in s.objects})
     out = Path(out_dir)
-    summary = {"config": asdict(cfg),
-               "shards": [str(d.resolve()) for p in shards for d in shard_dirs(p)],
-               "images": {k: len(v) for k, v in splits.items()},
-               "vqa_questions": write_vqa(out / "vqa", splits, cfg, colors, shapes),
-               "nlvr2_examples": write_nlvr2(out / "nlvr2", splits, cfg, colors, shapes),
-               "retrieval_images": write_retrieval(out / "retrieval", splits)}
+    summary = {
+        "config": asdict(cfg),
+        "shards": [str(d.resolve()) for p in shards for d in shard_dirs(p)],
+        "images": {k: len(v) for k, v in splits.items()},
+        "vqa_questions": write_vqa(out / "vqa", splits, cfg, colors, shapes),
+        "nlvr2_examples": write_nlvr2(out / "nlvr2", splits, cfg, colors, shapes),
+        "retrieval_images": write_retrieval(out / "retrieval", splits),
+    }
     summary["baselines"] = blind_baselines(out)
     (out / "tasks.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
@@ -344,8 +383,12 @@ def generate_tasks(shards: Sequence[str | Path], out_dir: str | Path,
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", nargs="+", required=True,
-                        help="synthetic shard folder(s): a split folder or one holding train/ val/")
+    parser.add_argument(
+        "--shards",
+        nargs="+",
+        required=True,
+        help="synthetic shard folder(s): a split folder or one holding train/ val/",
+    )
     parser.add_argument("--out", required=True, help="output folder for vqa/ nlvr2/ retrieval/")
     defaults = SyntheticTasksConfig()
     for name, value in asdict(defaults).items():

@@ -1,6 +1,7 @@
 """The base of every fine-tuning task (``tasks.py``, ``retrieval.py``): the contract the
 FinetuneTrainer relies on, and the evaluation every task shares (predict this rank's
 share, gather the records, score, write the prediction file on rank 0)."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ def load_image_map(path: str | None) -> dict[str, str] | None:
         return None
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"image map {p} does not exist (the demo's task files and image maps "
-                                f"are made from its shards by: {MAKE_DEMO_TASKS})")
+        raise FileNotFoundError(
+            f"image map {p} does not exist (the demo's task files and image maps "
+            f"are made from its shards by: {MAKE_DEMO_TASKS})"
+        )
     data = json.loads(p.read_text())
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")

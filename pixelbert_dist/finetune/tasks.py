@@ -7,6 +7,7 @@ examples), ``image_keys`` / ``collate`` for the ``TaskLoader``, ``build_model``,
 ``evaluate`` (official metrics + the prediction file). ``skipped`` holds every count
 of what was left out and why, for the results file.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,21 +29,27 @@ class VqaTask(Task):
         super().__init__(cfg, tokenizer, images, run_dir)
         v = cfg.vqa
         if not v.train_questions or not v.train_annotations:
-            raise ValueError("VQA needs vqa.train_questions and vqa.train_annotations "
-                             "(--train-questions / --train-annotations)")
+            raise ValueError(
+                "VQA needs vqa.train_questions and vqa.train_annotations (--train-questions / --train-annotations)"
+            )
         mapping = load_image_map(v.image_map)
-        self.key_of = (lambda i: mapping.get(str(i), "")) if mapping is not None else \
-            (lambda i: v.key_format.format(image_id=i))
+        self.key_of = (
+            (lambda i: mapping.get(str(i), "")) if mapping is not None else (lambda i: v.key_format.format(image_id=i))
+        )
         train = self._read("train", v.train_questions, v.train_annotations)
-        self.vocab = vqa_data.AnswerVocab.load(v.answer_vocab) if v.answer_vocab else \
-            vqa_data.build_answer_vocab(train, v.num_answers)
+        self.vocab = (
+            vqa_data.AnswerVocab.load(v.answer_vocab)
+            if v.answer_vocab
+            else vqa_data.build_answer_vocab(train, v.num_answers)
+        )
         self.train_examples, stats = vqa_data.build_targets(train, self.vocab, training=True)
         self.skipped["train_answers"] = stats
         if v.val_questions:
             val = self._read("val", v.val_questions, v.val_annotations)
             if v.val_annotations:
-                self.eval_splits["val"], self.skipped["val_answers"] = \
-                    vqa_data.build_targets(val, self.vocab, training=False)
+                self.eval_splits["val"], self.skipped["val_answers"] = vqa_data.build_targets(
+                    val, self.vocab, training=False
+                )
             else:
                 self.eval_splits["val"] = [(ex, None) for ex in val]
         if v.test_questions:
@@ -99,8 +106,11 @@ class Nlvr2Task(Task):
         if not n.train:
             raise ValueError("NLVR2 needs nlvr2.train (--train train.json)")
         mapping = load_image_map(n.image_map)
-        self.key_of = (lambda name: mapping.get(name, "")) if mapping is not None else \
-            (lambda name: n.key_format.format(name=name))
+        self.key_of = (
+            (lambda name: mapping.get(name, ""))
+            if mapping is not None
+            else (lambda name: n.key_format.format(name=name))
+        )
         self.train_examples = self._read("train", n.train)
         unlabelled = [ex.identifier for ex in self.train_examples if ex.label is None]
         if unlabelled:

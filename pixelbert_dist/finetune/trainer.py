@@ -3,6 +3,7 @@ loop (``train.loop.BaseTrainer``: DeepSpeed engine + ZeRO, the hybrid SGD/AdamW 
 the lr schedule, NaN/inf skipping, checkpoints with exact resume, GracefulExit,
 TensorBoard/JSONL logging, the throughput meter), ending in a results file: the official
 metrics of every evaluation split, the prediction files and what was skipped and why."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ from pixelbert_dist.model.pretrained import read_pretrained_config
 from pixelbert_dist.train.loop import BaseTrainer
 from pixelbert_dist.train.optim import HybridOptimizer, param_groups
 
-ARCH_FIELDS = ("backbone", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-               "max_position_embeddings")
+ARCH_FIELDS = (
+    "backbone",
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 
 
 def load_export(cfg: FinetuneConfig):
@@ -39,14 +47,21 @@ def load_export(cfg: FinetuneConfig):
     vocab_dir = Path(cfg.data.vocab_dir) if cfg.data.vocab_dir else folder
     if not (vocab_dir / "vocab.txt").is_file():
         raise FileNotFoundError(f"{vocab_dir} has no vocab.txt: the export has no tokenizer; set data.vocab_dir")
-    if cfg.data.vocab_dir and (folder / "vocab.txt").is_file() and \
-            (folder / "vocab.txt").read_text() != (vocab_dir / "vocab.txt").read_text():
-        raise ValueError(f"tokenizer mismatch: {vocab_dir / 'vocab.txt'} differs from the vocabulary the "
-                         f"export {folder} was pre-trained with ({folder / 'vocab.txt'})")
+    if (
+        cfg.data.vocab_dir
+        and (folder / "vocab.txt").is_file()
+        and (folder / "vocab.txt").read_text() != (vocab_dir / "vocab.txt").read_text()
+    ):
+        raise ValueError(
+            f"tokenizer mismatch: {vocab_dir / 'vocab.txt'} differs from the vocabulary the "
+            f"export {folder} was pre-trained with ({folder / 'vocab.txt'})"
+        )
     tokenizer = load_tokenizer(vocab_dir)
     if len(tokenizer) > arch.vocab_size:
-        raise ValueError(f"tokenizer {vocab_dir} has {len(tokenizer)} tokens, the export {folder} only "
-                         f"{arch.vocab_size} embeddings: wrong vocabulary for this export")
+        raise ValueError(
+            f"tokenizer {vocab_dir} has {len(tokenizer)} tokens, the export {folder} only "
+            f"{arch.vocab_size} embeddings: wrong vocabulary for this export"
+        )
     return PixelBert.from_pretrained(folder, pixel_sample_size=0), tokenizer
 
 
@@ -61,8 +76,14 @@ def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> HybridOptimi
         if rest:
             groups.append(dict(group, params=rest))
         if mine:
-            groups.append(dict(group, params=mine, name=group["name"].replace("transformer", "head"),
-                               lr=group["lr"] * cfg.train.head_lr_mult))
+            groups.append(
+                dict(
+                    group,
+                    params=mine,
+                    name=group["name"].replace("transformer", "head"),
+                    lr=group["lr"] * cfg.train.head_lr_mult,
+                )
+            )
     return HybridOptimizer(groups, fused=cfg.optim.fused)
 
 
@@ -89,10 +110,21 @@ class FinetuneTrainer(BaseTrainer):
 
     def _loader(self, examples, batch_size: int, train: bool) -> TaskLoader:
         t = self.cfg.train
-        return TaskLoader(examples, self.images, self.task.image_keys, self.task.collate,
-                          loader_data_config(self.cfg.data, t.seed), batch_size, self.rank, self.world,
-                          train=train, seed=t.seed, shuffle=t.shuffle, device=self.device,
-                          images_per_example=self.task.images_per_example)
+        return TaskLoader(
+            examples,
+            self.images,
+            self.task.image_keys,
+            self.task.collate,
+            loader_data_config(self.cfg.data, t.seed),
+            batch_size,
+            self.rank,
+            self.world,
+            train=train,
+            seed=t.seed,
+            shuffle=t.shuffle,
+            device=self.device,
+            images_per_example=self.task.images_per_example,
+        )
 
     def build_optimizer(self, model) -> HybridOptimizer:
         return build_optimizer(model, self.cfg)
@@ -115,15 +147,18 @@ class FinetuneTrainer(BaseTrainer):
 
     def check_resumed(self, client: dict) -> None:
         if client.get("model_fingerprint") != self.model_fingerprint:
-            raise ckpt.CheckpointError(f"{self.ckpt_dir} was written for another model architecture than the "
-                                       f"export {self.cfg.pretrained}: use a new run_dir")
+            raise ckpt.CheckpointError(
+                f"{self.ckpt_dir} was written for another model architecture than the "
+                f"export {self.cfg.pretrained}: use a new run_dir"
+            )
 
     def evaluate(self, splits=None) -> dict:
         out = {}
         for split in splits or list(self.eval_loaders):
             metrics = self.task.evaluate(self.engine, split, self.eval_loaders[split], self.to_device)
-            self.logger.log(self.state["step"], split, {k: v for k, v in metrics.items()
-                                                        if isinstance(v, (int, float))})
+            self.logger.log(
+                self.state["step"], split, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            )
             out[split] = metrics
         return out
 
@@ -139,12 +174,19 @@ class FinetuneTrainer(BaseTrainer):
         return self.write_results(self.evaluate())
 
     def write_results(self, metrics: dict) -> dict:
-        results = {"task": self.task.name, "pretrained": str(Path(self.cfg.pretrained).resolve()),
-                   "steps": self.state["step"], "train_seconds": round(self.state["train_seconds"], 2),
-                   "world_size": self.world, "train_examples": len(self.task.train_examples),
-                   "eval_examples": {s: len(ex) for s, ex in self.task.eval_splits.items()},
-                   "metrics": metrics, "main_metric": self.task.main_metric, "skipped": self.task.skipped,
-                   "files": sorted(p.name for p in self.run_dir.glob(f"{self.task.name}_*"))}
+        results = {
+            "task": self.task.name,
+            "pretrained": str(Path(self.cfg.pretrained).resolve()),
+            "steps": self.state["step"],
+            "train_seconds": round(self.state["train_seconds"], 2),
+            "world_size": self.world,
+            "train_examples": len(self.task.train_examples),
+            "eval_examples": {s: len(ex) for s, ex in self.task.eval_splits.items()},
+            "metrics": metrics,
+            "main_metric": self.task.main_metric,
+            "skipped": self.task.skipped,
+            "files": sorted(p.name for p in self.run_dir.glob(f"{self.task.name}_*")),
+        }
         if hasattr(self.task, "vocab") and self.is_main:
             self.task.vocab.save(self.run_dir / "answer_vocab.json")
         if self.is_main:

@@ -12,6 +12,7 @@ numbers computed here are the numbers the evaluation server reports:
 * accuracy = the mean over the ten leave-one-out sets of nine answers of
   ``min(1, #matches / 3)``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,45 +32,143 @@ from pixelbert_dist.data.builders.common import load_json
 # The contraction table of vqaEval.py, entry for entry (including its odd entries such as
 # "somebody'd" -> "somebodyd" and the capitalised keys that can never match after lower()).
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've",
-    "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've",
-    "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-               ">", "<", "@", "`", ",", "?", "!")
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 # "(?!<=" is a typo for a look-behind in the official script: it is a look-ahead that never
 # fires, so the pattern strips every period not followed by a digit ("3.5" survives).
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
@@ -99,7 +198,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
-@functools.lru_cache(maxsize=1 << 16)   # answers repeat a lot: 4.4M in VQA train, few distinct
+@functools.lru_cache(maxsize=1 << 16)  # answers repeat a lot: 4.4M in VQA train, few distinct
 def normalize_answer(text: str) -> str:
     """The full cleaning the official evaluation applies to a predicted answer."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
@@ -142,17 +241,16 @@ class VqaExample:
     question_id: int
     image_id: int
     question: str
-    answers: tuple[str, ...] = ()          # the human answers as written; () on test splits
+    answers: tuple[str, ...] = ()  # the human answers as written; () on test splits
     multiple_choice_answer: str | None = None
-    answer_type: str | None = None         # "yes/no", "number", "other"
-    question_type: str | None = None       # e.g. "what color is the"
+    answer_type: str | None = None  # "yes/no", "number", "other"
+    question_type: str | None = None  # e.g. "what color is the"
 
 
 def _load_list(path: Path, key: str) -> list:
     data = load_json(path, VqaFormatError)
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise VqaFormatError(f"{path}: expected a JSON object with a '{key}' list "
-                             "(the official VQA 2.0 format)")
+        raise VqaFormatError(f"{path}: expected a JSON object with a '{key}' list (the official VQA 2.0 format)")
     return data[key]
 
 
@@ -171,8 +269,10 @@ def _read_questions(path: Path) -> dict[int, dict]:
         qid = _field(entry, "question_id", int, where)
         if qid in out:
             raise VqaFormatError(f"{where}: duplicate question_id")
-        out[qid] = {"image_id": _field(entry, "image_id", int, where),
-                    "question": _field(entry, "question", str, where)}
+        out[qid] = {
+            "image_id": _field(entry, "image_id", int, where),
+            "question": _field(entry, "question", str, where),
+        }
     return out
 
 
@@ -188,8 +288,7 @@ def _read_annotation(entry, where: str) -> dict:
     return {"answers": texts, "image_id": _field(entry, "image_id", int, where), **extra}
 
 
-def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = None
-             ) -> list[VqaExample]:
+def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = None) -> list[VqaExample]:
     """Examples from ``v2_OpenEnded_mscoco_*_questions.json`` and, where the split has
     them, ``v2_mscoco_*_annotations.json``, in the order of the questions file."""
     qpath = Path(questions_json)
@@ -212,21 +311,25 @@ def read_vqa(questions_json: str | Path, annotations_json: str | Path | None = N
         annotations[qid] = ann
     missing = [qid for qid in questions if qid not in annotations]
     if missing:
-        raise VqaFormatError(f"{apath}: no annotation for {len(missing)} question(s) of {qpath}, "
-                             f"e.g. question_id={missing[0]}")
-    return [VqaExample(qid, q["image_id"], q["question"], **annotations[qid])
-            for qid, q in questions.items()]
+        raise VqaFormatError(
+            f"{apath}: no annotation for {len(missing)} question(s) of {qpath}, e.g. question_id={missing[0]}"
+        )
+    return [VqaExample(qid, q["image_id"], q["question"], **annotations[qid]) for qid, q in questions.items()]
 
 
-def drop_missing_images(examples: Sequence[VqaExample], available_image_ids: Iterable[int]
-                        ) -> tuple[list[VqaExample], dict]:
+def drop_missing_images(
+    examples: Sequence[VqaExample], available_image_ids: Iterable[int]
+) -> tuple[list[VqaExample], dict]:
     """Keep the questions whose image is available; count the rest (never drop silently:
     the counts belong in the results file)."""
     available = set(available_image_ids)
     kept = [ex for ex in examples if ex.image_id in available]
     missing = sorted({ex.image_id for ex in examples} - available)
-    return kept, {"questions_missing_image": len(examples) - len(kept),
-                  "images_missing": len(missing), "example_missing_image_ids": missing[:5]}
+    return kept, {
+        "questions_missing_image": len(examples) - len(kept),
+        "images_missing": len(missing),
+        "example_missing_image_ids": missing[:5],
+    }
 
 
 def coco_image_name(image_id: int, subset: str) -> str:
@@ -238,6 +341,7 @@ def coco_image_name(image_id: int, subset: str) -> str:
 @dataclass(frozen=True)
 class AnswerVocab:
     """Normalised answers; the classifier's output ``i`` means ``answers[i]``."""
+
     answers: tuple[str, ...]
 
     def __post_init__(self):
@@ -288,10 +392,10 @@ def build_answer_vocab(examples: Iterable[VqaExample], size: int = 3129) -> Answ
 
 
 class SoftTarget(NamedTuple):
-    indices: tuple[int, ...]   # vocabulary indices with a non-zero score, ascending
+    indices: tuple[int, ...]  # vocabulary indices with a non-zero score, ascending
     scores: tuple[float, ...]  # answer_score() of each
-    num_answers: int           # human answers in all
-    num_oov: int               # human answers outside the vocabulary
+    num_answers: int  # human answers in all
+    num_oov: int  # human answers outside the vocabulary
 
     @property
     def all_oov(self) -> bool:
@@ -320,8 +424,9 @@ def soft_targets(answers: Sequence[str], vocab: AnswerVocab) -> SoftTarget:
     return SoftTarget(tuple(i for i, _ in pairs), tuple(s for _, s in pairs), len(answers), oov)
 
 
-def build_targets(examples: Sequence[VqaExample], vocab: AnswerVocab, training: bool
-                  ) -> tuple[list[tuple[VqaExample, SoftTarget]], dict]:
+def build_targets(
+    examples: Sequence[VqaExample], vocab: AnswerVocab, training: bool
+) -> tuple[list[tuple[VqaExample, SoftTarget]], dict]:
     """Pair examples with their soft targets and count what falls outside the vocabulary.
 
     In training a question whose answers are all out of vocabulary teaches nothing and is
@@ -336,8 +441,14 @@ def build_targets(examples: Sequence[VqaExample], vocab: AnswerVocab, training: 
             skipped += 1
             continue
         kept.append((ex, target))
-    stats = {"questions": len(examples), "kept": len(kept), "skipped_all_oov": skipped,
-             "answers": total, "answers_oov": oov, "oov_rate": oov / total if total else 0.0}
+    stats = {
+        "questions": len(examples),
+        "kept": len(kept),
+        "skipped_all_oov": skipped,
+        "answers": total,
+        "answers_oov": oov,
+        "oov_rate": oov / total if total else 0.0,
+    }
     return kept, stats
 
 
@@ -366,12 +477,13 @@ def _check_coverage(preds: Mapping[int, str], question_ids: Iterable[int]) -> No
     missing = sorted(wanted - set(preds))
     extra = sorted(set(preds) - wanted)
     if missing or extra:
-        raise ValueError(f"predictions do not match the questions: {len(missing)} missing "
-                         f"(e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
+        raise ValueError(
+            f"predictions do not match the questions: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(extra)} unknown (e.g. {extra[:3]})"
+        )
 
 
-def write_vqa_results(path: str | Path, predictions, question_ids: Iterable[int] | None = None
-                      ) -> Path:
+def write_vqa_results(path: str | Path, predictions, question_ids: Iterable[int] | None = None) -> Path:
     """Write ``[{"question_id": int, "answer": str}, ...]``, the official submission form.
     With ``question_ids`` every one must be answered, as the evaluation server requires."""
     preds = _as_mapping(predictions)
@@ -415,6 +527,9 @@ def evaluate_vqa(predictions, examples: Sequence[VqaExample]) -> dict:
     def pct(values):
         return 100.0 * sum(values) / len(values)
 
-    return {"overall": pct(scores) if scores else 0.0, "num_questions": len(scores),
-            "per_answer_type": {k: pct(v) for k, v in sorted(per_answer.items())},
-            "per_question_type": {k: pct(v) for k, v in sorted(per_question.items())}}
+    return {
+        "overall": pct(scores) if scores else 0.0,
+        "num_questions": len(scores),
+        "per_answer_type": {k: pct(v) for k, v in sorted(per_answer.items())},
+        "per_question_type": {k: pct(v) for k, v in sorted(per_question.items())},
+    }

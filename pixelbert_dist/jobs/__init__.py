@@ -2,6 +2,7 @@
 ``train``. ``options`` checks the scheduler options, ``plan`` turns the pre-training
 arguments and sweeps into jobs, ``snapshot`` freezes the code a job runs, ``task`` is
 what every Slurm task runs, ``submission`` puts it together."""
+
 from __future__ import annotations
 
 import importlib

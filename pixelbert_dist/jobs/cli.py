@@ -14,6 +14,7 @@
 Everything after ``--`` is what launch/pretrain.py takes. `launch/submit.py` and the
 `pixelbert-submit` console script run this module's ``main``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,37 +27,61 @@ from pixelbert_dist.jobs.options import SubmitConfig, SubmitError
 def parse(argv: list[str]) -> tuple[SubmitConfig, list[str]]:
     defaults = SubmitConfig()
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], usage="%(prog)s [options] -- --deepspeed_config "
-        "PATH [--config YAML] [key=value ...]")
-    helps = {"gpus_per_node": "GPUs per node; 0: CPU nodes (gloo), no GPU asked",
-             "tasks_per_node": "tasks (ranks) per node; default one per GPU, one on CPU nodes",
-             "rendezvous_timeout_s": "the ranks must meet within this, else the job fails",
-             "max_requeues": "time-outs a job may survive by requeueing itself",
-             "signal_delay_s": "Slurm sends USR2 this long before the time limit",
-             "stop_timeout_s": "how long the trainer may take to save when told to stop",
-             "mem": "memory per node, Slurm's form (480G)",
-             "time": "time limit: MM, HH:MM:SS, D-HH:MM, ...",
-             "output_dir": "code snapshot, submitit logs, jobs.json (and run/ unless run_dir=)"}
-    for name in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "max_requeues",
-                 "signal_delay_s", "stop_timeout_s", "rendezvous_timeout_s"):
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name),
-                            help=helps.get(name, "") + f" (default {getattr(defaults, name)})")
-    for name in ("mem", "partition", "account", "qos", "constraint", "time", "job_name",
-                 "output_dir"):
-        parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name),
-                            help=helps.get(name, "") + f" (default {getattr(defaults, name)})")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="one job per value (repeat for the product of several keys)")
-    parser.add_argument("--local", action="store_true",
-                        help="run here with submitit's local executor, --tasks-per-node tasks")
+        description=__doc__.split("\n")[0],
+        usage="%(prog)s [options] -- --deepspeed_config PATH [--config YAML] [key=value ...]",
+    )
+    helps = {
+        "gpus_per_node": "GPUs per node; 0: CPU nodes (gloo), no GPU asked",
+        "tasks_per_node": "tasks (ranks) per node; default one per GPU, one on CPU nodes",
+        "rendezvous_timeout_s": "the ranks must meet within this, else the job fails",
+        "max_requeues": "time-outs a job may survive by requeueing itself",
+        "signal_delay_s": "Slurm sends USR2 this long before the time limit",
+        "stop_timeout_s": "how long the trainer may take to save when told to stop",
+        "mem": "memory per node, Slurm's form (480G)",
+        "time": "time limit: MM, HH:MM:SS, D-HH:MM, ...",
+        "output_dir": "code snapshot, submitit logs, jobs.json (and run/ unless run_dir=)",
+    }
+    for name in (
+        "nodes",
+        "gpus_per_node",
+        "tasks_per_node",
+        "cpus_per_task",
+        "max_requeues",
+        "signal_delay_s",
+        "stop_timeout_s",
+        "rendezvous_timeout_s",
+    ):
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=int,
+            default=getattr(defaults, name),
+            help=helps.get(name, "") + f" (default {getattr(defaults, name)})",
+        )
+    for name in ("mem", "partition", "account", "qos", "constraint", "time", "job_name", "output_dir"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=getattr(defaults, name),
+            help=helps.get(name, "") + f" (default {getattr(defaults, name)})",
+        )
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one job per value (repeat for the product of several keys)",
+    )
+    parser.add_argument(
+        "--local", action="store_true", help="run here with submitit's local executor, --tasks-per-node tasks"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
     split = argv.index("--") if "--" in argv else len(argv)
     ns = parser.parse_args(argv[:split])  # --help prints and exits here
     if split == len(argv):
-        raise SubmitError("put the pre-training arguments after --, e.g. "
-                          "-- --deepspeed_config deepspeed_configs/zero2.json")
+        raise SubmitError(
+            "put the pre-training arguments after --, e.g. -- --deepspeed_config deepspeed_configs/zero2.json"
+        )
     opts = SubmitConfig(**{**vars(ns), "sweep": tuple(ns.sweep)})
-    return opts, argv[split + 1:]
+    return opts, argv[split + 1 :]
 
 
 def _error_tail(path: Path, lines: int = 15) -> str:
@@ -81,8 +106,7 @@ def _wait_local(jobs: list) -> int:
             for index in range(job.num_tasks):
                 stderr = job.task(index).paths.stderr
                 if "Traceback" in (stderr.read_text(errors="replace") if stderr.is_file() else ""):
-                    print(f"--- task {index}, last lines of {stderr}:\n{_error_tail(stderr)}",
-                          file=sys.stderr)
+                    print(f"--- task {index}, last lines of {stderr}:\n{_error_tail(stderr)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -98,4 +122,3 @@ def main(argv: list[str] | None = None) -> int:
     for job in jobs:
         print(f"submitted job {job.job_id}: logs in {job.paths.folder}")
     return _wait_local(jobs) if opts.local else 0
-

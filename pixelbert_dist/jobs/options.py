@@ -1,5 +1,6 @@
 """The scheduler options of a submission, and the checks that run before anything
 reaches Slurm: every string that ends up in the sbatch script is validated here."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,24 +16,24 @@ class SubmitError(ValueError):
 @dataclasses.dataclass
 class SubmitConfig:
     nodes: int = 1
-    gpus_per_node: int = 8           # GPUs asked per node; 0: CPU nodes (gloo), no gres line
+    gpus_per_node: int = 8  # GPUs asked per node; 0: CPU nodes (gloo), no gres line
     tasks_per_node: int | None = None  # None: one task per GPU (one on a CPU node)
     cpus_per_task: int = 8
-    mem: str | None = None           # Slurm --mem, e.g. "480G"; None: the partition default
+    mem: str | None = None  # Slurm --mem, e.g. "480G"; None: the partition default
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    time: str = "24:00:00"           # any Slurm time form: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
+    time: str = "24:00:00"  # any Slurm time form: MM, MM:SS, HH:MM:SS, D-HH[:MM[:SS]]
     job_name: str = "pixelbert"
     output_dir: str = "runs/submit"
-    sweep: tuple[str, ...] = ()      # "key=v1,v2": one job per value (several: the product)
-    local: bool = False              # submitit's local executor: tasks_per_node tasks here
-    dry_run: bool = False            # print the sbatch script, submit nothing
-    max_requeues: int = 10           # time-outs a job may survive (submitit's max_num_timeout;
-                                     # preemptions do not count)
-    signal_delay_s: int = 180        # USR2 this long before the time limit: time to save
-    stop_timeout_s: int = 150        # how long checkpoint() waits for the trainer to save
+    sweep: tuple[str, ...] = ()  # "key=v1,v2": one job per value (several: the product)
+    local: bool = False  # submitit's local executor: tasks_per_node tasks here
+    dry_run: bool = False  # print the sbatch script, submit nothing
+    max_requeues: int = 10  # time-outs a job may survive (submitit's max_num_timeout;
+    # preemptions do not count)
+    signal_delay_s: int = 180  # USR2 this long before the time limit: time to save
+    stop_timeout_s: int = 150  # how long checkpoint() waits for the trainer to save
     rendezvous_timeout_s: int = 300  # the ranks must meet within this, or the job fails
 
     @property
@@ -44,8 +45,11 @@ class SubmitConfig:
 
 
 _TIME_FORMS = [  # (regex, field names) for the forms sbatch --time accepts
-    (r"(\d+)", ("m",)), (r"(\d+):(\d+)", ("m", "s")), (r"(\d+):(\d+):(\d+)", ("h", "m", "s")),
-    (r"(\d+)-(\d+)", ("d", "h")), (r"(\d+)-(\d+):(\d+)", ("d", "h", "m")),
+    (r"(\d+)", ("m",)),
+    (r"(\d+):(\d+)", ("m", "s")),
+    (r"(\d+):(\d+):(\d+)", ("h", "m", "s")),
+    (r"(\d+)-(\d+)", ("d", "h")),
+    (r"(\d+)-(\d+):(\d+)", ("d", "h", "m")),
     (r"(\d+)-(\d+):(\d+):(\d+)", ("d", "h", "m", "s")),
 ]
 
@@ -62,15 +66,15 @@ def parse_slurm_time(text: str) -> int:
         limits = {"h": 24, "m": 60, "s": 60}
         for name in names[1:]:
             if parts[name] >= limits[name]:
-                raise SubmitError(f"--time {text!r}: {name}={parts[name]} is out of range "
-                                  f"(must be < {limits[name]})")
-        seconds = (((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) * 60
-                   + parts.get("s", 0))
+                raise SubmitError(f"--time {text!r}: {name}={parts[name]} is out of range (must be < {limits[name]})")
+        seconds = ((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) * 60 + parts.get("s", 0)
         if seconds <= 0:
             raise SubmitError(f"--time {text!r} is zero: give the job some time")
         return -(-seconds // 60)
-    raise SubmitError(f"--time {text!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, "
-                      f"D-HH:MM or D-HH:MM:SS (e.g. 2-00:00:00 for two days)")
+    raise SubmitError(
+        f"--time {text!r} is not a Slurm time: use MM, MM:SS, HH:MM:SS, D-HH, "
+        f"D-HH:MM or D-HH:MM:SS (e.g. 2-00:00:00 for two days)"
+    )
 
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -84,9 +88,11 @@ def check_script_path(flag: str, path: str) -> None:
     """Refuse a path sbatch would misread (it is written into the script as text)."""
     bad = _UNSAFE_PATH.search(str(path))
     if bad:
-        raise SubmitError(f"{flag} {str(path)!r} holds {bad.group()!r}: a path written into the "
-                          f"sbatch script may not contain whitespace, control characters or '%'; "
-                          f"choose another folder")
+        raise SubmitError(
+            f"{flag} {str(path)!r} holds {bad.group()!r}: a path written into the "
+            f"sbatch script may not contain whitespace, control characters or '%'; "
+            f"choose another folder"
+        )
 
 
 def _slurm_partitions() -> set[str] | None:
@@ -95,8 +101,7 @@ def _slurm_partitions() -> set[str] | None:
     if not sinfo:
         return None
     try:
-        out = subprocess.run([sinfo, "-h", "-o", "%R"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
+        out = subprocess.run([sinfo, "-h", "-o", "%R"], capture_output=True, text=True, timeout=30, check=True).stdout
     except (subprocess.SubprocessError, OSError):
         return None
     return {line.strip() for line in out.splitlines() if line.strip()}
@@ -113,9 +118,11 @@ def _check_counts(opts: SubmitConfig) -> None:
     if not isinstance(tasks, int) or tasks < 1:
         raise SubmitError(f"--tasks-per-node must be >= 1, got {tasks!r}")
     if opts.gpus_per_node and opts.gpus_per_node % tasks:
-        raise SubmitError(f"--gpus-per-node {opts.gpus_per_node} is not a multiple of "
-                          f"--tasks-per-node {tasks}: every task needs the same number of GPUs "
-                          f"(leave --tasks-per-node out for one task per GPU)")
+        raise SubmitError(
+            f"--gpus-per-node {opts.gpus_per_node} is not a multiple of "
+            f"--tasks-per-node {tasks}: every task needs the same number of GPUs "
+            f"(leave --tasks-per-node out for one task per GPU)"
+        )
     if opts.local and opts.nodes != 1:
         raise SubmitError("--local runs on this machine only: use --nodes 1")
 
@@ -123,21 +130,25 @@ def _check_counts(opts: SubmitConfig) -> None:
 def _check_names(opts: SubmitConfig) -> None:
     if opts.partition is not None:
         if not re.fullmatch(rf"{_NAME}(,{_NAME})*", opts.partition):
-            raise SubmitError(f"--partition {opts.partition!r} is not a Slurm partition name "
-                              f"(letters, digits, '_', '-', '.'; several joined by commas)")
+            raise SubmitError(
+                f"--partition {opts.partition!r} is not a Slurm partition name "
+                f"(letters, digits, '_', '-', '.'; several joined by commas)"
+            )
         known = None if opts.local or opts.dry_run else _slurm_partitions()
         missing = sorted(set(opts.partition.split(",")) - known) if known else []
         if missing:
-            raise SubmitError(f"--partition: {missing} unknown to this cluster; sinfo lists "
-                              f"{sorted(known)}")
+            raise SubmitError(f"--partition: {missing} unknown to this cluster; sinfo lists {sorted(known)}")
     for name in ("account", "qos", "constraint", "job_name"):
         value = getattr(opts, name)
         if value is not None and (not value or re.search(r"[\x00-\x1f\x7f'\"\s%]", value)):
-            raise SubmitError(f"--{name.replace('_', '-')} {value!r} is empty or holds quotes, "
-                              f"whitespace, control characters or '%'")
+            raise SubmitError(
+                f"--{name.replace('_', '-')} {value!r} is empty or holds quotes, whitespace, control characters or '%'"
+            )
     if opts.mem is not None and not re.fullmatch(r"\d+[KMGT]?", opts.mem.upper()):
-        raise SubmitError(f"--mem {opts.mem!r}: use Slurm's form, a number with an optional "
-                          f"K/M/G/T suffix (e.g. 480G); 0 asks for all of a node's memory")
+        raise SubmitError(
+            f"--mem {opts.mem!r}: use Slurm's form, a number with an optional "
+            f"K/M/G/T suffix (e.g. 480G); 0 asks for all of a node's memory"
+        )
     check_script_path("--output-dir", opts.output_dir)
 
 
@@ -146,11 +157,15 @@ def validate_options(opts: SubmitConfig) -> int:
     _check_counts(opts)
     _check_names(opts)
     if not 0 < opts.stop_timeout_s < opts.signal_delay_s:
-        raise SubmitError(f"--stop-timeout-s {opts.stop_timeout_s} must be positive and shorter "
-                          f"than --signal-delay-s {opts.signal_delay_s}: Slurm kills the job that "
-                          f"long after its USR2, saved or not")
+        raise SubmitError(
+            f"--stop-timeout-s {opts.stop_timeout_s} must be positive and shorter "
+            f"than --signal-delay-s {opts.signal_delay_s}: Slurm kills the job that "
+            f"long after its USR2, saved or not"
+        )
     minutes = parse_slurm_time(opts.time)
     if opts.signal_delay_s >= minutes * 60:
-        raise SubmitError(f"--signal-delay-s {opts.signal_delay_s} is not shorter than --time "
-                          f"{opts.time!r}: the job would be told to stop before it starts")
+        raise SubmitError(
+            f"--signal-delay-s {opts.signal_delay_s} is not shorter than --time "
+            f"{opts.time!r}: the job would be told to stop before it starts"
+        )
     return minutes

@@ -1,6 +1,7 @@
 """From the pre-training arguments to the jobs to submit: parse what launch/pretrain.py
 takes, expand sweeps into one job per point, give each its run folder, and load each
 run config as the trainer will, so a bad key fails here and not in the queue."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,14 +43,15 @@ def parse_pretrain_args(argv: list[str]) -> PretrainArgs:
         elif arg.startswith("--local_rank"):
             i += 0 if "=" in arg else 1  # the deepspeed launcher's; meaningless here
         elif arg.startswith("-") or "=" not in arg:
-            raise SubmitError(f"pre-training argument {arg!r} is neither --deepspeed_config, "
-                              f"--config nor key=value")
+            raise SubmitError(f"pre-training argument {arg!r} is neither --deepspeed_config, --config nor key=value")
         else:
             overrides.append(arg)
         i += 1
     if not ds:
-        raise SubmitError("the pre-training arguments (after --) need --deepspeed_config PATH, "
-                          "e.g. -- --deepspeed_config deepspeed_configs/zero2.json")
+        raise SubmitError(
+            "the pre-training arguments (after --) need --deepspeed_config PATH, "
+            "e.g. -- --deepspeed_config deepspeed_configs/zero2.json"
+        )
     return PretrainArgs(ds, cfg, overrides)
 
 

@@ -1,6 +1,7 @@
 """The code a job runs: the package, launch/, deepspeed_configs/ and the run's config files
 copied into ``<output-dir>/code/`` at submission. The job imports from there, so editing
 the repository while a job waits in the queue changes nothing."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ CODE_DIRS = ("pixelbert_dist", "launch", "deepspeed_configs")
 def snapshot_code(dest: Path, files: list[str], repo: Path = REPO) -> dict[str, str]:
     """Copy the code and ``files`` into ``dest``; map each file to its absolute copy."""
     if dest.exists():
-        raise SubmitError(f"{dest} already exists: a queued job may be running from it. "
-                          f"Choose a new --output-dir (resuming goes by run_dir=, not by this folder)")
+        raise SubmitError(
+            f"{dest} already exists: a queued job may be running from it. "
+            f"Choose a new --output-dir (resuming goes by run_dir=, not by this folder)"
+        )
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in CODE_DIRS:
         if (repo / name).is_dir():
@@ -34,7 +37,16 @@ def snapshot_code(dest: Path, files: list[str], repo: Path = REPO) -> dict[str, 
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, target)
         copies[name] = str(target)
-    (dest / "SNAPSHOT.json").write_text(json.dumps(
-        {"source": str(repo), "commit": git_commit(repo), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-         "files": copies}, indent=2) + "\n")
+    (dest / "SNAPSHOT.json").write_text(
+        json.dumps(
+            {
+                "source": str(repo),
+                "commit": git_commit(repo),
+                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "files": copies,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return copies

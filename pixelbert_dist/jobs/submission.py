@@ -5,6 +5,7 @@ point's run config), snapshots the code, then hands one ``PretrainTask`` per job
 submitit: one job, or a job array for a sweep. What Slurm refuses comes back as one
 ``SubmitError`` line with Slurm's own words and what to change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,29 +26,35 @@ from pixelbert_dist.jobs.task import RANK_VARS, PretrainTask
 # Slurm's refusals, and what to change for each (matched on sbatch's message)
 _HINTS = {
     "Invalid generic resource": "this cluster has no such GPUs: use --gpus-per-node 0 for CPU "
-                                "nodes, or a partition with GPUs",
+    "nodes, or a partition with GPUs",
     "Invalid partition": "pick one that `sinfo` lists (--partition)",
     "Requested node configuration is not available": "ask for fewer CPUs/GPUs/memory per node "
-                                                     "or tasks (see `sinfo -N -l`)",
+    "or tasks (see `sinfo -N -l`)",
     "Node count specification invalid": "ask for at most the partition's node count (--nodes)",
     "Invalid account": "use an account `sacctmgr show assoc user=$USER` lists (--account)",
     "Invalid qos": "use a QOS your account may use (--qos)",
     "time limit": "ask for less --time (the partition's MaxTime: `sinfo -o '%P %l'`)",
-    "Unable to contact slurm controller": "the controller is down or SLURM_CONF points "
-                                          "elsewhere; check `sinfo`",
+    "Unable to contact slurm controller": "the controller is down or SLURM_CONF points elsewhere; check `sinfo`",
 }
 
 
 def slurm_parameters(opts: SubmitConfig, minutes: int, code_dir: Path) -> dict:
     """SlurmExecutor.update_parameters(...) arguments (also used for --dry-run)."""
-    params = dict(job_name=opts.job_name, time=minutes, nodes=opts.nodes,
-                  ntasks_per_node=opts.tasks, cpus_per_task=opts.cpus_per_task,
-                  signal_delay_s=opts.signal_delay_s,
-                  # submitit requeues with `scontrol requeue`: allowed even where the
-                  # cluster's default (JobRequeue) says no
-                  additional_parameters={"requeue": True},
-                  setup=[f"cd {shlex.quote(str(code_dir))}",
-                         f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}"])
+    params = dict(
+        job_name=opts.job_name,
+        time=minutes,
+        nodes=opts.nodes,
+        ntasks_per_node=opts.tasks,
+        cpus_per_task=opts.cpus_per_task,
+        signal_delay_s=opts.signal_delay_s,
+        # submitit requeues with `scontrol requeue`: allowed even where the
+        # cluster's default (JobRequeue) says no
+        additional_parameters={"requeue": True},
+        setup=[
+            f"cd {shlex.quote(str(code_dir))}",
+            f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        ],
+    )
     if opts.gpus_per_node:  # no gres line at all on CPU nodes: many clusters define none
         params["gpus_per_node"] = opts.gpus_per_node
     for name in ("partition", "account", "qos", "constraint", "mem"):
@@ -65,11 +72,13 @@ def sbatch_script(opts: SubmitConfig, minutes: int, code_dir: Path, num_jobs: in
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = _submitit_folder(opts)
-    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit",
-                        shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=folder,
-                               map_count=num_jobs if num_jobs > 1 else None,
-                               **slurm_parameters(opts, minutes, code_dir))
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(
+        command=command,
+        folder=folder,
+        map_count=num_jobs if num_jobs > 1 else None,
+        **slurm_parameters(opts, minutes, code_dir),
+    )
 
 
 def _executor(opts: SubmitConfig, minutes: int, code_dir: Path):
@@ -82,10 +91,13 @@ def _executor(opts: SubmitConfig, minutes: int, code_dir: Path):
 
     executor = submitit.LocalExecutor(folder, max_num_timeout=opts.max_requeues)
     executor.update_parameters(
-        tasks_per_node=opts.tasks, nodes=1, timeout_min=minutes,
+        tasks_per_node=opts.tasks,
+        nodes=1,
+        timeout_min=minutes,
         gpus_per_node=min(opts.gpus_per_node, torch.cuda.device_count()),
         signal_delay_s=opts.signal_delay_s,
-        setup=[f"cd {shlex.quote(str(code_dir))}"])
+        setup=[f"cd {shlex.quote(str(code_dir))}"],
+    )
     return executor
 
 
@@ -93,8 +105,9 @@ def slurm_error(command: str, message: str) -> SubmitError:
     """One line from a Slurm command's failure: what it said, and what to change."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     said = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-    hint = next((h for key, h in _HINTS.items() if key.lower() in said.lower()),
-                "fix the option it names and submit again")
+    hint = next(
+        (h for key, h in _HINTS.items() if key.lower() in said.lower()), "fix the option it names and submit again"
+    )
     return SubmitError(f"{command} refused the job: {said or 'no message'} -> {hint}")
 
 
@@ -108,8 +121,10 @@ def _send(executor, tasks: list[PretrainTask], local: bool) -> list:
     except submitit.core.utils.FailedJobError as err:
         raise slurm_error("sbatch", str(err) or captured.getvalue()) from None
     except FileNotFoundError as err:
-        raise SubmitError(f"{err.filename or 'sbatch'} not found: this machine is not a Slurm "
-                          f"submit host (use --local to run here, --dry-run to see the script)") from None
+        raise SubmitError(
+            f"{err.filename or 'sbatch'} not found: this machine is not a Slurm "
+            f"submit host (use --local to run here, --dry-run to see the script)"
+        ) from None
     finally:
         os.environ.update(saved)
 
@@ -133,11 +148,22 @@ def submit(opts: SubmitConfig, pretrain_argv: list[str]) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [f for f in (args.deepspeed_config, args.config) if f]
     copies = snapshot_code(code_dir, files)
-    tasks = [PretrainTask([copies.get(a, a) for a in plan.argv], str(code_dir), os.getcwd(),
-                          opts.cpus_per_task, opts.stop_timeout_s, run_dir=plan.run_dir,
-                          rendezvous_timeout_s=opts.rendezvous_timeout_s) for plan in plans]
+    tasks = [
+        PretrainTask(
+            [copies.get(a, a) for a in plan.argv],
+            str(code_dir),
+            os.getcwd(),
+            opts.cpus_per_task,
+            opts.stop_timeout_s,
+            run_dir=plan.run_dir,
+            rendezvous_timeout_s=opts.rendezvous_timeout_s,
+        )
+        for plan in plans
+    ]
     jobs = _send(_executor(opts, minutes, code_dir), tasks, opts.local)
-    record = [{"job_id": job.job_id, "label": p.label, "run_dir": p.run_dir, "argv": t.argv}
-              for job, p, t in zip(jobs, plans, tasks)]
+    record = [
+        {"job_id": job.job_id, "label": p.label, "run_dir": p.run_dir, "argv": t.argv}
+        for job, p, t in zip(jobs, plans, tasks)
+    ]
     (out_dir / "jobs.json").write_text(json.dumps(record, indent=2) + "\n")
     return jobs

@@ -11,6 +11,7 @@ whose trainer made no progress since its attempt started (no new checkpoint: stu
 before step 1, e.g. in the rendezvous) is not requeued: another attempt would spend
 the same time the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,7 @@ from pathlib import Path
 import submitit
 
 from pixelbert_dist.checkpoint import read_latest
-from pixelbert_dist.distributed.env import (RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR,
-                                            slurm_master)
+from pixelbert_dist.distributed.env import RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR, slurm_master
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENTRY = "pixelbert_dist.train.run"
@@ -33,8 +33,11 @@ TRAINER_MODULE = "pixelbert_dist.jobs.trainer_process"  # the child: see that mo
 
 def _master_address(dist, environ: dict) -> tuple[str, str]:
     """MASTER_ADDR and a sentence on how it and MASTER_PORT were chosen."""
-    port_how = ("MASTER_PORT exported where the job was submitted" if environ.get("MASTER_PORT")
-                else "MASTER_PORT derived from the job id")
+    port_how = (
+        "MASTER_PORT exported where the job was submitted"
+        if environ.get("MASTER_PORT")
+        else "MASTER_PORT derived from the job id"
+    )
     if environ.get("SUBMITIT_EXECUTOR") == "slurm":
         addr, addr_how = slurm_master(environ)
     else:
@@ -48,27 +51,34 @@ def _visible_gpus(environ: dict, local_rank: int, local_tasks: int) -> str | Non
     if len(visible) <= 1 or len(visible) % max(1, local_tasks):
         return None
     share = len(visible) // local_tasks
-    return ",".join(visible[local_rank * share:(local_rank + 1) * share])
+    return ",".join(visible[local_rank * share : (local_rank + 1) * share])
 
 
-def _task_environment(cpus_per_task: int, code_dir: str,
-                      rendezvous_timeout_s: int | None = None) -> dict[str, str]:
+def _task_environment(cpus_per_task: int, code_dir: str, rendezvous_timeout_s: int | None = None) -> dict[str, str]:
     """The trainer's environment: rank variables, CUDA devices, NCCL/OMP defaults."""
     dist = submitit.helpers.TorchDistributedEnvironment()
     env = dict(os.environ)
     addr, source = _master_address(dist, env)
-    env.update(MASTER_ADDR=addr, MASTER_PORT=str(dist.master_port),
-               RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size),
-               LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size))
+    env.update(
+        MASTER_ADDR=addr,
+        MASTER_PORT=str(dist.master_port),
+        RANK=str(dist.rank),
+        WORLD_SIZE=str(dist.world_size),
+        LOCAL_RANK=str(dist.local_rank),
+        LOCAL_WORLD_SIZE=str(dist.local_world_size),
+    )
     env[RENDEZVOUS_SOURCE_VAR] = source
     if rendezvous_timeout_s:
         env[RENDEZVOUS_TIMEOUT_VAR] = str(rendezvous_timeout_s)
     gpus = _visible_gpus(env, dist.local_rank, dist.local_world_size)
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = gpus
-    defaults = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a dead peer raises instead of hanging
-                "NCCL_DEBUG": "WARN", "OMP_NUM_THREADS": str(cpus_per_task),
-                "PYTHONUNBUFFERED": "1"}
+    defaults = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a dead peer raises instead of hanging
+        "NCCL_DEBUG": "WARN",
+        "OMP_NUM_THREADS": str(cpus_per_task),
+        "PYTHONUNBUFFERED": "1",
+    }
     for key, value in defaults.items():
         env.setdefault(key, value)  # what the user exported wins
     env["PYTHONPATH"] = os.pathsep.join([code_dir] + [p for p in [env.get("PYTHONPATH")] if p])
@@ -78,9 +88,17 @@ def _task_environment(cpus_per_task: int, code_dir: str,
 class PretrainTask(submitit.helpers.Checkpointable):
     """One task of a (multi-node) pre-training job; requeued by submitit on a time-out."""
 
-    def __init__(self, argv: list[str], code_dir: str, workdir: str, cpus_per_task: int = 8,
-                 stop_timeout_s: int = 600, entry: str = ENTRY, run_dir: str | None = None,
-                 rendezvous_timeout_s: int | None = None):
+    def __init__(
+        self,
+        argv: list[str],
+        code_dir: str,
+        workdir: str,
+        cpus_per_task: int = 8,
+        stop_timeout_s: int = 600,
+        entry: str = ENTRY,
+        run_dir: str | None = None,
+        rendezvous_timeout_s: int | None = None,
+    ):
         self.argv, self.code_dir, self.workdir = list(argv), code_dir, workdir
         self.cpus_per_task, self.stop_timeout_s, self.entry = cpus_per_task, stop_timeout_s, entry
         self.run_dir, self.rendezvous_timeout_s = run_dir, rendezvous_timeout_s
@@ -101,8 +119,11 @@ class PretrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         env = _task_environment(self.cpus_per_task, self.code_dir, self.rendezvous_timeout_s)
-        print(f"[submit] attempt {self.attempt} rank {env['RANK']}/{env['WORLD_SIZE']} "
-              f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']} code {self.code_dir}", flush=True)
+        print(
+            f"[submit] attempt {self.attempt} rank {env['RANK']}/{env['WORLD_SIZE']} "
+            f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']} code {self.code_dir}",
+            flush=True,
+        )
         self._start_tag = self._latest()
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -115,8 +136,10 @@ class PretrainTask(submitit.helpers.Checkpointable):
         finally:
             signal.signal(signal.SIGTERM, previous)
         if rc != 0:
-            raise RuntimeError(f"the trainer exited with code {rc} (attempt {self.attempt}, rank "
-                               f"{env['RANK']}); its error is at the end of this task's log")
+            raise RuntimeError(
+                f"the trainer exited with code {rc} (attempt {self.attempt}, rank "
+                f"{env['RANK']}); its error is at the end of this task's log"
+            )
         if self._sigterm:  # preempted: the trainer saved on SIGTERM; wait for USR2 to requeue
             time.sleep(min(self.stop_timeout_s, 180))
         return rc
@@ -129,12 +152,14 @@ class PretrainTask(submitit.helpers.Checkpointable):
         child = self._child
         if child is None or child.poll() is not None:
             return
-        print(f"[submit] time limit or preemption: asking the trainer (pid {child.pid}) to "
-              f"save and stop", flush=True)
+        print(f"[submit] time limit or preemption: asking the trainer (pid {child.pid}) to save and stop", flush=True)
         child.send_signal(signal.SIGUSR1)
         if not _reap(child, self.stop_timeout_s):
-            print(f"[submit] the trainer did not stop within {self.stop_timeout_s}s: killed; "
-                  f"a requeued job resumes from the previous checkpoint", flush=True)
+            print(
+                f"[submit] the trainer did not stop within {self.stop_timeout_s}s: killed; "
+                f"a requeued job resumes from the previous checkpoint",
+                flush=True,
+            )
             child.kill()
             _reap(child, 30)
 
@@ -144,14 +169,24 @@ class PretrainTask(submitit.helpers.Checkpointable):
         self._stop_child()
         latest = self._latest()
         if self.run_dir and latest == self._start_tag:
-            print(f"[submit] no progress in attempt {self.attempt} (the latest checkpoint is "
-                  f"still {latest or 'none'}): not requeued, the job ends here", flush=True)
+            print(
+                f"[submit] no progress in attempt {self.attempt} (the latest checkpoint is "
+                f"still {latest or 'none'}): not requeued, the job ends here",
+                flush=True,
+            )
             return None
         # whatever the first attempt resumed from, a requeued one goes on from the latest
         argv = self.argv if self.argv[-1:] == ["train.resume=auto"] else self.argv + ["train.resume=auto"]
-        fresh = PretrainTask(argv, self.code_dir, self.workdir, self.cpus_per_task,
-                             self.stop_timeout_s, self.entry, self.run_dir,
-                             self.rendezvous_timeout_s)
+        fresh = PretrainTask(
+            argv,
+            self.code_dir,
+            self.workdir,
+            self.cpus_per_task,
+            self.stop_timeout_s,
+            self.entry,
+            self.run_dir,
+            self.rendezvous_timeout_s,
+        )
         fresh.attempt = self.attempt + 1
         return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
 

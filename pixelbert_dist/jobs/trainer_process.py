@@ -3,6 +3,7 @@ ENTRY ARGS...`` imports ENTRY (``pixelbert_dist.train.run``) and calls its ``mai
 
 A module of its own, imported by nothing: ``python -m`` on a module the package already
 imported would run a second copy of it."""
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """PixelBertConfig: every architectural choice of the model in one dataclass."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,10 +20,10 @@ CHECKPOINTING = ("none", "transformer", "all")
 class PixelBertConfig:
     # visual side
     backbone: str = "resnet50"
-    extra_pool: bool = True            # the paper's 2x2 max-pool: 64x downsampling in all
-    freeze_bn: bool = True             # BatchNorm as FrozenBatchNorm2d (small per-GPU batches)
+    extra_pool: bool = True  # the paper's 2x2 max-pool: 64x downsampling in all
+    freeze_bn: bool = True  # BatchNorm as FrozenBatchNorm2d (small per-GPU batches)
     channels_last: bool = True
-    pixel_sample_size: int = 100       # feature pixels kept per image in pre-training; 0 = all
+    pixel_sample_size: int = 100  # feature pixels kept per image in pre-training; 0 = all
     # text side and transformer (BERT-base by default)
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -49,15 +50,17 @@ class PixelBertConfig:
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone={self.backbone!r} unknown; choose from {sorted(BACKBONES)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
-                             f"model.num_heads={self.num_heads}")
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
+            )
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'")
         if isinstance(self.activation_checkpointing, bool):  # the former on/off switch (old exports)
             self.activation_checkpointing = "transformer" if self.activation_checkpointing else "none"
         if self.activation_checkpointing not in CHECKPOINTING:
-            raise ValueError(f"model.activation_checkpointing={self.activation_checkpointing!r}: "
-                             f"use one of {list(CHECKPOINTING)}")
+            raise ValueError(
+                f"model.activation_checkpointing={self.activation_checkpointing!r}: use one of {list(CHECKPOINTING)}"
+            )
         if self.pixel_sample_size < 0:
             raise ValueError("model.pixel_sample_size must be >= 0 (0 keeps every pixel)")
 

@@ -2,6 +2,7 @@
 BertModel, so a BERT checkpoint loads key for key. Attention goes through
 `scaled_dot_product_attention` (FlashAttention / memory-efficient / cuDNN kernels on GPU);
 the `eager` path is the textbook formula, kept as the reference for tests and benchmarks."""
+
 from __future__ import annotations
 
 import math

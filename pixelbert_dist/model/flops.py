@@ -1,5 +1,6 @@
 """Training FLOPs per sample, counted by torch's FlopCounterMode on the meta device (no
 memory, no compute), and the same count in closed form for the MFU meter's every batch."""
+
 from __future__ import annotations
 
 import functools
@@ -17,14 +18,22 @@ def _meta_batch(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int, 
     # No mlm_labels: the MLM head runs on the masked tokens only, a count that boolean
     # indexing can't know on meta tensors, so the head is added analytically below.
     ids = torch.ones(batch, text_len, dtype=torch.long)
-    return {"images": torch.zeros(batch, 3, *image_hw), "image_sizes": torch.tensor([image_hw] * batch),
-            "input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "itm_labels": torch.zeros(batch, dtype=torch.long)}
+    return {
+        "images": torch.zeros(batch, 3, *image_hw),
+        "image_sizes": torch.tensor([image_hw] * batch),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "itm_labels": torch.zeros(batch, dtype=torch.long),
+    }
 
 
-def training_flops_per_sample(cfg: PixelBertConfig, image_hw: tuple[int, int] = (800, 1344),
-                              text_len: int = 40, num_pixels: int | None = None,
-                              mlm_fraction: float = 0.15) -> float:
+def training_flops_per_sample(
+    cfg: PixelBertConfig,
+    image_hw: tuple[int, int] = (800, 1344),
+    text_len: int = 40,
+    num_pixels: int | None = None,
+    mlm_fraction: float = 0.15,
+) -> float:
     """Forward + backward FLOPs of one training sample.
 
     ``num_pixels``: feature pixels kept by random sampling (None = the config's
@@ -57,8 +66,13 @@ def _cnn_training_flops(backbone: str, image_hw: tuple[int, int]) -> float:
     return float(counter.get_total_flops())
 
 
-def training_flops_analytic(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int,
-                            num_pixels: int | None = None, mlm_fraction: float = 0.15) -> float:
+def training_flops_analytic(
+    cfg: PixelBertConfig,
+    image_hw: tuple[int, int],
+    text_len: int,
+    num_pixels: int | None = None,
+    mlm_fraction: float = 0.15,
+) -> float:
     """What ``training_flops_per_sample`` counts, in closed form (the CNN trunk counted once
     per image size and cached), cheap enough for every batch: the MFU meter charges each
     batch at its own padded size, text length and sampled pixels."""

@@ -1,5 +1,6 @@
 """Pooler, MLM head (tied to the word embeddings) and ITM head, with Hugging Face names
 (`pooler.dense`, `cls.predictions.*` -> `mlm_head.*`) so BERT checkpoints fill them."""
+
 from __future__ import annotations
 
 import torch

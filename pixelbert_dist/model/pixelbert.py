@@ -13,6 +13,7 @@ Returns a dict: hidden_states, pooled, itm_logits, mlm_logits [M, V] and mlm_tar
 (only the M masked positions: the vocabulary projection is the costliest matmul), each
 loss present in the batch, and ``loss`` = mlm_weight * mlm_loss + itm_weight * itm_loss.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,7 +58,7 @@ class PixelBert(nn.Module):
             nn.init.normal_(module.semantic, std=0.02)
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """"none", "transformer" (encoder layers) or "all" (also the CNN stem and stages):
+        """ "none", "transformer" (encoder layers) or "all" (also the CNN stem and stages):
         what backward recomputes instead of keeping. Losses and gradients are unchanged."""
         self.config = self.config.replace(activation_checkpointing=mode)  # checks the value
         mode = self.config.activation_checkpointing
@@ -72,8 +73,9 @@ class PixelBert(nn.Module):
         """Pixel tokens [B, K, H] and their mask [B, K] (sampled in training mode)."""
         return self.visual(images, image_sizes, self.pixel_sample_size())
 
-    def encode_joint(self, text: dict, pixels: torch.Tensor | None = None,
-                     pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_joint(
+        self, text: dict, pixels: torch.Tensor | None = None, pixel_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The transformer over ``[CLS] text [SEP]`` followed by the given pixel tokens."""
         x = self.embeddings(text["input_ids"], text.get("token_type_ids"))
         mask = text["attention_mask"].bool()

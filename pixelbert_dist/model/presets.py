@@ -1,4 +1,5 @@
 """Named model presets (a registry, as timm and open_clip keep them)."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -17,6 +18,7 @@ def register_preset(name: str):
             raise ValueError(f"model preset {name!r} is registered twice")
         _PRESETS[name] = fn
         return fn
+
     return wrap
 
 
@@ -53,9 +55,18 @@ def _x152() -> PixelBertConfig:
 def _tiny() -> PixelBertConfig:
     """For tests and the CPU demo: a ResNet-10 trunk and a 2-layer 128-wide transformer
     over the project's 512-token synthetic vocabulary."""
-    return PixelBertConfig(backbone="resnet10", vocab_size=512, hidden_size=128, num_layers=2,
-                           num_heads=4, intermediate_size=256, max_position_embeddings=64,
-                           freeze_bn=False, channels_last=False, pixel_sample_size=100)
+    return PixelBertConfig(
+        backbone="resnet10",
+        vocab_size=512,
+        hidden_size=128,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        freeze_bn=False,
+        channels_last=False,
+        pixel_sample_size=100,
+    )
 
 
 @register_preset("tiny-minilm")
@@ -63,5 +74,12 @@ def _tiny_minilm() -> PixelBertConfig:
     """The CPU demo: a ResNet-10 trunk and the shape of all-MiniLM-L6-v2 (6 layers, 384
     wide, BERT uncased vocab), so a real pre-trained text encoder can initialise it, as the
     paper initialises from BERT-base (model.bert_dir)."""
-    return PixelBertConfig(backbone="resnet10", hidden_size=384, num_layers=6, num_heads=12,
-                           intermediate_size=1536, freeze_bn=False, channels_last=False)
+    return PixelBertConfig(
+        backbone="resnet10",
+        hidden_size=384,
+        num_layers=6,
+        num_heads=12,
+        intermediate_size=1536,
+        freeze_bn=False,
+        channels_last=False,
+    )

@@ -9,6 +9,7 @@ check rather than pairing new weights with an old description.
 This module knows the model only as ``nn.Module`` with a ``config`` (PixelBert imports it,
 never the other way round): the class to build is passed in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,11 @@ def _tokenizer_record(tokenizer, out: Path) -> tuple[dict, list[Path]]:
     files = [Path(f) for f in tokenizer.save_pretrained(str(out))]
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     (out / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab))
-    record = {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-              "do_lower_case": getattr(tokenizer, "do_lower_case", None)}
+    record = {
+        "class": type(tokenizer).__name__,
+        "vocab_size": len(tokenizer),
+        "do_lower_case": getattr(tokenizer, "do_lower_case", None),
+    }
     return record, files + [out / "vocab.txt"]
 
 
@@ -74,8 +78,12 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
     out.mkdir(parents=True, exist_ok=True)
     save_file(fp32_state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     written = [out / WEIGHTS_NAME]
-    config = {"architecture": "PixelBert", "config": dataclasses.asdict(model.config), **(extra or {}),
-              "files": {WEIGHTS_NAME: file_digest(out / WEIGHTS_NAME)}}
+    config = {
+        "architecture": "PixelBert",
+        "config": dataclasses.asdict(model.config),
+        **(extra or {}),
+        "files": {WEIGHTS_NAME: file_digest(out / WEIGHTS_NAME)},
+    }
     if tokenizer is not None:
         config["tokenizer"], tokenizer_files = _tokenizer_record(tokenizer, out)
         written += tokenizer_files
@@ -96,8 +104,10 @@ def read_pretrained_record(folder: str | Path) -> dict:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}): a damaged export") from None
     if not isinstance(data, dict) or data.get("architecture") != "PixelBert" or "config" not in data:
-        raise ValueError(f"{path} does not describe a PixelBert export (architecture="
-                         f"{data.get('architecture') if isinstance(data, dict) else None!r})")
+        raise ValueError(
+            f"{path} does not describe a PixelBert export (architecture="
+            f"{data.get('architecture') if isinstance(data, dict) else None!r})"
+        )
     return data
 
 
@@ -110,8 +120,11 @@ def verify_export_files(folder: str | Path, record: dict) -> None:
     folder = Path(folder)
     files = record.get("files")
     if not files:
-        log.warning("%s records no checksums (an export from before they were written): "
-                    "%s is loaded unverified", folder / CONFIG_NAME, WEIGHTS_NAME)
+        log.warning(
+            "%s records no checksums (an export from before they were written): %s is loaded unverified",
+            folder / CONFIG_NAME,
+            WEIGHTS_NAME,
+        )
         return
     for name, want in files.items():
         path = folder / name
@@ -119,16 +132,24 @@ def verify_export_files(folder: str | Path, record: dict) -> None:
             raise FileNotFoundError(f"{path} is missing (listed in {folder / CONFIG_NAME})")
         have = file_digest(path)
         if have["bytes"] != want["bytes"]:
-            raise ValueError(f"{path} has {have['bytes']} bytes, config.json records {want['bytes']}: "
-                             "the file is truncated or was replaced; re-export or copy it again")
+            raise ValueError(
+                f"{path} has {have['bytes']} bytes, config.json records {want['bytes']}: "
+                "the file is truncated or was replaced; re-export or copy it again"
+            )
         if have["sha256"] != want["sha256"]:
-            raise ValueError(f"{path} does not match the sha256 in config.json ({have['sha256'][:12]}... vs "
-                             f"{want['sha256'][:12]}...): its bytes changed since the export; re-export "
-                             "or copy it again")
+            raise ValueError(
+                f"{path} does not match the sha256 in config.json ({have['sha256'][:12]}... vs "
+                f"{want['sha256'][:12]}...): its bytes changed since the export; re-export "
+                "or copy it again"
+            )
 
 
-def load_pretrained(build: Callable[[PixelBertConfig], nn.Module], folder: str | Path,
-                    map_location: str | torch.device = "cpu", **overrides) -> nn.Module:
+def load_pretrained(
+    build: Callable[[PixelBertConfig], nn.Module],
+    folder: str | Path,
+    map_location: str | torch.device = "cpu",
+    **overrides,
+) -> nn.Module:
     """``build(config)`` filled from an export folder, verified, in eval mode (as Hugging
     Face's from_pretrained returns it). ``overrides`` change execution settings such as
     pixel_sample_size or attn_implementation (shapes must match the weights)."""

@@ -1,5 +1,6 @@
 """Text embedding w_hat = LN(w + p + s_w), with Hugging Face BertEmbeddings parameter
 names (word/position/token_type embeddings, LayerNorm) so BERT checkpoints load."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Visual side: a torchvision ResNet trunk, the extra 2x2 max-pool, the pixel mask, pixel
 random sampling, and the visual embedding v_hat = LN(W v) + s_v."""
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,9 @@ def build_backbone(cfg: PixelBertConfig) -> ResNet:
     weight files, so `load_state_dict` of an ImageNet checkpoint works directly."""
     block, layers, groups, width = BACKBONES[cfg.backbone]
     norm = FrozenBN if cfg.freeze_bn else BatchNorm
-    net = ResNet(BasicBlock if block == "basic" else Bottleneck, layers, groups=groups,
-                 width_per_group=width, norm_layer=norm)
+    net = ResNet(
+        BasicBlock if block == "basic" else Bottleneck, layers, groups=groups, width_per_group=width, norm_layer=norm
+    )
     del net.avgpool, net.fc
     return net
 
@@ -87,8 +89,9 @@ def trunk_forward(net: ResNet, images: torch.Tensor, checkpointing: bool = False
     """The trunk's stem and four stages; with ``checkpointing`` each one keeps only its
     input for backward and recomputes the rest (non-reentrant torch checkpointing, RNG
     state replayed, BatchNorm statistics updated once)."""
-    stages = [(partial(_stem, net), net.bn1)] + [(layer, layer) for layer in
-                                                  (net.layer1, net.layer2, net.layer3, net.layer4)]
+    stages = [(partial(_stem, net), net.bn1)] + [
+        (layer, layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)
+    ]
     x = images
     for run, owner in stages:
         if checkpointing:

@@ -1,5 +1,6 @@
 """Load real weights from local files: a Hugging Face BERT checkpoint directory into the
 text side, a torchvision weights file into the CNN. Nothing comes from a hub."""
+
 from __future__ import annotations
 
 import logging
@@ -14,9 +15,12 @@ log = logging.getLogger(__name__)
 
 # Hugging Face key prefix -> our module prefix (first match wins).
 _BERT_PREFIXES = [
-    ("bert.embeddings.", "embeddings."), ("embeddings.", "embeddings."),
-    ("bert.encoder.", "encoder."), ("encoder.", "encoder."),
-    ("bert.pooler.", "pooler."), ("pooler.", "pooler."),
+    ("bert.embeddings.", "embeddings."),
+    ("embeddings.", "embeddings."),
+    ("bert.encoder.", "encoder."),
+    ("encoder.", "encoder."),
+    ("bert.pooler.", "pooler."),
+    ("pooler.", "pooler."),
     ("cls.predictions.transform.", "mlm_head.transform."),
     ("cls.predictions.bias", "mlm_head.bias"),
 ]
@@ -36,23 +40,27 @@ _NOT_FROM_BERT = ("visual.", "itm_head.", "mlm_head.decoder.")
 @dataclass
 class LoadReport:
     loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)     # ours, not in the file
+    missing: list[str] = field(default_factory=list)  # ours, not in the file
     unexpected: list[str] = field(default_factory=list)  # the file's, unused
     heads_not_shipped: list[str] = field(default_factory=list)  # whole heads left at their init
 
     def __str__(self) -> str:
         heads = f"; heads not in the file (fresh init): {self.heads_not_shipped}" if self.heads_not_shipped else ""
-        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing[:8]}"
-                f"{' ...' if len(self.missing) > 8 else ''}; unexpected {len(self.unexpected)}: "
-                f"{self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}{heads}")
+        return (
+            f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing[:8]}"
+            f"{' ...' if len(self.missing) > 8 else ''}; unexpected {len(self.unexpected)}: "
+            f"{self.unexpected[:8]}{' ...' if len(self.unexpected) > 8 else ''}{heads}"
+        )
 
 
 def _refuse_gaps(path: Path, missing: list[str], unexpected: list[str], file_keys, hint: str) -> None:
     """A load that would leave expected tensors at their init is refused, keys named."""
     if missing:
-        raise ValueError(f"{path}: {len(missing)} expected tensor(s) are not in the file: {missing[:8]}"
-                         f"{' ...' if len(missing) > 8 else ''}; the file holds e.g. {sorted(file_keys)[:5]} "
-                         f"(unused: {unexpected[:5]}). {hint}")
+        raise ValueError(
+            f"{path}: {len(missing)} expected tensor(s) are not in the file: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; the file holds e.g. {sorted(file_keys)[:5]} "
+            f"(unused: {unexpected[:5]}). {hint}"
+        )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +77,10 @@ def _bert_file(directory: Path) -> Path:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
             return directory / name
-    raise FileNotFoundError(f"{directory} holds neither model.safetensors nor pytorch_model.bin: "
-                            "point model weights at a local Hugging Face BERT checkpoint directory")
+    raise FileNotFoundError(
+        f"{directory} holds neither model.safetensors nor pytorch_model.bin: "
+        "point model weights at a local Hugging Face BERT checkpoint directory"
+    )
 
 
 def _rename_bert_key(key: str) -> str | None:
@@ -79,7 +89,7 @@ def _rename_bert_key(key: str) -> str | None:
             key = key[: -len(old)] + new
     for old, new in _BERT_PREFIXES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return None
 
 
@@ -96,8 +106,10 @@ def _heads_not_shipped(missing: set[str], expected: set[str]) -> list[str]:
 def _check_shapes(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], origin: str) -> None:
     for key, value in source.items():
         if target[key].shape != value.shape:
-            raise ValueError(f"{origin}: tensor {key!r} has shape {tuple(value.shape)} but the model "
-                             f"expects {tuple(target[key].shape)}: wrong preset or checkpoint?")
+            raise ValueError(
+                f"{origin}: tensor {key!r} has shape {tuple(value.shape)} but the model "
+                f"expects {tuple(target[key].shape)}: wrong preset or checkpoint?"
+            )
 
 
 def _copy_into(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor], origin: str) -> list[str]:
@@ -130,14 +142,26 @@ def load_bert_checkpoint(model: nn.Module, directory: str | Path) -> LoadReport:
     missing = expected - set(renamed)
     heads = _heads_not_shipped(missing, expected)
     gaps = sorted(k for k in missing if not any(k.startswith(BERT_OPTIONAL_HEADS[h]) for h in heads))
-    _refuse_gaps(path, gaps, sorted(unexpected), source, "Expected a BERT checkpoint with Hugging Face "
-                 "(bert.* / embeddings.*) or original (gamma/beta) names and this model's shape.")
+    _refuse_gaps(
+        path,
+        gaps,
+        sorted(unexpected),
+        source,
+        "Expected a BERT checkpoint with Hugging Face "
+        "(bert.* / embeddings.*) or original (gamma/beta) names and this model's shape.",
+    )
     ours_named = sorted(k for k in unexpected if (_rename_bert_key(k) or "").startswith(("embeddings.", "encoder.")))
     if ours_named:
-        raise ValueError(f"{path}: tensors {ours_named[:5]} have no place in this model (a checkpoint "
-                         f"with more layers or other modules than model.num_layers={len(model.encoder.layer)})")
-    report = LoadReport(loaded=_copy_into(ours, renamed, str(path)), missing=sorted(missing),
-                        unexpected=sorted(unexpected), heads_not_shipped=heads)
+        raise ValueError(
+            f"{path}: tensors {ours_named[:5]} have no place in this model (a checkpoint "
+            f"with more layers or other modules than model.num_layers={len(model.encoder.layer)})"
+        )
+    report = LoadReport(
+        loaded=_copy_into(ours, renamed, str(path)),
+        missing=sorted(missing),
+        unexpected=sorted(unexpected),
+        heads_not_shipped=heads,
+    )
     log.info("BERT weights from %s: %s", path, report)
     return report
 
@@ -153,12 +177,20 @@ def load_torchvision_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     unexpected = sorted(k for k in state if k not in backbone and not k.startswith("fc."))
     # FrozenBatchNorm2d has no num_batches_tracked; a missing one in the file is harmless.
     missing = sorted(k for k in backbone if k not in matched and not k.endswith("num_batches_tracked"))
-    _refuse_gaps(path, missing, unexpected, state, "Expected a torchvision weights file of this "
-                 "preset's trunk (keys like 'conv1.weight', 'layer1.0.bn1.running_mean').")
+    _refuse_gaps(
+        path,
+        missing,
+        unexpected,
+        state,
+        "Expected a torchvision weights file of this "
+        "preset's trunk (keys like 'conv1.weight', 'layer1.0.bn1.running_mean').",
+    )
     _check_shapes(backbone, matched, str(path))
     if unexpected:
-        raise ValueError(f"{path}: tensors {unexpected[:5]} have no place in this model's CNN trunk "
-                         f"(model.backbone={model.config.backbone!r}): a file of another depth or family?")
+        raise ValueError(
+            f"{path}: tensors {unexpected[:5]} have no place in this model's CNN trunk "
+            f"(model.backbone={model.config.backbone!r}): a file of another depth or family?"
+        )
     report = LoadReport(loaded=_copy_into(backbone, matched, str(path)), missing=missing, unexpected=unexpected)
     log.info("CNN weights from %s: %s", path, report)
     return report
@@ -174,8 +206,10 @@ def load_visual_weights(model: nn.Module, path: str | Path) -> LoadReport:
     missing = sorted(k for k in ours if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in ours)
     if missing or unexpected:
-        raise ValueError(f"{path}: not the visual side of this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (a file from another preset?)")
+        raise ValueError(
+            f"{path}: not the visual side of this model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (a file from another preset?)"
+        )
     report = LoadReport(loaded=_copy_into(ours, {k: v for k, v in state.items() if k in ours}, str(path)))
     log.info("visual weights from %s: %s", path, report)
     return report

@@ -1,5 +1,6 @@
 """RunConfig: the whole pre-training run, composed from each module's own config; and
 LoopConfig, the training loop's section that fine-tuning's config extends too."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,11 +14,12 @@ Precision = Literal["fp32", "bf16", "fp16"]
 @dataclass
 class OptimConfig:
     """One optimiser, two rules (pixelbert_dist.train.optim): SGD for the CNN, AdamW for the rest."""
+
     cnn_rule: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's, for an ImageNet CNN; adamw: one from scratch
     cnn_lr: float = 1e-2
     cnn_momentum: float = 0.9
     cnn_weight_decay: float = 5e-4
-    lr: float = 1e-4                # the transformer's (AdamW)
+    lr: float = 1e-4  # the transformer's (AdamW)
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -27,6 +29,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Linear warm-up, then step decay (the paper) or cosine (pixelbert_dist.train.schedule)."""
+
     warmup_steps: int = 0
     kind: Literal["step", "cosine", "constant"] = "step"
     milestones_epochs: list[float] = field(default_factory=lambda: [25, 35])  # step: lr x gamma at these epochs
@@ -38,10 +41,10 @@ class ScheduleConfig:
 class ModelSection:
     preset: str = "tiny"
     overrides: dict = field(default_factory=dict)  # any PixelBertConfig field
-    bert_dir: str | None = None      # local Hugging Face BERT checkpoint directory
-    cnn_weights: str | None = None   # local torchvision weights file for the CNN trunk
+    bert_dir: str | None = None  # local Hugging Face BERT checkpoint directory
+    cnn_weights: str | None = None  # local torchvision weights file for the CNN trunk
     visual_weights: str | None = None  # a file of visual.* tensors (CNN + projection), e.g. the
-                                       # demo's warm start (pixelbert_dist.train.visual_warmstart)
+    # demo's warm start (pixelbert_dist.train.visual_warmstart)
     freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to keep fixed
 
 
@@ -51,31 +54,33 @@ class LoopConfig:
 
     The one source of truth for batch size, accumulation and clipping: DeepSpeed's
     "auto" fields are filled from here, and a contradicting JSON value is refused."""
-    micro_batch: int = 8            # examples per GPU and micro-batch
-    grad_accum: int = 1             # micro-batches per optimiser step
-    grad_clip: float = 1.0          # gradient-norm clipping (DeepSpeed's gradient_clipping)
+
+    micro_batch: int = 8  # examples per GPU and micro-batch
+    grad_accum: int = 1  # micro-batches per optimiser step
+    grad_clip: float = 1.0  # gradient-norm clipping (DeepSpeed's gradient_clipping)
     precision: Precision | None = None  # None: the DeepSpeed JSON decides (bf16/fp16/fp32)
     epochs: float = 40.0
-    max_steps: int = 0              # > 0: stop after this many optimiser steps
-    log_every: int = 10             # optimiser steps between train log lines
-    eval_every: int = 0             # optimiser steps; 0: at the end of every epoch
-    save_every: int = 500           # optimiser steps between checkpoints; 0: at the end only
-    keep_last: int = 3              # checkpoints kept
-    resume: str = "auto"            # "auto" (latest), "none", a tag or a checkpoint path
+    max_steps: int = 0  # > 0: stop after this many optimiser steps
+    log_every: int = 10  # optimiser steps between train log lines
+    eval_every: int = 0  # optimiser steps; 0: at the end of every epoch
+    save_every: int = 500  # optimiser steps between checkpoints; 0: at the end only
+    keep_last: int = 3  # checkpoints kept
+    resume: str = "auto"  # "auto" (latest), "none", a tag or a checkpoint path
     resume_universal: bool = False  # allow a resume at another world size (universal ckpt)
     seed: int = 0
-    compile: bool = False           # torch.compile through DeepSpeed's engine.compile()
+    compile: bool = False  # torch.compile through DeepSpeed's engine.compile()
     # recompute instead of keeping activations: none, transformer (encoder layers) or all (also
     # the CNN stem and stages); None: as the model preset / model.overrides say
     activation_checkpointing: Literal["none", "transformer", "all"] | None = None
-    sync_bn: bool = False           # SyncBatchNorm across ranks (CUDA only)
+    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
-    max_loss: float = 1e4           # a finite loss above this is a blow-up: skipped and counted like NaN/inf
+    max_loss: float = 1e4  # a finite loss above this is a blow-up: skipped and counted like NaN/inf
 
     def validate(self) -> "LoopConfig":
         if self.micro_batch < 1 or self.grad_accum < 1:
-            raise ValueError(f"train.micro_batch={self.micro_batch} and train.grad_accum={self.grad_accum} "
-                             "must be >= 1")
+            raise ValueError(
+                f"train.micro_batch={self.micro_batch} and train.grad_accum={self.grad_accum} must be >= 1"
+            )
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set train.epochs > 0 or train.max_steps > 0")
         if self.max_nonfinite_in_row < 1:
@@ -90,9 +95,10 @@ class LoopConfig:
 @dataclass
 class TrainConfig(LoopConfig):
     """Pre-training's loop settings."""
-    eval_batches: int = 0           # 0: the whole validation split
-    retrieval_size: int = 32        # held-out images for the R@1 probe (0: off)
-    export: bool = True             # write the fine-tuning export at the end
+
+    eval_batches: int = 0  # 0: the whole validation split
+    retrieval_size: int = 32  # held-out images for the R@1 probe (0: off)
+    export: bool = True  # write the fine-tuning export at the end
 
 
 @dataclass
@@ -107,7 +113,9 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.train.validate()
         if not self.data.train_shards:
-            raise ValueError("data.train_shards is empty: point it at a shard split directory "
-                             "(python launch/make_shards.py synthetic --out DIR makes one)")
+            raise ValueError(
+                "data.train_shards is empty: point it at a shard split directory "
+                "(python launch/make_shards.py synthetic --out DIR makes one)"
+            )
         self.data.validate()
         return self

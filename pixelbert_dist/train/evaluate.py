@@ -1,5 +1,6 @@
 """Validation: ITM / MLM accuracy on held-out shards, and a small image<->text R@1 probe
 that scores every (image, caption) pair with the ITM head."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,16 +17,27 @@ def batch_metrics(out: dict, batch: dict) -> dict:
     itm_right = (out["itm_logits"].argmax(-1) == batch["itm_labels"]).sum()
     mlm_right = (out["mlm_logits"].argmax(-1) == out["mlm_targets"]).sum()
     n, m = batch["itm_labels"].numel(), out["mlm_targets"].numel()
-    return {"loss": out["loss"].detach() * n, "mlm_loss": out["mlm_loss"].detach() * m,
-            "itm_loss": out["itm_loss"].detach() * n, "itm_right": itm_right, "mlm_right": mlm_right,
-            "n": n, "m": m}
+    return {
+        "loss": out["loss"].detach() * n,
+        "mlm_loss": out["mlm_loss"].detach() * m,
+        "itm_loss": out["itm_loss"].detach() * n,
+        "itm_right": itm_right,
+        "mlm_right": mlm_right,
+        "n": n,
+        "m": m,
+    }
 
 
 def metric_values(totals: dict[str, float]) -> dict[str, float]:
     """Means and accuracies from the sums of ``batch_metrics`` (over every rank)."""
     n, m = max(totals["n"], 1), max(totals["m"], 1)
-    return {"loss": totals["loss"] / n, "mlm_loss": totals["mlm_loss"] / m, "itm_loss": totals["itm_loss"] / n,
-            "itm_acc": totals["itm_right"] / n, "mlm_acc": totals["mlm_right"] / m}
+    return {
+        "loss": totals["loss"] / n,
+        "mlm_loss": totals["mlm_loss"] / m,
+        "itm_loss": totals["itm_loss"] / n,
+        "itm_acc": totals["itm_right"] / n,
+        "mlm_acc": totals["mlm_right"] / m,
+    }
 
 
 def reduce_metrics(sums: MetricSums) -> dict[str, float]:
@@ -49,7 +61,7 @@ def itm_score_matrix(model, probe: dict) -> torch.Tensor:
     n = pixels.shape[0]
     rows = []
     for i in range(n):
-        rows.append(model.itm_score(text, pixels[i:i + 1].expand(n, -1, -1), mask[i:i + 1].expand(n, -1)))
+        rows.append(model.itm_score(text, pixels[i : i + 1].expand(n, -1, -1), mask[i : i + 1].expand(n, -1)))
     return torch.stack(rows).float().cpu()
 
 
@@ -66,8 +78,12 @@ def evaluate(engine, val_loader, probe_loader, to_device, max_batches: int = 0) 
         rows_of_masked = (batch["mlm_labels"] != -100).nonzero()[:, 0]
         masked_keep = keep[rows_of_masked].to(out["mlm_targets"].device)
         # losses are batch means (repeats included); accuracies count kept rows only
-        kept = dict(out, itm_logits=out["itm_logits"][keep.to(out["itm_logits"].device)],
-                    mlm_logits=out["mlm_logits"][masked_keep], mlm_targets=out["mlm_targets"][masked_keep])
+        kept = dict(
+            out,
+            itm_logits=out["itm_logits"][keep.to(out["itm_logits"].device)],
+            mlm_logits=out["mlm_logits"][masked_keep],
+            mlm_targets=out["mlm_targets"][masked_keep],
+        )
         labels = {"itm_labels": batch["itm_labels"][keep].to(kept["itm_logits"].device)}
         sums.add(batch_metrics(kept, labels))
     values = reduce_metrics(sums) if sums else {}

@@ -4,6 +4,7 @@
 config.json also records what fine-tuning needs to feed the model as pre-training did
 (``input_spec``): the preset, the image normalisation and sizes, the text length and the
 tokenizer's source."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,19 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag_dir: Path, zero_stage: int
 def input_spec(run_cfg: RunConfig) -> dict:
     """The config.json entries that let fine-tuning reproduce pre-training's inputs."""
     data = run_cfg.data
-    return {"preset": run_cfg.model.preset, "preset_overrides": dict(run_cfg.model.overrides),
-            "inputs": {"image_mean_255": list(MEAN_255), "image_std_255": list(STD_255),
-                       "image_shorter": data.image_shorter, "image_max": data.image_max,
-                       "pad_multiple": PAD_MULTIPLE, "max_text_len": data.max_text_len,
-                       "tokenizer_dir": data.vocab_dir or "the shipped synthetic vocab"}}
+    return {
+        "preset": run_cfg.model.preset,
+        "preset_overrides": dict(run_cfg.model.overrides),
+        "inputs": {
+            "image_mean_255": list(MEAN_255),
+            "image_std_255": list(STD_255),
+            "image_shorter": data.image_shorter,
+            "image_max": data.image_max,
+            "pad_multiple": PAD_MULTIPLE,
+            "max_text_len": data.max_text_len,
+            "tokenizer_dir": data.vocab_dir or "the shipped synthetic vocab",
+        },
+    }
 
 
 def _saved_run_config(ckpt_dir: Path) -> RunConfig | None:
@@ -54,8 +63,14 @@ def _saved_run_config(ckpt_dir: Path) -> RunConfig | None:
     return load_config(RunConfig, path) if path.is_file() else None
 
 
-def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, extra: dict | None = None,
-                 run_cfg: RunConfig | None = None) -> Path:
+def write_export(
+    cfg: PixelBertConfig,
+    state: dict,
+    out_dir: Path,
+    tokenizer,
+    extra: dict | None = None,
+    run_cfg: RunConfig | None = None,
+) -> Path:
     """``run_cfg`` (when given) adds ``input_spec`` to config.json."""
     extra = {**(input_spec(run_cfg) if run_cfg is not None else {}), **(extra or {})}
     model = PixelBert(cfg)
@@ -69,8 +84,9 @@ def write_export(cfg: PixelBertConfig, state: dict, out_dir: Path, tokenizer, ex
     return out
 
 
-def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokenizer,
-                       run_cfg: RunConfig | None = None) -> Path | None:
+def export_from_engine(
+    engine, ckpt_dir: str | Path, out_dir: str | Path, tokenizer, run_cfg: RunConfig | None = None
+) -> Path | None:
     """Rank 0 writes the export from the latest checkpoint; the others wait. Without
     ``run_cfg`` the input settings come from the run's config.yaml, where there is one."""
     tag_dir = find_checkpoint(ckpt_dir, "auto", verify=False)  # written by this run a moment ago
@@ -81,8 +97,7 @@ def export_from_engine(engine, ckpt_dir: str | Path, out_dir: str | Path, tokeni
         with torch.no_grad():
             state = consolidated_state_dict(ckpt_dir, tag_dir, engine.zero_optimization_stage(), engine)
         run_cfg = run_cfg if run_cfg is not None else _saved_run_config(Path(ckpt_dir))
-        out = write_export(engine.module.config, state, Path(out_dir), tokenizer, {"checkpoint": str(tag_dir)},
-                           run_cfg)
+        out = write_export(engine.module.config, state, Path(out_dir), tokenizer, {"checkpoint": str(tag_dir)}, run_cfg)
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -99,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     ckpt_dir = args.run_dir / "checkpoints"
     if args.tag not in ("auto", "latest") and not (ckpt_dir / args.tag).is_dir() and not Path(args.tag).is_dir():
         tags = ", ".join(list_tags(ckpt_dir)) or "none"
-        raise SystemExit(f"no checkpoint {args.tag} in {ckpt_dir}; the checkpoints there: {tags} (train.keep_last "
-                         "keeps only the newest). Pass --tag with one of them, or no --tag for the latest.")
+        raise SystemExit(
+            f"no checkpoint {args.tag} in {ckpt_dir}; the checkpoints there: {tags} (train.keep_last "
+            "keeps only the newest). Pass --tag with one of them, or no --tag for the latest."
+        )
     try:
         tag_dir = find_checkpoint(ckpt_dir, args.tag)  # sizes and sha256 checked against meta.json
     except CheckpointError as err:
@@ -109,12 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no checkpoint in {ckpt_dir}")
     stage = read_meta(tag_dir)["zero_stage"]
     if stage == 0:
-        raise SystemExit(f"{tag_dir} is a ZeRO-0 checkpoint, which zero_to_fp32 cannot read: a ZeRO-0 run "
-                         "writes its export at the end of training (train.export=true)")
+        raise SystemExit(
+            f"{tag_dir} is a ZeRO-0 checkpoint, which zero_to_fp32 cannot read: a ZeRO-0 run "
+            "writes its export at the end of training (train.export=true)"
+        )
     model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides)
     state = consolidated_state_dict(ckpt_dir, tag_dir, stage)
-    out = write_export(model_cfg, state, args.out or args.run_dir / "export", load_tokenizer(cfg.data.vocab_dir),
-                       {"checkpoint": str(tag_dir)}, cfg)
+    out = write_export(
+        model_cfg,
+        state,
+        args.out or args.run_dir / "export",
+        load_tokenizer(cfg.data.vocab_dir),
+        {"checkpoint": str(tag_dir)},
+        cfg,
+    )
     print(out)
     return 0
-

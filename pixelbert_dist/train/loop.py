@@ -7,6 +7,7 @@ logging and the throughput/MFU meter. A subclass supplies the model, the loaders
 what to log, evaluate and leave behind (the hooks below), as torchtitan's Trainer does.
 Steps count optimiser steps: one per accumulation window whose micro-batches ran.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,7 @@ from pixelbert_dist.config import dump_config, to_dict
 from pixelbert_dist.console import Progress
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
-from pixelbert_dist.metrics import (MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib,
-                                    peak_tflops)
+from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.run_dir import RunFolderError, RunLock, check_run_dir_writable, record_config, supersede_rows
@@ -78,9 +78,9 @@ def _update_left_out(engine, optimizer: torch.optim.Optimizer):
 class BaseTrainer:
     """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``."""
 
-    name = "train"                          # the progress bar's label
-    float_keys: frozenset | None = None     # floating tensors cast to the engine dtype (None: all)
-    postfix_keys: tuple = ("loss",)         # train values shown on the progress bar
+    name = "train"  # the progress bar's label
+    float_keys: frozenset | None = None  # floating tensors cast to the engine dtype (None: all)
+    postfix_keys: tuple = ("loss",)  # train values shown on the progress bar
 
     def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
         self.cfg = cfg.validate()
@@ -169,8 +169,14 @@ class BaseTrainer:
     # -- setup ------------------------------------------------------------------------
     def _setup_engine(self, model: torch.nn.Module, deepspeed_config) -> None:
         t = self.cfg.train
-        ds = fill_deepspeed_config(deepspeed_config, micro_batch=t.micro_batch, grad_accum=t.grad_accum,
-                                   world_size=self.world, grad_clip=t.grad_clip, precision=t.precision)
+        ds = fill_deepspeed_config(
+            deepspeed_config,
+            micro_batch=t.micro_batch,
+            grad_accum=t.grad_accum,
+            world_size=self.world,
+            grad_clip=t.grad_clip,
+            precision=t.precision,
+        )
         self._take_run_folder()
         if t.resume == "none":
             resume_rule.refuse_fresh_over_checkpoints(self.ckpt_dir)
@@ -187,8 +193,9 @@ class BaseTrainer:
         if warmup_note and self.is_main:
             log.warning(warmup_note)
         scheduler = build_scheduler(optimizer, self.cfg.schedule, self.steps_per_epoch, self.total_steps)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                 lr_scheduler=scheduler, config=ds)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds
+        )
         self.optimizer = optimizer  # the base optimiser: its groups carry names and rules
         self.batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if t.compile:
@@ -222,8 +229,11 @@ class BaseTrainer:
     def _resume(self) -> None:
         t = self.cfg.train
         settings = group_settings(self.optimizer)  # the config's rates, before the checkpoint's replace them
-        client = None if self.resume_dir is None else \
-            ckpt.resume(self.engine, self.ckpt_dir, str(self.resume_dir), t.resume_universal, verify=False)
+        client = (
+            None
+            if self.resume_dir is None
+            else ckpt.resume(self.engine, self.ckpt_dir, str(self.resume_dir), t.resume_universal, verify=False)
+        )
         if client is None:
             if self.is_main:
                 supersede_rows(self.run_dir, 0)  # a fresh start: rows of an attempt that saved nothing
@@ -239,19 +249,27 @@ class BaseTrainer:
             supersede_rows(self.run_dir, self.state["step"])
             log.info("resumed from %s at step %d", self.resume_dir, self.state["step"])
             if changed:
-                log.warning("optimiser settings of this config applied from step %d on: %s",
-                            self.state["step"], "; ".join(changed))
+                log.warning(
+                    "optimiser settings of this config applied from step %d on: %s",
+                    self.state["step"],
+                    "; ".join(changed),
+                )
 
     def save(self) -> None:
         """A checkpoint of this step, once (a stop signal on a save step does not save again)."""
         if self._saved_step == self.state["step"]:
             return
         config = to_dict(self.cfg)
-        client = {"trainer": self.state, "data": self.train_loader.state_dict(),
-                  "config_fingerprint": ckpt.config_fingerprint(config), **self.client_state()}
+        client = {
+            "trainer": self.state,
+            "data": self.train_loader.state_dict(),
+            "config_fingerprint": ckpt.config_fingerprint(config),
+            **self.client_state(),
+        }
         meta = {"config": config, "final": self.state["step"] >= self.total_steps}
-        ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.state["step"], client, self.cfg.train.keep_last,
-                             meta=meta)
+        ckpt.save_checkpoint(
+            self.engine, self.ckpt_dir, self.state["step"], client, self.cfg.train.keep_last, meta=meta
+        )
         self._saved_step = self.state["step"]
 
     def checkpoint_note(self) -> str:
@@ -336,15 +354,21 @@ class BaseTrainer:
         self.state["nonfinite_skipped"] += nonfinite
         self.nonfinite_in_row += nonfinite
         limit = self.cfg.train.max_nonfinite_in_row
-        log.warning("non-finite loss in %d micro-batch(es) after step %d: the accumulation window is skipped "
-                    "(%d in a row, %d in all)", nonfinite, self.state["step"], self.nonfinite_in_row,
-                    self.state["nonfinite_skipped"])
+        log.warning(
+            "non-finite loss in %d micro-batch(es) after step %d: the accumulation window is skipped "
+            "(%d in a row, %d in all)",
+            nonfinite,
+            self.state["step"],
+            self.nonfinite_in_row,
+            self.state["nonfinite_skipped"],
+        )
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} NaN/inf losses in a row at step {self.state['step']} "
                 f"(train.max_nonfinite_in_row={limit}, or above train.max_loss={self.cfg.train.max_loss:g}): the "
                 f"run stops; {self.checkpoint_note()}. Lower the learning rate (a resume with train.resume=latest "
-                "applies a new optim.lr), check the data, or use bf16 instead of fp16.")
+                "applies a new optim.lr), check the data, or use bf16 instead of fp16."
+            )
 
     def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(buffer, copy) of every BatchNorm running statistic at the window's start: a
@@ -430,13 +454,17 @@ class BaseTrainer:
         t, step = self.cfg.train, self.state["step"]
         per_step = t.micro_batch * t.grad_accum * self.world
         start = f"resumed from {self.resume_dir} at step {step}" if step else "step 0 (no checkpoint resumed)"
-        return "\n".join([
-            f"{self.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.world} rank(s), "
-            f"{self.device.type}",
-            f"  batch {per_step} per step = micro {t.micro_batch} x grad_accum {t.grad_accum} x {self.world} rank(s)",
-            f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
-            f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
-            f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/"])
+        return "\n".join(
+            [
+                f"{self.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.world} rank(s), "
+                f"{self.device.type}",
+                f"  batch {per_step} per step = micro {t.micro_batch} x grad_accum {t.grad_accum} "
+                f"x {self.world} rank(s)",
+                f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
+                f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
+                f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/",
+            ]
+        )
 
     def _show_progress(self, bar: Progress) -> None:
         shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
@@ -448,8 +476,10 @@ class BaseTrainer:
     def _print_summary(self, bar: Progress) -> None:
         if not self.is_main:
             return
-        lines = [f"{self.name} done: {self.state['step']} steps in {bar.elapsed()}"
-                 f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"]
+        lines = [
+            f"{self.name} done: {self.state['step']} steps in {bar.elapsed()}"
+            f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"
+        ]
         final = {k: self.last_train[k] for k in self.postfix_keys if k in self.last_train}
         if final:
             lines.append(f"  final train: {format_values(final)}")

@@ -9,6 +9,7 @@ kernels that ``torch.optim.SGD`` / ``torch.optim.AdamW`` themselves call — the
 the same arithmetic, state names included (``momentum_buffer``, ``exp_avg``,
 ``exp_avg_sq``, ``step``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -82,8 +83,11 @@ class HybridOptimizer(torch.optim.Optimizer):
         if self.fused is None:
             return ok and devices == {"cuda"}
         if not ok and not self._warned_fused:
-            warnings.warn(f"fused AdamW is not available for params on {sorted(devices)}; "
-                          f"using the foreach implementation instead", stacklevel=3)
+            warnings.warn(
+                f"fused AdamW is not available for params on {sorted(devices)}; "
+                f"using the foreach implementation instead",
+                stacklevel=3,
+            )
             self._warned_fused = True
         return ok
 
@@ -110,10 +114,18 @@ class HybridOptimizer(torch.optim.Optimizer):
             bufs.append(self.state[p].get("momentum_buffer"))
         if not params:
             return
-        _sgd_functional(params, grads, bufs, foreach=True,
-                        weight_decay=group["weight_decay"], momentum=group["momentum"],
-                        lr=group["lr"], dampening=group["dampening"],
-                        nesterov=group["nesterov"], maximize=group["maximize"])
+        _sgd_functional(
+            params,
+            grads,
+            bufs,
+            foreach=True,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
         if group["momentum"] != 0:  # the functional API creates buffers in place of None
             for p, buf in zip(params, bufs):
                 self.state[p]["momentum_buffer"] = buf
@@ -139,11 +151,24 @@ class HybridOptimizer(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         beta1, beta2 = group["betas"]
-        _adam_functional(params, grads, exp_avgs, exp_avg_sqs, [], steps,
-                         foreach=None if fused else True, fused=fused or None,
-                         decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                         lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-                         maximize=group["maximize"])
+        _adam_functional(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            foreach=None if fused else True,
+            fused=fused or None,
+            decoupled_weight_decay=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
 
 def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
@@ -151,8 +176,7 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".bias")
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimConfig,
-                 is_cnn: Callable[[str], bool]) -> list[dict]:
+def param_groups(model: torch.nn.Module, cfg: OptimConfig, is_cnn: Callable[[str], bool]) -> list[dict]:
     """The three groups of the paper's recipe, empty ones dropped."""
     cnn, decay, no_decay = [], [], []
     for name, param in model.named_parameters():
@@ -181,9 +205,11 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
-                    is_cnn: Callable[[str], bool] = lambda n: n.startswith("visual.backbone."),
-                    ) -> HybridOptimizer:
+def build_optimizer(
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    is_cnn: Callable[[str], bool] = lambda n: n.startswith("visual.backbone."),
+) -> HybridOptimizer:
     if len(cfg.betas) != 2:
         raise ValueError(f"optim.betas must be two numbers, got {cfg.betas!r}")
     groups = param_groups(model, cfg, is_cnn)

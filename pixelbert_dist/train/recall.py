@@ -11,6 +11,7 @@ from looking good on small synthetic sets.
 Shared by pre-training's R@1 probe (train.evaluate) and retrieval fine-tuning, so it
 lives in the lower layer (torch only).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,11 +25,13 @@ _CHUNK = 256
 def _as_scores(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     scores = torch.as_tensor(scores).detach().cpu()
     if not scores.is_floating_point():
-        scores = scores.float()   # keep float32/bf16 as given: COCO 5K x 25K is 500 MB already
+        scores = scores.float()  # keep float32/bf16 as given: COCO 5K x 25K is 500 MB already
     owner = torch.as_tensor(text_to_image, dtype=torch.long).cpu()
     if scores.dim() != 2 or owner.shape != (scores.shape[1],):
-        raise ValueError(f"scores must be [num_images, num_texts] and text_to_image "
-                         f"[num_texts]; got {tuple(scores.shape)} and {tuple(owner.shape)}")
+        raise ValueError(
+            f"scores must be [num_images, num_texts] and text_to_image "
+            f"[num_texts]; got {tuple(scores.shape)} and {tuple(owner.shape)}"
+        )
     if torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
     if owner.numel() and (owner.min() < 0 or owner.max() >= scores.shape[0]):
@@ -47,17 +50,17 @@ def retrieval_ranks(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     num_images = scores.shape[0]
     i2t = torch.empty(num_images, dtype=torch.long)
     for lo in range(0, num_images, _CHUNK):
-        rows = scores[lo:lo + _CHUNK]
+        rows = scores[lo : lo + _CHUNK]
         positive = owner[None, :] == torch.arange(lo, lo + rows.shape[0])[:, None]
         best = rows.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        i2t[lo:lo + rows.shape[0]] = ((rows >= best) & ~positive).sum(dim=1)
+        i2t[lo : lo + rows.shape[0]] = ((rows >= best) & ~positive).sum(dim=1)
     t2i = torch.empty(owner.shape[0], dtype=torch.long)
     for lo in range(0, owner.shape[0], _CHUNK):
-        cols = scores[:, lo:lo + _CHUNK]
-        own = owner[lo:lo + _CHUNK]
+        cols = scores[:, lo : lo + _CHUNK]
+        own = owner[lo : lo + _CHUNK]
         positive = torch.arange(num_images)[:, None] == own[None, :]
         target = cols.gather(0, own[None, :])
-        t2i[lo:lo + cols.shape[1]] = ((cols >= target) & ~positive).sum(dim=0)
+        t2i[lo : lo + cols.shape[1]] = ((cols >= target) & ~positive).sum(dim=0)
     return i2t, t2i
 
 

@@ -14,6 +14,7 @@ The rule (also in the README):
   factor continues from the saved step, times the new base rates.
 * ``train.resume=none`` starts over, and so never in a folder that holds checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,21 @@ from pathlib import Path
 from pixelbert_dist.checkpoint import CheckpointError, list_tags, read_meta
 
 log = logging.getLogger(__name__)
-HOUSEKEEPING = frozenset({"run_dir", "train.resume", "train.resume_universal", "train.log_every",
-                          "train.eval_every", "train.save_every", "train.keep_last", "train.export",
-                          "train.max_nonfinite_in_row", "train.max_loss", "data.num_workers"})
+HOUSEKEEPING = frozenset(
+    {
+        "run_dir",
+        "train.resume",
+        "train.resume_universal",
+        "train.log_every",
+        "train.eval_every",
+        "train.save_every",
+        "train.keep_last",
+        "train.export",
+        "train.max_nonfinite_in_row",
+        "train.max_loss",
+        "data.num_workers",
+    }
+)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -41,8 +54,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
     """key: (saved, now) for every key that differs, housekeeping left out."""
     saved, now = (_flat(json.loads(json.dumps(c, default=str))) for c in (saved, now))
-    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
-            if k not in HOUSEKEEPING and saved.get(k) != now.get(k)}
+    return {
+        k: (saved.get(k), now.get(k))
+        for k in sorted(set(saved) | set(now))
+        if k not in HOUSEKEEPING and saved.get(k) != now.get(k)
+    }
 
 
 def _listing(changes: dict) -> str:
@@ -53,9 +69,11 @@ def _listing(changes: dict) -> str:
 def refuse_fresh_over_checkpoints(ckpt_dir: Path) -> None:
     tags = list_tags(ckpt_dir)
     if tags:
-        raise CheckpointError(f"train.resume=none would start a new run in a folder whose checkpoints "
-                              f"({ckpt_dir}: {', '.join(tags)}) belong to an earlier run: it would prune them "
-                              "and mix the two runs' records. Pass a new run_dir (or delete that folder first).")
+        raise CheckpointError(
+            f"train.resume=none would start a new run in a folder whose checkpoints "
+            f"({ckpt_dir}: {', '.join(tags)}) belong to an earlier run: it would prune them "
+            "and mix the two runs' records. Pass a new run_dir (or delete that folder first)."
+        )
 
 
 def check_resumable(tag_dir: Path, which: str, config: dict, total_steps: int) -> dict:
@@ -70,15 +88,19 @@ def check_resumable(tag_dir: Path, which: str, config: dict, total_steps: int) -
         raise CheckpointError(
             f"{run_dir} holds a finished run (step {step}, its final step): a re-run never overwrites it. "
             f"Pass a new run_dir=..., or train.resume=latest with a larger train.max_steps / train.epochs "
-            f"to train it further.")
+            f"to train it further."
+        )
     if which == "auto" and changes:
         raise CheckpointError(
             f"{run_dir} holds checkpoints of another config ({_listing(changes)}): train.resume=auto "
             f"resumes the same run only. Pass a new run_dir=..., or train.resume=latest to continue that "
-            f"run from step {step} with these settings (changed learning rates apply from there).")
+            f"run from step {step} with these settings (changed learning rates apply from there)."
+        )
     if step >= total_steps:
-        raise CheckpointError(f"nothing to train: {tag_dir} is at step {step} and this run has {total_steps} "
-                              "steps in all; raise train.max_steps or train.epochs")
+        raise CheckpointError(
+            f"nothing to train: {tag_dir} is at step {step} and this run has {total_steps} "
+            "steps in all; raise train.max_steps or train.epochs"
+        )
     if changes:
         log.warning("resuming %s at step %d with a changed config: %s", tag_dir, step, _listing(changes))
     return changes
@@ -91,15 +113,30 @@ def replan_data_state(saved: dict, now: dict) -> dict:
     slots r, r+W, ... so after b batches every rank together read the first b*B*W slots of
     the epoch's order, whatever W: the new ranks continue from the same slot."""
     keys = ("batches_done", "batch_size", "world_size")
-    if not all(k in saved and k in now for k in keys) or \
-            (saved["batch_size"], saved["world_size"]) == (now["batch_size"], now["world_size"]):
+    if not all(k in saved and k in now for k in keys) or (saved["batch_size"], saved["world_size"]) == (
+        now["batch_size"],
+        now["world_size"],
+    ):
         return saved
     seen = saved["batches_done"] * saved["batch_size"] * saved["world_size"]
     batches, extra = divmod(seen, now["batch_size"] * now["world_size"])
-    log.info("data position re-planned from %d rank(s) x batch %d to %d rank(s) x batch %d: %d samples "
-             "into epoch %d -> batch %d", saved["world_size"], saved["batch_size"], now["world_size"],
-             now["batch_size"], seen, saved.get("epoch", 0), batches)
+    log.info(
+        "data position re-planned from %d rank(s) x batch %d to %d rank(s) x batch %d: %d samples "
+        "into epoch %d -> batch %d",
+        saved["world_size"],
+        saved["batch_size"],
+        now["world_size"],
+        now["batch_size"],
+        seen,
+        saved.get("epoch", 0),
+        batches,
+    )
     if extra:
-        log.warning("the new batch (%d ranks x %d) does not divide the %d samples seen: the next %d are "
-                    "read again", now["world_size"], now["batch_size"], seen, extra)
+        log.warning(
+            "the new batch (%d ranks x %d) does not divide the %d samples seen: the next %d are read again",
+            now["world_size"],
+            now["batch_size"],
+            seen,
+            extra,
+        )
     return {**saved, "batches_done": batches, "batch_size": now["batch_size"], "world_size": now["world_size"]}

@@ -2,6 +2,7 @@
 
 Nothing heavy (torch, DeepSpeed) is imported before the arguments are parsed, so
 ``--help`` (every config key with its default) and ``--print-config`` answer at once."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pixel-BERT pre-training. Run under `deepspeed`, `torchrun`, Slurm or alone.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.micro_batch=32 optim.lr=2e-4);\n"
-               "default and type shown:\n" + "\n".join(config_help(RunConfig)))
+        "default and type shown:\n" + "\n".join(config_help(RunConfig)),
+    )
     parser.add_argument("--deepspeed_config", help="ZeRO + precision JSON (deepspeed_configs/); required to train")
     parser.add_argument("--config", help="run config YAML (launch/configs/)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the merged config (defaults <- --config <- overrides) as YAML and exit")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the merged config (defaults <- --config <- overrides) as YAML and exit",
+    )
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     args = parser.parse_args(argv)
@@ -40,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_console()  # levels and noise filters, before DeepSpeed is imported
     args.deepspeed_config = str(resolve_deepspeed_path(args.deepspeed_config))
     if not os.path.isfile(args.deepspeed_config):
-        raise SystemExit(f"--deepspeed_config {args.deepspeed_config}: no such file (a path, or the name of "
-                         "a file in deepspeed_configs/)")
+        raise SystemExit(
+            f"--deepspeed_config {args.deepspeed_config}: no such file (a path, or the name of "
+            "a file in deepspeed_configs/)"
+        )
     cfg = load_config(RunConfig, args.config, args.overrides)
     from pixelbert_dist.train.trainer import Trainer  # heavy imports after the argument check
 

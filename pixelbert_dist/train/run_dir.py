@@ -11,6 +11,7 @@ record that a resume or a re-run never silently rewrites.
 * ``record_config``: ``config.yaml`` is the config in effect; a resume that changed it
   keeps the previous one as ``config.until_step_XXXXXXXX.yaml``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -86,7 +87,8 @@ class RunLock:
         return RunFolderError(
             f"{self.path.parent} is in use by another run ({who}; lock file {self.path}): two runs in one "
             "folder would interleave their metrics, move each other's `latest` and prune each other's "
-            "checkpoints. Use another run_dir, or stop that run first.")
+            "checkpoints. Use another run_dir, or stop that run first."
+        )
 
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,8 +104,11 @@ class RunLock:
                     os.close(fd)
                     raise
                 holder = self._holder()
-                if holder.get("host") == socket.gethostname() and _pid_alive(int(holder.get("pid", -1))) \
-                        and holder.get("pid") != os.getpid():
+                if (
+                    holder.get("host") == socket.gethostname()
+                    and _pid_alive(int(holder.get("pid", -1)))
+                    and holder.get("pid") != os.getpid()
+                ):
                     os.close(fd)
                     raise self._busy(holder) from None
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
@@ -111,11 +116,20 @@ class RunLock:
             os.close(fd)  # the file was replaced between open and lock: try again
         previous = self._holder()
         if previous.get("pid") and previous.get("pid") != os.getpid():
-            log.warning("took over the stale lock %s of a run that is no longer running (host %s, pid %s)",
-                        self.path, previous.get("host"), previous.get("pid"))
+            log.warning(
+                "took over the stale lock %s of a run that is no longer running (host %s, pid %s)",
+                self.path,
+                previous.get("host"),
+                previous.get("pid"),
+            )
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode(),
+            0,
+        )
         os.fsync(fd)
         self.fd = fd
         return self
@@ -156,8 +170,12 @@ def supersede_rows(run_dir: Path, step: int) -> int:
         tmp = path.with_name(f".{METRICS}.tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, path)
-        log.info("%d metric row(s) after step %d moved to %s: those steps run again", len(moved), step,
-                 path.with_name(SUPERSEDED))
+        log.info(
+            "%d metric row(s) after step %d moved to %s: those steps run again",
+            len(moved),
+            step,
+            path.with_name(SUPERSEDED),
+        )
     return len(moved)
 
 

@@ -6,6 +6,7 @@ keep their ratio throughout. It is a plain ``LambdaLR``: its state_dict (last st
 base lrs) goes into DeepSpeed checkpoints as is, and the factor is recomputed from
 the step, so a resumed run continues on the same curve.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,10 @@ def clamp_warmup(cfg: ScheduleConfig, total_steps: int) -> tuple[ScheduleConfig,
     through); the config to use, and the one warning to give (None when nothing changed)."""
     if cfg.warmup_steps <= total_steps:
         return cfg, None
-    note = (f"schedule.warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps): "
-            f"warm-up clamped to {total_steps} steps (the lr reaches its peak at the last step)")
+    note = (
+        f"schedule.warmup_steps={cfg.warmup_steps} is longer than the run ({total_steps} steps): "
+        f"warm-up clamped to {total_steps} steps (the lr reaches its peak at the last step)"
+    )
     return replace(cfg, warmup_steps=total_steps), note
 
 
@@ -58,8 +61,7 @@ def _validate(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> No
     if cfg.kind not in KINDS:
         raise ValueError(f"schedule.kind must be one of {KINDS}, got {cfg.kind!r}")
     if steps_per_epoch < 1 or total_steps < 1:
-        raise ValueError(f"steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) "
-                         f"must be >= 1")
+        raise ValueError(f"steps_per_epoch ({steps_per_epoch}) and total_steps ({total_steps}) must be >= 1")
     if cfg.warmup_steps < 0:
         raise ValueError(f"schedule.warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if not 0.0 < cfg.gamma <= 1.0:
@@ -70,8 +72,9 @@ def _validate(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int) -> No
         raise ValueError(f"schedule.milestones_epochs must be >= 0, got {cfg.milestones_epochs}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped once per optimiser step (DeepSpeed steps it inside ``engine.step``).
     Warm-up longer than the run is clamped (``clamp_warmup``; the caller gives the warning)."""
     factor = LrFactor(clamp_warmup(cfg, total_steps)[0], steps_per_epoch, total_steps)
@@ -93,12 +96,15 @@ _NOT_SETTINGS = ("params", "lr", "initial_lr")
 def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Each param group's hyper-parameters as the config set them; ``base_lr`` is the
     rate before any schedule factor (LambdaLR's ``initial_lr``). Take it before a resume."""
-    return [{"base_lr": g.get("initial_lr", g["lr"]), **{k: v for k, v in g.items() if k not in _NOT_SETTINGS}}
-            for g in optimizer.param_groups]
+    return [
+        {"base_lr": g.get("initial_lr", g["lr"]), **{k: v for k, v in g.items() if k not in _NOT_SETTINGS}}
+        for g in optimizer.param_groups
+    ]
 
 
-def apply_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                   settings: list[dict]) -> list[str]:
+def apply_settings(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, settings: list[dict]
+) -> list[str]:
     """After loading a checkpoint (which restores the saved groups and base rates): put
     the config's hyper-parameters back, the rates as new base rates times the schedule's
     factor at the resumed step. Returns what changed, for the log."""

@@ -1,6 +1,7 @@
 """The pre-training Trainer: Pixel-BERT with MLM + ITM on image-caption shards, on the
 shared loop (``train.loop.BaseTrainer``): the model from a preset (plus BERT / CNN /
 visual weights), the shard loaders, ITM / MLM / R@1 evaluation and the export."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,13 @@ import dataclasses
 
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
-from pixelbert_dist.model import (PixelBert, build_model, load_bert_checkpoint, load_torchvision_backbone,
-                                  load_visual_weights)
+from pixelbert_dist.model import (
+    PixelBert,
+    build_model,
+    load_bert_checkpoint,
+    load_torchvision_backbone,
+    load_visual_weights,
+)
 from pixelbert_dist.model.flops import training_flops_analytic
 from pixelbert_dist.train.config import ModelSection
 from pixelbert_dist.train.evaluate import batch_metrics, evaluate, metric_values
@@ -23,8 +29,10 @@ __all__ = ["Trainer", "NonFiniteLossError", "check_run_dir_writable", "build_run
 def build_run_model(section: ModelSection, vocab_size: int | None = None) -> PixelBert:
     model = build_model(section.preset, **section.overrides)
     if vocab_size is not None and vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} tokens but model preset {section.preset!r} has "
-                         f"vocab_size={model.config.vocab_size}: set model.overrides.vocab_size or data.vocab_dir")
+        raise ValueError(
+            f"the tokenizer has {vocab_size} tokens but model preset {section.preset!r} has "
+            f"vocab_size={model.config.vocab_size}: set model.overrides.vocab_size or data.vocab_dir"
+        )
     if section.bert_dir:  # each loader logs what it loaded (once)
         load_bert_checkpoint(model, section.bert_dir)
     if section.cnn_weights:
@@ -58,18 +66,42 @@ class Trainer(BaseTrainer):
 
     def build_loaders(self):
         cfg, micro = self.cfg, self.cfg.train.micro_batch
-        train_loader = build_loader(cfg.data, cfg.data.train_shards, micro, self.rank, self.world,
-                                    self.device, train=True, tokenizer=self.tokenizer)
+        train_loader = build_loader(
+            cfg.data,
+            cfg.data.train_shards,
+            micro,
+            self.rank,
+            self.world,
+            self.device,
+            train=True,
+            tokenizer=self.tokenizer,
+        )
         self.val_loader = self.probe_loader = None
         if cfg.data.val_shards:
             # Validation keeps MLM masking and ITM negatives (seeded, so every evaluation
             # sees the same draws) but no shuffle or flip; repeats are flagged is_pad.
             val_cfg = dataclasses.replace(cfg.data, shuffle=False, hflip=False, drop_last=False)
-            self.val_loader = build_loader(val_cfg, cfg.data.val_shards, micro, self.rank, self.world,
-                                           self.device, train=True, tokenizer=self.tokenizer)
+            self.val_loader = build_loader(
+                val_cfg,
+                cfg.data.val_shards,
+                micro,
+                self.rank,
+                self.world,
+                self.device,
+                train=True,
+                tokenizer=self.tokenizer,
+            )
             if cfg.train.retrieval_size:
-                self.probe_loader = build_loader(val_cfg, cfg.data.val_shards, cfg.train.retrieval_size, 0, 1,
-                                                 self.device, train=False, tokenizer=self.tokenizer)
+                self.probe_loader = build_loader(
+                    val_cfg,
+                    cfg.data.val_shards,
+                    cfg.train.retrieval_size,
+                    0,
+                    1,
+                    self.device,
+                    train=False,
+                    tokenizer=self.tokenizer,
+                )
         return train_loader
 
     def build_optimizer(self, model):
@@ -94,8 +126,7 @@ class Trainer(BaseTrainer):
     def evaluate(self) -> dict:
         if self.val_loader is None:
             return {}
-        values = evaluate(self.engine, self.val_loader, self.probe_loader, self.to_device,
-                          self.cfg.train.eval_batches)
+        values = evaluate(self.engine, self.val_loader, self.probe_loader, self.to_device, self.cfg.train.eval_batches)
         self.logger.log(self.state["step"], "val", values)
         self.last_val = {**values, "step": self.state["step"]}
         return values

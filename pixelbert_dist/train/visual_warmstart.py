@@ -12,6 +12,7 @@ the word embeddings, as an ImageNet CNN starts with features that separate objec
 
 The result is a safetensors file of ``visual.*`` tensors, loaded by ``model.visual_weights``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,8 +50,9 @@ class WordProbe(nn.Module):
         ids = tokenizer.convert_tokens_to_ids(WORDS)
         unknown = [w for w, i in zip(WORDS, ids) if i == tokenizer.unk_token_id]
         if unknown:
-            raise ValueError(f"the tokenizer has no single token for {unknown}: the warm start needs "
-                             "one embedding per label word")
+            raise ValueError(
+                f"the tokenizer has no single token for {unknown}: the warm start needs one embedding per label word"
+            )
         emb = model.embeddings
         with torch.no_grad():  # the words as the transformer sees them: after the embedding LayerNorm
             self.register_buffer("words", F.normalize(emb.LayerNorm(emb.word_embeddings.weight[ids]), dim=-1))
@@ -66,8 +68,15 @@ def _label_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return ((logits > 0) == targets.bool()).float().mean().item()
 
 
-def warmstart_visual(cfg: RunConfig, model: PixelBert, out_path: str | Path, steps: int = 400,
-                     batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> dict:
+def warmstart_visual(
+    cfg: RunConfig,
+    model: PixelBert,
+    out_path: str | Path,
+    steps: int = 400,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> dict:
     """Train ``model.visual`` on ``cfg.data.train_shards``; write its tensors to ``out_path``
     (safetensors) and return the train and held-out (``val_shards``) label accuracies."""
     torch.manual_seed(seed)
@@ -94,8 +103,9 @@ def warmstart_visual(cfg: RunConfig, model: PixelBert, out_path: str | Path, ste
         accuracy.append(_label_accuracy(logits.detach(), targets[pick]))
     result = {"steps": steps, "train_label_accuracy": sum(accuracy[-20:]) / len(accuracy[-20:])}
     if cfg.data.val_shards:
-        result["val_label_accuracy"], result["val_all_absent_accuracy"] = _evaluate(cfg, visual, probe, tokenizer,
-                                                                                     batch_size)
+        result["val_label_accuracy"], result["val_all_absent_accuracy"] = _evaluate(
+            cfg, visual, probe, tokenizer, batch_size
+        )
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     save_file({f"visual.{k}": v.detach().contiguous() for k, v in visual.state_dict().items()}, str(out_path))
     return result
@@ -109,8 +119,9 @@ def _decode_split(cfg: RunConfig, shards: str, tokenizer, batch_size: int):
     position = {ref.key: i for i, ref in enumerate(loader.index.samples)}
     images, metas = [], []
     for batch in tqdm(loader, desc=f"decode {Path(shards).name}", leave=False):
-        for image, (height, width), key, pad in zip(batch["images"], batch["image_sizes"].tolist(),
-                                                     batch["keys"], batch["is_pad"].tolist()):
+        for image, (height, width), key, pad in zip(
+            batch["images"], batch["image_sizes"].tolist(), batch["keys"], batch["is_pad"].tolist()
+        ):
             if not pad:
                 images.append(image[:, :height, :width].clone())
                 metas.append(loader.index.meta(position[key]))
@@ -136,7 +147,8 @@ def _evaluate(cfg: RunConfig, visual: nn.Module, probe: WordProbe, tokenizer, ba
     images, targets = _decode_split(cfg, cfg.data.val_shards, tokenizer, batch_size)
     visual.eval()
     starts = range(0, len(images), batch_size)
-    logits = torch.cat([probe(*visual(*_batch(images, range(i, min(i + batch_size, len(images))))), visual.semantic)
-                        for i in starts])
+    logits = torch.cat(
+        [probe(*visual(*_batch(images, range(i, min(i + batch_size, len(images))))), visual.semantic) for i in starts]
+    )
     visual.train()
     return _label_accuracy(logits, targets), 1 - targets.mean().item()

@@ -5,6 +5,7 @@ Without a running cluster every test here is skipped with one reason line. Witho
 accounting storage, a job's outcome is read from ``scontrol -o show job`` (the cluster
 keeps finished jobs for MinJobAge = 10 minutes).
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -40,6 +41,10 @@ def slurm_env(cluster, monkeypatch):
 def slurm_shards(tmp_path_factory) -> Path:
     """One small synthetic set for every job of the lane."""
     out = tmp_path_factory.mktemp("slurm_shards")
-    subprocess.run([sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic",
-                    "--out", str(out), "--num", "72"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out), "--num", "72"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out

@@ -1,4 +1,5 @@
 """Reading the local Slurm cluster from the tests: job records, waits, logs, metrics."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,17 @@ import subprocess
 import time
 from pathlib import Path
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-         "DEADLINE", "PREEMPTED"}
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 CLUSTER_CONF = Path(os.environ.get("PIXELBERT_SLURM_DIR", "/tmp/pixelbert_slurm")) / "slurm.conf"
 NOT_RUNNING = "no Slurm cluster: start one with tests/slurm/cluster.sh start (the slurm lane needs it)"
 
@@ -20,16 +30,20 @@ def cluster_reason() -> str | None:
     if not shutil.which("sinfo") or not CLUSTER_CONF.is_file():
         return NOT_RUNNING
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
-                             timeout=20, env={**os.environ, "SLURM_CONF": str(CLUSTER_CONF)}).stdout
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "SLURM_CONF": str(CLUSTER_CONF)},
+        ).stdout
     except (subprocess.SubprocessError, OSError):
         return NOT_RUNNING
     return None if len(re.findall(r"^node[12] ", out, re.M)) == 2 else NOT_RUNNING
 
 
 def scontrol(*args: str) -> str:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30,
-                          check=True).stdout
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
 
 
 def job_records(job_id: str) -> list[dict[str, str]]:

@@ -3,6 +3,7 @@ nodes, one gloo rank each, ZeRO-2, the demo config cut to a few dozen steps.
 
 Jobs run side by side where they can (the cluster has 2 CPUs per node, each job asks one
 per task) so the lane costs a few job lengths, not one per test."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_helpers import (cluster_reason, job_record, job_records, scontrol, task_log, train_rows,
-                           wait_final, wait_train_steps)
+from slurm_helpers import (
+    cluster_reason,
+    job_record,
+    job_records,
+    scontrol,
+    task_log,
+    train_rows,
+    wait_final,
+    wait_train_steps,
+)
 
 from pixelbert_dist.jobs import cli as submit_cli
 
@@ -27,25 +36,62 @@ if cluster_reason():  # one line for the whole lane, not one per test
 
 DS = "deepspeed_configs/zero2.json"
 STEPS = 30
-TWO_NODES = ("--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
-             "--signal-delay-s", "60", "--stop-timeout-s", "45")
-ONE_NODE = ("--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
-            "--signal-delay-s", "60", "--stop-timeout-s", "45")
+TWO_NODES = (
+    "--nodes",
+    "2",
+    "--gpus-per-node",
+    "0",
+    "--cpus-per-task",
+    "1",
+    "--time",
+    "10",
+    "--signal-delay-s",
+    "60",
+    "--stop-timeout-s",
+    "45",
+)
+ONE_NODE = (
+    "--nodes",
+    "1",
+    "--gpus-per-node",
+    "0",
+    "--cpus-per-task",
+    "1",
+    "--time",
+    "10",
+    "--signal-delay-s",
+    "60",
+    "--stop-timeout-s",
+    "45",
+)
 
 
 def pretrain_args(shards: Path, *extra: str, steps: int = STEPS, export: bool = False) -> list[str]:
     """The demo config, cut down: a few dozen steps, no periodic eval or save."""
-    return ["--deepspeed_config", DS, "--config", "launch/configs/demo_cpu.yaml",
-            f"data.train_shards={shards}/train", f"data.val_shards={shards}/val",
-            f"train.max_steps={steps}", "train.micro_batch=8", "train.log_every=1",
-            "train.eval_every=100000", "train.save_every=100000", "train.retrieval_size=0",
-            "train.eval_batches=1", f"train.export={str(export).lower()}",
-            "schedule.warmup_steps=2", "data.backend=pil", "data.num_workers=0", *extra]
+    return [
+        "--deepspeed_config",
+        DS,
+        "--config",
+        "launch/configs/demo_cpu.yaml",
+        f"data.train_shards={shards}/train",
+        f"data.val_shards={shards}/val",
+        f"train.max_steps={steps}",
+        "train.micro_batch=8",
+        "train.log_every=1",
+        "train.eval_every=100000",
+        "train.save_every=100000",
+        "train.retrieval_size=0",
+        "train.eval_batches=1",
+        f"train.export={str(export).lower()}",
+        "schedule.warmup_steps=2",
+        "data.backend=pil",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def submit(capsys, out_dir: Path, *opts: str, pretrain: list[str]) -> list[str]:
-    rc = submit_cli.main([*opts, "--partition", "debug", "--output-dir", str(out_dir), "--",
-                          *pretrain])
+    rc = submit_cli.main([*opts, "--partition", "debug", "--output-dir", str(out_dir), "--", *pretrain])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return re.findall(r"submitted job (\S+):", captured.out)
@@ -53,9 +99,24 @@ def submit(capsys, out_dir: Path, *opts: str, pretrain: list[str]) -> list[str]:
 
 def test_sbatch_refusal_is_one_line(slurm_env, capsys, tmp_path):
     """This cluster has no GPUs: sbatch refuses a GPU job, and the user sees one line."""
-    rc = submit_cli.main(["--nodes", "1", "--gpus-per-node", "1", "--cpus-per-task", "1",
-                          "--time", "5", "--output-dir", str(tmp_path / "out"), "--",
-                          "--deepspeed_config", DS, "data.train_shards=/data/x"])
+    rc = submit_cli.main(
+        [
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "1",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "5",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--",
+            "--deepspeed_config",
+            DS,
+            "data.train_shards=/data/x",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1, err
@@ -75,8 +136,17 @@ def two_node_jobs(cluster, slurm_shards, tmp_path_factory):
     root = tmp_path_factory.mktemp("two_node")
     jobs = {}
     for name, export in (("reference", True), ("timelimit", False)):
-        rc = submit_cli.main([*TWO_NODES, "--partition", "debug", "--output-dir", str(root / name),
-                              "--", *pretrain_args(slurm_shards, export=export)])
+        rc = submit_cli.main(
+            [
+                *TWO_NODES,
+                "--partition",
+                "debug",
+                "--output-dir",
+                str(root / name),
+                "--",
+                *pretrain_args(slurm_shards, export=export),
+            ]
+        )
         assert rc == 0
         (record,) = json.loads((root / name / "jobs.json").read_text())
         jobs[name] = (root / name, record["job_id"])
@@ -98,7 +168,9 @@ def test_time_limit_checkpoints_requeues_and_resumes(two_node_jobs):
     deadline = time.monotonic() + 300
     while int(job_record(job_id)["Restarts"]) == 0:  # wait for the requeue
         assert job_record(job_id)["JobState"] not in ("COMPLETED", "FAILED"), (
-            "the job ended before Slurm's time-limit signal", task_log(out, job_id, 0, "err")[-3000:])
+            "the job ended before Slurm's time-limit signal",
+            task_log(out, job_id, 0, "err")[-3000:],
+        )
         assert time.monotonic() < deadline, "no requeue within 300 s of the time-limit signal"
         time.sleep(1)
     scontrol("update", f"jobid={job_id}", "TimeLimit=10")  # the next attempt gets its time back
@@ -150,16 +222,21 @@ def test_scancel_saves_and_the_next_submission_continues(slurm_env, slurm_shards
     assert len(saved) == 1, saved  # the trainer saved on Slurm's SIGTERM
     stopped_at = int(saved[0].split("_")[1])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == saved[0]
-    (job_id,) = submit(capsys, tmp_path / "second", *TWO_NODES,
-                       pretrain=args + ["train.resume=auto"])
+    (job_id,) = submit(capsys, tmp_path / "second", *TWO_NODES, pretrain=args + ["train.resume=auto"])
     assert wait_final(job_id)["JobState"] == "COMPLETED", task_log(tmp_path / "second", job_id, 0, "err")[-3000:]
     assert [r["step"] for r in train_rows(run_dir / "metrics.jsonl")] == list(range(1, steps + 1))
     assert f"at step {stopped_at}" in task_log(tmp_path / "second", job_id, 0, "err")
 
 
 def test_sweep_is_a_job_array(slurm_env, slurm_shards, capsys, tmp_path):
-    jobs = submit(capsys, tmp_path / "sweep", *ONE_NODE, "--sweep", "optim.lr=1e-4,2e-4",
-                  pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3))
+    jobs = submit(
+        capsys,
+        tmp_path / "sweep",
+        *ONE_NODE,
+        "--sweep",
+        "optim.lr=1e-4,2e-4",
+        pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3),
+    )
     assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one array, two elements
     array_id = jobs[0].split("_")[0]
     for job in jobs:
@@ -175,25 +252,34 @@ def test_sweep_is_a_job_array(slurm_env, slurm_shards, capsys, tmp_path):
     assert lrs[1] == pytest.approx(2 * lrs[0])
 
 
-@pytest.mark.xfail(reason="train.resume_universal (2 ranks -> 1) is being fixed in the trainer "
-                          "(issue 11 item 7); it dies on the data-loader fingerprint today",
-                   strict=False)
-def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, slurm_shards, capsys,
-                                                 tmp_path):
+@pytest.mark.xfail(
+    reason="train.resume_universal (2 ranks -> 1) is being fixed in the trainer "
+    "(issue 11 item 7); it dies on the data-loader fingerprint today",
+    strict=False,
+)
+def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, slurm_shards, capsys, tmp_path):
     ref_out, ref_id = two_node_jobs["reference"]
     assert wait_final(ref_id)["JobState"] == "COMPLETED"
     tag = ref_out / "run" / "checkpoints" / f"step_{STEPS:08d}"
-    (job_id,) = submit(capsys, tmp_path / "one", *ONE_NODE, pretrain=pretrain_args(
-        slurm_shards, f"train.resume={tag}", "train.resume_universal=true",
-        f"run_dir={tmp_path / 'run'}", steps=STEPS + 4))
+    (job_id,) = submit(
+        capsys,
+        tmp_path / "one",
+        *ONE_NODE,
+        pretrain=pretrain_args(
+            slurm_shards,
+            f"train.resume={tag}",
+            "train.resume_universal=true",
+            f"run_dir={tmp_path / 'run'}",
+            steps=STEPS + 4,
+        ),
+    )
     record = wait_final(job_id)
     assert record["JobState"] == "COMPLETED", task_log(tmp_path / "one", job_id, 0, "err")[-2000:]
     steps = [r["step"] for r in train_rows(tmp_path / "run" / "metrics.jsonl")]
     assert steps == list(range(STEPS + 1, STEPS + 5))
 
 
-def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shards, capsys,
-                                                          tmp_path, monkeypatch):
+def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shards, capsys, tmp_path, monkeypatch):
     """A stale MASTER_PORT exported in the submitting shell names a port another process
     holds on node1 (it accepts and never answers): both ranks stop within the bound with
     the framework's error, and the job fails instead of requeueing."""
@@ -203,8 +289,14 @@ def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shard
     port = holder.getsockname()[1]
     monkeypatch.setenv("MASTER_PORT", str(port))
     try:
-        (job_id,) = submit(capsys, tmp_path / "out", *TWO_NODES, "--rendezvous-timeout-s", "15",
-                           pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3))
+        (job_id,) = submit(
+            capsys,
+            tmp_path / "out",
+            *TWO_NODES,
+            "--rendezvous-timeout-s",
+            "15",
+            pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3),
+        )
         record = wait_final(job_id, timeout_s=300, release_requeued=False)
     finally:
         holder.close()

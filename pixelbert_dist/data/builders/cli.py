@@ -6,7 +6,8 @@
     python launch/make_shards.py vg --regions region_descriptions.json --image-data image_data.json \\
         --images VG_100K VG_100K_2 --out data/vg
     python launch/make_shards.py jsonl --file pairs.jsonl --out data/mine
-    python launch/make_shards.py images --kind nlvr2 --images nlvr2/images/train nlvr2/dev nlvr2/test1 --out data/nlvr2_images
+    python launch/make_shards.py images --kind nlvr2 --images nlvr2/images/train nlvr2/dev nlvr2/test1 \\
+        --out data/nlvr2_images
     python launch/make_shards.py images --kind coco --images test2015 --out data/coco_test2015
     python launch/make_shards.py index data/old_split     # index shards made before indexes
 
@@ -17,6 +18,7 @@ Rerunning the same command skips the shards that are already finished and still 
 and rebuilds those whose input files (size, mtime) or annotations changed.
 Exit status: 0 when every split holds samples, 1 when a split wrote none, 2 on bad input.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,54 +55,74 @@ IMAGES_HELP = """official files:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, type=Path, help="output directory")
     common.add_argument("--samples-per-shard", type=int, default=2000)
-    common.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="image decode/encode processes (0: in this process)")
+    common.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="image decode/encode processes (0: in this process)"
+    )
     common.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="source", required=True)
 
     fmt = argparse.RawDescriptionHelpFormatter
-    coco = sub.add_parser("coco", parents=[common], help="COCO captions or a Karpathy split",
-                          epilog=COCO_HELP, formatter_class=fmt)
+    coco = sub.add_parser(
+        "coco", parents=[common], help="COCO captions or a Karpathy split", epilog=COCO_HELP, formatter_class=fmt
+    )
     which = coco.add_mutually_exclusive_group(required=True)
     which.add_argument("--captions", type=Path, help="official captions_*.json")
-    which.add_argument("--karpathy", type=Path,
-                       help="Karpathy split file (dataset_coco.json / dataset_flickr30k.json)")
+    which.add_argument("--karpathy", type=Path, help="Karpathy split file (dataset_coco.json / dataset_flickr30k.json)")
     coco.add_argument("--images", required=True, type=Path, help="image folder (COCO root for --karpathy)")
 
-    vg = sub.add_parser("vg", parents=[common], help="Visual Genome region descriptions",
-                        epilog=VG_HELP, formatter_class=fmt)
+    vg = sub.add_parser(
+        "vg", parents=[common], help="Visual Genome region descriptions", epilog=VG_HELP, formatter_class=fmt
+    )
     vg.add_argument("--regions", required=True, type=Path, help="region_descriptions.json")
     vg.add_argument("--image-data", required=True, type=Path, help="image_data.json")
     vg.add_argument("--images", required=True, type=Path, nargs="+", help="VG_100K VG_100K_2")
 
-    jsonl = sub.add_parser("jsonl", parents=[common], help='lines of {"image": ..., "caption": ...}',
-                           epilog="your own pairs; relative image paths are taken from the file's "
-                                  "folder; keys: jsonl + a hash of the image's path")
+    jsonl = sub.add_parser(
+        "jsonl",
+        parents=[common],
+        help='lines of {"image": ..., "caption": ...}',
+        epilog="your own pairs; relative image paths are taken from the file's "
+        "folder; keys: jsonl + a hash of the image's path",
+    )
     jsonl.add_argument("--file", required=True, type=Path)
     jsonl.add_argument("--name", default="jsonl", help="shard name prefix")
 
-    images = sub.add_parser("images", parents=[common], help="images without captions (NLVR2, "
-                            "VQA test2015) for fine-tuning", epilog=IMAGES_HELP, formatter_class=fmt)
+    images = sub.add_parser(
+        "images",
+        parents=[common],
+        help="images without captions (NLVR2, VQA test2015) for fine-tuning",
+        epilog=IMAGES_HELP,
+        formatter_class=fmt,
+    )
     images.add_argument("--kind", required=True, choices=["nlvr2", "coco"], help="how files name images")
-    images.add_argument("--images", required=True, type=Path, nargs="+",
-                        help="image folders (searched recursively: NLVR2's train/0..99)")
+    images.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="image folders (searched recursively: NLVR2's train/0..99)",
+    )
     images.add_argument("--name", default=None, help="shard name prefix (default: KIND_images)")
 
-    syn = sub.add_parser("synthetic", parents=[common], help="coloured shapes with captions",
-                         epilog="generated here (the embedded default); keys: syn00000000, ...")
+    syn = sub.add_parser(
+        "synthetic",
+        parents=[common],
+        help="coloured shapes with captions",
+        epilog="generated here (the embedded default); keys: syn00000000, ...",
+    )
     syn.add_argument("--num", type=int, required=True, help="images in all (train + val)")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--val-fraction", type=float, default=0.1)
     syn.add_argument("--min-size", type=int, default=96)
     syn.add_argument("--max-size", type=int, default=224)
 
-    index = sub.add_parser("index", help="write the per-shard index sidecars of an existing "
-                           "split (shards made before indexes existed)")
+    index = sub.add_parser(
+        "index", help="write the per-shard index sidecars of an existing split (shards made before indexes existed)"
+    )
     index.add_argument("directory", type=Path, help="split directory with manifest.json")
     index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
     return parser
@@ -108,8 +130,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _index(args, index_split, ShardFormatError) -> int:
     try:
-        written = index_split(args.directory, force=args.force,
-                              progress=lambda path: print(f"indexed {path}", flush=True))
+        written = index_split(
+            args.directory, force=args.force, progress=lambda path: print(f"indexed {path}", flush=True)
+        )
     except ShardFormatError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -121,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.source == "index":
         from pixelbert_dist.data.shards import ShardFormatError, index_split
+
         return _index(args, index_split, ShardFormatError)
-    common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers,
-              "progress": not args.no_progress}
+    common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers, "progress": not args.no_progress}
     if args.samples_per_shard < 1:
         raise SystemExit("--samples-per-shard must be >= 1")
     # imported after parsing: pixelbert_dist.data pulls in torch (seconds), --help must not wait
@@ -139,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.source == "images":
             results = build_images(args.out, args.images, args.kind, args.name, **common)
         else:
-            results = build_synthetic(args.out, args.num, args.seed, args.val_fraction,
-                                      args.min_size, args.max_size, **common)
+            results = build_synthetic(
+                args.out, args.num, args.seed, args.val_fraction, args.min_size, args.max_size, **common
+            )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,12 +176,15 @@ def _report(results: dict) -> int:
     empty = []
     for split, r in results.items():
         reused = f", {r.shards_reused} finished shard(s) reused" if r.shards_reused else ""
-        print(f"{split}: written {r.written}, skipped {r.images_skipped} image(s), dropped "
-              f"{r.captions_dropped} caption(s){reused} -> {r.directory}")
+        print(
+            f"{split}: written {r.written}, skipped {r.images_skipped} image(s), dropped "
+            f"{r.captions_dropped} caption(s){reused} -> {r.directory}"
+        )
         if r.written == 0:
             empty.append(split)
     for split in empty:
-        print(f"error: {split}: no sample written; the reasons are in "
-              f"{results[split].directory / 'skipped.jsonl'}", file=sys.stderr)
+        print(
+            f"error: {split}: no sample written; the reasons are in {results[split].directory / 'skipped.jsonl'}",
+            file=sys.stderr,
+        )
     return 1 if empty else 0
-

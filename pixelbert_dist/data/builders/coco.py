@@ -4,14 +4,23 @@ One sample per image with all of its captions. The Karpathy file (``dataset_coco
 or ``dataset_flickr30k.json``) gives the train/val/test split used by Pixel-BERT's
 retrieval numbers; its ``restval`` images go to train, as everyone does.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
-                                                 drop_uncaptioned, image_key, read_json, skip)
+from pixelbert_dist.data.builders.common import (
+    BuildResult,
+    Item,
+    build_split,
+    clean_captions,
+    drop_uncaptioned,
+    image_key,
+    read_json,
+    skip,
+)
 
 log = logging.getLogger(__name__)
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -22,8 +31,14 @@ def _item(source: str, image_id, file: Path, raw_captions: list, pre_skipped: li
     if not captions:
         pre_skipped.extend(drop_uncaptioned(file, skipped))
         return None
-    return Item(key=image_key(source, image_id), image_id=str(image_id), source=source,
-                captions=captions, file=str(file), skipped=skipped)
+    return Item(
+        key=image_key(source, image_id),
+        image_id=str(image_id),
+        source=source,
+        captions=captions,
+        file=str(file),
+        skipped=skipped,
+    )
 
 
 def coco_items(captions_json: str | Path, images_dir: str | Path) -> tuple[list[Item], list[dict]]:
@@ -33,20 +48,25 @@ def coco_items(captions_json: str | Path, images_dir: str | Path) -> tuple[list[
     try:
         for im in data["images"]:
             if files.setdefault(int(im["id"]), im["file_name"]) != im["file_name"]:
-                pre_skipped.append(skip(Path(images_dir) / im["file_name"], f"duplicate image id "
-                                        f"{im['id']}: written once, from {files[int(im['id'])]}"))
+                pre_skipped.append(
+                    skip(
+                        Path(images_dir) / im["file_name"],
+                        f"duplicate image id {im['id']}: written once, from {files[int(im['id'])]}",
+                    )
+                )
         by_image = defaultdict(list)
         for ann in data["annotations"]:
             by_image[int(ann["image_id"])].append(ann["caption"])
     except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{captions_json}: malformed COCO captions file "
-                         f"({type(err).__name__}: {err})") from None
-    pre_skipped += [skip(f"image_id {i}", f"annotation for unknown image id {i}", kind="caption")
-                    for i in sorted(set(by_image) - set(files)) for _ in by_image[i]]
+        raise ValueError(f"{captions_json}: malformed COCO captions file ({type(err).__name__}: {err})") from None
+    pre_skipped += [
+        skip(f"image_id {i}", f"annotation for unknown image id {i}", kind="caption")
+        for i in sorted(set(by_image) - set(files))
+        for _ in by_image[i]
+    ]
     items = []
     for image_id in sorted(files):
-        item = _item("coco", image_id, Path(images_dir) / files[image_id],
-                     by_image.get(image_id, []), pre_skipped)
+        item = _item("coco", image_id, Path(images_dir) / files[image_id], by_image.get(image_id, []), pre_skipped)
         if item is not None:
             items.append(item)
     return items, pre_skipped
@@ -57,7 +77,7 @@ def karpathy_items(split_json: str | Path, images_dir: str | Path):
     data = read_json(split_json, required=("images",))
     source = str(data.get("dataset", "coco"))
     out = {split: ([], []) for split in ("train", "val", "test")}
-    first: dict[str, tuple[int, str]] = {}   # image id -> (images[n], split) of its first entry
+    first: dict[str, tuple[int, str]] = {}  # image id -> (images[n], split) of its first entry
     for n, entry in enumerate(data["images"]):
         try:
             split = KARPATHY_SPLITS[entry["split"]]
@@ -65,15 +85,20 @@ def karpathy_items(split_json: str | Path, images_dir: str | Path):
             file = Path(images_dir) / entry.get("filepath", "") / entry["filename"]
             raw = [s["raw"] for s in entry["sentences"]]
         except (KeyError, TypeError) as err:
-            raise ValueError(f"{split_json}: images[{n}] is malformed "
-                             f"({type(err).__name__}: {err})") from None
+            raise ValueError(f"{split_json}: images[{n}] is malformed ({type(err).__name__}: {err})") from None
         items, pre_skipped = out[split]
         where = first.setdefault(str(image_id), (n, entry["split"]))
-        if where[0] != n:   # twice in the file (maybe in two splits: a train/test leak)
-            pre_skipped.append(skip(file, f"duplicate image id {image_id}: images[{n}] ({entry['split']}) "
-                                          f"repeats images[{where[0]}] ({where[1]}), written once"))
-            log.warning("%s: image id %s appears at images[%d] and images[%d]: written once",
-                        split_json, image_id, where[0], n)
+        if where[0] != n:  # twice in the file (maybe in two splits: a train/test leak)
+            pre_skipped.append(
+                skip(
+                    file,
+                    f"duplicate image id {image_id}: images[{n}] ({entry['split']}) "
+                    f"repeats images[{where[0]}] ({where[1]}), written once",
+                )
+            )
+            log.warning(
+                "%s: image id %s appears at images[%d] and images[%d]: written once", split_json, image_id, where[0], n
+            )
             continue
         item = _item(source, image_id, file, raw, pre_skipped)
         if item is not None:
@@ -83,19 +108,19 @@ def karpathy_items(split_json: str | Path, images_dir: str | Path):
     return out
 
 
-def build_coco(out_dir: str | Path, images_dir: str | Path, captions_json=None,
-               karpathy_json=None, **kwargs) -> dict[str, BuildResult]:
+def build_coco(
+    out_dir: str | Path, images_dir: str | Path, captions_json=None, karpathy_json=None, **kwargs
+) -> dict[str, BuildResult]:
     """``captions_json`` writes ``out_dir``; ``karpathy_json`` writes out_dir/{train,val,test}."""
     if (captions_json is None) == (karpathy_json is None):
-        raise ValueError("give exactly one of captions_json (official COCO file) "
-                         "or karpathy_json (Karpathy split file)")
+        raise ValueError(
+            "give exactly one of captions_json (official COCO file) or karpathy_json (Karpathy split file)"
+        )
     if captions_json is not None:
         items, pre_skipped = coco_items(captions_json, images_dir)
-        return {"coco": build_split(items, out_dir, "coco", "coco",
-                                    pre_skipped=pre_skipped, **kwargs)}
+        return {"coco": build_split(items, out_dir, "coco", "coco", pre_skipped=pre_skipped, **kwargs)}
     results = {}
     for split, (items, pre_skipped) in karpathy_items(karpathy_json, images_dir).items():
         source = items[0].source if items else "coco"
-        results[split] = build_split(items, Path(out_dir) / split, split, source,
-                                     pre_skipped=pre_skipped, **kwargs)
+        results[split] = build_split(items, Path(out_dir) / split, split, source, pre_skipped=pre_skipped, **kwargs)
     return results

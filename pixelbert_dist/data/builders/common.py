@@ -11,6 +11,7 @@ finished shard is reused only while its bytes still hash to the recorded sha256.
 Every input left out lands in ``skipped.jsonl``; the counts keep apart the images that
 were not written (``kind="image"``) and the captions dropped (``kind="caption"``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,28 +36,28 @@ log = logging.getLogger(__name__)
 @dataclass
 class Item:
     """One image to write: where its pixels come from and the captions that go with it."""
+
     key: str
     image_id: str
     source: str
     captions: list[str]
-    file: str = ""                      # image path; "" when ``render`` draws the image
-    extra: dict = field(default_factory=dict)   # source-specific meta fields
+    file: str = ""  # image path; "" when ``render`` draws the image
+    extra: dict = field(default_factory=dict)  # source-specific meta fields
     skipped: list[dict] = field(default_factory=list)  # captions dropped before this stage
-    render: Callable[[], Image.Image] | None = None    # picklable (module-level / partial)
+    render: Callable[[], Image.Image] | None = None  # picklable (module-level / partial)
 
     def fingerprint(self) -> str:
-        return json.dumps([self.key, self.image_id, self.captions, self.file, self.extra,
-                           self.skipped], sort_keys=True)
+        return json.dumps([self.key, self.image_id, self.captions, self.file, self.extra, self.skipped], sort_keys=True)
 
 
 @dataclass
 class BuildResult:
     directory: Path
     written: int
-    skipped: int                  # entries in skipped.jsonl (images + captions)
+    skipped: int  # entries in skipped.jsonl (images + captions)
     shards_reused: int = 0
-    images_skipped: int = 0       # images not written (missing, unreadable, no caption, duplicate)
-    captions_dropped: int = 0     # captions left out (empty, or naming an unknown image)
+    images_skipped: int = 0  # images not written (missing, unreadable, no caption, duplicate)
+    captions_dropped: int = 0  # captions left out (empty, or naming an unknown image)
 
 
 def image_key(source: str, image_id) -> str:
@@ -77,8 +78,7 @@ def drop_uncaptioned(file, caption_skips: list[dict]) -> list[dict]:
     return caption_skips + [skip(file, why)]
 
 
-def load_json(path: str | Path, error: type[Exception] = ValueError,
-              missing: type[Exception] | None = None):
+def load_json(path: str | Path, error: type[Exception] = ValueError, missing: type[Exception] | None = None):
     """Parse a JSON file; a missing file raises ``missing`` (default ``error``), bad JSON
     ``error``, each naming the file (readers pass their own format error class)."""
     path = Path(path)
@@ -145,8 +145,7 @@ def process_item(item: Item) -> tuple[bytes, int, int] | str:
         image = item.render() if item.render is not None else load_image(item.file)
     except FileNotFoundError:
         return "missing image file"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-            Image.DecompressionBombError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"unreadable image ({type(err).__name__}: {err})"
     return encode_jpeg(image), image.width, image.height
 
@@ -155,7 +154,7 @@ def _file_state(path: str) -> list[int] | None:
     """(size, mtime) of an input image, None when it is missing: a file fixed, replaced or
     added after a build changes its chunk's hash, so the rerun rebuilds that shard."""
     if not path:
-        return None   # drawn by ``render``: the fingerprint covers it
+        return None  # drawn by ``render``: the fingerprint covers it
     try:
         stat = os.stat(path)
     except OSError:
@@ -181,7 +180,7 @@ def _done_record(progress: Path, shard: str, chunk_hash: str, out_dir: Path) -> 
     if record.get("chunk") != chunk_hash:
         return None
     if not record.get("num_samples"):
-        return record   # every image skipped: no tar to check
+        return record  # every image skipped: no tar to check
     tar = out_dir / shard
     if not tar.is_file() or tar.stat().st_size != record.get("size"):
         return None
@@ -198,8 +197,15 @@ def _samples(chunk: list[Item], results: Iterable, skipped: list[dict]) -> Itera
             skipped.append(skip(item.file or item.key, result))
             continue
         jpeg, width, height = result
-        meta = {"key": item.key, "captions": item.captions, "source": item.source,
-                "image_id": item.image_id, "width": width, "height": height, **item.extra}
+        meta = {
+            "key": item.key,
+            "captions": item.captions,
+            "source": item.source,
+            "image_id": item.image_id,
+            "width": width,
+            "height": height,
+            **item.extra,
+        }
         yield item.key, jpeg, meta
 
 
@@ -210,8 +216,14 @@ def _write_chunk(chunk, shard_path: Path, pool, chunk_hash: str, progress: Path)
     size = shard_path.stat().st_size
     if info.num_samples == 0:
         shard_path.unlink()  # every image skipped: an empty tar would only trouble readers
-    record = {"chunk": chunk_hash, "file": info.file, "num_samples": info.num_samples,
-              "sha256": info.sha256, "size": size, "skipped": skipped}
+    record = {
+        "chunk": chunk_hash,
+        "file": info.file,
+        "num_samples": info.num_samples,
+        "sha256": info.sha256,
+        "size": size,
+        "skipped": skipped,
+    }
     tmp = progress / (info.file + ".json.tmp")
     tmp.write_text(json.dumps(record))
     os.replace(tmp, progress / (info.file + ".json"))
@@ -237,11 +249,19 @@ def _unique(items: list[Item]) -> tuple[list[Item], list[dict]]:
         if seen is item:
             kept.append(item)
         else:
-            dropped.append(skip(item.file or item.key, f"duplicate image id {item.image_id} (key {item.key}): "
-                                                        f"written once, from {seen.file or seen.key}"))
+            dropped.append(
+                skip(
+                    item.file or item.key,
+                    f"duplicate image id {item.image_id} (key {item.key}): written once, from {seen.file or seen.key}",
+                )
+            )
     if dropped:
-        log.warning("%d duplicate image(s) written once each, e.g. %s: %s", len(dropped),
-                    dropped[0]["file"], dropped[0]["reason"])
+        log.warning(
+            "%d duplicate image(s) written once each, e.g. %s: %s",
+            len(dropped),
+            dropped[0]["file"],
+            dropped[0]["reason"],
+        )
     return kept, dropped
 
 
@@ -251,9 +271,16 @@ def _counts(entries: list[dict]) -> tuple[int, int]:
     return len(entries) - captions, captions
 
 
-def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
-                samples_per_shard: int = 2000, workers: int = 0, progress: bool = True,
-                pre_skipped: Iterable[dict] = ()) -> BuildResult:
+def build_split(
+    items: list[Item],
+    out_dir: str | Path,
+    name: str,
+    source: str,
+    samples_per_shard: int = 2000,
+    workers: int = 0,
+    progress: bool = True,
+    pre_skipped: Iterable[dict] = (),
+) -> BuildResult:
     """Write ``items`` as shards + manifest + skipped.jsonl in ``out_dir`` (resumable).
 
     ``pre_skipped`` lists inputs dropped before any image was read (e.g. an image whose
@@ -264,14 +291,13 @@ def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
     pre_skipped = list(pre_skipped)
     if not items:
         example = f", e.g. {pre_skipped[0]['file']}: {pre_skipped[0]['reason']}" if pre_skipped else ""
-        raise ValueError(f"{source}/{name}: no image to write ({len(pre_skipped)} input(s) "
-                         f"skipped{example})")
+        raise ValueError(f"{source}/{name}: no image to write ({len(pre_skipped)} input(s) skipped{example})")
     items, duplicates = _unique(items)
     pre_skipped += duplicates
     out_dir = Path(out_dir)
     progress_dir = out_dir / PROGRESS_DIR
     progress_dir.mkdir(parents=True, exist_ok=True)
-    chunks = [items[i:i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
+    chunks = [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     records, reused = [], 0
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     try:
@@ -292,9 +318,9 @@ def build_split(items: list[Item], out_dir: str | Path, name: str, source: str,
     _remove_stale(out_dir, name, len(chunks))
     skipped = pre_skipped + [e for r in records for e in r["skipped"]]
     fmt.write_skipped(out_dir, skipped)
-    infos = [fmt.ShardInfo(r["file"], r["num_samples"], r["sha256"])
-             for r in records if r["num_samples"] > 0]
-    manifest = fmt.Manifest(name=name, num_samples=sum(i.num_samples for i in infos),
-                            shards=infos, source=source, skipped=len(skipped))
+    infos = [fmt.ShardInfo(r["file"], r["num_samples"], r["sha256"]) for r in records if r["num_samples"] > 0]
+    manifest = fmt.Manifest(
+        name=name, num_samples=sum(i.num_samples for i in infos), shards=infos, source=source, skipped=len(skipped)
+    )
     fmt.write_manifest(out_dir, manifest)
     return BuildResult(out_dir, manifest.num_samples, len(skipped), reused, *_counts(skipped))

@@ -13,6 +13,7 @@ the readers' defaults:
 Samples carry ``captions: []``: a pre-training loader pointed at them stops with
 "has no 'captions'".
 """
+
 from __future__ import annotations
 
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from pixelbert_dist.data.builders.common import BuildResult, Item, build_split, image_key, skip
 
 SUFFIXES = {".jpg", ".jpeg", ".png"}
-_COCO_ID = re.compile(r"(?:^|_)(\d+)$")          # COCO_test2015_000000000001 / 000000000001
+_COCO_ID = re.compile(r"(?:^|_)(\d+)$")  # COCO_test2015_000000000001 / 000000000001
 _NLVR2_NAME = re.compile(r"^[A-Za-z0-9]+-\d+-\d+-img[01]$")
 
 
@@ -62,8 +63,7 @@ def image_items(image_dirs, kind: str) -> tuple[list[Item], list[dict]]:
     return items, pre_skipped
 
 
-def build_images(out_dir, image_dirs, kind: str, name: str | None = None,
-                 **kwargs) -> dict[str, BuildResult]:
+def build_images(out_dir, image_dirs, kind: str, name: str | None = None, **kwargs) -> dict[str, BuildResult]:
     items, pre_skipped = image_items(image_dirs, kind)
     name = name or f"{kind}_images"
     return {name: build_split(items, out_dir, name, kind, pre_skipped=pre_skipped, **kwargs)}

@@ -5,14 +5,14 @@ merge into one sample (in first-appearance order), as COCO's five captions do; "
 image" is the same file however the line spells it (``a.jpg``, ``./a.jpg``, an absolute
 path, a symlink). A file with no line at all is an error, not an empty split.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
-                                                 drop_uncaptioned)
+from pixelbert_dist.data.builders.common import BuildResult, Item, build_split, clean_captions, drop_uncaptioned
 
 SOURCE = "jsonl"
 
@@ -29,10 +29,11 @@ def _read_lines(path: Path) -> list[tuple[str, object]]:
                 record = json.loads(line)
                 pairs.append((str(record["image"]), record["caption"]))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{path}:{lineno}: expected {{\"image\": ..., \"caption\": ...}} "
-                                 f"({type(err).__name__}: {err})") from None
+                raise ValueError(
+                    f'{path}:{lineno}: expected {{"image": ..., "caption": ...}} ({type(err).__name__}: {err})'
+                ) from None
     if not pairs:
-        raise ValueError(f"{path}: no {{\"image\": ..., \"caption\": ...}} line in it (empty file?)")
+        raise ValueError(f'{path}: no {{"image": ..., "caption": ...}} line in it (empty file?)')
     return pairs
 
 
@@ -40,7 +41,7 @@ def _canonical(image: str, folder: Path) -> tuple[str, Path]:
     """(name, file) of an image as a line spells it: the name is the resolved path relative
     to the jsonl's folder when it lies inside (so keys survive moving the whole folder),
     else the resolved absolute path."""
-    file = (folder / image).resolve()   # an absolute ``image`` replaces ``folder``
+    file = (folder / image).resolve()  # an absolute ``image`` replaces ``folder``
     try:
         return file.relative_to(folder.resolve()).as_posix(), file
     except ValueError:
@@ -50,7 +51,7 @@ def _canonical(image: str, folder: Path) -> tuple[str, Path]:
 def jsonl_items(jsonl_path: str | Path) -> tuple[list[Item], list[dict]]:
     path = Path(jsonl_path)
     merged: dict[str, list] = {}
-    first: dict[str, tuple[str, Path]] = {}   # canonical name -> (first spelling, file)
+    first: dict[str, tuple[str, Path]] = {}  # canonical name -> (first spelling, file)
     for image, caption in _read_lines(path):
         name, file = _canonical(image, path.parent)
         first.setdefault(name, (image, file))
@@ -64,8 +65,16 @@ def jsonl_items(jsonl_path: str | Path) -> tuple[list[Item], list[dict]]:
             continue
         # The key is a hash of the canonical name: stable across reruns and dot-free.
         key = SOURCE + hashlib.sha1(name.encode()).hexdigest()[:16]
-        items.append(Item(key=key, image_id=image, source=SOURCE, captions=captions,  # as first written
-                          file=str(file), skipped=skipped))
+        items.append(
+            Item(
+                key=key,
+                image_id=image,
+                source=SOURCE,
+                captions=captions,  # as first written
+                file=str(file),
+                skipped=skipped,
+            )
+        )
     return items, pre_skipped
 
 

@@ -7,6 +7,7 @@ drawn from ``numpy.random.default_rng([seed, index])``, so the set is byte-ident
 a seed whatever the worker count, and each image carries its ``objects`` so VQA-style
 questions and true/false sentences can be generated from it later.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,11 +20,16 @@ from PIL import Image, ImageDraw
 from pixelbert_dist.data.builders.common import BuildResult, Item, build_split
 
 SOURCE = "synthetic"
-COLORS = {"red": (220, 35, 35), "green": (40, 170, 60), "blue": (35, 80, 225),
-          "yellow": (240, 210, 40), "purple": (140, 55, 185), "orange": (245, 135, 25)}
+COLORS = {
+    "red": (220, 35, 35),
+    "green": (40, 170, 60),
+    "blue": (35, 80, 225),
+    "yellow": (240, 210, 40),
+    "purple": (140, 55, 185),
+    "orange": (245, 135, 25),
+}
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
-BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15),
-               "noisy": (120, 120, 120)}
+BACKGROUNDS = {"white": (245, 245, 245), "gray": (128, 128, 128), "black": (15, 15, 15), "noisy": (120, 120, 120)}
 NUMBERS = ("zero", "one", "two", "three")
 
 
@@ -54,7 +60,7 @@ def _place(rng, width: int, height: int, count: int) -> list[tuple[int, int, int
                 placed.append((x, y, size))
                 break
         else:
-            scale *= 0.8   # crowded: shrink the next tries rather than overlap
+            scale *= 0.8  # crowded: shrink the next tries rather than overlap
     return placed
 
 
@@ -87,15 +93,18 @@ def captions_for(scene: dict) -> list[str]:
     names, bg = [_name(o) for o in objs], scene["background"]
     caps = [f"{_join(names)}.", f"{_join(names)} on {_article(bg)} {bg} background."]
     if len(objs) == 1:
-        caps += [f"there is one {objs[0]['color']} {objs[0]['shape']} in the picture.",
-                 f"an image of {_name(objs[0], with_size=True)}."]
+        caps += [
+            f"there is one {objs[0]['color']} {objs[0]['shape']} in the picture.",
+            f"an image of {_name(objs[0], with_size=True)}.",
+        ]
     else:
         caps.append(f"there are {NUMBERS[len(objs)]} shapes: {_join(names)}.")
         a, b = objs[0], objs[1]
         rel = f"{_name(a)} {_relation(a, b)} {_name(b)}"
         caps.append(rel + (f", and {names[2]}." if len(objs) == 3 else "."))
-        caps.append(f"the {b['color']} {b['shape']} is {_relation(b, a).replace('to the ', '')}"
-                    f" the {a['color']} {a['shape']}.")
+        caps.append(
+            f"the {b['color']} {b['shape']} is {_relation(b, a).replace('to the ', '')} the {a['color']} {a['shape']}."
+        )
     for obj in objs:
         del obj["size_word"]
     return caps
@@ -104,13 +113,14 @@ def captions_for(scene: dict) -> list[str]:
 def _polygon(shape: str, x: int, y: int, r: float) -> list[tuple[float, float]]:
     if shape == "triangle":
         angles = [-90, 30, 150]
-        return [(x + r * math.cos(math.radians(a)), y + r * math.sin(math.radians(a)))
-                for a in angles]
+        return [(x + r * math.cos(math.radians(a)), y + r * math.sin(math.radians(a))) for a in angles]
     if shape == "diamond":
         return [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]
     # star: five outer points with inner points at 0.45 r between them
-    return [(x + rr * math.cos(math.radians(-90 + 36 * k)), y + rr * math.sin(math.radians(-90 + 36 * k)))
-            for k, rr in enumerate([r, 0.45 * r] * 5)]
+    return [
+        (x + rr * math.cos(math.radians(-90 + 36 * k)), y + rr * math.sin(math.radians(-90 + 36 * k)))
+        for k, rr in enumerate([r, 0.45 * r] * 5)
+    ]
 
 
 def render_scene(scene: dict, seed: int, index: int) -> Image.Image:
@@ -129,29 +139,41 @@ def render_scene(scene: dict, seed: int, index: int) -> Image.Image:
         if obj["shape"] == "circle":
             draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
         elif obj["shape"] == "square":
-            half = r * 0.85   # a square of the same visual weight as the circle
+            half = r * 0.85  # a square of the same visual weight as the circle
             draw.rectangle([x - half, y - half, x + half, y + half], fill=fill)
         else:
             draw.polygon(_polygon(obj["shape"], x, y, r), fill=fill)
     return image
 
 
-def synthetic_items(seed: int, start: int, stop: int, min_size: int = 96,
-                    max_size: int = 224) -> list[Item]:
+def synthetic_items(seed: int, start: int, stop: int, min_size: int = 96, max_size: int = 224) -> list[Item]:
     items = []
     for index in range(start, stop):
         scene = make_scene(seed, index, min_size, max_size)
-        items.append(Item(
-            key=f"syn{index:08d}", image_id=str(index), source=SOURCE,
-            captions=captions_for(scene),
-            extra={"objects": scene["objects"], "background": scene["background"]},
-            render=functools.partial(render_scene, scene, seed, index)))
+        items.append(
+            Item(
+                key=f"syn{index:08d}",
+                image_id=str(index),
+                source=SOURCE,
+                captions=captions_for(scene),
+                extra={"objects": scene["objects"], "background": scene["background"]},
+                render=functools.partial(render_scene, scene, seed, index),
+            )
+        )
     return items
 
 
-def build_synthetic(out_dir: str | Path, num: int, seed: int = 0, val_fraction: float = 0.1,
-                    min_size: int = 96, max_size: int = 224, samples_per_shard: int = 2000,
-                    workers: int = 0, progress: bool = True) -> dict[str, BuildResult]:
+def build_synthetic(
+    out_dir: str | Path,
+    num: int,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    min_size: int = 96,
+    max_size: int = 224,
+    samples_per_shard: int = 2000,
+    workers: int = 0,
+    progress: bool = True,
+) -> dict[str, BuildResult]:
     """Write ``out_dir/train`` and ``out_dir/val`` (images ``num - n_val`` .. ``num`` are val)."""
     if num < 1 or not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"need num >= 1 and 0 <= val_fraction < 1 (got {num}, {val_fraction})")
@@ -159,7 +181,15 @@ def build_synthetic(out_dir: str | Path, num: int, seed: int = 0, val_fraction: 
         raise ValueError(f"need 16 <= min_size <= max_size (got {min_size}, {max_size})")
     n_val = int(round(num * val_fraction))
     splits = {"train": (0, num - n_val), "val": (num - n_val, num)}
-    return {split: build_split(synthetic_items(seed, lo, hi, min_size, max_size),
-                               Path(out_dir) / split, split, SOURCE, samples_per_shard,
-                               workers, progress)
-            for split, (lo, hi) in splits.items()}
+    return {
+        split: build_split(
+            synthetic_items(seed, lo, hi, min_size, max_size),
+            Path(out_dir) / split,
+            split,
+            SOURCE,
+            samples_per_shard,
+            workers,
+            progress,
+        )
+        for split, (lo, hi) in splits.items()
+    }

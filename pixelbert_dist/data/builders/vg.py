@@ -4,12 +4,21 @@ Pixel-BERT pre-trains on VG's 5.41M region phrases over 108K images. Images live
 folders (VG_100K, VG_100K_2); ``image_data.json``'s url names the folder. Each sample
 keeps VG's ``coco_id`` so images shared with COCO's val/test can be excluded later.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import (BuildResult, Item, build_split, clean_captions,
-                                                 drop_uncaptioned, image_key, read_json, skip)
+from pixelbert_dist.data.builders.common import (
+    BuildResult,
+    Item,
+    build_split,
+    clean_captions,
+    drop_uncaptioned,
+    image_key,
+    read_json,
+    skip,
+)
 
 SOURCE = "vg"
 
@@ -20,7 +29,7 @@ def _locate(url: str, image_id: int, dirs: list[Path]) -> Path:
     path in the url's folder (or the first), which the builder then reports missing."""
     name = url.rsplit("/", 1)[-1] if url else f"{image_id}.jpg"
     folder = url.rsplit("/", 2)[-2] if url.count("/") >= 1 else ""
-    ordered = sorted(dirs, key=lambda d: d.name != folder)   # the url's folder first
+    ordered = sorted(dirs, key=lambda d: d.name != folder)  # the url's folder first
     for d in ordered:
         if (d / name).is_file():
             return d / name
@@ -33,8 +42,9 @@ def _image_table(image_data_json) -> dict[int, dict]:
         try:
             image_id = int(entry["image_id"] if "image_id" in entry else entry["id"])
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{image_data_json}: entry {n} has no usable image_id "
-                             f"({type(err).__name__}: {err})") from None
+            raise ValueError(
+                f"{image_data_json}: entry {n} has no usable image_id ({type(err).__name__}: {err})"
+            ) from None
         table[image_id] = entry
     return table
 
@@ -50,8 +60,7 @@ def vg_items(regions_json, image_data_json, image_dirs) -> tuple[list[Item], lis
             image_id = int(entry["id"] if "id" in entry else entry["image_id"])
             phrases = [r["phrase"] for r in entry["regions"]]
         except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"{regions_json}: entry {n} is malformed "
-                             f"({type(err).__name__}: {err})") from None
+            raise ValueError(f"{regions_json}: entry {n} is malformed ({type(err).__name__}: {err})") from None
         if image_id not in table:
             pre_skipped.append(skip(f"image_id {image_id}", f"not in {Path(image_data_json).name}"))
             continue
@@ -61,9 +70,17 @@ def vg_items(regions_json, image_data_json, image_dirs) -> tuple[list[Item], lis
         if not captions:
             pre_skipped.extend(drop_uncaptioned(file, skipped))
             continue
-        items.append(Item(key=image_key(SOURCE, image_id), image_id=str(image_id), source=SOURCE,
-                          captions=captions, file=str(file), skipped=skipped,
-                          extra={"coco_id": info.get("coco_id")}))
+        items.append(
+            Item(
+                key=image_key(SOURCE, image_id),
+                image_id=str(image_id),
+                source=SOURCE,
+                captions=captions,
+                file=str(file),
+                skipped=skipped,
+                extra={"coco_id": info.get("coco_id")},
+            )
+        )
     items.sort(key=lambda it: int(it.image_id))
     return items, pre_skipped
 
