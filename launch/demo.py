@@ -59,7 +59,20 @@ def visual_warmstart(path: Path) -> Path:
     return path
 
 
-def pretrain(visual_weights: Path, num_ranks: int = 2) -> None:
+def fresh_run_dir(run_dir: Path) -> Path:
+    """The config's run folder, or the first free ``NAME_2``, ``NAME_3``, ... beside it: a
+    finished demo is a record that a second ``make demo`` must not overwrite (and the
+    trainer refuses to)."""
+    candidate, n = run_dir, 1
+    while (candidate / "checkpoints").exists():
+        n += 1
+        candidate = run_dir.with_name(f"{run_dir.name}_{n}")
+    if candidate != run_dir:
+        print(f"{run_dir} holds an earlier demo run: this one writes to {candidate}")
+    return candidate
+
+
+def pretrain(visual_weights: Path, run_dir: Path, num_ranks: int = 2) -> None:
     from pixelbert_dist.distributed.env import free_port
 
     bert = minilm_dir()
@@ -77,6 +90,7 @@ def pretrain(visual_weights: Path, num_ranks: int = 2) -> None:
         f"model.bert_dir={bert}",
         f"data.vocab_dir={bert}",
         f"model.visual_weights={visual_weights}",
+        f"run_dir={run_dir}",
     ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -85,10 +99,10 @@ def pretrain(visual_weights: Path, num_ranks: int = 2) -> None:
 def main() -> None:
     start = time.time()
     cfg = yaml.safe_load(CONFIG.read_text())
-    run_dir = REPO / cfg["run_dir"]
+    run_dir = fresh_run_dir(REPO / cfg["run_dir"])
     shards = REPO / Path(cfg["data"]["train_shards"]).parent
     make_shards(shards)
-    pretrain(visual_warmstart(shards / f"{cfg['model']['preset']}_visual_warmstart.safetensors"))
+    pretrain(visual_warmstart(shards / f"{cfg['model']['preset']}_visual_warmstart.safetensors"), run_dir)
     from pixelbert_dist.plotting import plot_run
 
     plot = plot_run(run_dir)
