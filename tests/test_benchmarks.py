@@ -52,8 +52,10 @@ def smoke(tmp_path_factory) -> tuple[Path, str]:
 
 def _load(folder: Path, name: str) -> dict:
     data = json.loads((folder / f"{name}.json").read_text())
-    assert data["bench"] == name and MACHINE_KEYS <= set(data["machine"])
-    assert data["rows"] and set(data["columns"]) <= set().union(*data["rows"]) | {"speedup", "ms", "tflops", "max_err"}
+    assert data["bench"] == name
+    assert MACHINE_KEYS <= set(data["machine"])
+    assert data["rows"]
+    assert set(data["columns"]) <= set().union(*data["rows"]) | {"speedup", "ms", "tflops", "max_err"}
     return data
 
 
@@ -65,7 +67,9 @@ def test_attention_json(smoke):
     ran = [r for r in rows if r["status"] == "ok"]
     assert {"eager", "math"} <= {r["backend"] for r in ran}  # exist on every machine
     for r in ran:
-        assert r["seq"] == 140 and r["ms"] > 0 and r["tflops"] > 0
+        assert r["seq"] == 140
+        assert r["ms"] > 0
+        assert r["tflops"] > 0
         assert r["max_err"] < 1e-4  # every backend computes the same attention (fp32 here)
         flops = 3 * 4 * r["batch"] * 12 * r["seq"] ** 2 * 64
         assert r["tflops"] == pytest.approx(flops / (r["ms"] / 1e3) / 1e12)
@@ -75,24 +79,32 @@ def test_attention_json(smoke):
 
 def test_step_json(smoke):
     (row,) = _load(smoke[0], "bench_step")["rows"]
-    assert row["status"] == "ok" and row["preset"] == "tiny" and row["zero"] == 2
-    assert math.isfinite(row["loss"]) and row["loss"] > 0
+    assert row["status"] == "ok"
+    assert row["preset"] == "tiny"
+    assert row["zero"] == 2
+    assert math.isfinite(row["loss"])
+    assert row["loss"] > 0
     assert row["samples_per_s"] == pytest.approx(row["micro_batch"] * row["world"] / (row["step_ms"] / 1e3))
     assert row["tflops_per_gpu"] == pytest.approx(
         row["flops_per_sample"] * row["micro_batch"] / (row["step_ms"] / 1e3) / 1e12
     )
     assert row["mfu"] is None  # no peak for a CPU
-    assert 0 <= row["data_wait"] < 1 and row["peak_mem_gib"] > 0 and row["params"] > 1e5
+    assert 0 <= row["data_wait"] < 1
+    assert row["peak_mem_gib"] > 0
+    assert row["params"] > 1e5
 
 
 def test_decode_json_and_brief(smoke):
     folder, stdout = smoke
     rows = _load(folder, "bench_decode")["rows"]
-    assert {r["size"] for r in rows} == {"paper", "small"} and all(r["images_per_s"] > 0 for r in rows)
+    assert {r["size"] for r in rows} == {"paper", "small"}
+    assert all(r["images_per_s"] > 0 for r in rows)
     brief = (folder / "brief.txt").read_text()
     assert brief in stdout  # the one-screen summary is printed
-    assert "attention pretrain seq 140 (padded mask" in brief and "step tiny ZeRO-2" in brief
-    assert "decode pil paper" in brief and "missing results" not in brief
+    assert "attention pretrain seq 140 (padded mask" in brief
+    assert "step tiny ZeRO-2" in brief
+    assert "decode pil paper" in brief
+    assert "missing results" not in brief
     assert "memory tiny 128x128 mb2 checkpointing transformer" in brief
 
 
@@ -100,7 +112,9 @@ def test_memory_json(smoke):
     rows = _load(smoke[0], "bench_memory")["rows"]
     assert [r["mode"] for r in rows] == ["none", "transformer"]
     for r in rows:
-        assert 0 < r["step_gib"] < r["peak_rss_gib"] and r["step_s"] > 0 and math.isfinite(r["runs"][0]["loss"])
+        assert 0 < r["step_gib"] < r["peak_rss_gib"]
+        assert r["step_s"] > 0
+        assert math.isfinite(r["runs"][0]["loss"])
     assert rows[1]["saving_vs_none"] == pytest.approx(1 - rows[1]["peak_rss_gib"] / rows[0]["peak_rss_gib"])
 
 
@@ -113,7 +127,8 @@ def test_scaling_projection_and_summary(smoke):
     assert len(settings) == len(rows) // len(bench_scaling.NODES) == 2 * len(bench_scaling.settings_grid([8], 8))
     for label in settings:  # more nodes never helps, and one node's NVLink beats 64 nodes' network
         effs = [r["efficiency"] for r in rows if r["setting"] == label]
-        assert all(a >= b - 1e-12 for a, b in zip(effs, effs[1:])) and effs[-1] < effs[0] <= 1
+        assert all(a >= b - 1e-12 for a, b in zip(effs, effs[1:]))
+        assert effs[-1] < effs[0] <= 1
     # ZeRO-1 reduces once per optimizer step: accumulation buys efficiency; ZeRO-2 reduces every
     # micro-batch: the exposed communication grows with the accumulation instead
     at64 = {
@@ -130,9 +145,12 @@ def test_scaling_projection_and_summary(smoke):
     summary = summarize.summarize(folder).read_text()
     for name in ("bench_attention", "bench_step", "bench_scaling", "bench_decode", "bench_memory"):
         assert f"## {name}" in summary
-    assert summary.count("- Compared against:") == summary.count("\n## ") and "- Verdict:" in summary
-    assert "setting(s) at >= 90% on 64 nodes" in summary and "| torch |" in summary
-    assert "![bench_step](bench_step.png)" in summary and (folder / "bench_attention.png").is_file()
+    assert summary.count("- Compared against:") == summary.count("\n## ")
+    assert "- Verdict:" in summary
+    assert "setting(s) at >= 90% on 64 nodes" in summary
+    assert "| torch |" in summary
+    assert "![bench_step](bench_step.png)" in summary
+    assert (folder / "bench_attention.png").is_file()
 
 
 def test_scaling_refuses_a_cpu_step_time(smoke):
@@ -204,21 +222,28 @@ def test_predicted_bytes_match_the_comms_logger(tmp_path):
 
 def test_common_helpers(tmp_path, monkeypatch):
     info = machine_info()
-    assert MACHINE_KEYS <= set(info) and info["torch"]
+    assert MACHINE_KEYS <= set(info)
+    assert info["torch"]
     monkeypatch.setenv("BENCH_RESULTS_DIR", str(tmp_path / "r"))
-    assert results_dir() == tmp_path / "r" and (tmp_path / "r").is_dir()
+    assert results_dir() == tmp_path / "r"
+    assert (tmp_path / "r").is_dir()
     table = markdown_table([{"a": 1.23456, "b": None}], ["a", "b"])
     assert table.splitlines()[2] == "| 1.23 | - |"
     first, second = new_run_dir("cpu-smoke", tmp_path), new_run_dir("cpu smoke", tmp_path)
-    assert first != second and first.name.endswith("-cpu-smoke") and second.is_dir()  # never shared
+    assert first != second
+    assert first.name.endswith("-cpu-smoke")
+    assert second.is_dir()  # never shared
     stats = spread([3.0, 1.0, 2.0, 2.0])
-    assert stats["median"] == 2.0 and stats["spread"] == pytest.approx(0.5)
+    assert stats["median"] == 2.0
+    assert stats["spread"] == pytest.approx(0.5)
     order = []
     times = interleaved(
         {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, torch.device("cpu"), warmup=1, repeats=2
     )
-    assert order == ["a", "b"] * 3 and [len(v) for v in times.values()] == [2, 2]
-    assert verdict(0.45, 0.4) == "met" and verdict(0.06, 0.05, higher_is_better=False) == "not met"
+    assert order == ["a", "b"] * 3
+    assert [len(v) for v in times.values()] == [2, 2]
+    assert verdict(0.45, 0.4) == "met"
+    assert verdict(0.06, 0.05, higher_is_better=False) == "not met"
 
 
 def test_gpu_check_dry_run_uses_real_flags():
@@ -237,12 +262,15 @@ def test_gpu_check_dry_run_uses_real_flags():
     step = next(line for line in out if "bench_step.py" in line).split("bench_step.py ")[1].split()
     assert bench_attention.parse(attention).iters == 30
     args = bench_step.parse(step)
-    assert args.presets == ["pixelbert-r50"] and args.precision == ["bf16"] and args.image == [800, 1333]
+    assert args.presets == ["pixelbert-r50"]
+    assert args.precision == ["bf16"]
+    assert args.image == [800, 1333]
     assert args.sampling == ["on", "off"]
     import bench_compile
     import bench_memory
 
     memory = next(line for line in out if "bench_memory.py" in line).split("bench_memory.py ")[1].split()
-    assert bench_memory.parse(memory).image == [800, 1333] and bench_memory.parse(memory).micro_batch == 2
+    assert bench_memory.parse(memory).image == [800, 1333]
+    assert bench_memory.parse(memory).micro_batch == 2
     compile_args = next(line for line in out if "bench_compile.py" in line).split("bench_compile.py ")[1].split()
     assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]

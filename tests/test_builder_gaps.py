@@ -73,7 +73,8 @@ def test_rerun_notices_a_fixed_source_file(tmp_path, kind):
     assert any(Path(e["file"]).name == name for e in read_skipped(out))
     write_image(fx["images"] / name, "rgb", seed=7)  # the user fixes the file, reruns
     again = build_coco(out, fx["images"], captions_json=fx["captions"], **FAST)["coco"]
-    assert again.written == first.written + 1 and f"coco{image_id}" in _keys(out)
+    assert again.written == first.written + 1
+    assert f"coco{image_id}" in _keys(out)
     assert not any(Path(e["file"]).name == name for e in read_skipped(out))
     assert again.shards_reused == 2, "only the shard holding the fixed file is rebuilt"
 
@@ -88,11 +89,14 @@ def test_karpathy_duplicate_cocoid_is_written_once_with_a_warning(tmp_path, capl
     with caplog.at_level(logging.WARNING):
         results = build_coco(tmp_path / "out", fx["images"], karpathy_json=fx["karpathy"], **FAST)
     keys = [k for split in ("train", "val", "test") for k in _keys(tmp_path / "out" / split)]
-    assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
-    assert "coco1" in _keys(tmp_path / "out" / "train") and "coco1" not in _keys(tmp_path / "out" / "test")
+    assert sorted(keys) == sorted(set(keys))
+    assert len(keys) == 6
+    assert "coco1" in _keys(tmp_path / "out" / "train")
+    assert "coco1" not in _keys(tmp_path / "out" / "test")
     reasons = [e["reason"] for s in ("test", "val") for e in read_skipped(tmp_path / "out" / s)]
     assert sum("duplicate image id" in r for r in reasons) == 2, reasons
-    assert results["test"].images_skipped == 1 and results["val"].images_skipped == 1
+    assert results["test"].images_skipped == 1
+    assert results["val"].images_skipped == 1
     assert sum("appears at images" in r.getMessage() for r in caplog.records) == 2
 
 
@@ -102,7 +106,8 @@ def test_vg_duplicate_region_entry_is_one_sample(tmp_path, caplog):
     fx["regions"].write_text(json.dumps(regions + [regions[0]]))
     with caplog.at_level(logging.WARNING):
         result = build_vg(tmp_path / "out", fx["regions"], fx["image_data"], fx["images"], **FAST)["vg"]
-    assert _keys(tmp_path / "out").count("vg1") == 1 and result.written == len(fx["expected"])
+    assert _keys(tmp_path / "out").count("vg1") == 1
+    assert result.written == len(fx["expected"])
     assert any("duplicate" in r.getMessage() for r in caplog.records)
 
 
@@ -111,7 +116,8 @@ def test_vg_image_found_in_the_folder_its_url_does_not_name(tmp_path):
     vg_100k, vg_100k_2 = fx["images"]
     shutil.move(vg_100k_2 / "1.jpg", vg_100k / "1.jpg")  # url: .../VG_100K_2/1.jpg
     result = build_vg(tmp_path / "out", fx["regions"], fx["image_data"], fx["images"], **FAST)["vg"]
-    assert "vg1" in _keys(tmp_path / "out") and result.written == len(fx["expected"])
+    assert "vg1" in _keys(tmp_path / "out")
+    assert result.written == len(fx["expected"])
     assert not any(Path(e["file"]).name == "1.jpg" for e in read_skipped(tmp_path / "out"))
 
 
@@ -121,11 +127,14 @@ def test_empty_input_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"empty\.jsonl: no .* line"):
         build_jsonl(tmp_path / "out", empty, **FAST)
     proc = _make_shards("jsonl", "--file", empty, "--out", tmp_path / "out")
-    assert proc.returncode == 2 and "empty.jsonl" in proc.stderr and not (tmp_path / "out").exists()
+    assert proc.returncode == 2
+    assert "empty.jsonl" in proc.stderr
+    assert not (tmp_path / "out").exists()
     lost = tmp_path / "lost.jsonl"  # lines, but no image behind any of them
     lost.write_text('{"image": "nowhere.jpg", "caption": "a cat"}\n')
     proc = _make_shards("jsonl", "--file", lost, "--out", tmp_path / "lost")
-    assert proc.returncode == 1 and "no sample written" in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "no sample written" in proc.stderr, proc.stderr
     assert "skipped.jsonl" in proc.stderr
 
 
@@ -141,7 +150,8 @@ def test_jsonl_one_image_three_spellings_is_one_sample(tmp_path):
     path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in lines))
     result = build_jsonl(tmp_path / "out", path, **FAST)["jsonl"]
     samples = list(iter_samples(tmp_path / "out"))
-    assert result.written == 1 and samples[0][2]["captions"] == ["one", "two", "three", "four"]
+    assert result.written == 1
+    assert samples[0][2]["captions"] == ["one", "two", "three", "four"]
     assert samples[0][2]["image_id"] == "a.jpg"
 
 
@@ -174,7 +184,8 @@ def test_image_only_sources_for_nlvr2_and_vqa_test(tmp_path):
         _png(nlvr2 / rel, i)
     write_image(nlvr2 / "dev" / "notes.jpg", "rgb")
     results = build_images(tmp_path / "n_out", [nlvr2 / "train", nlvr2 / "dev"], "nlvr2", **FAST)
-    assert results["nlvr2_images"].written == 4 and results["nlvr2_images"].images_skipped == 1
+    assert results["nlvr2_images"].written == 4
+    assert results["nlvr2_images"].images_skipped == 1
     assert sorted(_keys(tmp_path / "n_out")) == [
         "dev-850-0-img0",
         "dev-850-0-img1",
@@ -195,4 +206,6 @@ def test_image_only_sources_for_nlvr2_and_vqa_test(tmp_path):
     backend = images_backend(data, images, 2, torch.device("cpu"))
     work = [[(images.position["coco57"], False), (images.position["dev-850-0-img0"], False)]]
     pixels, sizes = next(iter(backend.batches(work)))
-    assert pixels.shape[0] == 2 and pixels.abs().sum() > 0 and sizes.shape[0] == 2
+    assert pixels.shape[0] == 2
+    assert pixels.abs().sum() > 0
+    assert sizes.shape[0] == 2

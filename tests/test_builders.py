@@ -26,10 +26,13 @@ def _read(directory) -> dict[str, tuple[Image.Image, dict]]:
     for key, jpeg, meta in iter_samples(directory):
         image = Image.open(io.BytesIO(jpeg))
         image.load()
-        assert image.format == "JPEG" and image.mode == "RGB"
+        assert image.format == "JPEG"
+        assert image.mode == "RGB"
         assert not image.info.get("progressive"), "shards hold baseline JPEGs"
         assert (image.width, image.height) == (meta["width"], meta["height"])
-        assert meta["key"] == key and meta["captions"] and all(c.strip() for c in meta["captions"])
+        assert meta["key"] == key
+        assert meta["captions"]
+        assert all(c.strip() for c in meta["captions"])
         out[key] = (image, meta)
     return out
 
@@ -38,7 +41,8 @@ def _assert_skipped(directory, bad: dict[str, str]):
     skipped = read_skipped(directory)
     for name, word in bad.items():
         reasons = [e["reason"] for e in skipped if Path(e["file"]).name == name]
-        assert reasons and any(word in r for r in reasons), (name, word, skipped)
+        assert reasons, (name, word, skipped)
+        assert any(word in r for r in reasons), (name, word, skipped)
     assert read_manifest(directory).skipped == len(skipped)
 
 
@@ -63,7 +67,8 @@ def test_coco_captions(tmp_path):
     by_kind = {kind: samples[f"coco{i}"][0] for i, kind in fx["kinds"].items() if f"coco{i}" in samples}
     _assert_upright(by_kind["exif"])
     assert by_kind["cmyk"].getpixel((5, 5))[0] > 200 > by_kind["cmyk"].getpixel((5, 5))[1]
-    assert by_kind["png"].size == (30, 20) and by_kind["png"].getpixel((5, 5))[1] > 150
+    assert by_kind["png"].size == (30, 20)
+    assert by_kind["png"].getpixel((5, 5))[1] > 150
     _assert_upright(by_kind["palette"].rotate(-90, expand=True))
     gray = by_kind["gray"].getpixel((3, 3))
     assert max(gray) - min(gray) <= 3, "a grayscale image stays gray in RGB"
@@ -75,14 +80,17 @@ def test_rerun_skips_finished_shards(tmp_path):
     first = build_coco(out, fx["images"], captions_json=fx["captions"], **FAST)["coco"]
     manifest = (out / "manifest.json").read_text()
     shards = sorted(out.glob("*.tar"))
-    assert len(shards) == 3 and first.shards_reused == 0
+    assert len(shards) == 3
+    assert first.shards_reused == 0
     stamps = {p: p.stat().st_mtime_ns for p in shards}
     (out / ".progress" / "coco-000001.tar.json").unlink()  # as if killed after that shard
     again = build_coco(out, fx["images"], captions_json=fx["captions"], **FAST)["coco"]
-    assert again.shards_reused == 2 and again.written == first.written
+    assert again.shards_reused == 2
+    assert again.written == first.written
     assert (out / "manifest.json").read_text() == manifest
     assert [p for p in shards if p.stat().st_mtime_ns != stamps[p]] == [out / "coco-000001.tar"]
-    assert read_skipped(out) and read_manifest(out, verify=True).skipped == first.skipped
+    assert read_skipped(out)
+    assert read_manifest(out, verify=True).skipped == first.skipped
 
 
 @pytest.mark.parametrize("flickr", [False, True])
@@ -145,11 +153,13 @@ def test_synthetic_deterministic_and_describes_its_images(tmp_path):
     assert 64 <= min(m["width"] for _, m in samples.values())
     assert len({(m["width"], m["height"]) for _, m in samples.values()}) > 5, "varied aspect ratios"
     for image, meta in samples.values():
-        assert 1 <= len(meta["objects"]) <= 3 and len(meta["captions"]) >= 3
+        assert 1 <= len(meta["objects"]) <= 3
+        assert len(meta["captions"]) >= 3
         for caption in meta["captions"]:
             assert "[UNK]" not in tok.tokenize(caption), caption
         for obj in meta["objects"]:
-            assert obj["shape"] in SHAPES and all(obj["color"] in c for c in meta["captions"][:3])
+            assert obj["shape"] in SHAPES
+            assert all(obj["color"] in c for c in meta["captions"][:3])
             pixel = image.getpixel((obj["x"], obj["y"]))  # a shape's centre shows its colour
             assert all(abs(p - q) < 40 for p, q in zip(pixel, COLORS[obj["color"]])), (meta, pixel)
 
@@ -172,7 +182,8 @@ def test_cli_synthetic(tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "train: written 45, skipped 0" in proc.stdout and "val: written 5, skipped 0" in proc.stdout
+    assert "train: written 45, skipped 0" in proc.stdout
+    assert "val: written 5, skipped 0" in proc.stdout
     assert read_manifest(out / "train", verify=True).num_samples == 45
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert "3 finished shard(s) reused" in again.stdout
@@ -190,4 +201,5 @@ def test_cli_synthetic(tmp_path):
         text=True,
         timeout=120,
     )
-    assert missing.returncode == 2 and "none.jsonl" in missing.stderr
+    assert missing.returncode == 2
+    assert "none.jsonl" in missing.stderr

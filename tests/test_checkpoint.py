@@ -125,7 +125,9 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, stage):
     _seed_all(123)  # a new process: other RNG streams, another init
     engine, opt = _engine(stage, seed=99)
     state = ckpt.resume(engine, run_dir, "auto")
-    assert state["trainer"] == {"step": 3} and state["step"] == 3 and state["world_size"] == 1
+    assert state["trainer"] == {"step": 3}
+    assert state["step"] == 3
+    assert state["world_size"] == 1
     assert state["rank_state"] == {"data": {"batches_seen": 3}}
     resumed = _train(engine, opt, range(state["step"], 6))
     for (loss, lrs), (ref_loss, ref_lrs) in zip(resumed, reference[3:]):
@@ -203,7 +205,8 @@ def test_graceful_exit_on_sigint_like_sigterm_and_says_so(caplog):
     with ckpt.GracefulExit() as stop, caplog.at_level("INFO", logger="pixelbert_dist.checkpoint"):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a save, not a KeyboardInterrupt
         assert stop.received == signal.SIGINT
-        assert stop.should_exit() and stop.should_exit()
+        assert stop.should_exit()
+        assert stop.should_exit()
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C aborts at once
             os.kill(os.getpid(), signal.SIGINT)
     assert caplog.text.count("stop requested (SIGINT): saving a checkpoint") == 1
@@ -214,7 +217,8 @@ def test_graceful_exit_on_sigusr1_and_sigterm():
     with ckpt.GracefulExit() as stop:
         assert not stop.should_exit()
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert stop.requested and stop.received == signal.SIGUSR1
+        assert stop.requested
+        assert stop.received == signal.SIGUSR1
         assert stop.should_exit()  # all-reduced over the (one-rank) group
     assert signal.getsignal(signal.SIGUSR1) is before
     with ckpt.GracefulExit() as stop:
@@ -300,7 +304,8 @@ def test_universal_resume_on_another_world_size(run_dir):
     assert engine.load_universal_checkpoint()
     with pytest.warns(UserWarning, match="from 2 ranks on 1"):
         state = ckpt.resume(engine, run_dir, "auto", universal=True)
-    assert state["trainer"] == {"step": 3} and state["rank_state"] is None
+    assert state["trainer"] == {"step": 3}
+    assert state["rank_state"] is None
     assert (run_dir / "step_00000003_universal" / "meta.json").is_file()
     for step, (loss, lrs) in zip(range(3, 6), reference[3:]):
         got_loss, got_lrs = _global_step(engine, opt, step, [0, 1])
@@ -353,7 +358,8 @@ def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
         "kill",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode != 0 and (run_dir / ".step_00000001.tmp").is_dir(), proc.stderr[-3000:]
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert (run_dir / ".step_00000001.tmp").is_dir(), proc.stderr[-3000:]
     assert (run_dir / "latest").read_text() == "step_00000001\n"
     assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"  # verified: sizes and sha256
     engine, _ = _engine(2, seed=1)
@@ -373,7 +379,8 @@ def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, capl
     broken.write_bytes(broken.read_bytes()[:100])  # truncated
     with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint"):
         assert ckpt.resume(engine, run_dir, "auto")["step"] == 2
-    assert "resuming from" in caplog.text and "step_00000002" in caplog.text
+    assert "resuming from" in caplog.text
+    assert "step_00000002" in caplog.text
     assert f"step_00000003 skipped: {broken} has 100 bytes" in caplog.text
     with pytest.raises(ckpt.CheckpointError, match=rf"step_00000003 is damaged: {broken} has 100 bytes"):
         ckpt.resume(engine, run_dir, "step_00000003")
@@ -419,7 +426,8 @@ def test_a_zero_stage_change_is_refused_or_bridged(run_dir):
     assert bridged.load_universal_checkpoint()
     assert ckpt.resume(bridged, run_dir, "auto", universal=True)["step"] == 1
     for (loss, lrs), (ref_loss, ref_lrs) in zip(_train(bridged, opt1, [1, 2]), expected):
-        assert loss == pytest.approx(ref_loss, rel=1e-5) and lrs == pytest.approx(ref_lrs)
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert lrs == pytest.approx(ref_lrs)
 
 
 if __name__ == "__main__":  # the subprocess halves of the universal and the kill tests, under torchrun

@@ -23,9 +23,12 @@ def test_yaml_then_overrides(tmp_path):
         path,
         ["train.micro_batch=8", "optim.lr=1e-3", "schedule.milestones_epochs=[1,2]", "model.overrides.num_layers=3"],
     )
-    assert cfg.train.micro_batch == 8 and cfg.train.epochs == 2
-    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as text
-    assert cfg.schedule.milestones_epochs == [1, 2] and cfg.model.overrides == {"num_layers": 3}
+    assert cfg.train.micro_batch == 8
+    assert cfg.train.epochs == 2
+    assert cfg.optim.lr == pytest.approx(1e-3)
+    assert isinstance(cfg.optim.lr, float)  # YAML 1.1 reads 1e-3 as text
+    assert cfg.schedule.milestones_epochs == [1, 2]
+    assert cfg.model.overrides == {"num_layers": 3}
     assert load_config(RunConfig, path).optim.lr == pytest.approx(2e-4)
 
 
@@ -66,7 +69,8 @@ def test_types_are_checked_in_files_too_and_in_the_finetuning_config(tmp_path):
     with pytest.raises(ConfigError, match="config key 'task': expected one of 'vqa', 'nlvr2', 'retrieval', got 'gqa'"):
         load_config(FinetuneConfig, None, ["task=gqa"])
     cfg = load_config(FinetuneConfig, None, ["train.max_nonfinite_in_row=5", "optim.betas=[0.8, 0.9]"])
-    assert cfg.train.max_nonfinite_in_row == 5 and cfg.optim.betas == (0.8, 0.9)  # the loop's own keys
+    assert cfg.train.max_nonfinite_in_row == 5
+    assert cfg.optim.betas == (0.8, 0.9)  # the loop's own keys
 
 
 def _leaf_keys(tree: dict, where: str = "") -> list[str]:
@@ -106,7 +110,8 @@ def test_help_lists_every_key_with_its_default_without_importing_deepspeed(scrip
             value = value[part]
         shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         assert re.search(rf"^  {re.escape(key)}={re.escape(shown)} +\(", out, re.M), key
-    assert "train.max_nonfinite_in_row=20" in out and "NaN/inf losses are skipped" in out  # the field's comment
+    assert "train.max_nonfinite_in_row=20" in out
+    assert "NaN/inf losses are skipped" in out  # the field's comment
 
 
 def test_print_config_prints_the_merged_config_and_exits(tmp_path, capsys):
@@ -118,6 +123,8 @@ def test_print_config_prints_the_merged_config_and_exits(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     merged = load_config(RunConfig, path, ["optim.lr=3e-4", "train.compile=true"])
     assert printed == yaml.safe_load(yaml.safe_dump(to_dict(merged)))  # (YAML has lists, no tuples)
-    assert printed["train"]["micro_batch"] == 4 and printed["optim"]["lr"] == 3e-4 and printed["train"]["compile"]
+    assert printed["train"]["micro_batch"] == 4
+    assert printed["optim"]["lr"] == 3e-4
+    assert printed["train"]["compile"]
     with pytest.raises(ConfigError, match="config key 'train.compile'"):
         run.main(["--print-config", "train.compile=abc"])

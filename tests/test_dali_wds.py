@@ -87,7 +87,8 @@ def test_ranks_partition_the_epoch_and_flag_repeats(split, batch_size):
         orders[epoch] = seen
     assert orders[0] != orders[1]  # shards rotate, order reshuffles
     if batch_size == 7:
-        assert n_batches == 2 and shard_bounds(N, 0, world) == (0, 7)
+        assert n_batches == 2
+        assert shard_bounds(N, 0, world) == (0, 7)
     else:  # drop_last: floor(floor(22 / 3) / 4) = 1 full batch per rank, no repeat
         dropped = [list(_wds(directory, batch_size, rank=r, world_size=world, drop_last=True)) for r in range(world)]
         rows = [k for batches in dropped for b in batches for k in b["keys"]]
@@ -103,12 +104,15 @@ def test_eval_pixels_match_external_dali_and_pil(split):
     size_of = dict(zip(keys, sizes))
     for batch in batches:
         images, hw = batch["images"], batch["image_sizes"]
-        assert images.dtype == torch.float32 and tuple(images.shape[2:]) == padded_batch_size(hw)
-        assert (batch["mlm_labels"] == -100).all() and (batch["itm_labels"] == 1).all()
+        assert images.dtype == torch.float32
+        assert tuple(images.shape[2:]) == padded_batch_size(hw)
+        assert (batch["mlm_labels"] == -100).all()
+        assert (batch["itm_labels"] == 1).all()
         for i, key in enumerate(batch["keys"]):
             h, w = hw[i].tolist()
             assert (h, w) == resized_size(*size_of[key], SHORTER, MAX)
-            assert images[i, :, h:].abs().sum() == 0 and images[i, :, :, w:].abs().sum() == 0
+            assert images[i, :, h:].abs().sum() == 0
+            assert images[i, :, :, w:].abs().sum() == 0
     ours = _by_key(batches)
     external = _by_key(build_loader(_cfg("dali"), directory, 5, train=False))
     pil = _by_key(build_loader(_cfg("pil"), directory, 5, train=False))
@@ -149,7 +153,8 @@ def test_restore_continues_exactly(split):
     directory, _, _ = split
     kw = dict(batch_size=3, world_size=2, hflip=True, prefetch=2)
     reference = _two_epochs(_wds(directory, rank=1, **kw))
-    assert len(reference[0]) == 4 and reference[0][-1]["is_pad"].any()
+    assert len(reference[0]) == 4
+    assert reference[0][-1]["is_pad"].any()
     for k in (1, 3):  # 3: the next batch holds repeats
         loader = _wds(directory, rank=1, **kw)
         first = []
@@ -158,7 +163,8 @@ def test_restore_continues_exactly(split):
             if len(first) == k:
                 break
         state = json.loads(json.dumps(loader.state_dict()))
-        assert state["batches_done"] == k and state["dali_checkpoint"]
+        assert state["batches_done"] == k
+        assert state["dali_checkpoint"]
         fresh = _wds(directory, rank=1, **kw)
         fresh.load_state_dict(state)
         fresh.set_epoch(0)  # same epoch: keeps the position
@@ -235,5 +241,6 @@ def test_index_files_never_touch_a_read_only_shard_dir(tmp_path, capfd, monkeypa
     want = [k for b in writable for k, p in zip(b["keys"], b["is_pad"]) if not p]
     assert [k for b in loader for k, p in zip(b["keys"], b["is_pad"]) if not p] == want == keys
     text = (index_dir(directory) / "train-000000.tar.idx").read_text().splitlines()
-    assert text[0] == "v1.2 3" and text[1].startswith("jpg 512 ")
+    assert text[0] == "v1.2 3"
+    assert text[1].startswith("jpg 512 ")
     assert "Index file not provided" not in capfd.readouterr().err

@@ -62,8 +62,10 @@ def _run(directory, backend, **kw) -> tuple:
 
 def _check_replaced(batches, loader, bad_key, reference, caplog, where):
     keys = [k for b in batches for k in b["keys"]]
-    assert bad_key not in keys and len(keys) == N
-    assert loader.damaged == 1 and sum(b["damaged"] for b in batches) == 1
+    assert bad_key not in keys
+    assert len(keys) == N
+    assert loader.damaged == 1
+    assert sum(b["damaged"] for b in batches) == 1
     named = [r for r in caplog.records if where in r.getMessage()]
     assert len(named) == 1, [r.getMessage() for r in caplog.records]
     for batch in batches:  # every row is a clean image of the key it claims
@@ -96,7 +98,8 @@ def test_changed_bytes_same_size_are_replaced_alike_and_resume_exactly(tmp_path,
     rest = list(fresh)
     assert [b["keys"] for b in rest] == [b["keys"] for b in full[1:]]
     for a, b in zip(rest, full[1:]):
-        assert torch.equal(a["images"], b["images"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["images"], b["images"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -133,7 +136,8 @@ def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
             loader, batches = _run(directory, backend, shuffle=False)
         seen[backend] = [k for b in batches for k in b["keys"]]
-        assert "img0009" not in seen[backend] and loader.damaged == 1
+        assert "img0009" not in seen[backend]
+        assert loader.damaged == 1
         assert (
             sum(
                 "train-000001.tar:img0009" in r.getMessage() and "undecodable" in r.getMessage() for r in caplog.records
@@ -163,8 +167,11 @@ def test_webdataset_reader_replaces_changed_bytes_in_its_batch(tmp_path, clean, 
     with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
         loader, batches = _run(directory, "dali", **cfg)
     seen = [k for b in batches for k in b["keys"]]
-    assert keys[3] not in seen and seen.count(keys[0]) == 2 and len(seen) == len(keys) + 2
-    assert loader.damaged == 1 and sum(b["damaged"] for b in batches) == 1
+    assert keys[3] not in seen
+    assert seen.count(keys[0]) == 2
+    assert len(seen) == len(keys) + 2
+    assert loader.damaged == 1
+    assert sum(b["damaged"] for b in batches) == 1
     assert sum(where in r.getMessage() for r in caplog.records) == 1
     for batch in batches:
         for i, (key, (h, w)) in enumerate(zip(batch["keys"], batch["image_sizes"].tolist())):

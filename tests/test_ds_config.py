@@ -38,7 +38,8 @@ def test_shipped_configs_fill(name):
     assert ds["train_batch_size"] == 4 * 2 * 3
     assert ds["gradient_clipping"] == 1.0
     assert ds["zero_allow_untested_optimizer"] is True
-    assert "optimizer" not in ds and "scheduler" not in ds
+    assert "optimizer" not in ds
+    assert "scheduler" not in ds
     assert precision_of(ds) == ("fp16" if name == "zero2_fp16" else "bf16")
     assert ds["zero_optimization"]["stage"] == int(name[4])
     if name == "zero2_fp16":
@@ -59,7 +60,8 @@ def test_missing_keys_filled_and_equal_values_accepted(tmp_path):
         },
     )
     ds = fill_deepspeed_config(path, **RUN)
-    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 24
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24
     assert precision_of(ds) == "fp32"
 
 
@@ -83,8 +85,12 @@ def test_contradiction_names_file_key_and_values(tmp_path, key, value, run_key):
     with pytest.raises(ConfigError) as err:
         fill_deepspeed_config(path, **RUN)
     msg = str(err.value)
-    assert "mine.json" in msg and key in msg and run_key in msg and str(value) in msg
-    assert str(RUN[run_key]) in msg and '"auto"' in msg
+    assert "mine.json" in msg
+    assert key in msg
+    assert run_key in msg
+    assert str(value) in msg
+    assert str(RUN[run_key]) in msg
+    assert '"auto"' in msg
 
 
 def test_train_batch_size_mismatch(tmp_path):
@@ -127,9 +133,11 @@ def test_bad_run_values_and_stage(tmp_path):
 def test_precision_override_and_auto():
     with pytest.warns(UserWarning, match="enables bf16; the run config asks fp32"):
         ds = fill_deepspeed_config(CONFIGS / "zero2.json", **RUN, precision="fp32")
-    assert precision_of(ds) == "fp32" and ds["bf16"]["enabled"] is False
+    assert precision_of(ds) == "fp32"
+    assert ds["bf16"]["enabled"] is False
     ds = fill_deepspeed_config({"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}, **RUN, precision="fp16")
-    assert ds["fp16"] == {"enabled": True, "loss_scale": 0} and ds["bf16"]["enabled"] is False
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0}
+    assert ds["bf16"]["enabled"] is False
     assert precision_of(fill_deepspeed_config({"bf16": {"enabled": "auto"}}, **RUN)) == "bf16"
 
 
@@ -137,7 +145,8 @@ def test_fp16_falls_back_where_the_accelerator_lacks_it(monkeypatch):
     monkeypatch.setattr(dsc, "_accelerator_caps", lambda: {**CPU_CAPS, "fp16": False})
     with pytest.warns(UserWarning, match="fp16 is not supported on this cpu accelerator; falling back to bf16"):
         ds = fill_deepspeed_config(CONFIGS / "zero2_fp16.json", **RUN)
-    assert precision_of(ds) == "bf16" and ds["fp16"]["enabled"] is False
+    assert precision_of(ds) == "bf16"
+    assert ds["fp16"]["enabled"] is False
 
 
 def test_nvme_offload_falls_back_to_cpu():

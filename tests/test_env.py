@@ -77,14 +77,16 @@ def test_torchrun(clean_env):
         clean_env.setenv(key, value)
     env = detect_env()
     assert env == DistEnv(5, 1, 8, 4, "host0", 29400, "torchrun")
-    assert env.num_nodes == 2 and not env.is_main
+    assert env.num_nodes == 2
+    assert not env.is_main
 
 
 def test_launcher_wins_over_slurm(clean_env):
     # `srun deepspeed ...` or torchrun inside an allocation: the launcher's ranks are the truth
     for key, value in dict(RANK="1", WORLD_SIZE="2", MASTER_PORT="1234", SLURM_PROCID="0", SLURM_NTASKS="1").items():
         clean_env.setenv(key, value)
-    assert detect_env().launcher == "deepspeed" and detect_env().rank == 1
+    assert detect_env().launcher == "deepspeed"
+    assert detect_env().rank == 1
 
 
 def test_slurm(clean_env, monkeypatch):
@@ -124,7 +126,9 @@ def test_slurm_uses_scontrol_when_present(clean_env, tmp_path):
     ).items():
         clean_env.setenv(key, value)
     env = detect_env()
-    assert env.master_addr == "nodeA" and env.local_world_size == 1 and env.master_port == 15007
+    assert env.master_addr == "nodeA"
+    assert env.local_world_size == 1
+    assert env.master_port == 15007
 
 
 @pytest.mark.parametrize(
@@ -161,7 +165,8 @@ def test_bad_value_names_the_variable(clean_env):
 def test_init_distributed_is_idempotent_and_device(dist_env):
     from pixelbert_dist.distributed.env import init_distributed
 
-    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    assert torch.distributed.is_initialized()
+    assert torch.distributed.get_world_size() == 1
     group = torch.distributed.group.WORLD
     init_distributed(DistEnv(master_port=1))  # a second call must not re-initialise
     assert torch.distributed.group.WORLD is group
@@ -234,4 +239,5 @@ def test_rendezvous_with_a_silent_master_ends_within_the_bound(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     seconds, message = proc.stdout.split(" ", 1)
     assert float(seconds) < 10  # the bound (2 s) and a margin for a busy machine
-    assert "did not complete within 2 s" in message and "no answer from the master" in message
+    assert "did not complete within 2 s" in message
+    assert "no answer from the master" in message

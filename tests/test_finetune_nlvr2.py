@@ -58,7 +58,8 @@ def test_read_official_jsonl(tmp_path):
     assert [e.identifier for e in examples] == ["dev-850-0-0", "dev-850-1-0", "dev-851-0-1"]
     assert [e.label for e in examples] == [True, False, True]
     assert (examples[1].left_image, examples[1].right_image) == ("dev-850-1-img0", "dev-850-1-img1")
-    assert examples[2].sentence == "no dogs." and examples[0].left_path is None
+    assert examples[2].sentence == "no dogs."
+    assert examples[0].left_path is None
     # Unlabelled lines (a hidden test split) read with label None.
     row = json.loads(_line("test2-1-0-0"))
     del row["label"]

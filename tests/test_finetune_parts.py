@@ -104,7 +104,8 @@ def test_vqa_batch_targets_and_nlvr2_pairs(ft, tmp_path):
         torch.testing.assert_close(batch["targets"][row], want)
     cfg, task, backbone = _task(ft, "nlvr2", tmp_path)
     batch = next(iter(_loader(cfg, task, 3, shuffle=False)))
-    assert batch["images"].shape[0] == 6 and batch["labels"].tolist() == [int(ex.label) for ex in batch["examples"]]
+    assert batch["images"].shape[0] == 6
+    assert batch["labels"].tolist() == [int(ex.label) for ex in batch["examples"]]
     model = task.build_model(backbone).eval()
     with torch.no_grad():
         logits = model(batch)["logits"]
@@ -164,7 +165,8 @@ def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
     )
     metrics = task.evaluate(engine, split, loader, lambda b: b)
     scores = torch.load(tmp_path / f"retrieval_{split}_scores.pt", weights_only=True)["scores"]
-    assert scores.shape == (5, task.eval_owner.numel()) and metrics["num_images"] == 5
+    assert scores.shape == (5, task.eval_owner.numel())
+    assert metrics["num_images"] == 5
     model.eval()
     one = TaskLoader(
         task.eval_splits[split],

@@ -53,8 +53,10 @@ def test_recall_at_k_by_hand():
 def test_constant_scores_get_no_credit_from_ties():
     r = recall_at_k(torch.zeros(3, 6), OWNER, ks=(1, 2, 5))
     # i2t: 4 tied negatives -> rank 4 (hit only at K=5); t2i: 2 tied negatives -> rank 2.
-    assert r["i2t_r1"] == r["i2t_r2"] == 0 and r["i2t_r5"] == 100
-    assert r["t2i_r1"] == r["t2i_r2"] == 0 and r["t2i_r5"] == 100
+    assert r["i2t_r1"] == r["i2t_r2"] == 0
+    assert r["i2t_r5"] == 100
+    assert r["t2i_r1"] == r["t2i_r2"] == 0
+    assert r["t2i_r5"] == 100
 
 
 def _reference_ranks(scores, owner):
@@ -103,7 +105,8 @@ def test_sample_negatives_then_hardest_five_of_twenty():
     negs = sample_negatives(owner, [0, 7], 20, gen)
     assert negs.shape == (2, 20)
     for row, image in zip(negs.tolist(), [0, 7]):
-        assert len(set(row)) == 20 and all(owner[t] != image for t in row)
+        assert len(set(row)) == 20
+        assert all(owner[t] != image for t in row)
     again = sample_negatives(owner, [0, 7], 20, torch.Generator().manual_seed(1))
     assert torch.equal(negs, again)
     scores = -negs.float()  # lower caption index = harder
@@ -155,9 +158,11 @@ def test_read_karpathy_coco_and_flickr(tmp_path):
         ],
     )
     images = read_karpathy_split(flickr, "test")
-    assert images[0].filepath is None and images[0].relative_path == "1000092795.jpg"
+    assert images[0].filepath is None
+    assert images[0].relative_path == "1000092795.jpg"
     texts, owner = flatten_captions(images)
-    assert texts == ["two men.", "a man.", "men outside.", "workers."] and owner == [0, 0, 0, 1]
+    assert texts == ["two men.", "a man.", "men outside.", "workers."]
+    assert owner == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize(

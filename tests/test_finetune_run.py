@@ -93,7 +93,8 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
         q["question_id"] for q in json.loads((vqa / "v2_OpenEnded_mscoco_test_questions.json").read_text())["questions"]
     }
     submitted = json.loads((run_dir / "vqa_test_results.json").read_text())
-    assert {r["question_id"] for r in submitted} == test_ids and all(isinstance(r["answer"], str) for r in submitted)
+    assert {r["question_id"] for r in submitted} == test_ids
+    assert all(isinstance(r["answer"], str) for r in submitted)
     val = saved["metrics"]["val"]
     print(
         "VQA held-out:", val, "blind:", ft["summary"]["baselines"]["vqa_val_blind"], "train s:", saved["train_seconds"]
@@ -103,7 +104,8 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert losses[-1] < losses[0]
-    assert (run_dir / "tensorboard").is_dir() and (run_dir / "answer_vocab.json").is_file()
+    assert (run_dir / "tensorboard").is_dir()
+    assert (run_dir / "answer_vocab.json").is_file()
 
 
 def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
@@ -208,7 +210,8 @@ def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
     )
     results = json.loads((run_dir / "results.json").read_text())
     n_dev = len(dev.read_text().splitlines())
-    assert results["world_size"] == 2 and n_dev % 2 == 1
+    assert results["world_size"] == 2
+    assert n_dev % 2 == 1
     assert results["metrics"]["dev"]["num_examples"] == n_dev == results["eval_examples"]["dev"]
     assert len((run_dir / "nlvr2_dev_predictions.csv").read_text().splitlines()) == n_dev
 

@@ -122,7 +122,9 @@ def test_vocab_top_k_with_ties_broken_alphabetically():
     # yes: 3 votes, 2: 2 votes, then blue/cat/red tie at 1 -> "blue" wins alphabetically.
     assert vocab.answers == ("yes", "2", "blue")
     assert build_answer_vocab(list(reversed(examples)), size=3) == vocab
-    assert vocab.index("Two") == 1 and "YES" in vocab and vocab.index("red") is None
+    assert vocab.index("Two") == 1
+    assert "YES" in vocab
+    assert vocab.index("red") is None
     # mode of the answers is used when multiple_choice_answer is absent.
     no_mc = VqaExample(1, 1, "q?", ("a red", "red", "blue", "blue", "red"))
     assert build_answer_vocab([no_mc], size=5).answers == ("red",)
@@ -161,7 +163,9 @@ def test_build_targets_skips_all_oov_only_in_training():
         "oov_rate": pytest.approx(11 / 30),
     }
     kept, stats = build_targets(examples, vocab, training=False)
-    assert len(kept) == 3 and stats["skipped_all_oov"] == 0 and kept[1][1].all_oov
+    assert len(kept) == 3
+    assert stats["skipped_all_oov"] == 0
+    assert kept[1][1].all_oov
 
 
 # ---------------------------------------------------------------- official files
@@ -212,7 +216,8 @@ def test_read_vqa_official_files(tmp_path):
     assert [e.question_id for e in examples] == [42000, 42001]  # questions-file order
     first = examples[0]
     assert (first.image_id, first.question, first.multiple_choice_answer) == (42, "What color is the cat?", "black")
-    assert first.answers == ("black",) * 7 + ("gray",) * 3 and first.answer_type == "other"
+    assert first.answers == ("black",) * 7 + ("gray",) * 3
+    assert first.answer_type == "other"
     test = read_vqa(qpath)  # a test split: questions only
     assert test[1] == VqaExample(42001, 42, "How many cats?")
 

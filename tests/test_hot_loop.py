@@ -72,11 +72,13 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatc
     calls = count_syncs(monkeypatch)
     run.fit()
     monkeypatch.undo()
-    assert run.state["step"] == 4 and len(micro_batches) == 8
+    assert run.state["step"] == 4
+    assert len(micro_batches) == 8
     assert len(calls) == 4, calls
     assert all(call.startswith("item from loop.py") for call in calls), calls
     losses = train_losses(tmp_path / "run")
-    assert list(losses) == [4] and torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time
+    assert list(losses) == [4]
+    assert torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time
 
 
 @pytest.mark.parametrize(
@@ -102,7 +104,8 @@ def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path, 
         poison_images(run, lambda i, bad=bad: i in bad)
         run.fit()
         runs[name] = run
-    assert runs["both"].state["nonfinite_skipped"] == 2 and runs["second"].state["nonfinite_skipped"] == 1
+    assert runs["both"].state["nonfinite_skipped"] == 2
+    assert runs["second"].state["nonfinite_skipped"] == 1
     assert runs["both"].state["step"] == runs["second"].state["step"] == 3
     assert runs["both"].state["samples"] == runs["second"].state["samples"] == 3 * 2 * 4  # skipped ones not counted
     assert runs["both"].scheduler.last_epoch == 3  # 3 applied steps; DeepSpeed counted the skipped one too

@@ -36,7 +36,8 @@ def test_sidecar_matches_the_tar(split):
     manifest = read_manifest(directory)
     seen = []
     for info, path in zip(manifest.shards, manifest.shard_paths()):
-        assert info.index == path.name[:-4] + ".idx.npy" and info.size == path.stat().st_size
+        assert info.index == path.name[:-4] + ".idx.npy"
+        assert info.size == path.stat().st_size
         columns = shard_index.load(directory / info.index)
         with tarfile.open(path) as tar:
             members = [m for m in tar.getmembers() if m.isfile()]
@@ -53,8 +54,10 @@ def test_sidecar_matches_the_tar(split):
 def test_index_is_read_lazily(split):
     directory, keys, _ = split
     loader = build_loader(_cfg("pil", num_workers=0), directory, 4)
-    assert isinstance(loader.plan(), EpochPlan) and loader.plan().indices.dtype == np.int64
-    assert not loader.index._maps and not loader.index._fds, "nothing read at start-up"
+    assert isinstance(loader.plan(), EpochPlan)
+    assert loader.plan().indices.dtype == np.int64
+    assert not loader.index._maps, "nothing read at start-up"
+    assert not loader.index._fds, "nothing read at start-up"
     batch = next(iter(loader))
     assert len(loader.index._maps) <= len(batch["keys"])
     assert [loader.index.samples[i].key for i in range(len(keys))] == keys
@@ -145,6 +148,7 @@ def test_shard_index_reads_one_shard_per_sample(split):
     directory, keys, _ = split
     index = ShardIndex(directory)
     sample = index.read(12)
-    assert sample.key == keys[12] and sample.damage is None
+    assert sample.key == keys[12]
+    assert sample.damage is None
     assert index.meta(12)["key"] == keys[12]
     assert list(index._maps) == [index.locate(12)[0]]

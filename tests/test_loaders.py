@@ -106,7 +106,8 @@ def test_dali_and_pil_agree(split):
         assert a["keys"] == b["keys"]
         for name in ("input_ids", "attention_mask", "token_type_ids", "mlm_labels", "itm_labels", "image_sizes"):
             assert torch.equal(a[name], b[name]), name
-        assert a["images"].shape == b["images"].shape and a["images"].dtype == torch.float32
+        assert a["images"].shape == b["images"].shape
+        assert a["images"].dtype == torch.float32
         expected = [resized_size(*size_of[k], SHORTER, MAX) for k in a["keys"]]
         assert a["image_sizes"].tolist() == [list(s) for s in expected]
         for i, (h, w) in enumerate(a["image_sizes"].tolist()):
@@ -120,11 +121,14 @@ def test_padding_to_64_and_zero_outside(split):
     saw_max_limit = False
     for batch in batches:
         images, sizes = batch["images"], batch["image_sizes"]
-        assert images.shape[2] % 64 == 0 and images.shape[3] % 64 == 0
+        assert images.shape[2] % 64 == 0
+        assert images.shape[3] % 64 == 0
         assert tuple(images.shape[2:]) == padded_batch_size(sizes.numpy())
         for i, (h, w) in enumerate(sizes.tolist()):
-            assert images[i, :, h:, :].abs().sum() == 0 and images[i, :, :, w:].abs().sum() == 0
-            assert images[i, :, h - 1, :w].abs().sum() > 0 and images[i, :, :h, w - 1].abs().sum() > 0
+            assert images[i, :, h:, :].abs().sum() == 0
+            assert images[i, :, :, w:].abs().sum() == 0
+            assert images[i, :, h - 1, :w].abs().sum() > 0
+            assert images[i, :, :h, w - 1].abs().sum() > 0
             saw_max_limit |= max(h, w) == MAX and min(h, w) < SHORTER
     assert saw_max_limit, "the set should include images whose longer side hits max_size"
 
@@ -171,7 +175,8 @@ def test_eval_keeps_order_and_every_sample(split):
     for rank in range(4):
         loader = build_loader(_cfg("dali", hflip=True), directory, 4, rank=rank, world_size=4, train=False)
         for batch in loader:
-            assert (batch["mlm_labels"] == -100).all() and (batch["itm_labels"] == 1).all()
+            assert (batch["mlm_labels"] == -100).all()
+            assert (batch["itm_labels"] == 1).all()
             seen += [k for k, p in zip(batch["keys"], batch["is_pad"]) if not p]
     assert sorted(seen) == keys
 
@@ -221,7 +226,8 @@ def test_epoch_plan_rules():
             else []
         )
         for plan in dropped:
-            assert all(len(b) == batch for b in plan) and not any(p.is_pad for b in plan for p in b)
+            assert all(len(b) == batch for b in plan)
+            assert not any(p.is_pad for b in plan for p in b)
 
 
 def test_torchvision_decode_path_matches_pil(split):

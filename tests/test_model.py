@@ -73,7 +73,8 @@ def test_preset_parameter_count(name):
     model = build_model(name, device="meta", freeze_bn=False)
     assert model.num_parameters() == independent_count(name)
     if name == "pixelbert-r50":
-        assert preset_config(name).hidden_size == 768 and preset_config(name).num_layers == 12
+        assert preset_config(name).hidden_size == 768
+        assert preset_config(name).num_layers == 12
 
 
 def test_presets_registry_and_overrides():
@@ -184,7 +185,8 @@ def test_torchvision_backbone_weights(tmp_path):
     torch.save(trunk.state_dict(), tmp_path / "resnet10.pth")
     model = build_model("tiny")
     report = load_torchvision_backbone(model, tmp_path / "resnet10.pth")
-    assert report.missing == [] and report.unexpected == []
+    assert report.missing == []
+    assert report.unexpected == []
     torch.testing.assert_close(model.visual.backbone.layer4[0].conv2.weight, trunk.layer4[0].conv2.weight)
     wrong = ResNet(BasicBlock, [1, 1, 1, 1], width_per_group=64, groups=1)
     wrong.conv1 = torch.nn.Conv2d(3, 64, 3)
@@ -204,21 +206,25 @@ def test_pixel_sampling_valid_unique_k():
     for row in range(3):
         assert len(set(index[row].tolist())) == 10  # without replacement
         assert mask[row, index[row][picked[row]]].all()  # picked pixels are valid
-    assert picked[0].all() and picked[2].all() and picked[1].sum() == 7
+    assert picked[0].all()
+    assert picked[2].all()
+    assert picked[1].sum() == 7
     assert set(index[1][picked[1]].tolist()) == set(range(7))
     # Uniform among the valid pixels: every valid pixel of image 2 gets picked about half the time.
     hits = torch.zeros(40)
     for _ in range(400):
         i, _ = sample_pixels(mask[2:], 10, gen)
         hits[i[0]] += 1
-    assert hits[:10].sum() == 0 and hits[30:].sum() == 0
+    assert hits[:10].sum() == 0
+    assert hits[30:].sum() == 0
     assert (hits[10:30] / 400 - 0.5).abs().max() < 0.12
 
 
 def test_feature_mask_from_image_sizes():
     mask = feature_mask(torch.tensor([[800, 1333], [64, 65]]), (13, 21)).view(2, 13, 21)
     assert mask[0].all()  # 800/64 -> 13 rows, 1333/64 -> 21 cols
-    assert mask[1].sum() == 2 and mask[1, 0, :2].all()
+    assert mask[1].sum() == 2
+    assert mask[1, 0, :2].all()
 
 
 def test_tiny_overfits_one_batch():
@@ -264,4 +270,5 @@ def test_frozen_bn_and_channels_last_run_in_bf16_like_deepspeed():
     batch = make_batch()
     batch["images"] = batch["images"].to(torch.bfloat16)
     out = model(batch)
-    assert out["hidden_states"].dtype == torch.bfloat16 and torch.isfinite(out["loss"])
+    assert out["hidden_states"].dtype == torch.bfloat16
+    assert torch.isfinite(out["loss"])

@@ -90,7 +90,8 @@ def test_tiny_trains_in_bf16_on_cpu_like_deepspeed():
     assert torch.isfinite(outputs[1]["loss"])
     torch.testing.assert_close(outputs[1]["loss"], outputs[0]["loss"], atol=0.05, rtol=0.02)
     for name, param in model.named_parameters():
-        assert param.grad is not None and param.grad.dtype == torch.bfloat16, name
+        assert param.grad is not None, name
+        assert param.grad.dtype == torch.bfloat16, name
         assert torch.isfinite(param.grad).all(), name
     bn, bn_ref = model.visual.backbone.bn1, reference.visual.backbone.bn1
     assert bn.running_mean.dtype == torch.float32

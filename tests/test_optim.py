@@ -59,7 +59,8 @@ def test_groups_follow_the_paper():
     assert len(cnn["params"]) == 4  # conv weight+bias, BatchNorm weight+bias
     assert (decay["rule"], decay["lr"], decay["weight_decay"]) == ("adamw", 1e-4, 1e-2)
     assert {tuple(p.shape) for p in decay["params"]} == {(16, 8), (4, 16)}
-    assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in no_decay["params"])
     assert len(no_decay["params"]) == 4  # proj.bias, norm.weight, norm.bias, head.bias
 
 
@@ -214,11 +215,14 @@ def test_warmup_then_step_decay_at_milestones():
     lrs = _lrs("step", 40, warmup_steps=4, milestones_epochs=[2, 3])
     cnn = [row[0] for row in lrs]
     assert cnn[:5] == pytest.approx([0.25e-2, 0.5e-2, 0.75e-2, 1e-2, 1e-2])
-    assert cnn[19] == pytest.approx(1e-2) and cnn[20] == pytest.approx(1e-3)  # epoch 2 = step 20
-    assert cnn[29] == pytest.approx(1e-3) and cnn[30] == pytest.approx(1e-4)  # epoch 3 = step 30
+    assert cnn[19] == pytest.approx(1e-2)
+    assert cnn[20] == pytest.approx(1e-3)  # epoch 2 = step 20
+    assert cnn[29] == pytest.approx(1e-3)
+    assert cnn[30] == pytest.approx(1e-4)  # epoch 3 = step 30
     # every group gets the same factor of its own base lr (CNN 1e-2, transformer 1e-4)
     for row in lrs:
-        assert row[1] == pytest.approx(row[0] / 100) and row[2] == row[1]
+        assert row[1] == pytest.approx(row[0] / 100)
+        assert row[2] == row[1]
 
 
 def test_cosine_end_value_and_constant():
@@ -227,7 +231,8 @@ def test_cosine_end_value_and_constant():
     assert transformer[1] == pytest.approx(1e-4)
     assert transformer[11] == pytest.approx(1e-4 * (0.1 + 0.9 * 0.5))  # half-way down
     factor = LrFactor(ScheduleConfig(kind="cosine", warmup_steps=1, min_lr_ratio=0.1), 10, 21)
-    assert factor(21) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+    assert factor(21) == pytest.approx(0.1)
+    assert factor(500) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(transformer[1:], transformer[2:]))  # never rises
     assert {row[0] for row in _lrs("constant", 5)} == {1e-2}
 
@@ -240,7 +245,8 @@ def test_schedule_state_round_trips_and_bad_config():
         opt.step()
         sched.step()
     state = sched.state_dict()
-    assert state["last_epoch"] == 5 and state["lr_lambdas"] == [None, None, None]  # numbers only
+    assert state["last_epoch"] == 5
+    assert state["lr_lambdas"] == [None, None, None]  # numbers only
     opt2 = build_optimizer(copy.deepcopy(model), OptimConfig())
     sched2 = build_scheduler(opt2, ScheduleConfig(warmup_steps=3), 10, 100)
     sched2.load_state_dict(state)

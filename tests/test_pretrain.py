@@ -23,8 +23,10 @@ def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     final = trainer.fit()
     run_dir = tmp_path / "run"
     losses = train_losses(run_dir)
-    assert sorted(losses) == list(range(1, 9)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
-    assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final) and final["step"] == 8  # the final model
+    assert sorted(losses) == list(range(1, 9))
+    assert all(map(torch.isfinite, torch.tensor(list(losses.values()))))
+    assert {"itm_acc", "mlm_acc", "i2t_r1", "t2i_r1"} <= set(final)
+    assert final["step"] == 8  # the final model
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = set().union(*(r.keys() for r in rows if r["split"] == "train"))
     assert {
@@ -43,7 +45,8 @@ def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["micro_batch"] == 4
     ds = json.loads((run_dir / "deepspeed_config.json").read_text())
-    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["zero_optimization"]["stage"] == 2
     # the export reloads without DeepSpeed and gives the trained engine's outputs
     export = PixelBert.from_pretrained(run_dir / "export").eval()
     batch = trainer.to_device(next(iter(trainer.val_loader)))
@@ -87,7 +90,9 @@ def test_visual_warmstart_learns_the_scene_words_and_loads_into_pretraining(tmp_
     targets = scene_targets(
         [{"background": "noisy", "objects": [{"color": "red", "shape": "star"}, {"color": "blue", "shape": "star"}]}]
     )
-    assert targets.sum() == 4 and targets[0, WORDS.index("star")] == 1 and targets[0, WORDS.index("noisy")] == 1
+    assert targets.sum() == 4
+    assert targets[0, WORDS.index("star")] == 1
+    assert targets[0, WORDS.index("noisy")] == 1
     shards = make_synthetic_shards(tmp_path / "shards", num=240, samples_per_shard=120)  # enough to generalise
     cfg = load_config(
         RunConfig,
@@ -154,7 +159,8 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards,
     run = trainer(tmp_path / "run", "train.save_every=0")
     poison(run, lambda i: i in (2, 3))
     run.fit()
-    assert run.state["step"] == 6 and run.state["nonfinite_skipped"] == 2
+    assert run.state["step"] == 6
+    assert run.state["nonfinite_skipped"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["nonfinite_skipped"] for r in rows if r["split"] == "train"][-1] == 2
     assert all(map(torch.isfinite, torch.tensor(list(train_losses(tmp_path / "run").values()))))

@@ -55,7 +55,8 @@ def test_restore_continues_exactly(split, backend):
         if len(first) == 2:
             break
     state = json.loads(json.dumps(loader.state_dict()))  # must survive a JSON checkpoint
-    assert state["epoch"] == 0 and state["batches_done"] == 2
+    assert state["epoch"] == 0
+    assert state["batches_done"] == 2
 
     # The same object continues where it stopped ...
     _assert_same(first + list(loader), reference[0])
@@ -95,7 +96,8 @@ def test_end_of_epoch_state_and_restart(split):
     restored = _loader(split, "dali")
     restored.load_state_dict(state)
     restored.set_epoch(1)
-    assert restored.batches_done == 0 and len(list(restored)) == len(loader)
+    assert restored.batches_done == 0
+    assert len(list(restored)) == len(loader)
 
 
 def test_rank0_state_restores_other_ranks_and_mismatch_is_refused(split):

@@ -69,7 +69,8 @@ def test_a_stop_signal_on_a_save_step_saves_once(shards, tmp_path, monkeypatch, 
     signal_at(run, 1, sig)  # arrives during step 2, a save step
     with counting_saves(monkeypatch) as saved, caplog.at_level("INFO", logger="pixelbert_dist.checkpoint"):
         run.fit()
-    assert saved == [2] and run.state["step"] == 2
+    assert saved == [2]
+    assert run.state["step"] == 2
     assert f"stop requested ({signal.Signals(sig).name})" in caplog.text
     assert ckpt.find_checkpoint(tmp_path / "run" / "checkpoints", "auto").name == "step_00000002"
 
@@ -162,14 +163,16 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderError, match=rf"in use by another run \(host \S+, pid {holder.pid}, since"):
             trainer(run_dir, shards)
-        assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+        assert not (run_dir / "checkpoints").exists()
+        assert not (run_dir / "config.yaml").exists()
     finally:
         holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
         holder.wait()
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == holder.pid
     with caplog.at_level("WARNING", logger="pixelbert_dist.train.run_dir"):
         run = trainer(run_dir, shards)
-    assert f"took over the stale lock {run_dir / 'run.lock'}" in caplog.text and f"pid {holder.pid}" in caplog.text
+    assert f"took over the stale lock {run_dir / 'run.lock'}" in caplog.text
+    assert f"pid {holder.pid}" in caplog.text
     run.fit()
     assert not (run_dir / "run.lock").exists()  # released at the end
 
@@ -227,7 +230,8 @@ def test_export_of_a_pruned_tag_lists_the_tags_there(shards, tmp_path):
     )
     assert proc.returncode != 0
     assert f"no checkpoint step_00000002 in {run_dir / 'checkpoints'}" in proc.stderr
-    assert "checkpoints there: step_00000004" in proc.stderr and "resume" not in proc.stderr
+    assert "checkpoints there: step_00000004" in proc.stderr
+    assert "resume" not in proc.stderr
 
 
 def test_the_data_plan_of_two_ranks_continues_on_one(shards):
@@ -247,7 +251,9 @@ def test_the_data_plan_of_two_ranks_continues_on_one(shards):
     )
     assert state == {"epoch": 1, "batches_done": 3, "batch_size": 8, "world_size": 1}
     rest = [s.index for b in plan(0, 1, 8)[state["batches_done"] :] for s in b]
-    assert not seen & set(rest) and seen | set(rest) == set(range(40)) and len(rest) == 40 - len(seen)
+    assert not seen & set(rest)
+    assert seen | set(rest) == set(range(40))
+    assert len(rest) == 40 - len(seen)
     assert replan_data_state(state, dict(state)) is state  # same shape: untouched
 
 
@@ -281,5 +287,6 @@ def test_universal_resume_from_two_ranks_to_one_through_the_launcher(shards, tmp
         "-> batch 8" in proc.stdout + proc.stderr
     )
     losses = train_losses(run_dir)
-    assert sorted(losses) == list(range(1, 9)) and all(map(torch.isfinite, torch.tensor(list(losses.values()))))
+    assert sorted(losses) == list(range(1, 9))
+    assert all(map(torch.isfinite, torch.tensor(list(losses.values()))))
     assert ckpt.read_meta(run_dir / "checkpoints" / "step_00000008")["world_size"] == 1

@@ -53,14 +53,17 @@ def test_round_trip(tmp_path):
     assert [s.file for s in manifest.shards] == ["part-000000.tar", "part-000001.tar", "part-000002.tar"]
     assert [s.num_samples for s in manifest.shards] == [3, 3, 1]
     read = read_manifest(tmp_path, verify=True)
-    assert read.num_samples == 7 and read.skipped == 1 and read.source == "test"
+    assert read.num_samples == 7
+    assert read.skipped == 1
+    assert read.source == "test"
     assert read.shards == manifest.shards
     for info in read.shards:
         assert info.sha256 == hashlib.sha256((tmp_path / info.file).read_bytes()).hexdigest()
     assert list(iter_samples(tmp_path)) == samples
     assert read_skipped(tmp_path) == [{"file": "broken.jpg", "reason": "unreadable image"}]
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["format"] == FORMAT and set(raw) == {"format", "name", "num_samples", "shards", "source", "skipped"}
+    assert raw["format"] == FORMAT
+    assert set(raw) == {"format", "name", "num_samples", "shards", "source", "skipped"}
 
 
 def test_member_layout_and_determinism(tmp_path):

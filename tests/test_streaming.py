@@ -80,7 +80,8 @@ def test_http_equals_local_and_ranks_stay_in_step(shards, server):
         http = list(_stream(f"{server}/{PATTERN}", rank=rank))
         local = list(_stream(str(shards / PATTERN), rank=rank))
         _same(http, local)
-        assert len(http) == 24 // (2 * BATCH) and all(len(b["keys"]) == BATCH for b in http)
+        assert len(http) == 24 // (2 * BATCH)
+        assert all(len(b["keys"]) == BATCH for b in http)
         per_rank.append({k for b in http for k in b["keys"]})
     assert not per_rank[0] & per_rank[1], "ranks read different shards"
     assert "img0008" not in per_rank[0] | per_rank[1]

@@ -85,7 +85,8 @@ def test_dry_run_prints_the_sbatch_script(capsys, tmp_path):
     ]:
         assert line in out, line
     code = tmp_path / "out" / "code"
-    assert f"cd {code}" in out and f"export PYTHONPATH={code}" in out  # runs from the snapshot
+    assert f"cd {code}" in out
+    assert f"export PYTHONPATH={code}" in out  # runs from the snapshot
     assert "--array" not in out
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 
@@ -102,7 +103,8 @@ def test_sweep_makes_one_job_per_value(capsys, tmp_path):
         assert sum(f"optim.lr={value} " in line for line in jobs) == 1
     # several keys make the product; commas inside brackets belong to one value
     points = expand_sweep(["a=1,2", "schedule.milestones=[25,35],[30,38]"])
-    assert len(points) == 4 and ["a=1", "schedule.milestones=[25,35]"] in points
+    assert len(points) == 4
+    assert ["a=1", "schedule.milestones=[25,35]"] in points
 
 
 @pytest.mark.parametrize(
@@ -123,7 +125,8 @@ def test_sweep_makes_one_job_per_value(capsys, tmp_path):
 )
 def test_bad_input_is_refused_before_submission(capsys, tmp_path, opts, pretrain, message):
     rc, _, err = _cli(capsys, tmp_path, *opts, pretrain=(*pretrain, "data.train_shards=/data/x"))
-    assert rc == 2 and message in err
+    assert rc == 2
+    assert message in err
     assert not (tmp_path / "out").exists()
 
 
@@ -131,7 +134,8 @@ def test_missing_separator_and_stray_argument(capsys, tmp_path):
     assert submit_cli.main(["--dry-run"]) == 2
     assert "after --" in capsys.readouterr().err
     rc, _, err = _cli(capsys, tmp_path, "--dry-run", pretrain=(DS, "--bogus"))
-    assert rc == 2 and "--bogus" in err
+    assert rc == 2
+    assert "--bogus" in err
 
 
 def test_cpu_nodes_and_tasks_per_node(capsys, tmp_path):
@@ -139,14 +143,17 @@ def test_cpu_nodes_and_tasks_per_node(capsys, tmp_path):
     rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--nodes", "2", "--gpus-per-node", "0")
     assert rc == 0
     assert "#SBATCH --ntasks-per-node=1" in out
-    assert "gpus" not in out and "gres" not in out
+    assert "gpus" not in out
+    assert "gres" not in out
     rc, out, _ = _cli(capsys, tmp_path, "--dry-run", "--gpus-per-node", "8", "--tasks-per-node", "2")
     assert rc == 0
-    assert "#SBATCH --ntasks-per-node=2" in out and "#SBATCH --gpus-per-node=8" in out
+    assert "#SBATCH --ntasks-per-node=2" in out
+    assert "#SBATCH --gpus-per-node=8" in out
     rc, _, err = _cli(capsys, tmp_path, "--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2")
     assert rc == 0
     rc, _, err = _cli(capsys, tmp_path, "--gpus-per-node", "8", "--tasks-per-node", "3")
-    assert rc == 2 and "not a multiple of --tasks-per-node 3" in err
+    assert rc == 2
+    assert "not a multiple of --tasks-per-node 3" in err
 
 
 @pytest.mark.parametrize(
@@ -166,7 +173,9 @@ def test_paths_in_the_script_are_validated(capsys, tmp_path, output_dir, bad):
         ]
     )
     err = capsys.readouterr().err
-    assert rc == 2 and "--output-dir" in err and repr(bad) in err
+    assert rc == 2
+    assert "--output-dir" in err
+    assert repr(bad) in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -223,7 +232,8 @@ def test_task_environment(monkeypatch, tmp_path):
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"]) == ("1", "1", "2")
     assert env["CUDA_VISIBLE_DEVICES"] == "5"  # this task's GPU only
     assert env["NCCL_DEBUG"] == "INFO"  # the user's choice stays
-    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["OMP_NUM_THREADS"] == "6"
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["OMP_NUM_THREADS"] == "6"
     assert env["PYTHONPATH"] == f"{tmp_path}{os.pathsep}/elsewhere"
     assert 20000 <= int(env["MASTER_PORT"]) <= 60000  # the same on every task of the job
     assert job_task._task_environment(6, str(tmp_path))["MASTER_PORT"] == env["MASTER_PORT"]
@@ -314,13 +324,15 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     (job_dir,) = [p for p in (out / "submitit").iterdir() if p.name.isdigit()]
     rank0 = (job_dir / f"{job_dir.name}_0_log.out").read_text()
     rank0_err = (job_dir / f"{job_dir.name}_0_log.err").read_text()
-    assert "[submit] attempt 0 rank 0/2" in rank0 and "[submit] attempt 1 rank 0/2" in rank0
+    assert "[submit] attempt 0 rank 0/2" in rank0
+    assert "[submit] attempt 1 rank 0/2" in rank0
     assert "asking the trainer" in rank0
     # the first attempt stopped at step s and saved it; the second went on from s + 1:
     # every step logged once, none repeated, none skipped
     assert _train_steps(metrics) == list(range(1, total + 1))
     tags = sorted(p.name for p in (out / "run" / "checkpoints").glob("step_*"))
-    assert tags[-1] == f"step_{total:08d}" and len(tags) == 2, tags  # the stop's save + the end
+    assert tags[-1] == f"step_{total:08d}", tags
+    assert len(tags) == 2, tags  # the stop's save + the end
     stopped_at = int(tags[0].split("_")[1])
     assert 3 <= stopped_at < total
     assert f"at step {stopped_at}" in rank0_err  # the trainer's "resumed from ... at step s"
@@ -358,7 +370,8 @@ def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch)
     )
     err = capsys.readouterr().err
     assert rc == 1
-    assert "failed" in err and "--- task 0, last lines of" in err
+    assert "failed" in err
+    assert "--- task 0, last lines of" in err
     tail = err.split("--- task 0, last lines of", 1)[1]
     assert str(missing) in tail  # the trainer's own error, naming what is wrong
     assert "submitit ERROR" not in tail

@@ -79,7 +79,8 @@ def test_vqa_answers_follow_the_objects(tasks, scenes):
         for ex in examples:
             truth = _true_answer(ex.question, scenes[keys[str(ex.image_id)]])
             assert ex.multiple_choice_answer == truth, ex
-            assert len(ex.answers) == 10 and vqa_accuracy(truth, ex.answers) >= 0.9
+            assert len(ex.answers) == 10
+            assert vqa_accuracy(truth, ex.answers) >= 0.9
             seen_types.add(ex.answer_type)
     assert seen_types == {"yes/no", "number", "other"}
 
@@ -123,7 +124,8 @@ def test_one_image_split_shared_by_all_tasks(tasks, scenes):
         images = read_karpathy_split(karpathy, split)
         keys = {im.filename.removesuffix(".jpg") for im in images}
         for im in images:
-            assert len(im.captions) >= 1 and im.filepath is None
+            assert len(im.captions) >= 1
+            assert im.filepath is None
         vqa = read_vqa(out / f"vqa/v2_OpenEnded_mscoco_{split}_questions.json")
         assert {vqa_keys[str(ex.image_id)] for ex in vqa} == keys
         assert {nlvr_keys[k] for k in nlvr_keys if k.startswith(nlvr_name + "-")} <= keys

@@ -29,14 +29,18 @@ def _gen(seed: int) -> torch.Generator:
 
 def test_shipped_vocab_layout(tok):
     lines = (SYNTHETIC_VOCAB_DIR / "vocab.txt").read_text().splitlines()
-    assert len(lines) == 512 and len(set(lines)) == 512
+    assert len(lines) == 512
+    assert len(set(lines)) == 512
     assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert lines[-1].startswith("[unused")
     for word in WORDS + list(".,?!'-") + [str(d) for d in range(10)]:
         assert word in lines, word
     config = json.loads((SYNTHETIC_VOCAB_DIR / "tokenizer_config.json").read_text())
-    assert config["tokenizer_class"] == "BertTokenizer" and config["do_lower_case"]
-    assert len(tok) == 512 and tok.pad_token_id == 0 and tok.mask_token_id == 4
+    assert config["tokenizer_class"] == "BertTokenizer"
+    assert config["do_lower_case"]
+    assert len(tok) == 512
+    assert tok.pad_token_id == 0
+    assert tok.mask_token_id == 4
     assert tok.tokenize("How many RED Circles?") == ["how", "many", "red", "circles", "?"]
 
 
@@ -82,7 +86,9 @@ def test_mlm_statistics(tok):
     masked = (chosen == tok.mask_token_id).float().mean()
     unchanged = (chosen == original).float().mean()
     random = 1 - masked - unchanged
-    assert abs(masked - 0.8) < 0.025 and abs(unchanged - 0.1) < 0.02 and abs(random - 0.1) < 0.02
+    assert abs(masked - 0.8) < 0.025
+    assert abs(unchanged - 0.1) < 0.02
+    assert abs(random - 0.1) < 0.02
     replaced = chosen[(chosen != tok.mask_token_id) & (chosen != original)]
     assert not torch.isin(replaced, torch.tensor(tok.all_special_ids)).any()
     assert (selected.sum(1) >= 1).all(), "every positive row trains MLM on at least one token"
@@ -120,7 +126,8 @@ def test_eval_collation_is_plain_and_deterministic(tok):
     enc = tok(captions, padding="longest", return_tensors="pt")
     assert torch.equal(plain["input_ids"], enc["input_ids"])
     assert torch.equal(plain["attention_mask"], enc["attention_mask"])
-    assert (plain["mlm_labels"] == IGNORE_INDEX).all() and plain["itm_labels"].tolist() == [1, 1]
+    assert (plain["mlm_labels"] == IGNORE_INDEX).all()
+    assert plain["itm_labels"].tolist() == [1, 1]
     assert (plain["token_type_ids"] == 0).all()
     assert all(v.dtype == torch.int64 for v in plain.values())
     train = TextCollator(tok)

@@ -120,8 +120,10 @@ def test_sbatch_refusal_is_one_line(slurm_env, capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1, err
-    assert "sbatch refused the job" in err and "Invalid generic resource" in err
-    assert "--gpus-per-node 0" in err and "Traceback" not in err
+    assert "sbatch refused the job" in err
+    assert "Invalid generic resource" in err
+    assert "--gpus-per-node 0" in err
+    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,8 @@ def test_time_limit_checkpoints_requeues_and_resumes(two_node_jobs):
     assert record["JobState"] == "COMPLETED", task_log(out, job_id, 0, "err")[-3000:]
     assert int(record["Restarts"]) >= 1
     rank0 = task_log(out, job_id, 0)
-    assert "asking the trainer" in rank0 and "[submit] attempt 1 rank 0/2" in rank0
+    assert "asking the trainer" in rank0
+    assert "[submit] attempt 1 rank 0/2" in rank0
     rows = train_rows(metrics)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # none lost, none repeated
     tags = sorted(p.name for p in (out / "run" / "checkpoints").glob("step_*"))
@@ -217,7 +220,8 @@ def test_scancel_saves_and_the_next_submission_continues(slurm_env, slurm_shards
     wait_train_steps(run_dir / "metrics.jsonl", 2, job_id)
     subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGTERM to every task
     record = wait_final(job_id, release_requeued=False)
-    assert record["JobState"] == "CANCELLED" and record["Restarts"] == "0"
+    assert record["JobState"] == "CANCELLED"
+    assert record["Restarts"] == "0"
     saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert len(saved) == 1, saved  # the trainer saved on Slurm's SIGTERM
     stopped_at = int(saved[0].split("_")[1])
@@ -237,7 +241,8 @@ def test_sweep_is_a_job_array(slurm_env, slurm_shards, capsys, tmp_path):
         "optim.lr=1e-4,2e-4",
         pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3),
     )
-    assert len(jobs) == 2 and len({j.split("_")[0] for j in jobs}) == 1  # one array, two elements
+    assert len(jobs) == 2
+    assert len({j.split("_")[0] for j in jobs}) == 1  # one array, two elements
     array_id = jobs[0].split("_")[0]
     for job in jobs:
         wait_final(job)
@@ -303,7 +308,8 @@ def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shard
     assert (record["JobState"], record["Restarts"]) == ("FAILED", "0")
     for rank in (0, 1):
         err = task_log(tmp_path / "out", job_id, rank, "err")
-        assert "RendezvousError" in err and f"MASTER_PORT={port}" in err, err[-2000:]
+        assert "RendezvousError" in err, err[-2000:]
+        assert f"MASTER_PORT={port}" in err, err[-2000:]
         assert "exported where the job was submitted" in err
     assert "within 15 s" in task_log(tmp_path / "out", job_id, 1, "err")
     assert "address already in use" in task_log(tmp_path / "out", job_id, 0, "err")
