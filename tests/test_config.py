@@ -128,3 +128,13 @@ def test_print_config_prints_the_merged_config_and_exits(tmp_path, capsys):
     assert printed["train"]["compile"]
     with pytest.raises(ConfigError, match="config key 'train.compile'"):
         run.main(["--print-config", "train.compile=abc"])
+
+
+def test_list_presets_names_every_registered_preset(capsys):
+    from pixelbert_dist.model import list_presets
+    from pixelbert_dist.train import run
+
+    assert run.main(["--list-presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_presets()
+    assert "resnext152_32x8d" in next(line for line in lines if line.startswith("pixelbert-x152"))

@@ -29,16 +29,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="print the merged config (defaults <- --config <- overrides) as YAML and exit",
     )
+    parser.add_argument("--list-presets", action="store_true", help="list the model presets (model.preset=) and exit")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the run config")
     args = parser.parse_args(argv)
-    if not args.print_config and not args.deepspeed_config:
+    if not (args.print_config or args.list_presets) and not args.deepspeed_config:
         parser.error("the following arguments are required: --deepspeed_config")
     return args
 
 
+def presets_table() -> str:
+    """One line per registered model preset: its CNN and transformer shape."""
+    from pixelbert_dist.model import list_presets, preset_config  # torch: only for this command
+
+    rows = []
+    for name in list_presets():
+        c = preset_config(name)
+        rows.append(
+            f"{name:16s} {c.backbone:18s} {c.num_layers:2d} layers x {c.hidden_size:4d} hidden, "
+            f"{c.num_heads:2d} heads, {c.pixel_sample_size} sampled pixels"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_presets:
+        print(presets_table(), flush=True)
+        return 0
     if args.print_config:
         print(dump_config(load_config(RunConfig, args.config, args.overrides)), end="", flush=True)
         return 0
