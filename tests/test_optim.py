@@ -196,7 +196,7 @@ def test_zero_stages_follow_zero0(dist_env):
 
 # ---- schedules -------------------------------------------------------------------
 
-from pixelbert_dist.train.schedule import LrFactor, ScheduleConfig, build_scheduler  # noqa: E402
+from pixelbert_dist.train.schedule import LrFactor, ScheduleConfig, build_scheduler, clamp_warmup  # noqa: E402
 
 
 def _lrs(kind: str, steps: int, **kw) -> list[list[float]]:
@@ -257,5 +257,10 @@ def test_schedule_state_round_trips_and_bad_config():
     assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
     with pytest.raises(ValueError, match="schedule.kind must be one of"):
         build_scheduler(opt, ScheduleConfig(kind="linear"), 10, 100)
-    with pytest.raises(ValueError, match="warmup_steps .* below the total"):
-        build_scheduler(opt, ScheduleConfig(kind="cosine", warmup_steps=100), 10, 100)
+    # issue 14.2: warm-up longer than the run is clamped to the run (it used to be refused)
+    clamped, note = clamp_warmup(ScheduleConfig(kind="cosine", warmup_steps=150), 100)
+    assert clamped.warmup_steps == 100
+    assert "clamped to 100 steps" in note
+    assert clamp_warmup(ScheduleConfig(warmup_steps=100), 100) == (ScheduleConfig(warmup_steps=100), None)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        build_scheduler(opt, ScheduleConfig(warmup_steps=-1), 10, 100)

@@ -123,7 +123,9 @@ def cli(task: str, argv=None) -> int:
 
     try:
         main(task, argv)
-    except refused_run_errors() as err:
+    except Exception as err:  # not SystemExit (--help): the check below imports torch
+        if not isinstance(err, refused_run_errors()):
+            raise
         if os.environ.get("RANK", "0") == "0":
             print(f"finetune {task}: {err}", file=sys.stderr, flush=True)
         return 2

@@ -88,7 +88,9 @@ def cli(argv: list[str] | None = None) -> int:
     on stderr (rank 0 only: the other ranks stop with the same reason) and exit code 2."""
     try:
         return main(argv)
-    except refused_run_errors() as err:
+    except Exception as err:  # not SystemExit (--help): the check below imports torch
+        if not isinstance(err, refused_run_errors()):
+            raise
         if os.environ.get("RANK", "0") == "0":
             print(f"pretrain: {err}", file=sys.stderr, flush=True)
         return 2
