@@ -59,6 +59,7 @@ def _load(folder: Path, name: str) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_attention_json(smoke):
     data = _load(smoke[0], "bench_attention")
     rows = data["rows"]
@@ -77,6 +78,7 @@ def test_attention_json(smoke):
         assert r["status"] == "ok" or r["reason"]  # an unsupported backend says why
 
 
+@pytest.mark.slow
 def test_step_json(smoke):
     (row,) = _load(smoke[0], "bench_step")["rows"]
     assert row["status"] == "ok"
@@ -94,6 +96,7 @@ def test_step_json(smoke):
     assert row["params"] > 1e5
 
 
+@pytest.mark.slow
 def test_decode_json_and_brief(smoke):
     folder, stdout = smoke
     rows = _load(folder, "bench_decode")["rows"]
@@ -108,6 +111,7 @@ def test_decode_json_and_brief(smoke):
     assert "memory tiny 128x128 mb2 checkpointing transformer" in brief
 
 
+@pytest.mark.slow
 def test_memory_json(smoke):
     rows = _load(smoke[0], "bench_memory")["rows"]
     assert [r["mode"] for r in rows] == ["none", "transformer"]
@@ -118,6 +122,7 @@ def test_memory_json(smoke):
     assert rows[1]["saving_vs_none"] == pytest.approx(1 - rows[1]["peak_rss_gib"] / rows[0]["peak_rss_gib"])
 
 
+@pytest.mark.slow
 def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
     rows = bench_scaling.main(
@@ -153,6 +158,7 @@ def test_scaling_projection_and_summary(smoke):
     assert (folder / "bench_attention.png").is_file()
 
 
+@pytest.mark.slow
 def test_scaling_refuses_a_cpu_step_time(smoke):
     with pytest.raises(SystemExit, match="measured on a CPU"):
         bench_scaling.main(

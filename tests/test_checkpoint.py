@@ -103,6 +103,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_continues_like_an_uninterrupted_run(run_dir, stage):
     _seed_all(7)
@@ -278,6 +279,7 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
         )
 
 
+@pytest.mark.launcher
 def test_universal_resume_on_another_world_size(run_dir):
     import subprocess
 
@@ -343,6 +345,7 @@ def _killed_save(save_dir: str) -> None:
     ckpt.save_checkpoint(engine, save_dir, 1, {"trainer": {"step": 1}}, keep_last=0)
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
     import subprocess
 

@@ -21,6 +21,7 @@ NO_TORCH = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIMS)
 def test_launch_help_is_instant(name):
     script = str(REPO / "launch" / f"{name}.py")
@@ -31,6 +32,7 @@ def test_launch_help_is_instant(name):
     assert "usage:" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", HEAVY)
 def test_launch_help_answers(name):
     proc = subprocess.run(
@@ -67,6 +69,7 @@ def test_console_scripts_point_at_callables():
         ["launch/finetune_vqa.py", "train.compile=abc"],
     ],
 )
+@pytest.mark.slow
 def test_a_refused_run_is_one_line_not_a_traceback(cmd):
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2

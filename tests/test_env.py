@@ -211,6 +211,7 @@ def test_rendezvous_on_a_held_port_fails_at_once_with_the_reason():
     assert "address already in use" in message
 
 
+@pytest.mark.slow
 def test_rendezvous_with_a_silent_master_ends_within_the_bound(tmp_path):
     """A client whose master accepts and never answers (another job's stale socket) would
     wait forever in torch's store: the bound ends it, and the process exits 1 (a

@@ -61,6 +61,7 @@ def _with_bad_items(ft, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_vqa_end_to_end(dist_env, ft, tmp_path):
     files = _with_bad_items(ft, tmp_path)
     vqa = ft["tasks"] / "vqa"
@@ -108,6 +109,7 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     assert (run_dir / "answer_vocab.json").is_file()
 
 
+@pytest.mark.slow
 def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     nlvr2 = ft["tasks"] / "nlvr2"
     run_dir = tmp_path / "run"
@@ -185,6 +187,7 @@ def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.launcher
 def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
     """Two CPU ranks through the real `deepspeed` launcher: the ranks split the examples
     (the odd count makes a wrap-around repeat), and the gathered predictions still cover
@@ -216,6 +219,7 @@ def test_nlvr2_under_the_deepspeed_launcher_two_ranks(ft, tmp_path):
     assert len((run_dir / "nlvr2_dev_predictions.csv").read_text().splitlines()) == n_dev
 
 
+@pytest.mark.slow
 def test_resume_continues_like_an_uninterrupted_run(dist_env, ft, tmp_path):
     """2 steps, stop, resume to 4 == 4 steps in one go (loader position, RNG, optimiser)."""
     nlvr2 = ft["tasks"] / "nlvr2"

@@ -62,6 +62,7 @@ def count_syncs(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatch):
     """8 micro-batches in 4 windows of 2: the loop's own syncs are 4 (one per optimizer
     step, at the accumulation boundary), not one or more per micro-batch as before."""
@@ -90,6 +91,7 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatc
         pytest.param(3, marks=pytest.mark.slow),
     ],
 )
+@pytest.mark.slow
 def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path, stage):
     """With 2 micro-batches per step and trained BatchNorm: a window whose second
     micro-batch is NaN leaves exactly what a window of two NaN micro-batches leaves (the
@@ -116,6 +118,7 @@ def test_a_partly_nonfinite_window_is_dropped_whole(dist_env, shards, tmp_path, 
         torch.testing.assert_close(value, second[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.slow
 def test_each_batch_is_charged_its_own_flops(dist_env, shards, tmp_path):
     """Two batches of different padded sizes are charged their own FLOPs (as
     FlopCounterMode counts them), and the meter's window sums them."""

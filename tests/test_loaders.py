@@ -149,6 +149,7 @@ def test_normalisation_matches_imagenet_stats(tmp_path):
         assert torch.allclose(got, want, atol=0.02), (backend, got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_are_disjoint_and_cover_the_epoch(split, backend):
     directory, keys, _ = split

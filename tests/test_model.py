@@ -227,6 +227,7 @@ def test_feature_mask_from_image_sizes():
     assert mask[1, 0, :2].all()
 
 
+@pytest.mark.slow
 def test_tiny_overfits_one_batch():
     torch.manual_seed(0)
     model = build_model("tiny", hidden_dropout=0.0, attention_dropout=0.0).train()
@@ -244,6 +245,7 @@ def test_tiny_overfits_one_batch():
     assert out["itm_loss"].item() < 0.3 * first["itm_loss"]
 
 
+@pytest.mark.slow
 def test_training_flops_grow_with_pixels_as_the_transformer_predicts():
     cfg = preset_config("tiny")
     f100 = training_flops_per_sample(cfg, (1024, 1024), 40, 100)  # 16x16 feature pixels

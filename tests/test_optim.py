@@ -185,6 +185,7 @@ def _run_engine(stage: int, steps: int = 4) -> tuple[list[float], list[tuple]]:
     return losses, groups
 
 
+@pytest.mark.slow
 def test_zero_stages_follow_zero0(dist_env):
     ref_losses, ref_groups = _run_engine(0)
     assert ref_losses[-1] < ref_losses[0]

@@ -15,6 +15,7 @@ from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import fast_overrides, train_losses
 
 
+@pytest.mark.slow
 def test_trainer_trains_checkpoints_and_exports(dist_env, shards, tmp_path):
     from pixelbert_dist.train.trainer import Trainer
 
@@ -80,6 +81,7 @@ def test_contradictory_configs_are_refused(dist_env, shards, tmp_path):
         run.main(["--deepspeed_config", "deepspeed_configs/zero2.json"])
 
 
+@pytest.mark.slow
 def test_visual_warmstart_learns_the_scene_words_and_loads_into_pretraining(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -135,6 +137,7 @@ def test_freeze_prefixes(shards):
         build_run_model(ModelSection(preset="tiny", freeze=["nope"]))
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards, tmp_path):
     """Micro-batches whose images turn to NaN (a corrupt decode, say) are skipped on every
     rank and counted; too many in a row stop the run with a clear error, writing nothing."""

@@ -16,6 +16,7 @@ def pretrain_args(run_dir, shards, steps):
     return ["--deepspeed_config", "deepspeed_configs/zero2.json", *fast_overrides(run_dir, shards, steps)]
 
 
+@pytest.mark.launcher
 def test_zero_stages_follow_zero0_and_export_reloads(shards, tmp_path):
     run_launcher("tests/dist/zero_parity.py", [str(tmp_path), str(shards["train"]), str(shards["val"])])
     results = json.loads((tmp_path / "parity.json").read_text())
@@ -38,6 +39,7 @@ def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
     ]
 
 
+@pytest.mark.launcher
 def test_sigterm_then_resume_matches_uninterrupted_run(shards, tmp_path):
     steps = 12
     whole = tmp_path / "whole"

@@ -42,6 +42,7 @@ def _two_epochs(loader) -> list[list[dict]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_restore_continues_exactly(split, backend):
     reference = _two_epochs(_loader(split, backend, rank=1, world_size=2))
@@ -100,6 +101,7 @@ def test_end_of_epoch_state_and_restart(split):
     assert len(list(restored)) == len(loader)
 
 
+@pytest.mark.slow
 def test_rank0_state_restores_other_ranks_and_mismatch_is_refused(split):
     rank0 = _loader(split, "pil", world_size=2)
     next(iter(rank0))

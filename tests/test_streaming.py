@@ -74,6 +74,7 @@ def _same(got, want):
             assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_http_equals_local_and_ranks_stay_in_step(shards, server):
     per_rank = []
     for rank in (0, 1):
@@ -89,6 +90,7 @@ def test_http_equals_local_and_ranks_stay_in_step(shards, server):
         _stream(f"{server}/{PATTERN}", world_size=4, num_workers=2)  # fails before step 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resampled", [False, True])
 def test_resume_is_exact(server, resampled):
     spec = f"{server}/{PATTERN}"
@@ -113,6 +115,7 @@ def test_resume_is_exact(server, resampled):
         _stream(spec, resampled=resampled, num_workers=1, epoch_samples=36).load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_pipe_and_a_retried_read(shards, tmp_path):
     local = list(_stream(str(shards / PATTERN), world_size=1, epoch_samples=21))
     marker = tmp_path / "failed-once"

@@ -265,6 +265,7 @@ def _train_steps(metrics: Path) -> list[int]:
     return [r["step"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.launcher
 def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
     """2 tasks over gloo; USR2 (what submitit's controller sends before the time limit)
     reaches the tasks mid-run: rank 0's checkpoint() stops the trainer, which saves;

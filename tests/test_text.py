@@ -188,6 +188,7 @@ def test_mlm_rate_is_exact_on_short_captions(tok, mlm_prob):
             assert (per_row <= 1).all(), n
 
 
+@pytest.mark.slow
 def test_mlm_rate_is_exact_over_a_real_short_caption_set(tok):
     captions = [c for words in (2, 3, 4, 5, 6, 8) for c in _sentences(1500, words, seed=words)]
     ids = [str(i) for i in range(len(captions))]
