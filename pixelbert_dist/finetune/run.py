@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
@@ -117,19 +115,10 @@ def main(task: str, argv=None) -> dict:
 
 
 def cli(task: str, argv=None) -> int:
-    """``launch/finetune_TASK.py`` and the ``pixelbert-finetune-TASK`` console scripts: a bad
-    key or value, a refused run folder or a damaged checkpoint is one line (exit 2), not a traceback."""
-    from pixelbert_dist.train.run import refused_run_errors
+    """``launch/finetune_TASK.py`` and the ``pixelbert-finetune-TASK`` console scripts."""
+    from pixelbert_dist.train.run import refusals_as_one_line
 
-    try:
-        main(task, argv)
-    except Exception as err:  # not SystemExit (--help): the check below imports torch
-        if not isinstance(err, refused_run_errors()):
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"finetune {task}: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return refusals_as_one_line(f"finetune {task}", lambda: main(task, argv))
 
 
 def vqa() -> int:

@@ -74,23 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def refused_run_errors() -> tuple[type[Exception], ...]:
-    """What stops a run before or at start-up for a reason the message states (a bad key, a
-    locked or finished run folder, a damaged checkpoint): one line, not a traceback."""
-    from pixelbert_dist.checkpoint import CheckpointError
-    from pixelbert_dist.train.run_dir import RunFolderError
+def refusals_as_one_line(label: str, call) -> int:
+    """``call()``, where a run refused for a reason its message states (a bad key, a locked or
+    finished run folder, a damaged checkpoint) ends as one line on stderr (rank 0 only: the
+    other ranks stop for the same reason) and exit code 2, not a traceback per rank."""
+    try:
+        result = call()
+    except Exception as err:  # not SystemExit (--help): the imports below load torch
+        from pixelbert_dist.checkpoint import CheckpointError
+        from pixelbert_dist.train.run_dir import RunFolderError
 
-    return ConfigError, RunFolderError, CheckpointError
+        if not isinstance(err, (ConfigError, RunFolderError, CheckpointError)):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{label}: {err}", file=sys.stderr, flush=True)
+        return 2
+    return result if isinstance(result, int) else 0
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``launch/pretrain.py`` and ``pixelbert-pretrain``: ``main`` with refusals as one line
-    on stderr (rank 0 only: the other ranks stop with the same reason) and exit code 2."""
-    try:
-        return main(argv)
-    except Exception as err:  # not SystemExit (--help): the check below imports torch
-        if not isinstance(err, refused_run_errors()):
-            raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"pretrain: {err}", file=sys.stderr, flush=True)
-        return 2
+    """``launch/pretrain.py`` and ``pixelbert-pretrain``."""
+    return refusals_as_one_line("pretrain", lambda: main(argv))
