@@ -41,13 +41,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def curves_figure(rows: list[dict], title: str = "") -> plt.Figure:
     """One panel per PANELS entry, train as lines and val as dashed points."""
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
-    for ax, (title, keys, scale) in zip(axes, PANELS):
+    for ax, (panel, keys, scale) in zip(axes, PANELS):
         for colour, key in enumerate(keys):  # train and val of one quantity: one colour
             for split, style in SPLIT_STYLES:
                 points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
                 if points:
                     ax.plot(*zip(*points), style, color=f"C{colour}", label=f"{split} {key}", markersize=4)
-        ax.set_title(title)
+        ax.set_title(panel)
         if scale == "log" and all(y > 0 for line in ax.lines for y in line.get_ydata()):
             ax.set_yscale("log")
         ax.set_xlabel("step")

@@ -28,7 +28,8 @@ def _rows() -> list[dict]:
 
 
 def test_losses_share_a_log_axis_and_splits_share_colours():
-    fig = curves_figure(_rows())
+    fig = curves_figure(_rows(), title="runs/x")
+    assert fig._suptitle.get_text() == "runs/x"  # the run, not the last panel's title
     losses, accuracy = fig.axes[0], fig.axes[1]
     assert losses.get_yscale() == "log"
     assert accuracy.get_yscale() == "linear"
