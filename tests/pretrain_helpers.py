@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,28 @@ def poison_images(trainer, bad) -> None:
         return out
 
     trainer.to_device = wrapped
+
+
+def signal_at(run, micro_batch: int, sig=signal.SIGTERM) -> None:
+    """Deliver ``sig`` to this process while micro-batch ``micro_batch`` (from 0) is moved to the device."""
+    to_device, calls = run.to_device, []
+
+    def wrapped(batch):
+        calls.append(None)
+        if len(calls) == micro_batch + 1:
+            os.kill(os.getpid(), sig)
+        return to_device(batch)
+
+    run.to_device = wrapped
+
+
+def record_keys(run) -> list[list[str]]:
+    """The sample keys of every micro-batch the trainer moves to the device, in order."""
+    to_device, keys = run.to_device, []
+
+    def wrapped(batch):
+        keys.append(list(batch["keys"]))
+        return to_device(batch)
+
+    run.to_device = wrapped
+    return keys

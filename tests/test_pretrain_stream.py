@@ -1,0 +1,77 @@
+"""Pre-training over streamed shards (the streaming tests' shards behind a local
+http.server) through the real Trainer (one gloo rank, DeepSpeed ZeRO-2, two loader
+workers, a shuffle buffer): a SIGTERM mid-epoch and a resume give the uninterrupted run's
+micro-batches and losses, in plain and in resampled mode; a resume with other loader
+workers or another shard list is refused with one line naming the change."""
+
+from __future__ import annotations
+
+import pytest
+
+from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.config import load_config
+from pixelbert_dist.train.config import RunConfig
+from test_streaming import PATTERN, server, shards  # noqa: F401  (their shards and http.server fixtures)
+from tests.pretrain_helpers import fast_overrides, record_keys, signal_at, train_losses
+
+pytestmark = [pytest.mark.usefixtures("dist_env"), pytest.mark.slow]
+
+# Plain: 4 batches of 4 an epoch over the 4 shards (22 samples, img0008 does not decode),
+# 7 steps cross into epoch 1. Resampled: 2 steps of 2 micro-batches an epoch, 5 steps end
+# in epoch 2; its 3-sample-short epochs draw shards with replacement.
+MODES = {
+    "plain": dict(steps=7, extra=("data.epoch_samples=16",), signal_at=2),
+    "resampled": dict(
+        steps=5,
+        extra=("data.epoch_samples=16", "data.resampled=true", "train.grad_accum=2"),
+        signal_at=4,  # the first micro-batch of step 3's window: the run stops after step 3
+    ),
+}
+
+
+def trainer(run_dir, url, *extra, steps, pattern=PATTERN):
+    from pixelbert_dist.train.trainer import Trainer
+
+    overrides = fast_overrides(run_dir, {"train": f"{url}/{pattern}"}, steps=steps, val=False) + [
+        "train.export=false",
+        "train.save_every=2",
+        "data.num_workers=2",
+        "data.shuffle_buffer=5",
+        "data.hflip=true",
+        *extra,
+    ]
+    return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_path, mode):  # noqa: F811
+    spec = MODES[mode]
+    steps, extra = spec["steps"], spec["extra"]
+    whole = trainer(tmp_path / "whole", server, *extra, steps=steps)
+    expected_keys = record_keys(whole)
+    whole.fit()
+    expected = train_losses(tmp_path / "whole")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    cut_dir = tmp_path / "cut"
+    cut = trainer(cut_dir, server, *extra, steps=steps)
+    keys = record_keys(cut)
+    signal_at(cut, spec["signal_at"])
+    cut.fit()
+    stopped_at = cut.state["step"]
+    assert stopped_at == 3, "the signal should stop the run after step 3, mid-epoch"
+    loader = cut.train_loader
+    assert 0 < loader.batches_done < len(loader), "the stop should land mid-epoch"
+    assert ckpt.read_latest(cut_dir / "checkpoints") == "step_00000003"
+
+    resumed = trainer(cut_dir, server, *extra, steps=steps)  # train.resume=auto
+    assert resumed.state["step"] == stopped_at
+    assert len(keys) == stopped_at * resumed.cfg.train.grad_accum  # whole windows only
+    keys_after = record_keys(resumed)
+    resumed.fit()
+    assert keys + keys_after == expected_keys
+    losses = train_losses(cut_dir)
+    assert sorted(losses) == list(range(1, steps + 1))
+    for step in range(stopped_at + 1, steps + 1):
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    assert resumed.state["epoch"] == whole.state["epoch"] >= 1
