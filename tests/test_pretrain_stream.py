@@ -75,3 +75,36 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_pat
     for step in range(stopped_at + 1, steps + 1):
         assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
     assert resumed.state["epoch"] == whole.state["epoch"] >= 1
+
+
+def test_a_resume_with_other_workers_or_other_urls_is_refused_in_one_line(server, tmp_path, capsys):  # noqa: F811
+    from pixelbert_dist.train.run import refusals_as_one_line
+
+    run_dir = tmp_path / "run"
+    first = trainer(run_dir, server, "data.epoch_samples=16", steps=4)
+    signal_at(first, 0)
+    first.fit()  # stopped after step 1, with its checkpoint
+    record = {p.name: p.read_text() for p in run_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    capsys.readouterr()
+
+    def refusal(*extra) -> str:
+        assert (
+            refusals_as_one_line("pretrain", lambda: trainer(run_dir, server, "data.epoch_samples=16", *extra, steps=4))
+            == 2
+        )
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    # num_workers may change between runs of one config (housekeeping), not under a streamed position
+    assert "'num_workers': (2, 1)" in refusal("data.num_workers=1")
+    three = "train-{000000..000002}.tar"
+    assert "data.train_shards: " in refusal(f"data.train_shards={server}/{three}")  # resume=auto: same run only
+    line = refusal(f"data.train_shards={server}/{three}", "train.resume=latest")
+    assert "another shard list (4 URLs" in line
+    assert "now (3 URLs" in line
+    after = {p.name: p.read_text() for p in run_dir.iterdir() if p.is_file() and p.suffix != ".lock"}
+    assert after == record  # the refused runs left the record as it was
+    again = trainer(run_dir, server, "data.epoch_samples=16", steps=4)  # the folder still resumes
+    assert again.state["step"] == 1
+    assert again.train_loader.state_dict()["stream_cursors"] == first.train_loader.state_dict()["stream_cursors"]
