@@ -1,8 +1,9 @@
 """Pre-training over streamed shards (the streaming tests' shards behind a local
 http.server) through the real Trainer (one gloo rank, DeepSpeed ZeRO-2, two loader
 workers, a shuffle buffer): a SIGTERM mid-epoch and a resume give the uninterrupted run's
-micro-batches and losses, in plain and in resampled mode; a resume with other loader
-workers or another shard list is refused with one line naming the change."""
+micro-batches and losses, in plain and in resampled mode; so does a two-rank run stopped
+through the `deepspeed` launcher, each rank from its own stream cursors; a resume with
+other loader workers or another shard list is refused with one line naming the change."""
 
 from __future__ import annotations
 
