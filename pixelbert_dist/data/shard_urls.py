@@ -25,6 +25,7 @@ import fsspec
 from fsspec.registry import known_implementations
 
 GOPEN_PROTOCOLS = ("", "file", "pipe", "http", "https")  # curl, a shell, open()
+GLOB = "*?["
 # Remote stores raise types of their own that are not OSError once their own retries
 # give up (botocore's EndpointConnectionError when the endpoint is down, ReadTimeoutError
 # ...): they are read errors too. Looked up where loaded, so neither is a dependency.
@@ -60,7 +61,8 @@ def expand(spec: str) -> list[str]:
     for url in expand_urls(spec):
         if through_fsspec(url):
             _require_package(url)
-            urls.extend([url] if url.endswith(".tar") else _list_tars(url))
+            listed = not url.endswith(".tar") or any(c in url for c in GLOB)
+            urls.extend(_list_tars(url) if listed else [url])
         else:
             urls.append(url)
     if not urls:
@@ -84,7 +86,7 @@ def _require_package(url: str) -> None:
 
 def _list_tars(url: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(url)
-    pattern = path if any(c in path for c in "*?[") else path.rstrip("/") + "/*.tar"
+    pattern = path if any(c in path for c in GLOB) else path.rstrip("/") + "/*.tar"
     found = sorted(p for p in fs.glob(pattern) if p.endswith(".tar"))
     if not found:
         raise ValueError(f"data.train_shards: no .tar object matches {url} (listed as {pattern})")
