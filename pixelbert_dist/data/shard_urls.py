@@ -75,7 +75,7 @@ def _require_package(url: str) -> None:
     try:
         fsspec.get_filesystem_class(proto)
     except ImportError:
-        package = known_implementations[proto]["class"].split(".")[0]
+        package = known_implementations.get(proto, {}).get("class", proto).split(".")[0]
         raise ValueError(
             f"data.train_shards: {url} needs the '{package}' package for {proto}:// "
             f"(pip install {package}), which is not installed"
