@@ -3,10 +3,11 @@
 
     data.train_shards="https://host/cc12m-{000000..001023}.tar" data.epoch_samples=10000000
 
-URLs are opened with ``webdataset.gopen`` (curl for http(s), a shell for ``pipe:``, e.g.
-``pipe:aws s3 cp s3://bucket/x.tar -``); ``pipe:`` runs the configured command in a shell,
-so it belongs in trusted configs only. The rules, all pure functions of the config seed
-and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
+URLs are opened by ``shard_urls.py``: ``webdataset.gopen`` for http(s) (curl) and ``pipe:``
+(a shell: trusted configs only), fsspec for ``s3://``, ``gs://`` ... (with ``s3fs``,
+``gcsfs`` ...), where a folder or glob lists its ``.tar`` objects. The rules, all pure
+functions of the config seed and the position, so the loader state is ``{epoch,
+batches_done}`` as elsewhere:
 
 * an epoch is ``data.epoch_samples`` samples over all ranks: ``epoch_samples // (W * B)``
   batches on every rank, whatever the shards hold, so collectives never hang;
@@ -20,9 +21,11 @@ and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
   adds each worker's count of samples taken from its stream, so a resumed run skips
   them (reading, never decoding) and yields the batches the uninterrupted run would
   have (same ``num_workers``: it is fingerprinted);
-* a read error reopens the shard after a back-off (``data.stream_retries`` times) and
-  skips what was already read from it; a JPEG that does not decode is skipped (the next
-  sample takes its place) and counted in ``loader.damaged``.
+* a read error (also a store's own type, e.g. botocore's EndpointConnectionError)
+  reopens the shard after a back-off (``data.stream_retries`` times) and skips what was
+  already read from it; a missing shard stops at once, naming its URL; a JPEG that
+  does not decode is skipped (the next sample takes its place) and counted in
+  ``loader.damaged``.
 """
 
 from __future__ import annotations
@@ -41,24 +44,11 @@ from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import pad_batch
 from pixelbert_dist.data.shard_index import ShardFormatError
+from pixelbert_dist.data.shard_urls import expand, is_stream, open_shard, retryable  # noqa: F401 (is_stream: loader.py)
 from pixelbert_dist.data.torch_loader import data_loader
 
 log = logging.getLogger("pixelbert_dist.data")
 BACKOFF_S = 0.5
-
-
-def is_stream(spec) -> bool:
-    spec = str(spec)
-    return "://" in spec or spec.startswith("pipe:") or ("{" in spec and ".." in spec)
-
-
-def expand(spec: str) -> list[str]:
-    from webdataset.shardlists import expand_urls
-
-    urls = expand_urls(spec)
-    if not urls:
-        raise ValueError(f"data.train_shards={spec!r} names no shard")
-    return urls
 
 
 def _rng(*words) -> np.random.Generator:
@@ -73,9 +63,7 @@ class Raw(NamedTuple):
 
 
 def _members(url: str) -> Iterator[Raw]:
-    from webdataset import gopen
-
-    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         pending = None
         for member in tar:
             if not member.isfile():
@@ -100,7 +88,11 @@ def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
                     done += 1
                     yield raw
             return
-        except (OSError, tarfile.TarError, ValueError) as err:
+        except Exception as err:
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(f"{url}: no such shard ({err})") from None
+            if not retryable(err):
+                raise
             attempt += 1
             errors.append(f"{url}: {type(err).__name__}: {err}")
             if attempt > retries:
