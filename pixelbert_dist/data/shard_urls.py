@@ -24,6 +24,8 @@ import tarfile
 import fsspec
 from fsspec.registry import known_implementations
 
+from pixelbert_dist.config import ConfigError
+
 GOPEN_PROTOCOLS = ("", "file", "pipe", "http", "https")  # curl, a shell, open()
 GLOB = "*?["
 # Remote stores raise types of their own that are not OSError once their own retries
@@ -66,7 +68,7 @@ def expand(spec: str) -> list[str]:
         else:
             urls.append(url)
     if not urls:
-        raise ValueError(f"data.train_shards={spec!r} names no shard")
+        raise ConfigError(f"data.train_shards={spec!r} names no shard")
     return urls
 
 
@@ -76,12 +78,12 @@ def _require_package(url: str) -> None:
         fsspec.get_filesystem_class(proto)
     except ImportError:
         package = known_implementations.get(proto, {}).get("class", proto).split(".")[0]
-        raise ValueError(
+        raise ConfigError(
             f"data.train_shards: {url} needs the '{package}' package for {proto}:// "
             f"(pip install {package}), which is not installed"
         ) from None
     except ValueError:
-        raise ValueError(f"data.train_shards: {url}: unknown protocol {proto}://") from None
+        raise ConfigError(f"data.train_shards: {url}: unknown protocol {proto}://") from None
 
 
 def _list_tars(url: str) -> list[str]:
@@ -89,7 +91,7 @@ def _list_tars(url: str) -> list[str]:
     pattern = path if any(c in path for c in GLOB) else path.rstrip("/") + "/*.tar"
     found = sorted(p for p in fs.glob(pattern) if p.endswith(".tar"))
     if not found:
-        raise ValueError(f"data.train_shards: no .tar object matches {url} (listed as {pattern})")
+        raise ConfigError(f"data.train_shards: no .tar object matches {url} (listed as {pattern})")
     return [fs.unstrip_protocol(p) for p in found]
 
 

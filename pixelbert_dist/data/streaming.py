@@ -40,6 +40,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import pad_batch
@@ -215,7 +216,7 @@ class StreamLoader(LoaderState, BatchAccounting):
         device: torch.device,
     ):
         if cfg.epoch_samples < world_size * batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"streaming needs data.epoch_samples >= world_size x batch_size "
                 f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
                 "number of samples that make one epoch over all ranks"
@@ -227,7 +228,7 @@ class StreamLoader(LoaderState, BatchAccounting):
         self.read_errors = 0
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x "
                 f"{self.workers} workers without repeats: set data.resampled=true "
                 "or use fewer data.num_workers"
