@@ -26,6 +26,7 @@ rounding, one warning naming its keys.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 from collections import deque
 from typing import Callable, Iterator, NamedTuple
@@ -91,8 +92,9 @@ def _feed(batches: Iterator, errors: list) -> Iterator[tuple]:
 
 
 class DaliPixels:
-    """Streamed batches through ``DaliImages.decode``: one pipeline per pass, a new one
-    after a batch it could not decode (that batch, and any fed after it, go to PIL)."""
+    """Streamed batches through ``DaliImages.decode``. A batch DALI cannot decode (the
+    first fed and not yielded: DALI reports in order) goes to PIL, and a new pipeline
+    takes the batches fed after it, then the rest of the stream."""
 
     def __init__(self, dali: DaliImages, fallback: PilDecode):
         self.dali, self.fallback = dali, fallback
@@ -109,8 +111,8 @@ class DaliPixels:
                 raise errors[0]
             if not failures:
                 return
-            for got, _, _ in in_flight:
-                yield with_pil(got, self.fallback, f"DALI: {failures[0]}")
+            yield with_pil(in_flight.popleft()[0], self.fallback, f"DALI: {failures[0]}")
+            feed = itertools.chain(in_flight, feed)
 
 
 class TorchJpegPixels:
