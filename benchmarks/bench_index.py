@@ -237,9 +237,7 @@ def main(argv=None) -> None:
         "from a local http.server (127.0.0.1), start-up and img/s",
     )
     parser.add_argument("--stream-batches", type=int, default=100)
-    parser.add_argument(
-        "--stream-backends", nargs="+", default=["pil", "dali"], choices=["pil", "dali", "nvjpeg"]
-    )
+    parser.add_argument("--stream-backends", nargs="+", default=["pil", "dali"], choices=["pil", "dali", "nvjpeg"])
     parser.add_argument("--backend", default="pil", help=argparse.SUPPRESS)  # of --measure-stream
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)

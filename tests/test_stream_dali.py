@@ -111,7 +111,8 @@ def test_the_check_fails_where_pil_fails_and_dali_would_not():
         pil(data, True)
     # DALI itself decodes sample 9 without an error: only the check keeps it out
     failures: list = []
-    decoded = list(DaliImages(None, 1, SHORTER, MAX).decode(iter([(9, [_sample_bytes(9, *sizes[9])], [False])]), deque(), failures))
+    feed = iter([("img0009", [_sample_bytes(9, *sizes[9])], [False])])
+    decoded = list(DaliImages(None, 1, SHORTER, MAX).decode(feed, deque(), failures))
     assert len(decoded) == 1 and not failures
 
 
@@ -179,3 +180,9 @@ def test_torchvision_decoder_stream_equals_pil_stream(damaged_shards):
     decoder = TorchJpegImages(None, BATCH, SHORTER, MAX, device="cpu")
     loader.images = StreamImages(decoder.name, JpegCheck(), TorchJpegPixels(decoder, PilDecode(SHORTER, MAX)))
     _agree(list(loader), pil)
+
+
+def test_dali_webdataset_reader_refuses_streamed_shards(damaged_shards):
+    cfg = _cfg("dali", dali_reader="webdataset", shuffle=False, epoch_samples=24)
+    with pytest.raises(ValueError, match="external source.*dali_reader='external'"):
+        build_loader(cfg, str(damaged_shards / PATTERN), BATCH)
