@@ -96,6 +96,7 @@ def _agree(dali, pil, exact_images=False):
             assert diff < MEAN_TOL, (a["keys"][i], float(diff))
 
 
+@pytest.mark.slow
 def test_the_check_fails_where_pil_fails_and_dali_would_not():
     check, pil = JpegCheck(), PilDecode(SHORTER, MAX)
     sizes = mixed_sizes(N, seed=4)
@@ -186,3 +187,21 @@ def test_dali_webdataset_reader_refuses_streamed_shards(damaged_shards):
     cfg = _cfg("dali", dali_reader="webdataset", shuffle=False, epoch_samples=24)
     with pytest.raises(ValueError, match="external source.*dali_reader='external'"):
         build_loader(cfg, str(damaged_shards / PATTERN), BATCH)
+
+
+@pytest.mark.slow
+def test_dali_stream_retries_a_failed_read_and_names_a_lost_one(damaged_shards, tmp_path):
+    local = list(_stream(str(damaged_shards / PATTERN), "pil"))
+    marker = tmp_path / "failed-once"
+    # the first read of each shard stops after 3000 bytes and exits 1: a transient failure
+    flaky = (
+        f"pipe:sh -c 'if [ -e {marker}-$0 ]; then cat {damaged_shards}/$0; else touch {marker}-$0; "
+        f"head -c 3000 {damaged_shards}/$0; exit 1; fi' {PATTERN}"
+    )
+    loader = _stream(flaky, "dali")
+    _agree(list(loader), local)
+    assert loader.read_errors == 2  # rank 0 of 2 reads two shards, each failed once
+    # a shard that never reads through: the error reaches the caller, after the batches before it
+    lost = f"pipe:sh -c 'head -c 3000 {damaged_shards}/$0; exit 1' {PATTERN}"
+    with pytest.raises(OSError, match=r"train-00000\d\.tar.*read failed 2 times"):
+        list(_stream(lost, "dali", stream_retries=1))
