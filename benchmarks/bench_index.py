@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
     python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
     python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
+    python benchmarks/bench_index.py --stream --stream-backends dali --sizes 10000
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -152,10 +153,10 @@ def measure(directory: str, batch_size: int) -> dict:
     }
 
 
-def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
+def measure_stream(spec: str, batch_size: int, batches: int, backend: str = "pil") -> dict:
     """Streaming mode (``--measure-stream``): start-up, first batch, then img/s over
-    ``batches`` more batches (PIL, 2 workers, shuffle buffer 1000, resampled shards:
-    the small splits have fewer shards than 8 ranks x 2 workers)."""
+    ``batches`` more batches (``backend``, 2 stream workers, shuffle buffer 1000,
+    resampled shards: the small splits have fewer shards than 8 ranks x 2 workers)."""
     import psutil
 
     import pixelbert_dist
@@ -168,7 +169,7 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     rss0 = process.memory_info().rss
     start = time.perf_counter()
     cfg = DataConfig(
-        backend="pil",
+        backend=backend,
         num_workers=2,
         image_shorter=32,
         image_max=64,
@@ -195,10 +196,12 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     }
 
 
-def run_measure(directory: Path | str, code: Path, batch_size: int, stream_batches: int = 0) -> dict:
+def run_measure(
+    directory: Path | str, code: Path, batch_size: int, stream_batches: int = 0, backend: str = "pil"
+) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     mode = (
-        ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)]
+        ["--measure-stream", str(directory), "--stream-batches", str(stream_batches), "--backend", backend]
         if stream_batches
         else ["--measure", str(directory)]
     )
@@ -234,6 +237,8 @@ def main(argv=None) -> None:
         "from a local http.server (127.0.0.1), start-up and img/s",
     )
     parser.add_argument("--stream-batches", type=int, default=100)
+    parser.add_argument("--stream-backends", nargs="+", default=["pil", "dali"], choices=["pil", "dali", "nvjpeg"])
+    parser.add_argument("--backend", default="pil", help=argparse.SUPPRESS)  # of --measure-stream
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -241,7 +246,7 @@ def main(argv=None) -> None:
         print(json.dumps(measure(args.measure, args.batch_size)))
         return
     if args.measure_stream:
-        print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches)))
+        print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches, args.backend)))
         return
     from common import write_results
 
@@ -298,18 +303,21 @@ def stream_main(args, write_results) -> None:
         for num in sorted(args.sizes):
             directory = subset(largest, num) if num < max(args.sizes) else largest
             pattern = f"tiny-{{000000..{-(-num // PER_SHARD) - 1:06d}}}.tar"
-            for label, spec in [
+            sources = [
                 ("stream-disk", f"{directory}/{pattern}"),
                 ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}"),
-            ]:
-                row = {
-                    "code": label,
-                    "samples": num,
-                    "shards": -(-num // PER_SHARD),
-                    **run_measure(spec, ROOT, args.batch_size, args.stream_batches),
-                }
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            ]
+            for backend in args.stream_backends:  # disk and http side by side, per backend
+                for label, spec in sources:
+                    row = {
+                        "code": label,
+                        "backend": backend,
+                        "samples": num,
+                        "shards": -(-num // PER_SHARD),
+                        **run_measure(spec, ROOT, args.batch_size, args.stream_batches, backend),
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -319,7 +327,7 @@ def stream_main(args, write_results) -> None:
         {
             "world_size": 8,
             "rank": 0,
-            "backend": "pil",
+            "backends": args.stream_backends,
             "num_workers": 2,
             "shuffle_buffer": 1000,
             "resampled": True,
@@ -327,7 +335,7 @@ def stream_main(args, write_results) -> None:
             "timed_batches": args.stream_batches,
         },
         args.out,
-        COLUMNS + ["images_per_s"],
+        ["code", "backend", *COLUMNS[1:], "images_per_s"],
     )
 
 

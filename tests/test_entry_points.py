@@ -72,7 +72,7 @@ PRETRAIN = ["launch/pretrain.py", "--deepspeed_config", "zero2.json", "model.pre
         (["launch/finetune_vqa.py", "train.compile=abc"], "train.compile"),
         ([*PRETRAIN, "data.train_shards=/no/such/shards"], "/no/such/shards"),  # the data layer's refusals
         (
-            [*PRETRAIN, "data.backend=pil", "data.epoch_samples=64", "data.train_shards=unknownproto://b/x-{0..3}.tar"],
+            [*PRETRAIN, "data.epoch_samples=64", "data.train_shards=unknownproto://b/x-{0..3}.tar"],
             "unknown protocol",
         ),
     ],

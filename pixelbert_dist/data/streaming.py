@@ -26,6 +26,11 @@ batches_done}`` as elsewhere:
   already read from it; a missing shard stops at once, naming its URL; a JPEG that
   does not decode is skipped (the next sample takes its place) and counted in
   ``loader.damaged``.
+
+Pixels (``stream_pixels.py``): with ``data.backend=pil`` the workers decode; with dali
+and nvjpeg they check each JPEG and hand its bytes to the rank's decoder, which gives
+the same batches (keys, text, damage counts, loader state) and images that differ from
+pil's only by decoder rounding.
 """
 
 from __future__ import annotations
@@ -146,22 +151,23 @@ class StreamPlan(NamedTuple):
 
 
 class StreamBatch(NamedTuple):
-    images: torch.Tensor
-    sizes: torch.Tensor
+    images: torch.Tensor | None  # None until the rank's decoder fills it (dali, nvjpeg)
+    sizes: torch.Tensor | None
     keys: list
     metas: list
     flips: list
     damaged: list
     read_errors: list
+    jpegs: list  # the checked bytes, for a decoder in the rank's process; else empty
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
     """Worker ``i`` of ``n`` plays stream ``v = (i + start) % n``: the DataLoader's round
     robin begins at worker 0, and batch ``start`` is stream ``start % n``'s."""
 
-    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, decode):
+    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, prepare):
         self.plan, self.start, self.cursors = plan, start, cursors
-        self.flip_of, self.decode = flip_of, decode
+        self.flip_of, self.prepare = flip_of, prepare  # PilDecode or JpegCheck
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = torch.utils.data.get_worker_info()
@@ -176,21 +182,23 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield self._batch(stream, errors)
 
     def _batch(self, stream, errors: list) -> StreamBatch:
-        images, keys, metas, flips, damaged = [], [], [], [], []
-        while len(images) < self.plan.batch_size:  # taken = batch_size + len(damaged)
+        prepared, keys, metas, flips, damaged = [], [], [], [], []
+        while len(prepared) < self.plan.batch_size:  # taken = batch_size + len(damaged)
             raw = next(stream)
             flip = self.flip_of(raw.key)
             try:
-                images.append(self.decode(raw.jpeg, flip, raw.key))
+                prepared.append(self.prepare(raw.jpeg, flip, raw.key))
             except (ValueError, OSError) as err:
                 damaged.append(Damaged(f"{raw.url}:{raw.key}", f"undecodable JPEG ({err})", -1))
                 continue
             keys.append(raw.key)
             metas.append(raw.meta)
             flips.append(flip)
-        stacked, sizes = pad_batch(images)
         read_errors, errors[:] = list(errors), []
-        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors)
+        if not self.prepare.makes_pixels:
+            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared)
+        stacked, sizes = pad_batch(prepared)
+        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [])
 
 
 def url_digest(urls: list[str]) -> str:
@@ -208,7 +216,7 @@ class StreamLoader(LoaderState, BatchAccounting):
         cfg,
         spec: str,
         text,
-        decode,
+        images,
         batch_size: int,
         rank: int,
         world_size: int,
@@ -222,9 +230,9 @@ class StreamLoader(LoaderState, BatchAccounting):
                 "number of samples that make one epoch over all ranks"
             )
         self.cfg, self.urls = cfg, expand(spec)
-        self.text, self.decode = text, decode
+        self.text, self.images = text, images  # a stream_pixels.StreamImages
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
-        self.backend = "pil-stream"
+        self.backend = f"{images.name}-stream"
         self.read_errors = 0
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
@@ -293,9 +301,12 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.batches_done, self.cursors = 0, [0] * self.workers
         start = self.batches_done
         flip_of = self.text.flip_rule(self.epoch)
-        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.decode)
-        loader = data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False)
-        for k, got in enumerate(loader, start):
+        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.images.prepare)
+        # the workers start here, before any decoder thread exists in this process
+        batches = iter(data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False))
+        if self.images.pixels is not None:
+            batches = self.images.pixels(batches)
+        for k, got in enumerate(batches, start):
             self._log_read_errors(got.read_errors)
             self.cursors[k % self.workers] += len(got.keys) + len(got.damaged)
             metas = [_meta(raw, key) for raw, key in zip(got.metas, got.keys)]
