@@ -12,7 +12,7 @@ singleton``), so two measurements never share the CPUs.
 
 ``wait_all`` follows the jobs with ``scontrol`` (submitit asks ``sacct``, which a
 cluster without accounting storage cannot answer) and returns each job's Slurm record
-and every task's return value.
+and every task's return value; past its timeout it cancels the jobs still there.
 """
 
 from __future__ import annotations
@@ -122,9 +122,10 @@ def wait_all(jobs: list[submitit.Job], timeout_s: float, poll_s: float = 5.0) ->
                 print(f"job {job.job_id}: {fields['JobState']} on {fields['NodeList']} in {fields['RunTime']}")
         if len(records) < len(jobs):
             if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"jobs still running after {timeout_s:g} s: {sorted(set(j.job_id for j in jobs) - set(records))}"
-                )
+                left = [job for job in jobs if job.job_id not in records]
+                for job in left:  # leave nothing queued behind a measurement given up on
+                    job.cancel(check=False)
+                raise TimeoutError(f"gave up after {timeout_s:g} s and cancelled {[j.job_id for j in left]}")
             time.sleep(poll_s)
     return [records[job.job_id] for job in jobs]
 
