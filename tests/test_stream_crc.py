@@ -2,7 +2,8 @@
 bytes changed in place after the shard was written, in a way PIL still decodes, is
 caught by the CRC32 of the shard's index sidecar and skipped, counted and named alike on
 the pil and dali streaming backends, with exact resume; shards without a sidecar stream
-as before (said once); a sidecar that is not right stops the run naming it."""
+as before (said once); a sidecar that is not right stops the run naming it, and a stream
+that ends before the samples its sidecar lists is retried, then named."""
 
 from __future__ import annotations
 
@@ -163,3 +164,17 @@ def test_a_sidecar_that_is_wrong_stops_the_run_naming_it(changed, tmp_path):
             assert loader.read_errors == 0  # a wrong sidecar stays wrong: never retried
         # the sidecars that fit still check their shards
         assert len(list(_stream(f"{url}/train-000000.tar", world_size=1, num_workers=0, epoch_samples=3))) == 1
+
+
+@pytest.mark.slow
+def test_a_stream_shorter_than_its_index_is_retried_then_named(changed, tmp_path):
+    short = tmp_path / "train"
+    shutil.copytree(changed, short)
+    index = shard_index.load(short / "train-000001.idx.npy", mmap=False)
+    json_end = int(index[shard_index.JSON_BLOCK, 2]) * BLOCK + int(index[shard_index.JSON_SIZE, 2])
+    with open(short / "train-000001.tar", "r+b") as f:  # cut after sample 3's JSON: a tar that ends cleanly
+        f.truncate(-(-json_end // BLOCK) * BLOCK)
+    with serve(short) as url:
+        loader = _stream(f"{url}/train-000001.tar", world_size=1, num_workers=0, epoch_samples=6, stream_retries=1)
+        with pytest.raises(OSError, match=r"read failed 2 times, last: .*ended after 3 of the 6 samples its index"):
+            list(loader)
