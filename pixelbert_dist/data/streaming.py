@@ -29,7 +29,7 @@ batches_done}`` as elsewhere:
   differs from its shard's index sidecar (``NAME.idx.npy`` next to ``NAME.tar``, fetched
   with it: ``stream_check.py``), which catches changed bytes that still decode. Shards
   without a sidecar (foreign webdataset shards, ``pipe:``) are checked by decoding only,
-  said once per run; a sidecar that does not fit its shard stops the run naming it.
+  said once (per rank); a sidecar that does not fit its shard stops the run naming it.
 
 Pixels (``stream_pixels.py``): with ``data.backend=pil`` the workers decode; with dali
 and nvjpeg they check each JPEG and hand its bytes to the rank's decoder, which gives
