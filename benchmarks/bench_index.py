@@ -3,6 +3,7 @@
     python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
     python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
     python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
+                                                          # (http also without index sidecars)
     python benchmarks/bench_index.py --stream --stream-backends dali --sizes 10000
     python benchmarks/bench_index.py --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
 
@@ -122,6 +123,17 @@ def build_largest(num: int) -> Path:
     write_manifest(directory, Manifest("tiny", num, shards, source="bench_index"))
     print(f"built {num} samples in {time.perf_counter() - start:.1f} s -> {directory}", flush=True)
     return directory
+
+
+def without_sidecars(directory: Path) -> Path:
+    """The split's tars alone (symlinks): streamed, they are checked by decoding only, so
+    set beside the split they show what fetching and checking the sidecars costs."""
+    bare = CACHE / f"{directory.name}-no-sidecar"
+    bare.mkdir(exist_ok=True)
+    for tar in directory.glob("*.tar"):
+        if not (bare / tar.name).exists():
+            (bare / tar.name).symlink_to(tar.resolve())
+    return bare
 
 
 def subset(largest: Path, num: int) -> Path:
@@ -441,6 +453,7 @@ def stream_main(args, write_results) -> None:
             sources = [
                 ("stream-disk", f"{directory}/{pattern}"),
                 ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}"),
+                ("stream-http-no-sidecar", f"http://127.0.0.1:{port}/{without_sidecars(directory).name}/{pattern}"),
             ]
             for backend in args.stream_backends:  # disk and http side by side, per backend
                 for label, spec in sources:

@@ -14,6 +14,12 @@ joined by ``::``. Each URL is opened by one of two well-kept libraries:
 S3 endpoint and credentials are botocore's usual ones (environment or ``~/.aws``):
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``, ``AWS_REGION``, and
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for MinIO or another S3-compatible store.
+
+A shard's index sidecar (``shard_index``) is its URL with ``.tar`` replaced by ``.idx.npy``,
+opened the same way (``sidecar_url``, ``read_sidecar``). Absent means the store says so:
+``FileNotFoundError`` (local files, fsspec stores) or curl's exit 22 (an HTTP error status
+that curl's own retries of 408/429/5xx did not clear). ``pipe:`` commands get none: a
+command's failure cannot tell a missing file from a failed read.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from pixelbert_dist.config import ConfigError
+from pixelbert_dist.data.shard_index import ShardFormatError, index_name
 
 GOPEN_PROTOCOLS = ("", "file", "pipe", "http", "https")  # curl, a shell, open()
 GLOB = "*?["
@@ -32,6 +39,7 @@ GLOB = "*?["
 # give up (botocore's EndpointConnectionError when the endpoint is down, ReadTimeoutError
 # ...): they are read errors too. Looked up where loaded, so neither is a dependency.
 STORE_ERRORS = (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError"))
+CURL_HTTP_ERROR = 22  # curl -f (webdataset.gopen's): the server answered an HTTP error status
 
 
 def is_stream(spec) -> bool:
@@ -104,9 +112,33 @@ def open_shard(url: str):
     return gopen(url)
 
 
+def sidecar_url(url: str) -> str | None:
+    """Where the index sidecar of the shard at ``url`` would be; None where none is looked for."""
+    if protocol(url) == "pipe" or not url.endswith(".tar"):
+        return None
+    return index_name(url)
+
+
+def read_sidecar(url: str) -> bytes | None:
+    """The whole file at ``url``, or None when the store says there is none (above); any
+    other failure raises, to be retried as a shard's read is."""
+    stream = None
+    try:
+        stream = open_shard(url)
+        with stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if protocol(url) in ("http", "https") and getattr(stream, "status", None) == CURL_HTTP_ERROR:
+            return None
+        raise
+
+
 def retryable(err: BaseException) -> bool:
-    """A read error worth another try: not a missing shard, which stays missing."""
-    if isinstance(err, FileNotFoundError):
+    """A read error worth another try: not a missing shard, which stays missing, nor a
+    file read whole that is not what it should be."""
+    if isinstance(err, (FileNotFoundError, ShardFormatError)):
         return False
     stores = tuple(getattr(sys.modules[m], n) for m, n in STORE_ERRORS if m in sys.modules)
     return isinstance(err, (OSError, tarfile.TarError, ValueError) + stores)

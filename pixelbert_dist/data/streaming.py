@@ -23,9 +23,13 @@ batches_done}`` as elsewhere:
   have (same ``num_workers``: it is fingerprinted);
 * a read error (also a store's own type, e.g. botocore's EndpointConnectionError)
   reopens the shard after a back-off (``data.stream_retries`` times) and skips what was
-  already read from it; a missing shard stops at once, naming its URL; a JPEG that
-  does not decode is skipped (the next sample takes its place) and counted in
-  ``loader.damaged``.
+  already read from it; a missing shard stops at once, naming its URL;
+* a damaged sample is skipped (the next sample takes its place), counted in
+  ``loader.damaged`` and named once: a JPEG that does not decode, or whose size or CRC32
+  differs from its shard's index sidecar (``NAME.idx.npy`` next to ``NAME.tar``, fetched
+  with it: ``stream_check.py``), which catches changed bytes that still decode. Shards
+  without a sidecar (foreign webdataset shards, ``pipe:``) are checked by decoding only,
+  said once (per rank); a sidecar that does not fit its shard stops the run naming it.
 
 Pixels (``stream_pixels.py``): with ``data.backend=pil`` the workers decode; with dali
 and nvjpeg they check each JPEG and hand its bytes to the rank's decoder, which gives
@@ -51,6 +55,7 @@ from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import pad_batch
 from pixelbert_dist.data.shard_index import ShardFormatError
 from pixelbert_dist.data.shard_urls import expand, is_stream, open_shard, retryable  # noqa: F401 (is_stream: loader.py)
+from pixelbert_dist.data.stream_check import ShardCheck, fetch, why_unchecked
 from pixelbert_dist.data.torch_loader import data_loader
 
 log = logging.getLogger("pixelbert_dist.data")
@@ -66,9 +71,12 @@ class Raw(NamedTuple):
     jpeg: bytes
     meta: bytes
     url: str
+    damage: str | None = None  # why the index check rejects the JPEG
+    checked: bool = False  # whether an index sidecar checked it
 
 
-def _members(url: str) -> Iterator[Raw]:
+def _members(url: str, check: ShardCheck | None) -> Iterator[Raw]:
+    met = 0
     with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         pending = None
         for member in tar:
@@ -77,19 +85,29 @@ def _members(url: str) -> Iterator[Raw]:
             key, _, ext = member.name.rpartition("/")[2].partition(".")
             data = tar.extractfile(member).read()
             if ext == "jpg":
-                pending = (key, data)
+                pending = (key, data, member.offset_data)
             elif ext == "json" and pending is not None and pending[0] == key:
-                yield Raw(key, pending[1], data, url)
+                damage = check.damage(key, pending[2], pending[1]) if check is not None else None
+                met += 1
+                yield Raw(key, pending[1], data, url, damage, check is not None)
                 pending = None
+    if check is not None:
+        check.finish(met)
+
+
+UNREAD = object()
 
 
 def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
-    """The samples of one shard; a failed read is retried after a back-off, skipping the
-    samples already yielded (``errors`` collects one line per failure)."""
-    done, attempt = 0, 0
+    """The samples of one shard, checked against its index sidecar when it has one; a
+    failed read (of either) is retried after a back-off, skipping the samples already
+    yielded (``errors`` collects one line per failure)."""
+    done, attempt, check = 0, 0, UNREAD
     while True:
         try:
-            for i, raw in enumerate(_members(url)):
+            if check is UNREAD:
+                check = fetch(url)
+            for i, raw in enumerate(_members(url, check)):
                 if i >= done:
                     done += 1
                     yield raw
@@ -100,9 +118,10 @@ def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
             if not retryable(err):
                 raise
             attempt += 1
-            errors.append(f"{url}: {type(err).__name__}: {err}")
+            of_index = " (its index sidecar)" if check is UNREAD else ""
+            errors.append(f"{url}{of_index}: {type(err).__name__}: {err}")
             if attempt > retries:
-                raise OSError(f"{url}: read failed {attempt} times, last: {err}") from None
+                raise OSError(f"{url}: read failed {attempt} times, last: {err}{of_index}") from None
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
@@ -159,6 +178,7 @@ class StreamBatch(NamedTuple):
     damaged: list
     read_errors: list
     jpegs: list  # the checked bytes, for a decoder in the rank's process; else empty
+    unchecked: str | None  # a shard in this batch without an index sidecar (for one log line)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
@@ -182,9 +202,13 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield self._batch(stream, errors)
 
     def _batch(self, stream, errors: list) -> StreamBatch:
-        prepared, keys, metas, flips, damaged = [], [], [], [], []
+        prepared, keys, metas, flips, damaged, unchecked = [], [], [], [], [], None
         while len(prepared) < self.plan.batch_size:  # taken = batch_size + len(damaged)
             raw = next(stream)
+            if raw.damage is not None:  # the index check, before decoding: same on every backend
+                damaged.append(Damaged(f"{raw.url}:{raw.key}", raw.damage, -1))
+                continue
+            unchecked = unchecked or (None if raw.checked else raw.url)
             flip = self.flip_of(raw.key)
             try:
                 prepared.append(self.prepare(raw.jpeg, flip, raw.key))
@@ -196,9 +220,9 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             flips.append(flip)
         read_errors, errors[:] = list(errors), []
         if not self.prepare.makes_pixels:
-            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared)
+            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked)
         stacked, sizes = pad_batch(prepared)
-        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [])
+        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked)
 
 
 def url_digest(urls: list[str]) -> str:
@@ -234,6 +258,7 @@ class StreamLoader(LoaderState, BatchAccounting):
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
         self.backend = f"{images.name}-stream"
         self.read_errors = 0
+        self.unchecked: str | None = None  # the first shard streamed without an index sidecar
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
             raise ConfigError(
@@ -308,6 +333,7 @@ class StreamLoader(LoaderState, BatchAccounting):
             batches = self.images.pixels(batches)
         for k, got in enumerate(batches, start):
             self._log_read_errors(got.read_errors)
+            self._log_unchecked(got.unchecked)
             self.cursors[k % self.workers] += len(got.keys) + len(got.damaged)
             metas = [_meta(raw, key) for raw, key in zip(got.metas, got.keys)]
             batch = self.text(got.keys, metas, got.flips, [False] * len(got.keys), k, self.epoch)
@@ -321,6 +347,17 @@ class StreamLoader(LoaderState, BatchAccounting):
         for line in errors:
             self.read_errors += 1
             log.warning("stream read error (retried with back-off): %s", line)
+
+    def _log_unchecked(self, url: str | None) -> None:
+        if url is not None and self.unchecked is None:
+            self.unchecked = url
+            log.warning(
+                "streamed shard %s has no index sidecar (%s): it and any other such shard "
+                "are checked by decoding only, which misses changed bytes that still decode "
+                "(`make_shards.py` writes sidecars; said once)",
+                url,
+                why_unchecked(url),
+            )
 
 
 def _meta(raw: bytes, key: str) -> dict:
