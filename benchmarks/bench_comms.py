@@ -3,6 +3,7 @@
 
     deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets tiny --zero 1 2 3 --grad-accum 1 4
     deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets pixelbert-r50 --image 128 128
+    python benchmarks/bench_comms.py --slurm --nodes 2 --presets tiny --out DIR   # Slurm jobs
 
 Each config builds ``build_model(preset)`` with the hybrid optimiser and the stage's JSON
 from deepspeed_configs/ (filled as the trainer fills it) plus ``"comms_logger": {"enabled":
@@ -13,6 +14,10 @@ The logger counts every collective DeepSpeed issues through ``deepspeed.comm``, 
 message size it logs (the input tensor: the local shard for an all-gather, the full
 buffer for an all-reduce). The byte count depends on parameter counts, dtype, stage,
 accumulation and buckets, not on the image size, so pixelbert-r50 runs at a small image.
+
+``--slurm`` submits one job per config (``--nodes`` nodes, one gloo rank per node,
+through slurm_bench.py and the repo's job layer), waits for them, and writes the same
+table with each job's id, Slurm state and nodes in the JSON's config.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import synthetic_batch, to_device  # noqa: E402
 from comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings  # noqa: E402
 from common import ROOT, results_dir, write_results  # noqa: E402
+from slurm_bench import EntryCall, add_slurm_args, submit_config, submit_each, wait_all  # noqa: E402
 
 COLUMNS = [
     "preset",
@@ -169,6 +176,7 @@ def parse(argv):
     parser.add_argument("--name", default="bench_comms", help="results file name (no .json)")
     parser.add_argument("--append", action="store_true", help="add the rows to an existing results file")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the launcher's
+    add_slurm_args(parser)
     return parser.parse_args(argv)
 
 
@@ -176,17 +184,79 @@ def _json(text: str) -> dict:
     return json.loads(text)
 
 
-def main(argv=None) -> list[dict]:
+def measure_all(args):
+    """This process's place in the job (a DistEnv) and its rows for every config of ``args``."""
     import torch.distributed as dist
 
     from pixelbert_dist.distributed.env import init_distributed
 
-    args = parse(argv)
-    init_distributed()
+    env = init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     rows = []
     for preset, stage, accum in itertools.product(args.presets, args.zero, args.grad_accum):
         rows += measure(args, preset, stage, accum, world, rank)
+    return env, rows
+
+
+def slurm_task(argv: list[str]) -> dict:
+    """What every task of a ``--slurm`` job runs: its config on the job's ranks."""
+    import torch.distributed as dist
+
+    env, rows = measure_all(parse(argv))
+    # before the interpreter exits: gloo's exit-time destructors sometimes abort a
+    # finished process (exit 250), and Slurm would call the job FAILED
+    dist.destroy_process_group()
+    return {
+        "rank": env.rank,
+        "node": os.environ.get("SLURMD_NODENAME"),
+        "rendezvous": f"{env.launcher}: {env.master_addr}:{env.master_port} ({env.source})",
+        "rows": rows,
+    }
+
+
+def job_argv(args, preset: str, stage: int, accum: int) -> tuple[str, ...]:
+    """The command line of the job that measures one config."""
+    return tuple(
+        map(
+            str,
+            ["--presets", preset, "--zero", stage, "--grad-accum", accum, "--micro-batch", args.micro_batch]
+            + ["--image", *args.image, "--text-len", args.text_len, "--steps", args.steps]
+            + ["--warmup", args.warmup, "--ds-extra", json.dumps(args.ds_extra)],
+        )
+    )
+
+
+def run_on_slurm(args) -> tuple[list[dict], list[dict]]:
+    """Submit one job per config, wait; rank 0's rows and one record per job."""
+    configs = list(itertools.product(args.presets, args.zero, args.grad_accum))
+    args.slurm_dir = args.slurm_dir or str(results_dir(args.out) / "slurm")
+    calls = [EntryCall("bench_comms", "slurm_task", job_argv(args, *config)) for config in configs]
+    jobs = submit_each(calls, submit_config(args, "bench_comms"))
+    print(f"submitted {len(jobs)} job(s): {' '.join(job.job_id for job in jobs)} (one at a time)", flush=True)
+    rows, records = [], []
+    for (preset, stage, accum), record in zip(configs, wait_all(jobs, args.job_timeout_s)):
+        tasks = record.pop("tasks")
+        record.update(
+            config=f"{preset} ZeRO-{stage} grad_accum {accum}",
+            task_nodes=[t["result"]["node"] if "result" in t else None for t in tasks],
+            rendezvous=tasks[0]["result"]["rendezvous"] if "result" in tasks[0] else None,
+            errors=[t["error"] for t in tasks if "error" in t],
+        )
+        records.append(record)
+        if "result" in tasks[0]:
+            rows += [dict(row, job_id=record["job_id"]) for row in tasks[0]["result"]["rows"]]
+        else:
+            print(f"job {record['job_id']} ({record['config']}): {record['errors'][0]}", file=sys.stderr)
+    return rows, records
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
+    if args.slurm:
+        rank, (rows, jobs) = 0, run_on_slurm(args)
+    else:
+        (env, rows), jobs = measure_all(args), None
+        rank = env.rank
     if rank == 0:
         config = {k: v for k, v in vars(args).items() if k not in ("out", "local_rank")}
         config["measured"] = "DeepSpeed comms_logger, logged message bytes per optimizer step (rank 0)"
@@ -194,7 +264,11 @@ def main(argv=None) -> list[dict]:
         config["target"] = "|predicted - measured| / measured <= 5% for every TOTAL row"
         path = results_dir(args.out) / f"{args.name}.json"
         if args.append and path.is_file():  # one launch per config keeps each rank's memory small
-            rows = json.loads(path.read_text())["rows"] + rows
+            before = json.loads(path.read_text())
+            rows = before["rows"] + rows
+            jobs = before["config"].get("slurm_jobs", []) + jobs if jobs is not None else None
+        if jobs is not None:
+            config["slurm_jobs"] = jobs
         write_results(args.name, rows, config, args.out, COLUMNS)
     return rows
 

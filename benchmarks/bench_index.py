@@ -3,6 +3,9 @@
     python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
     python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
     python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
+                                                          # (http also without index sidecars)
+    python benchmarks/bench_index.py --stream --stream-backends dali --sizes 10000
+    python benchmarks/bench_index.py --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -13,6 +16,12 @@ Reported per size: start-up seconds (build_loader + plan), first-batch seconds, 
 the RSS the loader added (psutil RSS after the first batch minus before build_loader,
 tokenizer loaded before, so it is not counted). ``--baseline DIR`` times another tree
 (e.g. ``git archive`` of the commit before the index) on the same splits, side by side.
+
+``--plan`` times the epoch plan alone (no shards: a synthetic aspect function stands in
+for the index, bucketing on), one rank of 8 at 10^6..10^9 samples: start-up (plan built
+and its length), the first batch, a batch mid-epoch (what a resume reads first), RSS
+added and its peak, and in a second fresh process the tracemalloc peak (numpy buffers
+included). ``--baseline`` runs the same on another tree up to ``--baseline-max``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_index"
 PER_SHARD = 10_000
 COLUMNS = ["code", "samples", "shards", "startup_s", "first_batch_s", "rss_added_mb"]
+PLAN_COLUMNS = [
+    "code",
+    "samples",
+    "startup_s",
+    "first_batch_s",
+    "resume_batch_s",
+    "rss_added_mb",
+    "peak_rss_added_mb",
+    "tracemalloc_peak_mb",
+]
 
 
 def tiny_jpegs() -> list[tuple[bytes, int, int]]:
@@ -106,6 +125,17 @@ def build_largest(num: int) -> Path:
     return directory
 
 
+def without_sidecars(directory: Path) -> Path:
+    """The split's tars alone (symlinks): streamed, they are checked by decoding only, so
+    set beside the split they show what fetching and checking the sidecars costs."""
+    bare = CACHE / f"{directory.name}-no-sidecar"
+    bare.mkdir(exist_ok=True)
+    for tar in directory.glob("*.tar"):
+        if not (bare / tar.name).exists():
+            (bare / tar.name).symlink_to(tar.resolve())
+    return bare
+
+
 def subset(largest: Path, num: int) -> Path:
     """A split of the first ``num`` samples of ``largest``: symlinks + its own manifest."""
     manifest = json.loads((largest / "manifest.json").read_text())
@@ -152,10 +182,10 @@ def measure(directory: str, batch_size: int) -> dict:
     }
 
 
-def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
+def measure_stream(spec: str, batch_size: int, batches: int, backend: str = "pil") -> dict:
     """Streaming mode (``--measure-stream``): start-up, first batch, then img/s over
-    ``batches`` more batches (PIL, 2 workers, shuffle buffer 1000, resampled shards:
-    the small splits have fewer shards than 8 ranks x 2 workers)."""
+    ``batches`` more batches (``backend``, 2 stream workers, shuffle buffer 1000,
+    resampled shards: the small splits have fewer shards than 8 ranks x 2 workers)."""
     import psutil
 
     import pixelbert_dist
@@ -168,7 +198,7 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     rss0 = process.memory_info().rss
     start = time.perf_counter()
     cfg = DataConfig(
-        backend="pil",
+        backend=backend,
         num_workers=2,
         image_shorter=32,
         image_max=64,
@@ -195,13 +225,115 @@ def measure_stream(spec: str, batch_size: int, batches: int) -> dict:
     }
 
 
-def run_measure(directory: Path | str, code: Path, batch_size: int, stream_batches: int = 0) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(code)}
-    mode = (
-        ["--measure-stream", str(directory), "--stream-batches", str(stream_batches)]
-        if stream_batches
-        else ["--measure", str(directory)]
+def synthetic_aspect(indices):
+    """width / height from the sample index alone (0.5 .. 2.5): bucketing without an index."""
+    import numpy as np
+
+    return 0.5 + (np.asarray(indices, dtype=np.int64) * 2654435761 % 1000) / 500
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's RSS high-water mark (Linux >= 4.0), so the peak is the plan's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int | None:
+    """Peak RSS in bytes since ``reset_peak_rss`` (VmHWM), None where /proc has none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_plan(num: int, batch_size: int, traced: bool) -> dict:
+    """One rank's epoch plan over ``num`` samples (``--measure-plan``, a fresh process)."""
+    import tracemalloc
+
+    import psutil
+
+    import pixelbert_dist
+    from pixelbert_dist.data.sampling import epoch_plan
+
+    reset_peak_rss()
+    rss0 = psutil.Process().memory_info().rss
+    if traced:
+        tracemalloc.start()
+    start = time.perf_counter()
+    plan = epoch_plan(
+        num, epoch=1, seed=0, rank=0, world_size=8, batch_size=batch_size, aspect=synthetic_aspect, bucket_window=16
     )
+    batches = len(plan)
+    startup = time.perf_counter() - start
+    len(plan[0])
+    first = time.perf_counter() - start - startup
+    timed = time.perf_counter()
+    len(plan[batches // 2 + 1])
+    row = {"startup_s": round(startup, 5), "first_batch_s": round(first, 5)}
+    row["resume_batch_s"] = round(time.perf_counter() - timed, 5)
+    if traced:
+        return {"tracemalloc_peak_mb": round(tracemalloc.get_traced_memory()[1] / 2**20, 2)}
+    peak = peak_rss()
+    return {
+        **row,
+        "rss_added_mb": round((psutil.Process().memory_info().rss - rss0) / 2**20, 1),
+        "peak_rss_added_mb": None if peak is None else round(max(0, peak - rss0) / 2**20, 1),
+        "batches": batches,
+        "code_dir": str(Path(pixelbert_dist.__file__).parents[1]),
+    }
+
+
+def run_plan_measure(num: int, code: Path, batch_size: int) -> dict:
+    row = {}
+    for traced in (False, True):
+        extra = ["--traced"] if traced else []
+        row.update(run_measure(str(num), code, batch_size, mode=["--measure-plan", str(num), *extra]))
+    return row
+
+
+def plan_main(args, write_results) -> None:
+    """``--plan``: the plan alone at each size, this tree and the baseline side by side."""
+    codes = [("lazy", ROOT)] + ([("baseline", args.baseline)] if args.baseline else [])
+    rows = []
+    for num in sorted(args.sizes):
+        for label, code in codes:
+            if label == "baseline" and num > args.baseline_max:
+                continue
+            row = {"code": label, "samples": num, **run_plan_measure(num, code, args.batch_size)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    config = {
+        "world_size": 8,
+        "rank": 0,
+        "bucketing": True,
+        "bucket_window": 16,
+        "aspect": "synthetic (bench_index.synthetic_aspect)",
+        "batch_size": args.batch_size,
+        "baseline": str(args.baseline or ""),
+    }
+    write_results("bench_plan", rows, config, args.out, PLAN_COLUMNS)
+
+
+def run_measure(
+    directory: Path | str,
+    code: Path,
+    batch_size: int,
+    stream_batches: int = 0,
+    backend: str = "pil",
+    mode: list[str] | None = None,
+) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    if mode is None:
+        mode = (
+            ["--measure-stream", str(directory), "--stream-batches", str(stream_batches), "--backend", backend]
+            if stream_batches
+            else ["--measure", str(directory)]
+        )
     proc = subprocess.run(
         [sys.executable, __file__, *mode, "--batch-size", str(batch_size)],
         env=env,
@@ -212,7 +344,7 @@ def run_measure(directory: Path | str, code: Path, batch_size: int, stream_batch
     if proc.returncode != 0:
         raise RuntimeError(f"measure {directory} with {code} failed:\n{proc.stderr[-3000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    if Path(row.pop("code_dir")).resolve() != Path(code).resolve():
+    if "code_dir" in row and Path(row.pop("code_dir")).resolve() != Path(code).resolve():
         raise RuntimeError(f"measured the tree at {row}, not {code}")
     return row
 
@@ -224,7 +356,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--baseline", type=Path, help="another source tree to time alike")
     parser.add_argument(
-        "--baseline-max", type=int, default=100_000, help="largest size to time the baseline at (it may take minutes)"
+        "--baseline-max",
+        type=int,
+        help="largest size to time the baseline at (it may take minutes; default 10^5, with --plan 10^8)",
     )
     parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
     parser.add_argument(
@@ -234,19 +368,37 @@ def main(argv=None) -> None:
         "from a local http.server (127.0.0.1), start-up and img/s",
     )
     parser.add_argument("--stream-batches", type=int, default=100)
+    parser.add_argument("--stream-backends", nargs="+", default=["pil", "dali"], choices=["pil", "dali", "nvjpeg"])
+    parser.add_argument("--backend", default="pil", help=argparse.SUPPRESS)  # of --measure-stream
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="the epoch plan alone (synthetic aspect ratios, no shards) at --sizes (default 10^6..10^9)",
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-plan", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.measure_plan:
+        print(json.dumps(measure_plan(args.measure_plan, args.batch_size, args.traced)))
+        return
     if args.measure:
         print(json.dumps(measure(args.measure, args.batch_size)))
         return
     if args.measure_stream:
-        print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches)))
+        print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches, args.backend)))
         return
     from common import write_results
 
     if args.stream:
         return stream_main(args, write_results)
+    if args.plan:
+        if "--sizes" not in (argv if argv is not None else sys.argv):
+            args.sizes = [10**6, 10**7, 10**8, 10**9]
+        args.baseline_max = args.baseline_max or 10**8
+        return plan_main(args, write_results)
+    args.baseline_max = args.baseline_max or 100_000
     if args.quick:
         args.sizes = [10_000, 100_000]
     largest = build_largest(max(args.sizes))
@@ -298,18 +450,22 @@ def stream_main(args, write_results) -> None:
         for num in sorted(args.sizes):
             directory = subset(largest, num) if num < max(args.sizes) else largest
             pattern = f"tiny-{{000000..{-(-num // PER_SHARD) - 1:06d}}}.tar"
-            for label, spec in [
+            sources = [
                 ("stream-disk", f"{directory}/{pattern}"),
                 ("stream-http", f"http://127.0.0.1:{port}/{directory.name}/{pattern}"),
-            ]:
-                row = {
-                    "code": label,
-                    "samples": num,
-                    "shards": -(-num // PER_SHARD),
-                    **run_measure(spec, ROOT, args.batch_size, args.stream_batches),
-                }
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                ("stream-http-no-sidecar", f"http://127.0.0.1:{port}/{without_sidecars(directory).name}/{pattern}"),
+            ]
+            for backend in args.stream_backends:  # disk and http side by side, per backend
+                for label, spec in sources:
+                    row = {
+                        "code": label,
+                        "backend": backend,
+                        "samples": num,
+                        "shards": -(-num // PER_SHARD),
+                        **run_measure(spec, ROOT, args.batch_size, args.stream_batches, backend),
+                    }
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -319,7 +475,7 @@ def stream_main(args, write_results) -> None:
         {
             "world_size": 8,
             "rank": 0,
-            "backend": "pil",
+            "backends": args.stream_backends,
             "num_workers": 2,
             "shuffle_buffer": 1000,
             "resampled": True,
@@ -327,7 +483,7 @@ def stream_main(args, write_results) -> None:
             "timed_batches": args.stream_batches,
         },
         args.out,
-        COLUMNS + ["images_per_s"],
+        ["code", "backend", *COLUMNS[1:], "images_per_s"],
     )
 
 

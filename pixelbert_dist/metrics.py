@@ -139,9 +139,11 @@ class ThroughputMeter:
 
 class RunLogger:
     """TensorBoard scalars and one JSON object per line in ``metrics.jsonl``; a no-op
-    on ranks other than 0, so callers need no ``if rank == 0``."""
+    on ranks other than 0, so callers need no ``if rank == 0``. A run resumed at step T
+    hides TensorBoard's events of the steps after T that the interrupted run had logged
+    (``purge_step``), as ``metrics.superseded.jsonl`` sets their rows apart."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, resumed_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.evaluations: list[tuple[int, str, dict]] = []  # every non-train row, for the summary
@@ -150,7 +152,8 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            purge = resumed_step + 1 if resumed_step else None
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, split: str, values: dict) -> None:
         if not self.enabled:

@@ -55,6 +55,23 @@ def shards(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def cli_shards(tmp_path_factory) -> Path:
+    """72 synthetic samples made by the ``make_shards.py synthetic`` command, as a user
+    makes them (train/ and val/ inside), for the job tests (local submitit and Slurm)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("cli_shards")
+    subprocess.run(
+        [sys.executable, str(_REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out), "--num", "72"],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def ft(tmp_path_factory) -> dict:
     """Fine-tuning: shards, the synthetic tasks made from them, and a tiny export (the tiny
     preset as the pre-training export writes it: config.json, safetensors, tokenizer files)."""

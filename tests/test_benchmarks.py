@@ -280,3 +280,23 @@ def test_gpu_check_dry_run_uses_real_flags():
     assert bench_memory.parse(memory).micro_batch == 2
     compile_args = next(line for line in out if "bench_compile.py" in line).split("bench_compile.py ")[1].split()
     assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]
+
+
+@pytest.mark.slow
+def test_plan_bench_rows(tmp_path):
+    """bench_index.py --plan: a row per tree and size, each tree measured in its own process
+    (the baseline here is this tree again: the plumbing, not the figures)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_index.py"), "--plan", "--sizes", "100000"]
+        + ["--baseline", str(REPO), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = _load(tmp_path, "bench_plan")
+    assert [(r["code"], r["samples"]) for r in data["rows"]] == [("lazy", 100000), ("baseline", 100000)]
+    for row in data["rows"]:
+        assert row["batches"] == -(-100000 // 8 // 32)
+        assert 0 < row["tracemalloc_peak_mb"] < 5, row  # one window, not the 100,000 samples

@@ -1,6 +1,6 @@
 """The per-shard index sidecars: written by the shard writer, listed in the manifest,
-read lazily; old splits get theirs from `make_shards.py index`; the numpy epoch plan
-equals the list-of-objects plan it replaced, sample for sample."""
+read lazily; old splits get theirs from `make_shards.py index`; the lazy epoch plan
+equals a list-of-objects plan of the same rules, sample for sample."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from test_loaders import _cfg, mixed_sizes, write_split
+from test_sampling import reference_shuffle
 
 from pixelbert_dist.data import shard_index
 from pixelbert_dist.data.loader import build_loader
@@ -109,16 +110,16 @@ def test_stale_index_is_named(tmp_path):
 
 
 def _reference_plan(n, *, epoch, seed, rank, world_size, batch_size, shuffle, drop_last, aspect, window):
-    """The plan as the list-of-objects code computed it before the numpy rewrite."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
-    order = rng.permutation(n) if shuffle else np.arange(n)
+    """The plan as list-of-objects code computes it from the module docstring's rules:
+    the whole epoch order at once (pure-Python Feistel), every window in one pass."""
+    order = reference_shuffle(n, seed, epoch) if shuffle else list(range(n))
     total = n // (world_size * batch_size) * world_size * batch_size if drop_last else -(-n // world_size) * world_size
     slots = [(int(order[i % n]), i >= n) for i in range(rank, total, world_size)]
     if aspect is None:
         return [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
-    brng = np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, 1])) if shuffle else None
     out, step = [], window * batch_size
-    for start in range(0, len(slots), step):
+    for w, start in enumerate(range(0, len(slots), step)):
+        brng = np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, 1, w])) if shuffle else None
         chunk = sorted(slots[start : start + step], key=lambda s: float(aspect[s[0]]))
         cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         full = [b for b in cut if len(b) == batch_size]
@@ -129,7 +130,7 @@ def _reference_plan(n, *, epoch, seed, rank, world_size, batch_size, shuffle, dr
 
 
 @pytest.mark.parametrize("bucketing", [False, True])
-def test_numpy_plan_equals_the_old_plan(bucketing):
+def test_lazy_plan_equals_a_list_of_objects_plan(bucketing):
     aspect = np.random.default_rng(3).uniform(0.5, 2.0, 103).round(1) if bucketing else None
     for n, world, batch, shuffle, drop in [
         (103, 4, 5, True, False),

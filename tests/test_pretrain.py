@@ -12,7 +12,7 @@ from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train import run
 from pixelbert_dist.train.config import RunConfig
 from tests.fixtures_data import make_synthetic_shards
-from tests.pretrain_helpers import fast_overrides, train_losses
+from tests.pretrain_helpers import fast_overrides, poison_images, train_losses
 
 
 @pytest.mark.slow
@@ -147,20 +147,8 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards,
         overrides = fast_overrides(run_dir, shards, steps=6, val=False) + ["train.export=false", *extra]
         return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
 
-    def poison(trainer, bad):  # NaN images for the micro-batches numbered in `bad`
-        to_device, calls = trainer.to_device, []
-
-        def wrapped(batch):
-            out = to_device(batch)
-            calls.append(len(calls))
-            if bad(calls[-1]):
-                out["images"] = torch.full_like(out["images"], float("nan"))
-            return out
-
-        trainer.to_device = wrapped
-
     run = trainer(tmp_path / "run", "train.save_every=0")
-    poison(run, lambda i: i in (2, 3))
+    poison_images(run, lambda i: i in (2, 3))
     run.fit()
     assert run.state["step"] == 6
     assert run.state["nonfinite_skipped"] == 2
@@ -171,7 +159,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards,
     assert all(torch.isfinite(b.float()).all() for b in run.engine.module.buffers())  # BatchNorm statistics too
 
     stopped = trainer(tmp_path / "stopped", "train.max_nonfinite_in_row=3", "train.save_every=2")
-    poison(stopped, lambda i: i >= 2)  # two good steps (a checkpoint at step 2), then only NaN
+    poison_images(stopped, lambda i: i >= 2)  # two good steps (a checkpoint at step 2), then only NaN
     with pytest.raises(NonFiniteLossError, match=r"3 NaN/inf losses in a row at step 2 .*max_nonfinite_in_row=3"):
         stopped.fit()
     assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

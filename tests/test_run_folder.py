@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.config import ConfigError, load_config
@@ -83,12 +85,19 @@ def test_rerunning_a_command_never_overwrites_a_finished_run(shards, tmp_path):
     # rows a crashed attempt logged after the checkpoint move aside; steps never repeat
     with open(run_dir / "metrics.jsonl", "a") as fh:
         fh.write(json.dumps({"step": 5, "split": "train", "loss": 99.0}) + "\n")
+    with SummaryWriter(str(run_dir / "tensorboard")) as crashed:  # ... and to TensorBoard
+        crashed.add_scalar("train/loss", 99.0, 5)
     more = trainer(run_dir, shards, "train.resume=latest", steps=6)
     assert more.state["step"] == 4
     more.fit()
     steps = [r["step"] for r in rows(run_dir) if r["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert [json.loads(line)["loss"] for line in (run_dir / "metrics.superseded.jsonl").open()] == [99.0]
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    shown = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in shown] == [1, 2, 3, 4, 5, 6]  # the resumed run purged the crashed step 5
+    assert dict(shown)[5] != 99.0
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 6
     assert yaml.safe_load((run_dir / "config.until_step_00000004.yaml").read_text())["train"]["max_steps"] == 4
 

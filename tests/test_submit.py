@@ -242,18 +242,6 @@ def test_task_environment(monkeypatch, tmp_path):
 # ---- a real local job -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run(
-        [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out), "--num", "72"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return out
-
-
 def _task_processes(root: psutil.Process) -> list[psutil.Process]:
     return [p for p in root.children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]
 
@@ -266,7 +254,7 @@ def _train_steps(metrics: Path) -> list[int]:
 
 
 @pytest.mark.launcher
-def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
+def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, cli_shards):
     """2 tasks over gloo; USR2 (what submitit's controller sends before the time limit)
     reaches the tasks mid-run: rank 0's checkpoint() stops the trainer, which saves;
     the job requeues and the second attempt continues from the saved step."""
@@ -290,8 +278,8 @@ def test_local_job_checkpoints_on_timeout_and_resumes(tmp_path, shards):
         DS,
         "--config",
         "launch/configs/demo_cpu.yaml",
-        f"data.train_shards={shards}/train",
-        f"data.val_shards={shards}/val",
+        f"data.train_shards={cli_shards}/train",
+        f"data.val_shards={cli_shards}/val",
         f"train.max_steps={total}",
         "train.save_every=1000",
         "train.micro_batch=4",

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pixelbert_dist.data.images import padded_batch_size
+from pixelbert_dist.data.sampling import PLAN_ORDER
 
 STATE_VERSION = 1
 log = logging.getLogger("pixelbert_dist.data")
@@ -83,11 +84,32 @@ class LoaderState:
 
 class PlannedLoader(LoaderState):
     """A LoaderState whose epochs follow a plan (``sampling.epoch_plan``), cached per
-    epoch. Subclasses give ``_new_plan(epoch)`` and ``_fingerprint()``."""
+    epoch. Subclasses give ``_new_plan(epoch)`` and ``_fingerprint()``. The state names
+    the plan's order (``plan_order``): a state saved under another order resumes only at
+    an epoch boundary, where no batch of the old order is left to replay."""
 
     def __init__(self):
         super().__init__()
         self._plan_cache: tuple[int, object] | None = None
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "plan_order": PLAN_ORDER}
+
+    def load_state_dict(self, state: dict) -> None:
+        before = self.epoch, self.batches_done
+        super().load_state_dict(state)
+        saved = state.get("plan_order")
+        if saved != PLAN_ORDER and 0 < self.batches_done < len(self):
+            at = f"batch {self.batches_done} of epoch {self.epoch}"
+            self.epoch, self.batches_done = before
+            raise ValueError(
+                f"{self.state_name} state has plan_order {saved!r}, this code orders epochs by "
+                f"{PLAN_ORDER!r} (sampling.py): resuming at {at} would read other samples than "
+                "the saved run. Resume from a checkpoint at an epoch boundary, or with the code "
+                "that saved it"
+            )
+        if saved != PLAN_ORDER:
+            log.info("%s state of plan_order %r resumed at an epoch boundary", self.state_name, saved)
 
     def _new_plan(self, epoch: int):
         raise NotImplementedError

@@ -114,29 +114,17 @@ class DaliImages:
         self.name = "dali-gpu" if self.device_id is not None else "dali-cpu"
 
     def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if not work:
-            return
-        pending = iter(work)
+        """Exactly the given (index, flip) samples; a batch DALI cannot decode raises."""
 
-        def source():
-            batch = next(pending)  # StopIteration ends the pipeline's epoch
-            jpegs = [np.frombuffer(self.index.jpeg(i), dtype=np.uint8) for i, _ in batch]
-            return jpegs, [np.int32(flip) for _, flip in batch]
+        def feed():
+            for batch in work:
+                yield None, [self.index.jpeg(i) for i, _ in batch], [flip for _, flip in batch]
 
-        pipe = _build_pipeline(
-            source, self.batch_size, self.shorter, self.max_size, self.num_threads, self.prefetch, self.device_id
-        )
-        pipe.build()
-        try:
-            while True:
-                try:
-                    images, sizes = pipe.run()
-                except StopIteration:
-                    return
-                hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
-                yield _to_torch(images, self.device), hw
-        finally:
-            del pipe
+        failures: list[str] = []
+        for _, images, hw in self.decode(feed(), deque(), failures):
+            yield images, hw
+        if failures:
+            raise RuntimeError(failures[0])
 
     def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
         """Batches of sample indices, damaged samples replaced (module docstring)."""
@@ -151,23 +139,39 @@ class DaliImages:
             if failures and not _find_undecodable(in_flight, known_bad):
                 raise RuntimeError(
                     f"DALI failed on a batch holding "
-                    f"{[s.key for rows in in_flight for s, _ in rows]}, and PIL "
+                    f"{[s.key for rows, _, _ in in_flight for s, _ in rows]}, and PIL "
                     f"decodes every one of them: {failures[0]}"
                 )
 
     def _run(self, batches, start: int, flip_of, known_bad: dict, in_flight: deque, failures: list):
-        """Yield from a pipeline fed from batch ``start``; on a failure return quietly,
-        with the error in ``failures`` and the batches fed but not yielded in ``in_flight``."""
-        cursor = iter(range(start, len(batches)))
+        """The batches from ``start`` on, through ``decode``."""
+
+        def feed():
+            for k in range(start, len(batches)):
+                rows = [resolve(self.index, int(i), known_bad=known_bad)[::2] for i in batches[k]]
+                yield rows, [s.jpeg for s, _ in rows], [flip_of(s.key) for s, _ in rows]
+
+        for rows, images, hw in self.decode(feed(), in_flight, failures):
+            used = [s for s, _ in rows]
+            yield DecodedBatch(
+                images,
+                hw,
+                [without_jpeg(s) for s in used],
+                [flip_of(s.key) for s in used],
+                [e for _, events in rows for e in events],
+            )
+
+    def decode(self, feed: Iterator[tuple], in_flight: deque, failures: list) -> Iterator[tuple]:
+        """``(payload, images, sizes)`` for each ``(payload, jpegs, flips)`` of ``feed``,
+        from one pipeline (also the streaming loader's path). On a failed batch return
+        quietly, with the error in ``failures`` and the items fed but not yielded in
+        ``in_flight``; ``feed`` is left where it was, for a new call to go on."""
 
         def source():
-            k = next(cursor)  # StopIteration ends the pipeline's epoch
-            rows = [resolve(self.index, int(i), known_bad=known_bad)[::2] for i in batches[k]]
-            in_flight.append(rows)
-            return (
-                [np.frombuffer(s.jpeg, dtype=np.uint8) for s, _ in rows],
-                [np.int32(flip_of(s.key)) for s, _ in rows],
-            )
+            item = next(feed)  # StopIteration ends the pipeline's epoch
+            in_flight.append(item)
+            _, jpegs, flips = item
+            return [np.frombuffer(j, dtype=np.uint8) for j in jpegs], [np.int32(f) for f in flips]
 
         pipe = _build_pipeline(
             source, self.batch_size, self.shorter, self.max_size, self.num_threads, self.prefetch, self.device_id
@@ -185,16 +189,9 @@ class DaliImages:
                     # this process could then deadlock on a lock one of them held
                     failures.append(str(err) or repr(err))
                     return
-                rows = in_flight.popleft()
+                payload = in_flight.popleft()[0]
                 hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
-                used = [s for s, _ in rows]
-                yield DecodedBatch(
-                    _to_torch(images, self.device),
-                    hw,
-                    [without_jpeg(s) for s in used],
-                    [flip_of(s.key) for s in used],
-                    [e for _, events in rows for e in events],
-                )
+                yield payload, _to_torch(images, self.device), hw
         finally:
             del pipe
 
@@ -202,7 +199,7 @@ class DaliImages:
 def _find_undecodable(in_flight: deque, known_bad: dict) -> bool:
     """Decode the in-flight samples with PIL; mark the failures. True if any found."""
     found = False
-    for rows in in_flight:
+    for rows, _, _ in in_flight:
         for sample, _ in rows:
             try:
                 with Image.open(io.BytesIO(sample.jpeg)) as img:

@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import (
     BatchAccounting,
     BatchLoader,  # noqa: F401
@@ -50,9 +51,10 @@ from pixelbert_dist.data.dali import DaliImages
 from pixelbert_dist.data.dali_wds import WebdatasetLoader
 from pixelbert_dist.data.images import swap_left_right
 from pixelbert_dist.data.sampling import EpochPlan, ShardIndex, epoch_plan
+from pixelbert_dist.data.stream_pixels import stream_images
 from pixelbert_dist.data.streaming import StreamLoader, is_stream
 from pixelbert_dist.data.text import TextCollator, load_tokenizer
-from pixelbert_dist.data.torch_loader import PilDecode, PilImages, nvjpeg_images
+from pixelbert_dist.data.torch_loader import PilImages, nvjpeg_images
 
 _hash_unit = hash_unit  # the name other modules imported before base.py existed
 
@@ -212,11 +214,10 @@ def build_loader(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    if is_stream(shards_dir) and cfg.backend != "pil":
-        raise ValueError(
-            f"streamed shards ({shards_dir!r}) are decoded by data.backend='pil' "
-            f"for now, not {cfg.backend!r}; or copy them to local disk, index "
-            "them and use any backend"
+    if is_stream(shards_dir) and cfg.dali_reader == "webdataset":
+        raise ConfigError(
+            f"streamed shards ({shards_dir!r}) reach DALI through its external source: "
+            "its webdataset reader opens local files only; set data.dali_reader='external'"
         )
     index = None if is_stream(shards_dir) else ShardIndex(shards_dir)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
@@ -229,7 +230,7 @@ def build_loader(
             cfg,
             str(shards_dir),
             text,
-            PilDecode(cfg.image_shorter, cfg.image_max),
+            stream_images(cfg, batch_size, device),
             batch_size,
             rank,
             world_size,

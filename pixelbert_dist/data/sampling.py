@@ -6,25 +6,33 @@ loader state is just ``(epoch, batches consumed)``: exact resume needs no backen
 
 The epoch plan (``N`` samples, ``W`` ranks, batch ``B``):
 
-* order: a permutation of the N samples seeded by ``(seed, epoch)`` (identity without
-  shuffling), the same on every rank, so one epoch covers every sample;
+* order: slot ``p`` of the epoch holds sample ``shuffle(p)``, a keyed pseudo-random
+  bijection of ``[0, N)`` seeded by ``(seed, epoch)`` (``EpochShuffle``; the identity
+  without shuffling), the same on every rank, so one epoch covers every sample once;
 * default (``drop_last=False``, always in evaluation): the order is extended to
-  ``ceil(N / W) * W`` slots by wrapping around to its start, as torch's
-  DistributedSampler does. The at most ``W - 1`` extra slots are repeats flagged
-  ``is_pad=True``: training uses them (a repeat is harmless), evaluation must exclude
-  them. No sample is ever dropped, and every rank gets the same number of batches of the
-  same sizes (the last batch may be partial), so collectives never hang;
+  ``ceil(N / W) * W`` slots by wrapping around to its start (slot ``p >= N`` holds
+  ``shuffle(p - N)``), as torch's DistributedSampler does. The at most ``W - 1`` extra
+  slots are repeats flagged ``is_pad=True``: training uses them (a repeat is harmless),
+  evaluation must exclude them. No sample is ever dropped, and every rank gets the same
+  number of batches of the same sizes (the last batch may be partial), so collectives
+  never hang;
 * ``drop_last=True`` (training only): the order is cut to a multiple of ``W * B``; up
   to ``W * B - 1`` samples are skipped in that epoch, different ones each epoch;
 * rank ``r`` takes slots ``r, r + W, r + 2W, ...`` and cuts them into batches of B;
-* bucketing: within windows of ``bucket_window`` batches, the rank's samples are sorted
-  by aspect ratio before cutting, and the window's full batches are then shuffled, so
-  batches hold similar shapes (less padding) while the data order stays random.
+* bucketing: within windows of ``bucket_window`` batches (window ``w`` holds the rank's
+  batches ``w * bucket_window ...``), the rank's samples are sorted by aspect ratio
+  (stable) before cutting, and the window's full batches are then shuffled by a
+  generator seeded by ``(seed, epoch, rank, 1, w)``, so batches hold similar shapes (less
+  padding) while the data order stays random. Only the last window can hold a partial
+  batch; it stays last.
 
-The plan is held in numpy arrays (``EpochPlan``: this rank's sample indices and pad
-flags in batch order), never as one Python object per sample: at 10^6 samples over 8
-ranks it is 1 MB. ``ShardIndex`` (random access through the index sidecars) lives in
-``samples`` and is re-exported here.
+Nothing in a plan grows with N: batch ``k`` is computed when asked, from the slots it
+needs (without bucketing) or from its window's slots (with bucketing: positions ->
+sample indices -> aspect ratios -> sort -> shuffle of the full batches, the last two
+windows cached). Start-up is O(1), resuming at batch ``k`` is O(window), and a plan over
+10^9 samples holds a few kB. ``PLAN_ORDER`` names this order in the loader state, so a
+state saved under another order is not resumed onto this one. ``ShardIndex`` (random
+access through the index sidecars) lives in ``samples`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -36,6 +44,66 @@ import numpy as np
 
 from pixelbert_dist.data.samples import SampleRef, ShardIndex  # noqa: F401  (re-export)
 
+PLAN_ORDER = "feistel8-splitmix64-pow2"  # the epoch order's name, kept in the loader state
+FEISTEL_ROUNDS = 8
+MIN_BITS = 6  # a domain of at least 64: tiny sets mix as well as larger ones
+
+_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function over a uint64 array (arithmetic wraps mod 2^64)."""
+    z = x + _GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+class EpochShuffle:
+    """A keyed pseudo-random bijection of ``[0, n)``, evaluated only where asked.
+
+    A Feistel network over the ``2**b >= n`` values of ``b`` bits (halves of ``b // 2``
+    and ``b - b // 2`` bits that trade places every round, an even number of rounds;
+    round function splitmix64 of the right half xor a round key, keys from
+    ``SeedSequence([seed, epoch])``) is a permutation of that domain for any keys;
+    cycle-walking (apply it again while the value is ``>= n``) restricts it to a
+    permutation of ``[0, n)``. The domain is under 2n (at least 64), so a value takes
+    under two steps on average."""
+
+    def __init__(self, n: int, seed: int, epoch: int, rounds: int = FEISTEL_ROUNDS):
+        if n < 1:
+            raise ValueError(f"EpochShuffle needs n >= 1 (got {n})")
+        if rounds % 2:
+            raise ValueError(f"EpochShuffle needs an even number of rounds (got {rounds})")
+        self.n = n
+        bits = max(MIN_BITS, (n - 1).bit_length())
+        self.widths = (bits // 2, bits - bits // 2)  # (left, right) bits on entry
+        self.keys = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(rounds, np.uint64)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left_bits, right_bits = self.widths
+        left, right = x >> np.uint64(right_bits), x & np.uint64((1 << right_bits) - 1)
+        for key in self.keys:  # (L, R) -> (R, L ^ F(R)): the halves trade widths
+            mask = np.uint64((1 << left_bits) - 1)
+            left, right = right, left ^ (splitmix64(right ^ key) & mask)
+            left_bits, right_bits = right_bits, left_bits
+        return (left << np.uint64(right_bits)) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        """The samples at the given positions (int64 array of the same shape)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+            raise IndexError(f"positions outside [0, {self.n})")
+        out = self._feistel(positions.astype(np.uint64).ravel())
+        walking = np.flatnonzero(out >= self.n)
+        values = out[walking]
+        while walking.size:
+            values = self._feistel(values)
+            landed = values < self.n
+            out[walking[landed]] = values[landed]
+            walking, values = walking[~landed], values[~landed]
+        return out.astype(np.int64).reshape(positions.shape)
+
 
 @dataclass(frozen=True)
 class PlannedSample:
@@ -44,7 +112,7 @@ class PlannedSample:
 
 
 class PlanBatch(Sequence):
-    """One batch of the plan: numpy views, PlannedSample made on demand."""
+    """One batch of the plan: numpy arrays, PlannedSample made on demand."""
 
     def __init__(self, indices: np.ndarray, is_pad: np.ndarray):
         self.indices, self.is_pad = indices, is_pad
@@ -61,95 +129,109 @@ class PlanBatch(Sequence):
         return (PlannedSample(int(i), bool(p)) for i, p in zip(self.indices, self.is_pad))
 
 
-class EpochPlan(Sequence):
-    """This rank's batches: ``indices``/``is_pad`` in batch order, cut at ``bounds``."""
-
-    def __init__(self, indices: np.ndarray, is_pad: np.ndarray, bounds: np.ndarray):
-        self.indices, self.is_pad, self.bounds = indices, is_pad, bounds
-
-    def __len__(self) -> int:
-        return len(self.bounds) - 1
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
-        if k < 0:
-            k += len(self)
-        if not 0 <= k < len(self):
-            raise IndexError(f"batch {k} outside the plan's {len(self)}")
-        lo, hi = self.bounds[k], self.bounds[k + 1]
-        return PlanBatch(self.indices[lo:hi], self.is_pad[lo:hi])
-
-
 def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
 
 
-def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    return _rng(seed, epoch).permutation(n) if shuffle else np.arange(n)
+class EpochPlan(Sequence):
+    """This rank's batches for one epoch, each computed when asked (module docstring)."""
 
-
-def _bucketed(
-    indices: np.ndarray,
-    is_pad: np.ndarray,
-    ratios: np.ndarray,
-    batch_size: int,
-    window: int,
-    rng: np.random.Generator | None,
-) -> EpochPlan:
-    """Sort each window by aspect ratio, cut into batches, shuffle the full batches."""
-    order_parts, bounds = [], [0]
-    step = window * batch_size
-    for start in range(0, len(indices), step):
-        chunk = start + np.argsort(ratios[start : start + step], kind="stable")
-        cut = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        full = [b for b in cut if len(b) == batch_size]
-        if rng is not None:
-            full = [full[i] for i in rng.permutation(len(full))]
-        for b in full + [b for b in cut if len(b) < batch_size]:
-            order_parts.append(b)
-            bounds.append(bounds[-1] + len(b))
-    order = np.concatenate(order_parts) if order_parts else np.zeros(0, dtype=np.int64)
-    return EpochPlan(indices[order], is_pad[order], np.asarray(bounds, dtype=np.int64))
-
-
-def epoch_plan(
-    num_samples: int,
-    *,
-    epoch: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    batch_size: int,
-    shuffle: bool = True,
-    drop_last: bool = False,
-    aspect: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
-    bucket_window: int = 16,
-) -> EpochPlan:
-    """This rank's batches for ``epoch`` (see the module docstring for the rules).
-    ``aspect``: width/height per sample index, or a function of an index array (what
-    ``ShardIndex.aspect_of`` is), for bucketing."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    if batch_size < 1 or num_samples < 1:
-        raise ValueError(f"need batch_size >= 1 and samples >= 1 (got {batch_size}, {num_samples})")
-    order = _epoch_order(num_samples, seed, epoch, shuffle)
-    if drop_last:
-        total = num_samples // (world_size * batch_size) * world_size * batch_size
-        if total == 0:
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        epoch: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        aspect: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+        bucket_window: int = 16,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size < 1 or num_samples < 1 or bucket_window < 1:
             raise ValueError(
-                f"drop_last with {num_samples} samples < world_size x batch_size "
-                f"= {world_size * batch_size} leaves no batch"
+                f"need batch_size, samples and bucket_window >= 1 (got {batch_size}, {num_samples}, {bucket_window})"
             )
-    else:
-        total = -(-num_samples // world_size) * world_size
-    positions = np.arange(rank, total, world_size, dtype=np.int64)
-    indices = order[positions % num_samples].astype(np.int64)
-    del order
-    is_pad = positions >= num_samples
-    if aspect is not None:
-        ratios = aspect(indices) if callable(aspect) else np.asarray(aspect)[indices]
-        rng = _rng(seed, epoch, rank, 1) if shuffle else None
-        return _bucketed(indices, is_pad, np.asarray(ratios, dtype=np.float64), batch_size, bucket_window, rng)
-    bounds = np.append(np.arange(0, len(indices), batch_size), len(indices))
-    return EpochPlan(indices, is_pad, bounds)
+        if drop_last:
+            total = num_samples // (world_size * batch_size) * world_size * batch_size
+            if total == 0:
+                raise ValueError(
+                    f"drop_last with {num_samples} samples < world_size x batch_size "
+                    f"= {world_size * batch_size} leaves no batch"
+                )
+        else:
+            total = -(-num_samples // world_size) * world_size
+        self.num_samples, self.epoch, self.seed, self.rank = num_samples, epoch, seed, rank
+        self.world_size, self.batch_size, self.bucket_window = world_size, batch_size, bucket_window
+        self.shuffle, self.aspect = shuffle, aspect
+        self.per_rank = total // world_size  # the same on every rank
+        self.order = EpochShuffle(num_samples, seed, epoch) if shuffle else None
+        self._recent: tuple = ()  # the last two windows: (w, indices, is_pad)
+
+    def __len__(self) -> int:
+        return -(-self.per_rank // self.batch_size)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        k = int(k)
+        if k < 0:
+            k += len(self)
+        if not 0 <= k < len(self):
+            raise IndexError(f"batch {k} outside the plan's {len(self)}")
+        if self.aspect is None:
+            lo = k * self.batch_size
+            return PlanBatch(*self._slots(lo, min(lo + self.batch_size, self.per_rank)))
+        _, indices, is_pad = self._window(k // self.bucket_window)
+        lo = k % self.bucket_window * self.batch_size
+        return PlanBatch(indices[lo : lo + self.batch_size], is_pad[lo : lo + self.batch_size])
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Every batch's sample indices, concatenated: O(N / W) memory, for tests and
+        tools over small sets; the loaders read batch by batch."""
+        return np.concatenate([b.indices for b in self]).astype(np.int64, copy=False)
+
+    @property
+    def is_pad(self) -> np.ndarray:
+        """Every batch's pad flags, concatenated (O(N / W), as ``indices``)."""
+        return np.concatenate([b.is_pad for b in self])
+
+    def _slots(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices and pad flags of this rank's slots ``lo .. hi - 1``."""
+        positions = self.rank + self.world_size * np.arange(lo, hi, dtype=np.int64)
+        is_pad = positions >= self.num_samples
+        positions = np.where(is_pad, positions - self.num_samples, positions)
+        return (positions if self.order is None else self.order(positions)), is_pad
+
+    def _window(self, w: int) -> tuple:
+        for entry in self._recent:
+            if entry[0] == w:
+                return entry
+        entry = (w, *self._bucketed(w))
+        self._recent = (entry, *self._recent[:1])  # one assignment: safe for reader threads
+        return entry
+
+    def _bucketed(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window ``w`` sorted by aspect ratio, cut into batches, full batches shuffled."""
+        step = self.bucket_window * self.batch_size
+        indices, is_pad = self._slots(w * step, min((w + 1) * step, self.per_rank))
+        ratios = self.aspect(indices) if callable(self.aspect) else np.asarray(self.aspect)[indices]
+        order = np.argsort(np.asarray(ratios, dtype=np.float64), kind="stable")
+        full = len(order) // self.batch_size
+        if self.shuffle:
+            batches = _rng(self.seed, self.epoch, self.rank, 1, w).permutation(full)
+            head = order[: full * self.batch_size].reshape(full, self.batch_size)[batches].ravel()
+            order = np.concatenate([head, order[full * self.batch_size :]])
+        return indices[order], is_pad[order]
+
+
+def epoch_plan(num_samples: int, **kwargs) -> EpochPlan:
+    """This rank's batches for ``epoch`` (see the module docstring for the rules; the
+    keywords are ``EpochPlan``'s). ``aspect``: width/height per sample index, or a
+    function of an index array (what ``ShardIndex.aspect_of`` is), for bucketing."""
+    return EpochPlan(num_samples, **kwargs)

@@ -13,6 +13,7 @@ The sample's key is not stored: it is the name in the tar header just before its
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -89,11 +90,28 @@ class IndexBuilder:
 
 
 def load(path: str | Path, mmap: bool = True) -> np.ndarray:
-    array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    return _checked(np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False), path)
+
+
+def _checked(array: np.ndarray, where) -> np.ndarray:
     if array.dtype != np.uint32 or array.ndim != 2 or array.shape[0] != len(FIELDS):
         raise ShardFormatError(
-            f"{path}: not a shard index (dtype {array.dtype}, shape {array.shape}; expected uint32 ({len(FIELDS)}, n))"
+            f"{where}: not a shard index (dtype {array.dtype}, shape {array.shape}; expected uint32 ({len(FIELDS)}, n))"
         )
+    return array
+
+
+def from_bytes(data: bytes, where: str) -> np.ndarray:
+    """An index read whole from a stream (streaming mode), named ``where`` in errors. Its
+    samples must lie in tar order (rising offsets): a reader matches them by offset."""
+    try:
+        array = _checked(np.load(io.BytesIO(data), allow_pickle=False), where)
+    except (ValueError, EOFError, OSError) as err:
+        if isinstance(err, ShardFormatError):
+            raise
+        raise ShardFormatError(f"{where}: not a shard index ({len(data)} bytes; {err})") from None
+    if np.any(np.diff(array[JPG_BLOCK].astype(np.int64)) <= 0):
+        raise ShardFormatError(f"{where}: not a shard index (its sample offsets do not rise in tar order)")
     return array
 
 

@@ -3,10 +3,11 @@
 
     data.train_shards="https://host/cc12m-{000000..001023}.tar" data.epoch_samples=10000000
 
-URLs are opened with ``webdataset.gopen`` (curl for http(s), a shell for ``pipe:``, e.g.
-``pipe:aws s3 cp s3://bucket/x.tar -``); ``pipe:`` runs the configured command in a shell,
-so it belongs in trusted configs only. The rules, all pure functions of the config seed
-and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
+URLs are opened by ``shard_urls.py``: ``webdataset.gopen`` for http(s) (curl) and ``pipe:``
+(a shell: trusted configs only), fsspec for ``s3://``, ``gs://`` ... (with ``s3fs``,
+``gcsfs`` ...), where a folder or glob lists its ``.tar`` objects. The rules, all pure
+functions of the config seed and the position, so the loader state is ``{epoch,
+batches_done}`` as elsewhere:
 
 * an epoch is ``data.epoch_samples`` samples over all ranks: ``epoch_samples // (W * B)``
   batches on every rank, whatever the shards hold, so collectives never hang;
@@ -20,9 +21,20 @@ and the position, so the loader state is ``{epoch, batches_done}`` as elsewhere:
   adds each worker's count of samples taken from its stream, so a resumed run skips
   them (reading, never decoding) and yields the batches the uninterrupted run would
   have (same ``num_workers``: it is fingerprinted);
-* a read error reopens the shard after a back-off (``data.stream_retries`` times) and
-  skips what was already read from it; a JPEG that does not decode is skipped (the next
-  sample takes its place) and counted in ``loader.damaged``.
+* a read error (also a store's own type, e.g. botocore's EndpointConnectionError)
+  reopens the shard after a back-off (``data.stream_retries`` times) and skips what was
+  already read from it; a missing shard stops at once, naming its URL;
+* a damaged sample is skipped (the next sample takes its place), counted in
+  ``loader.damaged`` and named once: a JPEG that does not decode, or whose size or CRC32
+  differs from its shard's index sidecar (``NAME.idx.npy`` next to ``NAME.tar``, fetched
+  with it: ``stream_check.py``), which catches changed bytes that still decode. Shards
+  without a sidecar (foreign webdataset shards, ``pipe:``) are checked by decoding only,
+  said once (per rank); a sidecar that does not fit its shard stops the run naming it.
+
+Pixels (``stream_pixels.py``): with ``data.backend=pil`` the workers decode; with dali
+and nvjpeg they check each JPEG and hand its bytes to the rank's decoder, which gives
+the same batches (keys, text, damage counts, loader state) and images that differ from
+pil's only by decoder rounding.
 """
 
 from __future__ import annotations
@@ -37,28 +49,17 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import pad_batch
 from pixelbert_dist.data.shard_index import ShardFormatError
+from pixelbert_dist.data.shard_urls import expand, is_stream, open_shard, retryable  # noqa: F401 (is_stream: loader.py)
+from pixelbert_dist.data.stream_check import ShardCheck, fetch, why_unchecked
 from pixelbert_dist.data.torch_loader import data_loader
 
 log = logging.getLogger("pixelbert_dist.data")
 BACKOFF_S = 0.5
-
-
-def is_stream(spec) -> bool:
-    spec = str(spec)
-    return "://" in spec or spec.startswith("pipe:") or ("{" in spec and ".." in spec)
-
-
-def expand(spec: str) -> list[str]:
-    from webdataset.shardlists import expand_urls
-
-    urls = expand_urls(spec)
-    if not urls:
-        raise ValueError(f"data.train_shards={spec!r} names no shard")
-    return urls
 
 
 def _rng(*words) -> np.random.Generator:
@@ -70,12 +71,13 @@ class Raw(NamedTuple):
     jpeg: bytes
     meta: bytes
     url: str
+    damage: str | None = None  # why the index check rejects the JPEG
+    checked: bool = False  # whether an index sidecar checked it
 
 
-def _members(url: str) -> Iterator[Raw]:
-    from webdataset import gopen
-
-    with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+def _members(url: str, check: ShardCheck | None) -> Iterator[Raw]:
+    met = 0
+    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         pending = None
         for member in tar:
             if not member.isfile():
@@ -83,28 +85,43 @@ def _members(url: str) -> Iterator[Raw]:
             key, _, ext = member.name.rpartition("/")[2].partition(".")
             data = tar.extractfile(member).read()
             if ext == "jpg":
-                pending = (key, data)
+                pending = (key, data, member.offset_data)
             elif ext == "json" and pending is not None and pending[0] == key:
-                yield Raw(key, pending[1], data, url)
+                damage = check.damage(key, pending[2], pending[1]) if check is not None else None
+                met += 1
+                yield Raw(key, pending[1], data, url, damage, check is not None)
                 pending = None
+    if check is not None:
+        check.finish(met)
+
+
+UNREAD = object()
 
 
 def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
-    """The samples of one shard; a failed read is retried after a back-off, skipping the
-    samples already yielded (``errors`` collects one line per failure)."""
-    done, attempt = 0, 0
+    """The samples of one shard, checked against its index sidecar when it has one; a
+    failed read (of either) is retried after a back-off, skipping the samples already
+    yielded (``errors`` collects one line per failure)."""
+    done, attempt, check = 0, 0, UNREAD
     while True:
         try:
-            for i, raw in enumerate(_members(url)):
+            if check is UNREAD:
+                check = fetch(url)
+            for i, raw in enumerate(_members(url, check)):
                 if i >= done:
                     done += 1
                     yield raw
             return
-        except (OSError, tarfile.TarError, ValueError) as err:
+        except Exception as err:
+            if isinstance(err, FileNotFoundError):
+                raise FileNotFoundError(f"{url}: no such shard ({err})") from None
+            if not retryable(err):
+                raise
             attempt += 1
-            errors.append(f"{url}: {type(err).__name__}: {err}")
+            of_index = " (its index sidecar)" if check is UNREAD else ""
+            errors.append(f"{url}{of_index}: {type(err).__name__}: {err}")
             if attempt > retries:
-                raise OSError(f"{url}: read failed {attempt} times, last: {err}") from None
+                raise OSError(f"{url}: read failed {attempt} times, last: {err}{of_index}") from None
             time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
@@ -153,22 +170,24 @@ class StreamPlan(NamedTuple):
 
 
 class StreamBatch(NamedTuple):
-    images: torch.Tensor
-    sizes: torch.Tensor
+    images: torch.Tensor | None  # None until the rank's decoder fills it (dali, nvjpeg)
+    sizes: torch.Tensor | None
     keys: list
     metas: list
     flips: list
     damaged: list
     read_errors: list
+    jpegs: list  # the checked bytes, for a decoder in the rank's process; else empty
+    unchecked: str | None  # a shard in this batch without an index sidecar (for one log line)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
     """Worker ``i`` of ``n`` plays stream ``v = (i + start) % n``: the DataLoader's round
     robin begins at worker 0, and batch ``start`` is stream ``start % n``'s."""
 
-    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, decode):
+    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, prepare):
         self.plan, self.start, self.cursors = plan, start, cursors
-        self.flip_of, self.decode = flip_of, decode
+        self.flip_of, self.prepare = flip_of, prepare  # PilDecode or JpegCheck
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = torch.utils.data.get_worker_info()
@@ -183,21 +202,27 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield self._batch(stream, errors)
 
     def _batch(self, stream, errors: list) -> StreamBatch:
-        images, keys, metas, flips, damaged = [], [], [], [], []
-        while len(images) < self.plan.batch_size:  # taken = batch_size + len(damaged)
+        prepared, keys, metas, flips, damaged, unchecked = [], [], [], [], [], None
+        while len(prepared) < self.plan.batch_size:  # taken = batch_size + len(damaged)
             raw = next(stream)
+            if raw.damage is not None:  # the index check, before decoding: same on every backend
+                damaged.append(Damaged(f"{raw.url}:{raw.key}", raw.damage, -1))
+                continue
+            unchecked = unchecked or (None if raw.checked else raw.url)
             flip = self.flip_of(raw.key)
             try:
-                images.append(self.decode(raw.jpeg, flip, raw.key))
+                prepared.append(self.prepare(raw.jpeg, flip, raw.key))
             except (ValueError, OSError) as err:
                 damaged.append(Damaged(f"{raw.url}:{raw.key}", f"undecodable JPEG ({err})", -1))
                 continue
             keys.append(raw.key)
             metas.append(raw.meta)
             flips.append(flip)
-        stacked, sizes = pad_batch(images)
         read_errors, errors[:] = list(errors), []
-        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors)
+        if not self.prepare.makes_pixels:
+            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked)
+        stacked, sizes = pad_batch(prepared)
+        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked)
 
 
 def url_digest(urls: list[str]) -> str:
@@ -215,7 +240,7 @@ class StreamLoader(LoaderState, BatchAccounting):
         cfg,
         spec: str,
         text,
-        decode,
+        images,
         batch_size: int,
         rank: int,
         world_size: int,
@@ -223,19 +248,20 @@ class StreamLoader(LoaderState, BatchAccounting):
         device: torch.device,
     ):
         if cfg.epoch_samples < world_size * batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"streaming needs data.epoch_samples >= world_size x batch_size "
                 f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
                 "number of samples that make one epoch over all ranks"
             )
         self.cfg, self.urls = cfg, expand(spec)
-        self.text, self.decode = text, decode
+        self.text, self.images = text, images  # a stream_pixels.StreamImages
         self.batch_size, self.rank, self.world_size, self.train = batch_size, rank, world_size, train
-        self.backend = "pil-stream"
+        self.backend = f"{images.name}-stream"
         self.read_errors = 0
+        self.unchecked: str | None = None  # the first shard streamed without an index sidecar
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.urls)} shards cannot feed {world_size} ranks x "
                 f"{self.workers} workers without repeats: set data.resampled=true "
                 "or use fewer data.num_workers"
@@ -306,10 +332,14 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.batches_done, self.cursors = 0, [0] * self.workers
         start = self.batches_done
         flip_of = self.text.flip_rule(self.epoch)
-        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.decode)
-        loader = data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False)
-        for k, got in enumerate(loader, start):
+        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.images.prepare)
+        # the workers start here, before any decoder thread exists in this process
+        batches = iter(data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False))
+        if self.images.pixels is not None:
+            batches = self.images.pixels(batches)
+        for k, got in enumerate(batches, start):
             self._log_read_errors(got.read_errors)
+            self._log_unchecked(got.unchecked)
             self.cursors[k % self.workers] += len(got.keys) + len(got.damaged)
             metas = [_meta(raw, key) for raw, key in zip(got.metas, got.keys)]
             batch = self.text(got.keys, metas, got.flips, [False] * len(got.keys), k, self.epoch)
@@ -323,6 +353,17 @@ class StreamLoader(LoaderState, BatchAccounting):
         for line in errors:
             self.read_errors += 1
             log.warning("stream read error (retried with back-off): %s", line)
+
+    def _log_unchecked(self, url: str | None) -> None:
+        if url is not None and self.unchecked is None:
+            self.unchecked = url
+            log.warning(
+                "streamed shard %s has no index sidecar (%s): it and any other such shard "
+                "are checked by decoding only, which misses changed bytes that still decode "
+                "(`make_shards.py` writes sidecars; said once)",
+                url,
+                why_unchecked(url),
+            )
 
 
 def _meta(raw: bytes, key: str) -> dict:

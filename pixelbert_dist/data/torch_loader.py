@@ -40,6 +40,8 @@ def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str =
 class PilDecode:
     """``decode(jpeg, flip, where)`` with the configured sizes (picklable, for workers)."""
 
+    makes_pixels = True  # streaming: the workers hand over images, not JPEG bytes
+
     def __init__(self, shorter: int, max_size: int):
         self.shorter, self.max_size = shorter, max_size
 
@@ -188,17 +190,21 @@ class TorchJpegImages:
             resized = resized.flip(-1)
         return normalize_hwc_uint8(resized.permute(1, 2, 0))
 
-    def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def decode(self, jpegs: list[bytes], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One padded batch from JPEG bytes (also the streaming loader's path)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its codecs for TorchCodec; decode_jpeg on
+            # CUDA is still the batched nvJPEG path this backend exists for.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        return pad_batch([self._one(img, flip) for img, flip in zip(decoded, flips)])
+
+    def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in work:
-            data = [torch.frombuffer(bytearray(self.index.jpeg(s)), dtype=torch.uint8) for s, _ in batch]
-            with warnings.catch_warnings():
-                # torchvision 0.29 deprecates its codecs for TorchCodec; decode_jpeg on
-                # CUDA is still the batched nvJPEG path this backend exists for.
-                warnings.simplefilter("ignore", DeprecationWarning)
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-            yield pad_batch([self._one(img, flip) for img, (_, flip) in zip(decoded, batch)])
+            yield self.decode([self.index.jpeg(s) for s, _ in batch], [flip for _, flip in batch])
 
     def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
         """The Loader's path: samples that fail the index checks are replaced (an

@@ -113,7 +113,7 @@ class BaseTrainer:
         except BaseException:
             self._release_run()
             raise
-        self.logger = RunLogger(self.run_dir, self.is_main)
+        self.logger = RunLogger(self.run_dir, self.is_main, resumed_step=self.state["step"])
         self._init_hot_loop()
 
     # -- hooks ------------------------------------------------------------------------

@@ -76,15 +76,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def refusals_as_one_line(label: str, call) -> int:
     """``call()``, where a run refused for a reason its message states (a bad key, a locked or
-    finished run folder, a damaged checkpoint) ends as one line on stderr (rank 0 only: the
-    other ranks stop for the same reason) and exit code 2, not a traceback per rank."""
+    finished run folder, a damaged checkpoint, shards not in the format) ends as one line on
+    stderr (rank 0 only: the other ranks stop for the same reason) and exit code 2, not a
+    traceback per rank."""
     try:
         result = call()
     except Exception as err:  # not SystemExit (--help): the imports below load torch
         from pixelbert_dist.checkpoint import CheckpointError
+        from pixelbert_dist.data.shard_index import ShardFormatError
         from pixelbert_dist.train.run_dir import RunFolderError
 
-        if not isinstance(err, (ConfigError, RunFolderError, CheckpointError)):
+        if not isinstance(err, (ConfigError, RunFolderError, CheckpointError, ShardFormatError)):
             raise
         if os.environ.get("RANK", "0") == "0":
             print(f"{label}: {err}", file=sys.stderr, flush=True)

@@ -8,8 +8,6 @@ keeps finished jobs for MinJobAge = 10 minutes).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,16 +33,3 @@ def slurm_env(cluster, monkeypatch):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.chdir(REPO)
     return cluster
-
-
-@pytest.fixture(scope="session")
-def slurm_shards(tmp_path_factory) -> Path:
-    """One small synthetic set for every job of the lane."""
-    out = tmp_path_factory.mktemp("slurm_shards")
-    subprocess.run(
-        [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--out", str(out), "--num", "72"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return out

@@ -36,34 +36,16 @@ if cluster_reason():  # one line for the whole lane, not one per test
 
 DS = "deepspeed_configs/zero2.json"
 STEPS = 30
-TWO_NODES = (
-    "--nodes",
-    "2",
-    "--gpus-per-node",
-    "0",
-    "--cpus-per-task",
-    "1",
-    "--time",
-    "10",
-    "--signal-delay-s",
-    "60",
-    "--stop-timeout-s",
-    "45",
-)
-ONE_NODE = (
-    "--nodes",
-    "1",
-    "--gpus-per-node",
-    "0",
-    "--cpus-per-task",
-    "1",
-    "--time",
-    "10",
-    "--signal-delay-s",
-    "60",
-    "--stop-timeout-s",
-    "45",
-)
+
+
+def nodes(count: int) -> tuple[str, ...]:
+    """CPU nodes (no gres), one core per task, room to save after the signal."""
+    return tuple(
+        f"--nodes {count} --gpus-per-node 0 --cpus-per-task 1 --time 10 --signal-delay-s 60 --stop-timeout-s 45".split()
+    )
+
+
+TWO_NODES, ONE_NODE = nodes(2), nodes(1)
 
 
 def pretrain_args(shards: Path, *extra: str, steps: int = STEPS, export: bool = False) -> list[str]:
@@ -127,7 +109,7 @@ def test_sbatch_refusal_is_one_line(slurm_env, capsys, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_node_jobs(cluster, slurm_shards, tmp_path_factory):
+def two_node_jobs(cluster, cli_shards, tmp_path_factory):
     """An uninterrupted 2-node run (with its export) and the same run that the time limit
     will interrupt, submitted together."""
     mp = pytest.MonkeyPatch()
@@ -146,7 +128,7 @@ def two_node_jobs(cluster, slurm_shards, tmp_path_factory):
                 "--output-dir",
                 str(root / name),
                 "--",
-                *pretrain_args(slurm_shards, export=export),
+                *pretrain_args(cli_shards, export=export),
             ]
         )
         assert rc == 0
@@ -213,9 +195,9 @@ def test_two_node_pretraining_completes(two_node_jobs):
     assert (export / "config.json").is_file()
 
 
-def test_scancel_saves_and_the_next_submission_continues(slurm_env, slurm_shards, capsys, tmp_path):
+def test_scancel_saves_and_the_next_submission_continues(slurm_env, cli_shards, capsys, tmp_path):
     run_dir, steps = tmp_path / "run", 12
-    args = pretrain_args(slurm_shards, "model.preset=tiny", f"run_dir={run_dir}", steps=steps)
+    args = pretrain_args(cli_shards, "model.preset=tiny", f"run_dir={run_dir}", steps=steps)
     (job_id,) = submit(capsys, tmp_path / "first", *TWO_NODES, pretrain=args)
     wait_train_steps(run_dir / "metrics.jsonl", 2, job_id)
     subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGTERM to every task
@@ -232,14 +214,14 @@ def test_scancel_saves_and_the_next_submission_continues(slurm_env, slurm_shards
     assert f"at step {stopped_at}" in task_log(tmp_path / "second", job_id, 0, "err")
 
 
-def test_sweep_is_a_job_array(slurm_env, slurm_shards, capsys, tmp_path):
+def test_sweep_is_a_job_array(slurm_env, cli_shards, capsys, tmp_path):
     jobs = submit(
         capsys,
         tmp_path / "sweep",
         *ONE_NODE,
         "--sweep",
         "optim.lr=1e-4,2e-4",
-        pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3),
+        pretrain=pretrain_args(cli_shards, "model.preset=tiny", steps=3),
     )
     assert len(jobs) == 2
     assert len({j.split("_")[0] for j in jobs}) == 1  # one array, two elements
@@ -257,7 +239,7 @@ def test_sweep_is_a_job_array(slurm_env, slurm_shards, capsys, tmp_path):
     assert lrs[1] == pytest.approx(2 * lrs[0])
 
 
-def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, slurm_shards, capsys, tmp_path):
+def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, cli_shards, capsys, tmp_path):
     """The 2-node run's final checkpoint continues as a 1-node job (universal checkpoint,
     the data position re-planned for one rank): 4 more steps, each logged once."""
     ref_out, ref_id = two_node_jobs["reference"]
@@ -268,7 +250,7 @@ def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, slurm
         tmp_path / "one",
         *ONE_NODE,
         pretrain=pretrain_args(
-            slurm_shards,
+            cli_shards,
             f"train.resume={tag}",
             "train.resume_universal=true",
             f"run_dir={tmp_path / 'run'}",
@@ -281,7 +263,7 @@ def test_two_node_checkpoint_resumes_on_one_node(two_node_jobs, slurm_env, slurm
     assert steps == list(range(STEPS + 1, STEPS + 5))
 
 
-def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shards, capsys, tmp_path, monkeypatch):
+def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, cli_shards, capsys, tmp_path, monkeypatch):
     """A stale MASTER_PORT exported in the submitting shell names a port another process
     holds on node1 (it accepts and never answers): both ranks stop within the bound with
     the framework's error, and the job fails instead of requeueing."""
@@ -297,7 +279,7 @@ def test_failed_rendezvous_fails_fast_and_is_not_requeued(slurm_env, slurm_shard
             *TWO_NODES,
             "--rendezvous-timeout-s",
             "15",
-            pretrain=pretrain_args(slurm_shards, "model.preset=tiny", steps=3),
+            pretrain=pretrain_args(cli_shards, "model.preset=tiny", steps=3),
         )
         record = wait_final(job_id, timeout_s=300, release_requeued=False)
     finally:
