@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +60,29 @@ def run_launcher(script: str, args: list[str], timeout: int = 400) -> subprocess
     return proc
 
 
+def sigterm_launcher(script: str, args: list[str], run_dir, after_steps: int, timeout: int = 300) -> str:
+    """Launch ``script`` on 2 ranks, SIGTERM every process of each rank (its data-loader
+    workers too, as Slurm signals a job step) once ``after_steps`` train rows are logged;
+    the launcher's output, after it exited 0."""
+    import psutil
+
+    launcher = subprocess.Popen(
+        deepspeed_cmd(script, args), cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    metrics, deadline = Path(run_dir) / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and len(train_losses(run_dir) if metrics.exists() else {}) < after_steps:
+        time.sleep(0.2)
+    name = Path(script).name
+    for process in psutil.Process(launcher.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):  # a loader worker between epochs may be gone
+            command = process.cmdline()
+            if any(name in part for part in command) and not any("deepspeed.launcher" in part for part in command):
+                process.send_signal(signal.SIGTERM)
+    output = launcher.communicate(timeout=timeout)[0].decode()
+    assert launcher.returncode == 0, output[-3000:]
+    return output
+
+
 def train_losses(run_dir) -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
@@ -77,3 +103,37 @@ def poison_images(trainer, bad) -> None:
         return out
 
     trainer.to_device = wrapped
+
+
+def signal_at(run, micro_batch: int, sig=signal.SIGTERM) -> None:
+    """Deliver ``sig`` to this process and its data-loader workers (as Slurm signals every
+    process of a job step) while micro-batch ``micro_batch`` (from 0) is moved to the device."""
+    import psutil
+
+    to_device, calls = run.to_device, []
+
+    def wrapped(batch):
+        calls.append(None)
+        if len(calls) == micro_batch + 1:
+            me, pids = psutil.Process(), [str(os.getpid())]
+            for worker in me.children():  # forked workers run this process's command line
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    if worker.cmdline() == me.cmdline():
+                        pids.append(str(worker.pid))
+            # from another process: torch's workers take a SIGTERM from their parent as "exit"
+            subprocess.run(["kill", "-s", signal.Signals(sig).name[3:], *pids], check=True)
+        return to_device(batch)
+
+    run.to_device = wrapped
+
+
+def record_keys(run) -> list[list[str]]:
+    """The sample keys of every micro-batch the trainer moves to the device, in order."""
+    to_device, keys = run.to_device, []
+
+    def wrapped(batch):
+        keys.append(list(batch["keys"]))
+        return to_device(batch)
+
+    run.to_device = wrapped
+    return keys

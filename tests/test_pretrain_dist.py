@@ -2,14 +2,10 @@
 entry point, ZeRO parity, and a SIGTERM'd run that resumes to the uninterrupted losses."""
 
 import json
-import signal
-import subprocess
-import time
 
-import psutil
 import pytest
 
-from tests.pretrain_helpers import REPO, deepspeed_cmd, fast_overrides, launch_env, run_launcher, train_losses
+from tests.pretrain_helpers import fast_overrides, run_launcher, sigterm_launcher, train_losses
 
 
 def pretrain_args(run_dir, shards, steps):
@@ -29,16 +25,6 @@ def test_zero_stages_follow_zero0_and_export_reloads(shards, tmp_path):
         assert result["export_max_diff"] < 1e-4, stage
 
 
-def _workers(launcher: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(launcher.pid).children(recursive=True)
-    return [
-        p
-        for p in children
-        if any("pretrain.py" in part for part in p.cmdline())
-        and not any("deepspeed.launcher" in part for part in p.cmdline())
-    ]
-
-
 @pytest.mark.launcher
 def test_sigterm_then_resume_matches_uninterrupted_run(shards, tmp_path):
     steps = 12
@@ -50,20 +36,7 @@ def test_sigterm_then_resume_matches_uninterrupted_run(shards, tmp_path):
 
     # Same run, stopped by SIGTERM on every rank (as Slurm does) once a few steps are logged.
     cut = tmp_path / "cut"
-    launcher = subprocess.Popen(
-        deepspeed_cmd("launch/pretrain.py", pretrain_args(cut, shards, steps)),
-        cwd=REPO,
-        env=launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and len(train_losses(cut) if (cut / "metrics.jsonl").exists() else {}) < 3:
-        time.sleep(0.2)
-    for worker in _workers(launcher):
-        worker.send_signal(signal.SIGTERM)
-    output = launcher.communicate(timeout=300)[0].decode()
-    assert launcher.returncode == 0, output[-3000:]
+    sigterm_launcher("launch/pretrain.py", pretrain_args(cut, shards, steps), cut, after_steps=3)
     stopped_at = int((cut / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 3 <= stopped_at < steps, "the signal should have stopped the run early"
     assert not (cut / "export").exists()

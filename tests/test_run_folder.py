@@ -5,7 +5,6 @@ learning rates on resume, the lock, short runs, bad input, and a world-size chan
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.train.config import RunConfig
-from tests.pretrain_helpers import REPO, fast_overrides, launch_env, poison_images, train_losses
+from tests.pretrain_helpers import REPO, fast_overrides, launch_env, poison_images, signal_at, train_losses
 
 pytestmark = [pytest.mark.usefixtures("dist_env"), pytest.mark.slow]
 
@@ -34,19 +33,6 @@ def trainer(run_dir, shards, *extra, steps=4):
         *extra,
     ]
     return Trainer(load_config(RunConfig, None, overrides), "deepspeed_configs/zero2.json")
-
-
-def signal_at(run, micro_batch: int, sig=signal.SIGTERM) -> None:
-    """Deliver ``sig`` to this process while micro-batch ``micro_batch`` (from 0) is moved to the device."""
-    to_device, calls = run.to_device, []
-
-    def wrapped(batch):
-        calls.append(None)
-        if len(calls) == micro_batch + 1:
-            os.kill(os.getpid(), sig)
-        return to_device(batch)
-
-    run.to_device = wrapped
 
 
 def rows(run_dir) -> list[dict]:

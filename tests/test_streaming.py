@@ -138,3 +138,14 @@ def test_pipe_and_a_retried_read(shards, tmp_path):
     _same(list(loader), local)
     assert loader.read_errors == 4
     assert loader.damaged == 1  # img0008 does not decode: skipped, counted
+
+
+@pytest.mark.slow
+def test_a_streamed_position_is_never_replanned_to_another_world_size(shards):
+    from pixelbert_dist.train.resume import replan_data_state
+
+    spec = str(shards / PATTERN)
+    saved = _stream(spec, world_size=2).state_dict()  # per-rank cursors: no meaning on 1 rank
+    one = _stream(spec, world_size=1)
+    with pytest.raises(ValueError, match=r"'world_size': \(2, 1\)"):
+        one.load_state_dict(replan_data_state(saved, one.state_dict()))

@@ -292,9 +292,15 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.cursors = [0] * self.workers
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stream_cursors": list(self.cursors)}
+        return {**super().state_dict(), "stream_cursors": list(self.cursors), "stream_urls": len(self.urls)}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("stream") not in (None, url_digest(self.urls)):
+            raise ValueError(
+                f"data loader state was saved over another shard list ({state.get('stream_urls', '?')} "
+                f"URLs, digest {state['stream']}) than data.train_shards names now ({len(self.urls)} URLs, "
+                f"digest {url_digest(self.urls)}): a streamed position holds only with the same URLs"
+            )
         epoch, done = self.epoch, self.batches_done
         super().load_state_dict(state)  # the fingerprint (num_workers too) first
         cursors = state.get("stream_cursors")

@@ -9,6 +9,7 @@ pixels that differ only by decoder rounding.
 from __future__ import annotations
 
 import io
+import signal
 import warnings
 from typing import Iterator, Sequence
 
@@ -97,8 +98,28 @@ class _PilSampleDataset(torch.utils.data.Dataset):
         return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def _stop_signal_in_worker(signum, frame) -> None:
+    """A stop signal that reached a loader worker (Slurm signals every process of a job
+    step, Ctrl-C the whole foreground group): the worker carries on, the trainer's own
+    process stops at a step boundary and then ends its workers."""
+
+
+def _leave_stops_to_the_trainer(worker_id: int) -> None:
+    # Torch's worker handler dies on a SIGTERM not sent by its parent (the default action
+    # for SIGUSR1 too), and the trainer's next batch then raises "DataLoader worker is
+    # killed by signal" instead of saving. A Python handler, not SIG_IGN, so that commands
+    # the worker starts (curl, pipe:) keep the default actions.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_signal_in_worker)
+
+
 def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
     extra = {"prefetch_factor": prefetch, "persistent_workers": False} if num_workers > 0 else {}
+    if num_workers > 0:
+        extra["worker_init_fn"] = _leave_stops_to_the_trainer
     # batch_size=None: each item is already a batch; order is kept by the DataLoader.
     # Its own generator: a DataLoader iterator otherwise draws its worker seed from
     # torch's global RNG, which would shift the model's dropout / pixel-sampling

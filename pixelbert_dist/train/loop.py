@@ -109,6 +109,7 @@ class BaseTrainer:
         self.nonfinite_in_row = 0
         try:
             self._resume()
+            self._record_run()
         except BaseException:
             self._release_run()
             raise
@@ -202,11 +203,16 @@ class BaseTrainer:
             self.engine.compile()
         self.precision = precision_of(ds)
         self.dtype = _DTYPES[self.precision]
+        self.ds_config = ds
+
+    def _record_run(self) -> None:
+        """The resolved configs into the run folder, once a resume has been accepted (a
+        refused one leaves the record as it was)."""
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             start = ckpt.read_meta(self.resume_dir)["step"] if self.resume_dir else 0
             record_config(self.run_dir / "config.yaml", dump_config(self.cfg), start)
-            write_deepspeed_config(ds, self.run_dir / "deepspeed_config.json")
+            write_deepspeed_config(self.ds_config, self.run_dir / "deepspeed_config.json")
 
     # -- the run folder, resume and save (see train/run_dir.py and train/resume.py) -----
     def _take_run_folder(self) -> None:
@@ -240,7 +246,7 @@ class BaseTrainer:
             return
         self.check_resumed(client)
         self.state.update(client["trainer"])  # older checkpoints lack newer counters
-        self.train_loader.load_state_dict(resume_rule.replan_data_state(client["data"], self.train_loader.state_dict()))
+        self._resume_data(client)
         if self.train_loader.batches_done >= len(self.train_loader):
             self.state["epoch"] += 1  # saved on an epoch's last batch: the next epoch is due, not a replay
         changed = apply_settings(self.optimizer, self.scheduler, settings)
@@ -255,6 +261,19 @@ class BaseTrainer:
                     "; ".join(changed),
                 )
 
+    def _resume_data(self, client: dict) -> None:
+        """This rank's own saved loader position (a streamed one differs per rank: a skipped
+        damaged sample shifts that rank's cursors); rank 0's, re-planned, after a world-size
+        change or from a checkpoint that kept only rank 0's. A loader that cannot continue
+        from it is a refused resume (one line naming what changed), not a traceback."""
+        state = (client.get("rank_state") or {}).get("data")
+        if state is None:
+            state = resume_rule.replan_data_state(client["data"], self.train_loader.state_dict())
+        try:
+            self.train_loader.load_state_dict(state)
+        except ValueError as err:
+            raise ckpt.CheckpointError(f"cannot resume {self.resume_dir}: {err}") from None
+
     def save(self) -> None:
         """A checkpoint of this step, once (a stop signal on a save step does not save again)."""
         if self._saved_step == self.state["step"]:
@@ -268,7 +287,13 @@ class BaseTrainer:
         }
         meta = {"config": config, "final": self.state["step"] >= self.total_steps}
         ckpt.save_checkpoint(
-            self.engine, self.ckpt_dir, self.state["step"], client, self.cfg.train.keep_last, meta=meta
+            self.engine,
+            self.ckpt_dir,
+            self.state["step"],
+            client,
+            self.cfg.train.keep_last,
+            rank_state={"data": client["data"]},
+            meta=meta,
         )
         self._saved_step = self.state["step"]
 

@@ -111,13 +111,17 @@ def replan_data_state(saved: dict, now: dict) -> dict:
     of samples into the epoch for this loader (samples seen = batches x batch x ranks, a
     world-size-independent count); unchanged otherwise. The epoch plan gives rank r the
     slots r, r+W, ... so after b batches every rank together read the first b*B*W slots of
-    the epoch's order, whatever W: the new ranks continue from the same slot."""
+    the epoch's order, whatever W: the new ranks continue from the same slot. A streamed
+    position (cursors into each rank's own shard streams) stays as saved: its loader
+    refuses another world size."""
     keys = ("batches_done", "batch_size", "world_size")
     if not all(k in saved and k in now for k in keys) or (saved["batch_size"], saved["world_size"]) == (
         now["batch_size"],
         now["world_size"],
     ):
         return saved
+    if "stream_cursors" in saved:
+        return saved  # a streamed position is per rank and worker stream: the loader refuses another world size
     seen = saved["batches_done"] * saved["batch_size"] * saved["world_size"]
     batches, extra = divmod(seen, now["batch_size"] * now["world_size"])
     log.info(
