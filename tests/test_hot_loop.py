@@ -76,7 +76,7 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatc
     assert run.state["step"] == 4
     assert len(micro_batches) == 8
     assert len(calls) == 4, calls
-    assert all(call.startswith("item from loop.py") for call in calls), calls
+    assert all(call.startswith("item from window.py") for call in calls), calls
     losses = train_losses(tmp_path / "run")
     assert list(losses) == [4]
     assert torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time

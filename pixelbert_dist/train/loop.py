@@ -5,12 +5,13 @@ precision, SyncBatchNorm, torch.compile), resume (universal too), the step with 
 NaN/inf skip, checkpoints, the epoch loop with its clean stop on SIGTERM / SIGUSR1,
 logging and the throughput/MFU meter. A subclass supplies the model, the loaders and
 what to log, evaluate and leave behind (the hooks below), as torchtitan's Trainer does.
+The accumulation window (NaN/inf skip, the one host sync) is ``window.py``; the run's
+record on disk (lock, resume, save) ``persist.py``.
 Steps count optimiser steps: one per accumulation window whose micro-batches ran.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -21,23 +22,20 @@ import torch
 import torch.distributed as dist
 
 from pixelbert_dist import checkpoint as ckpt
-from pixelbert_dist.collectives import collective_device, gather_objects
-from pixelbert_dist.config import dump_config, to_dict
+from pixelbert_dist.config import to_dict
 from pixelbert_dist.console import Progress
-from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of, write_deepspeed_config
+from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train import resume as resume_rule
-from pixelbert_dist.train.run_dir import RunFolderError, RunLock, check_run_dir_writable, record_config, supersede_rows
-from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
+from pixelbert_dist.train.persist import RunPersistence
+from pixelbert_dist.train.run_dir import check_run_dir_writable
+from pixelbert_dist.train.schedule import build_scheduler, clamp_warmup
+from pixelbert_dist.train.window import AccumulationWindow, NonFiniteLossError, update_left_out
 
 log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many NaN/inf losses in a row: the run stops (on every rank) instead of diverging."""
 
 
 def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
@@ -50,32 +48,7 @@ def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
         pixelbert.set_activation_checkpointing(mode)
 
 
-def loss_is_bad(loss: torch.Tensor, max_loss: float) -> torch.Tensor:
-    """NaN/inf, or a finite blow-up above ``train.max_loss``: skipped and counted alike."""
-    return ~torch.isfinite(loss) | (loss.abs() > max_loss)
-
-
-@contextlib.contextmanager
-def _update_left_out(engine, optimizer: torch.optim.Optimizer):
-    """One ``engine.step()`` with DeepSpeed's bookkeeping (gradient release, micro-step and
-    global-step counters, offload buffers) but without the weight update: the base
-    optimiser's ``step`` is shadowed by a no-op (ZeRO 1-3, BF16_Optimizer and the plain
-    engine all call it as ``optimizer.step()``) and the lr scheduler is hidden from the
-    engine. DeepSpeed has no public "drop this accumulation window" call."""
-    wrapped = optimizer.__dict__.get("step")  # torch's lr scheduler wraps the instance's step
-    scheduler, engine.lr_scheduler = engine.lr_scheduler, None
-    optimizer.step = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        engine.lr_scheduler = scheduler
-        if wrapped is None:
-            del optimizer.step
-        else:
-            optimizer.step = wrapped
-
-
-class BaseTrainer:
+class BaseTrainer(RunPersistence):
     """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``."""
 
     name = "train"  # the progress bar's label
@@ -205,105 +178,6 @@ class BaseTrainer:
         self.dtype = _DTYPES[self.precision]
         self.ds_config = ds
 
-    def _record_run(self) -> None:
-        """The resolved configs into the run folder, once a resume has been accepted (a
-        refused one leaves the record as it was)."""
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            start = ckpt.read_meta(self.resume_dir)["step"] if self.resume_dir else 0
-            record_config(self.run_dir / "config.yaml", dump_config(self.cfg), start)
-            write_deepspeed_config(self.ds_config, self.run_dir / "deepspeed_config.json")
-
-    # -- the run folder, resume and save (see train/run_dir.py and train/resume.py) -----
-    def _take_run_folder(self) -> None:
-        """Rank 0 locks the run folder; every rank learns whether it could."""
-        error = None
-        if self.is_main:
-            try:
-                self.run_lock = RunLock(self.run_dir).acquire()
-            except (resume_rule.CheckpointError, RuntimeError, OSError) as err:
-                error = str(err)
-        error = gather_objects(error)[0]
-        if error:
-            raise RunFolderError(error)
-
-    def _release_run(self) -> None:
-        if getattr(self, "run_lock", None) is not None:
-            self.run_lock.release()
-            self.run_lock = None
-
-    def _resume(self) -> None:
-        t = self.cfg.train
-        settings = group_settings(self.optimizer)  # the config's rates, before the checkpoint's replace them
-        client = (
-            None
-            if self.resume_dir is None
-            else ckpt.resume(self.engine, self.ckpt_dir, str(self.resume_dir), t.resume_universal, verify=False)
-        )
-        if client is None:
-            if self.is_main:
-                supersede_rows(self.run_dir, 0)  # a fresh start: rows of an attempt that saved nothing
-            return
-        self.check_resumed(client)
-        self.state.update(client["trainer"])  # older checkpoints lack newer counters
-        self._resume_data(client)
-        if self.train_loader.batches_done >= len(self.train_loader):
-            self.state["epoch"] += 1  # saved on an epoch's last batch: the next epoch is due, not a replay
-        changed = apply_settings(self.optimizer, self.scheduler, settings)
-        self._saved_step = self.state["step"]
-        if self.is_main:
-            supersede_rows(self.run_dir, self.state["step"])
-            log.info("resumed from %s at step %d", self.resume_dir, self.state["step"])
-            if changed:
-                log.warning(
-                    "optimiser settings of this config applied from step %d on: %s",
-                    self.state["step"],
-                    "; ".join(changed),
-                )
-
-    def _resume_data(self, client: dict) -> None:
-        """This rank's own saved loader position (a streamed one differs per rank: a skipped
-        damaged sample shifts that rank's cursors); rank 0's, re-planned, after a world-size
-        change or from a checkpoint that kept only rank 0's. A loader that cannot continue
-        from it is a refused resume (one line naming what changed), not a traceback."""
-        state = (client.get("rank_state") or {}).get("data")
-        if state is None:
-            state = resume_rule.replan_data_state(client["data"], self.train_loader.state_dict())
-        try:
-            self.train_loader.load_state_dict(state)
-        except ValueError as err:
-            raise ckpt.CheckpointError(f"cannot resume {self.resume_dir}: {err}") from None
-
-    def save(self) -> None:
-        """A checkpoint of this step, once (a stop signal on a save step does not save again)."""
-        if self._saved_step == self.state["step"]:
-            return
-        config = to_dict(self.cfg)
-        client = {
-            "trainer": self.state,
-            "data": self.train_loader.state_dict(),
-            "config_fingerprint": ckpt.config_fingerprint(config),
-            **self.client_state(),
-        }
-        meta = {"config": config, "final": self.state["step"] >= self.total_steps}
-        ckpt.save_checkpoint(
-            self.engine,
-            self.ckpt_dir,
-            self.state["step"],
-            client,
-            self.cfg.train.keep_last,
-            rank_state={"data": client["data"]},
-            meta=meta,
-        )
-        self._saved_step = self.state["step"]
-
-    def checkpoint_note(self) -> str:
-        """What a run that stops on an error leaves behind, for its message."""
-        latest = ckpt.read_latest(self.ckpt_dir)
-        if latest:
-            return f"the last checkpoint ({self.ckpt_dir / latest}) is untouched"
-        return f"no checkpoint was written yet (train.save_every={self.cfg.train.save_every})"
-
     # -- steps ------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
         """Tensors to the device (nested dicts too); floating ones named in ``float_keys``
@@ -323,21 +197,14 @@ class BaseTrainer:
     def train_micro_batch(self, batch: dict, data_seconds: float = 0.0) -> bool:
         """One micro-batch: forward and backward; at the accumulation boundary the optimiser
         step (DeepSpeed clips, scales the loss, reduces the gradients), or the skip of the
-        whole window when a loss in it was NaN/inf on any rank. True when a step was applied.
-
-        Nothing here waits for the device before the boundary: the finiteness of each loss
-        and the logged metrics accumulate as device tensors, and the boundary reads them
-        with one all-reduce + one ``.item()`` (the step's only host sync)."""
+        whole window when a loss in it was NaN/inf on any rank (``window.py``). True when a
+        step was applied."""
         start = time.perf_counter()
-        if self._window_bn is None:  # the window's first micro-batch
-            self._window_bn = self._batchnorm_stats()
-            self._window_bad = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.window.open()
         out = self.engine(self.to_device(batch))
-        self._window_bad += loss_is_bad(out["loss"].detach(), self.cfg.train.max_loss).to(torch.int32)
         self.engine.backward(out["loss"])
-        self._window_sums.add(self.batch_sums(out, batch))
         samples = self.samples_in(batch)
-        self._window_samples += samples
+        self.window.add(out["loss"], self.batch_sums(out, batch), samples)
         # Asked before engine.step(): DeepSpeed advances its micro-step counter there.
         if self.engine.is_gradient_accumulation_boundary():
             applied = self._end_window()
@@ -348,19 +215,15 @@ class BaseTrainer:
         return applied
 
     def _end_window(self) -> bool:
-        bad = self._window_bad.to(torch.float32).reshape(1)
-        if self.world > 1:  # the ranks must agree: a rank that steps alone waits for the others forever
-            bad = bad.to(collective_device())
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        nonfinite = int(bad.item())  # the one host sync of the step
+        nonfinite = self.window.bad_on_any_rank(self.world)
         if nonfinite:
             self._skip_window(nonfinite)
         else:
             self.engine.step()
             self.nonfinite_in_row = 0
-            self._log_sums.merge(self._window_sums)
-            self.state["samples"] += self._window_samples * self.world
-        self._window_bn, self._window_sums, self._window_samples = None, MetricSums(), 0
+            self._log_sums.merge(self.window.sums)
+            self.state["samples"] += self.window.samples * self.world
+        self.window.reset()
         return not nonfinite
 
     def _skip_window(self, nonfinite: int) -> None:
@@ -371,11 +234,9 @@ class BaseTrainer:
         its micro-step counter as it does at every boundary for every stage, but without
         the update (the base optimiser's ``step`` is a no-op for this call) and without
         the lr schedule's step: weights, optimiser state and schedule stay as they were."""
-        with _update_left_out(self.engine, self.optimizer):
+        with update_left_out(self.engine, self.optimizer):
             self.engine.step()
-        with torch.no_grad():  # the window's forwards folded NaN into BatchNorm's statistics
-            for buf, saved in self._window_bn:
-                buf.copy_(saved)
+        self.window.restore_batchnorm()
         self.state["nonfinite_skipped"] += nonfinite
         self.nonfinite_in_row += nonfinite
         limit = self.cfg.train.max_nonfinite_in_row
@@ -395,11 +256,6 @@ class BaseTrainer:
                 "applies a new optim.lr), check the data, or use bf16 instead of fp16."
             )
 
-    def _batchnorm_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(buffer, copy) of every BatchNorm running statistic at the window's start: a
-        skipped window must leave no trace. Device copies, no sync; none with FrozenBN."""
-        return [(buf, buf.clone()) for module in self.batchnorms if module.training for buf in module.buffers()]
-
     def batch_flops(self, batch: dict) -> float:
         """Training FLOPs of this micro-batch at its own shapes: ``shape_flops`` once per
         distinct ``flops_shape``, then a dict lookup."""
@@ -414,8 +270,8 @@ class BaseTrainer:
     def _init_hot_loop(self) -> None:
         self.meter = ThroughputMeter(peak_tflops(self.precision, self.device), self.world)
         self._flops_by_shape: dict = {}
-        self._log_sums, self._window_sums = MetricSums(), MetricSums()
-        self._window_bn, self._window_bad, self._window_samples = None, None, 0
+        self._log_sums = MetricSums()
+        self.window = AccumulationWindow(self.batchnorms, self.device, self.cfg.train.max_loss)
         self.last_train, self.last_val = {}, {}
 
     def damaged_samples(self) -> int | None:
