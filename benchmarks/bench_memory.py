@@ -20,7 +20,9 @@ An export whose config still holds the old bool maps it to ``none`` / ``transfor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -33,12 +35,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, spread, verdict, write_results  # noqa: E402
+from tensor_memory import AllocationTrace, live_bytes  # noqa: E402
 
 COLUMNS = [
     "preset",
     "mode",
     "image",
     "micro_batch",
+    "peak_gib",
+    "backward_peak_gib",
+    "optimizer_peak_gib",
+    "activation_gib",
+    "static_gib",
+    "peak_saving_vs_none",
+    "activation_saving_vs_none",
     "peak_rss_gib",
     "step_gib",
     "step_s",
@@ -47,6 +57,16 @@ COLUMNS = [
     "verdict",
 ]
 TARGET_SAVING = 0.40
+MEMORY_KEYS = (
+    "peak_gib",
+    "forward_peak_gib",
+    "backward_peak_gib",
+    "optimizer_peak_gib",
+    "step_peak_gib",
+    "activation_gib",
+    "after_backward_gib",
+    "static_gib",
+)
 
 
 def model_override(mode: str) -> dict:
@@ -70,45 +90,100 @@ def rss_gib() -> float:
     return kib / 2**20
 
 
-def child(args) -> dict:
-    """One mode in this process: build, warm up, time, report memory."""
+def make_batch(args, device, image) -> dict:
     from bench_step import synthetic_batch
 
-    from pixelbert_dist.model import build_model, preset_config
+    from pixelbert_dist.model import preset_config
+
+    vocab = preset_config(args.preset).vocab_size
+    batch = synthetic_batch(args.micro_batch, tuple(image), 40, vocab, 0)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train_step(model, optimizer, batch, phase=lambda name: contextlib.nullcontext()) -> torch.Tensor:
+    with phase("forward"):
+        loss = model(batch)["loss"]
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def measured_step(model, optimizer, batch, device) -> dict:
+    """One timed step; bytes (GiB) live before it (weights, optimizer state, batch), held
+    for the backward at the end of the forward, live after the backward (+ gradients),
+    and the peak: on a GPU torch.cuda's allocator counters, on a CPU the allocator's
+    trace (tensor_memory.AllocationTrace)."""
+    tensors = [*model.parameters(), *model.buffers(), *batch.values()]
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    gib = 2**-30
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        static = torch.cuda.memory_allocated(device)
+        marks, phase_peaks = {}, {}
+
+        @contextlib.contextmanager
+        def phase(name):
+            torch.cuda.reset_peak_memory_stats(device)
+            yield
+            marks[name] = torch.cuda.memory_allocated(device) - static
+            phase_peaks[name] = torch.cuda.max_memory_allocated(device) - static
+
+        start = time.perf_counter()
+        loss = train_step(model, optimizer, batch, phase)
+        torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        peak = max(phase_peaks.values())
+    else:
+        static = live_bytes(tensors)
+        with AllocationTrace() as trace:
+            start = time.perf_counter()
+            loss = train_step(model, optimizer, batch, trace.phase)
+            seconds = time.perf_counter() - start
+        marks = {name: trace.bytes_after(name) for name in ("forward", "backward")}
+        phase_peaks = {name: trace.peak_bytes(name) for name in ("forward", "backward", "optimizer")}
+        peak = trace.peak_bytes()
+    return {
+        "static_gib": static * gib,
+        "activation_gib": marks["forward"] * gib,
+        "after_backward_gib": marks["backward"] * gib,
+        "peak_gib": (static + peak) * gib,
+        "step_peak_gib": peak * gib,
+        **{f"{name}_peak_gib": (static + bytes_) * gib for name, bytes_ in phase_peaks.items()},
+        "seconds": seconds,
+        "loss": float(loss),
+    }
+
+
+def child(args) -> dict:
+    """One mode in this process: build, create the optimizer state with a step at a small
+    image (the state's size does not depend on the image), warm up, measure ``--steps``."""
+    from pixelbert_dist.model import build_model
     from pixelbert_dist.train.optim import OptimConfig, build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = build_model(args.preset, **model_override(args.mode)).to(device).train()
     optimizer = build_optimizer(model, OptimConfig())
-    batch = {
-        k: v.to(device) if torch.is_tensor(v) else v
-        for k, v in synthetic_batch(
-            args.micro_batch, tuple(args.image), 40, preset_config(args.preset).vocab_size, 0
-        ).items()
-    }
-    before = rss_gib() if device.type == "cpu" else torch.cuda.memory_allocated(device) / 2**30
-    times = []
-    for step in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    if device.type == "cpu":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    else:
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    train_step(model, optimizer, make_batch(args, device, (128, 128)))
+    batch = make_batch(args, device, args.image)
+    for _ in range(args.warmup):
+        train_step(model, optimizer, batch)
+    before = rss_gib()
+    gc.collect()
+    steps = [measured_step(model, optimizer, batch, device) for _ in range(args.steps)]
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    result = {key: max(step[key] for step in steps) for key in steps[0] if key not in ("seconds", "loss")}
     return {
-        "peak_rss_gib": peak,
+        **result,
+        "peak_rss_gib": peak_rss,
         "before_step_gib": before,
-        "step_gib": peak - before,
-        "times": times,
-        "loss": float(loss.detach()),
+        "step_gib": peak_rss - before,
+        "times": [step["seconds"] for step in steps],
+        "loss": steps[-1]["loss"],
+        "memory": "torch.cuda allocator" if device.type == "cuda" else "CPU allocator trace (torch.profiler)",
     }
 
 
@@ -147,6 +222,7 @@ def rows_from(args, results: dict[str, list[dict]]) -> list[dict]:
                 "mode": mode,
                 "image": f"{args.image[0]}x{args.image[1]}",
                 "micro_batch": args.micro_batch,
+                **{key: min(r[key] for r in runs) for key in MEMORY_KEYS},
                 "peak_rss_gib": min(r["peak_rss_gib"] for r in runs),
                 "step_gib": min(r["step_gib"] for r in runs),
                 "step_s": step["median"],
@@ -157,10 +233,12 @@ def rows_from(args, results: dict[str, list[dict]]) -> list[dict]:
     base = next((r for r in rows if r["mode"] == "none"), None)
     for row in rows:
         if base and row is not base:
+            row["peak_saving_vs_none"] = 1 - row["peak_gib"] / base["peak_gib"]
+            row["activation_saving_vs_none"] = 1 - row["activation_gib"] / base["activation_gib"]
             row["saving_vs_none"] = 1 - row["peak_rss_gib"] / base["peak_rss_gib"]
             row["step_saving_vs_none"] = 1 - row["step_gib"] / base["step_gib"]
             row["slowdown_vs_none"] = row["step_s"] / base["step_s"]
-            row["verdict"] = verdict(row["saving_vs_none"], TARGET_SAVING) if row["mode"] == "all" else "-"
+            row["verdict"] = verdict(row["peak_saving_vs_none"], TARGET_SAVING) if row["mode"] == "all" else "-"
     return rows
 
 
