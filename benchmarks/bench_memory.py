@@ -1,20 +1,29 @@
 """Peak memory and step time of one training step with activation checkpointing off and
 on: pixelbert-r50 at 800x1333, micro-batch 2 (the issue's shape) by default.
 
-    python benchmarks/bench_memory.py --modes none transformer all
+    python benchmarks/bench_memory.py --modes none transformer all --steps 1 --warmup 0 --repeats 1  # CPU
     python benchmarks/bench_memory.py --preset tiny --image 192 256 --steps 1 --repeats 1   # smoke
 
 Each (mode, repeat) runs in a fresh child process, in the order none, transformer, none,
 transformer, ... (interleaved repeats), that builds the model and the hybrid SGD/AdamW
-optimiser, takes ``--warmup`` untimed steps and ``--steps`` timed ones (forward, backward,
-optimizer step, plain PyTorch: activations are the same under DeepSpeed). Memory on a CPU is
-the child's resident-set high-water mark (``ru_maxrss``), given whole and as the part
-above its resident size just before the first step (the activations, gradients and
-optimizer state a step adds); on a GPU, ``torch.cuda.max_memory_allocated``.
+optimiser, creates the optimiser state with one step at 128x128 (its size does not depend
+on the image), takes ``--warmup`` untimed steps and ``--steps`` measured ones (forward,
+backward, optimizer step; plain PyTorch: the activations are those DeepSpeed keeps).
+
+Memory is that of live tensors, what checkpointing changes: ``static_gib`` (weights,
+buffers, optimizer state, the batch), ``activation_gib`` (allocated by the forward and
+still live at its end: what it keeps for the backward), the peak of each phase and
+``peak_gib`` over the step (all counting ``static_gib``). On a GPU from torch.cuda's
+allocator (``max_memory_allocated``, the measure the issue's target means); on a CPU from
+the CPU allocator's trace under torch.profiler (tensor_memory.AllocationTrace). The
+resident-set high-water mark (``peak_rss_gib``, ``saving_vs_none``) is kept for
+comparison with earlier runs; it also counts the interpreter and freed pages glibc keeps.
+Timed steps on a CPU run under the profiler (the same for every mode).
 
 Modes: ``PixelBertConfig.activation_checkpointing``: ``none``, ``transformer`` (the encoder
-layers) or ``all`` (also the CNN stem and its four stages), through torch.utils.checkpoint.
-An export whose config still holds the old bool maps it to ``none`` / ``transformer``.
+layers) or ``all`` (also the CNN stem, each stage, and within a stage's recomputation each
+residual block), through torch.utils.checkpoint. An export whose config still holds the old
+bool maps it to ``none`` / ``transformer``.
 """
 
 from __future__ import annotations
@@ -272,9 +281,10 @@ def main(argv=None) -> list[dict] | None:
     config = {k: v for k, v in vars(args).items() if k not in ("out", "child", "mode")}
     config.update(
         baseline="mode none (no activation checkpointing), same preset, image and batch",
-        target=f">= {TARGET_SAVING:.0%} lower peak memory with 'all'",
-        memory="CPU: ru_maxrss of a fresh child per run (min over repeats); "
-        "step_gib: above the resident size before the first step",
+        target=f">= {TARGET_SAVING:.0%} lower peak memory (peak_gib) with 'all'",
+        memory="live tensor bytes (GPU: torch.cuda allocator; CPU: the CPU allocator's trace under "
+        "torch.profiler), min over repeats; peak_rss_gib: ru_maxrss of a fresh child per run, "
+        "step_gib: above the resident size before the measured steps",
     )
     write_results("bench_memory", rows, config, args.out, COLUMNS)
     return rows

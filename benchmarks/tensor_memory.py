@@ -3,12 +3,11 @@
 A process's resident size is a poor measure of what activation checkpointing saves: it
 counts the interpreter and libraries, and glibc keeps freed pages. The allocator itself
 knows better: under ``torch.profiler`` with ``profile_memory=True`` the CPU allocator
-reports every allocation and free with its running total of the bytes it handed out while
-profiling and has not had back (``total_allocated``, across profiled regions: each trace
-counts from its own first event).
-``AllocationTrace`` reads that timeline back: the peak of the bytes a step allocated on top
-of what was live before it, and the bytes still live at the end of a named phase
-(after the forward: what the forward holds for the backward).
+reports every allocation and free (address and size) of the profiled thread, which on a
+CPU is also where the autograd engine runs the backward. ``AllocationTrace`` reads that
+timeline back: the peak of the bytes the region allocated and had not yet freed, and the
+bytes still live at the end of a named phase (after the forward: what the forward keeps
+for the backward).
 
     with AllocationTrace() as trace:
         with trace.phase("forward"):
@@ -16,8 +15,8 @@ of what was live before it, and the bytes still live at the end of a named phase
         loss.backward()
     trace.peak_bytes(), trace.bytes_after("forward")
 
-Only tensors that the profiled code allocates are counted; those live before it are
-``live_bytes(...)`` (each storage once).
+Only blocks that the region allocates are counted (a free of an older one is not): add
+what was live before it, ``live_bytes(...)`` (each storage once), for the total.
 """
 
 from __future__ import annotations
@@ -69,20 +68,26 @@ class AllocationTrace:
         return record_function(f"phase::{name}")
 
     def _read(self, roots) -> None:
-        timeline = []
+        events = []
         for event in _walk(roots):
             if event.tag == _EventType.Allocation:
                 fields = event.extra_fields
                 if fields.device.type == "cpu":
-                    timeline.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+                    events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
             elif event.name.startswith("phase::"):
                 self._phases[event.name.removeprefix("phase::")] = (event.start_time_ns, event.end_time_ns)
-        timeline.sort()
-        # The allocator's running total counts every profiled allocation of the process not
-        # yet freed, earlier profiled regions' too: measure from where this region began.
-        base = timeline[0][1] - timeline[0][2] if timeline else 0
-        self._times = [t for t, _, _ in timeline]
-        self._totals = [total - base for _, total, _ in timeline]
+        own: dict[int, int] = {}  # address: bytes of the blocks this region allocated
+        live = 0
+        for time_ns, ptr, size in sorted(events):
+            if size > 0:
+                own[ptr] = size
+                live += size
+            elif ptr in own:  # a block from before the region is not ours to subtract
+                live -= own.pop(ptr)
+            else:
+                continue
+            self._times.append(time_ns)
+            self._totals.append(live)
 
     def _span(self, phase: str) -> tuple[int, int]:
         if phase not in self._phases:
