@@ -131,7 +131,7 @@ def measured_step(model, optimizer, batch, device) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         static = torch.cuda.memory_allocated(device)
-        marks, phase_peaks = {}, {}
+        marks, phase_peaks, where = {}, {}, "(not traced on a GPU)"
 
         @contextlib.contextmanager
         def phase(name):
@@ -154,6 +154,7 @@ def measured_step(model, optimizer, batch, device) -> dict:
         marks = {name: trace.bytes_after(name) for name in ("forward", "backward")}
         phase_peaks = {name: trace.peak_bytes(name) for name in ("forward", "backward", "optimizer")}
         peak = trace.peak_bytes()
+        where = trace.peak_ops()
     return {
         "static_gib": static * gib,
         "activation_gib": marks["forward"] * gib,
@@ -163,6 +164,7 @@ def measured_step(model, optimizer, batch, device) -> dict:
         **{f"{name}_peak_gib": (static + bytes_) * gib for name, bytes_ in phase_peaks.items()},
         "seconds": seconds,
         "loss": float(loss),
+        "peak_at": where,
     }
 
 
@@ -184,7 +186,7 @@ def child(args) -> dict:
     gc.collect()
     steps = [measured_step(model, optimizer, batch, device) for _ in range(args.steps)]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    result = {key: max(step[key] for step in steps) for key in steps[0] if key not in ("seconds", "loss")}
+    result = {key: max(step[key] for step in steps) for key in steps[0] if key not in ("seconds", "loss", "peak_at")}
     return {
         **result,
         "peak_rss_gib": peak_rss,
@@ -192,6 +194,7 @@ def child(args) -> dict:
         "step_gib": peak_rss - before,
         "times": [step["seconds"] for step in steps],
         "loss": steps[-1]["loss"],
+        "peak_at": steps[-1]["peak_at"],
         "memory": "torch.cuda allocator" if device.type == "cuda" else "CPU allocator trace (torch.profiler)",
     }
 

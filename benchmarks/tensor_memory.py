@@ -39,6 +39,15 @@ def live_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def _ops(event, depth: int = 3) -> str:
+    """The innermost ``depth`` ops around ``event``, outermost first."""
+    names = []
+    while event.parent is not None and len(names) < depth:
+        event = event.parent
+        names.append(event.name)
+    return " > ".join(reversed(names))
+
+
 def _walk(events):
     for event in events:
         yield event
@@ -52,6 +61,7 @@ class AllocationTrace:
         self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         self._times: list[int] = []  # ns, sorted
         self._totals: list[int] = []  # bytes allocated since the start and still live
+        self._ops: list[str] = []  # the ops an allocation or free happened in
         self._phases: dict[str, tuple[int, int]] = {}  # name: (start, end) ns
 
     def __enter__(self) -> "AllocationTrace":
@@ -73,12 +83,12 @@ class AllocationTrace:
             if event.tag == _EventType.Allocation:
                 fields = event.extra_fields
                 if fields.device.type == "cpu":
-                    events.append((event.start_time_ns, fields.ptr, fields.alloc_size))
+                    events.append((event.start_time_ns, fields.ptr, fields.alloc_size, _ops(event)))
             elif event.name.startswith("phase::"):
                 self._phases[event.name.removeprefix("phase::")] = (event.start_time_ns, event.end_time_ns)
         own: dict[int, int] = {}  # address: bytes of the blocks this region allocated
         live = 0
-        for time_ns, ptr, size in sorted(events):
+        for time_ns, ptr, size, ops in sorted(events, key=lambda e: e[:3]):
             if size > 0:
                 own[ptr] = size
                 live += size
@@ -88,6 +98,7 @@ class AllocationTrace:
                 continue
             self._times.append(time_ns)
             self._totals.append(live)
+            self._ops.append(ops)
 
     def _span(self, phase: str) -> tuple[int, int]:
         if phase not in self._phases:
@@ -103,6 +114,10 @@ class AllocationTrace:
         first = bisect.bisect_left(self._times, start)
         last = bisect.bisect_right(self._times, end)
         return max(self._totals[first:last], default=self.bytes_after(phase))
+
+    def peak_ops(self) -> str:
+        """Where the peak was reached: the ops around the allocation that reached it."""
+        return self._ops[self._totals.index(self.peak_bytes())] if self._totals else ""
 
     def bytes_after(self, phase: str) -> int:
         """Bytes allocated inside the region and still live when ``phase`` ended."""
