@@ -1,7 +1,7 @@
 """Peak memory and step time of one training step with activation checkpointing off and
 on: pixelbert-r50 at 800x1333, micro-batch 2 (the issue's shape) by default.
 
-    python benchmarks/bench_memory.py --modes none transformer all --steps 1 --warmup 0 --repeats 1  # CPU
+    python benchmarks/bench_memory.py --modes none transformer all --steps 1 --warmup 1 --repeats 2  # CPU
     python benchmarks/bench_memory.py --preset tiny --image 192 256 --steps 1 --repeats 1   # smoke
 
 Each (mode, repeat) runs in a fresh child process, in the order none, transformer, none,
@@ -18,7 +18,7 @@ allocator (``max_memory_allocated``, the measure the issue's target means); on a
 the CPU allocator's trace under torch.profiler (tensor_memory.AllocationTrace). The
 resident-set high-water mark (``peak_rss_gib``, ``saving_vs_none``) is kept for
 comparison with earlier runs; it also counts the interpreter and freed pages glibc keeps.
-Timed steps on a CPU run under the profiler (the same for every mode).
+On a CPU the timed steps run without the profiler, and one more step is traced.
 
 Modes: ``PixelBertConfig.activation_checkpointing``: ``none``, ``transformer`` (the encoder
 layers) or ``all`` (also the CNN stem, each stage, and within a stage's recomputation each
@@ -120,6 +120,12 @@ def train_step(model, optimizer, batch, phase=lambda name: contextlib.nullcontex
     return loss.detach()
 
 
+def timed(step, *args) -> float:
+    start = time.perf_counter()
+    step(*args)
+    return time.perf_counter() - start
+
+
 def measured_step(model, optimizer, batch, device) -> dict:
     """One timed step; bytes (GiB) live before it (weights, optimizer state, batch), held
     for the backward at the end of the forward, live after the backward (+ gradients),
@@ -170,7 +176,8 @@ def measured_step(model, optimizer, batch, device) -> dict:
 
 def child(args) -> dict:
     """One mode in this process: build, create the optimizer state with a step at a small
-    image (the state's size does not depend on the image), warm up, measure ``--steps``."""
+    image (the state's size does not depend on the image), warm up, time ``--steps``, and
+    measure memory (on a CPU in one more step, under the profiler)."""
     from pixelbert_dist.model import build_model
     from pixelbert_dist.train.optim import OptimConfig, build_optimizer
 
@@ -184,7 +191,12 @@ def child(args) -> dict:
         train_step(model, optimizer, batch)
     before = rss_gib()
     gc.collect()
-    steps = [measured_step(model, optimizer, batch, device) for _ in range(args.steps)]
+    if device.type == "cuda":  # the allocator's counters cost nothing: time the same steps
+        steps = [measured_step(model, optimizer, batch, device) for _ in range(args.steps)]
+        times = [step["seconds"] for step in steps]
+    else:  # timed without the profiler, then one traced step for the memory
+        times = [timed(train_step, model, optimizer, batch) for _ in range(args.steps)]
+        steps = [measured_step(model, optimizer, batch, device)]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     result = {key: max(step[key] for step in steps) for key in steps[0] if key not in ("seconds", "loss", "peak_at")}
     return {
@@ -192,7 +204,7 @@ def child(args) -> dict:
         "peak_rss_gib": peak_rss,
         "before_step_gib": before,
         "step_gib": peak_rss - before,
-        "times": [step["seconds"] for step in steps],
+        "times": times,
         "loss": steps[-1]["loss"],
         "peak_at": steps[-1]["peak_at"],
         "memory": "torch.cuda allocator" if device.type == "cuda" else "CPU allocator trace (torch.profiler)",
@@ -220,7 +232,8 @@ def run_child(args, mode: str) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"mode {mode} failed:\n{proc.stderr[-2000:]}")
+        killed = " (killed by a signal: out of memory?)" if proc.returncode < 0 else ""
+        raise SystemExit(f"mode {mode} failed with exit code {proc.returncode}{killed}:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
