@@ -64,7 +64,8 @@ else  # ~1 min, ~3 min, ~1 min on an H100
   STEP=(--presets pixelbert-r50 --zero 2 --precision bf16 --micro-batch 8 16 --sampling on off
         --image 800 1333 --steps 10 --warmup 3)
   DECODE="nvjpeg 10 16"
-  MEMORY=(--preset pixelbert-r50 --image 800 1333 --micro-batch 2 --steps 3 --warmup 1 --repeats 1)
+  MEMORY=(--preset pixelbert-r50 --image 800 1333 --micro-batch 2 --modes none transformer all
+          --steps 3 --warmup 1 --repeats 1)
   COMPILE=(--presets pixelbert-r50 --precision bf16 --micro-batch 8 --image 800 1333 --repeats 10)
   SCALE=1
 fi
@@ -84,7 +85,7 @@ step() {  # step NAME SECONDS CMD...
 [ "$DRY" = 1 ] || { nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; } | tee -a "$LOG"
 step attention 110 "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$DEST"
 step train_step 190 "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$DEST"
-step memory 90 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --out "$DEST"
+step memory 150 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --out "$DEST"
 [ ${#COMPILE[@]} -eq 0 ] || step compile 120 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$DEST"
 # nvjpeg throughput with bench_data's photo-like JPEGs and loader timing (DALI's wheel is
 # too large to carry, so bench_data.py itself, which reports DALI's version, is not run).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The benchmark suite: data loading, data start-up at scale, attention kernels, training steps, scaling model.
+# The benchmark suite: data loading, data start-up at scale, attention kernels, training steps,
+# activation checkpointing's memory, scaling model.
 #   bash benchmarks/run_all.sh [--quick] [--out DIR]
 # Writes <name>.json, <name>.log, PNG plots and summary.md (hardware, torch, commit) into
 # DIR (default: a new benchmarks/results/<machine>-<date>T<time>-quick|full/ per run, so no
@@ -13,10 +14,11 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extension
 export PYTHONUNBUFFERED=1
 
 QUICK=() COMPILE=()
+MEMORY=(--steps 3 --warmup 1 --repeats 1)  # pixelbert-r50 800x1333 micro-batch 2
 OUT=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --quick) QUICK=(--quick) COMPILE=(--repeats 3) ;;
+    --quick) QUICK=(--quick) COMPILE=(--repeats 3) MEMORY=(--preset tiny --image 128 128 --steps 1 --warmup 0 --repeats 1) ;;
     --out) OUT="$2"; shift ;;
     *) echo "run_all.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
   esac
@@ -50,6 +52,8 @@ run bench_index 900 "$PY" benchmarks/bench_index.py "${QUICK[@]}" --out "$OUT"
 run bench_attention 300 "$PY" benchmarks/bench_attention.py "${QUICK[@]}" --out "$OUT"
 run bench_step 1800 "$PY" benchmarks/bench_step.py "${QUICK[@]}" --out "$OUT"
 run bench_compile 900 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$OUT"
+# peak tensor memory and step time with activation checkpointing none / transformer / all
+run bench_memory 1800 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --modes none transformer all --out "$OUT"
 # Pixel-BERT-R50 on 1-64 nodes of H100s at an assumed 40% MFU (the traffic model that
 # bench_comms.py checks against DeepSpeed's comms logger)
 run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --preset pixelbert-r50 --gpu H100 --mfu 0.4 \

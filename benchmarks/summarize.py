@@ -152,11 +152,9 @@ def verdict_of(name: str, rows: list[dict]) -> str:
         )
         return f"{len(ok)} setting(s) at >= 90% on {top} nodes" + (f": {'; '.join(ok)}" if ok else "")
     if name == "bench_memory":
-        saved = [
-            f"{r['mode']}: peak {r['saving_vs_none']:.0%} below none ({r.get('verdict', '-')})"
-            for r in rows
-            if "saving_vs_none" in r
-        ]
+        # live tensor bytes (allocator) where measured; older results: resident set size
+        key = "peak_saving_vs_none" if any("peak_saving_vs_none" in r for r in rows) else "saving_vs_none"
+        saved = [f"{r['mode']}: peak {r[key]:.0%} below none ({r.get('verdict', '-')})" for r in rows if key in r]
         missing = "" if any(r["mode"] == "all" for r in rows) else "; mode 'all' not measured: no verdict"
         return ("; ".join(saved) or "no mode to compare with none") + missing
     if name == "bench_compile":
@@ -236,8 +234,9 @@ def brief(folder: Path) -> str:
     for r in files.get("bench_memory", {}).get("rows", []):
         lines.append(
             f"memory {r['preset']} {r['image']} mb{r['micro_batch']} checkpointing {r['mode']}: "
-            f"peak {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
-            + (f", saving vs none {r['saving_vs_none']:.0%}" if "saving_vs_none" in r else "")
+            + (f"peak tensors {r['peak_gib']:.2f} GiB, " if "peak_gib" in r else "")
+            + (f"{r['peak_saving_vs_none']:.0%} below none, " if "peak_saving_vs_none" in r else "")
+            + f"peak RSS {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
         )
     for r in files.get("bench_compile", {}).get("rows", []):
         lines.append(

@@ -100,11 +100,11 @@ def test_tiny_trains_in_bf16_on_cpu_like_deepspeed():
 
 
 def forward_calls(model, batch) -> dict[str, int]:
-    """How often an encoder layer, a CNN stage and the CNN stem run in one training step:
-    twice where checkpointing recomputes them in backward."""
+    """How often an encoder layer, the first residual block of layer3 and the CNN stem run
+    in one training step: twice where checkpointing recomputes them in backward."""
     parts = {
         "encoder": model.encoder.layer[0],
-        "cnn_stage": model.visual.backbone.layer3,
+        "cnn_block": model.visual.backbone.layer3[0],
         "cnn_stem": model.visual.backbone.conv1,
     }
     calls = dict.fromkeys(parts, 0)
@@ -118,12 +118,21 @@ def forward_calls(model, batch) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("mode", ["transformer", "all"])
-def test_activation_checkpointing_changes_memory_not_results(mode):
-    """Dropout, pixel sampling and training-mode BatchNorm all on: the same loss, the same
-    gradients and the same BatchNorm statistics (updated once, not again on recompute)."""
-    off = tiny_with_stats().train()
-    on = build_model("tiny", activation_checkpointing=mode).train()
+@pytest.mark.parametrize(
+    "mode, trunk",
+    [
+        ("transformer", {}),
+        ("all", {}),
+        ("all", {"backbone": "resnet18"}),  # two blocks a stage: nested checkpoints
+        ("all", {"backbone": "resnet18", "freeze_bn": True}),  # r50's frozen BatchNorm
+    ],
+)
+def test_activation_checkpointing_changes_memory_not_results(mode, trunk):
+    """Dropout, pixel sampling and training-mode BatchNorm all on: the same loss (bit for
+    bit), the same gradients and the same BatchNorm statistics (updated once, not again on
+    recompute, also when a stage and then each of its blocks are recomputed)."""
+    off = tiny_with_stats(**trunk).train()
+    on = build_model("tiny", activation_checkpointing=mode, **trunk).train()
     on.load_state_dict(off.state_dict())
     batch = train_batch()
     losses = []
@@ -144,10 +153,16 @@ def test_activation_checkpointing_changes_memory_not_results(mode):
 def test_activation_checkpointing_recomputes_what_it_says():
     on = build_model("tiny").train()
     batch = train_batch()
+    # tiny: one block a stage, whose recomputation within its stage's stops before it runs
+    # (torch's non-reentrant checkpoint stops once the inputs it must give back are there)
     recomputed = {"none": (1, 1, 1), "transformer": (2, 1, 1), "all": (2, 2, 2)}
     for setting, calls in recomputed.items():
         on.set_activation_checkpointing(setting)
         assert tuple(forward_calls(on, batch).values()) == calls, setting
+    # two blocks a stage: the first runs in the forward, again when the backward recomputes
+    # its stage (to rebuild the second block's input) and again for its own backward
+    deeper = build_model("tiny", backbone="resnet18", activation_checkpointing="all").train()
+    assert tuple(forward_calls(deeper, batch).values()) == (2, 3, 2)
     on.eval()  # never in evaluation, even with gradients on; the CNN runs once per size group
     assert tuple(forward_calls(on, batch).values()) == (1, 3, 3)  # 128x192 (two images), 64x64, 128x128
 

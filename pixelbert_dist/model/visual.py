@@ -71,13 +71,26 @@ def _stem(net: ResNet, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def _recomputing(module: nn.Module):
     norms = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    before = [norm.recomputing for norm in norms]  # nested checkpoints: restore, not clear
     for norm in norms:
         norm.recomputing = True
     try:
         yield
     finally:
-        for norm in norms:
-            norm.recomputing = False
+        for norm, flag in zip(norms, before):
+            norm.recomputing = flag
+
+
+def _checkpointed(run, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``run(x)`` keeping only ``x`` for backward (non-reentrant torch checkpointing, RNG
+    state replayed, the BatchNorms of ``owner`` not updated again when recomputed)."""
+    return checkpoint(run, x, use_reentrant=False, context_fn=partial(_checkpoint_contexts, owner))
+
+
+def _blocks_checkpointed(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    for block in stage:
+        x = _checkpointed(block, block, x)
+    return x
 
 
 def _checkpoint_contexts(owner: nn.Module):
@@ -86,18 +99,18 @@ def _checkpoint_contexts(owner: nn.Module):
 
 
 def trunk_forward(net: ResNet, images: torch.Tensor, checkpointing: bool = False) -> torch.Tensor:
-    """The trunk's stem and four stages; with ``checkpointing`` each one keeps only its
-    input for backward and recomputes the rest (non-reentrant torch checkpointing, RNG
-    state replayed, BatchNorm statistics updated once)."""
-    stages = [(partial(_stem, net), net.bn1)] + [
-        (layer, layer) for layer in (net.layer1, net.layer2, net.layer3, net.layer4)
-    ]
-    x = images
-    for run, owner in stages:
-        if checkpointing:
-            x = checkpoint(run, x, use_reentrant=False, context_fn=partial(_checkpoint_contexts, owner))
-        else:
-            x = run(x)
+    """The trunk's stem and four stages. With ``checkpointing`` the forward keeps only the
+    input of the stem and of each stage for backward; the backward recomputes a stage with
+    each of its residual blocks checkpointed again (nested), so it holds that stage's block
+    inputs and one block's activations at a time, never a whole stage's (layer1 at full
+    resolution would otherwise be most of the peak). The price: the CNN's forward runs
+    three times per step instead of once."""
+    stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+    if not checkpointing:
+        return net.layer4(net.layer3(net.layer2(net.layer1(_stem(net, images)))))
+    x = _checkpointed(partial(_stem, net), net.bn1, images)
+    for stage in stages:
+        x = _checkpointed(partial(_blocks_checkpointed, stage), stage, x)
     return x
 
 
