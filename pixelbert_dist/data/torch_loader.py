@@ -9,7 +9,9 @@ pixels that differ only by decoder rounding.
 from __future__ import annotations
 
 import io
+import os
 import signal
+import threading
 import warnings
 from typing import Iterator, Sequence
 
@@ -98,22 +100,33 @@ class _PilSampleDataset(torch.utils.data.Dataset):
         return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-
 def _stop_signal_in_worker(signum, frame) -> None:
-    """A stop signal that reached a loader worker (Slurm signals every process of a job
-    step, Ctrl-C the whole foreground group): the worker carries on, the trainer's own
+    """SIGINT / SIGUSR1 that reached a loader worker (Ctrl-C signals the whole foreground
+    group, Slurm every process of a job step): the worker carries on, the trainer's own
     process stops at a step boundary and then ends its workers."""
 
 
+def _sigterm_from_the_parent_only() -> None:
+    """SIGTERM is blocked in the worker and taken here: from the parent (the DataLoader's
+    ``terminate()``, or multiprocessing's at interpreter exit, which then joins) the worker
+    ends at once, as torch's own handler does; from anyone else (Slurm's scancel or time
+    limit signal every process of the step) it is ignored, as the trainer saves first."""
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)
+
+
 def _leave_stops_to_the_trainer(worker_id: int) -> None:
-    # Torch's worker handler dies on a SIGTERM not sent by its parent (the default action
-    # for SIGUSR1 too), and the trainer's next batch then raises "DataLoader worker is
-    # killed by signal" instead of saving. A Python handler, not SIG_IGN, so that commands
-    # the worker starts (curl, pipe:) keep the default actions.
-    for sig in STOP_SIGNALS:
+    # Torch's worker dies on a SIGTERM not sent by its parent (SIGUSR1's default action
+    # kills too), and the trainer's next batch then raises "DataLoader worker is killed by
+    # signal" instead of saving. A Python handler cannot see the sender, so SIGTERM is
+    # blocked (commands the worker starts, curl or pipe:, inherit that: they end on EPIPE
+    # when their reader goes) and a thread reads who sent it.
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, _stop_signal_in_worker)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_from_the_parent_only, name="sigterm-from-parent", daemon=True).start()
 
 
 def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
