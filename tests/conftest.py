@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 _REPO = Path(__file__).resolve().parents[1]
+# the shared helpers' assertions report their values as the tests' own do
+pytest.register_assert_rewrite("tests.stream_helpers")
 
 
 def pytest_configure(config):

@@ -14,12 +14,11 @@ import os
 import pytest
 import torch
 
-from test_loaders import MAX, MEAN_TOL, SHORTER, _cfg, mixed_sizes, write_split
-
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.dali_wds import batches_per_epoch, index_dir, shard_bounds
 from pixelbert_dist.data.images import padded_batch_size, resized_size, swap_left_right
 from pixelbert_dist.data.loader import build_loader
+from tests.data_helpers import MAX, MEAN_TOL, SHORTER, data_cfg, mixed_sizes, write_split
 
 N = 22
 TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels", "is_pad")
@@ -34,7 +33,7 @@ def split(tmp_path_factory):
 
 def _wds(directory, batch_size=4, rank=0, world_size=1, train=True, **kw):
     return build_loader(
-        _cfg("dali", dali_reader="webdataset", **kw),
+        data_cfg("dali", dali_reader="webdataset", **kw),
         directory,
         batch_size,
         rank=rank,
@@ -114,8 +113,8 @@ def test_eval_pixels_match_external_dali_and_pil(split):
             assert images[i, :, h:].abs().sum() == 0
             assert images[i, :, :, w:].abs().sum() == 0
     ours = _by_key(batches)
-    external = _by_key(build_loader(_cfg("dali"), directory, 5, train=False))
-    pil = _by_key(build_loader(_cfg("pil"), directory, 5, train=False))
+    external = _by_key(build_loader(data_cfg("dali"), directory, 5, train=False))
+    pil = _by_key(build_loader(data_cfg("pil"), directory, 5, train=False))
     assert ours.keys() == external.keys() == pil.keys() == set(keys)
     for key in keys:
         assert torch.equal(ours[key], external[key]), key  # same decoder and ops
@@ -194,7 +193,7 @@ def test_rank0_state_restores_rank1(split):
 
 def test_states_of_other_modes_and_bad_configs_are_refused(split):
     directory, _, _ = split
-    external = build_loader(_cfg("dali"), directory, 4)
+    external = build_loader(data_cfg("dali"), directory, 4)
     next(iter(external))
     with pytest.raises(ValueError, match="another data.dali_reader"):
         _wds(directory).load_state_dict(external.state_dict())

@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from test_loaders import BACKENDS, MEAN_TOL, _cfg, _jpeg, mixed_sizes, write_split
-
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.sampling import ShardIndex
 from pixelbert_dist.data.shards import ShardFormatError, ShardWriter
+from tests.data_helpers import BACKENDS, MEAN_TOL, data_cfg, make_jpeg, mixed_sizes, write_split
 
 N, BATCH = 14, 4
 UNDECODABLE = b"\xff\xd8" + b"this is not a JPEG stream " * 8 + b"\xff\xd9"
@@ -46,7 +45,7 @@ def _damage_bytes(directory, sample: int, cut: bool = False) -> str:
 
 
 def _pixels_by_key(directory) -> dict:
-    loader = build_loader(_cfg("pil", num_workers=0), directory, BATCH, train=False)
+    loader = build_loader(data_cfg("pil", num_workers=0), directory, BATCH, train=False)
     out = {}
     for batch in loader:
         for i, (key, (h, w)) in enumerate(zip(batch["keys"], batch["image_sizes"].tolist())):
@@ -55,7 +54,7 @@ def _pixels_by_key(directory) -> dict:
 
 
 def _run(directory, backend, **kw) -> tuple:
-    loader = build_loader(_cfg(backend, **kw), directory, BATCH)
+    loader = build_loader(data_cfg(backend, **kw), directory, BATCH)
     batches = list(loader)
     return loader, batches
 
@@ -89,11 +88,11 @@ def test_changed_bytes_same_size_are_replaced_alike_and_resume_exactly(tmp_path,
         seen[backend] = _check_replaced(batches, loader, keys[6], reference, caplog, where)
     assert seen["dali"] == seen["pil"]
     # resume: the state after one batch continues with the same stand-in
-    loader = build_loader(_cfg("pil", hflip=True), directory, BATCH)
+    loader = build_loader(data_cfg("pil", hflip=True), directory, BATCH)
     full = list(loader)
     loader.batches_done = 0
     next(iter(loader))
-    fresh = build_loader(_cfg("pil", hflip=True), directory, BATCH)
+    fresh = build_loader(data_cfg("pil", hflip=True), directory, BATCH)
     fresh.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     rest = list(fresh)
     assert [b["keys"] for b in rest] == [b["keys"] for b in full[1:]]
@@ -106,14 +105,14 @@ def test_changed_bytes_same_size_are_replaced_alike_and_resume_exactly(tmp_path,
 def test_shard_truncated_under_a_running_loader(tmp_path, clean, backend, caplog):
     directory = tmp_path / "train"
     keys = write_split(directory, mixed_sizes(N, seed=2), per_shard=5)
-    loader = build_loader(_cfg(backend, shuffle=False), directory, BATCH)  # start-up checks pass
+    loader = build_loader(data_cfg(backend, shuffle=False), directory, BATCH)  # start-up checks pass
     where = _damage_bytes(directory, N - 1, cut=True)  # last sample of the last shard
     with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
         batches = list(loader)
     _check_replaced(batches, loader, keys[N - 1], _pixels_by_key(clean[0]), caplog, where)
     assert "short read" in caplog.records[0].getMessage()
     with pytest.raises(ShardFormatError, match="truncated or modified"):  # a new start names it
-        build_loader(_cfg(backend), directory, BATCH)
+        build_loader(data_cfg(backend), directory, BATCH)
 
 
 def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):
@@ -124,7 +123,7 @@ def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):
             key = f"img{i:04d}"
             writer.write(
                 key,
-                UNDECODABLE if i == 9 else _jpeg(height, width, i),
+                UNDECODABLE if i == 9 else make_jpeg(height, width, i),
                 {"key": key, "captions": [f"caption {i}"], "width": width, "height": height},
             )
     assert ShardIndex(directory).read(9).damage is None  # intact bytes: only decoding tells
@@ -176,8 +175,8 @@ def test_webdataset_reader_replaces_changed_bytes_in_its_batch(tmp_path, clean, 
     for batch in batches:
         for i, (key, (h, w)) in enumerate(zip(batch["keys"], batch["image_sizes"].tolist())):
             assert (batch["images"][i, :, :h, :w] - reference[key]).abs().mean() < MEAN_TOL, key
-    first = build_loader(_cfg("dali", **cfg), directory, BATCH)
+    first = build_loader(data_cfg("dali", **cfg), directory, BATCH)
     next(iter(first))
-    fresh = build_loader(_cfg("dali", **cfg), directory, BATCH)
+    fresh = build_loader(data_cfg("dali", **cfg), directory, BATCH)
     fresh.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert [b["keys"] for b in fresh] == [b["keys"] for b in batches[1:]]

@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_loaders import _cfg, mixed_sizes, write_split
-from test_sampling import reference_shuffle
-
 from pixelbert_dist.data import shard_index
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.sampling import EpochPlan, ShardIndex, epoch_plan
 from pixelbert_dist.data.shards import ShardFormatError, read_manifest
+from tests.data_helpers import data_cfg, mixed_sizes, reference_shuffle, write_split
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +52,7 @@ def test_sidecar_matches_the_tar(split):
 
 def test_index_is_read_lazily(split):
     directory, keys, _ = split
-    loader = build_loader(_cfg("pil", num_workers=0), directory, 4)
+    loader = build_loader(data_cfg("pil", num_workers=0), directory, 4)
     assert isinstance(loader.plan(), EpochPlan)
     assert loader.plan().indices.dtype == np.int64
     assert not loader.index._maps, "nothing read at start-up"
@@ -76,10 +74,10 @@ def _strip_index(directory: Path) -> None:
 def test_old_split_fails_clearly_then_index_command_fixes_it(tmp_path, split):
     directory = tmp_path / "old"
     write_split(directory, mixed_sizes(9, seed=1), per_shard=4)
-    reference = [b["keys"] for b in build_loader(_cfg("pil", num_workers=0, bucketing=True), directory, 3)]
+    reference = [b["keys"] for b in build_loader(data_cfg("pil", num_workers=0, bucketing=True), directory, 3)]
     _strip_index(directory)
     with pytest.raises(ShardFormatError, match=r"no index.*make_shards.py index .*old"):
-        build_loader(_cfg("pil", num_workers=0), directory, 3)
+        build_loader(data_cfg("pil", num_workers=0), directory, 3)
     run = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "make_shards.py"), "index", str(directory)],
         capture_output=True,
@@ -88,7 +86,7 @@ def test_old_split_fails_clearly_then_index_command_fixes_it(tmp_path, split):
     )
     assert run.returncode == 0, run.stderr
     assert "3 shard index(es) written" in run.stdout
-    loader = build_loader(_cfg("pil", num_workers=0, bucketing=True), directory, 3)
+    loader = build_loader(data_cfg("pil", num_workers=0, bucketing=True), directory, 3)
     assert [b["keys"] for b in loader] == reference
     again = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "make_shards.py"), "index", str(directory)],
@@ -104,7 +102,7 @@ def test_stale_index_is_named(tmp_path):
     write_split(directory, mixed_sizes(6), per_shard=3)
     first = read_manifest(directory).shards[0]
     np.save(directory / first.index, np.zeros((7, 2), dtype=np.uint32))
-    loader = build_loader(_cfg("pil", num_workers=0, shuffle=False), directory, 2)
+    loader = build_loader(data_cfg("pil", num_workers=0, shuffle=False), directory, 2)
     with pytest.raises(ShardFormatError, match=r"2 rows.*3 samples.*index .*--force"):
         list(loader)
 

@@ -6,68 +6,16 @@ from __future__ import annotations
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.images import MEAN_255, STD_255, padded_batch_size, resized_size, swap_left_right
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.sampling import epoch_plan
 from pixelbert_dist.data.shards import ShardFormatError, ShardWriter
 from pixelbert_dist.data.torch_loader import TorchJpegImages
-
-BACKENDS = ["dali", "pil"]
-SHORTER, MAX = 96, 160  # small stand-ins for 800 / 1333 (ratio 1.67 as in the paper)
-# DALI and PIL decode and filter with different rounding: on these images the mean
-# |diff| per image is at most ~0.008 in normalised units (~0.45 grey levels). 0.015 keeps
-# 2x headroom yet fails a nearest-neighbour resize (~0.022 here), and any misalignment,
-# flip or channel swap (> 0.3).
-MEAN_TOL = 0.015
-
-
-def _jpeg(height: int, width: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    pixels = np.stack([x * 255 // width, y * 255 // height, (x + 2 * y) % 256], -1)
-    pixels = np.clip(pixels + rng.normal(0, 4, pixels.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=92)
-    return buf.getvalue()
-
-
-def write_split(directory, sizes, per_shard: int = 7) -> list[str]:
-    """Shards of samples with the given (h, w); two captions each, with left/right words."""
-    keys = []
-    with ShardWriter(directory, "train", samples_per_shard=per_shard) as writer:
-        for i, (height, width) in enumerate(sizes):
-            key = f"img{i:04d}"
-            captions = [f"the dog on the left of box {i}", f"Right of the {i} is a Left cat"]
-            writer.write(
-                key,
-                _jpeg(height, width, i),
-                {
-                    "key": key,
-                    "captions": captions,
-                    "source": "test",
-                    "image_id": f"id{i}",
-                    "width": width,
-                    "height": height,
-                },
-            )
-            keys.append(key)
-    return keys
-
-
-def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
-    """Odd sizes, landscape and portrait, some past the max_size limit."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        long_side, short_side = int(rng.integers(100, 201)), int(rng.integers(61, 100))
-        out.append((short_side, long_side) if i % 2 else (long_side, short_side))
-    return out
+from tests.data_helpers import BACKENDS, MAX, MEAN_TOL, SHORTER, data_cfg, mixed_sizes, write_split
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +25,9 @@ def split(tmp_path_factory):
     return directory, write_split(directory, sizes), sizes
 
 
-def _cfg(backend: str, **kw) -> DataConfig:
-    kw.setdefault("num_workers", 2 if backend == "pil" else 1)
-    return DataConfig(backend=backend, image_shorter=SHORTER, image_max=MAX, **kw)
-
-
 def _epoch(directory, backend, batch_size=4, **kw):
     train = kw.pop("train", True)
-    loader = build_loader(_cfg(backend, **kw), directory, batch_size, train=train)
+    loader = build_loader(data_cfg(backend, **kw), directory, batch_size, train=train)
     return loader, list(loader)
 
 
@@ -157,7 +100,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(split, backend):
     for epoch in (0, 1):
         seen, counts = [], []
         for rank in range(world):
-            loader = build_loader(_cfg(backend), directory, 4, rank=rank, world_size=world)
+            loader = build_loader(data_cfg(backend), directory, 4, rank=rank, world_size=world)
             loader.set_epoch(epoch)
             batches = list(loader)
             counts.append([len(b["keys"]) for b in batches])
@@ -174,7 +117,7 @@ def test_eval_keeps_order_and_every_sample(split):
     directory, keys, _ = split
     seen = []
     for rank in range(4):
-        loader = build_loader(_cfg("dali", hflip=True), directory, 4, rank=rank, world_size=4, train=False)
+        loader = build_loader(data_cfg("dali", hflip=True), directory, 4, rank=rank, world_size=4, train=False)
         for batch in loader:
             assert (batch["mlm_labels"] == -100).all()
             assert (batch["itm_labels"] == 1).all()
@@ -247,19 +190,19 @@ def test_torchvision_decode_path_matches_pil(split):
 def test_nvjpeg_refuses_without_cuda(split):
     directory, _, _ = split
     with pytest.raises(RuntimeError, match=r"nvjpeg.*CUDA.*'dali'.*'pil'"):
-        build_loader(_cfg("nvjpeg"), directory, 4, device="cpu")
+        build_loader(data_cfg("nvjpeg"), directory, 4, device="cpu")
 
 
 def test_bad_inputs_are_named(tmp_path, split):
     with pytest.raises(ShardFormatError, match="manifest.json not found"):
-        build_loader(_cfg("pil"), tmp_path, 4)
+        build_loader(data_cfg("pil"), tmp_path, 4)
     with pytest.raises(ValueError, match="data.backend='jpegxl'"):
-        build_loader(_cfg("jpegxl"), split[0], 4)
+        build_loader(data_cfg("jpegxl"), split[0], 4)
     broken = tmp_path / "broken"
     write_split(broken, [(80, 90)] * 3)
     tar = next(broken.glob("*.tar"))
     tar.write_bytes(tar.read_bytes()[:1500])
     with pytest.raises(ShardFormatError, match=tar.name):
-        build_loader(_cfg("pil"), broken, 4)
+        build_loader(data_cfg("pil"), broken, 4)
     manifest = json.loads((broken / "manifest.json").read_text())
     assert manifest["num_samples"] == 3

@@ -14,7 +14,6 @@ import pytest
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.config import load_config
 from pixelbert_dist.train.config import RunConfig
-from test_streaming import PATTERN, server, shards  # noqa: F401  (their shards and http.server fixtures)
 from tests.pretrain_helpers import (
     fast_overrides,
     record_keys,
@@ -23,8 +22,17 @@ from tests.pretrain_helpers import (
     sigterm_launcher,
     train_losses,
 )
+from tests.stream_helpers import PATTERN, serve, write_stream_shards
 
 pytestmark = [pytest.mark.usefixtures("dist_env"), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The streaming shards behind a local http.server."""
+    with serve(write_stream_shards(tmp_path_factory.mktemp("stream") / "train")) as url:
+        yield url
+
 
 # Plain: 8 batches of 4 an epoch over the 4 shards (22 samples, img0008 does not decode),
 # 10 steps cross into epoch 1. Resampled: 2 steps of 2 micro-batches an epoch, 5 steps end
@@ -60,7 +68,7 @@ def trainer(run_dir, url, *extra, steps):
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_path, mode):  # noqa: F811
+def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_path, mode):
     spec = MODES[mode]
     steps, extra = spec["steps"], spec["extra"]
     whole = trainer(tmp_path / "whole", server, *extra, steps=steps)
@@ -93,7 +101,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_pat
     assert resumed.state["epoch"] == whole.state["epoch"] >= 1
 
 
-def test_a_resume_with_other_workers_or_other_urls_is_refused_in_one_line(server, tmp_path, capsys):  # noqa: F811
+def test_a_resume_with_other_workers_or_other_urls_is_refused_in_one_line(server, tmp_path, capsys):
     from pixelbert_dist.train.run import refusals_as_one_line
 
     run_dir = tmp_path / "run"
@@ -127,7 +135,7 @@ def test_a_resume_with_other_workers_or_other_urls_is_refused_in_one_line(server
 
 
 @pytest.mark.launcher
-def test_two_ranks_sigterm_then_resume_matches_uninterrupted_run(server, tmp_path):  # noqa: F811
+def test_two_ranks_sigterm_then_resume_matches_uninterrupted_run(server, tmp_path):
     """Each rank resumes from its own stream cursors: the undecodable img0008, skipped on
     the rank that streams its shard, puts that rank one sample ahead of the other."""
     steps, extra = 10, ("data.epoch_samples=64",)  # 8 steps an epoch: the run crosses into epoch 1

@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from test_loaders import BACKENDS, _cfg, mixed_sizes, write_split
-
 from pixelbert_dist.data.loader import build_loader
+from tests.data_helpers import BACKENDS, data_cfg, mixed_sizes, write_split
 
 TENSORS = ("images", "image_sizes", "input_ids", "attention_mask", "mlm_labels", "itm_labels", "is_pad")
 
@@ -24,7 +23,7 @@ def split(tmp_path_factory):
 
 def _loader(directory, backend, **kw):
     rank, world = kw.pop("rank", 0), kw.pop("world_size", 1)
-    return build_loader(_cfg(backend, hflip=True, **kw), directory, 3, rank=rank, world_size=world)
+    return build_loader(data_cfg(backend, hflip=True, **kw), directory, 3, rank=rank, world_size=world)
 
 
 def _assert_same(got: list[dict], want: list[dict]) -> None:

@@ -11,41 +11,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from test_loaders import _cfg, mixed_sizes, write_split
-
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.sampling import FEISTEL_ROUNDS, MIN_BITS, PLAN_ORDER, EpochShuffle, epoch_plan
-
-M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    z = (x + 0x9E3779B97F4A7C15) & M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
-
-
-def reference_shuffle(n: int, seed: int, epoch: int) -> list[int]:
-    """The whole epoch order, one Python int at a time (EpochShuffle's docstring)."""
-    bits = max(MIN_BITS, (n - 1).bit_length())
-    keys = [int(k) for k in np.random.SeedSequence([seed, epoch]).generate_state(FEISTEL_ROUNDS, np.uint64)]
-
-    def feistel(x: int) -> int:
-        left_bits, right_bits = bits // 2, bits - bits // 2
-        left, right = x >> right_bits, x % (1 << right_bits)
-        for key in keys:
-            left, right = right, left ^ (_splitmix64(right ^ key) % (1 << left_bits))
-            left_bits, right_bits = right_bits, left_bits
-        return left << right_bits | right
-
-    out = []
-    for p in range(n):
-        x = feistel(p)
-        while x >= n:
-            x = feistel(x)
-        out.append(x)
-    return out
+from pixelbert_dist.data.sampling import PLAN_ORDER, EpochShuffle, epoch_plan
+from tests.data_helpers import data_cfg, mixed_sizes, reference_shuffle, write_split
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 65, 1000, 4097, 100_000, 262_145])
@@ -183,13 +151,13 @@ def test_a_plan_over_a_billion_samples_holds_no_per_sample_memory():
 @pytest.mark.slow
 def test_a_state_from_another_epoch_order_is_refused_mid_epoch(tmp_path):
     write_split(tmp_path / "s", mixed_sizes(12), per_shard=6)
-    loader = build_loader(_cfg("pil", num_workers=0), tmp_path / "s", 2)
+    loader = build_loader(data_cfg("pil", num_workers=0), tmp_path / "s", 2)
     it = iter(loader)
     next(it)
     state = loader.state_dict()
     assert state["plan_order"] == PLAN_ORDER
     old = {k: v for k, v in state.items() if k != "plan_order"}  # saved before the order had a name
-    fresh = build_loader(_cfg("pil", num_workers=0), tmp_path / "s", 2)
+    fresh = build_loader(data_cfg("pil", num_workers=0), tmp_path / "s", 2)
     with pytest.raises(ValueError, match=r"plan_order.*None.*feistel.*batch 1 of epoch 0"):
         fresh.load_state_dict(old)
     assert (fresh.epoch, fresh.batches_done) == (0, 0), "a refused state changes nothing"

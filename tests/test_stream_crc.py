@@ -17,13 +17,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_stream_dali import _agree, _named, _read
-from test_stream_dali import _stream as _stream_on
-from test_streaming import PATTERN, _same, _stream, serve, shards  # noqa: F401 (shards: a fixture)
-
 from pixelbert_dist.data import shard_index
 from pixelbert_dist.data.shard_index import BLOCK, JPG_BLOCK, JPG_SIZE, ShardFormatError
 from pixelbert_dist.data.stream_pixels import JpegCheck
+from tests.stream_helpers import (
+    PATTERN,
+    batches_agree,
+    damaged_keys,
+    pil_stream,
+    read_with_warnings,
+    serve,
+    stream_on,
+    write_stream_shards,
+)
 
 CHANGED = "img0003"  # in train-000000.tar; img0008 of the same shards does not decode at all
 SHARD, ROW = "train-000000", 3
@@ -53,7 +59,12 @@ def _pixels(jpeg: bytes) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def changed(shards, tmp_path_factory):  # noqa: F811
+def shards(tmp_path_factory):
+    return write_stream_shards(tmp_path_factory.mktemp("stream") / "train")
+
+
+@pytest.fixture(scope="module")
+def changed(shards, tmp_path_factory):
     """A copy of the streaming shards with ``CHANGED``'s JPEG altered in place (same tar size)."""
     directory = tmp_path_factory.mktemp("stream-crc") / "train"
     shutil.copytree(shards, directory)
@@ -84,14 +95,14 @@ def http(changed):
 def test_changed_bytes_that_decode_are_skipped_alike_on_pil_and_dali(http, caplog):
     named, keys, damaged = set(), set(), 0
     for rank in (0, 1):
-        pil_loader = _stream_on(http, "pil", rank=rank)
-        pil, pil_log = _read(pil_loader, caplog)
-        dali_loader = _stream_on(http, "dali", rank=rank)
-        dali, dali_log = _read(dali_loader, caplog)
-        _agree(dali, pil)
+        pil_loader = stream_on(http, "pil", rank=rank)
+        pil, pil_log = read_with_warnings(pil_loader, caplog)
+        dali_loader = stream_on(http, "dali", rank=rank)
+        dali, dali_log = read_with_warnings(dali_loader, caplog)
+        batches_agree(dali, pil)
         assert dali_loader.damaged == pil_loader.damaged
-        assert _named(dali_log) == _named(pil_log)
-        named |= _named(pil_log)
+        assert damaged_keys(dali_log) == damaged_keys(pil_log)
+        named |= damaged_keys(pil_log)
         keys |= {k for b in pil for k in b["keys"]}
         damaged += pil_loader.damaged
         said = [m for m in pil_log if f":{CHANGED}:" in m]
@@ -106,28 +117,32 @@ def test_changed_bytes_that_decode_are_skipped_alike_on_pil_and_dali(http, caplo
 @pytest.mark.slow
 def test_resume_over_a_changed_jpeg_is_exact(http, caplog):
     kw = {"epoch_samples": 48}
-    rank = next(r for r in (0, 1) if CHANGED in _named(_read(_stream_on(http, "pil", rank=r, **kw), caplog)[1]))
-    full = list(_stream_on(http, "pil", rank=rank, **kw))
+    rank = next(
+        r
+        for r in (0, 1)
+        if CHANGED in damaged_keys(read_with_warnings(stream_on(http, "pil", rank=r, **kw), caplog)[1])
+    )
+    full = list(stream_on(http, "pil", rank=rank, **kw))
     for cut in (1, 4):  # the worker that reads train-000000 cycles it: the changed JPEG on both sides of a cut
-        pil = _stream_on(http, "pil", rank=rank, **kw)
+        pil = stream_on(http, "pil", rank=rank, **kw)
         for k, _ in enumerate(pil):
             if k == cut - 1:
                 break
         state = json.loads(json.dumps(pil.state_dict()))
         for backend in ("pil", "dali"):
-            fresh = _stream_on(http, backend, rank=rank, **kw)
+            fresh = stream_on(http, backend, rank=rank, **kw)
             fresh.load_state_dict(state)
-            rest, said = _read(fresh, caplog)
-            _agree(rest, full[cut:], exact_images=backend == "pil")
-            assert CHANGED in _named(said)
+            rest, said = read_with_warnings(fresh, caplog)
+            batches_agree(rest, full[cut:], exact_images=backend == "pil")
+            assert CHANGED in damaged_keys(said)
 
 
 @pytest.mark.slow
-def test_shards_without_a_sidecar_stream_as_before_and_say_so_once(shards, changed, tmp_path, caplog):  # noqa: F811
+def test_shards_without_a_sidecar_stream_as_before_and_say_so_once(shards, changed, tmp_path, caplog):
     bare = tmp_path / "train"
     shutil.copytree(changed, bare, ignore=shutil.ignore_patterns("*.idx.npy"))
     with serve(bare) as url, serve(shards) as clean:
-        loader = _stream(f"{url}/{PATTERN}", world_size=1, num_workers=2, epoch_samples=30)
+        loader = pil_stream(f"{url}/{PATTERN}", world_size=1, num_workers=2, epoch_samples=30)
         with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
             got = list(loader)
             loader.set_epoch(1)
@@ -136,7 +151,7 @@ def test_shards_without_a_sidecar_stream_as_before_and_say_so_once(shards, chang
         assert len(said) == 1, said  # once per run, not per shard or epoch
         assert f"none at {url}/train-00000" in said[0] and ".idx.npy" in said[0]
         # decode-only: the changed JPEG trains, in the place the clean one has in a stream of the clean shards
-        want = _stream(f"{clean}/{PATTERN}", world_size=1, num_workers=2, epoch_samples=30)
+        want = pil_stream(f"{clean}/{PATTERN}", world_size=1, num_workers=2, epoch_samples=30)
         reference = list(want)
         want.set_epoch(1)
         reference += list(want)
@@ -158,12 +173,12 @@ def test_a_sidecar_that_is_wrong_stops_the_run_naming_it(changed, tmp_path):
             ("000002", r"not a shard index \(dtype uint32, shape \(4, 6\)"),
             ("000003", r"does not describe its shard .*/train-000003\.tar: no sample starts at byte \d+"),
         ):
-            loader = _stream(f"{url}/train-{shard}.tar", world_size=1, num_workers=0, epoch_samples=3)
+            loader = pil_stream(f"{url}/train-{shard}.tar", world_size=1, num_workers=0, epoch_samples=3)
             with pytest.raises(ShardFormatError, match=re.escape(f"{url}/train-{shard}.idx.npy") + ".*" + error):
                 next(iter(loader))
             assert loader.read_errors == 0  # a wrong sidecar stays wrong: never retried
         # the sidecars that fit still check their shards
-        assert len(list(_stream(f"{url}/train-000000.tar", world_size=1, num_workers=0, epoch_samples=3))) == 1
+        assert len(list(pil_stream(f"{url}/train-000000.tar", world_size=1, num_workers=0, epoch_samples=3))) == 1
 
 
 @pytest.mark.slow
@@ -175,6 +190,6 @@ def test_a_stream_shorter_than_its_index_is_retried_then_named(changed, tmp_path
     with open(short / "train-000001.tar", "r+b") as f:  # cut after sample 3's JSON: a tar that ends cleanly
         f.truncate(-(-json_end // BLOCK) * BLOCK)
     with serve(short) as url:
-        loader = _stream(f"{url}/train-000001.tar", world_size=1, num_workers=0, epoch_samples=6, stream_retries=1)
+        loader = pil_stream(f"{url}/train-000001.tar", world_size=1, num_workers=0, epoch_samples=6, stream_retries=1)
         with pytest.raises(OSError, match=r"read failed 2 times, last: .*ended after 3 of the 6 samples its index"):
             list(loader)

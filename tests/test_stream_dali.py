@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import re
 from collections import deque
 
 import pytest
-import torch
 from PIL import Image
-
-from test_loaders import MAX, MEAN_TOL, SHORTER, _cfg, _jpeg, mixed_sizes
-from test_streaming import BATCH, PATTERN, PER_SHARD, UNDECODABLE, serve
 
 from pixelbert_dist.data.dali import DaliImages
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.shards import ShardWriter
 from pixelbert_dist.data.stream_pixels import JpegCheck, StreamImages, TorchJpegPixels
 from pixelbert_dist.data.torch_loader import PilDecode, TorchJpegImages
+from tests.data_helpers import MAX, SHORTER, data_cfg, make_jpeg, mixed_sizes
+from tests.stream_helpers import (
+    BATCH,
+    PATTERN,
+    PER_SHARD,
+    UNDECODABLE,
+    batches_agree,
+    damaged_keys,
+    read_with_warnings,
+    serve,
+    stream_on,
+)
 
 N = 22  # shards of 6, 6, 6, 4 samples
 DAMAGED = {"img0002", "img0009", "img0015"}  # not a JPEG, 64 bytes xored, cut in half
@@ -32,7 +38,7 @@ GIF = "img0020"
 
 
 def _sample_bytes(i: int, height: int, width: int) -> bytes:
-    jpeg = _jpeg(height, width, i)
+    jpeg = make_jpeg(height, width, i)
     if i == 2:
         return UNDECODABLE
     if i == 9:  # same size; PIL: "broken data stream", DALI: an image, libjpeg warnings only
@@ -65,37 +71,6 @@ def http(damaged_shards):
         yield f"{url}/{PATTERN}"
 
 
-def _stream(spec, backend, rank=0, **kw):
-    kw = {"num_workers": 2, "epoch_samples": 36, "shuffle_buffer": 5, **kw}
-    return build_loader(_cfg(backend, hflip=True, **kw), spec, BATCH, rank=rank, world_size=2)
-
-
-def _read(loader, caplog) -> tuple[list, list]:
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
-        batches = list(loader)
-    return batches, [r.getMessage() for r in caplog.records]
-
-
-def _named(messages) -> set:
-    return {m for msg in messages for m in re.findall(r"damaged sample \S+:(img\d+)", msg)}
-
-
-def _agree(dali, pil, exact_images=False):
-    assert [b["keys"] for b in dali] == [b["keys"] for b in pil]
-    for a, b in zip(dali, pil):
-        for name in ("input_ids", "attention_mask", "mlm_labels", "itm_labels", "image_sizes"):
-            assert torch.equal(a[name], b[name]), name
-        assert a["damaged"] == b["damaged"]
-        assert a["images"].shape == b["images"].shape
-        if exact_images:
-            assert torch.equal(a["images"], b["images"])
-            continue
-        for i, (h, w) in enumerate(a["image_sizes"].tolist()):
-            diff = (a["images"][i, :, :h, :w] - b["images"][i, :, :h, :w]).abs().mean()
-            assert diff < MEAN_TOL, (a["keys"][i], float(diff))
-
-
 @pytest.mark.slow
 def test_the_check_fails_where_pil_fails_and_dali_would_not():
     check, pil = JpegCheck(), PilDecode(SHORTER, MAX)
@@ -121,16 +96,16 @@ def test_the_check_fails_where_pil_fails_and_dali_would_not():
 def test_dali_stream_equals_pil_stream(http, caplog):
     named, keys, fallbacks = set(), set(), []
     for rank in (0, 1):
-        pil_loader = _stream(http, "pil", rank=rank)
-        pil, pil_log = _read(pil_loader, caplog)
-        dali_loader = _stream(http, "dali", rank=rank)
-        dali, dali_log = _read(dali_loader, caplog)
+        pil_loader = stream_on(http, "pil", rank=rank)
+        pil, pil_log = read_with_warnings(pil_loader, caplog)
+        dali_loader = stream_on(http, "dali", rank=rank)
+        dali, dali_log = read_with_warnings(dali_loader, caplog)
         assert dali_loader.backend == "dali-cpu-stream"
         assert len(dali) == 36 // (2 * BATCH) and all(len(b["keys"]) == BATCH for b in dali)
-        _agree(dali, pil)
+        batches_agree(dali, pil)
         assert dali_loader.damaged == pil_loader.damaged
-        assert _named(dali_log) == _named(pil_log)
-        named |= _named(dali_log)
+        assert damaged_keys(dali_log) == damaged_keys(pil_log)
+        named |= damaged_keys(dali_log)
         keys |= {k for b in dali for k in b["keys"]}
         fell_back = [m for m in dali_log if "decoded with PIL" in m]  # the batches holding the GIF
         assert len(fell_back) == sum(GIF in b["keys"] for b in dali)
@@ -145,30 +120,30 @@ def test_dali_stream_equals_pil_stream(http, caplog):
 @pytest.mark.slow
 def test_dali_stream_resume_is_exact(http, caplog):
     kw = {"epoch_samples": 48}
-    loader = _stream(http, "dali", **kw)
+    loader = stream_on(http, "dali", **kw)
     full = [list(loader)]
     loader.set_epoch(1)
     full.append(list(loader))
     assert sum(b["damaged"] for b in full[0]) > 0
-    first, taken = _stream(http, "dali", **kw), []
+    first, taken = stream_on(http, "dali", **kw), []
     for batch in first:
         taken.append(batch)
         if len(taken) == 3:
             break
     state = json.loads(json.dumps(first.state_dict()))
-    fresh = _stream(http, "dali", **kw)
+    fresh = stream_on(http, "dali", **kw)
     fresh.load_state_dict(state)
-    _agree(taken + list(fresh), full[0], exact_images=True)
+    batches_agree(taken + list(fresh), full[0], exact_images=True)
     fresh.set_epoch(1)
-    _agree(list(fresh), full[1], exact_images=True)
+    batches_agree(list(fresh), full[1], exact_images=True)
     # the state names stream positions, not a backend: a pil run resumes on dali
-    pil = _stream(http, "pil", **kw)
+    pil = stream_on(http, "pil", **kw)
     for k, _ in enumerate(pil):
         if k == 2:
             break
-    from_pil = _stream(http, "dali", **kw)
+    from_pil = stream_on(http, "dali", **kw)
     from_pil.load_state_dict(json.loads(json.dumps(pil.state_dict())))
-    _agree(list(from_pil), full[0][3:], exact_images=True)
+    batches_agree(list(from_pil), full[0][3:], exact_images=True)
 
 
 @pytest.mark.slow
@@ -176,32 +151,32 @@ def test_torchvision_decoder_stream_equals_pil_stream(damaged_shards):
     """The nvjpeg backend's streaming path (``TorchJpegPixels`` over
     ``TorchJpegImages.decode``), with torchvision's CPU decoder on this machine."""
     spec = str(damaged_shards / PATTERN)
-    pil = list(_stream(spec, "pil"))
-    loader = _stream(spec, "dali")
+    pil = list(stream_on(spec, "pil"))
+    loader = stream_on(spec, "dali")
     decoder = TorchJpegImages(None, BATCH, SHORTER, MAX, device="cpu")
     loader.images = StreamImages(decoder.name, JpegCheck(), TorchJpegPixels(decoder, PilDecode(SHORTER, MAX)))
-    _agree(list(loader), pil)
+    batches_agree(list(loader), pil)
 
 
 def test_dali_webdataset_reader_refuses_streamed_shards(damaged_shards):
-    cfg = _cfg("dali", dali_reader="webdataset", shuffle=False, epoch_samples=24)
+    cfg = data_cfg("dali", dali_reader="webdataset", shuffle=False, epoch_samples=24)
     with pytest.raises(ValueError, match="external source.*dali_reader='external'"):
         build_loader(cfg, str(damaged_shards / PATTERN), BATCH)
 
 
 @pytest.mark.slow
 def test_dali_stream_retries_a_failed_read_and_names_a_lost_one(damaged_shards, tmp_path):
-    local = list(_stream(str(damaged_shards / PATTERN), "pil"))
+    local = list(stream_on(str(damaged_shards / PATTERN), "pil"))
     marker = tmp_path / "failed-once"
     # the first read of each shard stops after 3000 bytes and exits 1: a transient failure
     flaky = (
         f"pipe:sh -c 'if [ -e {marker}-$0 ]; then cat {damaged_shards}/$0; else touch {marker}-$0; "
         f"head -c 3000 {damaged_shards}/$0; exit 1; fi' {PATTERN}"
     )
-    loader = _stream(flaky, "dali")
-    _agree(list(loader), local)
+    loader = stream_on(flaky, "dali")
+    batches_agree(list(loader), local)
     assert loader.read_errors == 2  # rank 0 of 2 reads two shards, each failed once
     # a shard that never reads through: the error reaches the caller, after the batches before it
     lost = f"pipe:sh -c 'head -c 3000 {damaged_shards}/$0; exit 1' {PATTERN}"
     with pytest.raises(OSError, match=r"train-00000\d\.tar.*read failed 2 times"):
-        list(_stream(lost, "dali", stream_retries=1))
+        list(stream_on(lost, "dali", stream_retries=1))

@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from test_streaming import BATCH, PATTERN, _same, _stream, shards  # noqa: F401 (shards: a fixture)
+from tests.stream_helpers import BATCH, PATTERN, pil_stream, same_batches, write_stream_shards
 
 BUCKET = "pixelbert"
 
@@ -40,7 +40,12 @@ class LocalS3:
 
 
 @pytest.fixture(scope="module")
-def s3(shards):  # noqa: F811
+def shards(tmp_path_factory):
+    return write_stream_shards(tmp_path_factory.mktemp("stream") / "train")
+
+
+@pytest.fixture(scope="module")
+def s3(shards):
     s3fs = pytest.importorskip("s3fs")  # the dev extra installs both
     pytest.importorskip("moto.server")
     endpoint = LocalS3()
@@ -61,21 +66,23 @@ def s3(shards):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_s3_equals_local_and_folders_are_listed(shards, s3):  # noqa: F811
+def test_s3_equals_local_and_folders_are_listed(shards, s3):
     spec = f"s3://{BUCKET}/train/{PATTERN}"
     for rank in (0, 1):
-        _same(list(_stream(spec, rank=rank, num_workers=2)), list(_stream(str(shards / PATTERN), rank=rank)))
-    brace = _stream(spec).urls
+        same_batches(
+            list(pil_stream(spec, rank=rank, num_workers=2)), list(pil_stream(str(shards / PATTERN), rank=rank))
+        )
+    brace = pil_stream(spec).urls
     assert brace == [f"s3://{BUCKET}/train/train-{i:06d}.tar" for i in range(4)]
-    assert _stream(f"s3://{BUCKET}/train/").urls == brace  # the folder's .tar objects, not its .npy / .json
-    assert _stream(f"s3://{BUCKET}/train/train-*.tar").urls == brace
+    assert pil_stream(f"s3://{BUCKET}/train/").urls == brace  # the folder's .tar objects, not its .npy / .json
+    assert pil_stream(f"s3://{BUCKET}/train/train-*.tar").urls == brace
     with pytest.raises(ValueError, match=f"no .tar object matches s3://{BUCKET}/nothing/"):
-        _stream(f"s3://{BUCKET}/nothing/")
+        pil_stream(f"s3://{BUCKET}/nothing/")
 
 
 @pytest.mark.slow  # the server and the shards take ~3 s to set up
 def test_a_missing_object_is_named(s3):
-    loader = _stream(f"s3://{BUCKET}/train/gone-{{0..1}}.tar", world_size=1, num_workers=0, epoch_samples=6)
+    loader = pil_stream(f"s3://{BUCKET}/train/gone-{{0..1}}.tar", world_size=1, num_workers=0, epoch_samples=6)
     with pytest.raises(FileNotFoundError, match=f"s3://{BUCKET}/train/gone-0.tar: no such shard"):
         next(iter(loader))
     assert loader.read_errors == 0  # not retried: a missing object stays missing
@@ -85,28 +92,28 @@ def test_a_missing_package_is_named_when_the_loader_is_built():
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed here: gs:// would be read")
     with pytest.raises(ValueError, match=r"gs://bucket/cc-0.tar needs the 'gcsfs' package .*pip install gcsfs"):
-        _stream("gs://bucket/cc-{0..3}.tar")
+        pil_stream("gs://bucket/cc-{0..3}.tar")
     with pytest.raises(ValueError, match="unknown protocol nosuchstore://"):
-        _stream("nosuchstore://bucket/cc-{0..3}.tar")
+        pil_stream("nosuchstore://bucket/cc-{0..3}.tar")
 
 
 @pytest.mark.slow
-def test_an_endpoint_that_is_down_is_retried(shards, s3):  # noqa: F811
-    spec, local = f"s3://{BUCKET}/train/{PATTERN}", list(_stream(str(shards / PATTERN), world_size=1, num_workers=0))
+def test_an_endpoint_that_is_down_is_retried(shards, s3):
+    spec, local = f"s3://{BUCKET}/train/{PATTERN}", list(pil_stream(str(shards / PATTERN), world_size=1, num_workers=0))
     s3.stop()
     restart = threading.Timer(1.0, s3.start)
     try:  # botocore's EndpointConnectionError is no OSError: it is retried all the same
         with pytest.raises(OSError, match=r"s3://\S+: read failed 2 times, last: Could not connect to the endpoint"):
-            list(_stream(spec, world_size=1, num_workers=0, stream_retries=1))
+            list(pil_stream(spec, world_size=1, num_workers=0, stream_retries=1))
         # down when the first shard is opened, up again 1 s later: the back-off (0.5, 1, 2 s) rides it out
         restart.start()
-        loader = _stream(spec, world_size=1, num_workers=0, stream_retries=3)
+        loader = pil_stream(spec, world_size=1, num_workers=0, stream_retries=3)
         got = list(loader)
     finally:
         if restart.ident is None:  # failed before the restart was timed: up again for the other tests
             s3.start()
         else:
             restart.join()
-    _same(got, local)
+    same_batches(got, local)
     assert loader.read_errors >= 1
     assert len(got) == 24 // BATCH
