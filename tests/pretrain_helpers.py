@@ -37,8 +37,15 @@ def fast_overrides(run_dir, shards: dict, steps: int = 8, val: bool = True) -> l
     ]
 
 
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    """This environment for a command the test starts, without the rendezvous this test
+    process made for itself (its MASTER_PORT is taken: a single-process command would
+    try to listen on it)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     return env
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.pretrain_helpers import launch_env
+
 REPO = Path(__file__).resolve().parents[1]
 SHIMS = ["pretrain", "finetune_vqa", "finetune_nlvr2", "finetune_retrieval", "make_shards", "submit", "plot"]
 HEAVY = ["export"]  # reads checkpoints: torch at import is fine there
@@ -80,7 +82,9 @@ PRETRAIN = ["launch/pretrain.py", "--deepspeed_config", "zero2.json", "model.pre
 @pytest.mark.slow
 def test_a_refused_run_is_one_line_not_a_traceback(cmd, named, tmp_path):
     cmd = [*cmd, f"run_dir={tmp_path / 'run'}"] if cmd[0] == "launch/pretrain.py" else cmd
-    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, *cmd], capture_output=True, text=True, timeout=300, cwd=REPO, env=launch_env()
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert named in proc.stderr.strip().splitlines()[-1]

@@ -8,11 +8,11 @@ pixels that differ only by decoder rounding.
 
 from __future__ import annotations
 
+import atexit
 import io
-import os
 import signal
-import threading
 import warnings
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -100,33 +100,44 @@ class _PilSampleDataset(torch.utils.data.Dataset):
         return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # this process's iterators with workers
+
+
 def _stop_signal_in_worker(signum, frame) -> None:
-    """SIGINT / SIGUSR1 that reached a loader worker (Ctrl-C signals the whole foreground
-    group, Slurm every process of a job step): the worker carries on, the trainer's own
+    """A stop signal that reached a loader worker (Slurm signals every process of a job
+    step, Ctrl-C the whole foreground group): the worker carries on, the trainer's own
     process stops at a step boundary and then ends its workers."""
 
 
-def _sigterm_from_the_parent_only() -> None:
-    """SIGTERM is blocked in the worker and taken here: from the parent (the DataLoader's
-    ``terminate()``, or multiprocessing's at interpreter exit, which then joins) the worker
-    ends at once, as torch's own handler does; from anyone else (Slurm's scancel or time
-    limit signal every process of the step) it is ignored, as the trainer saves first."""
-    parent = os.getppid()
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
-            os._exit(0)
-
-
 def _leave_stops_to_the_trainer(worker_id: int) -> None:
-    # Torch's worker dies on a SIGTERM not sent by its parent (SIGUSR1's default action
-    # kills too), and the trainer's next batch then raises "DataLoader worker is killed by
-    # signal" instead of saving. A Python handler cannot see the sender, so SIGTERM is
-    # blocked (commands the worker starts, curl or pipe:, inherit that: they end on EPIPE
-    # when their reader goes) and a thread reads who sent it.
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    # Torch's worker handler dies on a SIGTERM not sent by its parent (the default action
+    # for SIGUSR1 too), and the trainer's next batch then raises "DataLoader worker is
+    # killed by signal" instead of saving. A Python handler, not SIG_IGN, so that commands
+    # the worker starts (curl, pipe:) keep the default actions.
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _stop_signal_in_worker)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    threading.Thread(target=_sigterm_from_the_parent_only, name="sigterm-from-parent", daemon=True).start()
+
+
+@atexit.register  # after multiprocessing's own exit hook is registered, so it runs first
+def _end_live_workers() -> None:
+    """At interpreter exit multiprocessing terminates daemonic children, then joins them:
+    workers that outlive SIGTERM would hang the exit. Shut every live iterator's workers
+    down the way the DataLoader does (they see the done event and leave), then kill any
+    that did not."""
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+
+
+class _Loader(torch.utils.data.DataLoader):
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(iterator)
+        return iterator
 
 
 def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
@@ -137,7 +148,7 @@ def data_loader(dataset, num_workers: int, prefetch: int, pin_memory: bool):
     # Its own generator: a DataLoader iterator otherwise draws its worker seed from
     # torch's global RNG, which would shift the model's dropout / pixel-sampling
     # stream whenever an epoch starts (and so break exact resume mid-epoch).
-    return torch.utils.data.DataLoader(
+    return _Loader(
         dataset,
         batch_size=None,
         shuffle=False,
