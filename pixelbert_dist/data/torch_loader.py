@@ -102,6 +102,7 @@ class _PilSampleDataset(torch.utils.data.Dataset):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()  # this process's iterators with workers
+_WORKERS: weakref.WeakSet = weakref.WeakSet()  # their worker processes (multiprocessing keeps live ones)
 
 
 def _stop_signal_in_worker(signum, frame) -> None:
@@ -124,12 +125,13 @@ def _end_live_workers() -> None:
     """At interpreter exit multiprocessing terminates daemonic children, then joins them:
     workers that outlive SIGTERM would hang the exit. Shut every live iterator's workers
     down the way the DataLoader does (they see the done event and leave), then kill any
-    that did not."""
+    that did not, also those of iterators already gone (a worker busy in a read when its
+    DataLoader shut down outlives the SIGTERM that was meant to end it)."""
     for iterator in list(_LIVE_ITERATORS):
         iterator._shutdown_workers()
-        for worker in getattr(iterator, "_workers", []):
-            if worker.is_alive():
-                worker.kill()
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
 
 
 class _Loader(torch.utils.data.DataLoader):
@@ -137,6 +139,7 @@ class _Loader(torch.utils.data.DataLoader):
         iterator = super()._get_iterator()
         if self.num_workers > 0:
             _LIVE_ITERATORS.add(iterator)
+            _WORKERS.update(getattr(iterator, "_workers", []))
         return iterator
 
 
