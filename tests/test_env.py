@@ -242,3 +242,38 @@ def test_rendezvous_with_a_silent_master_ends_within_the_bound(tmp_path):
     assert float(seconds) < 10  # the bound (2 s) and a margin for a busy machine
     assert "did not complete within 2 s" in message
     assert "no answer from the master" in message
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_leave_no_shared_memory_files(tmp_path):
+    """DeepSpeed's shared-memory all-reduce still works once init_distributed has unlinked
+    its /dev/shm names, and the ranks leave none of those files behind."""
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import sys, torch, deepspeed.comm as dist\n"
+        "from pixelbert_dist.distributed.env import DistEnv, init_distributed\n"
+        "rank, port = int(sys.argv[1]), int(sys.argv[2])\n"
+        "init_distributed(DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2,\n"
+        "                         master_addr='127.0.0.1', master_port=port))\n"
+        "t = torch.full((4,), float(rank + 1))\n"
+        "dist.inference_all_reduce(t)  # the shared-memory path\n"
+        "print(t.tolist(), flush=True)\n"
+    )
+    port = envmod.free_port()
+    environ = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    environ.update(LOCAL_SIZE="2", PYTHONPATH=str(Path(envmod.__file__).parents[2]))  # as the launcher sets it
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environ,
+        )
+        for r in range(2)
+    ]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    for rank, (out, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err[-3000:]
+        assert out.strip().splitlines()[-1] == "[3.0, 3.0, 3.0, 3.0]"
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))

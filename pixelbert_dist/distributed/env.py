@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -333,4 +334,18 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         )
     # DeepSpeed adopts the group torch already has
     deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False, verbose=False)
+    if not torch.cuda.is_available():
+        _unlink_cpu_allreduce_buffer(env)
     return env
+
+
+def _unlink_cpu_allreduce_buffer(env: DistEnv) -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one host) maps a 66 MB /dev/shm file per
+    rank and never unlinks it: every multi-rank CPU run left its files behind (19 GB of
+    them filled a dev machine's memory). Once every rank has mapped its peers' files
+    (DeepSpeed's init waits for them; the barrier waits for every rank's init), the names
+    can go: the mappings live until the processes end."""
+    if env.world_size > 1:
+        torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_{env.master_port}_{env.rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
