@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
+
+from pixelbert_dist.jobs.task import TRAINER_MODULE
 
 FINAL = {
     "COMPLETED",
@@ -91,3 +95,46 @@ def task_log(out_dir: Path, job_id: str, rank: int, kind: str = "out") -> str:
     """submitit's log of one task (``<id>_<rank>_log.out/.err``)."""
     (folder,) = [p for p in (out_dir / "submitit").iterdir() if p.name == job_id]
     return (folder / f"{job_id}_{rank}_log.{kind}").read_text(errors="replace")
+
+
+def trainer_pids(job_id: str) -> list[int]:
+    """The trainer processes (the submitit tasks' children) of a running job, found by
+    their command line and their SLURM_JOB_ID: both "nodes" are this host."""
+    tag, pids = f"SLURM_JOB_ID={job_id}".encode(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if TRAINER_MODULE.encode() in argv and tag in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+@contextlib.contextmanager
+def trainers_frozen(job_id: str, count: int):
+    """SIGSTOP the job's trainers, SIGCONT them on leaving: a job that would otherwise end
+    within seconds on a fast machine cannot finish before Slurm has acted on it (slurmctld
+    tests time limits only every 30 s). Signals sent to a stopped trainer wait for it."""
+    pids = trainer_pids(job_id)
+    assert len(pids) == count, f"job {job_id}: expected {count} trainer processes, found {pids}"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def wait_log_line(out_dir: Path, job_id: str, text: str, timeout_s: float) -> None:
+    """Poll rank 0's submitit log until ``text`` appears."""
+    deadline = time.monotonic() + timeout_s
+    while text not in task_log(out_dir, job_id, 0):
+        state = job_record(job_id)["JobState"]
+        assert state not in FINAL, f"job {job_id} ended ({state}) before its log said {text!r}"
+        assert time.monotonic() < deadline, f"job {job_id}: no {text!r} in its log within {timeout_s} s"
+        time.sleep(1)

@@ -22,7 +22,9 @@ from slurm_helpers import (
     scontrol,
     task_log,
     train_rows,
+    trainers_frozen,
     wait_final,
+    wait_log_line,
     wait_train_steps,
 )
 
@@ -145,14 +147,18 @@ def test_time_limit_checkpoints_requeues_and_resumes(two_node_jobs):
     out, job_id = two_node_jobs["timelimit"]
     metrics = out / "run" / "metrics.jsonl"
     wait_train_steps(metrics, 2, job_id)
-    # Lower the time limit so that it runs out now (the signal is due 60 s before it):
-    # Slurm sends USR2 at its next time-limit check, whatever this machine's speed.
-    elapsed = _seconds(job_record(job_id)["RunTime"])
-    scontrol("update", f"jobid={job_id}", f"TimeLimit={elapsed // 60 + 1}")
+    # 28 steps take ~20 s on a fast 2-core machine, and slurmctld sends the time-limit
+    # signal only at its next check (every 30 s): the trainers wait, frozen, for it. The
+    # limit goes to 2 minutes past the elapsed ones, so the signal (due 60 s before it)
+    # comes within 90 s and always at least 30 s before the limit itself.
+    with trainers_frozen(job_id, count=2):
+        elapsed = _seconds(job_record(job_id)["RunTime"])
+        scontrol("update", f"jobid={job_id}", f"TimeLimit={elapsed // 60 + 2}")
+        wait_log_line(out, job_id, "asking the trainer", timeout_s=150)
     deadline = time.monotonic() + 300
     while int(job_record(job_id)["Restarts"]) == 0:  # wait for the requeue
         assert job_record(job_id)["JobState"] not in ("COMPLETED", "FAILED"), (
-            "the job ended before Slurm's time-limit signal",
+            "the job ended instead of being requeued",
             task_log(out, job_id, 0, "err")[-3000:],
         )
         assert time.monotonic() < deadline, "no requeue within 300 s of the time-limit signal"
@@ -200,7 +206,8 @@ def test_scancel_saves_and_the_next_submission_continues(slurm_env, cli_shards, 
     args = pretrain_args(cli_shards, "model.preset=tiny", f"run_dir={run_dir}", steps=steps)
     (job_id,) = submit(capsys, tmp_path / "first", *TWO_NODES, pretrain=args)
     wait_train_steps(run_dir / "metrics.jsonl", 2, job_id)
-    subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGTERM to every task
+    with trainers_frozen(job_id, count=2):  # 10 tiny steps must not end before the scancel
+        subprocess.run(["scancel", job_id], check=True, timeout=30)  # SIGCONT + SIGTERM to every task
     record = wait_final(job_id, release_requeued=False)
     assert record["JobState"] == "CANCELLED"
     assert record["Restarts"] == "0"
