@@ -300,3 +300,26 @@ def test_plan_bench_rows(tmp_path):
     for row in data["rows"]:
         assert row["batches"] == -(-100000 // 8 // 32)
         assert 0 < row["tracemalloc_peak_mb"] < 5, row  # one window, not the 100,000 samples
+
+
+@pytest.mark.slow
+def test_overhead_rows_split_the_step(tmp_path):
+    """bench_step.py --overhead on tiny: per repeat, each loop's time outside the engine is
+    a positive part of its step, and the framework share is that difference over the bare
+    step (the plumbing: no timing is asserted)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--overhead", "--presets", "tiny"]
+        + ["--micro-batch", "2", "--steps", "4", "--repeats", "2", "--zero", "2", "--precision", "fp32"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = _load(tmp_path, "bench_step_overhead_tiny")["rows"]
+    for loop in ("trainer", "bare"):
+        outside, steps = row[f"outside_ms_{loop}"], row[f"{loop}_ms_all"]
+        assert len(outside) == len(steps) == 2
+        assert all(0 < o < s for o, s in zip(outside, steps)), (loop, outside, steps)
+    assert row["framework_share"] == pytest.approx(row["framework_ms"] / row["bare_ms"])
