@@ -19,8 +19,12 @@ batches_done}`` as elsewhere:
 * a shuffle buffer of ``data.shuffle_buffer`` samples per worker, seeded alike;
 * worker ``w`` makes batches ``w, w + n, ...`` (the DataLoader's round robin); the state
   adds each worker's count of samples taken from its stream, so a resumed run skips
-  them (reading, never decoding) and yields the batches the uninterrupted run would
-  have (same ``num_workers``: it is fingerprinted);
+  them and yields the batches the uninterrupted run would have (same ``num_workers``: it
+  is fingerprinted). The skip costs no more reads than the buffer needs: which samples
+  were taken and what the buffer held depend only on the shards' lengths, which the
+  index sidecars give (one small read per shard), so the skip is replayed over positions
+  and only the shards still holding buffered or later samples are read (without
+  sidecars the skipped samples are read, never decoded);
 * a read error (also a store's own type, e.g. botocore's EndpointConnectionError)
   reopens the shard after a back-off (``data.stream_retries`` times) and skips what was
   already read from it; a missing shard stops at once, naming its URL;
@@ -40,10 +44,9 @@ pil's only by decoder rounding.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-import tarfile
-import time
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -54,75 +57,16 @@ from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.damage import Damaged
 from pixelbert_dist.data.images import pad_batch
 from pixelbert_dist.data.shard_index import ShardFormatError
-from pixelbert_dist.data.shard_urls import expand, is_stream, open_shard, retryable  # noqa: F401 (is_stream: loader.py)
-from pixelbert_dist.data.stream_check import ShardCheck, fetch, why_unchecked
+from pixelbert_dist.data.shard_urls import expand, is_stream  # noqa: F401 (is_stream: loader.py)
+from pixelbert_dist.data.stream_check import why_unchecked
+from pixelbert_dist.data.stream_read import Raw, read_shard, shard_length
 from pixelbert_dist.data.torch_loader import data_loader
 
 log = logging.getLogger("pixelbert_dist.data")
-BACKOFF_S = 0.5
 
 
 def _rng(*words) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
-
-
-class Raw(NamedTuple):
-    key: str
-    jpeg: bytes
-    meta: bytes
-    url: str
-    damage: str | None = None  # why the index check rejects the JPEG
-    checked: bool = False  # whether an index sidecar checked it
-
-
-def _members(url: str, check: ShardCheck | None) -> Iterator[Raw]:
-    met = 0
-    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        pending = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            data = tar.extractfile(member).read()
-            if ext == "jpg":
-                pending = (key, data, member.offset_data)
-            elif ext == "json" and pending is not None and pending[0] == key:
-                damage = check.damage(key, pending[2], pending[1]) if check is not None else None
-                met += 1
-                yield Raw(key, pending[1], data, url, damage, check is not None)
-                pending = None
-    if check is not None:
-        check.finish(met)
-
-
-UNREAD = object()
-
-
-def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
-    """The samples of one shard, checked against its index sidecar when it has one; a
-    failed read (of either) is retried after a back-off, skipping the samples already
-    yielded (``errors`` collects one line per failure)."""
-    done, attempt, check = 0, 0, UNREAD
-    while True:
-        try:
-            if check is UNREAD:
-                check = fetch(url)
-            for i, raw in enumerate(_members(url, check)):
-                if i >= done:
-                    done += 1
-                    yield raw
-            return
-        except Exception as err:
-            if isinstance(err, FileNotFoundError):
-                raise FileNotFoundError(f"{url}: no such shard ({err})") from None
-            if not retryable(err):
-                raise
-            attempt += 1
-            of_index = " (its index sidecar)" if check is UNREAD else ""
-            errors.append(f"{url}{of_index}: {type(err).__name__}: {err}")
-            if attempt > retries:
-                raise OSError(f"{url}: read failed {attempt} times, last: {err}{of_index}") from None
-            time.sleep(BACKOFF_S * 2 ** (attempt - 1))
 
 
 class StreamPlan(NamedTuple):
@@ -153,20 +97,74 @@ class StreamPlan(NamedTuple):
         while True:
             yield from mine
 
-    def samples(self, worker: int, workers: int, errors: list) -> Iterator[Raw]:
-        """This worker's samples, through the shuffle buffer."""
-        rng = _rng(self.seed, self.epoch, self.rank, worker, 2)
-        buffer: list[Raw] = []
-        for url in self.shard_stream(worker, workers):
-            for raw in read_shard(url, self.retries, errors):
-                if not self.shuffle or self.buffer <= 1:
-                    yield raw
-                    continue
-                buffer.append(raw)
-                if len(buffer) >= self.buffer:
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                    yield buffer.pop()
+    def samples(self, worker: int, workers: int, errors: list, skip: int = 0) -> Iterator[Raw]:
+        """This worker's samples through the shuffle buffer, from its ``skip``-th on (a
+        resume). Which samples the first ``skip`` are, and what the buffer then holds,
+        depend only on how many samples each shard has: where the index sidecars say so,
+        the skip is replayed over (shard, row) positions and only the shards still holding
+        buffered or later samples are read; else the first ``skip`` are read and dropped."""
+        replay = self._replay(worker, workers, errors, skip) if skip else None
+        if replay is None:
+            rng, urls = _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
+            stream = self._buffered(self._read(urls, errors), rng, [])
+            yield from itertools.islice(stream, skip, None)
+            return
+        rng, urls, seen, buffer, (last_shard, last_row) = replay
+        slots: dict[int, dict[int, int]] = {}  # shard (of seen) -> {row: buffer slot}
+        for slot, (shard, row) in enumerate(buffer):
+            slots.setdefault(shard, {})[row] = slot
+        for shard in sorted(set(slots) - {last_shard}):
+            self._fill(buffer, slots[shard], read_shard(seen[shard], self.retries, errors), max(slots[shard]))
+        current = read_shard(seen[last_shard], self.retries, errors)
+        self._fill(buffer, slots.get(last_shard, {}), current, last_row)  # read up to the last row taken
+        yield from self._buffered(itertools.chain(current, self._read(urls, errors)), rng, buffer)
+
+    def _replay(self, worker: int, workers: int, errors: list, skip: int):
+        """The first ``skip`` samples taken over (shard, row) positions, shard lengths from
+        the sidecars: (rng, url stream, shards seen, buffer of positions, last position
+        read), both streams where the real ones would be; None if a shard has no sidecar."""
+        rng, urls = _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
+        seen, lengths, last, buffer = [], {}, [None], []
+
+        def positions():
+            for url in urls:
+                if url not in lengths:
+                    lengths[url] = shard_length(url, self.retries, errors)
+                if lengths[url] is None:
+                    return
+                seen.append(url)
+                for row in range(lengths[url]):
+                    last[0] = (len(seen) - 1, row)
+                    yield last[0]
+
+        taken = sum(1 for _ in itertools.islice(self._buffered(positions(), rng, buffer), skip))
+        return (rng, urls, seen, buffer, last[0]) if taken == skip else None
+
+    @staticmethod
+    def _fill(buffer: list, slots: dict, raws: Iterator[Raw], last_row: int) -> None:
+        """Put the rows ``slots`` names (row -> buffer slot) into ``buffer``, reading
+        ``raws`` up to ``last_row``."""
+        for row, raw in enumerate(raws):
+            if row in slots:
+                buffer[slots[row]] = raw
+            if row == last_row:
+                return
+
+    def _read(self, urls: Iterator[str], errors: list) -> Iterator[Raw]:
+        for url in urls:
+            yield from read_shard(url, self.retries, errors)
+
+    def _buffered(self, items: Iterator, rng: np.random.Generator, buffer: list) -> Iterator:
+        """``items`` through the shuffle buffer (``buffer``: what it holds, kept in place)."""
+        for item in items:
+            if not self.shuffle or self.buffer <= 1:
+                yield item
+                continue
+            buffer.append(item)
+            if len(buffer) >= self.buffer:
+                i = int(rng.integers(len(buffer)))
+                buffer[i], buffer[-1] = buffer[-1], buffer[i]
+                yield buffer.pop()
 
 
 class StreamBatch(NamedTuple):
@@ -194,9 +192,7 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         real, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         virtual = (real + self.start) % workers
         errors: list[str] = []
-        stream = self.plan.samples(virtual, workers, errors)
-        for _ in range(self.cursors[virtual]):
-            next(stream)  # resume: read, never decode, what was already trained on
+        stream = self.plan.samples(virtual, workers, errors, skip=self.cursors[virtual])  # never decoded
         first = self.start + (virtual - self.start) % workers
         for _ in range(first, self.plan.batches, workers):
             yield self._batch(stream, errors)

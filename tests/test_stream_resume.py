@@ -1,0 +1,60 @@
+"""A streamed resume steps over the shards it has no use for: the skip is replayed over
+(shard, row) positions with shard lengths from the index sidecars, so only the shards that
+still hold buffered or later samples are read, and the samples after the skip are the ones
+an uninterrupted stream gives (shuffle buffer, cycling and resampled shard orders alike).
+Without sidecars the skip reads and drops, as before."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+
+import pytest
+
+from pixelbert_dist.data import streaming
+from pixelbert_dist.data.shard_urls import expand
+from pixelbert_dist.data.shards import ShardWriter
+from pixelbert_dist.data.streaming import StreamPlan
+from tests.data_helpers import make_jpeg
+
+SHARDS, PER_SHARD, TAKE = 10, 4, 70  # 40 samples: a worker's 5 shards cycle within TAKE
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The same shards with their index sidecars and without."""
+    indexed = tmp_path_factory.mktemp("indexed") / "train"
+    with ShardWriter(indexed, "train", samples_per_shard=PER_SHARD) as writer:
+        for i in range(SHARDS * PER_SHARD):
+            writer.write(f"img{i:04d}", make_jpeg(8, 6, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    bare = tmp_path_factory.mktemp("bare") / "train"
+    shutil.copytree(indexed, bare, ignore=shutil.ignore_patterns("*.idx.npy"))
+    assert len(list(indexed.glob("*.idx.npy"))) == SHARDS and not list(bare.glob("*.idx.npy"))
+    return indexed, bare
+
+
+def plan(folder, resampled: bool, shuffle: bool) -> StreamPlan:
+    urls = expand(f"{folder}/train-{{000000..{SHARDS - 1:06d}}}.tar")
+    return StreamPlan(urls, 3, 1, 0, 1, 2, 100, resampled, shuffle, buffer=7, retries=0)
+
+
+@pytest.mark.parametrize(("resampled", "shuffle"), [(False, True), (True, True), (False, False)])
+def test_a_resume_reads_only_the_shards_it_needs(folders, monkeypatch, resampled, shuffle):
+    opened = []
+    read_shard = streaming.read_shard
+    monkeypatch.setattr(streaming, "read_shard", lambda url, *args: opened.append(url) or read_shard(url, *args))
+
+    def keys(folder, skip):
+        opened.clear()
+        samples = plan(folder, resampled, shuffle).samples(1, 2, [], skip=skip)  # worker 1 of 2
+        return [raw.key for raw in itertools.islice(samples, TAKE - skip)], len(opened)
+
+    indexed, bare = folders
+    whole, _ = keys(indexed, 0)
+    assert len(set(whole)) < len(whole)  # the worker's shards came round again
+    for skip in (1, 6, 23, 45, 69):
+        fast, fast_reads = keys(indexed, skip)
+        slow, slow_reads = keys(bare, skip)
+        assert fast == slow == whole[skip:], skip
+        # a buffer of 7 spans at most 3 shards of 4, plus those read after the skip
+        assert fast_reads <= slow_reads - skip // PER_SHARD + 3, (skip, fast_reads, slow_reads)
