@@ -6,6 +6,7 @@
                                                           # (http also without index sidecars)
     python benchmarks/bench_index.py --stream --stream-backends dali --sizes 10000
     python benchmarks/bench_index.py --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
+    python benchmarks/bench_index.py --stream-resume      # a streamed resume at 10^3..2x10^5 samples in
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -22,11 +23,17 @@ for the index, bucketing on), one rank of 8 at 10^6..10^9 samples: start-up (pla
 and its length), the first batch, a batch mid-epoch (what a resume reads first), RSS
 added and its peak, and in a second fresh process the tracemalloc peak (numpy buffers
 included). ``--baseline`` runs the same on another tree up to ``--baseline-max``.
+
+``--stream-resume`` times a streamed resume: one worker's stream (2x10^5 samples in 20
+shards over 127.0.0.1 http, shuffle buffer 1000) from ``skip`` samples in to its first
+sample, with the shards' index sidecars (the skip replayed over positions) and without
+(the skipped samples read again), side by side, with the shards each one opened.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -375,6 +382,7 @@ def main(argv=None) -> None:
         action="store_true",
         help="the epoch plan alone (synthetic aspect ratios, no shards) at --sizes (default 10^6..10^9)",
     )
+    parser.add_argument("--stream-resume", action="store_true", help="a streamed resume's cost by position")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
     parser.add_argument("--measure-plan", type=int, help=argparse.SUPPRESS)
@@ -391,6 +399,8 @@ def main(argv=None) -> None:
         return
     from common import write_results
 
+    if args.stream_resume:
+        return resume_main(args, write_results)
     if args.stream:
         return stream_main(args, write_results)
     if args.plan:
@@ -435,17 +445,26 @@ def main(argv=None) -> None:
     )
 
 
-def stream_main(args, write_results) -> None:
-    """The same splits streamed: from local paths and over HTTP from 127.0.0.1."""
-    largest = build_largest(max(args.sizes))
+@contextlib.contextmanager
+def http_server(directory: Path):
+    """``python -m http.server`` over ``directory`` on 127.0.0.1; yields its port."""
     server = subprocess.Popen(
-        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(CACHE)],
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(directory)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
-        port = int(server.stdout.readline().split("port ")[1].split()[0])
+        yield int(server.stdout.readline().split("port ")[1].split()[0])
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def stream_main(args, write_results) -> None:
+    """The same splits streamed: from local paths and over HTTP from 127.0.0.1."""
+    largest = build_largest(max(args.sizes))
+    with http_server(CACHE) as port:
         rows = []
         for num in sorted(args.sizes):
             directory = subset(largest, num) if num < max(args.sizes) else largest
@@ -466,9 +485,6 @@ def stream_main(args, write_results) -> None:
                     }
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     write_results(
         "bench_stream",
         rows,
@@ -485,6 +501,36 @@ def stream_main(args, write_results) -> None:
         args.out,
         ["code", "backend", *COLUMNS[1:], "images_per_s"],
     )
+
+
+RESUME_SAMPLES, RESUME_SKIPS = 200_000, (1_000, 10_000, 50_000, 100_000, 199_000)
+
+
+def resume_main(args, write_results) -> None:
+    """``--stream-resume``: seconds from a resume at ``skip`` to the first sample, and the
+    shards it opened, with and without index sidecars, over 127.0.0.1 http."""
+    from pixelbert_dist.data import streaming
+    from pixelbert_dist.data.shard_urls import expand
+
+    directory = build_largest(RESUME_SAMPLES)
+    pattern = f"tiny-{{000000..{RESUME_SAMPLES // PER_SHARD - 1:06d}}}.tar"
+    opened, read_shard = [], streaming.read_shard
+    streaming.read_shard = lambda url, *rest: opened.append(url) or read_shard(url, *rest)  # counts opens
+    with http_server(CACHE) as port:
+        rows = []
+        for skip in RESUME_SKIPS:
+            for label, folder in (("sidecars", directory), ("no-sidecars", without_sidecars(directory))):
+                urls = expand(f"http://127.0.0.1:{port}/{folder.name}/{pattern}")
+                plan = streaming.StreamPlan(urls, 0, 0, 0, 1, args.batch_size, 10**6, False, True, 1000, 2)
+                opened.clear()
+                start = time.perf_counter()
+                next(plan.samples(0, 1, [], skip=skip))
+                seconds = time.perf_counter() - start
+                row = {"code": label, "skip": skip, "resume_s": seconds, "shards_opened": len(opened)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    config = {"samples": RESUME_SAMPLES, "samples_per_shard": PER_SHARD, "shuffle_buffer": 1000, "source": "http"}
+    write_results("bench_stream_resume", rows, config, args.out, ["code", "skip", "resume_s", "shards_opened"])
 
 
 if __name__ == "__main__":
