@@ -293,18 +293,27 @@ class EngineClock:
     are synchronous and this splits compute from framework time; on a GPU (asynchronous
     kernels) it would split launch time only."""
 
-    def __init__(self, engine):
-        self.seconds = 0.0
-        for name in ("forward", "backward", "step"):
-            setattr(engine, name, self._timed(getattr(engine, name)))
+    PHASES = ("forward", "backward", "step")
 
-    def _timed(self, fn):
+    def __init__(self, engine):
+        self.phases = dict.fromkeys(self.PHASES, 0.0)
+        for name in self.PHASES:
+            setattr(engine, name, self._timed(name, getattr(engine, name)))
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.phases.values())
+
+    def reset(self) -> None:
+        self.phases = dict.fromkeys(self.PHASES, 0.0)
+
+    def _timed(self, name, fn):
         def timed(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                self.phases[name] += time.perf_counter() - start
 
         return timed
 
@@ -376,16 +385,20 @@ def overhead(args) -> list[dict]:
 
             loops = {"trainer": trainer_loop, "bare": bare_loop}
             times, outside, clock = {name: [] for name in loops}, {name: [] for name in loops}, EngineClock(engine)
+            phases = {name: {phase: [] for phase in EngineClock.PHASES} for name in loops}
             for repeat in range(1 + args.repeats):  # the first pass of each: warm-up (FLOPs count, allocator)
                 for name in ("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer"):
                     sync(device)
-                    clock.seconds, start = 0.0, time.perf_counter()
+                    clock.reset()
+                    start = time.perf_counter()
                     loops[name]()
                     sync(device)
                     if repeat >= 1:
                         elapsed = time.perf_counter() - start
                         times[name].append(elapsed / len(batches))
                         outside[name].append((elapsed - clock.seconds) / len(batches))
+                        for phase, seconds in clock.phases.items():
+                            phases[name][phase].append(seconds / len(batches) * 1e3)
             ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"])]
             framework = median(outside["trainer"]) - median(outside["bare"])
             rows.append(
@@ -406,6 +419,7 @@ def overhead(args) -> list[dict]:
                     "target_met": "yes" if median(ratios) <= 0.03 else "no",
                     "outside_ms_trainer": [t * 1e3 for t in outside["trainer"]],
                     "outside_ms_bare": [t * 1e3 for t in outside["bare"]],
+                    "engine_phase_ms": phases,  # per loop, per phase, per repeat
                     "bare_ms_all": [t * 1e3 for t in times["bare"]],
                     "trainer_ms_all": [t * 1e3 for t in times["trainer"]],
                 }
