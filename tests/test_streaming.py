@@ -5,7 +5,10 @@ does not decode) continues exactly, and a failed read is retried and counted."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import shutil
 
 import pytest
 
@@ -88,3 +91,26 @@ def test_a_streamed_position_is_never_replanned_to_another_world_size(shards):
     one = pil_stream(spec, world_size=1)
     with pytest.raises(ValueError, match=r"'world_size': \(2, 1\)"):
         one.load_state_dict(replan_data_state(saved, one.state_dict()))
+
+
+@pytest.mark.slow
+def test_moved_shards_resume_and_renamed_ones_are_refused(shards, tmp_path, caplog):
+    """A streamed position resumes over the same shard files at another place (a local copy
+    of a bucket, say), said once in the log; shards under other names are refused."""
+    moved, renamed = tmp_path / "moved", tmp_path / "renamed"
+    shutil.copytree(shards, moved)
+    renamed.mkdir()
+    for path in shards.iterdir():
+        shutil.copy(path, renamed / path.name.replace("train-", "other-"))
+    full = list(pil_stream(str(shards / PATTERN), world_size=1, epoch_samples=21))
+    first = pil_stream(str(shards / PATTERN), world_size=1, epoch_samples=21)
+    taken = list(itertools.islice(first, 2))
+    state = json.loads(json.dumps(first.state_dict()))
+    again = pil_stream(str(moved / PATTERN), world_size=1, epoch_samples=21)
+    with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
+        again.load_state_dict(state)
+    assert "over the same 4 shard names at other URLs" in caplog.text
+    same_batches(taken + list(again), full)
+    other = pil_stream(str(renamed / "other-{000000..000003}.tar"), world_size=1, epoch_samples=21)
+    with pytest.raises(ValueError, match="only over the same shard files, in the same order"):
+        other.load_state_dict(state)

@@ -225,6 +225,11 @@ def url_digest(urls: list[str]) -> str:
     return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]
 
 
+def names_digest(urls: list[str]) -> str:
+    """The shard list's file names in order, wherever they live (a moved copy keeps it)."""
+    return url_digest([url.rstrip("/").rsplit("/", 1)[-1] for url in urls])
+
+
 class StreamLoader(LoaderState, BatchAccounting):
     """One rank's batches from streamed shards (module docstring); a ``BatchLoader``."""
 
@@ -288,15 +293,29 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.cursors = [0] * self.workers
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "stream_cursors": list(self.cursors), "stream_urls": len(self.urls)}
+        return {
+            **super().state_dict(),
+            "stream_cursors": list(self.cursors),
+            "stream_urls": len(self.urls),
+            "stream_names": names_digest(self.urls),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stream") not in (None, url_digest(self.urls)):
-            raise ValueError(
-                f"data loader state was saved over another shard list ({state.get('stream_urls', '?')} "
-                f"URLs, digest {state['stream']}) than data.train_shards names now ({len(self.urls)} URLs, "
-                f"digest {url_digest(self.urls)}): a streamed position holds only with the same URLs"
+            if state.get("stream_names") != names_digest(self.urls):
+                raise ValueError(
+                    f"data loader state was saved over another shard list ({state.get('stream_urls', '?')} "
+                    f"URLs, digest {state['stream']}) than data.train_shards names now ({len(self.urls)} URLs, "
+                    f"digest {url_digest(self.urls)}): a streamed position holds only over the same shard "
+                    "files, in the same order (moved elsewhere, they may keep their names)"
+                )
+            log.warning(
+                "resuming a streamed position over the same %d shard names at other URLs (now %s ...): "
+                "they must be the same files as before the move",
+                len(self.urls),
+                self.urls[0],
             )
+            state = {**state, "stream": url_digest(self.urls)}
         epoch, done = self.epoch, self.batches_done
         super().load_state_dict(state)  # the fingerprint (num_workers too) first
         cursors = state.get("stream_cursors")
