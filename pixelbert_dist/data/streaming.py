@@ -105,7 +105,7 @@ class StreamPlan(NamedTuple):
         buffered or later samples are read; else the first ``skip`` are read and dropped."""
         replay = self._replay(worker, workers, errors, skip) if skip else None
         if replay is None:
-            rng, urls = _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
+            rng, urls = self._start(worker, workers)
             stream = self._buffered(self._read(urls, errors), rng, [])
             yield from itertools.islice(stream, skip, None)
             return
@@ -119,11 +119,15 @@ class StreamPlan(NamedTuple):
         self._fill(buffer, slots.get(last_shard, {}), current, last_row)  # read up to the last row taken
         yield from self._buffered(itertools.chain(current, self._read(urls, errors)), rng, buffer)
 
+    def _start(self, worker: int, workers: int) -> tuple[np.random.Generator, Iterator[str]]:
+        """The worker's shuffle-buffer generator and shard stream, both at their start."""
+        return _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
+
     def _replay(self, worker: int, workers: int, errors: list, skip: int):
         """The first ``skip`` samples taken over (shard, row) positions, shard lengths from
         the sidecars: (rng, url stream, shards seen, buffer of positions, last position
         read), both streams where the real ones would be; None if a shard has no sidecar."""
-        rng, urls = _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
+        rng, urls = self._start(worker, workers)
         seen, lengths, last, buffer = [], {}, [None], []
 
         def positions():
