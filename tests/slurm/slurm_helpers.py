@@ -76,11 +76,16 @@ def wait_final(job_id: str, timeout_s: float = 600, release_requeued: bool = Tru
 
 
 def wait_train_steps(metrics: Path, at_least: int, job_id: str, timeout_s: float = 400) -> None:
+    _wait(job_id, lambda: len(train_rows(metrics)) >= at_least, f"step {at_least} logged", timeout_s)
+
+
+def _wait(job_id: str, ready, what: str, timeout_s: float) -> None:
+    """Poll ``ready()`` each second while the job runs, at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while len(train_rows(metrics)) < at_least:
+    while not ready():
         state = job_record(job_id)["JobState"]
-        assert state not in FINAL, f"job {job_id} ended ({state}) before step {at_least}"
-        assert time.monotonic() < deadline, f"job {job_id} logged no step {at_least} in {timeout_s} s"
+        assert state not in FINAL, f"job {job_id} ended ({state}) before {what}"
+        assert time.monotonic() < deadline, f"job {job_id}: no {what} within {timeout_s} s"
         time.sleep(1)
 
 
@@ -132,9 +137,4 @@ def trainers_frozen(job_id: str, count: int):
 
 def wait_log_line(out_dir: Path, job_id: str, text: str, timeout_s: float) -> None:
     """Poll rank 0's submitit log until ``text`` appears."""
-    deadline = time.monotonic() + timeout_s
-    while text not in task_log(out_dir, job_id, 0):
-        state = job_record(job_id)["JobState"]
-        assert state not in FINAL, f"job {job_id} ended ({state}) before its log said {text!r}"
-        assert time.monotonic() < deadline, f"job {job_id}: no {text!r} in its log within {timeout_s} s"
-        time.sleep(1)
+    _wait(job_id, lambda: text in task_log(out_dir, job_id, 0), f"{text!r} in its log", timeout_s)
