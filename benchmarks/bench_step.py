@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, peak_tflops, spread, sync, write_results  # noqa: E402
+from host_syncs import HostSyncs  # noqa: E402
 
 COLUMNS = [
     "preset",
@@ -282,6 +283,8 @@ OVERHEAD_COLUMNS = [
     "overhead_best",
     "framework_ms",
     "framework_share",
+    "trainer_syncs",
+    "bare_syncs",
     "target_met",
 ]
 
@@ -329,7 +332,11 @@ def overhead(args) -> list[dict]:
     the estimate least touched by other processes (timeit's rule). ``framework_ms``: the
     time per step each loop spends outside the engine's forward/backward/step
     (``EngineClock``), trainer minus bare, medians over repeats; ``framework_share`` is
-    that over the bare step: a drift-free estimate where steps take seconds (CPU only)."""
+    that over the bare step: a drift-free estimate where steps take seconds (CPU only).
+    ``trainer_syncs`` / ``bare_syncs``: host syncs per optimizer step of one more,
+    untimed pass of each loop (``HostSyncs``: on a GPU torch's sync debug mode, on a CPU
+    the calls that would sync), with the lines they come from (``sync_sites_*``); the
+    bare loop's are the engine's own."""
     import tempfile
 
     from pixelbert_dist.config import load_config
@@ -345,7 +352,8 @@ def overhead(args) -> list[dict]:
             tmp, enough, seed=0, val_fraction=0.2, min_size=64, max_size=128, samples_per_shard=16, progress=False
         )["train"].directory
         for i, preset in enumerate(args.presets):  # --micro-batch: one per preset, or one for all
-            hw, micro = OVERHEAD_IMAGE.get(preset, (128, 192)), args.micro_batch[min(i, len(args.micro_batch) - 1)]
+            hw = tuple(args.image) if args.image else OVERHEAD_IMAGE.get(preset, (128, 192))
+            micro = args.micro_batch[min(i, len(args.micro_batch) - 1)]
             cfg = load_config(
                 RunConfig,
                 None,
@@ -399,6 +407,12 @@ def overhead(args) -> list[dict]:
                         outside[name].append((elapsed - clock.seconds) / len(batches))
                         for phase, seconds in clock.phases.items():
                             phases[name][phase].append(seconds / len(batches) * 1e3)
+            syncs = {}
+            for name, loop in loops.items():
+                with HostSyncs(device) as syncs[name]:
+                    loop()
+                sync(device)
+            optimizer_steps = len(batches) / engine.gradient_accumulation_steps()
             ratios = [t / b - 1 for t, b in zip(times["trainer"], times["bare"])]
             framework = median(outside["trainer"]) - median(outside["bare"])
             rows.append(
@@ -416,6 +430,11 @@ def overhead(args) -> list[dict]:
                     "overhead_best": min(times["trainer"]) / min(times["bare"]) - 1,
                     "framework_ms": framework * 1e3,
                     "framework_share": framework / median(times["bare"]),
+                    "trainer_syncs": len(syncs["trainer"].calls) / optimizer_steps,
+                    "bare_syncs": len(syncs["bare"].calls) / optimizer_steps,
+                    "sync_sites_trainer": syncs["trainer"].sites(),
+                    "sync_sites_bare": syncs["bare"].sites(),
+                    "sync_method": "cuda sync debug mode" if device.type == "cuda" else "calls that sync a GPU",
                     "target_met": "yes" if median(ratios) <= 0.03 else "no",
                     "outside_ms_trainer": [t * 1e3 for t in outside["trainer"]],
                     "outside_ms_bare": [t * 1e3 for t in outside["bare"]],
@@ -428,9 +447,13 @@ def overhead(args) -> list[dict]:
                 f"{preset}: bare {rows[-1]['bare_ms']:.1f} ms/step, trainer {rows[-1]['trainer_ms']:.1f} ms/step, "
                 f"overhead {median(ratios):+.2%} (paired, {min(ratios):+.2%} .. {max(ratios):+.2%}; "
                 f"fastest repeats {rows[-1]['overhead_best']:+.2%}); outside the engine: "
-                f"{framework * 1e3:+.2f} ms/step = {rows[-1]['framework_share']:+.3%} of the bare step",
+                f"{framework * 1e3:+.2f} ms/step = {rows[-1]['framework_share']:+.3%} of the bare step; "
+                f"host syncs per optimizer step: trainer {rows[-1]['trainer_syncs']:.2f}, "
+                f"bare {rows[-1]['bare_syncs']:.2f} ({rows[-1]['sync_method']})",
                 flush=True,
             )
+            for name in loops:
+                print(f"  {name} loop's syncs by line (most): {syncs[name].sites(8)}", flush=True)
             trainer.logger.close()
             if hasattr(engine, "destroy"):
                 engine.destroy()

@@ -243,6 +243,13 @@ def brief(folder: Path) -> str:
             f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
             f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}"
         )
+    overhead = [r for name, data in files.items() if name.startswith("bench_step_overhead") for r in data["rows"]]
+    for r in overhead:
+        lines.append(
+            f"overhead {r['preset']} {r['image']} mb{r['micro_batch']}: trainer {r['overhead']:+.1%} vs bare loop "
+            f"(target <= 3%), outside the engine {r['framework_ms']:+.2f} ms/step; host syncs per optimizer step: "
+            f"trainer {r.get('trainer_syncs', float('nan')):.2f}, bare {r.get('bare_syncs', float('nan')):.2f}"
+        )
     for r in files.get("bench_decode", {}).get("rows", []):
         lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: {r['images_per_s']:.0f} img/s")
     missing = [n for n in ("bench_attention", "bench_step", "bench_decode") if n not in files]

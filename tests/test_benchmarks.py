@@ -109,6 +109,7 @@ def test_decode_json_and_brief(smoke):
     assert "decode pil paper" in brief
     assert "missing results" not in brief
     assert "memory tiny 128x128 mb2 checkpointing transformer" in brief
+    assert "overhead tiny 64x128 mb2: trainer" in brief and "host syncs per optimizer step" in brief
 
 
 @pytest.mark.slow
@@ -278,6 +279,9 @@ def test_gpu_check_dry_run_uses_real_flags():
     memory = next(line for line in out if "bench_memory.py" in line).split("bench_memory.py ")[1].split()
     assert bench_memory.parse(memory).image == [800, 1333]
     assert bench_memory.parse(memory).micro_batch == 2
+    overhead = next(line for line in out if "--overhead" in line).split("bench_step.py ")[1].split()
+    args = bench_step.parse(overhead)
+    assert args.overhead and args.presets == ["pixelbert-r50"] and args.image == [800, 1333]
     compile_args = next(line for line in out if "bench_compile.py" in line).split("bench_compile.py ")[1].split()
     assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]
 
@@ -303,23 +307,20 @@ def test_plan_bench_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_overhead_rows_split_the_step(tmp_path):
-    """bench_step.py --overhead on tiny: per repeat, each loop's time outside the engine is
-    a positive part of its step, and the framework share is that difference over the bare
-    step (the plumbing: no timing is asserted)."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_step.py"), "--overhead", "--presets", "tiny"]
-        + ["--micro-batch", "2", "--steps", "4", "--repeats", "2", "--zero", "2", "--precision", "fp32"]
-        + ["--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = _load(tmp_path, "bench_step_overhead_tiny")["rows"]
+def test_overhead_rows_split_the_step(smoke):
+    """bench_step.py --overhead on tiny (the smoke run's): per repeat, each loop's time
+    outside the engine is a positive part of its step, and the framework share is that
+    difference over the bare step (the plumbing: no timing is asserted)."""
+    (row,) = _load(smoke[0], "bench_step_overhead_tiny")["rows"]
     for loop in ("trainer", "bare"):
         outside, steps = row[f"outside_ms_{loop}"], row[f"{loop}_ms_all"]
         assert len(outside) == len(steps) == 2
         assert all(0 < o < s for o, s in zip(outside, steps)), (loop, outside, steps)
     assert row["framework_share"] == pytest.approx(row["framework_ms"] / row["bare_ms"])
+    # host syncs (CPU: the calls that would sync a GPU): the engine's own, the same in both
+    # loops, and the trainer's one NaN/inf check per optimizer step (4 steps, no log yet)
+    trainer, bare = row["sync_sites_trainer"], row["sync_sites_bare"]
+    assert bare and all(trainer.get(site) == count for site, count in bare.items()), (trainer, bare)
+    extra = {site: count for site, count in trainer.items() if site not in bare}
+    assert list(extra.values()) == [4] and "train/window.py" in next(iter(extra)), extra
+    assert row["trainer_syncs"] == pytest.approx(row["bare_syncs"] + 1)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from pixelbert_dist.config import load_config
 from pixelbert_dist.model.flops import training_flops_per_sample
@@ -16,9 +15,10 @@ from pixelbert_dist.train.config import RunConfig
 from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import fast_overrides, poison_images, train_losses
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from host_syncs import HostSyncs  # noqa: E402
+
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
-# Calls that make the host wait for the device (on a GPU), or a collective of the loop's own.
-SYNC_CALLS = [(torch.Tensor, name) for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")]
 LEFT_OUT = ("_log_train", "save", "evaluate_during", "finish")  # per log / save / eval period, not per step
 
 
@@ -34,45 +34,30 @@ def trainer(shards, run_dir, *extra, stage: int = 2):
     return Trainer(load_config(RunConfig, None, overrides), f"deepspeed_configs/zero{stage}.json")
 
 
-def count_syncs(monkeypatch) -> list[str]:
-    """Patch every sync call (and dist.all_reduce) to record the calls that come from the
-    project's own code (not DeepSpeed's, which the bare loop makes too, nor the data
-    loader's host-side collation), inside the training loop but outside the periodic
-    logging / saving. Returns the list the calls go into (one entry per call)."""
-    calls: list[str] = []
-
-    def counted(original, name):
-        def wrapper(*args, **kwargs):
-            caller = sys._getframe(1)
-            path = Path(caller.f_code.co_filename)
-            if PACKAGE in path.parents and PACKAGE / "data" not in path.parents:
-                stack, frame = [], caller
-                while frame is not None:
-                    stack.append(frame.f_code.co_name)
-                    frame = frame.f_back
-                if "_run_epoch" in stack and not set(LEFT_OUT) & set(stack):
-                    calls.append(f"{name} from {path.name}:{caller.f_lineno}")
-            return original(*args, **kwargs)
-
-        return wrapper
-
-    for owner, name in SYNC_CALLS:
-        monkeypatch.setattr(owner, name, counted(getattr(owner, name), name))
-    monkeypatch.setattr(dist, "all_reduce", counted(dist.all_reduce, "all_reduce"))
+def loop_syncs(syncs: HostSyncs) -> list[str]:
+    """The calls that would sync a GPU's host made by the project's own code (not
+    DeepSpeed's, which the bare loop makes too, nor the data loader's host-side
+    collation), inside the training loop but outside the periodic logging / saving."""
+    calls = []
+    for call in syncs.calls:
+        path, names = Path(call.caller.filename), {frame.name for frame in call.stack}
+        if PACKAGE in path.parents and PACKAGE / "data" not in path.parents:
+            if "_run_epoch" in names and not set(LEFT_OUT) & names:
+                calls.append(f"{call.what} from {path.name}:{call.caller.lineno}")
     return calls
 
 
 @pytest.mark.slow
-def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path, monkeypatch):
+def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path):
     """8 micro-batches in 4 windows of 2: the loop's own syncs are 4 (one per optimizer
     step, at the accumulation boundary), not one or more per micro-batch as before."""
     run = trainer(shards, tmp_path / "run", "train.max_steps=4", "train.grad_accum=2", "train.log_every=4")
     micro_batches = []
     to_device = run.to_device
     run.to_device = lambda batch: micro_batches.append(1) or to_device(batch)
-    calls = count_syncs(monkeypatch)
-    run.fit()
-    monkeypatch.undo()
+    with HostSyncs("cpu") as syncs:
+        run.fit()
+    calls = loop_syncs(syncs)
     assert run.state["step"] == 4
     assert len(micro_batches) == 8
     assert len(calls) == 4, calls
