@@ -32,7 +32,7 @@ def test_cpu_calls_are_recorded_with_their_caller_and_unpatched_after():
 
 
 def _warns_like_a_sync():
-    warnings.warn("called a synchronizing CUDA operation", UserWarning)
+    warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
 
 
 def test_cuda_sync_warnings_are_recorded_and_other_warnings_shown(recwarn):
@@ -44,7 +44,7 @@ def test_cuda_sync_warnings_are_recorded_and_other_warnings_shown(recwarn):
     try:
         for _ in range(3):
             _warns_like_a_sync()
-        warnings.warn("something else", UserWarning)
+        warnings.warn("something else", UserWarning, stacklevel=1)
     finally:
         syncs.__exit__(None, None, None)
     assert [call.caller.name for call in syncs.calls] == ["_warns_like_a_sync"] * 3
