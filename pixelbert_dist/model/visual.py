@@ -21,12 +21,15 @@ DOWNSAMPLE = 64  # ResNet's 32x and the paper's extra 2x2 max-pool: pad images t
 class FrozenBN(FrozenBatchNorm2d):
     """torchvision's FrozenBatchNorm2d (same buffer names) that computes in the input's
     dtype: DeepSpeed's bf16/fp16 casts parameters, not buffers, and fp32 statistics would
-    otherwise turn bf16 activations back into fp32 before the next bf16 conv."""
+    otherwise turn bf16 activations back into fp32 before the next bf16 conv. One addcmul
+    instead of ``x * scale + bias``: one activation-sized output instead of two (the
+    product was a temporary as large as the input, the peak of a checkpointed block's
+    recomputation), and the backward keeps only ``scale`` either way."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype)[None, :, None, None] + bias.to(x.dtype)[None, :, None, None]
+        return torch.addcmul(bias.to(x.dtype)[None, :, None, None], x, scale.to(x.dtype)[None, :, None, None])
 
 
 class BatchNorm(nn.BatchNorm2d):
