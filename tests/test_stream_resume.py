@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from pixelbert_dist.data import streaming
+from pixelbert_dist.data import stream_read, streaming
 from pixelbert_dist.data.shard_urls import expand
 from pixelbert_dist.data.shards import ShardWriter
 from pixelbert_dist.data.streaming import StreamPlan
@@ -58,3 +58,21 @@ def test_a_resume_reads_only_the_shards_it_needs(folders, monkeypatch, resampled
         assert fast == slow == whole[skip:], skip
         # a buffer of 7 spans at most 3 shards of 4, plus those read after the skip
         assert fast_reads <= slow_reads - skip // PER_SHARD + 3, (skip, fast_reads, slow_reads)
+
+
+@pytest.mark.parametrize("skip", [6, 23, 45, 69])
+def test_a_resume_fetches_no_sidecar_twice(folders, monkeypatch, skip):
+    """The sidecars the replay fetched for shard lengths serve the reads of the shards
+    still in the buffer: a resume fetches no more sidecars than the uninterrupted stream
+    did to reach the same place (one per shard read; fewer where a shard came round again
+    within the skip)."""
+    fetched, fetch = [], stream_read.fetch
+    monkeypatch.setattr(stream_read, "fetch", lambda url: fetched.append(url) or fetch(url))
+
+    def fetches(skip):
+        fetched.clear()
+        samples = plan(folders[0], False, True).samples(1, 2, [], skip=skip)
+        assert len(list(itertools.islice(samples, TAKE - skip))) == TAKE - skip
+        return len(fetched)
+
+    assert fetches(skip) <= fetches(0)

@@ -1,7 +1,7 @@
 """Reading one streamed shard: its samples in tar order (``Raw``), checked against its
 index sidecar when it has one, a failed read retried after a back-off from where it broke
-(``read_shard``); and a shard's sample count from its sidecar alone (``shard_length``), so
-that a resume can step over shards without reading them."""
+(``read_shard``); and a shard's sidecar alone (``shard_check``: its sample count), so that
+a resume can step over shards without reading them."""
 
 from __future__ import annotations
 
@@ -49,11 +49,12 @@ def _members(url: str, check: ShardCheck | None, skip: int = 0) -> Iterator[Raw]
 UNREAD = object()
 
 
-def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
-    """The samples of one shard, checked against its index sidecar when it has one; a
-    failed read (of either) is retried after a back-off, skipping the samples already
-    yielded (``errors`` collects one line per failure)."""
-    done, attempt, check = 0, 0, UNREAD
+def read_shard(url: str, retries: int, errors: list, check=UNREAD) -> Iterator[Raw]:
+    """The samples of one shard, checked against its index sidecar when it has one
+    (``check``: fetched already, by ``shard_check``); a failed read (of either) is retried
+    after a back-off, skipping the samples already yielded (``errors`` collects one line
+    per failure)."""
+    done, attempt = 0, 0
     while True:
         try:
             if check is UNREAD:
@@ -67,13 +68,12 @@ def read_shard(url: str, retries: int, errors: list) -> Iterator[Raw]:
             _back_off(url, err, attempt, retries, errors, " (its index sidecar)" if check is UNREAD else "")
 
 
-def shard_length(url: str, retries: int, errors: list) -> int | None:
-    """How many samples the shard at ``url`` holds, from its index sidecar alone (one
-    small read, retried as a shard's are); None where it has none."""
+def shard_check(url: str, retries: int, errors: list) -> ShardCheck | None:
+    """The index sidecar of the shard at ``url`` (one small read, retried as a shard's
+    are; ``len`` of it: the shard's sample count); None where it has none."""
     for attempt in range(1, retries + 2):
         try:
-            check = fetch(url)
-            return None if check is None else len(check)
+            return fetch(url)
         except Exception as err:
             _back_off(url, err, attempt, retries, errors, " (its index sidecar)")
 

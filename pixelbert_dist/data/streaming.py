@@ -59,8 +59,10 @@ from pixelbert_dist.data.images import pad_batch
 from pixelbert_dist.data.shard_index import ShardFormatError
 from pixelbert_dist.data.shard_urls import expand, is_stream  # noqa: F401 (is_stream: loader.py)
 from pixelbert_dist.data.stream_check import why_unchecked
-from pixelbert_dist.data.stream_read import Raw, read_shard, shard_length
+from pixelbert_dist.data.stream_read import UNREAD, Raw, read_shard, shard_check
 from pixelbert_dist.data.torch_loader import data_loader
+
+KEPT_CHECKS = 8  # sidecars a resume's replay keeps for the shards it reads next (those in its buffer)
 
 log = logging.getLogger("pixelbert_dist.data")
 
@@ -109,13 +111,17 @@ class StreamPlan(NamedTuple):
             stream = self._buffered(self._read(urls, errors), rng, [])
             yield from itertools.islice(stream, skip, None)
             return
-        rng, urls, seen, buffer, (last_shard, last_row) = replay
+        rng, urls, seen, checks, buffer, (last_shard, last_row) = replay
         slots: dict[int, dict[int, int]] = {}  # shard (of seen) -> {row: buffer slot}
         for slot, (shard, row) in enumerate(buffer):
             slots.setdefault(shard, {})[row] = slot
+
+        def reread(shard: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
+            return read_shard(seen[shard], self.retries, errors, checks.get(seen[shard], UNREAD))
+
         for shard in sorted(set(slots) - {last_shard}):
-            self._fill(buffer, slots[shard], read_shard(seen[shard], self.retries, errors), max(slots[shard]))
-        current = read_shard(seen[last_shard], self.retries, errors)
+            self._fill(buffer, slots[shard], reread(shard), max(slots[shard]))
+        current = reread(last_shard)
         self._fill(buffer, slots.get(last_shard, {}), current, last_row)  # read up to the last row taken
         yield from self._buffered(itertools.chain(current, self._read(urls, errors)), rng, buffer)
 
@@ -125,15 +131,19 @@ class StreamPlan(NamedTuple):
 
     def _replay(self, worker: int, workers: int, errors: list, skip: int):
         """The first ``skip`` samples taken over (shard, row) positions, shard lengths from
-        the sidecars: (rng, url stream, shards seen, buffer of positions, last position
-        read), both streams where the real ones would be; None if a shard has no sidecar."""
+        the sidecars: (rng, url stream, shards seen, the last few sidecars fetched, buffer
+        of positions, last position read), both streams where the real ones would be;
+        None if a shard has no sidecar."""
         rng, urls = self._start(worker, workers)
-        seen, lengths, last, buffer = [], {}, [None], []
+        seen, lengths, checks, last, buffer = [], {}, {}, [None], []
 
         def positions():
             for url in urls:
                 if url not in lengths:
-                    lengths[url] = shard_length(url, self.retries, errors)
+                    checks[url] = shard_check(url, self.retries, errors)
+                    lengths[url] = None if checks[url] is None else len(checks[url])
+                    if len(checks) > KEPT_CHECKS:  # the buffer's shards are among the last ones
+                        del checks[next(iter(checks))]
                 if lengths[url] is None:
                     return
                 seen.append(url)
@@ -142,7 +152,7 @@ class StreamPlan(NamedTuple):
                     yield last[0]
 
         taken = sum(1 for _ in itertools.islice(self._buffered(positions(), rng, buffer), skip))
-        return (rng, urls, seen, buffer, last[0]) if taken == skip else None
+        return (rng, urls, seen, checks, buffer, last[0]) if taken == skip else None
 
     @staticmethod
     def _fill(buffer: list, slots: dict, raws: Iterator[Raw], last_row: int) -> None:
