@@ -98,9 +98,9 @@ class HostSyncs:
         self.calls.append(Sync(what, traceback.extract_stack(frame)))
 
     def sites(self, top: int | None = None) -> dict[str, int]:
-        """The calling lines by count (the ``top`` ones, or all): ``file:line (function)`` of the innermost
-        frame outside torch (a sync inside ``Tensor.__format__`` is charged to whoever
-        formatted the tensor)."""
+        """The calling lines by count (the ``top`` ones, or all): ``file:line (function)``
+        of the innermost frame outside torch (a sync inside ``Tensor.__format__`` is charged
+        to whoever formatted the tensor)."""
         counts = collections.Counter(_site(call.stack) for call in self.calls)
         return dict(counts.most_common(top))
 
