@@ -107,7 +107,7 @@ def test_slurm(clean_env, monkeypatch):
         world_size=8,
         local_world_size=4,
         master_addr="gpu07",
-        master_port=15000 + 123456 % 20000,
+        master_port=20000 + 123456 % 12000,
         launcher="slurm",
     )
 
@@ -128,7 +128,7 @@ def test_slurm_uses_scontrol_when_present(clean_env, tmp_path):
     env = detect_env()
     assert env.master_addr == "nodeA"
     assert env.local_world_size == 1
-    assert env.master_port == 15007
+    assert env.master_port == 20007
 
 
 @pytest.mark.parametrize(
@@ -277,3 +277,15 @@ def test_two_cpu_ranks_leave_no_shared_memory_files(tmp_path):
         assert rank.returncode == 0, err[-3000:]
         assert out.strip().splitlines()[-1] == "[3.0, 3.0, 3.0, 3.0]"
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"))
+
+
+def test_job_ports_stay_below_the_ephemeral_range():
+    """A master port derived from the job id never lies where Linux picks the local ports
+    of connections and gloo's listeners (in CI, submitit's pick for job 184, 41461, was
+    held by another job's process and the rendezvous failed); consecutive jobs get
+    consecutive ports."""
+    job_port = envmod.job_port
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert max(job_port(i) for i in range(0, 50_000, 7)) < low
+    assert min(job_port(i) for i in range(0, 50_000, 7)) >= 1024
+    assert job_port("185") == job_port(184) + 1

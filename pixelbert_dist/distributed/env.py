@@ -164,11 +164,23 @@ def _from_launcher(environ: Mapping[str, str]) -> DistEnv:
     )
 
 
+# Below Linux's ephemeral ports (32768-60999 by default), which the OS hands out to the
+# local end of outgoing connections and to gloo's listeners: a master port in that range
+# can be held by a running process (submitit's own pick, 20000-60000, once was in CI).
+JOB_PORTS = range(20000, 32000)
+
+
+def job_port(job_id: str | int) -> int:
+    """The MASTER_PORT every task of a job derives alike from the job id (Slurm's
+    SLURM_JOB_ID, unique also for an array task): consecutive jobs get consecutive ports,
+    so jobs sharing a node collide only 12,000 job ids apart."""
+    return JOB_PORTS[int(job_id) % len(JOB_PORTS)]
+
+
 def _from_slurm(environ: Mapping[str, str]) -> DistEnv:
     world = _int(environ, "SLURM_NTASKS")
     job_id = _int(environ, "SLURM_JOB_ID", 0)
-    # every task computes the same port from the job id; jobs sharing a node rarely collide
-    port = _int(environ, "MASTER_PORT", 15000 + job_id % 20000)
+    port = _int(environ, "MASTER_PORT", job_port(job_id))
     port_how = (
         "MASTER_PORT from the environment" if environ.get("MASTER_PORT") else f"port derived from SLURM_JOB_ID={job_id}"
     )

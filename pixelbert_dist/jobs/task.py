@@ -24,7 +24,7 @@ from pathlib import Path
 import submitit
 
 from pixelbert_dist.checkpoint import read_latest
-from pixelbert_dist.distributed.env import RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR, slurm_master
+from pixelbert_dist.distributed.env import RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR, job_port, slurm_master
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENTRY = "pixelbert_dist.train.run"
@@ -59,9 +59,11 @@ def _task_environment(cpus_per_task: int, code_dir: str, rendezvous_timeout_s: i
     dist = submitit.helpers.TorchDistributedEnvironment()
     env = dict(os.environ)
     addr, source = _master_address(dist, env)
+    # not submitit's port (20000-60000, mostly where the OS picks ports for connections)
+    job_id = env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or "0"
     env.update(
         MASTER_ADDR=addr,
-        MASTER_PORT=str(dist.master_port),
+        MASTER_PORT=env.get("MASTER_PORT") or str(job_port(job_id)),
         RANK=str(dist.rank),
         WORLD_SIZE=str(dist.world_size),
         LOCAL_RANK=str(dist.local_rank),
