@@ -364,3 +364,28 @@ def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch)
     tail = err.split("--- task 0, last lines of", 1)[1]
     assert str(missing) in tail  # the trainer's own error, naming what is wrong
     assert "submitit ERROR" not in tail
+
+
+def test_the_trainer_process_closes_its_process_group_after_a_finished_run(tmp_path):
+    """A job's trainer process tears the process group down when its run returns, not
+    the interpreter's exit-time destructors (where gloo's threads sometimes aborted a
+    finished rank: the job then failed after its last step)."""
+    (tmp_path / "one_rank_run.py").write_text(
+        "import torch.distributed as dist\n"
+        "from pixelbert_dist.distributed.env import DistEnv, free_port, rendezvous\n"
+        "def main(argv):\n"
+        "    env = DistEnv(master_port=free_port())\n"
+        "    dist.init_process_group('gloo', store=rendezvous(env, 60), rank=0, world_size=1)\n"
+        "    return int(argv[0])\n"
+    )
+    probe = (
+        "import sys, torch.distributed as dist\n"
+        "from pixelbert_dist.jobs import trainer_process\n"
+        "code = trainer_process.main(['one_rank_run', '3'])\n"
+        "print(code, dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{REPO}"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["3", "False"]

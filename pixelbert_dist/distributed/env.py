@@ -351,6 +351,16 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
     return env
 
 
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter does, at the end of a process
+    that was one run and ended well (the command line, a job's trainer process): left to
+    exit-time destructors, gloo's threads sometimes end a finished rank with "terminate
+    called without an active exception" (SIGABRT, or exit 250), and its job is marked
+    failed. Not inside tests, which keep one group per session (``init_distributed``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def _unlink_cpu_allreduce_buffer(env: DistEnv) -> None:
     """DeepSpeed's CPU all-reduce (all ranks on one host) maps a 66 MB /dev/shm file per
     rank and never unlinks it: every multi-rank CPU run left its files behind (19 GB of

@@ -16,7 +16,11 @@ def main(argv: list[str]) -> int:
     # forwards it as SIGUSR1. Left at its default, USR2 would kill the trainer unsaved.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     entry, rest = argv[0], argv[1:]
-    return int(importlib.import_module(entry).main(rest) or 0)
+    code = int(importlib.import_module(entry).main(rest) or 0)
+    from pixelbert_dist.distributed.env import close_process_group  # torch: loaded by the run
+
+    close_process_group()  # a finished run: its group goes before the interpreter does
+    return code
 
 
 if __name__ == "__main__":

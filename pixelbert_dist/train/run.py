@@ -91,18 +91,11 @@ def refusals_as_one_line(label: str, call) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"{label}: {err}", file=sys.stderr, flush=True)
         return 2
-    _close_process_group()  # after a run that ended well only: an error path exits as it is
+    if "torch.distributed" in sys.modules:  # never imported for --help
+        from pixelbert_dist.distributed.env import close_process_group
+
+        close_process_group()  # after a run that ended well only: an error path exits as it is
     return result if isinstance(result, int) else 0
-
-
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter does: left to exit-time
-    destructors, gloo's threads sometimes end the process with "terminate called without
-    an active exception" (exit 250) after a finished run. Only for the command line: tests
-    keep one group per session."""
-    dist = sys.modules.get("torch.distributed")  # never imported for --help
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def cli(argv: list[str] | None = None) -> int:
