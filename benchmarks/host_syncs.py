@@ -28,6 +28,7 @@ SYNC_CALLS = [(torch.Tensor, name) for name in ("item", "cpu", "tolist", "numpy"
 SYNC_CALLS.append((dist, "all_reduce"))
 _CUDA_SYNC_WARNING = "called a synchronizing CUDA operation"
 _NOT_CALLERS = (Path(warnings.__file__).name, Path(__file__).name)
+_TORCH_DIR = str(Path(torch.__file__).parent)
 
 
 class Sync(NamedTuple):
@@ -106,9 +107,8 @@ class HostSyncs:
 
 
 def _site(stack: traceback.StackSummary) -> str:
-    torch_dir = str(Path(torch.__file__).parent)
     for frame in reversed(stack):
-        if not frame.filename.startswith(torch_dir):
+        if not frame.filename.startswith(_TORCH_DIR):
             return f"{_short(frame.filename)}:{frame.lineno} ({frame.name})"
     return f"{_short(stack[-1].filename)}:{stack[-1].lineno} ({stack[-1].name})" if stack else "?"
 
