@@ -57,7 +57,8 @@ def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: in
 
     from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
     from pixelbert_dist.model import build_model
-    from pixelbert_dist.train.optim import OptimConfig, build_optimizer
+    from pixelbert_dist.train.optim import build_optimizer
+    from pixelbert_dist.train.config import OptimConfig
 
     torch.manual_seed(0)
     model = build_model(preset)

@@ -29,9 +29,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixelbert_dist.data.config import DataConfig  # noqa: E402
-from pixelbert_dist.data.dali import dali_available  # noqa: E402
+from pixelbert_dist.data.decode.dali import dali_available  # noqa: E402
 from pixelbert_dist.data.loader import build_loader  # noqa: E402
-from pixelbert_dist.data.shards import ShardWriter  # noqa: E402
+from pixelbert_dist.data.format.shards import ShardWriter  # noqa: E402
 
 SIZES = {"paper": (800, 1333), "small": (256, 427)}
 SHAPES = [(480, 640), (640, 480), (480, 640), (320, 640)]  # (h, w): mostly landscape, as COCO

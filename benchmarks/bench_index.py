@@ -94,8 +94,8 @@ def _pad(data: bytes) -> bytes:
 def write_tiny_shard(path: Path, first: int, count: int, jpegs):
     """``count`` samples written directly (same bytes as write_shard) with the index."""
     # imported here: ``--measure`` also runs under a --baseline tree without shard_index
-    from pixelbert_dist.data.shard_index import IndexBuilder, index_name
-    from pixelbert_dist.data.shards import ShardInfo, encode_meta
+    from pixelbert_dist.data.format.index import IndexBuilder, index_name
+    from pixelbert_dist.data.format.shards import ShardInfo, encode_meta
 
     parts, index, offset = [], IndexBuilder(), 0
     for i in range(first, first + count):
@@ -117,7 +117,7 @@ def write_tiny_shard(path: Path, first: int, count: int, jpegs):
 
 def build_largest(num: int) -> Path:
     """The largest split, written once (tiny JPEG bytes reused, tar written directly)."""
-    from pixelbert_dist.data.shards import Manifest, shard_name, write_manifest
+    from pixelbert_dist.data.format.shards import Manifest, shard_name, write_manifest
 
     directory = CACHE / f"n{num}"
     if (directory / "manifest.json").is_file():
@@ -265,7 +265,7 @@ def measure_plan(num: int, batch_size: int, traced: bool) -> dict:
     import psutil
 
     import pixelbert_dist
-    from pixelbert_dist.data.sampling import epoch_plan
+    from pixelbert_dist.data.readers.plan import epoch_plan
 
     reset_peak_rss()
     rss0 = psutil.Process().memory_info().rss
@@ -509,8 +509,8 @@ RESUME_SAMPLES, RESUME_SKIPS = 200_000, (1_000, 10_000, 50_000, 100_000, 199_000
 def resume_main(args, write_results) -> None:
     """``--stream-resume``: seconds from a resume at ``skip`` to the first sample, and the
     shards it opened, with and without index sidecars, over 127.0.0.1 http."""
-    from pixelbert_dist.data import streaming
-    from pixelbert_dist.data.shard_urls import expand
+    from pixelbert_dist.data.readers import stream as streaming
+    from pixelbert_dist.data.readers.stream_urls import expand
 
     directory = build_largest(RESUME_SAMPLES)
     pattern = f"tiny-{{000000..{RESUME_SAMPLES // PER_SHARD - 1:06d}}}.tar"

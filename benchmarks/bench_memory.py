@@ -179,7 +179,8 @@ def child(args) -> dict:
     image (the state's size does not depend on the image), warm up, time ``--steps``, and
     measure memory (on a CPU in one more step, under the profiler)."""
     from pixelbert_dist.model import build_model
-    from pixelbert_dist.train.optim import OptimConfig, build_optimizer
+    from pixelbert_dist.train.optim import build_optimizer
+    from pixelbert_dist.train.config import OptimConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

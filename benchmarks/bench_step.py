@@ -120,7 +120,8 @@ def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: 
 
     from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
     from pixelbert_dist.model import build_model
-    from pixelbert_dist.train.optim import OptimConfig, build_optimizer
+    from pixelbert_dist.train.optim import build_optimizer
+    from pixelbert_dist.train.config import OptimConfig
 
     overrides = {} if sampling else {"pixel_sample_size": 0}
     if preset != "tiny":

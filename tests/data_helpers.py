@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.sampling import FEISTEL_ROUNDS, MIN_BITS
-from pixelbert_dist.data.shards import ShardWriter
+from pixelbert_dist.data.readers.plan import FEISTEL_ROUNDS, MIN_BITS
+from pixelbert_dist.data.format.shards import ShardWriter
 
 BACKENDS = ["dali", "pil"]
 SHORTER, MAX = 96, 160  # small stand-ins for 800 / 1333 (ratio 1.67 as in the paper)

@@ -19,7 +19,7 @@ import urllib.request
 import torch
 
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.shards import ShardWriter
+from pixelbert_dist.data.format.shards import ShardWriter
 from tests.data_helpers import MEAN_TOL, data_cfg, make_jpeg, mixed_sizes
 
 N, PER_SHARD, BATCH = 22, 6, 3  # shards of 6, 6, 6, 4 samples

@@ -17,7 +17,7 @@ import torch
 from pixelbert_dist.data.builders import build_coco, build_images, build_jsonl, build_vg
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.loader import images_backend
-from pixelbert_dist.data.shards import iter_samples, read_manifest, read_skipped, sha256_file
+from pixelbert_dist.data.format.shards import iter_samples, read_manifest, read_skipped, sha256_file
 from pixelbert_dist.finetune.data import KeyedImages
 from tests.fixtures_data import write_coco, write_image, write_karpathy, write_vg
 

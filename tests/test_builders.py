@@ -12,7 +12,7 @@ from PIL import Image
 
 from pixelbert_dist.data.builders import build_coco, build_jsonl, build_synthetic, build_vg
 from pixelbert_dist.data.builders.synthetic import COLORS, SHAPES
-from pixelbert_dist.data.shards import iter_samples, read_manifest, read_skipped
+from pixelbert_dist.data.format.shards import iter_samples, read_manifest, read_skipped
 from pixelbert_dist.data.text import load_tokenizer
 from tests.fixtures_data import BLUE, RED, write_coco, write_jsonl, write_karpathy, write_vg
 

@@ -17,8 +17,10 @@ import torch.nn as nn
 
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
-from pixelbert_dist.train.optim import OptimConfig, build_optimizer
-from pixelbert_dist.train.schedule import ScheduleConfig, build_scheduler
+from pixelbert_dist.train.optim import build_optimizer
+from pixelbert_dist.train.config import OptimConfig
+from pixelbert_dist.train.schedule import build_scheduler
+from pixelbert_dist.train.config import ScheduleConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deepspeed_configs"
 pytestmark = pytest.mark.usefixtures("dist_env")

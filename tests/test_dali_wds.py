@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.dali_wds import batches_per_epoch, index_dir, shard_bounds
-from pixelbert_dist.data.images import padded_batch_size, resized_size, swap_left_right
+from pixelbert_dist.data.readers.dali_wds import batches_per_epoch, index_dir, shard_bounds
+from pixelbert_dist.data.decode.images import padded_batch_size, resized_size, swap_left_right
 from pixelbert_dist.data.loader import build_loader
 from tests.data_helpers import MAX, MEAN_TOL, SHORTER, data_cfg, mixed_sizes, write_split
 

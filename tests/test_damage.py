@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.sampling import ShardIndex
-from pixelbert_dist.data.shards import ShardFormatError, ShardWriter
+from pixelbert_dist.data.readers.indexed import ShardIndex
+from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.format.index import ShardFormatError
 from tests.data_helpers import BACKENDS, MEAN_TOL, data_cfg, make_jpeg, mixed_sizes, write_split
 
 N, BATCH = 14, 4

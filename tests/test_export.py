@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pixelbert_dist.config import load_config, save_config
-from pixelbert_dist.data.images import MEAN_255
+from pixelbert_dist.data.decode.images import MEAN_255
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import PixelBert, build_model
 from pixelbert_dist.train.config import RunConfig

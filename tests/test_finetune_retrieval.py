@@ -11,10 +11,9 @@ from pixelbert_dist.finetune.retrieval_metrics import (
     flatten_captions,
     hardest_negatives,
     read_karpathy_split,
-    recall_at_k,
-    retrieval_ranks,
     sample_negatives,
 )
+from pixelbert_dist.train.recall import recall_at_k, retrieval_ranks
 
 # 3 images x 6 captions; captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
 OWNER = [0, 0, 1, 1, 2, 2]

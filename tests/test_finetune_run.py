@@ -281,7 +281,7 @@ def test_finetune_skips_nonfinite_losses_and_stops_after_too_many(dist_env, ft, 
     """The shared loop's NaN/inf guard in fine-tuning: poisoned micro-batches are skipped
     on every rank and counted, the weights and BatchNorm statistics stay finite; too many
     in a row stop the run, leaving the last checkpoint as it was."""
-    from pixelbert_dist.train.loop import NonFiniteLossError
+    from pixelbert_dist.train.window import NonFiniteLossError
     from tests.pretrain_helpers import poison_images
 
     run = _nlvr2_trainer(ft, tmp_path / "run", "train.max_steps=4")

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pixelbert_dist.data import shard_index
+from pixelbert_dist.data.format import index as shard_index
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.sampling import EpochPlan, ShardIndex, epoch_plan
-from pixelbert_dist.data.shards import ShardFormatError, read_manifest
+from pixelbert_dist.data.readers.plan import EpochPlan, epoch_plan
+from pixelbert_dist.data.readers.indexed import ShardIndex
+from pixelbert_dist.data.format.shards import read_manifest
+from pixelbert_dist.data.format.index import ShardFormatError
 from tests.data_helpers import data_cfg, mixed_sizes, reference_shuffle, write_split
 
 ROOT = Path(__file__).resolve().parent.parent

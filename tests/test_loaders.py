@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pixelbert_dist.data.images import MEAN_255, STD_255, padded_batch_size, resized_size, swap_left_right
+from pixelbert_dist.data.decode.images import MEAN_255, STD_255, padded_batch_size, resized_size, swap_left_right
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.sampling import epoch_plan
-from pixelbert_dist.data.shards import ShardFormatError, ShardWriter
-from pixelbert_dist.data.torch_loader import TorchJpegImages
+from pixelbert_dist.data.readers.plan import epoch_plan
+from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.format.index import ShardFormatError
+from pixelbert_dist.data.decode.torch_loader import TorchJpegImages
 from tests.data_helpers import BACKENDS, MAX, MEAN_TOL, SHORTER, data_cfg, mixed_sizes, write_split
 
 

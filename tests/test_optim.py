@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pixelbert_dist.train.optim import HybridOptimizer, OptimConfig, build_optimizer
+from pixelbert_dist.train.optim import HybridOptimizer, build_optimizer
+from pixelbert_dist.train.config import OptimConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deepspeed_configs"
 
@@ -197,7 +198,8 @@ def test_zero_stages_follow_zero0(dist_env):
 
 # ---- schedules -------------------------------------------------------------------
 
-from pixelbert_dist.train.schedule import LrFactor, ScheduleConfig, build_scheduler, clamp_warmup  # noqa: E402
+from pixelbert_dist.train.schedule import LrFactor, build_scheduler, clamp_warmup  # noqa: E402
+from pixelbert_dist.train.config import ScheduleConfig  # noqa: E402
 
 
 def _lrs(kind: str, steps: int, **kw) -> list[list[float]]:

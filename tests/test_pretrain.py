@@ -141,7 +141,8 @@ def test_freeze_prefixes(shards):
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(dist_env, shards, tmp_path):
     """Micro-batches whose images turn to NaN (a corrupt decode, say) are skipped on every
     rank and counted; too many in a row stop the run with a clear error, writing nothing."""
-    from pixelbert_dist.train.trainer import NonFiniteLossError, Trainer
+    from pixelbert_dist.train.trainer import Trainer
+    from pixelbert_dist.train.window import NonFiniteLossError
 
     def trainer(run_dir, *extra):
         overrides = fast_overrides(run_dir, shards, steps=6, val=False) + ["train.export=false", *extra]

@@ -173,7 +173,7 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
 
 
 def test_a_finite_blow_up_is_flagged_and_the_message_says_no_checkpoint_exists(shards, tmp_path):
-    from pixelbert_dist.train.trainer import NonFiniteLossError
+    from pixelbert_dist.train.window import NonFiniteLossError
 
     run = trainer(tmp_path / "run", shards, "train.max_loss=1.0", "train.max_nonfinite_in_row=2")  # losses ~8
     with pytest.raises(NonFiniteLossError, match=r"above train.max_loss=1.*no checkpoint was written yet"):
@@ -232,7 +232,7 @@ def test_export_of_a_pruned_tag_lists_the_tags_there(shards, tmp_path):
 def test_the_data_plan_of_two_ranks_continues_on_one(shards):
     """After b batches of B on each of W ranks, one rank with batch W*B continues with exactly
     the samples the W ranks had not read yet (the re-plan of a universal resume)."""
-    from pixelbert_dist.data.sampling import epoch_plan
+    from pixelbert_dist.data.readers.plan import epoch_plan
     from pixelbert_dist.train.resume import replan_data_state
 
     def plan(rank, world, batch):

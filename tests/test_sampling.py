@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.sampling import PLAN_ORDER, EpochShuffle, epoch_plan
+from pixelbert_dist.data.readers.plan import PLAN_ORDER, EpochShuffle, epoch_plan
 from tests.data_helpers import data_cfg, mixed_sizes, reference_shuffle, write_split
 
 

@@ -9,9 +9,8 @@ import tarfile
 
 import pytest
 
-from pixelbert_dist.data.shards import (
+from pixelbert_dist.data.format.shards import (
     FORMAT,
-    ShardFormatError,
     ShardWriter,
     iter_samples,
     iter_shard,
@@ -19,6 +18,7 @@ from pixelbert_dist.data.shards import (
     read_skipped,
     write_shard,
 )
+from pixelbert_dist.data.format.index import ShardFormatError
 from tests.fixtures_data import noise_image
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixelbert_dist.data import shard_index
-from pixelbert_dist.data.shard_index import BLOCK, JPG_BLOCK, JPG_SIZE, ShardFormatError
-from pixelbert_dist.data.stream_pixels import JpegCheck
+from pixelbert_dist.data.format import index as shard_index
+from pixelbert_dist.data.format.index import BLOCK, JPG_BLOCK, JPG_SIZE, ShardFormatError
+from pixelbert_dist.data.decode.stream_pixels import JpegCheck
 from tests.stream_helpers import (
     PATTERN,
     batches_agree,

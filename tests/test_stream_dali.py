@@ -14,11 +14,11 @@ from collections import deque
 import pytest
 from PIL import Image
 
-from pixelbert_dist.data.dali import DaliImages
+from pixelbert_dist.data.decode.dali import DaliImages
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.shards import ShardWriter
-from pixelbert_dist.data.stream_pixels import JpegCheck, StreamImages, TorchJpegPixels
-from pixelbert_dist.data.torch_loader import PilDecode, TorchJpegImages
+from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.decode.stream_pixels import JpegCheck, StreamImages, TorchJpegPixels
+from pixelbert_dist.data.decode.torch_loader import PilDecode, TorchJpegImages
 from tests.data_helpers import MAX, SHORTER, data_cfg, make_jpeg, mixed_sizes
 from tests.stream_helpers import (
     BATCH,

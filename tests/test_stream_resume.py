@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
-from pixelbert_dist.data import stream_read, streaming
-from pixelbert_dist.data.shard_urls import expand
-from pixelbert_dist.data.shards import ShardWriter
-from pixelbert_dist.data.streaming import StreamPlan
+from pixelbert_dist.data.readers import stream as streaming
+from pixelbert_dist.data.readers import stream_read
+from pixelbert_dist.data.readers.stream_urls import expand
+from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.readers.stream import StreamPlan
 from tests.data_helpers import make_jpeg
 
 SHARDS, PER_SHARD, TAKE = 10, 4, 70  # 40 samples: a worker's 5 shards cycle within TAKE

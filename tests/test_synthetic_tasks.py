@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pixelbert_dist.data.builders.synthetic import SHAPES, build_synthetic
-from pixelbert_dist.data.shards import iter_samples
+from pixelbert_dist.data.format.shards import iter_samples
 from pixelbert_dist.finetune.nlvr2_data import read_nlvr2
 from pixelbert_dist.finetune.retrieval_metrics import read_karpathy_split
 from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, SyntheticTasksError, generate_tasks, main

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from pixelbert_dist.data.torch_loader import data_loader
+from pixelbert_dist.data.decode.torch_loader import data_loader
 from tests.pretrain_helpers import REPO
 
 
@@ -58,7 +58,7 @@ def test_an_exit_with_live_workers_does_not_hang():
         """
         import os, time
         import torch
-        from pixelbert_dist.data.torch_loader import data_loader
+        from pixelbert_dist.data.decode.torch_loader import data_loader
 
         class Pids(torch.utils.data.IterableDataset):
             def __iter__(self):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "pixelbert_dist.data.shards": (
+    "pixelbert_dist.data.format.shards": (
         "FORMAT",
         "Manifest",
         "ShardFormatError",

@@ -13,8 +13,8 @@ from typing import Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from pixelbert_dist.data.images import padded_batch_size
-from pixelbert_dist.data.sampling import PLAN_ORDER
+from pixelbert_dist.data.decode.images import padded_batch_size
+from pixelbert_dist.data.readers.plan import PLAN_ORDER
 
 STATE_VERSION = 1
 log = logging.getLogger("pixelbert_dist.data")
@@ -83,7 +83,7 @@ class LoaderState:
 
 
 class PlannedLoader(LoaderState):
-    """A LoaderState whose epochs follow a plan (``sampling.epoch_plan``), cached per
+    """A LoaderState whose epochs follow a plan (``readers.plan.epoch_plan``), cached per
     epoch. Subclasses give ``_new_plan(epoch)`` and ``_fingerprint()``. The state names
     the plan's order (``plan_order``): a state saved under another order resumes only at
     an epoch boundary, where no batch of the old order is left to replay."""
@@ -104,7 +104,7 @@ class PlannedLoader(LoaderState):
             self.epoch, self.batches_done = before
             raise ValueError(
                 f"{self.state_name} state has plan_order {saved!r}, this code orders epochs by "
-                f"{PLAN_ORDER!r} (sampling.py): resuming at {at} would read other samples than "
+                f"{PLAN_ORDER!r} (readers/plan.py): resuming at {at} would read other samples than "
                 "the saved run. Resume from a checkpoint at an epoch boundary, or with the code "
                 "that saved it"
             )

@@ -31,7 +31,7 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     drop_last: bool = False  # train only: drop the epoch's tail instead of wrapping
-    # streaming mode only (data/streaming.py)
+    # streaming mode only (data/readers/stream.py)
     epoch_samples: int = 0  # samples in one epoch over all ranks (required there)
     resampled: bool = False  # draw shards with replacement (fixed-size epochs)
     shuffle_buffer: int = 1000  # samples per worker

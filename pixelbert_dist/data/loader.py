@@ -3,7 +3,7 @@
 A ``Loader`` iterates over ONE epoch of this rank's batches (the batch contract in the
 package README: images, image_sizes, input_ids, attention_mask, token_type_ids,
 mlm_labels, itm_labels, keys, plus ``is_pad`` marking wrap-around repeats that
-evaluation must exclude, see ``sampling`` for the epoch/rank rules, and ``captions``,
+evaluation must exclude, see ``readers.plan`` for the epoch/rank rules, and ``captions``,
 each image's own caption after any flip swap, for debugging: ITM-negative rows are
 tokenised from another row's caption).
 
@@ -41,20 +41,22 @@ import torch
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import (
     BatchAccounting,
-    BatchLoader,  # noqa: F401
+    BatchLoader,
     PlannedLoader,
     batch_generator,
     hash_unit,
 )
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.dali import DaliImages
-from pixelbert_dist.data.dali_wds import WebdatasetLoader
-from pixelbert_dist.data.images import swap_left_right
-from pixelbert_dist.data.sampling import EpochPlan, ShardIndex, epoch_plan
-from pixelbert_dist.data.stream_pixels import stream_images
-from pixelbert_dist.data.streaming import StreamLoader, is_stream
+from pixelbert_dist.data.decode.dali import DaliImages
+from pixelbert_dist.data.readers.dali_wds import WebdatasetLoader
+from pixelbert_dist.data.decode.images import swap_left_right
+from pixelbert_dist.data.readers.plan import EpochPlan, epoch_plan
+from pixelbert_dist.data.readers.indexed import ShardIndex
+from pixelbert_dist.data.decode.stream_pixels import stream_images
+from pixelbert_dist.data.readers.stream import StreamLoader
+from pixelbert_dist.data.readers.stream_urls import is_stream
 from pixelbert_dist.data.text import TextCollator, load_tokenizer
-from pixelbert_dist.data.torch_loader import PilImages, nvjpeg_images
+from pixelbert_dist.data.decode.torch_loader import PilImages, nvjpeg_images
 
 _hash_unit = hash_unit  # the name other modules imported before base.py existed
 
@@ -207,7 +209,7 @@ def build_loader(
     tokenizer=None,
 ) -> BatchLoader:
     """A loader over ``shards_dir`` for this rank: a split directory (indexed, any
-    backend) or a brace pattern / URL / ``pipe:`` (streaming, ``streaming.py``).
+    backend) or a brace pattern / URL / ``pipe:`` (streaming, ``readers/stream.py``).
     ``train=False`` is evaluation: no shuffle, no flip, no MLM masking or ITM negatives,
     and no sample ever dropped (indexed mode)."""
     cfg.validate()

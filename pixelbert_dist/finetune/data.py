@@ -19,8 +19,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.loader import PlannedLoader, batch_generator, images_backend
-from pixelbert_dist.data.sampling import ShardIndex, epoch_plan
+from pixelbert_dist.data.loader import images_backend
+from pixelbert_dist.data.base import PlannedLoader, batch_generator
+from pixelbert_dist.data.readers.plan import epoch_plan
+from pixelbert_dist.data.readers.indexed import ShardIndex
 
 
 class KeyedImages:

@@ -22,12 +22,8 @@ import torch.distributed as dist
 from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
-from pixelbert_dist.finetune.retrieval_metrics import (
-    flatten_captions,
-    read_karpathy_split,
-    recall_at_k,
-    sample_negatives,
-)
+from pixelbert_dist.finetune.retrieval_metrics import flatten_captions, read_karpathy_split, sample_negatives
+from pixelbert_dist.train.recall import recall_at_k
 from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
 

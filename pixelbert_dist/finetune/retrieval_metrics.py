@@ -14,7 +14,6 @@ from typing import Iterable, Sequence
 import torch
 
 from pixelbert_dist.data.builders.common import load_json
-from pixelbert_dist.train.recall import recall_at_k, retrieval_ranks  # noqa: F401  (re-exported)
 
 
 class KarpathyFormatError(ValueError):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pixelbert_dist.checkpoint import CheckpointError, find_checkpoint, list_tags, read_meta
 from pixelbert_dist.config import load_config
-from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255
+from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import PixelBert, PixelBertConfig, preset_config
 from pixelbert_dist.train.config import RunConfig

@@ -20,7 +20,7 @@ from torch.optim.adam import adam as _adam_functional
 from torch.optim.sgd import sgd as _sgd_functional
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from pixelbert_dist.train.config import OptimConfig  # noqa: F401  (its home is the config module)
+from pixelbert_dist.train.config import OptimConfig
 
 RULES = ("sgd", "adamw")
 _SGD_DEFAULTS = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)

@@ -83,7 +83,7 @@ def refusals_as_one_line(label: str, call) -> int:
         result = call()
     except Exception as err:  # not SystemExit (--help): the imports below load torch
         from pixelbert_dist.checkpoint import CheckpointError
-        from pixelbert_dist.data.shard_index import ShardFormatError
+        from pixelbert_dist.data.format.index import ShardFormatError
         from pixelbert_dist.train.run_dir import RunFolderError
 
         if not isinstance(err, (ConfigError, RunFolderError, CheckpointError, ShardFormatError)):

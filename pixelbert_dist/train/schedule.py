@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from pixelbert_dist.train.config import ScheduleConfig  # noqa: F401  (its home is the config module)
+from pixelbert_dist.train.config import ScheduleConfig
 
 log = logging.getLogger(__name__)
 KINDS = ("step", "cosine", "constant")

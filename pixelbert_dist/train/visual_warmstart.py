@@ -26,7 +26,7 @@ from tqdm import tqdm
 from pixelbert_dist.data.builders.synthetic import BACKGROUNDS, COLORS, SHAPES
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
-from pixelbert_dist.data.images import pad_batch, round_up
+from pixelbert_dist.data.decode.images import pad_batch, round_up
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train.config import RunConfig
 

@@ -143,7 +143,8 @@ def _index(args, index_split, ShardFormatError) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.source == "index":
-        from pixelbert_dist.data.shards import ShardFormatError, index_split
+        from pixelbert_dist.data.format.shards import index_split
+        from pixelbert_dist.data.format.index import ShardFormatError
 
         return _index(args, index_split, ShardFormatError)
     common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers, "progress": not args.no_progress}

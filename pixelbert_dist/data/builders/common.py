@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pixelbert_dist.data import shards as fmt
+from pixelbert_dist.data.format import shards as fmt
 
 JPEG_QUALITY = 95
 PROGRESS_DIR = ".progress"

@@ -3,7 +3,7 @@
 A split directory holds ``NAME-000000.tar, NAME-000001.tar, ...`` whose members are
 ``KEY.jpg`` then ``KEY.json`` for each sample (the WebDataset layout that DALI's
 ``fn.readers.webdataset``, OpenCLIP and LAION use), a ``manifest.json`` that lists the
-shards with their sample counts, sha256, byte size and index sidecar (``shard_index``:
+shards with their sample counts, sha256, byte size and index sidecar (``format.index``:
 offsets, sizes, width, height and a CRC per sample, so no reader scans a tar), and ``skipped.jsonl`` with one
 ``{"file", "reason"}`` line per input item that did not make it into the shards.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pixelbert_dist.data.shard_index import IndexBuilder, ShardFormatError, index_name, num_rows, scan_tar
+from pixelbert_dist.data.format.index import IndexBuilder, ShardFormatError, index_name, num_rows, scan_tar
 
 FORMAT = "pixelbert-wds-1"
 MANIFEST = "manifest.json"

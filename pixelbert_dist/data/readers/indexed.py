@@ -1,5 +1,5 @@
 """``ShardIndex``: random access to the samples of a split directory through the index
-sidecars (``shard_index``), with nothing read per sample at start-up.
+sidecars (``format.index``), with nothing read per sample at start-up.
 
 Opening a split costs one manifest read and one ``stat`` per shard (the tar's size is
 checked against the manifest, so a truncated shard fails here, naming it). A shard's
@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from pixelbert_dist.data import shard_index as fmt_index
-from pixelbert_dist.data.shard_index import (
+from pixelbert_dist.data.format import index as fmt_index
+from pixelbert_dist.data.format.index import (
     BLOCK,
     CRC32,
     HEIGHT,
@@ -35,7 +35,7 @@ from pixelbert_dist.data.shard_index import (
     WIDTH,
     ShardFormatError,
 )
-from pixelbert_dist.data.shards import read_manifest
+from pixelbert_dist.data.format.shards import read_manifest
 
 MAX_OPEN_SHARDS = 64  # index maps and tar descriptors kept open per process
 

@@ -9,8 +9,8 @@ import tarfile
 import time
 from typing import Iterator, NamedTuple
 
-from pixelbert_dist.data.shard_urls import open_shard, retryable
-from pixelbert_dist.data.stream_check import ShardCheck, fetch
+from pixelbert_dist.data.readers.stream_urls import open_shard, retryable
+from pixelbert_dist.data.readers.stream_check import ShardCheck, fetch
 
 BACKOFF_S = 0.5
 

@@ -1,9 +1,9 @@
 """The index check of streamed shards: each JPEG's bytes against the CRC32 and size its
-shard's index sidecar stores (``shard_index``), as the indexed loader checks them.
+shard's index sidecar stores (``format.index``), as the indexed loader checks them.
 
 A JPEG whose bytes changed after the shard was written may still decode (a few bytes
 changed in the entropy-coded data: libjpeg only warns), so decoding alone would train on
-it. ``streaming.read_shard`` fetches the sidecar (``shard_urls.read_sidecar``: ~28 bytes a
+it. ``readers.stream.read_shard`` fetches the sidecar (``readers.stream_urls.read_sidecar``: ~28 bytes a
 sample, one small read per shard, retried as the shard's reads are) before the tar and
 matches each JPEG to its row by where its data starts in the tar (``offset_data // 512 ==
 jpg_block``), not by its rank among the samples, so one sample the reader drops cannot
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pixelbert_dist.data import shard_index as fmt_index
-from pixelbert_dist.data.shard_index import BLOCK, CRC32, INDEX_COMMAND, JPG_BLOCK, JPG_SIZE, ShardFormatError
-from pixelbert_dist.data.shard_urls import read_sidecar, sidecar_url
+from pixelbert_dist.data.format import index as fmt_index
+from pixelbert_dist.data.format.index import BLOCK, CRC32, INDEX_COMMAND, JPG_BLOCK, JPG_SIZE, ShardFormatError
+from pixelbert_dist.data.readers.stream_urls import read_sidecar, sidecar_url
 
 CHANGED = "bytes changed after the shard was written"
 

@@ -1,6 +1,6 @@
 """Damaged samples at training time: detect, replace deterministically, report.
 
-A sample is damaged when its bytes fail the index checks (``samples.ShardIndex.read``:
+A sample is damaged when its bytes fail the index checks (``readers.indexed.ShardIndex.read``:
 short read, CRC mismatch, missing JPEG markers) or, for the backends that can tell, when
 its JPEG does not decode. It is then replaced by the first sound sample among
 ``REPLACE_TRIES`` others drawn by a hash of its index: a pure function of the data, so a
@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from pixelbert_dist.data.base import hash_unit
-from pixelbert_dist.data.shard_index import ShardFormatError
+from pixelbert_dist.data.format.index import ShardFormatError
 
 REPLACE_TRIES = 16
 

@@ -50,11 +50,11 @@ import torch
 
 from pixelbert_dist.data.base import STATE_VERSION as BASE_STATE_VERSION
 from pixelbert_dist.data.base import BatchAccounting, LoaderState, batch_generator, hash_unit
-from pixelbert_dist.data.dali import _to_torch, dali_available
-from pixelbert_dist.data.damage import Damaged
-from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_left_right
-from pixelbert_dist.data.shard_index import crc32
-from pixelbert_dist.data.shards import ShardFormatError
+from pixelbert_dist.data.decode.dali import _to_torch, dali_available
+from pixelbert_dist.data.decode.damage import Damaged
+from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_left_right
+from pixelbert_dist.data.format.index import crc32
+from pixelbert_dist.data.format.index import ShardFormatError
 
 STATE_VERSION = "webdataset-1"  # never equal to loader.STATE_VERSION: the modes refuse each other
 INDEX_DIR = ".dali_index"  # next to the tars when that directory is writable

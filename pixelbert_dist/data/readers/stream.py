@@ -3,7 +3,7 @@
 
     data.train_shards="https://host/cc12m-{000000..001023}.tar" data.epoch_samples=10000000
 
-URLs are opened by ``shard_urls.py``: ``webdataset.gopen`` for http(s) (curl) and ``pipe:``
+URLs are opened by ``readers/stream_urls.py``: ``webdataset.gopen`` for http(s) (curl) and ``pipe:``
 (a shell: trusted configs only), fsspec for ``s3://``, ``gs://`` ... (with ``s3fs``,
 ``gcsfs`` ...), where a folder or glob lists its ``.tar`` objects. The rules, all pure
 functions of the config seed and the position, so the loader state is ``{epoch,
@@ -54,13 +54,13 @@ import torch
 
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
-from pixelbert_dist.data.damage import Damaged
-from pixelbert_dist.data.images import pad_batch
-from pixelbert_dist.data.shard_index import ShardFormatError
-from pixelbert_dist.data.shard_urls import expand, is_stream  # noqa: F401 (is_stream: loader.py)
-from pixelbert_dist.data.stream_check import why_unchecked
-from pixelbert_dist.data.stream_read import UNREAD, Raw, read_shard, shard_check
-from pixelbert_dist.data.torch_loader import data_loader
+from pixelbert_dist.data.decode.damage import Damaged
+from pixelbert_dist.data.decode.images import pad_batch
+from pixelbert_dist.data.format.index import ShardFormatError
+from pixelbert_dist.data.readers.stream_urls import expand
+from pixelbert_dist.data.readers.stream_check import why_unchecked
+from pixelbert_dist.data.readers.stream_read import UNREAD, Raw, read_shard, shard_check
+from pixelbert_dist.data.decode.torch_loader import data_loader
 
 KEPT_CHECKS = 8  # sidecars a resume's replay keeps for the shards it reads next (those in its buffer)
 

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelbert_dist.data.damage import DecodedBatch, resolve, without_jpeg
-from pixelbert_dist.data.images import normalize_hwc_uint8, pad_batch, resized_size
+from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpeg
+from pixelbert_dist.data.decode.images import normalize_hwc_uint8, pad_batch, resized_size
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
 

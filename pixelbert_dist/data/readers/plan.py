@@ -32,7 +32,7 @@ sample indices -> aspect ratios -> sort -> shuffle of the full batches, the last
 windows cached). Start-up is O(1), resuming at batch ``k`` is O(window), and a plan over
 10^9 samples holds a few kB. ``PLAN_ORDER`` names this order in the loader state, so a
 state saved under another order is not resumed onto this one. ``ShardIndex`` (random
-access through the index sidecars) lives in ``samples`` and is re-exported here.
+access through the index sidecars) lives in ``readers.indexed`` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from pixelbert_dist.data.samples import SampleRef, ShardIndex  # noqa: F401  (re-export)
 
 PLAN_ORDER = "feistel8-splitmix64-pow2"  # the epoch order's name, kept in the loader state
 FEISTEL_ROUNDS = 8

@@ -5,7 +5,7 @@ Why ``fn.external_source`` feeding the raw JPEG bytes rather than
 ``fn.readers.webdataset``: the reader shuffles only inside an ``initial_fill`` buffer of
 each rank's contiguous slice, cannot follow the global per-epoch permutation that the
 PIL and nvjpeg backends use, and its exact resume needs DALI's own checkpoint blob.
-Feeding the bytes from ``sampling.epoch_plan`` keeps every backend on the same samples,
+Feeding the bytes from ``readers.plan.epoch_plan`` keeps every backend on the same samples,
 makes the loader state two integers, and leaves DALI the expensive part (decode and
 resize on its thread pool or on the GPU). The flip decision comes in as an input
 because the caption must be swapped to match it.
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pixelbert_dist.data.damage import DecodedBatch, resolve, without_jpeg
-from pixelbert_dist.data.images import MEAN_255, PAD_MULTIPLE, STD_255
+from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpeg
+from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
 

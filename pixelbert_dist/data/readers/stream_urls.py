@@ -1,4 +1,4 @@
-"""Where streamed shards come from and how one is opened (``streaming.py`` reads them).
+"""Where streamed shards come from and how one is opened (``readers/stream.py`` reads them).
 
 ``data.train_shards`` is a brace pattern, a URL, a ``pipe:`` command, or several of them
 joined by ``::``. Each URL is opened by one of two well-kept libraries:
@@ -15,7 +15,7 @@ S3 endpoint and credentials are botocore's usual ones (environment or ``~/.aws``
 ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` or ``AWS_PROFILE``, ``AWS_REGION``, and
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) for MinIO or another S3-compatible store.
 
-A shard's index sidecar (``shard_index``) is its URL with ``.tar`` replaced by ``.idx.npy``,
+A shard's index sidecar (``format.index``) is its URL with ``.tar`` replaced by ``.idx.npy``,
 opened the same way (``sidecar_url``, ``read_sidecar``). Absent means the store says so:
 ``FileNotFoundError`` (local files, fsspec stores) or curl's exit 22 (an HTTP error status
 that curl's own retries of 408/429/5xx did not clear). ``pipe:`` commands get none: a
@@ -31,7 +31,7 @@ import fsspec
 from fsspec.registry import known_implementations
 
 from pixelbert_dist.config import ConfigError
-from pixelbert_dist.data.shard_index import ShardFormatError, index_name
+from pixelbert_dist.data.format.index import ShardFormatError, index_name
 
 GOPEN_PROTOCOLS = ("", "file", "pipe", "http", "https")  # curl, a shell, open()
 GLOB = "*?["

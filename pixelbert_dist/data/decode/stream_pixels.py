@@ -1,4 +1,4 @@
-"""Pixels for streamed batches, per backend (``streaming.py`` reads the samples).
+"""Pixels for streamed batches, per backend (``readers/stream.py`` reads the samples).
 
 * ``pil``: the stream workers decode, resize and pad (``PilDecode``); nothing is left to
   do in the rank's process.
@@ -33,9 +33,9 @@ from typing import Callable, Iterator, NamedTuple
 
 from PIL import Image
 
-from pixelbert_dist.data.dali import DaliImages
-from pixelbert_dist.data.images import pad_batch
-from pixelbert_dist.data.torch_loader import PilDecode, nvjpeg_images
+from pixelbert_dist.data.decode.dali import DaliImages
+from pixelbert_dist.data.decode.images import pad_batch
+from pixelbert_dist.data.decode.torch_loader import PilDecode, nvjpeg_images
 
 log = logging.getLogger("pixelbert_dist.data")
 
