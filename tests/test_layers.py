@@ -1,6 +1,6 @@
 """The package's import graph: no cycles (function-level imports included) and no import
 against the layer order  base <- data / model / checkpoint <- distributed <- train <-
-finetune <- apps  (DESIGN.md). Built from the source with ``ast``, importing nothing."""
+finetune <- apps  (README, "Where things are"). Built from the source with ``ast``, importing nothing."""
 
 from __future__ import annotations
 
