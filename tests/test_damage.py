@@ -111,9 +111,12 @@ def test_shard_truncated_under_a_running_loader(tmp_path, clean, backend, caplog
     with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
         batches = list(loader)
     _check_replaced(batches, loader, keys[N - 1], _pixels_by_key(clean[0]), caplog, where)
-    assert "short read" in caplog.records[0].getMessage()
-    with pytest.raises(ShardFormatError, match="truncated or modified"):  # a new start names it
-        build_loader(data_cfg(backend), directory, BATCH)
+    assert any("short read" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    restarted = build_loader(data_cfg(backend, shuffle=False), directory, BATCH)  # no per-shard stat at start-up
+    with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
+        again = list(restarted)
+    _check_replaced(again, restarted, keys[N - 1], _pixels_by_key(clean[0]), caplog, where)
 
 
 def test_undecodable_jpeg_is_replaced_alike(tmp_path, caplog):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -194,7 +195,7 @@ def test_nvjpeg_refuses_without_cuda(split):
         build_loader(data_cfg("nvjpeg"), directory, 4, device="cpu")
 
 
-def test_bad_inputs_are_named(tmp_path, split):
+def test_bad_inputs_are_named(tmp_path, split, caplog):
     with pytest.raises(ShardFormatError, match="manifest.json not found"):
         build_loader(data_cfg("pil"), tmp_path, 4)
     with pytest.raises(ValueError, match="data.backend='jpegxl'"):
@@ -203,7 +204,10 @@ def test_bad_inputs_are_named(tmp_path, split):
     write_split(broken, [(80, 90)] * 3)
     tar = next(broken.glob("*.tar"))
     tar.write_bytes(tar.read_bytes()[:1500])
-    with pytest.raises(ShardFormatError, match=tar.name):
-        build_loader(data_cfg("pil"), broken, 4)
+    loader = build_loader(data_cfg("pil", num_workers=0), broken, 4)  # no per-shard stat at start-up
+    with caplog.at_level(logging.WARNING, logger="pixelbert_dist.data"):
+        with pytest.raises(ShardFormatError, match=f"{tar.name}.*truncated shard"):  # every sample cut
+            list(loader)
+    assert any(tar.name in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     manifest = json.loads((broken / "manifest.json").read_text())
     assert manifest["num_samples"] == 3

@@ -278,8 +278,8 @@ def test_universal_resume_from_two_ranks_to_one_through_the_launcher(shards, tmp
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert (
-        "data position re-planned from 2 rank(s) x batch 4 to 1 rank(s) x batch 4: 32 samples into epoch 0 "
-        "-> batch 8" in proc.stdout + proc.stderr
+        "data position re-planned from 2 rank(s) x batch 4 to 1 rank(s) x batch 4: epoch 0 continues over "
+        "the " in proc.stdout + proc.stderr
     )
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 9))

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from pixelbert_dist.data.loader import build_loader
-from pixelbert_dist.data.readers.plan import PLAN_ORDER, EpochShuffle, epoch_plan
+from pixelbert_dist.data.readers.indexed import ShardIndex
+from pixelbert_dist.data.readers.plan import EpochShuffle, Replan, ShardWindowOrder, epoch_plan, shard_window_order
+from pixelbert_dist.train.resume import replan_data_state
 from tests.data_helpers import data_cfg, mixed_sizes, reference_shuffle, write_split
 
 
@@ -155,7 +157,7 @@ def test_a_state_from_another_epoch_order_is_refused_mid_epoch(tmp_path):
     it = iter(loader)
     next(it)
     state = loader.state_dict()
-    assert state["plan_order"] == PLAN_ORDER
+    assert state["plan_order"] == shard_window_order(16)  # training: the shard-window order
     old = {k: v for k, v in state.items() if k != "plan_order"}  # saved before the order had a name
     fresh = build_loader(data_cfg("pil", num_workers=0), tmp_path / "s", 2)
     with pytest.raises(ValueError, match=r"plan_order.*None.*feistel.*batch 1 of epoch 0"):
@@ -165,3 +167,63 @@ def test_a_state_from_another_epoch_order_is_refused_mid_epoch(tmp_path):
     assert (fresh.epoch, fresh.batches_done) == (1, 0)
     fresh.load_state_dict(state)
     assert [b["keys"] for b in fresh] == [b["keys"] for b in it]
+
+
+SHARDS = np.array([50, 30, 0, 70, 20, 40, 60, 10, 25, 45, 33, 7])
+
+
+def _shard_of(indices):
+    return np.searchsorted(np.cumsum(SHARDS), indices, side="right")
+
+
+def test_shard_window_order_is_a_permutation_read_in_runs_of_shards():
+    n = int(SHARDS.sum())
+    order = ShardWindowOrder(SHARDS, seed=5, epoch=1, window=3)(np.arange(n))
+    assert np.array_equal(np.sort(order), np.arange(n))
+    shards = _shard_of(order)
+    switches = np.count_nonzero(np.diff(shards) != 0)
+    assert len(set(shards[:100].tolist())) <= 3 + 1, "100 consecutive slots span about one window of shards"
+    assert switches > 20, "samples are shuffled within a window, not read shard after shard"
+    again = ShardWindowOrder(SHARDS, seed=5, epoch=2, window=3)(np.arange(n))
+    assert not np.array_equal(order, again)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("worlds", [(4, 3), (2, 5), (3, 1, 2)])
+def test_a_world_size_change_mid_epoch_reads_every_sample_once(worlds, drop_last):
+    """Ranks read blocks of the shard-window order; a re-plan continues over what each
+    earlier rank left of its block (``Replan``), through any number of changes."""
+    n, batch, replans, read = int(SHARDS.sum()), 6, [], []
+    for world in worlds[:-1]:
+        kw = dict(epoch=1, seed=3, world_size=world, batch_size=batch, shard_counts=SHARDS, shard_window=3)
+        plans = [epoch_plan(n, rank=r, replans=replans, **kw) for r in range(world)]
+        done = 3 * batch
+        read += [p.indices[:done][~p.is_pad[:done]] for p in plans]
+        replans = [*replans, Replan(world, plans[0].per_rank, done)]
+    kw = dict(epoch=1, seed=3, world_size=worlds[-1], batch_size=batch, shard_counts=SHARDS, shard_window=3)
+    plans = [epoch_plan(n, rank=r, replans=replans, drop_last=drop_last, **kw) for r in range(worlds[-1])]
+    read += [p.indices[~p.is_pad] for p in plans]
+    read = np.concatenate(read)
+    assert len(read) == len(np.unique(read)), "no sample read twice"
+    assert len(read) > n - worlds[-1] * batch if drop_last else len(read) == n
+
+
+@pytest.mark.slow
+def test_a_loader_state_replanned_to_another_world_size_continues_the_epoch(tmp_path):
+    write_split(tmp_path / "s", mixed_sizes(60), per_shard=7)
+    cfg = data_cfg("pil", num_workers=0, shard_window=2)
+    loaders = [build_loader(cfg, tmp_path / "s", 3, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for loader in loaders:
+        batches = iter(loader)
+        seen += [k for _, b in zip(range(4), batches) for k in b["keys"]]
+    saved = loaders[0].state_dict()
+    fresh = build_loader(cfg, tmp_path / "s", 4, rank=0, world_size=1)
+    fresh.load_state_dict(replan_data_state(saved, fresh.state_dict()))
+    rest = [k for b in fresh for k in b["keys"]]
+    assert sorted(seen + rest) == sorted(f"{k}" for k in _all_keys(tmp_path / "s"))
+
+
+def _all_keys(directory):
+    index = ShardIndex(directory)
+    return [index.ref(i).key for i in range(len(index))]

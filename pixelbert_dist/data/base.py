@@ -92,23 +92,25 @@ class PlannedLoader(LoaderState):
         super().__init__()
         self._plan_cache: tuple[int, object] | None = None
 
+    plan_order = PLAN_ORDER  # the order's name; a loader whose order depends on its config overrides it
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "plan_order": PLAN_ORDER}
+        return {**super().state_dict(), "plan_order": self.plan_order}
 
     def load_state_dict(self, state: dict) -> None:
         before = self.epoch, self.batches_done
         super().load_state_dict(state)
         saved = state.get("plan_order")
-        if saved != PLAN_ORDER and 0 < self.batches_done < len(self):
+        if saved != self.plan_order and 0 < self.batches_done < len(self):
             at = f"batch {self.batches_done} of epoch {self.epoch}"
             self.epoch, self.batches_done = before
             raise ValueError(
-                f"{self.state_name} state has plan_order {saved!r}, this code orders epochs by "
-                f"{PLAN_ORDER!r} (readers/plan.py): resuming at {at} would read other samples than "
+                f"{self.state_name} state has plan_order {saved!r}, this run orders epochs by "
+                f"{self.plan_order!r} (readers/plan.py): resuming at {at} would read other samples than "
                 "the saved run. Resume from a checkpoint at an epoch boundary, or with the code "
-                "that saved it"
+                "(and data.shard_window) that saved it"
             )
-        if saved != PLAN_ORDER:
+        if saved != self.plan_order:
             log.info("%s state of plan_order %r resumed at an epoch boundary", self.state_name, saved)
 
     def _new_plan(self, epoch: int):

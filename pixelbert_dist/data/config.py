@@ -30,6 +30,9 @@ class DataConfig:
     prefetch: int = 2  # batches prefetched per worker (PIL) / queue depth (DALI)
     seed: int = 0
     shuffle: bool = True
+    # train only: samples are shuffled within windows of this many shards (the shards'
+    # order is shuffled too) so each rank reads shards in runs; 0: one global shuffle
+    shard_window: int = 16
     drop_last: bool = False  # train only: drop the epoch's tail instead of wrapping
     # streaming mode only (data/readers/stream.py)
     epoch_samples: int = 0  # samples in one epoch over all ranks (required there)
@@ -50,6 +53,8 @@ class DataConfig:
             raise ValueError("data.epoch_samples, data.shuffle_buffer and data.stream_retries must be >= 0")
         if self.num_workers < 0 or self.prefetch < 1 or self.bucket_window < 1:
             raise ValueError("data.num_workers must be >= 0, data.prefetch and data.bucket_window >= 1")
+        if self.shard_window < 0:
+            raise ValueError(f"data.shard_window={self.shard_window}: must be >= 0 (0: one global shuffle)")
         return self
 
     def _validate_dali_reader(self) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -50,7 +50,7 @@ from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.decode.dali import DaliImages
 from pixelbert_dist.data.readers.dali_wds import WebdatasetLoader
 from pixelbert_dist.data.decode.images import swap_left_right
-from pixelbert_dist.data.readers.plan import EpochPlan, epoch_plan
+from pixelbert_dist.data.readers.plan import PLAN_ORDER, EpochPlan, Replan, epoch_plan, shard_window_order
 from pixelbert_dist.data.readers.indexed import ShardIndex
 from pixelbert_dist.data.decode.stream_pixels import stream_images
 from pixelbert_dist.data.readers.stream import StreamLoader
@@ -134,10 +134,15 @@ class Loader(PlannedLoader, BatchAccounting):
         self.train = train
         self.backend = images.name
         self.text = BatchText(cfg, collator, rank, world_size, train)
+        self.replans: tuple[Replan, ...] = ()
         super().__init__()
         self._init_accounting(device)
 
     # -- plan and state ---------------------------------------------------------------
+    @property
+    def _windowed(self) -> bool:
+        return self.train and self.cfg.shuffle and self.cfg.shard_window > 0
+
     def _new_plan(self, epoch: int) -> EpochPlan:
         aspect = self.index.aspect_of if self.cfg.bucketing else None
         return epoch_plan(
@@ -151,7 +156,34 @@ class Loader(PlannedLoader, BatchAccounting):
             drop_last=self.train and self.cfg.drop_last,
             aspect=aspect,
             bucket_window=self.cfg.bucket_window,
+            shard_counts=self.index.counts if self._windowed else None,
+            shard_window=self.cfg.shard_window,
+            replans=self.replans if epoch == self.epoch else (),
         )
+
+    @property
+    def plan_order(self) -> str:
+        return shard_window_order(self.cfg.shard_window) if self._windowed else PLAN_ORDER
+
+    def state_dict(self) -> dict:
+        """Beyond the fingerprint: what a re-plan at another world size needs (the block
+        each rank reads, the bucketing window it rounds to, earlier re-plans)."""
+        state = super().state_dict()
+        if self._windowed:
+            state["per_rank"] = self.plan().per_rank
+            state["bucket_window"] = self.cfg.bucket_window if self.cfg.bucketing else 1
+            state["replans"] = [astuple(r) for r in self.replans]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.replans = tuple(Replan(*r) for r in state.get("replans", ()))
+        self._plan_cache = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.replans = ()  # a re-plan continues one epoch; the next starts whole
+        super().set_epoch(epoch)
 
     def _fingerprint(self) -> dict:
         return {

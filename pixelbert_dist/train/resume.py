@@ -122,6 +122,8 @@ def replan_data_state(saved: dict, now: dict) -> dict:
         return saved
     if "stream_cursors" in saved:
         return saved  # a streamed position is per rank and worker stream: the loader refuses another world size
+    if "per_rank" in saved:
+        return _replan_blocks(saved, now)
     seen = saved["batches_done"] * saved["batch_size"] * saved["world_size"]
     batches, extra = divmod(seen, now["batch_size"] * now["world_size"])
     log.info(
@@ -144,3 +146,27 @@ def replan_data_state(saved: dict, now: dict) -> dict:
             extra,
         )
     return {**saved, "batches_done": batches, "batch_size": now["batch_size"], "world_size": now["world_size"]}
+
+
+def _replan_blocks(saved: dict, now: dict) -> dict:
+    """A block plan (each rank reads its own block of the shard-window order) continued at
+    another world size over what each earlier rank left of its block: exact, except that
+    a bucketed rank re-reads the batches of its unfinished bucketing window."""
+    window = saved.get("bucket_window", 1)
+    done = min(saved["batches_done"] // window * window * saved["batch_size"], saved["per_rank"])
+    again = saved["batches_done"] * saved["batch_size"] - done
+    replans = [*saved.get("replans", ()), [saved["world_size"], saved["per_rank"], done]]
+    log.info(
+        "data position re-planned from %d rank(s) x batch %d to %d rank(s) x batch %d: epoch %d "
+        "continues over the %d samples each rank left of its block (%d per rank read again: "
+        "the unfinished bucketing window)",
+        saved["world_size"],
+        saved["batch_size"],
+        now["world_size"],
+        now["batch_size"],
+        saved.get("epoch", 0),
+        saved["per_rank"] - done,
+        max(again, 0),
+    )
+    moved = {"batch_size": now["batch_size"], "world_size": now["world_size"], "replans": replans}
+    return {**saved, "batches_done": 0, **moved}

@@ -1,11 +1,15 @@
 """``ShardIndex``: random access to the samples of a split directory through the index
 sidecars (``format.index``), with nothing read per sample at start-up.
 
-Opening a split costs one manifest read and one ``stat`` per shard (the tar's size is
-checked against the manifest, so a truncated shard fails here, naming it). A shard's
-index is memory-mapped the first time a sample of that shard is read (a bounded LRU of
-maps, as a 10^5-shard split would otherwise exhaust the process's map count), and a
-sample's bytes come from one ``pread`` of its tar: header (for the key), JPEG, JSON.
+Opening a split costs one manifest read and nothing per shard: on a shared file system
+a ``stat`` per shard per rank is a metadata storm (10^5 shards x 512 ranks). A shard is
+opened the first time a sample of it is read; its size is then checked against the
+manifest with ``fstat`` on the open descriptor (a truncated shard is named there, and
+its cut samples are replaced as damaged), and its index is memory-mapped (a bounded LRU of maps and descriptors, as a
+10^5-shard split would otherwise exhaust the process's map count). A sample's bytes come
+from one ``pread`` of its tar: header (for the key), JPEG, JSON. The training order reads
+shards in runs (``readers.plan.ShardWindowOrder``), so opens grow with the shards read,
+not the samples.
 
 File descriptors are opened lazily per process, so a copy inherited by a DataLoader
 worker opens its own.
@@ -14,6 +18,7 @@ worker opens its own.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from pixelbert_dist.data.format.index import (
 )
 from pixelbert_dist.data.format.shards import read_manifest
 
+log = logging.getLogger("pixelbert_dist.data")
 MAX_OPEN_SHARDS = 64  # index maps and tar descriptors kept open per process
 
 
@@ -85,8 +91,10 @@ class ShardIndex:
         self.directory = Path(directory)
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
-            _check_shard(self.directory, info, path)
+            _check_listed(self.directory, info, path)
+        self.sizes = [info.size for info in manifest.shards]
         counts = np.asarray([s.num_samples for s in manifest.shards], dtype=np.int64)
+        self.counts = counts
         self.starts = np.concatenate([[0], np.cumsum(counts)])  # shard s: [starts[s], starts[s+1])
         if self.starts[-1] == 0:
             raise ShardFormatError(f"{directory}: the manifest lists no samples")
@@ -97,6 +105,7 @@ class ShardIndex:
     def _reset(self) -> None:
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._warned: set[int] = set()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -114,7 +123,7 @@ class ShardIndex:
         self._check_process()
         array = self._maps.get(shard)
         if array is None:
-            array = fmt_index.load(self._index_files[shard])
+            array = self._load_index(shard)
             expected = int(self.starts[shard + 1] - self.starts[shard])
             if array.shape[1] != expected:
                 raise ShardFormatError(
@@ -128,6 +137,15 @@ class ShardIndex:
         else:
             self._maps.move_to_end(shard)
         return array
+
+    def _load_index(self, shard: int) -> np.ndarray:
+        try:
+            return fmt_index.load(self._index_files[shard])
+        except FileNotFoundError:
+            raise ShardFormatError(
+                f"{self._index_files[shard]} listed in the manifest is missing; "
+                f"rerun `{INDEX_COMMAND} {self.directory} --force`"
+            ) from None
 
     def _column(self, i: int) -> tuple[int, np.ndarray]:
         shard, row = self.locate(i)
@@ -178,12 +196,29 @@ class ShardIndex:
         self._check_process()
         fd = self._fds.get(shard)
         if fd is None:
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+            fd = self._fds[shard] = self._open(shard)
             if len(self._fds) > MAX_OPEN_SHARDS:
                 os.close(self._fds.popitem(last=False)[1])
         else:
             self._fds.move_to_end(shard)
         return os.pread(fd, size, offset)
+
+    def _open(self, shard: int) -> int:
+        """A descriptor of the shard's tar, its size checked against the manifest: a
+        mismatch is said once per process, and the samples it cut are caught as damaged
+        (short reads, CRC) and replaced, as for a shard truncated under a running job."""
+        fd = os.open(self.paths[shard], os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if size != self.sizes[shard] and shard not in self._warned:
+            self._warned.add(shard)
+            log.warning(
+                "%s: %d bytes, the manifest says %d (truncated or modified shard; rebuild it): "
+                "its damaged samples are replaced",
+                self.paths[shard],
+                size,
+                self.sizes[shard],
+            )
+        return fd
 
     def read(self, i: int) -> Sample:
         """Header, JPEG and JSON of sample ``i`` in one read, checked against the index:
@@ -243,19 +278,11 @@ def _damage(jpeg: bytes, size: int, meta_complete: bool, crc: int) -> str | None
     return None
 
 
-def _check_shard(directory: Path, info, path: Path) -> None:
+def _check_listed(directory: Path, info, path: Path) -> None:
+    """What the manifest alone can tell (no file-system call): every shard has a sidecar."""
     if not info.index:
         raise ShardFormatError(
             f"{path}: no index sidecar listed in {directory / 'manifest.json'} "
             f"(shards made before indexes existed); index the split once "
             f"with `{INDEX_COMMAND} {directory}`"
-        )
-    if not (directory / info.index).is_file():
-        raise ShardFormatError(
-            f"{directory / info.index} listed in the manifest is missing; rerun `{INDEX_COMMAND} {directory} --force`"
-        )
-    size = path.stat().st_size
-    if size != info.size:
-        raise ShardFormatError(
-            f"{path}: {size} bytes, the manifest says {info.size} (truncated or modified shard; rebuild it)"
         )
