@@ -1,6 +1,8 @@
 """The package's import graph: no cycles (function-level imports included) and no import
 against the layer order  base <- data / model / checkpoint <- distributed <- train <-
-finetune <- apps  (README, "Where things are"). Built from the source with ``ast``, importing nothing."""
+finetune <- apps  (README, "Where things are"). Built from the source with ``ast``, importing nothing.
+Above it: benchmarks/ and tests/ import modules as packages (``benchmarks.common``), never by
+editing sys.path, and the package imports none of them (nor launch/)."""
 
 from __future__ import annotations
 
