@@ -1,8 +1,8 @@
 """Attention kernels at Pixel-BERT's shapes: SDPA backends (FlashAttention, memory-efficient,
 cuDNN, math) against the eager formula, forward + backward, time and TFLOP/s.
 
-    python benchmarks/bench_attention.py            # GPU: bf16, batch 32
-    python benchmarks/bench_attention.py --quick    # a few iterations (the CPU smoke run)
+    python -m benchmarks.bench_attention            # GPU: bf16, batch 32
+    python -m benchmarks.bench_attention --quick    # a few iterations (the CPU smoke run)
 
 Shapes: BERT-base heads (12 x 64); a sequence of 40 text tokens + 100 sampled pixels in
 pre-training, + 300 / 500 pixels in fine-tuning (all pixels of 600x1000 / 800x1333 images
@@ -16,18 +16,15 @@ for forward + backward (the work done, not counting FlashAttention's recomputati
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, time_fn, write_results  # noqa: E402
+from benchmarks.common import median, time_fn, write_results
 
-from pixelbert_dist.model.encoder import eager_attention  # noqa: E402
+from pixelbert_dist.model.encoder import eager_attention
 
 SHAPES = {"pretrain-100px": (40, 100), "finetune-300px": (40, 300), "finetune-500px": (40, 500)}
 BACKENDS = {

@@ -1,9 +1,9 @@
 """Measured bytes per optimizer step from DeepSpeed's communication logger, next to what
 ``bench_scaling``'s traffic model predicts, for each ZeRO stage and gradient accumulation.
 
-    deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets tiny --zero 1 2 3 --grad-accum 1 4
-    deepspeed --num_gpus 2 benchmarks/bench_comms.py --presets pixelbert-r50 --image 128 128
-    python benchmarks/bench_comms.py --slurm --nodes 2 --presets tiny --out DIR   # Slurm jobs
+    deepspeed --num_gpus 2 --module benchmarks.bench_comms --presets tiny --zero 1 2 3 --grad-accum 1 4
+    deepspeed --num_gpus 2 --module benchmarks.bench_comms --presets pixelbert-r50 --image 128 128
+    python -m benchmarks.bench_comms --slurm --nodes 2 --presets tiny --out DIR   # Slurm jobs
 
 Each config builds ``build_model(preset)`` with the hybrid optimiser and the stage's JSON
 from deepspeed_configs/ (filled as the trainer fills it) plus ``"comms_logger": {"enabled":
@@ -27,15 +27,13 @@ import itertools
 import json
 import os
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import synthetic_batch, to_device  # noqa: E402
-from comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings  # noqa: E402
-from common import ROOT, results_dir, write_results  # noqa: E402
-from slurm_bench import EntryCall, add_slurm_args, submit_config, submit_each, wait_all  # noqa: E402
+from benchmarks.bench_step import synthetic_batch, to_device
+from benchmarks.comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings
+from benchmarks.common import ROOT, results_dir, write_results
+from benchmarks.slurm_bench import EntryCall, add_slurm_args, submit_config, submit_each, wait_all
 
 COLUMNS = [
     "preset",
@@ -231,7 +229,7 @@ def run_on_slurm(args) -> tuple[list[dict], list[dict]]:
     """Submit one job per config, wait; rank 0's rows and one record per job."""
     configs = list(itertools.product(args.presets, args.zero, args.grad_accum))
     args.slurm_dir = args.slurm_dir or str(results_dir(args.out) / "slurm")
-    calls = [EntryCall("bench_comms", "slurm_task", job_argv(args, *config)) for config in configs]
+    calls = [EntryCall("benchmarks.bench_comms", "slurm_task", job_argv(args, *config)) for config in configs]
     jobs = submit_each(calls, submit_config(args, "bench_comms"))
     print(f"submitted {len(jobs)} job(s): {' '.join(job.job_id for job in jobs)} (one at a time)", flush=True)
     rows, records = [], []

@@ -4,9 +4,9 @@
 interleaved repeats (eager, compiled, eager, compiled, ...) so shared-machine load hits
 both alike.
 
-    python benchmarks/bench_compile.py                           # tiny, CPU
-    python benchmarks/bench_compile.py --presets tiny pixelbert-r50 --image 128 128
-    python benchmarks/bench_compile.py --presets pixelbert-r50 --precision bf16 --micro-batch 8   # GPU
+    python -m benchmarks.bench_compile                           # tiny, CPU
+    python -m benchmarks.bench_compile --presets tiny pixelbert-r50 --image 128 128
+    python -m benchmarks.bench_compile --presets pixelbert-r50 --precision bf16 --micro-batch 8   # GPU
 
 The first compiled step (tracing + code generation) is reported apart as ``compile_s``;
 the verdict says "compile wins" only when the compiled median beats eager's by more than
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import IMAGE, build_engine, synthetic_batch, to_device  # noqa: E402
-from common import interleaved, spread, write_results  # noqa: E402
+from benchmarks.bench_step import IMAGE, build_engine, synthetic_batch, to_device
+from benchmarks.common import interleaved, spread, write_results
 
 COLUMNS = [
     "preset",

@@ -1,8 +1,8 @@
 """Images/s of each available image backend at the paper's sizes and a small size,
 with and without aspect-ratio bucketing, and the padding fraction of each.
 
-    python benchmarks/bench_data.py --quick                # makes its own shards
-    python benchmarks/bench_data.py --shards data/coco/train --batches 50 --batch-size 32
+    python -m benchmarks.bench_data --quick                # makes its own shards
+    python -m benchmarks.bench_data --shards data/coco/train --batches 50 --batch-size 32
 
 Without ``--shards`` it writes photo-like JPEGs (smooth gradients + noise, so they
 decode about as slowly as photos, unlike flat synthetic shapes) at COCO-like sizes:
@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pixelbert_dist.data.config import DataConfig  # noqa: E402
-from pixelbert_dist.data.decode.dali import dali_available  # noqa: E402
-from pixelbert_dist.data.loader import build_loader  # noqa: E402
-from pixelbert_dist.data.format.shards import ShardWriter  # noqa: E402
+from benchmarks.common import results_dir
+from pixelbert_dist.data.config import DataConfig
+from pixelbert_dist.data.decode.dali import dali_available
+from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.loader import build_loader
 
 SIZES = {"paper": (800, 1333), "small": (256, 427)}
 SHAPES = [(480, 640), (640, 480), (480, 640), (320, 640)]  # (h, w): mostly landscape, as COCO
@@ -143,7 +142,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DALI threads / PIL workers")
     parser.add_argument("--quick", action="store_true", help="4 batches of 4 (a smoke run)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_data.json"))
+    parser.add_argument("--out", help="JSON file (default: bench_data.json in a new results folder)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.batch_size = 4, 4
@@ -174,9 +173,10 @@ def main(argv=None) -> None:
         "shards": args.shards or "photo-like synthetic",
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out) if args.out else results_dir() / "bench_data.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """How a rank's start-up and memory grow with the sample count (the indexed loader).
 
-    python benchmarks/bench_index.py                      # 10^4, 10^5, 10^6 samples
-    python benchmarks/bench_index.py --sizes 10000 100000 --baseline /tmp/old_tree
-    python benchmarks/bench_index.py --stream             # streamed from disk and 127.0.0.1 http
+    python -m benchmarks.bench_index                      # 10^4, 10^5, 10^6 samples
+    python -m benchmarks.bench_index --sizes 10000 100000 --baseline /tmp/old_tree
+    python -m benchmarks.bench_index --stream             # streamed from disk and 127.0.0.1 http
                                                           # (http also without index sidecars)
-    python benchmarks/bench_index.py --stream --stream-backends dali --sizes 10000
-    python benchmarks/bench_index.py --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
-    python benchmarks/bench_index.py --stream-resume      # a streamed resume at 10^3..2x10^5 samples in
+    python -m benchmarks.bench_index --stream --stream-backends dali --sizes 10000
+    python -m benchmarks.bench_index --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
+    python -m benchmarks.bench_index --stream-resume      # a streamed resume at 10^3..2x10^5 samples in
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -44,8 +44,9 @@ import tarfile
 import time
 from pathlib import Path
 
-# ``common`` (imported in main) puts this tree first on sys.path: the --measure
-# process must not import it, or a --baseline tree would never be the one measured.
+# The --measure child runs this file by its path with PYTHONPATH=<the tree measured>, so
+# this module imports nothing of this repo at its top (benchmarks.common only in main,
+# after the child's branches): the child's pixelbert_dist is the --baseline tree's.
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "bench_index"
 PER_SHARD = 10_000
@@ -367,7 +368,7 @@ def main(argv=None) -> None:
         type=int,
         help="largest size to time the baseline at (it may take minutes; default 10^5, with --plan 10^8)",
     )
-    parser.add_argument("--out", help="results folder (default benchmarks/results/<machine>-<date>)")
+    parser.add_argument("--out", help="results folder (default: a new benchmarks/results/<machine>-<date>-single/)")
     parser.add_argument(
         "--stream",
         action="store_true",
@@ -397,7 +398,7 @@ def main(argv=None) -> None:
     if args.measure_stream:
         print(json.dumps(measure_stream(args.measure_stream, args.batch_size, args.stream_batches, args.backend)))
         return
-    from common import write_results
+    from benchmarks.common import write_results
 
     if args.stream_resume:
         return resume_main(args, write_results)

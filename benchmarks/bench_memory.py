@@ -1,8 +1,8 @@
 """Peak memory and step time of one training step with activation checkpointing off and
 on: pixelbert-r50 at 800x1333, micro-batch 2 (the issue's shape) by default.
 
-    python benchmarks/bench_memory.py --modes none transformer all --steps 1 --warmup 1 --repeats 2  # CPU
-    python benchmarks/bench_memory.py --preset tiny --image 192 256 --steps 1 --repeats 1   # smoke
+    python -m benchmarks.bench_memory --modes none transformer all --steps 1 --warmup 1 --repeats 2  # CPU
+    python -m benchmarks.bench_memory --preset tiny --image 192 256 --steps 1 --repeats 1   # smoke
 
 Each (mode, repeat) runs in a fresh child process, in the order none, transformer, none,
 transformer, ... (interleaved repeats), that builds the model and the hybrid SGD/AdamW
@@ -38,13 +38,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, spread, verdict, write_results  # noqa: E402
-from tensor_memory import AllocationTrace, live_bytes  # noqa: E402
+from benchmarks.common import ROOT, spread, verdict, write_results
+from benchmarks.tensor_memory import AllocationTrace, live_bytes
 
 COLUMNS = [
     "preset",
@@ -100,7 +98,7 @@ def rss_gib() -> float:
 
 
 def make_batch(args, device, image) -> dict:
-    from bench_step import synthetic_batch
+    from benchmarks.bench_step import synthetic_batch
 
     from pixelbert_dist.model import preset_config
 
@@ -215,7 +213,8 @@ def child(args) -> dict:
 def run_child(args, mode: str) -> dict:
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "benchmarks.bench_memory",
         "--child",
         "--mode",
         mode,

@@ -18,7 +18,7 @@ against DeepSpeed's comms logger by bench_comms.py). A model, not a measurement:
   ``overlap`` share of it; ZeRO-1/2's parameter all-gather after the update is never hidden.
 * step = compute + exposed communication; efficiency = compute / step.
 
-    python benchmarks/bench_scaling.py --preset pixelbert-r50 --gpu H100 --mfu 0.4 --micro-batch 8 32
+    python -m benchmarks.bench_scaling --preset pixelbert-r50 --gpu H100 --mfu 0.4 --micro-batch 8 32
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from comm_model import Cluster, ParamCounts, Setting, efficiency  # noqa: E402
-from common import PEAK_TFLOPS, results_dir, write_results  # noqa: E402
+from benchmarks.comm_model import Cluster, ParamCounts, Setting, efficiency
+from benchmarks.common import results_dir, write_results
+from pixelbert_dist.metrics import PEAK_TFLOPS
 
 NODES = [1, 2, 4, 8, 16, 32, 64]
 COLUMNS = [

@@ -2,11 +2,11 @@
 MFU, peak memory and the share of the step spent waiting for data, for each
 preset x ZeRO stage x precision x micro-batch x pixel sampling (on: 100 pixels, off: all).
 
-    python benchmarks/bench_step.py                      # GPU: pixelbert-r50, bf16, ZeRO 1/2/3
-    python benchmarks/bench_step.py --quick              # the CPU smoke run (tiny preset)
-    python benchmarks/bench_step.py --presets pixelbert-r50 --zero 2 --precision bf16 \\
+    python -m benchmarks.bench_step                      # GPU: pixelbert-r50, bf16, ZeRO 1/2/3
+    python -m benchmarks.bench_step --quick              # the CPU smoke run (tiny preset)
+    python -m benchmarks.bench_step --presets pixelbert-r50 --zero 2 --precision bf16 \\
         --micro-batch 8 16 --sampling on off --image 800 1333
-    deepspeed --num_gpus 8 benchmarks/bench_step.py ...  # several GPUs: per-GPU figures
+    deepspeed --num_gpus 8 --module benchmarks.bench_step ...  # several GPUs: per-GPU figures
 
 Each step is the Trainer's: ``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``
 over ``build_model(preset)`` with the hybrid SGD/AdamW optimiser and the DeepSpeed JSON of
@@ -22,16 +22,14 @@ import argparse
 import gc
 import itertools
 import math
-import sys
 import time
-from pathlib import Path
 from statistics import median
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, peak_tflops, spread, sync, write_results  # noqa: E402
-from host_syncs import HostSyncs  # noqa: E402
+from benchmarks.common import ROOT, spread, sync, write_results
+from benchmarks.host_syncs import HostSyncs
+from pixelbert_dist.metrics import peak_tflops
 
 COLUMNS = [
     "preset",

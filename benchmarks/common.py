@@ -2,35 +2,35 @@
 
 Every benchmark writes ``{"bench": NAME, "machine": {...}, "config": {...}, "rows": [...]}``
 (the shape bench_data.py writes too), so summarize.py can read them all alike. Results go to
-a new folder per run, ``benchmarks/results/<machine>-<date>T<time>-<suite>/``, unless
-``--out`` or $BENCH_RESULTS_DIR says otherwise: two suite runs never share a folder.
+a new folder per run, ``benchmarks/results/<machine>-<YYYY-MM-DD>-<suite>[-N]/`` (the
+scheme of every folder there, see results/README.md), unless ``--out`` or
+$BENCH_RESULTS_DIR says otherwise: two suite runs never share a folder.
 
 Timings that compare two things are taken interleaved (A B A B ...), so a neighbour's load
 on a shared machine hits both alike; each figure is a median with its spread.
 
 Peak TFLOP/s per GPU model: the table lives in ``pixelbert_dist.metrics`` (the trainer's
-MFU meter uses it too) and is re-exported here, so a benchmark and a training log
-compute MFU against the same number.
+MFU meter uses it too) and the benchmarks import it from there, so a benchmark and a
+training log compute MFU against the same number.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pixelbert_dist.metrics import PEAK_TFLOPS, git_commit, peak_tflops  # noqa: E402,F401
+from pixelbert_dist.metrics import git_commit
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -44,15 +44,18 @@ def machine_name() -> str:
 
 
 def new_run_dir(suite: str, root: Path = RESULTS) -> Path:
-    """A fresh folder for one suite run: <machine>-<date>T<HHMMSS>-<suite>[-N]."""
-    stamp = _dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
+    """A fresh folder for one suite run: <machine>-<YYYY-MM-DD>-<suite>, -2, -3 ... on the
+    same day (the results/ naming scheme)."""
+    stamp = _dt.date.today().isoformat()
     base = root / f"{machine_name()}-{stamp}-{re.sub(r'[^a-z0-9]+', '-', suite.lower()).strip('-')}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    root.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs starting together, one gets -2
+            return path
+        except FileExistsError:
+            continue
 
 
 def results_dir(out: str | Path | None = None) -> Path:

@@ -50,7 +50,7 @@ if [ -z "$DEST" ] && [ "$DRY" = 1 ]; then
   DEST="<results-dir>"
 elif [ -z "$DEST" ]; then
   SUITE=gpu-check; [ "$SMOKE" = 1 ] && SUITE=cpu-smoke
-  DEST=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
+  DEST=$("$PY" -c 'import sys; from benchmarks.common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
 fi
 LOG="$DEST/gpu_check.log"
 [ "$DRY" = 1 ] || { mkdir -p "$DEST" && : >"$LOG"; }
@@ -89,19 +89,18 @@ step() {  # step NAME SECONDS CMD...
 }
 
 [ "$DRY" = 1 ] || { nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; } | tee -a "$LOG"
-step attention 70 "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$DEST"
-step train_step 120 "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$DEST"
-step overhead 90 "$PY" benchmarks/bench_step.py --overhead "${OVERHEAD[@]}" --out "$DEST"
-step memory 110 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --out "$DEST"
-[ ${#COMPILE[@]} -eq 0 ] || step compile 90 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$DEST"
+step attention 70 "$PY" -m benchmarks.bench_attention "${ATTN[@]}" --out "$DEST"
+step train_step 120 "$PY" -m benchmarks.bench_step "${STEP[@]}" --out "$DEST"
+step overhead 90 "$PY" -m benchmarks.bench_step --overhead "${OVERHEAD[@]}" --out "$DEST"
+step memory 110 "$PY" -m benchmarks.bench_memory "${MEMORY[@]}" --out "$DEST"
+[ ${#COMPILE[@]} -eq 0 ] || step compile 90 "$PY" -m benchmarks.bench_compile "${COMPILE[@]}" --out "$DEST"
 # nvjpeg throughput with bench_data's photo-like JPEGs and loader timing (DALI's wheel is
 # too large to carry, so bench_data.py itself, which reports DALI's version, is not run).
 step decode 30 "$PY" - "$DEST" $DECODE <<'PY'
 import sys, tempfile
 from pathlib import Path
-sys.path.insert(0, "benchmarks")
-from bench_data import make_shards, measure
-from common import write_results
+from benchmarks.bench_data import make_shards, measure
+from benchmarks.common import write_results
 dest, backend, batches, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 device = "cuda" if backend == "nvjpeg" else "cpu"
 with tempfile.TemporaryDirectory() as tmp:
@@ -111,6 +110,6 @@ with tempfile.TemporaryDirectory() as tmp:
 write_results("bench_decode", rows, {"batches": batches, "batch_size": batch_size}, dest,
               ["label", "device", "size", "shorter", "max", "images", "images_per_s", "padding_fraction"])
 PY
-step summary 15 "$PY" benchmarks/summarize.py "$DEST" --brief
+step summary 15 "$PY" -m benchmarks.summarize "$DEST" --brief
 [ "$DRY" = 1 ] || cat "$DEST/brief.txt" 2>/dev/null
 exit $status

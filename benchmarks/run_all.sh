@@ -26,7 +26,7 @@ while [ $# -gt 0 ]; do
 done
 if [ -z "$OUT" ]; then
   SUITE=full; [ ${#QUICK[@]} -gt 0 ] && SUITE=quick
-  OUT=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
+  OUT=$("$PY" -c 'import sys; from benchmarks.common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
 fi
 mkdir -p "$OUT"
 echo "results: $OUT"
@@ -46,18 +46,18 @@ run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on a failur
   fi
 }
 
-run bench_data 300 "$PY" benchmarks/bench_data.py "${QUICK[@]}" --out "$OUT/bench_data.json"
+run bench_data 300 "$PY" -m benchmarks.bench_data "${QUICK[@]}" --out "$OUT/bench_data.json"
 # per-rank start-up and RSS of the indexed loader at 10^4..10^6 samples (builds them once)
-run bench_index 900 "$PY" benchmarks/bench_index.py "${QUICK[@]}" --out "$OUT"
-run bench_attention 300 "$PY" benchmarks/bench_attention.py "${QUICK[@]}" --out "$OUT"
-run bench_step 1800 "$PY" benchmarks/bench_step.py "${QUICK[@]}" --out "$OUT"
-run bench_compile 900 "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$OUT"
+run bench_index 900 "$PY" -m benchmarks.bench_index "${QUICK[@]}" --out "$OUT"
+run bench_attention 300 "$PY" -m benchmarks.bench_attention "${QUICK[@]}" --out "$OUT"
+run bench_step 1800 "$PY" -m benchmarks.bench_step "${QUICK[@]}" --out "$OUT"
+run bench_compile 900 "$PY" -m benchmarks.bench_compile "${COMPILE[@]}" --out "$OUT"
 # peak tensor memory and step time with activation checkpointing none / transformer / all
-run bench_memory 1800 "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --modes none transformer all --out "$OUT"
+run bench_memory 1800 "$PY" -m benchmarks.bench_memory "${MEMORY[@]}" --modes none transformer all --out "$OUT"
 # Pixel-BERT-R50 on 1-64 nodes of H100s at an assumed 40% MFU (the traffic model that
 # bench_comms.py checks against DeepSpeed's comms logger)
-run bench_scaling 120 "$PY" benchmarks/bench_scaling.py --preset pixelbert-r50 --gpu H100 --mfu 0.4 \
+run bench_scaling 120 "$PY" -m benchmarks.bench_scaling --preset pixelbert-r50 --gpu H100 --mfu 0.4 \
   --micro-batch 8 --out "$OUT"
-run summarize 120 "$PY" benchmarks/summarize.py "$OUT"
+run summarize 120 "$PY" -m benchmarks.summarize "$OUT"
 echo "summary: $OUT/summary.md"
 exit "$failed"

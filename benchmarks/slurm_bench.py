@@ -22,19 +22,17 @@ import dataclasses
 import importlib
 import os
 import re
-import shlex
 import subprocess
 import time
 from pathlib import Path
 
 import submitit
 
+from benchmarks.common import ROOT
 from pixelbert_dist.jobs.options import SubmitConfig, validate_options
 from pixelbert_dist.jobs.submission import slurm_error, slurm_parameters
 from pixelbert_dist.jobs.task import RANK_VARS
 
-BENCHMARKS = Path(__file__).resolve().parent
-ROOT = BENCHMARKS.parent
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -77,10 +75,8 @@ def submit_config(args: argparse.Namespace, job_name: str) -> SubmitConfig:
 def _executor(opts: SubmitConfig) -> submitit.SlurmExecutor:
     minutes = validate_options(opts)
     params = slurm_parameters(opts, minutes, ROOT)
-    params["setup"] = params["setup"] + [
-        f"export PYTHONPATH={shlex.quote(str(BENCHMARKS))}:$PYTHONPATH",  # EntryCall's home
-        f"export OMP_NUM_THREADS={opts.cpus_per_task}",
-    ]
+    # the job layer's setup puts the repo root on PYTHONPATH: EntryCall's modules import there
+    params["setup"] = params["setup"] + [f"export OMP_NUM_THREADS={opts.cpus_per_task}"]
     params["dependency"] = "singleton"  # one job of this name at a time
     executor = submitit.SlurmExecutor(Path(opts.output_dir).resolve() / "%j", max_num_timeout=0)
     executor.update_parameters(**params)

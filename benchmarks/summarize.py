@@ -1,6 +1,6 @@
 """Turn a results folder's JSON into ``summary.md`` and PNG plots.
 
-    python benchmarks/summarize.py benchmarks/results/<machine>-<date>/
+    python -m benchmarks.summarize benchmarks/results/<machine>-<date>/
 
 Reads every ``*.json`` written by the benchmarks (``{"machine", "config", "rows"}``), writes
 one markdown file with the hardware, torch version and commit, a table per benchmark and
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table  # noqa: E402
+from benchmarks.common import markdown_table
 
 ORDER = ["bench_data", "bench_attention", "bench_step", "bench_compile", "bench_memory", "bench_comms", "bench_scaling"]
 # What each benchmark compares against and its target, for the ones whose JSON does not say.

@@ -50,17 +50,24 @@ def launch_env() -> dict:
     return env
 
 
-def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2) -> list[str]:
-    """The real `deepspeed` launcher of this environment, `num_ranks` CPU ranks over gloo."""
+def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2, module: bool = False) -> list[str]:
+    """The real `deepspeed` launcher of this environment, `num_ranks` CPU ranks over gloo;
+    ``module``: ``script`` is a module name, run as `python -m` (the benchmarks)."""
     from pixelbert_dist.distributed.env import free_port
 
     launcher = str(Path(sys.executable).parent / "deepspeed")
-    return [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), script, *args]
+    target = ["--module", script] if module else [script]
+    return [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *target, *args]
 
 
-def run_launcher(script: str, args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+def run_launcher(script: str, args: list[str], timeout: int = 400, module: bool = False) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        deepspeed_cmd(script, args), cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=timeout
+        deepspeed_cmd(script, args, module=module),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -5,6 +5,7 @@ steps as on a GPU, at sizes a CPU finishes in seconds)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -14,22 +15,22 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "tests"))
-import bench_scaling
-import summarize
 import torch
-from comm_model import Cluster, ParamCounts, Setting, efficiency, logged_elements, wire_bytes
-from common import (
+
+from benchmarks import bench_scaling, summarize
+from benchmarks.comm_model import Cluster, ParamCounts, Setting, efficiency, logged_elements, wire_bytes
+from benchmarks.common import (
     interleaved,
     machine_info,
+    machine_name,
     markdown_table,
     new_run_dir,
     results_dir,
     spread,
     verdict,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 
@@ -213,11 +214,12 @@ def test_more_bandwidth_less_exposed_time():
 def test_predicted_bytes_match_the_comms_logger(tmp_path):
     """bench_comms on 2 gloo ranks through the real launcher: the model's bytes per optimizer
     step against DeepSpeed's comms logger, tiny, ZeRO-2 with accumulation (reduces per micro-batch)."""
-    from pretrain_helpers import run_launcher
+    from tests.pretrain_helpers import run_launcher
 
     run_launcher(
-        str(REPO / "benchmarks" / "bench_comms.py"),
+        "benchmarks.bench_comms",
         ["--presets", "tiny", "--zero", "2", "--grad-accum", "2", "--steps", "1", "--out", str(tmp_path)],
+        module=True,
     )
     rows = json.loads((tmp_path / "bench_comms.json").read_text())["rows"]
     (total,) = [r for r in rows if r["op"] == "TOTAL"]
@@ -237,9 +239,9 @@ def test_common_helpers(tmp_path, monkeypatch):
     table = markdown_table([{"a": 1.23456, "b": None}], ["a", "b"])
     assert table.splitlines()[2] == "| 1.23 | - |"
     first, second = new_run_dir("cpu-smoke", tmp_path), new_run_dir("cpu smoke", tmp_path)
-    assert first != second
-    assert first.name.endswith("-cpu-smoke")
-    assert second.is_dir()  # never shared
+    assert first.name == f"{machine_name()}-{datetime.date.today().isoformat()}-cpu-smoke"  # results/'s scheme
+    assert second.name == f"{first.name}-2"  # the same day's second run: never shared
+    assert second.is_dir()
     stats = spread([3.0, 1.0, 2.0, 2.0])
     assert stats["median"] == 2.0
     assert stats["spread"] == pytest.approx(0.5)
@@ -253,10 +255,15 @@ def test_common_helpers(tmp_path, monkeypatch):
     assert verdict(0.06, 0.05, higher_is_better=False) == "not met"
 
 
+def _arguments(lines: list[str], module: str, marker: str = "") -> list[str]:
+    """The arguments of the first dry-run line that runs ``-m benchmarks.<module>`` (with ``marker``)."""
+    line = next(line for line in lines if f"-m benchmarks.{module} " in line and marker in line)
+    return line.split(f"-m benchmarks.{module} ")[1].split()
+
+
 def test_gpu_check_dry_run_uses_real_flags():
     """The GPU-only commands parse with the benchmarks' own argument parsers."""
-    import bench_attention
-    import bench_step
+    from benchmarks import bench_attention, bench_compile, bench_memory, bench_step
 
     out = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"],
@@ -265,25 +272,18 @@ def test_gpu_check_dry_run_uses_real_flags():
         text=True,
         timeout=60,
     ).stdout.splitlines()
-    attention = next(line for line in out if "bench_attention.py" in line).split("bench_attention.py ")[1].split()
-    step = next(line for line in out if "bench_step.py" in line).split("bench_step.py ")[1].split()
-    assert bench_attention.parse(attention).iters == 30
-    args = bench_step.parse(step)
+    assert bench_attention.parse(_arguments(out, "bench_attention")).iters == 30
+    args = bench_step.parse(_arguments(out, "bench_step"))
     assert args.presets == ["pixelbert-r50"]
     assert args.precision == ["bf16"]
     assert args.image == [800, 1333]
     assert args.sampling == ["on", "off"]
-    import bench_compile
-    import bench_memory
-
-    memory = next(line for line in out if "bench_memory.py" in line).split("bench_memory.py ")[1].split()
-    assert bench_memory.parse(memory).image == [800, 1333]
-    assert bench_memory.parse(memory).micro_batch == 2
-    overhead = next(line for line in out if "--overhead" in line).split("bench_step.py ")[1].split()
-    args = bench_step.parse(overhead)
+    memory = bench_memory.parse(_arguments(out, "bench_memory"))
+    assert memory.image == [800, 1333]
+    assert memory.micro_batch == 2
+    args = bench_step.parse(_arguments(out, "bench_step", "--overhead"))
     assert args.overhead and args.presets == ["pixelbert-r50"] and args.image == [800, 1333]
-    compile_args = next(line for line in out if "bench_compile.py" in line).split("bench_compile.py ")[1].split()
-    assert bench_compile.parse(compile_args).presets == ["pixelbert-r50"]
+    assert bench_compile.parse(_arguments(out, "bench_compile")).presets == ["pixelbert-r50"]
 
 
 @pytest.mark.slow
@@ -291,7 +291,7 @@ def test_plan_bench_rows(tmp_path):
     """bench_index.py --plan: a row per tree and size, each tree measured in its own process
     (the baseline here is this tree again: the plumbing, not the figures)."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_index.py"), "--plan", "--sizes", "100000"]
+        [sys.executable, "-m", "benchmarks.bench_index", "--plan", "--sizes", "100000"]
         + ["--baseline", str(REPO), "--out", str(tmp_path)],
         capture_output=True,
         text=True,

@@ -1,13 +1,10 @@
 """benchmarks/host_syncs.py: the calls that sync a GPU's host, recorded with their caller."""
 
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from host_syncs import SYNC_CALLS, HostSyncs  # noqa: E402
+from benchmarks.host_syncs import SYNC_CALLS, HostSyncs
 
 
 def _two_items_and_a_list(x):

@@ -3,20 +3,17 @@ optimizer step, a partly non-finite accumulation window dropped without a trace,
 FLOPs charged at each batch's own padded size."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.host_syncs import HostSyncs
 from pixelbert_dist.config import load_config
 from pixelbert_dist.model.flops import training_flops_per_sample
 from pixelbert_dist.train.config import RunConfig
 from tests.fixtures_data import make_synthetic_shards
 from tests.pretrain_helpers import fast_overrides, poison_images, train_losses
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from host_syncs import HostSyncs  # noqa: E402
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 LEFT_OUT = ("_log_train", "save", "evaluate_during", "finish")  # per log / save / eval period, not per step

@@ -1,10 +1,13 @@
 """The package's import graph: no cycles (function-level imports included) and no import
 against the layer order  base <- data / model / checkpoint <- distributed <- train <-
-finetune <- apps  (README, "Where things are"). Built from the source with ``ast``, importing nothing."""
+finetune <- apps  (README, "Where things are"). Built from the source with ``ast``, importing nothing.
+Above it: benchmarks/ and tests/ import modules as packages (``benchmarks.common``), never by
+editing sys.path, and the package imports none of them (nor launch/)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
@@ -127,3 +130,34 @@ def test_no_import_cycles():
 
 def test_imports_follow_the_layer_order():
     assert sorted(upward_imports(import_graph())) == []
+
+
+REPO = PACKAGE.parent
+# sys.path edited in code (insert / append / extend / assignment): the way the benchmarks
+# once reached their helpers. Spelled as a pattern so this file does not match itself.
+SYS_PATH_EDIT = re.compile(r"\bsys\.path\s*(\.\s*(insert|append|extend)\s*\(|\[[^]]*\]\s*=(?!=)|\s*\+?=(?!=))")
+
+
+def test_no_sys_path_edits_in_benchmarks_or_tests():
+    """benchmarks/ is a package run with ``python -m benchmarks.X``; tests import it as such."""
+    files = [p for folder in ("benchmarks", "tests") for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh")]
+    files = [p for p in files if p.is_file()]  # not a dangling link
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in files
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if SYS_PATH_EDIT.search(line)
+    ]
+    assert len(files) > 20 and found == []
+
+
+def test_the_library_never_imports_the_benchmarks():
+    """Benchmarks sit above the library (they import it): never the other way round."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            found |= {(module_name(path), n) for n in names if n.split(".")[0] in ("benchmarks", "tests", "launch")}
+    assert sorted(found) == []

@@ -3,15 +3,12 @@ when it frees it, and what activation checkpointing keeps for the backward."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from tensor_memory import AllocationTrace, live_bytes  # noqa: E402
+from benchmarks.tensor_memory import AllocationTrace, live_bytes
 
 MIB = 2**20
 

@@ -24,7 +24,7 @@ def test_two_node_zero2_bytes_match_the_model(slurm_env, tmp_path):
     that charged one reduction per optimizer step would be a third short) and the logged
     bytes per step equal the prediction within the issue's 5%."""
     out = tmp_path / "out"
-    command = [sys.executable, "benchmarks/bench_comms.py", "--slurm", "--nodes", "2", "--partition", "debug"]
+    command = [sys.executable, "-m", "benchmarks.bench_comms", "--slurm", "--nodes", "2", "--partition", "debug"]
     command += ["--presets", "tiny", "--zero", "2", "--grad-accum", "2", "--steps", "1", "--time", "10"]
     command += ["--job-timeout-s", "600", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

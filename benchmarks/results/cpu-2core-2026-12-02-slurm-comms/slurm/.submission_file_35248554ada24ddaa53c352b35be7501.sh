@@ -1,1 +1,0 @@
-/work/wt/slurm-comms/benchmarks/results/cpu-2core-2026-12-02-slurm-comms/slurm/72/72_submission.sh
