@@ -209,5 +209,8 @@ def test_bad_inputs_are_named(tmp_path, split, caplog):
         with pytest.raises(ShardFormatError, match=f"{tar.name}.*truncated shard"):  # every sample cut
             list(loader)
     assert any(tar.name in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+    tar.unlink()
+    with pytest.raises(ShardFormatError, match=f"{tar.name} listed in .*manifest.json is missing"):
+        list(build_loader(data_cfg("pil", num_workers=0), broken, 4))
     manifest = json.loads((broken / "manifest.json").read_text())
     assert manifest["num_samples"] == 3

@@ -87,7 +87,7 @@ class ShardIndex:
     """Random access to a split directory's samples (module docstring)."""
 
     def __init__(self, directory: str | Path):
-        manifest = read_manifest(directory)
+        manifest = read_manifest(directory, check_files=False)  # no stat per shard (module docstring)
         self.directory = Path(directory)
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
@@ -207,7 +207,11 @@ class ShardIndex:
         """A descriptor of the shard's tar, its size checked against the manifest: a
         mismatch is said once per process, and the samples it cut are caught as damaged
         (short reads, CRC) and replaced, as for a shard truncated under a running job."""
-        fd = os.open(self.paths[shard], os.O_RDONLY)
+        try:
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        except FileNotFoundError:
+            manifest = self.directory / "manifest.json"
+            raise ShardFormatError(f"{self.paths[shard]} listed in {manifest} is missing") from None
         size = os.fstat(fd).st_size
         if size != self.sizes[shard] and shard not in self._warned:
             self._warned.add(shard)
