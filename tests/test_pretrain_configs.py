@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelbert_dist.config import load_config
+from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
 from pixelbert_dist.model import build_model
 from pixelbert_dist.model.presets import preset_config
@@ -38,7 +38,7 @@ def test_pretrain_config_is_the_papers_recipe(name):
     ds = fill_deepspeed_config(
         REPO / "deepspeed_configs" / "zero2.json",
         micro_batch=cfg.train.micro_batch,
-        grad_accum=cfg.train.grad_accum,
+        grad_accum=cfg.train.accumulation(PAPER_GPUS),
         world_size=PAPER_GPUS,
         grad_clip=cfg.train.grad_clip,
     )
@@ -46,3 +46,35 @@ def test_pretrain_config_is_the_papers_recipe(name):
     assert cfg.model.bert_dir == cfg.data.vocab_dir, "BERT's own vocab goes with its weights"
     model = build_model(cfg.model.preset, device="meta", **cfg.model.overrides)
     assert sum(p.numel() for p in model.parameters()) > 100e6
+
+
+# (GPUs, config) -> (micro_batch, grad_accum): the paper's 4096 pairs per step on any cluster
+ARITHMETIC = {
+    (8, "r50"): (16, 32),
+    (64, "r50"): (16, 4),
+    (512, "r50"): (8, 1),
+    (8, "x152"): (8, 64),
+    (64, "x152"): (8, 8),
+    (512, "x152"): (8, 1),
+}
+
+
+@pytest.mark.parametrize(("gpus", "name"), sorted(ARITHMETIC))
+def test_global_batch_holds_at_8_64_and_512_gpus(gpus, name):
+    cfg = load_config(RunConfig, REPO / "launch" / "configs" / f"pretrain_{name}.yaml").validate()
+    micro, accum = ARITHMETIC[gpus, name]
+    if cfg.train.micro_batch != micro:
+        with pytest.raises(ConfigError, match=f"train.micro_batch={micro} fits"):
+            cfg.train.accumulation(gpus)
+        cfg.train.micro_batch = micro
+    assert cfg.train.accumulation(gpus) == accum
+    assert micro * accum * gpus == PAPER_BATCH
+
+
+def test_global_batch_and_grad_accum_are_one_source_of_truth():
+    cfg = load_config(RunConfig, REPO / "launch" / "configs" / "pretrain_r50.yaml").validate()
+    cfg.train.grad_accum = 2
+    with pytest.raises(ConfigError, match="gives grad_accum 4 on 64 ranks, but train.grad_accum=2"):
+        cfg.train.accumulation(64)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        cfg.train.accumulation(3)

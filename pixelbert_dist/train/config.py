@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.config import DataConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -57,6 +58,9 @@ class LoopConfig:
 
     micro_batch: int = 8  # examples per GPU and micro-batch
     grad_accum: int = 1  # micro-batches per optimiser step
+    # pairs per optimiser step over all ranks (the paper: 4096); > 0: grad_accum follows
+    # from it for the world size the run gets, so a resume on other nodes keeps the recipe
+    global_batch: int = 0
     grad_clip: float = 1.0  # gradient-norm clipping (DeepSpeed's gradient_clipping)
     precision: Precision | None = None  # None: the DeepSpeed JSON decides (bf16/fp16/fp32)
     epochs: float = 40.0
@@ -76,7 +80,30 @@ class LoopConfig:
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
     max_loss: float = 1e4  # a finite loss above this is a blow-up: skipped and counted like NaN/inf
 
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimiser step at this world size: ``grad_accum``, or what
+        ``global_batch`` asks (one line naming both keys when it cannot be met)."""
+        if not self.global_batch:
+            return self.grad_accum
+        per_pass = self.micro_batch * world_size
+        steps, left = divmod(self.global_batch, per_pass)
+        if left or not steps:
+            fits = [m for m in range(self.micro_batch, 0, -1) if self.global_batch % (m * world_size) == 0]
+            hint = f"train.micro_batch={fits[0]} fits" if fits else "no micro-batch size fits this world size"
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} is not a multiple of train.micro_batch x ranks = "
+                f"{self.micro_batch} x {world_size} = {per_pass} ({hint})"
+            )
+        if self.grad_accum not in (1, steps):
+            raise ConfigError(
+                f"train.global_batch={self.global_batch} gives grad_accum {steps} on {world_size} ranks, "
+                f"but train.grad_accum={self.grad_accum}: set one of the two"
+            )
+        return steps
+
     def validate(self) -> "LoopConfig":
+        if self.global_batch < 0:
+            raise ValueError(f"train.global_batch={self.global_batch} must be >= 0 (0: micro x grad_accum x ranks)")
         if self.micro_batch < 1 or self.grad_accum < 1:
             raise ValueError(
                 f"train.micro_batch={self.micro_batch} and train.grad_accum={self.grad_accum} must be >= 1"

@@ -64,6 +64,7 @@ class BaseTrainer(RunPersistence):
         self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
         check_run_dir_writable(self.run_dir)
         t = cfg.train
+        t.grad_accum = t.accumulation(self.world)  # train.global_batch, if set, for this world size
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = self.build_model()
         if t.activation_checkpointing is not None:
