@@ -5,16 +5,22 @@ A config is built from (1) the dataclass defaults, (2) an optional YAML file, an
 parsed with YAML so ``lr=1e-4``, ``milestones=[25,35]`` and ``freeze=true`` all work.
 An unknown key stops with an error naming it: a typo must never be silently ignored;
 a value of the wrong type (``train.compile=abc``, ``optim.betas=0.9``) stops with the
-key, the declared type and the value.
+key, the declared type and the value; a value out of its field's bounds
+(``train.save_every=-5``) with the key and the bound.
+
+Every field says what it is where it is declared, and ``--help`` is built from that::
+
+    save_every: Annotated[int, Help("optimiser steps between checkpoints; 0: at the end only"), Ge(0)] = 500
+
+``Help`` is this module's marker; the bounds are ``annotated_types`` (``Ge``, ``Gt``,
+``Interval``), which pydantic enforces; choices are a ``Literal``. tests/test_config.py
+refuses a field without its own help.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import re
-import textwrap
 import types
 import typing
 from pathlib import Path
@@ -29,9 +35,53 @@ class ConfigError(ValueError):
     """A config file or override that cannot be applied."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Help:
+    """A config field's help text, as ``Annotated`` metadata (pydantic ignores it)."""
+
+    text: str
+
+
+class EntryError(ValueError):
+    """Raised by a validator that checks inside a mapping (``model.overrides``): ``entry``
+    names the bad entry, so the error names ``model.overrides.<entry>``."""
+
+    def __init__(self, entry: str, message: str):
+        super().__init__(message)
+        self.entry = entry
+
+
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def field_metadata(cls) -> dict[str, tuple]:
+    """{field: its ``Annotated`` metadata (``Help``, bounds, validators)}; () for a bare type."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: getattr(hints[f.name], "__metadata__", ()) for f in dataclasses.fields(cls)}
+
+
+def field_help(cls, name: str) -> str:
+    """The ``Help`` text of field ``name`` of ``cls``; "" when it has none."""
+    return next((m.text for m in field_metadata(cls)[name] if isinstance(m, Help)), "")
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def bounds_text(metadata: tuple) -> str:
+    """``>= 1``, ``> 0``, ``in [0, 1]`` from ``annotated_types`` bounds; "" when none."""
+    found = {}
+    for item in metadata:
+        for name in _BOUNDS:
+            if getattr(item, name, None) is not None:
+                found[name] = getattr(item, name)
+    low = next((k for k in ("ge", "gt") if k in found), None)
+    high = next((k for k in ("le", "lt") if k in found), None)
+    if low and high:
+        return f"in {'[' if low == 'ge' else '('}{found[low]:g}, {found[high]:g}{']' if high == 'le' else ')'}"
+    return ", ".join(f"{_BOUNDS[k]} {found[k]:g}" for k in found)
 
 
 def _dataclass_of(tp) -> type | None:
@@ -70,7 +120,12 @@ def type_name(tp) -> str:
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))
         return f"{name}[{', '.join(type_name(a) for a in args)}]" if args else name
-    return getattr(tp, "__name__", str(tp))
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def shown(value) -> str:
+    """A value as one would type it after ``key=`` (YAML flow style)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _field_at(cls: type, loc: tuple, tree: dict) -> tuple[str, Any, Any]:
@@ -86,10 +141,16 @@ def _field_at(cls: type, loc: tuple, tree: dict) -> tuple[str, Any, Any]:
     return ".".join(keys), tp, value
 
 
-def _describe(cls: type, error: dict, tree: dict) -> str:
+def _describe(cls: type, error: dict, tree: dict, where: str) -> str:
     key, tp, value = _field_at(cls, error["loc"], tree)
+    key, ctx = where + key, error.get("ctx", {})
     if error["type"] in ("int_parsing", "float_parsing"):
         return f"config key {key!r}: {value!r} is not a number (expected {type_name(tp)})"
+    bound = next((name for name in _BOUNDS if name in ctx), None)
+    if bound is not None:
+        return f"{key}={shown(value)}: must be {_BOUNDS[bound]} {ctx[bound]:g}"
+    if isinstance(ctx.get("error"), EntryError):
+        return f"{key}.{ctx['error'].entry}: {ctx['error']}"
     return f"config key {key!r}: expected {type_name(tp)}, got {value!r} ({error['msg']})"
 
 
@@ -102,16 +163,22 @@ def _adapter(cls: type):
 
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a (nested) dict: unknown keys are refused, and every
-    value is checked against its declared type (pydantic, lax mode: ``"1e-4"`` is a float,
-    ``[0.9, 0.99]`` a tuple; ``"abc"`` is no bool and ``"embeddings"`` no list)."""
+    value is checked against its declared type and bounds (pydantic, lax mode: ``"1e-4"``
+    is a float, ``[0.9, 0.99]`` a tuple; ``"abc"`` is no bool, ``-5`` no ``Ge(0)``)."""
     import pydantic
 
     check_keys(cls, data, where)
     try:
         return _adapter(cls).validate_python(dict(data or {}))
     except pydantic.ValidationError as err:
-        messages = dict.fromkeys(_describe(cls, e, data or {}) for e in err.errors())
+        messages = dict.fromkeys(_describe(cls, e, data or {}, where) for e in err.errors())
         raise ConfigError("; ".join(messages)) from None
+
+
+def check_fields(cfg, where: str = "") -> None:
+    """Check a config made in Python (not by ``load_config``) against its fields' types and
+    bounds, as ``load_config`` does; ``where``: its section's prefix (``"data."``)."""
+    from_dict(type(cfg), to_dict(cfg), where)
 
 
 def to_dict(cfg) -> dict:
@@ -176,49 +243,58 @@ def dump_config(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-# -- --help: every key, its type, its default and the comment beside its field ----------
-def _comments_of(klass: type) -> dict[str, str]:
-    """{field: comment} from the class source: the comment on a field's line (continued
-    on the comment-only lines under it), or the comment lines just above the field."""
-    try:
-        lines = textwrap.dedent(inspect.getsource(klass)).splitlines()
-    except (OSError, TypeError):  # no source (a frozen app, an interactive class)
-        return {}
-    names = {f.name for f in dataclasses.fields(klass)}
-    out, above, last = {}, [], None
-    for line in lines[1:]:
-        field_match = re.match(r"    (\w+)\s*:", line)
-        comment = re.match(r"\s*# ?(.*)$", line)
-        if field_match and field_match.group(1) in names:
-            last = field_match.group(1)
-            inline = line.split("  # ", 1)[1].strip() if "  # " in line else ""
-            out[last] = " ".join([*above, inline]).strip()
-            above = []
-        elif comment and line.startswith("     ") and last:
-            out[last] = f"{out[last]} {comment.group(1).strip()}".strip()
-        elif comment:
-            above.append(comment.group(1).strip())
+# -- --help: every key, its type and bounds, its default and its field's Help -------------
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One settable key: ``train.save_every``, its declared type, default, help and bounds."""
+
+    key: str
+    type: Any
+    default: Any
+    help: str
+    bounds: str
+
+
+def key_docs(cls: type, where: str = "", defaults=None) -> list[KeyDoc]:
+    """Every leaf key of ``cls`` (nested dataclasses flattened to dotted keys), in order;
+    ``defaults``: the instance whose values to show (a section's defaults may differ from
+    its class's own: fine-tuning's optimiser)."""
+    defaults, out = cls() if defaults is None else defaults, []
+    metadata = field_metadata(cls)
+    for name, tp in _field_types(cls).items():
+        value = getattr(defaults, name)
+        if _dataclass_of(tp) is not None and dataclasses.is_dataclass(value):
+            out += key_docs(type(value), f"{where}{name}.", value)
         else:
-            above, last = [], None
+            out.append(KeyDoc(where + name, tp, value, field_help(cls, name), bounds_text(metadata[name])))
     return out
 
 
-def config_help(cls: type, where: str = "", defaults=None) -> list[str]:
-    """One line per key of ``cls`` (nested dataclasses flattened to dotted keys):
-    ``key=default  (type)  comment``; ``defaults``: the instance whose values to show
-    (a section's defaults may differ from its class's own: fine-tuning's optimiser)."""
-    comments: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if dataclasses.is_dataclass(klass):
-            comments.update(_comments_of(klass))
-    defaults, lines = cls() if defaults is None else defaults, []
-    for name, tp in _field_types(cls).items():
-        sub = _dataclass_of(tp)
-        value = getattr(defaults, name)
-        if sub is not None and dataclasses.is_dataclass(value):
-            lines += config_help(type(value), f"{where}{name}.", value)
-            continue
-        text = f"  {where}{name}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-        text = f"{text:<40} ({type_name(tp)})"
-        lines.append(f"{text}  {comments[name]}" if comments.get(name) else text)
+def config_help(cls: type) -> list[str]:
+    """One line per key: ``key=default  (type, bounds)  help``."""
+    lines = []
+    for doc in key_docs(cls):
+        kind = ", ".join(filter(None, [type_name(doc.type), doc.bounds]))
+        text = f"{f'  {doc.key}={shown(doc.default)}':<40} ({kind})"
+        lines.append(f"{text}  {doc.help}" if doc.help else text)
     return lines
+
+
+def entries_of(cls: type):
+    """Validator metadata for a dict whose keys are fields of dataclass ``cls`` and whose
+    values have those fields' types (``model.overrides``: PixelBertConfig fields), so a
+    bad entry is refused at config time naming it, not when the model is built."""
+    import pydantic
+
+    def check(value: dict) -> dict:
+        types_ = _field_types(cls)
+        for key, item in value.items():
+            if key not in types_:
+                raise EntryError(key, f"not a field of {cls.__name__}; valid: {sorted(types_)}")
+            try:
+                value[key] = _adapter(types_[key]).validate_python(item)
+            except pydantic.ValidationError:
+                raise EntryError(key, f"expected {type_name(types_[key])}, got {item!r}") from None
+        return value
+
+    return pydantic.AfterValidator(check)

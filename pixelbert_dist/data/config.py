@@ -1,71 +1,86 @@
-"""DataConfig: what the image loaders read and how (the batch size lives in the trainer)."""
+"""DataConfig: what the image loaders read and how (the batch size lives in the trainer).
+
+Each field carries its help and bounds (``pixelbert_dist.config``: ``Help``, ``Ge``...)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-BACKENDS = ("dali", "nvjpeg", "pil")
-DALI_READERS = ("external", "webdataset")
+from annotated_types import Ge, Interval
+
+from pixelbert_dist.config import ConfigError, Help, check_fields
+
+Backend = Literal["dali", "nvjpeg", "pil"]  # see pixelbert_dist.data.loader
+DaliReader = Literal["external", "webdataset"]
+Probability = Interval(ge=0, le=1)
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = ""  # split directory with manifest.json (launch/make_shards.py),
-    #                                     or streamed: "https://host/x-{000000..000099}.tar", "pipe:CMD"
-    val_shards: str | None = None
-    backend: str = "dali"  # dali | nvjpeg | pil  (see pixelbert_dist.data.loader)
-    # backend=dali only: "external" feeds DALI from the shared epoch plan (dali.py);
-    # "webdataset" uses DALI's own reader + pipeline checkpoints (dali_wds.py)
-    dali_reader: str = "external"
-    image_shorter: int = 800  # paper: 800 for ResNet-50, 600 for ResNeXt-152
-    image_max: int = 1333  # paper: 1333 / 1000
-    hflip: bool = False  # p=0.5 flip, swapping left/right in the caption
-    bucketing: bool = False  # group similar aspect ratios to cut padding
-    bucket_window: int = 16  # bucketing sorts within windows of this many batches
-    vocab_dir: str | None = None  # None: the shipped synthetic vocab
-    max_text_len: int = 40
-    mlm_prob: float = 0.15
-    itm_neg_prob: float = 0.5
-    num_workers: int = 2  # PIL worker processes / DALI threads
-    prefetch: int = 2  # batches prefetched per worker (PIL) / queue depth (DALI)
-    seed: int = 0
-    shuffle: bool = True
-    # train only: samples are shuffled within windows of this many shards (the shards'
-    # order is shuffled too) so each rank reads shards in runs; 0: one global shuffle
-    shard_window: int = 16
-    drop_last: bool = False  # train only: drop the epoch's tail instead of wrapping
+    train_shards: Annotated[
+        str,
+        Help(
+            "the training split: a directory with manifest.json (launch/make_shards.py), "
+            'or streamed tars: "https://host/x-{000000..000099}.tar", "pipe:CMD"'
+        ),
+    ] = ""
+    val_shards: Annotated[
+        str | None, Help("the validation split, in the same forms as data.train_shards; null: no validation")
+    ] = None
+    backend: Annotated[Backend, Help("image decoding: DALI, nvjpeg on the GPU, or PIL in DataLoader workers")] = "dali"
+    dali_reader: Annotated[
+        DaliReader,
+        Help(
+            "data.backend=dali only: 'external' feeds DALI from the shared epoch plan (decode/dali.py); "
+            "'webdataset' uses DALI's own reader + pipeline checkpoints (readers/dali_wds.py)"
+        ),
+    ] = "external"
+    image_shorter: Annotated[int, Help("shorter image side (paper: 800 for R50, 600 for X152)"), Ge(1)] = 800
+    image_max: Annotated[int, Help("cap on the longer side (paper: 1333 / 1000); >= data.image_shorter"), Ge(1)] = 1333
+    hflip: Annotated[bool, Help("p=0.5 horizontal flip, swapping left/right in the caption")] = False
+    bucketing: Annotated[bool, Help("group similar aspect ratios into batches to cut padding")] = False
+    bucket_window: Annotated[int, Help("bucketing sorts within windows of this many batches"), Ge(1)] = 16
+    vocab_dir: Annotated[str | None, Help("tokenizer folder (a BERT checkpoint's); null: the shipped vocab")] = None
+    max_text_len: Annotated[int, Help("captions are cut to this many tokens, [CLS] and [SEP] included"), Ge(3)] = 40
+    mlm_prob: Annotated[float, Help("fraction of caption tokens masked for MLM"), Probability] = 0.15
+    itm_neg_prob: Annotated[float, Help("chance a pair gets another image's caption (ITM negative)"), Probability] = 0.5
+    num_workers: Annotated[int, Help("PIL worker processes / DALI threads"), Ge(0)] = 2
+    prefetch: Annotated[int, Help("batches prefetched per worker (PIL) / queue depth (DALI)"), Ge(1)] = 2
+    seed: Annotated[int, Help("sample order, caption choice, flips and MLM/ITM draws"), Ge(0)] = 0
+    shuffle: Annotated[bool, Help("shuffle the training samples every epoch")] = True
+    shard_window: Annotated[
+        int,
+        Help(
+            "train only: shuffle samples within windows of this many shards (their order shuffled "
+            "too), so each rank reads shards in runs; 0: one global shuffle"
+        ),
+        Ge(0),
+    ] = 16
+    drop_last: Annotated[bool, Help("train only: drop the epoch's tail instead of wrapping around")] = False
     # streaming mode only (data/readers/stream.py)
-    epoch_samples: int = 0  # samples in one epoch over all ranks (required there)
-    resampled: bool = False  # draw shards with replacement (fixed-size epochs)
-    shuffle_buffer: int = 1000  # samples per worker
-    stream_retries: int = 3  # reopen a failed shard this often, with back-off
+    epoch_samples: Annotated[
+        int, Help("streamed shards: samples in one epoch over all ranks (required there)"), Ge(0)
+    ] = 0
+    resampled: Annotated[bool, Help("streamed shards: draw shards with replacement (fixed-size epochs)")] = False
+    shuffle_buffer: Annotated[int, Help("streamed shards: shuffle buffer, in samples per worker"), Ge(0)] = 1000
+    stream_retries: Annotated[int, Help("streamed shards: reopen a failed shard this often, with back-off"), Ge(0)] = 3
 
     def validate(self) -> "DataConfig":
-        if self.backend not in BACKENDS:
-            raise ValueError(f"data.backend={self.backend!r}: choose one of {list(BACKENDS)}")
-        self._validate_dali_reader()
-        if self.image_shorter < 1 or self.image_max < self.image_shorter:
-            raise ValueError(
+        """Types and bounds (also for a config made in Python), then what spans two keys."""
+        check_fields(self, "data.")
+        if self.image_max < self.image_shorter:
+            raise ConfigError(
                 f"data.image_shorter={self.image_shorter} / data.image_max="
-                f"{self.image_max}: need 1 <= image_shorter <= image_max"
+                f"{self.image_max}: need image_shorter <= image_max"
             )
-        if self.epoch_samples < 0 or self.shuffle_buffer < 0 or self.stream_retries < 0:
-            raise ValueError("data.epoch_samples, data.shuffle_buffer and data.stream_retries must be >= 0")
-        if self.num_workers < 0 or self.prefetch < 1 or self.bucket_window < 1:
-            raise ValueError("data.num_workers must be >= 0, data.prefetch and data.bucket_window >= 1")
-        if self.shard_window < 0:
-            raise ValueError(f"data.shard_window={self.shard_window}: must be >= 0 (0: one global shuffle)")
-        return self
-
-    def _validate_dali_reader(self) -> None:
-        if self.dali_reader not in DALI_READERS:
-            raise ValueError(f"data.dali_reader={self.dali_reader!r}: choose one of {list(DALI_READERS)}")
         if self.dali_reader == "webdataset" and self.backend != "dali":
-            raise ValueError(
+            raise ConfigError(
                 f"data.dali_reader='webdataset' is a mode of data.backend='dali', "
                 f"not of {self.backend!r}: set data.dali_reader='external' with it"
             )
         if self.dali_reader == "webdataset" and self.bucketing:
-            raise ValueError(
+            raise ConfigError(
                 "data.bucketing needs the epoch plan: it works with data.dali_reader='external', not 'webdataset'"
             )
+        return self

@@ -4,103 +4,116 @@ Composed like the pre-training RunConfig: the optimiser and schedule sections ar
 pre-training ones (SGD for the CNN, AdamW for the transformer), the image settings are
 the data loader's, and each task owns a section with its official data files. A launch
 script fills the task section from its command line; YAML and key=value overrides work
-as everywhere else (``pixelbert_dist.config.load_config``).
+as everywhere else (``pixelbert_dist.config.load_config``). Each field carries its help
+and bounds (``Help``, ``Ge``...), as in the pre-training config.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Ge, Gt, Interval
+
+from pixelbert_dist.config import ConfigError, Help, check_fields
+from pixelbert_dist.data.config import Backend
 from pixelbert_dist.train.config import LoopConfig, OptimConfig, ScheduleConfig
 
 
 @dataclass
 class FinetuneData:
-    shards: list[str] = field(default_factory=list)  # shard split folders holding the images
-    backend: Literal["dali", "nvjpeg", "pil"] = "dali"  # nvjpeg: GPU decode
-    image_shorter: int = 800  # fine-tuning sees all valid pixels at this size
-    image_max: int = 1333
-    max_text_len: int = 40
-    num_workers: int = 2
-    prefetch: int = 2
-    vocab_dir: str | None = None  # None: the export's own tokenizer files
+    shards: Annotated[list[str], Help("shard split folders holding the task's images")] = field(default_factory=list)
+    backend: Annotated[Backend, Help("image decoding: DALI, nvjpeg on the GPU, or PIL in DataLoader workers")] = "dali"
+    image_shorter: Annotated[int, Help("shorter image side (all valid pixels are seen at this size)"), Ge(1)] = 800
+    image_max: Annotated[int, Help("cap on the longer side; >= data.image_shorter"), Ge(1)] = 1333
+    max_text_len: Annotated[int, Help("questions / captions are cut to this many tokens"), Ge(3)] = 40
+    num_workers: Annotated[int, Help("PIL worker processes / DALI threads"), Ge(0)] = 2
+    prefetch: Annotated[int, Help("batches prefetched per worker (PIL) / queue depth (DALI)"), Ge(1)] = 2
+    vocab_dir: Annotated[str | None, Help("tokenizer folder; null: the export's own tokenizer files")] = None
 
     def validate(self) -> "FinetuneData":
+        check_fields(self, "data.")
         if not self.shards:
-            raise ValueError(
+            raise ConfigError(
                 "data.shards is empty: name the shard folder(s) that hold the task's images (--shards DIR [DIR ...])"
             )
-        if self.image_shorter < 1 or self.image_max < self.image_shorter:
-            raise ValueError(
+        if self.image_max < self.image_shorter:
+            raise ConfigError(
                 f"data.image_shorter={self.image_shorter} / data.image_max={self.image_max}: "
-                "need 1 <= image_shorter <= image_max"
+                "need image_shorter <= image_max"
             )
         return self
 
 
 @dataclass
 class FinetuneTrain(LoopConfig):
-    """The loop's settings (``LoopConfig``) with fine-tuning's defaults, and its own few."""
+    """The loop's settings (``LoopConfig``) with fine-tuning's defaults, and its own few.
+    A default changed here repeats the whole ``Annotated`` (help and bounds included)."""
 
-    micro_batch: int = 32  # examples per GPU (NLVR2: 2 images each)
-    epochs: float = 10.0
-    keep_last: int = 2
-    eval_batch: int = 0  # 0: micro_batch
-    shuffle: bool = True
-    freeze_cnn: bool = False  # keep the CNN (and its BatchNorm statistics) fixed
-    head_lr_mult: float = 10.0  # the new head starts from scratch: a larger lr
-
-    def validate(self) -> "FinetuneTrain":
-        super().validate()
-        if self.eval_batch < 0:
-            raise ValueError(f"train.eval_batch={self.eval_batch} must be >= 0")
-        return self
+    micro_batch: Annotated[int, Help("examples per GPU and micro-batch (NLVR2: 2 images each)"), Ge(1)] = 32
+    epochs: Annotated[float, Help("passes over the training split (fractions allowed)"), Ge(0)] = 10.0
+    keep_last: Annotated[int, Help("checkpoints kept on disk; 0: all"), Ge(0)] = 2
+    eval_batch: Annotated[int, Help("examples per GPU in evaluation; 0: train.micro_batch"), Ge(0)] = 0
+    shuffle: Annotated[bool, Help("shuffle the training examples every epoch")] = True
+    freeze_cnn: Annotated[bool, Help("keep the CNN (and its BatchNorm statistics) fixed")] = False
+    head_lr_mult: Annotated[float, Help("the new head's lr over optim.lr (it starts from scratch)"), Gt(0)] = 10.0
 
 
 @dataclass
 class VqaSection:
-    train_questions: str | None = None  # v2_OpenEnded_mscoco_train2014_questions.json
-    train_annotations: str | None = None
-    val_questions: str | None = None
-    val_annotations: str | None = None  # without it the val split is only predicted
-    test_questions: str | None = None  # predicted into the submission file
-    image_map: str | None = None  # JSON {image_id: shard key}; else key_format
-    key_format: str = "coco{image_id}"  # the COCO builder's keys
-    num_answers: int = 3129
-    answer_vocab: str | None = None  # a saved AnswerVocab; else built from train
+    train_questions: Annotated[
+        str | None, Help("the train split's questions: v2_OpenEnded_mscoco_train2014_questions.json")
+    ] = None
+    train_annotations: Annotated[
+        str | None, Help("the train split's answers: v2_mscoco_train2014_annotations.json")
+    ] = None
+    val_questions: Annotated[str | None, Help("the val split's questions JSON")] = None
+    val_annotations: Annotated[str | None, Help("the val split's annotations; without them val is only predicted")] = (
+        None
+    )
+    test_questions: Annotated[str | None, Help("test questions, predicted into the submission file")] = None
+    image_map: Annotated[str | None, Help("JSON {image_id: shard key}; null: vqa.key_format")] = None
+    key_format: Annotated[str, Help("shard key of an image_id (the COCO builder's keys)")] = "coco{image_id}"
+    num_answers: Annotated[int, Help("answer vocabulary size (the most frequent train answers)"), Ge(1)] = 3129
+    answer_vocab: Annotated[str | None, Help("a saved AnswerVocab; null: built from train")] = None
 
 
 @dataclass
 class Nlvr2Section:
-    train: str | None = None  # train.json (official jsonl)
-    dev: str | None = None
-    test: str | None = None  # test1.json (test-P)
-    image_map: str | None = None  # JSON {"dev-850-0-img0": shard key}; else key_format
-    key_format: str = "{name}"
+    train: Annotated[str | None, Help("NLVR2 train.json (official jsonl)")] = None
+    dev: Annotated[str | None, Help("NLVR2 dev.json")] = None
+    test: Annotated[str | None, Help("NLVR2 test1.json (test-P)")] = None
+    image_map: Annotated[str | None, Help('JSON {"dev-850-0-img0": shard key}; null: nlvr2.key_format')] = None
+    key_format: Annotated[str, Help("shard key of an NLVR2 image name ({name})")] = "{name}"
 
 
 @dataclass
 class RetrievalSection:
-    karpathy: str | None = None  # dataset_coco.json / dataset_flickr30k.json
-    train_splits: list[str] = field(default_factory=lambda: ["train", "restval"])
-    eval_split: str = "test"
-    key_format: str = "{dataset}{image_id}"  # make_shards' keys (coco391895); also {stem}, {filename}
-    num_negatives: int = 20  # random negative captions per pair (the paper)
-    hard_negatives: int = 5  # of those, the hardest go through backprop
-    rank_weight: float = 1.0  # softmax over (positive, hardest) match scores
-    itm_weight: float = 1.0  # binary ITM cross-entropy on the same rows
-    text_batch: int = 256  # captions per transformer call in evaluation
-    max_eval_images: int = 0  # 0: the whole split (1K Flickr test / 5K COCO)
+    karpathy: Annotated[str | None, Help("Karpathy split file: dataset_coco.json / dataset_flickr30k.json")] = None
+    train_splits: Annotated[list[str], Help("Karpathy splits trained on")] = field(
+        default_factory=lambda: ["train", "restval"]
+    )
+    eval_split: Annotated[str, Help("the Karpathy split evaluated")] = "test"
+    key_format: Annotated[
+        str, Help("shard key of an image: {dataset}{image_id} (make_shards' keys), {stem} or {filename}")
+    ] = "{dataset}{image_id}"
+    num_negatives: Annotated[int, Help("random negative captions per pair (the paper: 20)"), Ge(1)] = 20
+    hard_negatives: Annotated[
+        int, Help("of those, the hardest that go through backprop; <= retrieval.num_negatives"), Ge(1)
+    ] = 5
+    rank_weight: Annotated[float, Help("weight of the softmax over (positive, hardest) match scores"), Ge(0)] = 1.0
+    itm_weight: Annotated[float, Help("weight of the binary ITM cross-entropy on the same rows"), Ge(0)] = 1.0
+    text_batch: Annotated[int, Help("captions per transformer call in evaluation"), Ge(1)] = 256
+    max_eval_images: Annotated[int, Help("0: the whole split (1K Flickr test / 5K COCO)"), Ge(0)] = 0
 
 
 @dataclass
 class FinetuneConfig:
-    task: Literal["vqa", "nlvr2", "retrieval"] = "vqa"
-    run_dir: str = "runs/finetune"
-    pretrained: str = ""  # the pre-training export folder
-    preset: str | None = None  # if set, the export must have this preset's architecture
-    head_dropout: float = 0.1
+    task: Annotated[Literal["vqa", "nlvr2", "retrieval"], Help("the task (set by the launch script)")] = "vqa"
+    run_dir: Annotated[str, Help("the run's folder: config, checkpoints, logs, predictions")] = "runs/finetune"
+    pretrained: Annotated[str, Help("the pre-training export folder (config.json, model.safetensors)")] = ""
+    preset: Annotated[str | None, Help("if set, the export must have this preset's architecture")] = None
+    head_dropout: Annotated[float, Help("dropout before the task head"), Interval(ge=0, lt=1)] = 0.1
     data: FinetuneData = field(default_factory=FinetuneData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(cnn_lr=1e-3, lr=5e-5))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="cosine", milestones_epochs=[]))
@@ -111,11 +124,12 @@ class FinetuneConfig:
 
     def validate(self) -> "FinetuneConfig":
         if not self.pretrained:
-            raise ValueError("pretrained is empty: pass --pretrained EXPORT_DIR (a pre-training run's export/ folder)")
+            raise ConfigError("pretrained is empty: pass --pretrained EXPORT_DIR (a pre-training run's export/ folder)")
+        check_fields(self)
         self.train.validate()
         r = self.retrieval
-        if self.task == "retrieval" and not 1 <= r.hard_negatives <= r.num_negatives:
-            raise ValueError(
+        if self.task == "retrieval" and not r.hard_negatives <= r.num_negatives:
+            raise ConfigError(
                 f"retrieval.hard_negatives={r.hard_negatives} must lie in "
                 f"[1, retrieval.num_negatives={r.num_negatives}]"
             )

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+from pixelbert_dist.config import ConfigError
 
 # CNN trunks as torchvision ResNet arguments: (block, layers, groups, width_per_group).
 BACKBONES = {
@@ -13,13 +17,15 @@ BACKBONES = {
     "resnext101_32x8d": ("bottleneck", [3, 4, 23, 3], 32, 8),
     "resnext152_32x8d": ("bottleneck", [3, 8, 36, 3], 32, 8),
 }
-CHECKPOINTING = ("none", "transformer", "all")
+Backbone = Literal[tuple(BACKBONES)]  # a run config's model.overrides.backbone is checked against it
+Checkpointing = Literal["none", "transformer", "all"]
+CHECKPOINTING = typing.get_args(Checkpointing)
 
 
 @dataclass
 class PixelBertConfig:
     # visual side
-    backbone: str = "resnet50"
+    backbone: Backbone = "resnet50"
     extra_pool: bool = True  # the paper's 2x2 max-pool: 64x downsampling in all
     freeze_bn: bool = True  # BatchNorm as FrozenBatchNorm2d (small per-GPU batches)
     channels_last: bool = True
@@ -37,32 +43,32 @@ class PixelBertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     # execution
-    attn_implementation: str = "sdpa"  # "sdpa" (fused kernels on GPU) or "eager"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # "sdpa" (fused kernels on GPU) or "eager"
     # Recompute activations in backward instead of keeping them: "none", "transformer"
     # (every encoder layer) or "all" (also the CNN's stem and four stages).
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Checkpointing = "none"
     # losses
     mlm_weight: float = 1.0
     itm_weight: float = 1.0
     extra: dict = field(default_factory=dict)  # free-form notes carried into exports
 
-    def __post_init__(self):
+    def __post_init__(self):  # ConfigError: the values come from model.overrides or an export
         if self.backbone not in BACKBONES:
-            raise ValueError(f"model.backbone={self.backbone!r} unknown; choose from {sorted(BACKBONES)}")
+            raise ConfigError(f"model.backbone={self.backbone!r} unknown; choose from {sorted(BACKBONES)}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
             )
         if self.attn_implementation not in ("sdpa", "eager"):
-            raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'")
+            raise ConfigError(f"model.attn_implementation={self.attn_implementation!r}: use 'sdpa' or 'eager'")
         if isinstance(self.activation_checkpointing, bool):  # the former on/off switch (old exports)
             self.activation_checkpointing = "transformer" if self.activation_checkpointing else "none"
         if self.activation_checkpointing not in CHECKPOINTING:
-            raise ValueError(
+            raise ConfigError(
                 f"model.activation_checkpointing={self.activation_checkpointing!r}: use one of {list(CHECKPOINTING)}"
             )
         if self.pixel_sample_size < 0:
-            raise ValueError("model.pixel_sample_size must be >= 0 (0 keeps every pixel)")
+            raise ConfigError("model.pixel_sample_size must be >= 0 (0 keeps every pixel)")
 
     @property
     def backbone_channels(self) -> int:

@@ -1,52 +1,73 @@
 """RunConfig: the whole pre-training run, composed from each module's own config; and
-LoopConfig, the training loop's section that fine-tuning's config extends too."""
+LoopConfig, the training loop's section that fine-tuning's config extends too.
+
+Each field carries its help and bounds (``pixelbert_dist.config``: ``Help``, ``Ge``...):
+``--help`` lists them, and a value out of bounds is refused at config time, by key."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pixelbert_dist.config import ConfigError
+from annotated_types import Ge, Gt, Interval
+
+from pixelbert_dist.config import ConfigError, Help, check_fields, entries_of
 from pixelbert_dist.data.config import DataConfig
+from pixelbert_dist.model.config import PixelBertConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Beta = Annotated[float, Interval(ge=0, lt=1)]
 
 
 @dataclass
 class OptimConfig:
     """One optimiser, two rules (pixelbert_dist.train.optim): SGD for the CNN, AdamW for the rest."""
 
-    cnn_rule: Literal["sgd", "adamw"] = "sgd"  # sgd: the paper's, for an ImageNet CNN; adamw: one from scratch
-    cnn_lr: float = 1e-2
-    cnn_momentum: float = 0.9
-    cnn_weight_decay: float = 5e-4
-    lr: float = 1e-4  # the transformer's (AdamW)
-    weight_decay: float = 1e-2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    fused: bool | None = None  # None: the fused AdamW kernel where the params are on CUDA
+    cnn_rule: Annotated[
+        Literal["sgd", "adamw"], Help("the CNN's rule: sgd (the paper's, for an ImageNet CNN) or adamw (from scratch)")
+    ] = "sgd"
+    cnn_lr: Annotated[float, Help("the CNN's learning rate"), Gt(0)] = 1e-2
+    cnn_momentum: Annotated[float, Help("the CNN's SGD momentum"), Interval(ge=0, lt=1)] = 0.9
+    cnn_weight_decay: Annotated[float, Help("the CNN's weight decay"), Ge(0)] = 5e-4
+    lr: Annotated[float, Help("the transformer's learning rate (AdamW)"), Gt(0)] = 1e-4
+    weight_decay: Annotated[float, Help("the transformer's AdamW weight decay"), Ge(0)] = 1e-2
+    betas: Annotated[tuple[Beta, Beta], Help("AdamW's (beta1, beta2), each in [0, 1)")] = (0.9, 0.999)
+    eps: Annotated[float, Help("AdamW's epsilon"), Gt(0)] = 1e-8
+    fused: Annotated[bool | None, Help("the fused AdamW kernel; null: where the parameters are on CUDA")] = None
 
 
 @dataclass
 class ScheduleConfig:
     """Linear warm-up, then step decay (the paper) or cosine (pixelbert_dist.train.schedule)."""
 
-    warmup_steps: int = 0
-    kind: Literal["step", "cosine", "constant"] = "step"
-    milestones_epochs: list[float] = field(default_factory=lambda: [25, 35])  # step: lr x gamma at these epochs
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0  # cosine: the end value as a fraction of the base lr
+    warmup_steps: Annotated[int, Help("optimiser steps of linear warm-up from 0"), Ge(0)] = 0
+    kind: Annotated[Literal["step", "cosine", "constant"], Help("the decay after warm-up")] = "step"
+    milestones_epochs: Annotated[
+        list[Annotated[float, Ge(0)]], Help("kind=step: lr x schedule.gamma at each of these epochs")
+    ] = field(default_factory=lambda: [25, 35])
+    gamma: Annotated[float, Help("kind=step: the factor at each milestone"), Interval(gt=0, le=1)] = 0.1
+    min_lr_ratio: Annotated[
+        float, Help("kind=cosine: the end value as a fraction of the base lr"), Interval(ge=0, le=1)
+    ] = 0.0
 
 
 @dataclass
 class ModelSection:
-    preset: str = "tiny"
-    overrides: dict = field(default_factory=dict)  # any PixelBertConfig field
-    bert_dir: str | None = None  # local Hugging Face BERT checkpoint directory
-    cnn_weights: str | None = None  # local torchvision weights file for the CNN trunk
-    visual_weights: str | None = None  # a file of visual.* tensors (CNN + projection), e.g. the
-    # demo's warm start (pixelbert_dist.train.visual_warmstart)
-    freeze: list[str] = field(default_factory=list)  # parameter-name prefixes to keep fixed
+    preset: Annotated[str, Help("a registered model preset (--list-presets)")] = "tiny"
+    overrides: Annotated[
+        dict[str, Any],
+        Help("PixelBertConfig fields set over the preset's (model.overrides.num_layers=6); model/config.py"),
+        entries_of(PixelBertConfig),
+    ] = field(default_factory=dict)
+    bert_dir: Annotated[str | None, Help("local Hugging Face BERT checkpoint directory")] = None
+    cnn_weights: Annotated[str | None, Help("local torchvision weights file for the CNN trunk")] = None
+    visual_weights: Annotated[
+        str | None,
+        Help("a file of visual.* tensors (CNN + projection), e.g. the demo's warm start (train/visual_warmstart.py)"),
+    ] = None
+    freeze: Annotated[list[str], Help("parameter-name prefixes to keep fixed (e.g. [visual.backbone])")] = field(
+        default_factory=list
+    )
 
 
 @dataclass
@@ -56,29 +77,42 @@ class LoopConfig:
     The one source of truth for batch size, accumulation and clipping: DeepSpeed's
     "auto" fields are filled from here, and a contradicting JSON value is refused."""
 
-    micro_batch: int = 8  # examples per GPU and micro-batch
-    grad_accum: int = 1  # micro-batches per optimiser step
-    # pairs per optimiser step over all ranks (the paper: 4096); > 0: grad_accum follows
-    # from it for the world size the run gets, so a resume on other nodes keeps the recipe
-    global_batch: int = 0
-    grad_clip: float = 1.0  # gradient-norm clipping (DeepSpeed's gradient_clipping)
-    precision: Precision | None = None  # None: the DeepSpeed JSON decides (bf16/fp16/fp32)
-    epochs: float = 40.0
-    max_steps: int = 0  # > 0: stop after this many optimiser steps
-    log_every: int = 10  # optimiser steps between train log lines
-    eval_every: int = 0  # optimiser steps; 0: at the end of every epoch
-    save_every: int = 500  # optimiser steps between checkpoints; 0: at the end only
-    keep_last: int = 3  # checkpoints kept
-    resume: str = "auto"  # "auto" (latest), "none", a tag or a checkpoint path
-    resume_universal: bool = False  # allow a resume at another world size (universal ckpt)
-    seed: int = 0
-    compile: bool = False  # torch.compile through DeepSpeed's engine.compile()
-    # recompute instead of keeping activations: none, transformer (encoder layers) or all (also
-    # the CNN stem and stages); None: as the model preset / model.overrides say
-    activation_checkpointing: Literal["none", "transformer", "all"] | None = None
-    sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
-    max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
-    max_loss: float = 1e4  # a finite loss above this is a blow-up: skipped and counted like NaN/inf
+    micro_batch: Annotated[int, Help("examples per GPU and micro-batch"), Ge(1)] = 8
+    grad_accum: Annotated[int, Help("micro-batches per optimiser step"), Ge(1)] = 1
+    global_batch: Annotated[
+        int,
+        Help(
+            "pairs per optimiser step over all ranks (the paper: 4096); > 0: grad_accum follows "
+            "from it for the world size the run gets, so a resume on other nodes keeps the recipe"
+        ),
+        Ge(0),
+    ] = 0
+    grad_clip: Annotated[float, Help("gradient-norm clipping (DeepSpeed's gradient_clipping); 0: off"), Ge(0)] = 1.0
+    precision: Annotated[Precision | None, Help("null: the DeepSpeed JSON decides")] = None
+    epochs: Annotated[float, Help("passes over the training split (fractions allowed)"), Ge(0)] = 40.0
+    max_steps: Annotated[int, Help("> 0: stop after this many optimiser steps"), Ge(0)] = 0
+    log_every: Annotated[int, Help("optimiser steps between train log lines"), Ge(1)] = 10
+    eval_every: Annotated[int, Help("optimiser steps between evaluations; 0: after every epoch"), Ge(0)] = 0
+    save_every: Annotated[int, Help("optimiser steps between checkpoints; 0: at the end only"), Ge(0)] = 500
+    keep_last: Annotated[int, Help("checkpoints kept on disk; 0: all"), Ge(0)] = 3
+    resume: Annotated[str, Help('"auto" (the latest checkpoint), "none", a tag or a checkpoint path')] = "auto"
+    resume_universal: Annotated[bool, Help("allow a resume at another world size (universal checkpoint)")] = False
+    seed: Annotated[int, Help("initial weights, dropout and pixel sampling"), Ge(0)] = 0
+    compile: Annotated[bool, Help("torch.compile through DeepSpeed's engine.compile()")] = False
+    activation_checkpointing: Annotated[
+        Literal["none", "transformer", "all"] | None,
+        Help(
+            "recompute activations in backward: transformer (encoder layers) or all (also the CNN); "
+            "null: as the model preset / model.overrides say"
+        ),
+    ] = None
+    sync_bn: Annotated[bool, Help("SyncBatchNorm across ranks (CUDA only)")] = False
+    max_nonfinite_in_row: Annotated[
+        int, Help("NaN/inf losses are skipped and counted; this many in a row stop the run"), Ge(1)
+    ] = 20
+    max_loss: Annotated[
+        float, Help("a finite loss above this is a blow-up: skipped and counted like NaN/inf"), Gt(0)
+    ] = 1e4
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step at this world size: ``grad_accum``, or what
@@ -102,20 +136,10 @@ class LoopConfig:
         return steps
 
     def validate(self) -> "LoopConfig":
-        if self.global_batch < 0:
-            raise ValueError(f"train.global_batch={self.global_batch} must be >= 0 (0: micro x grad_accum x ranks)")
-        if self.micro_batch < 1 or self.grad_accum < 1:
-            raise ValueError(
-                f"train.micro_batch={self.micro_batch} and train.grad_accum={self.grad_accum} must be >= 1"
-            )
+        """Types and bounds (also for a config made in Python), then what spans two keys."""
+        check_fields(self, "train.")
         if self.epochs <= 0 and self.max_steps <= 0:
-            raise ValueError("set train.epochs > 0 or train.max_steps > 0")
-        if self.max_nonfinite_in_row < 1:
-            raise ValueError(f"train.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
-        if not self.max_loss > 0:
-            raise ValueError(f"train.max_loss={self.max_loss} must be > 0")
-        if self.log_every < 1:
-            raise ValueError(f"train.log_every={self.log_every} must be >= 1")
+            raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
         return self
 
 
@@ -123,14 +147,14 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
     """Pre-training's loop settings."""
 
-    eval_batches: int = 0  # 0: the whole validation split
-    retrieval_size: int = 32  # held-out images for the R@1 probe (0: off)
-    export: bool = True  # write the fine-tuning export at the end
+    eval_batches: Annotated[int, Help("validation batches per evaluation; 0: the whole split"), Ge(0)] = 0
+    retrieval_size: Annotated[int, Help("held-out images for the R@1 probe; 0: off"), Ge(0)] = 32
+    export: Annotated[bool, Help("write the fine-tuning export at the end")] = True
 
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
+    run_dir: Annotated[str, Help("the run's folder: config, checkpoints, logs, export")] = "runs/default"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -138,9 +162,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
+        check_fields(self)
         self.train.validate()
         if not self.data.train_shards:
-            raise ValueError(
+            raise ConfigError(
                 "data.train_shards is empty: point it at a shard split directory "
                 "(python launch/make_shards.py synthetic --out DIR makes one)"
             )
