@@ -49,7 +49,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         description=DESCRIPTIONS[task],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.epochs=3 optim.lr=3e-5);\n"
-        "default and type shown:\n" + "\n".join(config_help(FinetuneConfig)),
+        "default, (type, bounds) and help shown:\n" + "\n".join(config_help(FinetuneConfig)),
     )
     parser.add_argument("--pretrained", help="pre-training export folder (config.json, model.safetensors)")
     parser.add_argument("--shards", nargs="+", help="shard folder(s) holding the task's images")
@@ -102,6 +102,7 @@ def main(task: str, argv=None) -> dict:
     if args.print_config:
         print(dump_config(cfg), end="", flush=True)
         return {}
+    cfg.validate()  # what spans two keys, refused before torch and DeepSpeed load
     setup_console()  # levels and noise filters, before DeepSpeed is imported
     from pixelbert_dist.finetune.trainer import FinetuneTrainer  # torch and DeepSpeed: after the arguments
 

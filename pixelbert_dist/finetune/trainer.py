@@ -129,6 +129,9 @@ class FinetuneTrainer(BaseTrainer):
     def build_optimizer(self, model) -> HybridOptimizer:
         return build_optimizer(model, self.cfg)
 
+    def train_samples(self) -> int | None:
+        return len(self.task.train_examples) or None  # none: the task reads no train split
+
     def samples_in(self, batch: dict) -> int:
         return len(batch["examples"])
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pixelbert_dist import checkpoint as ckpt
-from pixelbert_dist.config import to_dict
+from pixelbert_dist.config import ConfigError, to_dict
 from pixelbert_dist.console import Progress
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
@@ -48,6 +48,22 @@ def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
         pixelbert.set_activation_checkpointing(mode)
 
 
+def check_batch_fits(t, samples: int | None, world: int) -> None:
+    """Refuse a micro-batch larger than one rank's share of the epoch: every batch would
+    be short, and the batch per step would not be the micro x accumulation x ranks that
+    the banner, the lr and DeepSpeed's train_batch_size assume. Refused, not clamped:
+    DeepSpeed and torchtitan take the batch size as given, and a batch quietly changed
+    changes what the lr means and what a resume expects."""
+    share = None if samples is None else -(-samples // world)
+    if share is not None and share < t.micro_batch:
+        raise ConfigError(
+            f"train.micro_batch={t.micro_batch}: the training split has {samples} samples, {share} per rank "
+            f"on {world} rank(s), fewer than one micro-batch (a step of {t.micro_batch} x {t.grad_accum} x "
+            f"{world} = {t.micro_batch * t.grad_accum * world} would never be full); "
+            f"set train.micro_batch <= {share}"
+        )
+
+
 class BaseTrainer(RunPersistence):
     """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``."""
 
@@ -70,6 +86,7 @@ class BaseTrainer(RunPersistence):
         if t.activation_checkpointing is not None:
             set_activation_checkpointing(model, t.activation_checkpointing)
         self.train_loader = self.build_loaders()
+        check_batch_fits(t, self.train_samples(), self.world)
         self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         self.run_lock, self._saved_step = None, None
@@ -102,6 +119,10 @@ class BaseTrainer(RunPersistence):
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         raise NotImplementedError
+
+    def train_samples(self) -> int | None:
+        """Training samples in one epoch over all ranks; None: not known before reading."""
+        return None
 
     def batch_sums(self, out: dict, batch: dict) -> dict:
         """What one micro-batch adds to the logging window (sums, so ranks combine exactly):

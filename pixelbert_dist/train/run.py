@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pixel-BERT pre-training. Run under `deepspeed`, `torchrun`, Slurm or alone.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.micro_batch=32 optim.lr=2e-4);\n"
-        "default and type shown:\n" + "\n".join(config_help(RunConfig)),
+        "default, (type, bounds) and help shown:\n" + "\n".join(config_help(RunConfig)),
     )
     parser.add_argument("--deepspeed_config", help="ZeRO + precision JSON (deepspeed_configs/); required to train")
     parser.add_argument("--config", help="run config YAML (launch/configs/)")
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--deepspeed_config {args.deepspeed_config}: no such file (a path, or the name of "
             "a file in deepspeed_configs/)"
         )
-    cfg = load_config(RunConfig, args.config, args.overrides)
+    cfg = load_config(RunConfig, args.config, args.overrides).validate()  # before torch and DeepSpeed load
     from pixelbert_dist.train.trainer import Trainer  # heavy imports after the argument check
 
     Trainer(cfg, args.deepspeed_config).fit()  # rank 0 ends with the summary: final / best metrics, the export
@@ -89,7 +89,8 @@ def refusals_as_one_line(label: str, call) -> int:
         if not isinstance(err, (ConfigError, RunFolderError, CheckpointError, ShardFormatError)):
             raise
         if os.environ.get("RANK", "0") == "0":
-            print(f"{label}: {err}", file=sys.stderr, flush=True)
+            kind = "config error: " if isinstance(err, ConfigError) else ""
+            print(f"{label}: {kind}{err}", file=sys.stderr, flush=True)
         return 2
     if "torch.distributed" in sys.modules:  # never imported for --help
         from pixelbert_dist.distributed.env import close_process_group

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pixelbert_dist.config import ConfigError
+
 log = logging.getLogger(__name__)
 LOCK = "run.lock"
 METRICS, SUPERSEDED = "metrics.jsonl", "metrics.superseded.jsonl"
@@ -46,7 +48,7 @@ def check_run_dir_writable(run_dir: Path) -> None:
         problem = _unwritable(folder)
         if problem:
             what = "checkpoints" if folder.name == "checkpoints" else "checkpoints, logs and the export"
-            raise ValueError(f"run_dir={str(run_dir)!r} is not a writable folder ({problem}): {what} go there")
+            raise ConfigError(f"run_dir={str(run_dir)!r} is not a writable folder ({problem}): {what} go there")
 
 
 def _unwritable(folder: Path) -> str | None:

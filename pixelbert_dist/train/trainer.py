@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 
+from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.loader import build_loader
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.model import (
@@ -31,7 +32,7 @@ __all__ = ["Trainer", "NonFiniteLossError", "check_run_dir_writable", "build_run
 def build_run_model(section: ModelSection, vocab_size: int | None = None) -> PixelBert:
     model = build_model(section.preset, **section.overrides)
     if vocab_size is not None and vocab_size > model.config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {vocab_size} tokens but model preset {section.preset!r} has "
             f"vocab_size={model.config.vocab_size}: set model.overrides.vocab_size or data.vocab_dir"
         )
@@ -51,7 +52,7 @@ def freeze_prefixes(model: PixelBert, prefixes: list[str]) -> None:
     for prefix in prefixes:
         hits = [p for name, p in model.named_parameters() if name.startswith(prefix)]
         if not hits:
-            raise ValueError(f"model.freeze: no parameter name starts with {prefix!r}")
+            raise ConfigError(f"model.freeze: no parameter name starts with {prefix!r}")
         for param in hits:
             param.requires_grad_(False)
 
@@ -108,6 +109,10 @@ class Trainer(BaseTrainer):
 
     def build_optimizer(self, model):
         return build_optimizer(model, self.cfg.optim)
+
+    def train_samples(self) -> int | None:
+        index = getattr(self.train_loader, "index", None)  # streamed shards have none
+        return len(index) if index is not None else self.cfg.data.epoch_samples or None
 
     def batch_sums(self, out: dict, batch: dict) -> dict:
         return batch_metrics(out, batch)
