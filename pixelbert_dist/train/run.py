@@ -74,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _is_refusal(err: Exception) -> bool:
+    """A refusal past the config (these imports load torch and DeepSpeed, whose import
+    prints a line of its own: a config error is known without them)."""
+    from pixelbert_dist.checkpoint import CheckpointError
+    from pixelbert_dist.data.format.index import ShardFormatError
+    from pixelbert_dist.train.run_dir import RunFolderError
+
+    return isinstance(err, (RunFolderError, CheckpointError, ShardFormatError))
+
+
 def refusals_as_one_line(label: str, call) -> int:
     """``call()``, where a run refused for a reason its message states (a bad key, a locked or
     finished run folder, a damaged checkpoint, shards not in the format) ends as one line on
@@ -81,12 +91,8 @@ def refusals_as_one_line(label: str, call) -> int:
     traceback per rank."""
     try:
         result = call()
-    except Exception as err:  # not SystemExit (--help): the imports below load torch
-        from pixelbert_dist.checkpoint import CheckpointError
-        from pixelbert_dist.data.format.index import ShardFormatError
-        from pixelbert_dist.train.run_dir import RunFolderError
-
-        if not isinstance(err, (ConfigError, RunFolderError, CheckpointError, ShardFormatError)):
+    except Exception as err:  # not SystemExit (--help)
+        if not (isinstance(err, ConfigError) or _is_refusal(err)):
             raise
         if os.environ.get("RANK", "0") == "0":
             kind = "config error: " if isinstance(err, ConfigError) else ""
