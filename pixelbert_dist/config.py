@@ -149,6 +149,8 @@ def _describe(cls: type, error: dict, tree: dict, where: str) -> str:
     bound = next((name for name in _BOUNDS if name in ctx), None)
     if bound is not None:
         return f"{key}={shown(value)}: must be {_BOUNDS[bound]} {ctx[bound]:g}"
+    if error["type"] == "literal_error":
+        return f"{key}={value!r}: must be {type_name(tp)}"
     if isinstance(ctx.get("error"), EntryError):
         return f"{key}.{ctx['error'].entry}: {ctx['error']}"
     return f"config key {key!r}: expected {type_name(tp)}, got {value!r} ({error['msg']})"
@@ -294,7 +296,7 @@ def entries_of(cls: type):
             try:
                 value[key] = _adapter(types_[key]).validate_python(item)
             except pydantic.ValidationError:
-                raise EntryError(key, f"expected {type_name(types_[key])}, got {item!r}") from None
+                raise EntryError(f"{key}={item!r}", f"must be {type_name(types_[key])}") from None
         return value
 
     return pydantic.AfterValidator(check)

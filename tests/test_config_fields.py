@@ -96,11 +96,11 @@ def test_help_lines_show_default_type_choices_bounds_and_help(root):
         ("optim.betas=[0.9,1.0]", r"optim.betas=[0.9, 1.0]: must be < 1"),
         ("schedule.gamma=0", "schedule.gamma=0: must be > 0"),
         ("data.num_workers=-1", "data.num_workers=-1: must be >= 0"),
-        ("data.backend=turbo", "config key 'data.backend': expected one of 'dali', 'nvjpeg', 'pil', got 'turbo'"),
-        ("data.dali_reader=tar", "expected one of 'external', 'webdataset', got 'tar'"),
+        ("data.backend=turbo", "data.backend='turbo': must be one of 'dali', 'nvjpeg', 'pil'"),
+        ("data.dali_reader=tar", "data.dali_reader='tar': must be one of 'external', 'webdataset'"),
         ("model.overrides.num_layerz=3", "model.overrides.num_layerz: not a field of PixelBertConfig; valid: ["),
-        ("model.overrides.num_layers=six", "model.overrides.num_layers: expected int, got 'six'"),
-        ("model.overrides.backbone=resnet99", "model.overrides.backbone: expected one of 'resnet10',"),
+        ("model.overrides.num_layers=six", "model.overrides.num_layers='six': must be int"),
+        ("model.overrides.backbone=resnet99", "model.overrides.backbone='resnet99': must be one of 'resnet10',"),
     ],
 )
 def test_a_bad_value_is_refused_by_key_in_one_line(override, message):
@@ -115,7 +115,7 @@ def test_model_overrides_are_typed_to_the_model_fields():
 
 
 def test_a_config_made_in_python_is_checked_as_a_loaded_one():
-    with pytest.raises(ConfigError, match=r"config key 'data.backend': expected one of"):
+    with pytest.raises(ConfigError, match=r"^data.backend='turbo': must be one of"):
         DataConfig(train_shards="x", backend="turbo").validate()
     cfg = RunConfig()
     cfg.data.train_shards, cfg.optim.lr = "x", -1.0
@@ -129,7 +129,7 @@ REFUSED = [
     (["train.save_every=-5"], "train.save_every=-5: must be >= 0"),
     (["train.micro_batch=0"], "train.micro_batch=0: must be >= 1"),
     (["train.log_every=0"], "train.log_every=0: must be >= 1"),
-    (["data.backend=turbo"], "config key 'data.backend': expected one of 'dali', 'nvjpeg', 'pil', got 'turbo'"),
+    (["data.backend=turbo"], "data.backend='turbo': must be one of 'dali', 'nvjpeg', 'pil'"),
     (["data.image_shorter=900", "data.image_max=800"], "need image_shorter <= image_max"),
     (["train.epochs=0", "train.max_steps=0"], "set train.epochs > 0 or train.max_steps > 0"),
     (["data.dali_reader=webdataset", "data.backend=pil"], "data.dali_reader='webdataset' is a mode of"),
