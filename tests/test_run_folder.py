@@ -285,3 +285,12 @@ def test_universal_resume_from_two_ranks_to_one_through_the_launcher(shards, tmp
     assert sorted(losses) == list(range(1, 9))
     assert all(map(torch.isfinite, torch.tensor(list(losses.values()))))
     assert ckpt.read_meta(run_dir / "checkpoints" / "step_00000008")["world_size"] == 1
+
+
+def test_global_batch_sets_the_accumulation_for_the_world_size(run_dir, shards):
+    run = trainer(run_dir, shards, "train.global_batch=8", "train.micro_batch=2", steps=2)
+    assert run.cfg.train.grad_accum == 4  # 8 pairs = 2 x 4 x 1 rank
+    assert run.engine.gradient_accumulation_steps() == 4
+    run.fit()
+    assert run.state["step"] == 2
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["global_batch"] == 8
