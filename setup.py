@@ -37,7 +37,7 @@ setup(
             "pixelbert-make-shards = pixelbert_dist.data.builders.cli:main",
             "pixelbert-submit = pixelbert_dist.jobs.cli:main",
             "pixelbert-plot = pixelbert_dist.plotting:main",
-            "pixelbert-export = pixelbert_dist.train.export:main",
+            "pixelbert-export = pixelbert_dist.train.export_cli:main",
         ]
     },
     extras_require={
