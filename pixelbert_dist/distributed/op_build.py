@@ -1,0 +1,33 @@
+"""DeepSpeed's one-time op build, said before it starts: on a CPU its first process group
+JIT-compiles a shared-memory all-reduce op (~30-60 s, then cached under
+TORCH_EXTENSIONS_DIR), a silent minute without this line."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+BUILD_NOTICE = "building DeepSpeed's shared-memory op (first run, ~30-60 s; cached in %s)..."
+
+
+def pending_shm_op_build() -> Path | None:
+    """The folder DeepSpeed is about to compile its shared-memory op into (its CPU
+    accelerator has the op, and no build of it is there yet), else None. The same test
+    as ``deepspeed.comm.torch.build_shm_op``, which builds it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))  # what torch's JIT load uses
+    return None if (folder / f"{builder.NAME}.so").is_file() else folder
+
+
+def announce_op_build() -> None:
+    """One line before a first run's op build (rank 0's log shows it)."""
+    folder = pending_shm_op_build()
+    if folder is not None:
+        log.info(BUILD_NOTICE, folder)
