@@ -4,6 +4,10 @@ setup(
     name="pixelbert_dist",
     version="0.1.0",
     description="Distributed large-scale pre-training for Pixel-BERT (Huang et al., 2020)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]),
     package_data={"pixelbert_dist": ["assets/**/*"]},
     include_package_data=True,
@@ -41,7 +45,10 @@ setup(
         ]
     },
     extras_require={
-        "dali": ["nvidia-dali-cuda130"],
+        # DALI's wheels are per CUDA major version: pick the one of your driver / torch build
+        "dali": ["nvidia-dali-cuda130"],  # = dali-cuda13, kept for existing installs
+        "dali-cuda12": ["nvidia-dali-cuda120"],
+        "dali-cuda13": ["nvidia-dali-cuda130"],
         # s3fs + moto's local S3 server: tests/test_streaming_s3.py streams shards from S3.
         # s3fs's lower bound: without it pip takes the newest boto3 (moto wants one) and
         # backtracks s3fs to 0.4.2 (2020, no aiobotocore), which fsspec warns is very slow
