@@ -8,8 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     license_files=["LICENSE"],
-    packages=find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]),
-    package_data={"pixelbert_dist": ["assets/**/*"]},
+    # the shipped DeepSpeed JSONs go into the wheel inside the package (ds_config.SHIPPED_DIR)
+    packages=[*find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]), "pixelbert_dist.deepspeed_configs"],
+    package_dir={"pixelbert_dist.deepspeed_configs": "deepspeed_configs"},
+    package_data={"pixelbert_dist": ["assets/**/*"], "pixelbert_dist.deepspeed_configs": ["*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "pixelbert_dist"]
+SOURCES = ["setup.py", "pyproject.toml", "README.md", "LICENSE", "pixelbert_dist", "deepspeed_configs"]
 
 
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
@@ -58,6 +58,7 @@ def test_wheel_installs_into_a_fresh_venv_and_its_commands_run(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "pixelbert_dist/assets/vocab_synthetic/vocab.txt" in names
+    assert "pixelbert_dist/deepspeed_configs/zero2.json" in names
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert {"Provides-Extra: dali", "Provides-Extra: dali-cuda12", "Provides-Extra: dali-cuda13"} <= set(
         metadata.splitlines()
@@ -88,3 +89,7 @@ def test_wheel_installs_into_a_fresh_venv_and_its_commands_run(tmp_path):
     assert "usage: pixelbert-pretrain" in help_text
     presets = _run([tmp_path / "venv" / "bin" / "pixelbert-pretrain", "--list-presets"], cwd=tmp_path).stdout
     assert "pixelbert-r50" in presets
+    # a shipped DeepSpeed config by its bare name, found inside the installed package
+    resolve = "from pixelbert_dist.distributed.ds_config import resolve_deepspeed_path as r; print(r('zero2.json'))"
+    printed = _run([python, "-c", resolve], cwd=tmp_path).stdout.strip()
+    assert printed == str(Path(installed).parent / "deepspeed_configs" / "zero2.json")

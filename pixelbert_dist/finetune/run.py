@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
 from pixelbert_dist.console import setup_console
+from pixelbert_dist.distributed.ds_config import SHIPPED_DIR
 from pixelbert_dist.finetune.config import FinetuneConfig
 
-REPO = Path(__file__).resolve().parents[2]
 
 # Each task's own files: (flag, config key, help), and its --help description.
 TASK_FILES = {
@@ -66,7 +66,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--deepspeed_config",
         metavar="JSON",
-        default=str(REPO / "deepspeed_configs" / "zero2.json"),
+        default=str(SHIPPED_DIR / "zero2.json"),
         help="ZeRO + precision JSON (precision: the run config's train.precision wins)",
     )
     parser.add_argument(
