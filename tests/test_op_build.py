@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed
 import pytest
+import torch
 
 from pixelbert_dist.distributed.env import free_port
 from pixelbert_dist.distributed.op_build import pending_shm_op_build
@@ -50,6 +52,23 @@ def _one_rank(extensions: Path) -> str:
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
+
+
+def test_a_build_made_from_another_venv_path_is_pending(tmp_path, monkeypatch):
+    """ninja compiles again when the command changes: a build.ninja that names another
+    venv's deepspeed and torch (a symlinked .venv, another checkout) is no build for this one."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "deepspeed_shm_comm"
+    folder.mkdir()
+    (folder / "deepspeed_shm_comm.so").write_bytes(b"")
+    here = Path(deepspeed.__file__).parent
+    sources = [here / "ops" / "csrc" / "cpu" / "comm" / name for name in ("shm_interface.cpp", "shm.cpp")]
+    torch_include = Path(torch.__file__).parent / "include"
+    ninja = folder / "build.ninja"
+    ninja.write_text(f"cflags = -isystem {torch_include}\n" + "".join(f"build x.o: compile {s}\n" for s in sources))
+    assert pending_shm_op_build() is None
+    ninja.write_text(ninja.read_text().replace(str(here), "/elsewhere/.venv/site-packages/deepspeed"))
+    assert pending_shm_op_build() == folder
 
 
 @pytest.mark.slow

@@ -12,18 +12,25 @@ BUILD_NOTICE = "building DeepSpeed's shared-memory op (first run, ~30-60 s; cach
 
 
 def pending_shm_op_build() -> Path | None:
-    """The folder DeepSpeed is about to compile its shared-memory op into (its CPU
-    accelerator has the op, and no build of it is there yet), else None. The same test
-    as ``deepspeed.comm.torch.build_shm_op``, which builds it."""
+    """The folder DeepSpeed is about to compile its shared-memory op into, else None: its
+    CPU accelerator has the op (the test ``deepspeed.comm.torch.build_shm_op`` makes) and
+    the folder holds no build of it for this interpreter. ninja rebuilds when the compile
+    command changes, and the command names the source and torch paths: a build made from
+    a venv at another path (a symlinked .venv, another checkout) is built again."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
-    from torch.utils.cpp_extension import _get_build_directory
+    from torch.utils.cpp_extension import _get_build_directory, include_paths
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
     folder = Path(_get_build_directory(builder.NAME, verbose=False))  # what torch's JIT load uses
-    return None if (folder / f"{builder.NAME}.so").is_file() else folder
+    ninja = folder / "build.ninja"
+    if not (folder / f"{builder.NAME}.so").is_file() or not ninja.is_file():
+        return folder
+    paths = [builder.deepspeed_src_path(source) for source in builder.sources()] + include_paths()[:1]
+    command = ninja.read_text(errors="replace")
+    return None if all(str(path) in command for path in paths) else folder
 
 
 def announce_op_build() -> None:
