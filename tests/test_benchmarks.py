@@ -290,7 +290,7 @@ def test_gpu_check_dry_run_uses_real_flags():
 def test_bench_index_says_what_it_writes_before_writing(tmp_path, monkeypatch, capsys):
     """The shard split bench_index builds (2.6 GB at 10^6 samples): the size and folder are
     said before the first byte, within 5% of what lands on disk; a second run reuses it."""
-    import bench_index
+    from benchmarks import bench_index
 
     monkeypatch.setattr(bench_index, "CACHE", tmp_path / "cache")
     directory = bench_index.build_largest(3000)

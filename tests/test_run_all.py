@@ -43,7 +43,7 @@ def test_ctrl_c_stops_the_suite_and_ends_its_benchmark(tmp_path):
         start_new_session=True,
     )
     try:
-        bench = _benchmark_process(psutil.Process(proc.pid), "bench_data.py", time.time() + 120)
+        bench = _benchmark_process(psutil.Process(proc.pid), "benchmarks.bench_data", time.time() + 120)
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         out, err = proc.communicate(timeout=60)
     finally:
