@@ -3,6 +3,7 @@ minute of the build, and a run that finds the op built says nothing of it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -54,20 +55,26 @@ def _one_rank(extensions: Path) -> str:
     return proc.stdout
 
 
-def test_a_build_made_from_another_venv_path_is_pending(tmp_path, monkeypatch):
+def test_a_build_for_another_venv_path_or_half_done_is_pending(tmp_path, monkeypatch):
     """ninja compiles again when the command changes: a build.ninja that names another
-    venv's deepspeed and torch (a symlinked .venv, another checkout) is no build for this one."""
+    venv's deepspeed and torch (a symlinked .venv, another checkout) is no build for this
+    one; nor is a library older than its build.ninja (a build stopped half-way)."""
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = tmp_path / "deepspeed_shm_comm"
     folder.mkdir()
-    (folder / "deepspeed_shm_comm.so").write_bytes(b"")
     here = Path(deepspeed.__file__).parent
     sources = [here / "ops" / "csrc" / "cpu" / "comm" / name for name in ("shm_interface.cpp", "shm.cpp")]
     torch_include = Path(torch.__file__).parent / "include"
-    ninja = folder / "build.ninja"
+    ninja, library = folder / "build.ninja", folder / "deepspeed_shm_comm.so"
     ninja.write_text(f"cflags = -isystem {torch_include}\n" + "".join(f"build x.o: compile {s}\n" for s in sources))
+    library.write_bytes(b"")
+    os.utime(ninja, (1000, 1000))  # the library built after the command was written
     assert pending_shm_op_build() is None
+    os.utime(library, (500, 500))  # a library from before this command: a half-way build
+    assert pending_shm_op_build() == folder
+    os.utime(library, (2000, 2000))
     ninja.write_text(ninja.read_text().replace(str(here), "/elsewhere/.venv/site-packages/deepspeed"))
+    os.utime(ninja, (1000, 1000))
     assert pending_shm_op_build() == folder
 
 

@@ -25,8 +25,10 @@ def pending_shm_op_build() -> Path | None:
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
     folder = Path(_get_build_directory(builder.NAME, verbose=False))  # what torch's JIT load uses
-    ninja = folder / "build.ninja"
-    if not (folder / f"{builder.NAME}.so").is_file() or not ninja.is_file():
+    ninja, library = folder / "build.ninja", folder / f"{builder.NAME}.so"
+    # torch rewrites build.ninja only when the command changes: a library older than it is
+    # from an earlier command, or a build stopped half-way
+    if not library.is_file() or not ninja.is_file() or library.stat().st_mtime < ninja.stat().st_mtime:
         return folder
     paths = [builder.deepspeed_src_path(source) for source in builder.sources()] + include_paths()[:1]
     command = ninja.read_text(errors="replace")
