@@ -4,8 +4,14 @@ setup(
     name="pixelbert_dist",
     version="0.1.0",
     description="Distributed large-scale pre-training for Pixel-BERT (Huang et al., 2020)",
-    packages=find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]),
-    package_data={"pixelbert_dist": ["assets/**/*"]},
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    # the shipped DeepSpeed JSONs go into the wheel inside the package (ds_config.SHIPPED_DIR)
+    packages=[*find_packages(include=["pixelbert_dist", "pixelbert_dist.*"]), "pixelbert_dist.deepspeed_configs"],
+    package_dir={"pixelbert_dist.deepspeed_configs": "deepspeed_configs"},
+    package_data={"pixelbert_dist": ["assets/**/*"], "pixelbert_dist.deepspeed_configs": ["*.json"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=[
@@ -37,11 +43,14 @@ setup(
             "pixelbert-make-shards = pixelbert_dist.data.builders.cli:main",
             "pixelbert-submit = pixelbert_dist.jobs.cli:main",
             "pixelbert-plot = pixelbert_dist.plotting:main",
-            "pixelbert-export = pixelbert_dist.train.export:main",
+            "pixelbert-export = pixelbert_dist.train.export_cli:main",
         ]
     },
     extras_require={
-        "dali": ["nvidia-dali-cuda130"],
+        # DALI's wheels are per CUDA major version: pick the one of your driver / torch build
+        "dali": ["nvidia-dali-cuda130"],  # = dali-cuda13, kept for existing installs
+        "dali-cuda12": ["nvidia-dali-cuda120"],
+        "dali-cuda13": ["nvidia-dali-cuda130"],
         # s3fs + moto's local S3 server: tests/test_streaming_s3.py streams shards from S3.
         # s3fs's lower bound: without it pip takes the newest boto3 (moto wants one) and
         # backtracks s3fs to 0.4.2 (2020, no aiobotocore), which fsspec warns is very slow

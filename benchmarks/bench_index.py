@@ -38,9 +38,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,13 +118,45 @@ def write_tiny_shard(path: Path, first: int, count: int, jpegs):
     return ShardInfo(path.name, count, hashlib.sha256(data).hexdigest())
 
 
+def bytes_per_sample(jpegs, probe: int = 200) -> float:
+    """Disk bytes per sample of the splits built here (tar + index sidecar), from a
+    ``probe``-sample shard written the same way to a temporary folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_shard(Path(tmp) / "probe-000000.tar", 0, probe, jpegs)
+        return sum(f.stat().st_size for f in Path(tmp).iterdir()) / probe
+
+
+def size_text(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.2f} GB" if num_bytes >= 1e9 else f"{num_bytes / 1e6:.1f} MB"
+
+
+def say_what_it_writes(num: int, directory: Path, jpegs) -> None:
+    """A split of 10^6 samples is ~2.6 GB: say how much and where before writing it, and
+    refuse when the disk there lacks the room."""
+    need = bytes_per_sample(jpegs) * num
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory.parent).free
+    if need > free:
+        raise SystemExit(
+            f"bench_index: {num} samples need ~{size_text(need)} in {directory}, and {size_text(free)} are "
+            f"free there: use smaller --sizes, or free space (rm -rf {CACHE} drops earlier splits)"
+        )
+    print(
+        f"bench_index: writing ~{size_text(need)} ({num} samples) into {directory} ({size_text(free)} free "
+        f"there); kept for later runs: rm -rf {CACHE} reclaims it",
+        flush=True,
+    )
+
+
 def build_largest(num: int) -> Path:
     """The largest split, written once (tiny JPEG bytes reused, tar written directly)."""
     from pixelbert_dist.data.format.shards import Manifest, shard_name, write_manifest
 
     directory = CACHE / f"n{num}"
     if (directory / "manifest.json").is_file():
+        print(f"bench_index: reusing the {num}-sample split in {directory}", flush=True)
         return directory
+    say_what_it_writes(num, directory, tiny_jpegs())
     directory.mkdir(parents=True, exist_ok=True)
     jpegs, shards, start = tiny_jpegs(), [], time.perf_counter()
     for s in range(-(-num // PER_SHARD)):
@@ -373,7 +407,8 @@ def main(argv=None) -> None:
         "--stream",
         action="store_true",
         help="streaming mode instead: the splits as local brace patterns and "
-        "from a local http.server (127.0.0.1), start-up and img/s",
+        "from a local http.server (127.0.0.1), start-up and img/s; writes ~2.6 GB per 10^6 samples "
+        "into .cache/bench_index (said before it starts)",
     )
     parser.add_argument("--stream-batches", type=int, default=100)
     parser.add_argument("--stream-backends", nargs="+", default=["pil", "dali"], choices=["pil", "dali", "nvjpeg"])

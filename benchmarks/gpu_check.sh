@@ -21,7 +21,8 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --cpu-smoke) SMOKE=1 ;;
     --out) DEST="$2"; shift ;;
-    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (--help lists the options)" >&2; exit 2 ;;
   esac
   shift
 done

@@ -6,6 +6,7 @@
 # DIR (default: a new benchmarks/results/<machine>-<date>T<time>-quick|full/ per run, so no
 # run overwrites another). --quick is the CPU smoke run
 # (a few minutes on 2 cores); without it each benchmark runs its full grid (for a GPU).
+# Ctrl-C (or a TERM) stops the suite and ends the benchmark it was running, children included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,6 +21,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=(--quick) COMPILE=(--repeats 3) MEMORY=(--preset tiny --image 128 128 --steps 1 --warmup 0 --repeats 1) ;;
     --out) OUT="$2"; shift ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_all.sh: unknown argument $1 (use --quick, --out DIR)" >&2; exit 2 ;;
   esac
   shift
@@ -31,16 +33,36 @@ fi
 mkdir -p "$OUT"
 echo "results: $OUT"
 
-failed=0
+failed=0 child="" current=""
+# `timeout` runs each benchmark in a process group of its own, out of the terminal's reach:
+# a Ctrl-C reaches this script only, which ends that group (the benchmark, its DataLoader
+# workers, its ranks) and stops instead of starting the next benchmark.
+stop() {
+  trap - INT TERM
+  echo "run_all.sh: $1: stopping ${current:-the suite}" >&2
+  if [ -n "$child" ]; then
+    kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+  fi
+  exit 130
+}
+trap 'stop interrupted' INT
+trap 'stop terminated' TERM
+
 run() {  # run NAME SECONDS CMD...: log to $OUT/NAME.log, keep going on a failure
   local name=$1 limit=$2; shift 2
-  local start=$SECONDS
+  local start=$SECONDS status=0
+  current=$name
   echo "== $name"
-  if timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1 &
+  child=$!
+  wait "$child" || status=$?
+  child=""
+  if [ "$status" = 0 ]; then
     grep '^|' "$OUT/$name.log" || true
     echo "   ok in $((SECONDS - start)) s"
   else
-    echo "   FAILED (exit $?) after $((SECONDS - start)) s; see $OUT/$name.log" >&2
+    echo "   FAILED (exit $status) after $((SECONDS - start)) s; see $OUT/$name.log" >&2
     tail -5 "$OUT/$name.log" >&2
     failed=1
   fi

@@ -1,4 +1,4 @@
-"""`make demo`: the product's main job on the embedded default, on this machine.
+"""`make demo` (or `.venv/bin/python launch/demo.py`): the product's main job on the embedded default, on this machine.
 
 1. make the synthetic shapes shards (data/synthetic) if they are missing;
    warm-start the visual side on the scenes' labels (the paper's CNN starts from ImageNet);
@@ -6,6 +6,7 @@
 3. export for fine-tuning, plot the curves, and say where everything is.
 """
 
+import argparse
 import json
 import subprocess
 import sys
@@ -96,7 +97,8 @@ def pretrain(visual_weights: Path, run_dir: Path, num_ranks: int = 2) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     start = time.time()
     cfg = yaml.safe_load(CONFIG.read_text())
     run_dir = fresh_run_dir(REPO / cfg["run_dir"])

@@ -6,7 +6,7 @@ engines or GPUs."""
 
 import sys
 
-from pixelbert_dist.train.export import main
+from pixelbert_dist.train.export_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

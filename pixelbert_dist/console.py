@@ -60,6 +60,35 @@ def setup_console(rank: int | None = None) -> None:
         warnings.filterwarnings("ignore", message=pattern, category=category)
 
 
+# The optimiser groups' rates as the console shows them, under the config key that sets
+# each (optim.cnn_lr, optim.lr; fine-tuning's heads run at optim.lr x train.head_lr_mult).
+LR_LABELS = {
+    "cnn_lr": ("lr_cnn",),
+    "lr": ("lr_transformer_decay", "lr_transformer_no_decay"),
+    "head_lr": ("lr_head_decay", "lr_head_no_decay"),
+}
+
+
+def learning_rates_shown(values: dict) -> dict[str, str]:
+    """The CNN's and the transformer's learning rates (and the heads'), labelled, from a
+    train log row's ``lr_<group>`` values: one number under the name ``lr`` was the CNN's
+    SGD rate, not the ``optim.lr`` the user set."""
+    shown = {}
+    for label, groups in LR_LABELS.items():
+        rate = next((values[g] for g in groups if g in values), None)
+        if rate is not None:
+            shown[label] = f"{rate:.2e}"
+    return shown
+
+
+def best_line(best: dict[str, tuple[float, int]], metrics) -> str | None:
+    """The closing summary's ``best:`` line: ``split/metric=value (step s)`` for the
+    metrics named, from ``RunLogger.best()``; None when none was evaluated."""
+    wanted = set(metrics)
+    shown = [f"{k}={v:.4g} (step {s})" for k, (v, s) in best.items() if k.split("/", 1)[1] in wanted]
+    return "  best: " + ", ".join(shown) if shown else None
+
+
 def duration(seconds: float) -> str:
     """``1h02m``, ``3m41s``, ``12s``."""
     seconds = int(max(seconds, 0))

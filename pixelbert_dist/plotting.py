@@ -6,13 +6,11 @@ python launch/plot.py RUN_DIR [--out FILE.png]     (or: pixelbert-plot RUN_DIR)
 from __future__ import annotations
 
 import argparse
-
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on cluster nodes
-import matplotlib.pyplot as plt  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.figure
 
 
 # (title, keys, y scale): MLM starts near ln(vocab) ~ 8-10 while ITM sits below 0.7, so the
@@ -34,13 +32,24 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig = curves_figure(read_jsonl(run_dir / "metrics.jsonl"), title=str(run_dir))
     fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
-def curves_figure(rows: list[dict], title: str = "") -> plt.Figure:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, loaded when a figure is drawn: its
+    import takes seconds, which --help must not wait for."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def curves_figure(rows: list[dict], title: str = "") -> matplotlib.figure.Figure:
     """One panel per PANELS entry, train as lines and val as dashed points."""
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
+    fig, axes = _pyplot().subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4))
     for ax, (panel, keys, scale) in zip(axes, PANELS):
         for colour, key in enumerate(keys):  # train and val of one quantity: one colour
             for split, style in SPLIT_STYLES:

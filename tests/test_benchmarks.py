@@ -9,6 +9,7 @@ import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -284,6 +285,23 @@ def test_gpu_check_dry_run_uses_real_flags():
     args = bench_step.parse(_arguments(out, "bench_step", "--overhead"))
     assert args.overhead and args.presets == ["pixelbert-r50"] and args.image == [800, 1333]
     assert bench_compile.parse(_arguments(out, "bench_compile")).presets == ["pixelbert-r50"]
+
+
+def test_bench_index_says_what_it_writes_before_writing(tmp_path, monkeypatch, capsys):
+    """The shard split bench_index builds (2.6 GB at 10^6 samples): the size and folder are
+    said before the first byte, within 5% of what lands on disk; a second run reuses it."""
+    from benchmarks import bench_index
+
+    monkeypatch.setattr(bench_index, "CACHE", tmp_path / "cache")
+    directory = bench_index.build_largest(3000)
+    said = capsys.readouterr().out.splitlines()[0]
+    match = re.fullmatch(r"bench_index: writing ~([\d.]+) MB \(3000 samples\) into (\S+) \(.* free there\).*", said)
+    assert match, said
+    assert Path(match.group(2)) == directory
+    written = sum(f.stat().st_size for f in directory.iterdir() if f.suffix != ".json")
+    assert float(match.group(1)) * 1e6 == pytest.approx(written, rel=0.05)
+    bench_index.build_largest(3000)
+    assert "reusing the 3000-sample split" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -4,6 +4,8 @@ results files, the counted skips, the refusals of a wrong export or tokenizer, a
 task loader's exact resume."""
 
 import json
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,8 @@ def _with_bad_items(ft, tmp_path):
 
 
 @pytest.mark.slow
-def test_vqa_end_to_end(dist_env, ft, tmp_path):
+def test_vqa_end_to_end(dist_env, ft, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     files = _with_bad_items(ft, tmp_path)
     vqa = ft["tasks"] / "vqa"
     run_dir = tmp_path / "run"
@@ -96,6 +99,11 @@ def test_vqa_end_to_end(dist_env, ft, tmp_path):
     submitted = json.loads((run_dir / "vqa_test_results.json").read_text())
     assert {r["question_id"] for r in submitted} == test_ids
     assert all(isinstance(r["answer"], str) for r in submitted)
+    # the console: both learning rates labelled on the progress lines; the summary's best
+    # line is the task's score (the last split evaluated, test, has only a count)
+    assert re.search(r"step 6/6 .* cnn_lr \d\.\d\de[-+]\d\d lr \d\.\d\de[-+]\d\d head_lr ", caplog.text)
+    (best,) = [line for line in caplog.text.splitlines() if line.startswith("  best: ")]
+    assert re.fullmatch(r"  best: val/overall=[\d.]+ \(step \d\)", best), best
     val = saved["metrics"]["val"]
     print(
         "VQA held-out:", val, "blind:", ft["summary"]["baselines"]["vqa_val_blind"], "train s:", saved["train_seconds"]

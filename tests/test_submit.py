@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pixelbert_dist.distributed.env import free_port
 from pixelbert_dist.jobs import cli as submit_cli
 from pixelbert_dist.jobs import snapshot, submission
 from pixelbert_dist.jobs import task as job_task
@@ -127,6 +130,29 @@ def test_bad_input_is_refused_before_submission(capsys, tmp_path, opts, pretrain
     rc, _, err = _cli(capsys, tmp_path, *opts, pretrain=(*pretrain, "data.train_shards=/data/x"))
     assert rc == 2
     assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "port, opts, message",
+    [
+        ("busy", (), "is in use on this machine"),
+        ("http", (), "is not a port number"),
+        ("free", ("--sweep", "optim.lr=1e-4,2e-4"), "would be shared by 2 local jobs"),
+    ],
+)
+def test_an_exported_master_port_that_cannot_serve_is_refused(capsys, tmp_path, monkeypatch, port, opts, message):
+    """submit.py --local uses an exported MASTER_PORT, or says why it cannot: never drops it."""
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        value = {"busy": str(held.getsockname()[1]), "http": "http", "free": str(free_port())}[port]
+        monkeypatch.setenv("MASTER_PORT", value)
+        rc, _, err = _cli(capsys, tmp_path, "--local", "--gpus-per-node", "0", *opts)
+    assert rc == 2
+    assert f"MASTER_PORT={value!r}" in err if port == "http" else f"MASTER_PORT={value} (exported here)" in err
+    assert message in err
+    assert "unset MASTER_PORT" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -333,6 +359,8 @@ def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch)
     not only "see the log"."""
     for key in job_task.RANK_VARS:
         monkeypatch.delenv(key, raising=False)
+    port = free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))  # exported here: the local job uses it
     monkeypatch.chdir(REPO)
     missing = tmp_path / "no_shards_here"
     rc = submit_cli.main(
@@ -357,8 +385,12 @@ def test_local_job_failure_prints_the_tasks_error(tmp_path, capsys, monkeypatch)
             "data.backend=pil",
         ]
     )
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert rc == 1
+    assert f"local job: rendezvous on port {port} (MASTER_PORT exported here)" in out
+    # rank 0's log lines, streamed as the task wrote them: its [submit] line names the port
+    assert re.search(rf"\[rank 0\] \[submit\] attempt 0 rank 0/1 master \S+:{port} ", out), out
+    assert "[rank 0] " in err  # and its stderr (the trainer's log)
     assert "failed" in err
     assert "--- task 0, last lines of" in err
     tail = err.split("--- task 0, last lines of", 1)[1]

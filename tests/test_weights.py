@@ -8,6 +8,7 @@ import transformers
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from pixelbert_dist.model import build_model, load_bert_checkpoint, load_torchvision_backbone
+from pixelbert_dist.model.visual import trunk_forward
 
 TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_heads": 4}
 
@@ -151,3 +152,59 @@ def test_cnn_file_missing_a_tensor_or_of_another_depth_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"other\.pth: \d+ expected tensor.*conv1\.weight"):
         load_torchvision_backbone(model, tmp_path / "other.pth")
     assert_unchanged(model, before)
+
+
+def _live_torchvision_state(net: torch.nn.Module) -> dict:
+    """A torchvision model's state_dict as saved from a live model: a few training-mode
+    forwards give its BatchNorms running statistics and num_batches_tracked counters."""
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+    with torch.no_grad():
+        for _ in range(2):
+            net(torch.randn(2, 3, 64, 64, generator=gen))
+    return net.eval().state_dict()
+
+
+def _torchvision_trunk(net, images: torch.Tensor) -> torch.Tensor:
+    x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+
+
+@pytest.mark.slow
+def test_live_torchvision_resnet50_file_loads_and_matches(tmp_path):
+    """``model.cnn_weights`` for pixelbert-r50: torchvision.models.resnet50().state_dict()
+    saved to a file (53 num_batches_tracked counters) loads, and the frozen trunk computes
+    what torchvision's eval-mode ResNet-50 computes."""
+    import torchvision
+
+    reference = torchvision.models.resnet50(weights=None)
+    state = _live_torchvision_state(reference)
+    assert sum(k.endswith("num_batches_tracked") for k in state) == 53
+    torch.save(state, tmp_path / "resnet50.pth")
+    model = build_model("pixelbert-r50", num_layers=1).eval()  # the preset's trunk; a short transformer
+    report = load_torchvision_backbone(model, tmp_path / "resnet50.pth")
+    assert report.missing == []
+    assert report.unexpected == []
+    images = torch.randn(2, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = trunk_forward(model.visual.backbone, images)
+        theirs = _torchvision_trunk(reference, images)
+    assert (ours - theirs).abs().max().item() < 1e-5, (ours - theirs).abs().max().item()
+
+
+@pytest.mark.slow
+def test_live_torchvision_resnext152_file_loads(tmp_path):
+    """pixelbert-x152's trunk (ResNeXt-152 32x8d, torchvision's ResNet class) from a file
+    saved from a live model: its counters are ignored, every trunk tensor is loaded."""
+    from torchvision.models.resnet import Bottleneck
+
+    reference = ResNet(Bottleneck, [3, 8, 36, 3], groups=32, width_per_group=8)
+    state = reference.state_dict()
+    assert sum(k.endswith("num_batches_tracked") for k in state) == 155
+    torch.save(state, tmp_path / "resnext152.pth")
+    model = build_model("pixelbert-x152", num_layers=1)
+    report = load_torchvision_backbone(model, tmp_path / "resnext152.pth")
+    assert report.missing == []
+    assert report.unexpected == []
+    for key, value in model.visual.backbone.state_dict().items():
+        assert torch.equal(value, state[key]), key

@@ -26,7 +26,10 @@ from pixelbert_dist.config import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _AUTO = "auto"
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+# deepspeed_configs/ at the top of a clone; inside the package in an installed wheel (setup.py)
+_CLONE_CONFIGS = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+_WHEEL_CONFIGS = Path(__file__).resolve().parents[1] / "deepspeed_configs"
+SHIPPED_DIR = _CLONE_CONFIGS if _CLONE_CONFIGS.is_dir() or not _WHEEL_CONFIGS.is_dir() else _WHEEL_CONFIGS
 log = logging.getLogger(__name__)
 
 

@@ -34,6 +34,8 @@ from typing import Mapping
 
 import torch
 
+from pixelbert_dist.distributed.op_build import announce_op_build
+
 RENDEZVOUS_TIMEOUT_VAR = "PIXELBERT_RENDEZVOUS_TIMEOUT_S"
 RENDEZVOUS_SOURCE_VAR = "PIXELBERT_RENDEZVOUS_SOURCE"  # set by job launchers: how they chose
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
@@ -344,6 +346,7 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         torch.distributed.init_process_group(
             backend_for(), store=store, rank=env.rank, world_size=env.world_size, timeout=default_pg_timeout
         )
+    announce_op_build()  # a first CPU run compiles an op here, for a minute
     # DeepSpeed adopts the group torch already has
     deepspeed.init_distributed(dist_backend=backend_for(), auto_mpi_discovery=False, verbose=False)
     if not torch.cuda.is_available():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
 from pixelbert_dist.console import setup_console
+from pixelbert_dist.distributed.ds_config import SHIPPED_DIR
 from pixelbert_dist.finetune.config import FinetuneConfig
 
-REPO = Path(__file__).resolve().parents[2]
 
 # Each task's own files: (flag, config key, help), and its --help description.
 TASK_FILES = {
@@ -41,6 +41,13 @@ DESCRIPTIONS = {
 }
 
 
+def task_config_help(task: str) -> list[str]:
+    """The config keys ``--help`` lists for ``task``: the shared sections and its own, not
+    the other tasks' (``vqa.*`` under NLVR2's help would only mislead), nor ``task``."""
+    others = (*(f"  {name}." for name in TASK_FILES if name != task), "  task=")  # the command sets task
+    return [line for line in config_help(FinetuneConfig) if not line.startswith(others)]
+
+
 def build_parser(task: str) -> argparse.ArgumentParser:
     """``--pretrained``, ``--shards``, the task's files (``TASK_FILES``: flag, config key,
     help), ``--config``, ``--deepspeed_config``, ``--print-config`` and key=value overrides.
@@ -49,16 +56,17 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         description=DESCRIPTIONS[task],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys, set as dotted key=value overrides (e.g. train.epochs=3 optim.lr=3e-5);\n"
-        "default, (type, bounds) and help shown:\n" + "\n".join(config_help(FinetuneConfig)),
+        "default, (type, bounds) and help shown:\n" + "\n".join(task_config_help(task)),
     )
-    parser.add_argument("--pretrained", help="pre-training export folder (config.json, model.safetensors)")
-    parser.add_argument("--shards", nargs="+", help="shard folder(s) holding the task's images")
+    parser.add_argument("--pretrained", metavar="DIR", help="pre-training export folder (config.json, weights)")
+    parser.add_argument("--shards", nargs="+", metavar="DIR", help="shard folder(s) holding the task's images")
     for flag, key, text in TASK_FILES[task]:
-        parser.add_argument(flag, dest=key.replace(".", "__"), help=f"{text} ({key})")
-    parser.add_argument("--config", help="fine-tuning config YAML (launch/configs/finetune_*.yaml)")
+        parser.add_argument(flag, dest=key.replace(".", "__"), metavar="PATH", help=f"{text} ({key})")
+    parser.add_argument("--config", metavar="YAML", help="fine-tuning config YAML (launch/configs/finetune_*.yaml)")
     parser.add_argument(
         "--deepspeed_config",
-        default=str(REPO / "deepspeed_configs" / "zero2.json"),
+        metavar="JSON",
+        default=str(SHIPPED_DIR / "zero2.json"),
         help="ZeRO + precision JSON (precision: the run config's train.precision wins)",
     )
     parser.add_argument(
@@ -66,7 +74,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         action="store_true",
         help="print the merged config (defaults <- --config <- flags and overrides) as YAML and exit",
     )
-    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("--local_rank", type=int, default=None, metavar="N", help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     return parser
 

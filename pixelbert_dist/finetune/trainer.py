@@ -170,6 +170,11 @@ class FinetuneTrainer(BaseTrainer):
         if self.eval_loaders and self.state["step"] < self.total_steps:
             self.evaluate(list(self.eval_loaders)[:1])
 
+    def summary_metrics(self, values: dict) -> list[str]:
+        """The task's score (VQA overall, NLVR2 accuracy, retrieval rsum), on every split
+        that has one: not the last split's counts (a test split has no answers)."""
+        return [self.task.main_metric]
+
     def outputs(self) -> dict:
         return {**super().outputs(), "results": self.run_dir / "results.json"}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from pixelbert_dist.jobs.options import SubmitConfig, SubmitError
@@ -93,10 +94,44 @@ def _error_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text[:cut][-lines:])
 
 
+class LogTail:
+    """The complete lines a task has added to one of its log files since the last look."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def new_lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        with self.path.open("rb") as log:
+            log.seek(self.offset)
+            data = log.read()
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        return [line.decode(errors="replace") for line in lines]
+
+
+def follow_rank0(job, label: str, poll_s: float = 1.0) -> None:
+    """Print rank 0's log lines (its stdout to stdout, its stderr to stderr) as the job
+    writes them, until it ends: a local run is no silent wait between "submitted" and
+    "finished"."""
+    paths = job.task(0).paths
+    tails = [(LogTail(paths.stdout), sys.stdout), (LogTail(paths.stderr), sys.stderr)]
+    while True:
+        done = job.done()  # before the last read: lines written before it ended are shown
+        for tail, stream in tails:
+            for line in tail.new_lines():
+                print(f"{label} {line}", file=stream, flush=True)
+        if done:
+            return
+        time.sleep(poll_s)
+
+
 def _wait_local(jobs: list) -> int:
-    """The local executor's jobs die with this process: wait, and show what failed."""
+    """The local executor's jobs die with this process: follow them, and show what failed."""
     failed = 0
     for job in jobs:
+        follow_rank0(job, "[rank 0]" if len(jobs) == 1 else f"[job {job.job_id} rank 0]")
         try:
             job.results()  # one result per task
             print(f"job {job.job_id} finished")

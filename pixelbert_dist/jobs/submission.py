@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
@@ -111,11 +112,38 @@ def slurm_error(command: str, message: str) -> SubmitError:
     return SubmitError(f"{command} refused the job: {said or 'no message'} -> {hint}")
 
 
+def local_master_port(environ, jobs: int) -> int | None:
+    """The MASTER_PORT exported here, for a --local job to use, checked: a port number,
+    free on this machine, and one job only (local jobs run at once); None when none is
+    exported (the job derives one from its id)."""
+    text = environ.get("MASTER_PORT")
+    if not text:
+        return None
+    unset = "unset MASTER_PORT (the job then takes 20000 + its job id mod 12000)"
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise SubmitError(f"MASTER_PORT={text!r} (exported here) is not a port number: export one, or {unset}")
+    if jobs > 1:
+        raise SubmitError(
+            f"MASTER_PORT={text} (exported here) would be shared by {jobs} local jobs that run at once: {unset}"
+        )
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", int(text)))
+        except OSError as err:
+            raise SubmitError(
+                f"MASTER_PORT={text} (exported here) is in use on this machine ({err.strerror}): "
+                f"export a free port, or {unset}"
+            ) from None
+    return int(text)
+
+
 def _send(executor, tasks: list[PretrainTask], local: bool) -> list:
-    """Submit (one job, or an array) with Slurm's refusal turned into a SubmitError."""
-    saved = {k: os.environ.pop(k) for k in RANK_VARS if local and k in os.environ}
+    """Submit (one job, or an array) with Slurm's refusal turned into a SubmitError. A
+    local job inherits this environment: not the rank variables of a process group this
+    one may be in (e.g. inside a test run), but an exported MASTER_PORT (checked)."""
+    saved = {k: os.environ.pop(k) for k in RANK_VARS if local and k in os.environ and k != "MASTER_PORT"}
     captured = io.StringIO()  # submitit prints sbatch's stderr itself: keep it for our line
-    try:  # a local job must not inherit this process's rendezvous (e.g. inside a test run)
+    try:
         with contextlib.redirect_stderr(captured):
             return [executor.submit(tasks[0])] if len(tasks) == 1 else executor.submit_array(tasks)
     except submitit.core.utils.FailedJobError as err:
@@ -135,6 +163,9 @@ def submit(opts: SubmitConfig, pretrain_argv: list[str]) -> list:
     check_script_path("python", sys.executable)  # the interpreter's path is in the script too
     args = parse_pretrain_args(pretrain_argv)
     plans = plan_jobs(opts, args)
+    port = local_master_port(os.environ, len(plans)) if opts.local else None
+    if port is not None:
+        print(f"local job: rendezvous on port {port} (MASTER_PORT exported here)")
     out_dir = Path(opts.output_dir).resolve()
     code_dir = out_dir / "code"
     if opts.dry_run and opts.local:

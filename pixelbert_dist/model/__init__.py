@@ -1,26 +1,34 @@
-"""Pixel-BERT: the model, its presets and weight loading."""
+"""Pixel-BERT: the model, its presets and weight loading.
 
-from .config import BACKBONES, PixelBertConfig
-from .flops import training_flops_per_sample
-from .pixelbert import PixelBert
-from .presets import build_model, list_presets, preset_config, register_preset
-from .visual import DOWNSAMPLE, feature_mask, sample_pixels
-from .weights import LoadReport, load_bert_checkpoint, load_torchvision_backbone, load_visual_weights
+The re-exports load on first use (PEP 562): the preset registry (``--list-presets``)
+and the model config must answer without importing torch.
+"""
 
-__all__ = [
-    "BACKBONES",
-    "DOWNSAMPLE",
-    "LoadReport",
-    "PixelBert",
-    "PixelBertConfig",
-    "build_model",
-    "feature_mask",
-    "list_presets",
-    "load_bert_checkpoint",
-    "load_torchvision_backbone",
-    "load_visual_weights",
-    "preset_config",
-    "register_preset",
-    "sample_pixels",
-    "training_flops_per_sample",
-]
+from __future__ import annotations
+
+import importlib
+
+_MODULE_OF = {
+    "BACKBONES": "config",
+    "PixelBertConfig": "config",
+    "training_flops_per_sample": "flops",
+    "PixelBert": "pixelbert",
+    "build_model": "presets",
+    "list_presets": "presets",
+    "preset_config": "presets",
+    "register_preset": "presets",
+    "DOWNSAMPLE": "visual",
+    "feature_mask": "visual",
+    "sample_pixels": "visual",
+    "LoadReport": "weights",
+    "load_bert_checkpoint": "weights",
+    "load_torchvision_backbone": "weights",
+    "load_visual_weights": "weights",
+}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -1,13 +1,18 @@
-"""Named model presets (a registry, as timm and open_clip keep them)."""
+"""Named model presets (a registry, as timm and open_clip keep them).
+
+torch loads in ``build_model`` only: listing the presets and their configs
+(``pretrain.py --list-presets``) answers without it."""
 
 from __future__ import annotations
 
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .config import PixelBertConfig
-from .pixelbert import PixelBert
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pixelbert import PixelBert
 
 _PRESETS: dict[str, Callable[[], PixelBertConfig]] = {}
 
@@ -34,6 +39,10 @@ def preset_config(name: str, **overrides) -> PixelBertConfig:
 
 def build_model(name: str, device: str | torch.device | None = None, **overrides) -> PixelBert:
     """Build preset ``name`` with config overrides; ``device="meta"`` allocates nothing."""
+    import torch
+
+    from .pixelbert import PixelBert
+
     cfg = preset_config(name, **overrides)
     with torch.device(device or "cpu"):
         return PixelBert(cfg)

@@ -174,8 +174,11 @@ def load_torchvision_backbone(model: nn.Module, path: str | Path) -> LoadReport:
     state = read_state_dict(path)
     backbone = model.visual.backbone.state_dict(keep_vars=True)
     matched = {k: v for k, v in state.items() if k in backbone}
-    unexpected = sorted(k for k in state if k not in backbone and not k.startswith("fc."))
-    # FrozenBatchNorm2d has no num_batches_tracked; a missing one in the file is harmless.
+    # FrozenBatchNorm2d has no num_batches_tracked, and a file saved from a live torchvision
+    # model has one per BatchNorm (53 in a ResNet-50): a step counter, nothing a frozen
+    # BatchNorm reads. Ignored where the trunk has no place for it; missing ones likewise.
+    counters = [k for k in state if k.endswith("num_batches_tracked") and k not in backbone]
+    unexpected = sorted(k for k in state if k not in backbone and not k.startswith("fc.") and k not in counters)
     missing = sorted(k for k in backbone if k not in matched and not k.endswith("num_batches_tracked"))
     _refuse_gaps(
         path,
@@ -192,7 +195,8 @@ def load_torchvision_backbone(model: nn.Module, path: str | Path) -> LoadReport:
             f"(model.backbone={model.config.backbone!r}): a file of another depth or family?"
         )
     report = LoadReport(loaded=_copy_into(backbone, matched, str(path)), missing=missing, unexpected=unexpected)
-    log.info("CNN weights from %s: %s", path, report)
+    ignored = f" ({len(counters)} BatchNorm num_batches_tracked counters ignored: frozen BatchNorm)" if counters else ""
+    log.info("CNN weights from %s: %s%s", path, report, ignored)
     return report
 
 

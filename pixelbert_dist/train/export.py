@@ -7,26 +7,19 @@ tokenizer's source."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pixelbert_dist.checkpoint import CheckpointError, find_checkpoint, list_tags, read_meta
+from pixelbert_dist.checkpoint import find_checkpoint
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
-from pixelbert_dist.data.text import load_tokenizer
-from pixelbert_dist.model import PixelBert, PixelBertConfig, preset_config
+from pixelbert_dist.model import PixelBert, PixelBertConfig
 from pixelbert_dist.train.config import RunConfig
 
 log = logging.getLogger(__name__)
-EXPORT_USAGE = """python launch/export.py RUN_DIR [--tag step_00001000] [--out DIR]
-
-Consolidate a pre-training checkpoint (any ZeRO stage 1-3) into a fine-tuning export
-folder (config.json, model.safetensors, tokenizer) on this machine, without DeepSpeed
-engines or GPUs."""
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag_dir: Path, zero_stage: int, engine=None) -> dict:
@@ -101,44 +94,3 @@ def export_from_engine(
     if dist.is_initialized():
         dist.barrier()
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``launch/export.py`` / ``pixelbert-export``: a checkpoint -> an export folder."""
-    parser = argparse.ArgumentParser(description=EXPORT_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--tag", default="auto", help="checkpoint tag (default: latest)")
-    parser.add_argument("--out", type=Path, help="default: RUN_DIR/export")
-    args = parser.parse_args(argv)
-    cfg = load_config(RunConfig, args.run_dir / "config.yaml")
-    ckpt_dir = args.run_dir / "checkpoints"
-    if args.tag not in ("auto", "latest") and not (ckpt_dir / args.tag).is_dir() and not Path(args.tag).is_dir():
-        tags = ", ".join(list_tags(ckpt_dir)) or "none"
-        raise SystemExit(
-            f"no checkpoint {args.tag} in {ckpt_dir}; the checkpoints there: {tags} (train.keep_last "
-            "keeps only the newest). Pass --tag with one of them, or no --tag for the latest."
-        )
-    try:
-        tag_dir = find_checkpoint(ckpt_dir, args.tag)  # sizes and sha256 checked against meta.json
-    except CheckpointError as err:
-        raise SystemExit(str(err)) from None
-    if tag_dir is None:
-        raise SystemExit(f"no checkpoint in {ckpt_dir}")
-    stage = read_meta(tag_dir)["zero_stage"]
-    if stage == 0:
-        raise SystemExit(
-            f"{tag_dir} is a ZeRO-0 checkpoint, which zero_to_fp32 cannot read: a ZeRO-0 run "
-            "writes its export at the end of training (train.export=true)"
-        )
-    model_cfg = preset_config(cfg.model.preset, **cfg.model.overrides)
-    state = consolidated_state_dict(ckpt_dir, tag_dir, stage)
-    out = write_export(
-        model_cfg,
-        state,
-        args.out or args.run_dir / "export",
-        load_tokenizer(cfg.data.vocab_dir),
-        {"checkpoint": str(tag_dir)},
-        cfg,
-    )
-    print(out)
-    return 0

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pixelbert_dist import checkpoint as ckpt
 from pixelbert_dist.config import ConfigError, to_dict
-from pixelbert_dist.console import Progress
+from pixelbert_dist.console import Progress, best_line, learning_rates_shown
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
@@ -371,10 +371,13 @@ class BaseTrainer(RunPersistence):
 
     def _show_progress(self, bar: Progress) -> None:
         shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
-        lrs = [v for k, v in self.last_train.items() if k.startswith("lr_")]
-        if lrs:
-            shown["lr"] = f"{max(lrs):.2e}"
+        shown.update(learning_rates_shown(self.last_train))
         bar.report(self.state["step"], shown)
+
+    def summary_metrics(self, values: dict) -> list[str]:
+        """The evaluation metrics the closing summary's ``best:`` line reports, given the
+        last evaluation's values: every score (counts such as num_images are none)."""
+        return [k for k in values if not k.startswith("num_")]
 
     def _print_summary(self, bar: Progress) -> None:
         if not self.is_main:
@@ -389,8 +392,8 @@ class BaseTrainer(RunPersistence):
         if self.logger.evaluations:
             step, split, values = self.logger.evaluations[-1]
             lines.append(f"  final {split} (step {step}): {format_values(values)}")
-            best = {k: v for k, v in self.logger.best().items() if k.split("/", 1)[1] in values}
-            lines.append("  best: " + ", ".join(f"{k}={v:.4g} (step {s})" for k, (v, s) in best.items()))
+            best = best_line(self.logger.best(), self.summary_metrics(values))
+            lines += [best] if best else []
         lines += [f"  {name}: {path}" for name, path in self.outputs().items() if path.exists()]
         log.info("%s", "\n".join(lines))
 

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def presets_table() -> str:
     """One line per registered model preset: its CNN and transformer shape."""
-    from pixelbert_dist.model import list_presets, preset_config  # torch: only for this command
+    from pixelbert_dist.model.presets import list_presets, preset_config
 
     rows = []
     for name in list_presets():
