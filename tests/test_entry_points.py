@@ -105,7 +105,7 @@ def test_finetune_help_shows_the_tasks_keys_only(task, own):
         env=launch_env(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    keys = [line.split("=", 1)[0].strip() for line in proc.stdout.split("default and type shown:", 1)[1].splitlines()]
+    keys = [line.split("=", 1)[0].strip() for line in proc.stdout.split("help shown:", 1)[1].splitlines()]
     sections = {key.split(".", 1)[0] for key in keys if "." in key}
     assert own.rstrip(".") in sections
     assert sections.isdisjoint({"vqa", "nlvr2", "retrieval"} - {own.rstrip(".")}), sections
