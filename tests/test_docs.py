@@ -78,7 +78,7 @@ def test_quick_start_commands_run_as_written(user_folder):
 @pytest.mark.launcher
 def test_readme_pretraining_command_trains(user_folder):
     _run(readme_command(".venv/bin/python launch/make_shards.py synthetic"), user_folder)
-    argv = readme_command("deepspeed launch/pretrain.py")
+    argv = readme_command(".venv/bin/deepspeed launch/pretrain.py")
     launcher = str(Path(sys.executable).parent / "deepspeed")
     argv = [launcher, "--num_gpus", "1", "--master_port", str(free_port()), *argv[1:], "train.max_steps=3"]
     _run(argv, user_folder)
