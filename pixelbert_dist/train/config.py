@@ -75,6 +75,11 @@ class LoopConfig:
     sync_bn: bool = False  # SyncBatchNorm across ranks (CUDA only)
     max_nonfinite_in_row: int = 20  # NaN/inf losses are skipped and counted; this many in a row stop the run
     max_loss: float = 1e4  # a finite loss above this is a blow-up: skipped and counted like NaN/inf
+    # a rank whose optimizer steps stop for this long dumps its stacks and exits (code 86); 0: off
+    hang_timeout_s: float = 600.0
+    collective_timeout_s: float = 300.0  # one collective, once training runs
+    # start-up to the first step, a save, an evaluation: the watchdog's and the collectives' bound
+    slow_phase_timeout_s: float = 1800.0
 
     def validate(self) -> "LoopConfig":
         if self.micro_batch < 1 or self.grad_accum < 1:
@@ -87,6 +92,11 @@ class LoopConfig:
             raise ValueError(f"train.max_nonfinite_in_row={self.max_nonfinite_in_row} must be >= 1")
         if not self.max_loss > 0:
             raise ValueError(f"train.max_loss={self.max_loss} must be > 0")
+        if self.hang_timeout_s < 0 or self.collective_timeout_s <= 0 or self.slow_phase_timeout_s <= 0:
+            raise ValueError(
+                f"train.hang_timeout_s={self.hang_timeout_s} must be >= 0 (0: off), train.collective_timeout_s="
+                f"{self.collective_timeout_s} and train.slow_phase_timeout_s={self.slow_phase_timeout_s} > 0"
+            )
         if self.log_every < 1:
             raise ValueError(f"train.log_every={self.log_every} must be >= 1")
         return self
