@@ -383,6 +383,20 @@ def close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End a run's process at once, once it is done (checkpoint written, logs closed, group
+    closed): the atexit handlers run, then ``os._exit`` skips the interpreter's teardown.
+    That teardown (the garbage collector freeing the engine, the groups' C++ objects) took
+    ~20 s after a stop at 2 gloo ranks and ~7 s at 1, while a launcher that stops its ranks
+    waits, then SIGKILLs them at 30 s (DeepSpeed's)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _unlink_cpu_allreduce_buffer(env: DistEnv) -> None:
     """DeepSpeed's CPU all-reduce (all ranks on one host) maps a 66 MB /dev/shm file per
     rank and never unlinks it: every multi-rank CPU run left its files behind (19 GB of
