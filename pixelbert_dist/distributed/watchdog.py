@@ -69,7 +69,7 @@ class Heartbeats:
         reader.start()
         reader.join(wait_s)
         if "beats" not in found:
-            return f"the store on rank 0 (host {self.hosts[0]}) does not answer: rank 0 is hung or gone"
+            return f"the store on rank 0 (host {self.hosts[0]}) does not answer: rank 0 is hung, or has exited"
         now, late = time.time(), []
         for rank, raw in enumerate(found["beats"]):
             age = now - float(raw.decode())
