@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from benchmarks.host_syncs import HostSyncs
 from pixelbert_dist.config import load_config
 from pixelbert_dist.train.config import RunConfig
 from pixelbert_dist.train.trainer import Trainer
 from tests.pretrain_helpers import fast_overrides
-from tests.test_hot_loop import HostSyncs, loop_syncs
+from tests.test_hot_loop import loop_syncs
 
 
 def main(out_dir: str, train: str) -> None:
