@@ -94,9 +94,9 @@ class RunHealth:
             every = every.reshape(self.world, len(TIMED))
         else:
             every = mine.reshape(1, -1)
-        values, labels = {}, {}
+        every, values, labels = every.cpu(), {}, {}  # one copy to the host, at log time
         for column, name in enumerate(TIMED):
-            per_rank = every[:, column].cpu()
+            per_rank = every[:, column]
             slowest = int(per_rank.argmax())
             values.update(
                 {
