@@ -284,6 +284,8 @@ OVERHEAD_COLUMNS = [
     "framework_share",
     "trainer_syncs",
     "bare_syncs",
+    "health_ms",
+    "health_share",
     "target_met",
 ]
 
@@ -316,6 +318,30 @@ class EngineClock:
                 return fn(*args, **kwargs)
             finally:
                 self.phases[name] += time.perf_counter() - start
+
+        return timed
+
+
+class HealthClock:
+    """Seconds the trainer spends in its run-health calls (``train/health.py``: the hang
+    watchdog's per-step report, the collectives' timeout switch, and the straggler
+    all-gather at each log step), wrapped on the instance like ``EngineClock``. The
+    watchdog's and the heartbeat's own threads wake every few seconds and are not in it."""
+
+    CALLS = ("step_done", "straggler_values")
+
+    def __init__(self, health):
+        self.seconds = 0.0
+        for name in self.CALLS:
+            setattr(health, name, self._timed(getattr(health, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
 
         return timed
 
@@ -392,14 +418,18 @@ def overhead(args) -> list[dict]:
 
             loops = {"trainer": trainer_loop, "bare": bare_loop}
             times, outside, clock = {name: [] for name in loops}, {name: [] for name in loops}, EngineClock(engine)
+            health, health_ms = HealthClock(trainer.health), []
             phases = {name: {phase: [] for phase in EngineClock.PHASES} for name in loops}
             for repeat in range(1 + args.repeats):  # the first pass of each: warm-up (FLOPs count, allocator)
                 for name in ("trainer", "bare") if repeat % 2 == 0 else ("bare", "trainer"):
                     sync(device)
                     clock.reset()
+                    health.seconds = 0.0
                     start = time.perf_counter()
                     loops[name]()
                     sync(device)
+                    if repeat >= 1 and name == "trainer":
+                        health_ms.append(health.seconds / len(batches) * 1e3)
                     if repeat >= 1:
                         elapsed = time.perf_counter() - start
                         times[name].append(elapsed / len(batches))
@@ -431,6 +461,8 @@ def overhead(args) -> list[dict]:
                     "framework_share": framework / median(times["bare"]),
                     "trainer_syncs": len(syncs["trainer"].calls) / optimizer_steps,
                     "bare_syncs": len(syncs["bare"].calls) / optimizer_steps,
+                    "health_ms": median(health_ms),
+                    "health_share": median(health_ms) / 1e3 / median(times["bare"]),
                     "sync_sites_trainer": syncs["trainer"].sites(),
                     "sync_sites_bare": syncs["bare"].sites(),
                     "sync_method": "cuda sync debug mode" if device.type == "cuda" else "calls that sync a GPU",
@@ -448,7 +480,9 @@ def overhead(args) -> list[dict]:
                 f"fastest repeats {rows[-1]['overhead_best']:+.2%}); outside the engine: "
                 f"{framework * 1e3:+.2f} ms/step = {rows[-1]['framework_share']:+.3%} of the bare step; "
                 f"host syncs per optimizer step: trainer {rows[-1]['trainer_syncs']:.2f}, "
-                f"bare {rows[-1]['bare_syncs']:.2f} ({rows[-1]['sync_method']})",
+                f"bare {rows[-1]['bare_syncs']:.2f} ({rows[-1]['sync_method']}); run health (watchdog, "
+                f"timeouts, straggler gather): {rows[-1]['health_ms']:.4f} ms/step = "
+                f"{rows[-1]['health_share']:.4%} of the bare step",
                 flush=True,
             )
             for name in loops:

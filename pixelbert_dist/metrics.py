@@ -155,12 +155,13 @@ class RunLogger:
             purge = resumed_step + 1 if resumed_step else None
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
-    def log(self, step: int, split: str, values: dict) -> None:
+    def log(self, step: int, split: str, values: dict, labels: dict[str, str] | None = None) -> None:
+        """``values`` to both; ``labels`` (text, e.g. a host name) to metrics.jsonl only."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean}) + "\n")
+            f.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean, **(labels or {})}) + "\n")
         for key, value in clean.items():
             self.tb.add_scalar(f"{split}/{key}", value, step)
         if split != "train":

@@ -13,7 +13,7 @@ from pixelbert_dist.config import load_config
 from pixelbert_dist.model.flops import training_flops_per_sample
 from pixelbert_dist.train.config import RunConfig
 from tests.fixtures_data import make_synthetic_shards
-from tests.pretrain_helpers import fast_overrides, poison_images, train_losses
+from tests.pretrain_helpers import fast_overrides, poison_images, run_launcher, train_losses
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 LEFT_OUT = ("_log_train", "save", "evaluate_during", "finish")  # per log / save / eval period, not per step
@@ -58,10 +58,25 @@ def test_one_host_sync_per_optimizer_step(dist_env, shards, tmp_path):
     assert run.state["step"] == 4
     assert len(micro_batches) == 8
     assert len(calls) == 4, calls
-    assert all(call.startswith("item from window.py") for call in calls), calls
+    assert all(call.startswith("tolist from window.py") for call in calls), calls
     losses = train_losses(tmp_path / "run")
     assert list(losses) == [4]
     assert torch.isfinite(torch.tensor(losses[4]))  # the metrics were reduced at log time
+
+
+@pytest.mark.launcher
+@pytest.mark.slow
+def test_one_host_sync_per_optimizer_step_on_two_ranks(shards, tmp_path):
+    """The same at 2 ranks, where the step's all-reduce really runs: per optimizer step one
+    all-reduce (the bad-loss count and the stop flag together) and its one host copy, on
+    each rank; the stop flag once had an all-reduce and a copy of its own."""
+    run_launcher("tests/dist/hot_loop_syncs.py", [str(tmp_path), str(shards["train"])])
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"syncs_{rank}.json").read_text())
+        assert (result["steps"], result["micro_batches"]) == (4, 8), result
+        calls = result["calls"]
+        assert sorted(call.split(" from ")[0] for call in calls) == ["all_reduce"] * 4 + ["tolist"] * 4, calls
+        assert all(" from window.py:" in call for call in calls), calls
 
 
 @pytest.mark.parametrize(

@@ -345,8 +345,9 @@ def resume(
 
 
 class GracefulExit:
-    """SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (Slurm's warning before a time limit) only set
-    a flag; a second SIGINT gets Python's default (KeyboardInterrupt) to abort at once.
+    """SIGTERM, SIGINT (Ctrl-C), SIGUSR1 (Slurm's warning before a time limit) and SIGHUP
+    (the launcher is gone: ``distributed/launcher_watch.py``) only set a flag; a second
+    SIGINT gets Python's default (KeyboardInterrupt) to abort at once.
 
     The trainer calls ``should_exit()`` at the same step on every rank; it all-reduces
     the flag so that all ranks stop together (a rank that left alone would leave the
@@ -354,7 +355,7 @@ class GracefulExit:
     ranks agree, one line is logged.
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)):
         self.signals = signals
         self.received: int | None = None
         self.announced = False
@@ -387,9 +388,15 @@ class GracefulExit:
 
     def should_exit(self) -> bool:
         """True on every rank as soon as any rank got a signal (a collective call)."""
-        stop = all_reduce_max(1.0 if self.requested else 0.0) > 0
+        return self.agreed(all_reduce_max(1.0 if self.requested else 0.0) > 0)
+
+    def agreed(self, stop: bool) -> bool:
+        """``stop``: whether any rank got a signal, as the caller all-reduced it (the
+        trainer folds the flag into its step's one all-reduce); said once."""
         if stop and not self.announced:
             self.announced = True
             source = signal.Signals(self.received).name if self.requested else "a signal on another rank"
+            if self.received == signal.SIGHUP:
+                source += ": the launcher or the terminal is gone"
             log.info("stop requested (%s): saving a checkpoint, then exiting", source)
         return stop

@@ -36,6 +36,8 @@ def parse(argv: list[str]) -> tuple[SubmitConfig, list[str]]:
         "tasks_per_node": "tasks (ranks) per node; default one per GPU, one on CPU nodes",
         "rendezvous_timeout_s": "the ranks must meet within this, else the job fails",
         "max_requeues": "time-outs a job may survive by requeueing itself",
+        "max_restarts": "failures after progress (a hang, a crashed rank, a lost node) a job may survive "
+        "by requeueing itself",
         "signal_delay_s": "Slurm sends USR2 this long before the time limit",
         "stop_timeout_s": "how long the trainer may take to save when told to stop",
         "mem": "memory per node, Slurm's form (480G)",
@@ -48,6 +50,7 @@ def parse(argv: list[str]) -> tuple[SubmitConfig, list[str]]:
         "tasks_per_node",
         "cpus_per_task",
         "max_requeues",
+        "max_restarts",
         "signal_delay_s",
         "stop_timeout_s",
         "rendezvous_timeout_s",

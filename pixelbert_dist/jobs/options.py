@@ -32,6 +32,7 @@ class SubmitConfig:
     dry_run: bool = False  # print the sbatch script, submit nothing
     max_requeues: int = 10  # time-outs a job may survive (submitit's max_num_timeout;
     # preemptions do not count)
+    max_restarts: int = 3  # failures (hang, crashed rank, lost node) after progress that requeue the job
     signal_delay_s: int = 180  # USR2 this long before the time limit: time to save
     stop_timeout_s: int = 150  # how long checkpoint() waits for the trainer to save
     rendezvous_timeout_s: int = 300  # the ranks must meet within this, or the job fails
@@ -108,9 +109,9 @@ def _slurm_partitions() -> set[str] | None:
 
 
 def _check_counts(opts: SubmitConfig) -> None:
-    for name in ("nodes", "cpus_per_task", "max_requeues", "rendezvous_timeout_s"):
+    for name in ("nodes", "cpus_per_task", "max_requeues", "max_restarts", "rendezvous_timeout_s"):
         value = getattr(opts, name)
-        if not isinstance(value, int) or value < (0 if name == "max_requeues" else 1):
+        if not isinstance(value, int) or value < (0 if name in ("max_requeues", "max_restarts") else 1):
             raise SubmitError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     if not isinstance(opts.gpus_per_node, int) or opts.gpus_per_node < 0:
         raise SubmitError(f"--gpus-per-node must be >= 0 (0: CPU nodes), got {opts.gpus_per_node!r}")

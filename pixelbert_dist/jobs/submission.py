@@ -51,6 +51,8 @@ def slurm_parameters(opts: SubmitConfig, minutes: int, code_dir: Path) -> dict:
         # submitit requeues with `scontrol requeue`: allowed even where the
         # cluster's default (JobRequeue) says no
         additional_parameters={"requeue": True},
+        # one rank's exit (a hang exit, a crash) ends the step instead of leaving the rest waiting
+        srun_args=["--kill-on-bad-exit=1"],
         setup=[
             f"cd {shlex.quote(str(code_dir))}",
             f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}",
@@ -188,6 +190,7 @@ def submit(opts: SubmitConfig, pretrain_argv: list[str]) -> list:
             opts.stop_timeout_s,
             run_dir=plan.run_dir,
             rendezvous_timeout_s=opts.rendezvous_timeout_s,
+            max_restarts=opts.max_restarts,
         )
         for plan in plans
     ]

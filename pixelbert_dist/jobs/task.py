@@ -9,13 +9,16 @@ waits until it has saved and exited, and hands submitit a copy of itself to requ
 the requeued job resumes from the latest checkpoint (``train.resume=auto``). A job
 whose trainer made no progress since its attempt started (no new checkpoint: stuck
 before step 1, e.g. in the rendezvous) is not requeued: another attempt would spend
-the same time the same way.
+the same time the same way. A trainer that dies after progress (a hang exit, a
+crashed rank, a collective's timeout) requeues the job too, up to ``max_restarts``
+times per submission (``restart.py``).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +28,7 @@ import submitit
 
 from pixelbert_dist.checkpoint import read_latest
 from pixelbert_dist.distributed.env import RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR, job_port, slurm_master
+from pixelbert_dist.jobs import restart
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENTRY = "pixelbert_dist.train.run"
@@ -100,11 +104,14 @@ class PretrainTask(submitit.helpers.Checkpointable):
         entry: str = ENTRY,
         run_dir: str | None = None,
         rendezvous_timeout_s: int | None = None,
+        max_restarts: int = 3,
     ):
         self.argv, self.code_dir, self.workdir = list(argv), code_dir, workdir
         self.cpus_per_task, self.stop_timeout_s, self.entry = cpus_per_task, stop_timeout_s, entry
         self.run_dir, self.rendezvous_timeout_s = run_dir, rendezvous_timeout_s
+        self.max_restarts = max_restarts
         self.attempt = 0
+        self.restarts = 0  # requeues after a failure, in this submission
         self._child: subprocess.Popen | None = None
         self._sigterm = False
         self._start_tag: str | None = None
@@ -138,13 +145,50 @@ class PretrainTask(submitit.helpers.Checkpointable):
         finally:
             signal.signal(signal.SIGTERM, previous)
         if rc != 0:
-            raise RuntimeError(
-                f"the trainer exited with code {rc} (attempt {self.attempt}, rank "
-                f"{env['RANK']}); its error is at the end of this task's log"
-            )
+            self._after_failure(rc, env["RANK"])
         if self._sigterm:  # preempted: the trainer saved on SIGTERM; wait for USR2 to requeue
             time.sleep(min(self.stop_timeout_s, 180))
         return rc
+
+    def _after_failure(self, rc: int, rank: str) -> None:
+        """Requeue the job when the run progressed and restarts are left (then exit this
+        task), else fail it with the reason."""
+        cause, latest = restart.exit_cause(rc), self._latest()
+        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        progressed = bool(self.run_dir) and latest != self._start_tag
+        reason = restart.no_restart_reason(rc, progressed, self.restarts, self.max_restarts, on_slurm)
+        where = f"attempt {self.attempt}, rank {rank} on {socket.gethostname()}"
+        if reason is None:
+            job = submitit.JobEnvironment()
+            if restart.claim_restart(job.paths.folder, job.job_id, self.attempt):
+                restart.log_restart(
+                    self.run_dir,
+                    f"[submit] restart {self.restarts + 1}/{self.max_restarts} of job {job.job_id}: the trainer "
+                    f"{cause} ({where}); requeued, resuming from checkpoint {latest}",
+                )
+                successor = self._successor()
+                successor.restarts = self.restarts + 1
+                restart.requeue(successor)
+            sys.exit(0)  # the requeue ends this attempt's tasks; nothing more to do here
+        raise RuntimeError(f"the trainer {cause} ({where}): not requeued, {reason}")
+
+    def _successor(self) -> "PretrainTask":
+        """This task for the next attempt: resumes from the latest checkpoint."""
+        # whatever the first attempt resumed from, a requeued one goes on from the latest
+        argv = self.argv if self.argv[-1:] == ["train.resume=auto"] else self.argv + ["train.resume=auto"]
+        fresh = PretrainTask(
+            argv,
+            self.code_dir,
+            self.workdir,
+            self.cpus_per_task,
+            self.stop_timeout_s,
+            self.entry,
+            self.run_dir,
+            self.rendezvous_timeout_s,
+            self.max_restarts,
+        )
+        fresh.attempt, fresh.restarts = self.attempt + 1, self.restarts
+        return fresh
 
     def _on_sigterm(self, signum, frame) -> None:
         # Slurm's preemption SIGTERM reaches the trainer itself; only remember it here
@@ -177,20 +221,7 @@ class PretrainTask(submitit.helpers.Checkpointable):
                 flush=True,
             )
             return None
-        # whatever the first attempt resumed from, a requeued one goes on from the latest
-        argv = self.argv if self.argv[-1:] == ["train.resume=auto"] else self.argv + ["train.resume=auto"]
-        fresh = PretrainTask(
-            argv,
-            self.code_dir,
-            self.workdir,
-            self.cpus_per_task,
-            self.stop_timeout_s,
-            self.entry,
-            self.run_dir,
-            self.rendezvous_timeout_s,
-        )
-        fresh.attempt = self.attempt + 1
-        return submitit.helpers.DelayedSubmission(fresh, *args, **kwargs)
+        return submitit.helpers.DelayedSubmission(self._successor(), *args, **kwargs)
 
 
 def _reap(child: subprocess.Popen, timeout_s: float) -> bool:

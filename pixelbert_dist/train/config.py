@@ -113,6 +113,17 @@ class LoopConfig:
     max_loss: Annotated[
         float, Help("a finite loss above this is a blow-up: skipped and counted like NaN/inf"), Gt(0)
     ] = 1e4
+    hang_timeout_s: Annotated[
+        float,
+        Help("a rank whose optimizer steps stop for this long dumps its stacks and exits (code 86); 0: off"),
+        Ge(0),
+    ] = 600.0
+    collective_timeout_s: Annotated[float, Help("the bound on one collective, once training runs"), Gt(0)] = 300.0
+    slow_phase_timeout_s: Annotated[
+        float,
+        Help("the watchdog's and the collectives' bound from start-up to the first step, around saves and evaluations"),
+        Gt(0),
+    ] = 1800.0
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step at this world size: ``grad_accum``, or what

@@ -29,6 +29,7 @@ from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.train import resume as resume_rule
+from pixelbert_dist.train.health import RunHealth
 from pixelbert_dist.train.persist import RunPersistence
 from pixelbert_dist.train.run_dir import check_run_dir_writable
 from pixelbert_dist.train.schedule import build_scheduler, clamp_warmup
@@ -73,7 +74,8 @@ class BaseTrainer(RunPersistence):
 
     def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
         self.cfg = cfg.validate()
-        self.env = init_distributed(env)
+        # long until the first step (DeepSpeed's first collectives, a resume's reads): RunHealth shortens it
+        self.env = init_distributed(env, max(cfg.train.collective_timeout_s, cfg.train.slow_phase_timeout_s))
         self.device = device_for(self.env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
@@ -237,7 +239,9 @@ class BaseTrainer(RunPersistence):
         return applied
 
     def _end_window(self) -> bool:
-        nonfinite = self.window.bad_on_any_rank(self.world)
+        signalled = self.stop is not None and self.stop.requested
+        nonfinite, stop = self.window.agree(self.world, signalled)
+        self.stop_agreed = self.stop.agreed(stop) if self.stop is not None else stop
         if nonfinite:
             self._skip_window(nonfinite)
         else:
@@ -295,6 +299,10 @@ class BaseTrainer(RunPersistence):
         self._log_sums = MetricSums()
         self.window = AccumulationWindow(self.batchnorms, self.device, self.cfg.train.max_loss)
         self.last_train, self.last_val = {}, {}
+        self.stop: ckpt.GracefulExit | None = None  # fit's signal flags, agreed at each step's boundary
+        self.stop_agreed = False
+        self.health = RunHealth(self.cfg.train, self.rank, self.world)  # hang watchdog, timeouts, stragglers
+        self._log_steps = 0  # optimizer steps in the log period
 
     def damaged_samples(self) -> int | None:
         """Samples this rank's training loader replaced because they were damaged (the
@@ -310,6 +318,10 @@ class BaseTrainer(RunPersistence):
         damaged = totals.pop("damaged_samples", None)
         values = self.window_values(totals) if totals else {}
         values.update(self.meter.summary())
+        steps = max(self._log_steps, 1)
+        per_rank = (self.meter.data_time + self.meter.compute_time) / steps, self.meter.data_time / steps
+        timings, labels = self.health.straggler_values(*per_rank)  # the log period's all-gather
+        values.update(timings)
         for group in self.optimizer.param_groups:
             values[f"lr_{group.get('name', 'group')}"] = group["lr"]
         values["grad_norm"] = self.engine.get_global_grad_norm()
@@ -319,10 +331,11 @@ class BaseTrainer(RunPersistence):
         values["epoch"] = self.state["epoch"]
         values["nonfinite_skipped"] = self.state["nonfinite_skipped"]
         values["damaged_samples"] = damaged
-        self.logger.log(self.state["step"], "train", values)
+        self.logger.log(self.state["step"], "train", values, labels)
         self.last_train = values
         self._log_sums.clear()
         self.meter.reset()
+        self._log_steps = 0
 
     def _on_step(self, bar) -> None:
         step, t = self.state["step"], self.cfg.train
@@ -330,14 +343,18 @@ class BaseTrainer(RunPersistence):
             self._log_train()
             self._show_progress(bar)
         if t.eval_every and step % t.eval_every == 0:
-            self.evaluate_during()
+            with self.health.slow_phase("evaluation", step):
+                self.evaluate_during()
         if t.save_every and step % t.save_every == 0:
-            self.save()
+            with self.health.slow_phase("save", step):
+                self.save()
 
     def finish_step(self, bar) -> None:
         """After an applied optimiser step: count it, advance the bar, log / evaluate / save
         on their periods."""
         self.state["step"] += 1
+        self._log_steps += 1
+        self.health.step_done(self.state["step"])
         bar.update()
         self._on_step(bar)
 
@@ -402,25 +419,28 @@ class BaseTrainer(RunPersistence):
         """Train until total_steps, save, then ``finish()``; a signal stops it early with
         a checkpoint (``stopped()``)."""
         bar = self._start_console()
-        with ckpt.GracefulExit() as stop:
-            while self.state["step"] < self.total_steps:
-                if self._run_epoch(bar, stop):
-                    bar.close()
-                    self.logger.close()
-                    self._release_run()
-                    return self.stopped()
-                if not self.cfg.train.eval_every:
-                    self.evaluate_during()
-        bar.close()
-        if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
-            self.save()
-        result = self.finish()
+        with self.health:
+            with ckpt.GracefulExit() as self.stop:
+                while self.state["step"] < self.total_steps:
+                    if self._run_epoch(bar):
+                        bar.close()
+                        self.logger.close()
+                        self._release_run()
+                        return self.stopped()
+                    if not self.cfg.train.eval_every:
+                        with self.health.slow_phase("evaluation", self.state["step"]):
+                            self.evaluate_during()
+            bar.close()
+            with self.health.slow_phase("the final save and evaluation", self.state["step"]):
+                if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
+                    self.save()
+                result = self.finish()
         self._print_summary(bar)
         self.logger.close()
         self._release_run()
         return result
 
-    def _run_epoch(self, bar, stop) -> bool:
+    def _run_epoch(self, bar) -> bool:
         """One pass over this rank's batches; True when a signal asked to stop."""
         self.train_loader.set_epoch(self.state["epoch"])
         self.engine.train()
@@ -432,12 +452,13 @@ class BaseTrainer(RunPersistence):
             if batch is None:
                 self.state["epoch"] += 1
                 return False
-            if not self.train_micro_batch(batch, time.perf_counter() - start):
-                continue  # inside a gradient accumulation window, or a skipped one (NaN/inf)
-            self.state["train_seconds"] += time.perf_counter() - step_start
-            self.finish_step(bar)
-            step_start = time.perf_counter()
-            if stop.should_exit():
-                self.save()
+            if self.train_micro_batch(batch, time.perf_counter() - start):
+                self.state["train_seconds"] += time.perf_counter() - step_start
+                self.finish_step(bar)
+                step_start = time.perf_counter()
+            # else: inside a gradient accumulation window, or a skipped one (NaN/inf)
+            if self.stop_agreed:  # agreed by every rank in the step's all-reduce
+                with self.health.slow_phase("save on a stop signal", self.state["step"]):
+                    self.save()
                 return True
         return False

@@ -106,5 +106,11 @@ def refusals_as_one_line(label: str, call) -> int:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``launch/pretrain.py`` and ``pixelbert-pretrain``."""
-    return refusals_as_one_line("pretrain", lambda: main(argv))
+    """``launch/pretrain.py`` and ``pixelbert-pretrain``: a run that trained ends its
+    process at once (``exit_process``), an error as Python ends it."""
+    code = refusals_as_one_line("pretrain", lambda: main(argv))
+    if "torch.distributed" in sys.modules:  # a run, not --help
+        from pixelbert_dist.distributed.env import exit_process
+
+        exit_process(code)
+    return code

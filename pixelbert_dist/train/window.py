@@ -1,10 +1,11 @@
 """One accumulation window of the hot loop: the micro-batches of one optimiser step.
 
 Nothing in a window waits for the device before its boundary: each loss's finiteness
-and the logged metric sums accumulate as device tensors, and the boundary reads them
-with one all-reduce + one ``.item()`` (the step's only host sync). A window with a NaN/inf
-loss on any rank is dropped whole on every rank: no update, no lr step, and BatchNorm's
-running statistics as they were at its start.
+and the logged metric sums accumulate as device tensors, and the boundary reads them,
+with the stop flag of a signal, in one all-reduce + one host copy (the step's only host
+sync, at any world size). A window with a NaN/inf loss on any rank is dropped whole on
+every rank: no update, no lr step, and BatchNorm's running statistics as they were at its
+start.
 """
 
 from __future__ import annotations
@@ -73,14 +74,17 @@ class AccumulationWindow:
         self.sums.add(sums)
         self.samples += samples
 
-    def bad_on_any_rank(self, world: int) -> int:
+    def agree(self, world: int, stop_requested: bool) -> tuple[int, bool]:
         """The number of bad micro-batches of the rank that had most (the ranks must agree:
-        a rank that steps alone waits for the others forever)."""
+        a rank that steps alone waits for the others forever), and whether any rank was
+        asked to stop: both in one all-reduce, the step's one host sync."""
         bad = self._bad.to(torch.float32).reshape(1)
+        flags = torch.cat([bad, bad.new_full((1,), float(stop_requested))])  # a fill: no host-to-device copy
         if world > 1:
-            bad = bad.to(collective_device())
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return int(bad.item())  # the one host sync of the step
+            flags = flags.to(collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, stop = flags.tolist()  # the one host sync of the step
+        return int(bad), stop > 0
 
     def restore_batchnorm(self) -> None:
         """The window's forwards folded NaN into BatchNorm's statistics: put them back."""

@@ -46,8 +46,16 @@ def cluster_reason() -> str | None:
     return None if len(re.findall(r"^node[12] ", out, re.M)) == 2 else NOT_RUNNING
 
 
-def scontrol(*args: str) -> str:
-    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
+def scontrol(*args: str, tries: int = 3) -> str:
+    """``scontrol ARGS``; asked again when slurmctld does not answer within 30 s (a loaded
+    machine: the time-limit test once failed on that alone, its job fine)."""
+    for attempt in range(tries):
+        try:
+            return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=True).stdout
+        except subprocess.TimeoutExpired:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def job_records(job_id: str) -> list[dict[str, str]]:
@@ -138,3 +146,27 @@ def trainers_frozen(job_id: str, count: int):
 def wait_log_line(out_dir: Path, job_id: str, text: str, timeout_s: float) -> None:
     """Poll rank 0's submitit log until ``text`` appears."""
     _wait(job_id, lambda: text in task_log(out_dir, job_id, 0), f"{text!r} in its log", timeout_s)
+
+
+def trainer_pid(job_id: str, rank: int) -> int:
+    """The trainer process of one rank of a running job (its RANK in the environment)."""
+    tag = f"RANK={rank}".encode()
+    for pid in trainer_pids(job_id):
+        with contextlib.suppress(OSError):
+            if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+    raise AssertionError(f"job {job_id}: no trainer of rank {rank} among {trainer_pids(job_id)}")
+
+
+def wait_requeued(job_id: str, timeout_s: float) -> float:
+    """Seconds until the job is requeued (its Restarts count goes up); fails if it ends.
+    A slurmctld slow to answer (a loaded machine) is asked again."""
+    start, restarts = time.monotonic(), int(job_record(job_id)["Restarts"])
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            record = job_record(job_id)
+            if int(record["Restarts"]) > restarts:
+                return time.monotonic() - start
+            assert record["JobState"] not in FINAL, f"job {job_id} ended ({record['JobState']}) instead of a requeue"
+        assert time.monotonic() - start < timeout_s, f"job {job_id}: not requeued within {timeout_s} s"
+        time.sleep(0.5)
