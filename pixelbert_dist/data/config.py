@@ -23,6 +23,9 @@ class DataConfig:
     bucketing: bool = False  # group similar aspect ratios to cut padding
     bucket_window: int = 16  # bucketing sorts within windows of this many batches
     vocab_dir: str | None = None  # None: the shipped synthetic vocab
+    # where a sample's caption is (format/members.py): "txt" = the KEY.txt member, else the
+    # .json's "caption" / "captions"; any other value: that field of the .json
+    caption_key: str = "txt"
     max_text_len: int = 40
     mlm_prob: float = 0.15
     itm_neg_prob: float = 0.5
