@@ -19,9 +19,12 @@ its last dot-part, lower-cased, so ``hq.jpg`` and ``JPG`` are images too:
 from __future__ import annotations
 
 import json
+import tarfile
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 IMAGE_TYPES = ("jpg", "jpeg", "png", "webp")
+# Where a tar's bytes end (or stop being a tar) before its end-of-archive blocks.
+TRUNCATION = (tarfile.ReadError, EOFError)
 TEXT_TYPE, META_TYPE = "txt", "json"
 DEFAULT_CAPTION_KEY = "txt"
 
@@ -43,12 +46,26 @@ class Sample(NamedTuple):
     image_offset: int  # where the image's data starts in the tar (-1: none)
     text: bytes | None
     meta: bytes | None
+    text_offset: int = -1  # of the .txt member's data
+    meta_offset: int = -1  # of the .json member's data
 
 
 class Member(NamedTuple):
     name: str
     data: bytes
     offset: int  # of its data in the tar
+
+
+def tar_members(tar: tarfile.TarFile, broke: list) -> Iterator[Member]:
+    """The file members of a tar read front to back; where the tar ends early the error
+    goes to ``broke`` and the members end, so that the sample read last before the damage
+    is still grouped and yielded (the caller raises or counts ``broke[0]``)."""
+    try:
+        for member in tar:
+            if member.isfile():
+                yield Member(member.name, tar.extractfile(member).read(), member.offset_data)
+    except TRUNCATION as err:
+        broke.append(err)
 
 
 def group_members(
@@ -83,6 +100,8 @@ def _sample(key: str, parts: dict) -> Sample:
         image.offset if image is not None else -1,
         text.data if text is not None else None,
         meta.data if meta is not None else None,
+        text.offset if text is not None else -1,
+        meta.offset if meta is not None else -1,
     )
 
 
@@ -111,6 +130,16 @@ def caption_meta(text: bytes | None, meta: bytes | None, caption_key: str = DEFA
         )
         raise NoCaption(f"no caption ({looked})")
     return {**parsed, "captions": captions}
+
+
+def has_caption(text: bytes | None, meta: bytes | None) -> bool:
+    """Whether the default rule finds a caption (what an index sidecar of foreign
+    shards lists, and what a streamed shard with such a sidecar counts as its rows)."""
+    try:
+        caption_meta(text, meta)
+    except NoCaption:
+        return False
+    return True
 
 
 def _captions(text: bytes | None, meta: dict, caption_key: str) -> list[str]:

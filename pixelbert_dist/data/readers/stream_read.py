@@ -15,7 +15,7 @@ import tarfile
 import time
 from typing import Iterator, NamedTuple
 
-from pixelbert_dist.data.format.members import Member, group_members
+from pixelbert_dist.data.format.members import TRUNCATION, group_members, has_caption, tar_members
 from pixelbert_dist.data.readers.stream_urls import open_shard, protocol, retryable
 from pixelbert_dist.data.readers.stream_check import ShardCheck, fetch
 
@@ -52,8 +52,6 @@ class Dotted(NamedTuple):
 
 NO_IMAGE, NO_CAPTION, TRUNCATED = "no_image", "no_caption", "truncated_tar"
 SKIP_KINDS = (NO_IMAGE, NO_CAPTION, TRUNCATED)
-# Where a tar's bytes end (or stop being a tar) before its end-of-archive blocks.
-TRUNCATION = (tarfile.ReadError, EOFError)
 
 
 def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> Iterator[Raw]:
@@ -68,10 +66,11 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
 
     broke: list[Exception] = []
     with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        for sample in group_members(_files(tar, broke), on_dotted):
-            if sample.image is None:
-                if met >= skip:
-                    notes.append(Skipped(NO_IMAGE, f"{url}:{sample.key}", "no jpg/jpeg/png/webp member"))
+        for sample in group_members(tar_members(tar, broke), on_dotted):
+            if sample.image is None or (check is not None and not has_caption(sample.text, sample.meta)):
+                if met >= skip:  # a sidecar's rows are the samples with both (format.foreign_index)
+                    kind, what = (NO_IMAGE, "no jpg/jpeg/png/webp member") if sample.image is None else (NO_CAPTION, "")
+                    notes.append(Skipped(kind, f"{url}:{sample.key}", what or "no caption (its index lists none)"))
                 continue
             met += 1
             if met > skip:
@@ -82,17 +81,6 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
         raise broke[0]
     if check is not None:
         check.finish(met)
-
-
-def _files(tar: tarfile.TarFile, broke: list) -> Iterator[Member]:
-    """The tar's file members; where the tar ends early the error goes to ``broke`` and the
-    members end, so that the sample read last before the damage is still yielded."""
-    try:
-        for member in tar:
-            if member.isfile():
-                yield Member(member.name, tar.extractfile(member).read(), member.offset_data)
-    except TRUNCATION as err:
-        broke.append(err)
 
 
 UNREAD = object()
