@@ -133,3 +133,35 @@ def test_a_crashed_index_run_resumes_with_the_shards_left(tmp_path):
     )
     assert make_shards(["index", str(directory)]) == 0  # indexed already: nothing to write
     assert make_shards(["index", str(directory), "--force"]) == 0
+
+
+def test_image_sizes_read_from_headers_match_pil():
+    import io
+
+    from PIL import Image
+
+    from pixelbert_dist.data.format.image_size import image_size
+    from tests.foreign_helpers import image_bytes
+
+    made = [image_bytes(kind, 37, 53, 1) for kind in ("jpg", "png", "webp")]
+    for mode, options in (("RGB", {"lossless": True}), ("RGBA", {"quality": 80}), ("L", {"progressive": True})):
+        buf = io.BytesIO()
+        image = Image.new(mode, (71, 29), 90)
+        image.save(buf, "JPEG" if mode == "L" else "WEBP", **options)  # VP8L, VP8X, progressive JPEG
+        made.append(buf.getvalue())
+    for data in made:
+        assert image_size(data) == Image.open(io.BytesIO(data)).size
+    assert image_size(b"GIF89a" + b"\0" * 20) == (0, 0)
+
+
+def test_a_tar_cut_between_members_is_indexed_up_to_the_cut(tmp_path):
+    """tarfile just stops where a header is missing: the missing end-of-archive blocks
+    tell the index (and skipped.jsonl) that the tar was cut."""
+    write_img2dataset_set(tmp_path)
+    with tarfile.open(tmp_path / "00001.tar") as tar:
+        cut = [m for m in tar][30].offset  # a header of sample 10 (000010003 has 2 members)
+    (tmp_path / "00001.tar").write_bytes((tmp_path / "00001.tar").read_bytes()[:cut])
+    manifest = index_foreign(tmp_path, workers=1)
+    assert [s.num_samples for s in manifest.shards] == [29, 9, 20]  # 000010003 has no image
+    reasons = [e["reason"] for e in read_skipped(tmp_path) if e["file"] == "00001.tar"]
+    assert len(reasons) == 1 and reasons[0].startswith("truncated_tar") and "end-of-archive" in reasons[0]

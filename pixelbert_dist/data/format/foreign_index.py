@@ -3,10 +3,11 @@ DataComp), written beside the tars, which are never rewritten:
 
     python launch/make_shards.py index /data/cc3m     # 00000.tar ... -> 00000.idx.npy ..., manifest.json
 
-Each tar is read once, front to back (``format.members``: webdataset's grouping): a row per
-sample with an image and a caption by the default rule (``.txt``, else the JSON's
-``caption`` / ``captions``), holding the image's offset, size and CRC32, its width and height
-from the image header (PIL reads the header, nothing is decoded), and the caption member's
+Each tar is mapped and walked once (``tarfile`` over its headers, the member bytes sliced
+from the map; ``format.members``: webdataset's grouping): a row per sample with an image
+and a caption by the default rule (``.txt``, else the JSON's ``caption`` / ``captions``),
+holding the image's offset, size and CRC32, its width and height from the image header
+(``format.image_size``: nothing is decoded), and the caption member's
 offset and size (the ``.txt`` when there is one, else the ``.json``: the reader tells them
 apart by the member's name). Samples without image or caption, and the damage of a cut tar
 (indexed up to it), go to ``skipped.jsonl`` by kind. The split then reads in the indexed
@@ -22,46 +23,38 @@ removed: a folder with a manifest is finished.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import mmap
 import multiprocessing
 import os
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from PIL import Image
-
+from pixelbert_dist.data.format.image_size import image_size
 from pixelbert_dist.data.format.index import IndexBuilder, ShardFormatError, index_name
-from pixelbert_dist.data.format.members import group_members, has_caption, tar_members
+from pixelbert_dist.data.format.members import Member, group_members, has_caption
 from pixelbert_dist.data.format.shards import MANIFEST, Manifest, ShardInfo, write_manifest, write_skipped
 
 PROGRESS = "index-progress.jsonl"
 SOURCE = "webdataset"
 
 
-class _Hashing(io.RawIOBase):
-    """A file read front to back, hashed on the way (tarfile's stream mode reads it all)."""
-
-    def __init__(self, f):
-        self.f, self.digest = f, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self.f.readinto(buffer)
-        self.digest.update(memoryview(buffer)[:n])
-        return n
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the image's header; (0, 0) if PIL cannot read one."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return 0, 0
+def _members(tar: tarfile.TarFile, data: mmap.mmap, broke: list) -> Iterator[Member]:
+    """The file members of a tar opened in seekable mode (tarfile seeks over the data,
+    as a header walk does), their bytes sliced from the mapped file. A member whose data
+    runs past the end of the file, or a tar without its end-of-archive blocks (cut at a
+    member boundary, where tarfile just stops), goes to ``broke``."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        end = member.offset_data + member.size
+        if end > len(data):
+            broke.append(EOFError(f"{member.name} ends at byte {end}, past the end of the file ({len(data)} bytes)"))
+            return
+        yield Member(member.name, data[member.offset_data : end], member.offset_data)
+    if len(data) - tar.offset < 2 * tarfile.BLOCKSIZE:
+        broke.append(EOFError(f"no end-of-archive blocks after byte {tar.offset} (cut between members)"))
 
 
 def scan_foreign(path: str | Path) -> dict:
@@ -69,20 +62,17 @@ def scan_foreign(path: str | Path) -> dict:
     record (file, num_samples, sha256, size, index, skipped entries)."""
     path = Path(path)
     builder, skipped, broke = IndexBuilder(), [], []
-    with open(path, "rb") as raw:
-        hashing = _Hashing(raw)
-        stream = io.BufferedReader(hashing, 1 << 20)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for sample in group_members(tar_members(tar, broke)):
-                where = f"{path.name}:{sample.key}"
-                if sample.image is None:
-                    skipped.append({"file": where, "reason": "no_image: no jpg/jpeg/png/webp member"})
-                elif not has_caption(sample.text, sample.meta):
-                    skipped.append({"file": where, "reason": "no_caption: no .txt, nor caption(s) in its .json"})
-                else:
-                    _add_row(builder, sample)
-        while stream.read(1 << 20):  # the end-of-archive blocks and padding: hashed too
-            pass
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ShardFormatError(f"{path}: an empty file, not a tar")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for sample in group_members(_members(tar, data, broke)):
+                        _add_sample(builder, skipped, path, sample)
+            except tarfile.ReadError as err:  # not a tar from its first block on
+                broke.append(err)
     if broke:
         reason = f"truncated_tar: indexed up to the damage ({type(broke[0]).__name__}: {broke[0]})"
         skipped.append({"file": path.name, "reason": reason})
@@ -90,11 +80,21 @@ def scan_foreign(path: str | Path) -> dict:
     return {
         "file": path.name,
         "num_samples": len(builder.columns),
-        "sha256": hashing.digest.hexdigest(),
+        "sha256": digest,
         "size": path.stat().st_size,
         "index": index_name(path.name),
         "skipped": skipped,
     }
+
+
+def _add_sample(builder: IndexBuilder, skipped: list, path: Path, sample) -> None:
+    where = f"{path.name}:{sample.key}"
+    if sample.image is None:
+        skipped.append({"file": where, "reason": "no_image: no jpg/jpeg/png/webp member"})
+    elif not has_caption(sample.text, sample.meta):
+        skipped.append({"file": where, "reason": "no_caption: no .txt, nor caption(s) in its .json"})
+    else:
+        _add_row(builder, sample)
 
 
 def _add_row(builder: IndexBuilder, sample) -> None:
