@@ -165,3 +165,11 @@ def test_a_tar_cut_between_members_is_indexed_up_to_the_cut(tmp_path):
     assert [s.num_samples for s in manifest.shards] == [29, 9, 20]  # 000010003 has no image
     reasons = [e["reason"] for e in read_skipped(tmp_path) if e["file"] == "00001.tar"]
     assert len(reasons) == 1 and reasons[0].startswith("truncated_tar") and "end-of-archive" in reasons[0]
+
+
+def test_dali_webdataset_reader_refuses_foreign_shards_in_one_line(indexed):
+    from pixelbert_dist.config import ConfigError
+
+    directory, _, _ = indexed
+    with pytest.raises(ConfigError, match="dali_reader='external'"):
+        build_loader(data_cfg("dali", dali_reader="webdataset"), str(directory), 6)

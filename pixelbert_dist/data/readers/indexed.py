@@ -92,6 +92,7 @@ class ShardIndex:
     def __init__(self, directory: str | Path):
         manifest = read_manifest(directory, check_files=False)  # no stat per shard (module docstring)
         self.directory = Path(directory)
+        self.source = manifest.source  # "webdataset": foreign shards (format.foreign_index)
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
             _check_listed(self.directory, info, path)
