@@ -19,16 +19,20 @@ import io
 import json
 import logging
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixelbert_dist.data.format import shards as fmt
+from pixelbert_dist.data.format.index import SUFFIX as index_suffix
 
 JPEG_QUALITY = 95
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PROGRESS_DIR = ".progress"
 log = logging.getLogger(__name__)
 
@@ -102,10 +106,12 @@ def read_json(path: str | Path, required: tuple[str, ...] = (), kind: type = dic
 
 
 def clean_captions(captions: Iterable, file: str) -> tuple[list[str], list[dict]]:
-    """Stripped non-empty captions, and a skipped entry for every empty one."""
+    """Stripped non-empty captions (control characters such as NUL read as spaces: the
+    tokenizer and every JSON tool downstream would trip on them), and a skipped entry for
+    every empty one."""
     kept, skipped = [], []
     for caption in captions:
-        text = caption.strip() if isinstance(caption, str) else ""
+        text = _CONTROL.sub(" ", caption).strip() if isinstance(caption, str) else ""
         if text:
             kept.append(" ".join(text.split()))
         else:
@@ -114,8 +120,11 @@ def clean_captions(captions: Iterable, file: str) -> tuple[list[str], list[dict]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB: applies the EXIF orientation, composes transparency onto white."""
+    """Upright RGB: applies the EXIF orientation, scales 16-bit grey to 8 bits, composes
+    transparency onto white."""
     image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):  # 16-bit grey (PNG): convert("RGB") would clip at 255
+        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -231,9 +240,10 @@ def _write_chunk(chunk, shard_path: Path, pool, chunk_hash: str, progress: Path)
 
 
 def _remove_stale(out_dir: Path, name: str, num_shards: int) -> None:
-    """Shards left by an earlier, longer run of the same split would be read by globbing loaders."""
-    for path in out_dir.glob(f"{name}-*.tar"):
-        index = path.stem.rsplit("-", 1)[-1]
+    """Shards left by an earlier, longer run of the same split would be read by globbing
+    loaders, and their index sidecars by anyone streaming the folder: both go."""
+    for path in [*out_dir.glob(f"{name}-*.tar"), *out_dir.glob(f"{name}-*{index_suffix}")]:
+        index = path.name.removesuffix(index_suffix).removesuffix(".tar").rsplit("-", 1)[-1]
         if index.isdigit() and int(index) >= num_shards:
             path.unlink()
             (out_dir / PROGRESS_DIR / (path.name + ".json")).unlink(missing_ok=True)
@@ -319,8 +329,15 @@ def build_split(
     skipped = pre_skipped + [e for r in records for e in r["skipped"]]
     fmt.write_skipped(out_dir, skipped)
     infos = [fmt.ShardInfo(r["file"], r["num_samples"], r["sha256"]) for r in records if r["num_samples"] > 0]
+    images_skipped, captions_dropped = _counts(skipped)
     manifest = fmt.Manifest(
-        name=name, num_samples=sum(i.num_samples for i in infos), shards=infos, source=source, skipped=len(skipped)
+        name=name,
+        num_samples=sum(i.num_samples for i in infos),
+        shards=infos,
+        source=source,
+        skipped=len(skipped),
+        images_skipped=images_skipped,
+        captions_dropped=captions_dropped,
     )
     fmt.write_manifest(out_dir, manifest)
-    return BuildResult(out_dir, manifest.num_samples, len(skipped), reused, *_counts(skipped))
+    return BuildResult(out_dir, manifest.num_samples, len(skipped), reused, images_skipped, captions_dropped)
