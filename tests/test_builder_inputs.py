@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from pixelbert_dist.data.format.shards import iter_samples, read_manifest, read_
 from tests.fixtures_data import write_coco, write_image, write_karpathy
 
 FAST = {"samples_per_shard": 4, "workers": 0, "progress": False}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _jsonl(path, lines) -> str:
@@ -114,3 +116,31 @@ def test_a_rerun_with_fewer_shards_removes_stale_sidecars(tmp_path):
         "jsonl-000001.idx.npy",
         "jsonl-000001.tar",
     ]
+
+
+def test_kill_9_of_the_builder_leaves_no_worker_behind(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, str(REPO / "launch" / "make_shards.py"), "synthetic", "--num", "20000"]
+    command += ["--workers", "2", "--samples-per-shard", "500", "--no-progress", "--out", str(tmp_path / "out")]
+    builder = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(psutil.Process(builder.pid).children()) < 2:
+            assert time.monotonic() < deadline and builder.poll() is None, "the builder never started its workers"
+            time.sleep(0.2)
+        workers = psutil.Process(builder.pid).children()
+        os.kill(builder.pid, signal.SIGKILL)
+        builder.wait(timeout=30)
+        gone, alive = psutil.wait_procs(workers, timeout=30)
+        assert not alive, f"orphaned workers: {alive}"
+    finally:
+        if builder.poll() is None:
+            builder.kill()

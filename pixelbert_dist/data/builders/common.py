@@ -14,12 +14,15 @@ were not written (``kind="image"``) and the captions dropped (``kind="caption"``
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
 import logging
 import os
 import re
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ from pixelbert_dist.data.format import shards as fmt
 from pixelbert_dist.data.format.index import SUFFIX as index_suffix
 
 JPEG_QUALITY = 95
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 PROGRESS_DIR = ".progress"
 log = logging.getLogger(__name__)
@@ -157,6 +161,19 @@ def process_item(item: Item) -> tuple[bytes, int, int] | str:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"unreadable image ({type(err).__name__}: {err})"
     return encode_jpeg(image), image.width, image.height
+
+
+def die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when the builder dies, even by
+    ``kill -9`` (no exit hook runs then, and a ProcessPoolExecutor worker would wait for
+    work forever, holding its memory). Linux only; elsewhere a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the builder died before prctl: nobody will send the signal
+        os._exit(1)
 
 
 def _file_state(path: str) -> list[int] | None:
@@ -309,7 +326,7 @@ def build_split(
     progress_dir.mkdir(parents=True, exist_ok=True)
     chunks = [items[i : i + samples_per_shard] for i in range(0, len(items), samples_per_shard)]
     records, reused = [], 0
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    pool = ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers > 0 else None
     try:
         bar = tqdm(total=len(items), desc=f"{source}/{name}", unit="img", disable=not progress)
         for index, chunk in enumerate(chunks):
