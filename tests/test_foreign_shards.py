@@ -161,3 +161,31 @@ def test_pretraining_on_an_img2dataset_set_logs_the_skip_counts(foreign, tmp_pat
         "skipped_truncated_tar": 1,
     }
     assert all(math.isfinite(loss) for loss in train_losses(tmp_path).values())
+
+
+@pytest.mark.slow
+def test_s3_folder_reads_like_the_local_one(foreign):
+    """The set on a real local S3 server (moto, as in test_streaming_s3), listed as a folder."""
+    s3fs = pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from tests.test_streaming_s3 import LocalS3
+
+    directory, expected = foreign
+    endpoint = LocalS3()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")):
+            env.setenv(name, value)
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", endpoint.endpoint)
+        s3fs.S3FileSystem.clear_instance_cache()
+        endpoint.start()
+        try:
+            fs = s3fs.S3FileSystem()
+            fs.mkdir("foreign")
+            fs.put([str(p) for p in sorted(directory.glob("0000*"))], "foreign/set/")  # tars, stats, parquet
+            loader, batches = read_epoch("s3://foreign/set/")
+            assert len(loader.urls) == 3
+            check_epoch(loader, batches, expected)
+        finally:
+            endpoint.stop()
+            s3fs.S3FileSystem.clear_instance_cache()
