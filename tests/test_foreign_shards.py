@@ -189,3 +189,11 @@ def test_s3_folder_reads_like_the_local_one(foreign):
         finally:
             endpoint.stop()
             s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_folder_without_epoch_size_points_at_the_index_command(foreign):
+    from pixelbert_dist.config import ConfigError
+
+    directory, _ = foreign
+    with pytest.raises(ConfigError, match=r"data.epoch_samples.*make_shards.py index"):
+        build_loader(data_cfg("pil"), str(directory), BATCH)

@@ -55,7 +55,8 @@ from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.decode.damage import Damaged
 from pixelbert_dist.data.decode.images import pad_batch
-from pixelbert_dist.data.readers.stream_urls import expand
+from pixelbert_dist.data.format.index import INDEX_COMMAND
+from pixelbert_dist.data.readers.stream_urls import expand, tar_folder
 from pixelbert_dist.data.readers.stream_check import why_unchecked
 from pixelbert_dist.data.format.members import NoCaption, caption_meta
 from pixelbert_dist.data.readers.stream_read import (
@@ -292,6 +293,11 @@ class StreamLoader(LoaderState, BatchAccounting):
                 f"streaming needs data.epoch_samples >= world_size x batch_size "
                 f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
                 "number of samples that make one epoch over all ranks"
+                + (
+                    f"; or index the folder once (`{INDEX_COMMAND} {spec}`) to read it in the indexed mode"
+                    if tar_folder(spec)
+                    else ""
+                )
             )
         self.cfg, self.urls = cfg, expand(spec)
         self.text, self.images = text, images  # a stream_pixels.StreamImages
