@@ -132,7 +132,7 @@ def test_kill_9_of_the_builder_leaves_no_worker_behind(tmp_path):
     command += ["--workers", "2", "--samples-per-shard", "500", "--no-progress", "--out", str(tmp_path / "out")]
     builder = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 400  # its start imports torch: minutes on a loaded machine
         while len(psutil.Process(builder.pid).children()) < 2:
             assert time.monotonic() < deadline and builder.poll() is None, "the builder never started its workers"
             time.sleep(0.2)
@@ -144,3 +144,32 @@ def test_kill_9_of_the_builder_leaves_no_worker_behind(tmp_path):
     finally:
         if builder.poll() is None:
             builder.kill()
+
+
+def _corrupt_but_decodable(jpeg: bytes) -> bytes:
+    """200 bytes of the entropy-coded data XORed, as the issue's case, such that PIL
+    still decodes the file without a word (the first seed that does)."""
+    import io
+
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        data = bytearray(jpeg)
+        for at in rng.choice(np.arange(700, len(data) - 4), 200, replace=False):
+            data[at] ^= int(rng.integers(1, 256))
+        try:
+            Image.open(io.BytesIO(bytes(data))).load()
+        except OSError:
+            continue
+        return bytes(data)
+    raise AssertionError("no seed left the JPEG decodable")
+
+
+def test_a_jpeg_with_corrupt_data_that_still_decodes_is_skipped(tmp_path):
+    write_image(tmp_path / "good.jpg", "rgb", seed=1)
+    write_image(tmp_path / "src.jpg", "rgb", seed=2)
+    (tmp_path / "bad.jpg").write_bytes(_corrupt_but_decodable((tmp_path / "src.jpg").read_bytes()))
+    lines = [{"image": "good.jpg", "caption": "good"}, {"image": "bad.jpg", "caption": "bad"}]
+    result = build_jsonl(tmp_path / "out", _jsonl(tmp_path / "set.jsonl", lines), **FAST)["jsonl"]
+    assert (result.written, result.images_skipped) == (1, 1)
+    [entry] = read_skipped(tmp_path / "out")
+    assert entry["file"].endswith("bad.jpg") and "corrupt JPEG data" in entry["reason"]
