@@ -118,6 +118,7 @@ def test_a_rerun_with_fewer_shards_removes_stale_sidecars(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_builder_leaves_no_worker_behind(tmp_path):
     import os
     import signal
