@@ -7,6 +7,8 @@
     python -m benchmarks.bench_index --stream --stream-backends dali --sizes 10000
     python -m benchmarks.bench_index --plan --baseline /tmp/old_tree   # the epoch plan alone, 10^6..10^9
     python -m benchmarks.bench_index --stream-resume      # a streamed resume at 10^3..2x10^5 samples in
+    python -m benchmarks.bench_index --foreign            # make_shards.py index on foreign tars vs their
+                                                          # headers alone (benchmarks/foreign_index.py)
 
 Builds one split of tiny JPEGs (four pre-encoded 6..12 px images reused, no PIL per
 sample; 10,000 samples a shard) once, cached under ``.cache/bench_index/`` (gitignored);
@@ -419,6 +421,10 @@ def main(argv=None) -> None:
         help="the epoch plan alone (synthetic aspect ratios, no shards) at --sizes (default 10^6..10^9)",
     )
     parser.add_argument("--stream-resume", action="store_true", help="a streamed resume's cost by position")
+    parser.add_argument("--foreign", action="store_true", help="indexing foreign tars vs their headers alone")
+    parser.add_argument("--foreign-shards", type=int, default=2000)
+    parser.add_argument("--foreign-per-shard", type=int, default=20)
+    parser.add_argument("--foreign-workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--measure-stream", help=argparse.SUPPRESS)
     parser.add_argument("--measure-plan", type=int, help=argparse.SUPPRESS)
@@ -437,6 +443,10 @@ def main(argv=None) -> None:
 
     if args.stream_resume:
         return resume_main(args, write_results)
+    if args.foreign:
+        from benchmarks.foreign_index import foreign_main
+
+        return foreign_main(args, write_results, CACHE, tiny_jpegs(), ustar_header)
     if args.stream:
         return stream_main(args, write_results)
     if args.plan:

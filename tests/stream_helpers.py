@@ -41,8 +41,9 @@ def write_stream_shards(directory):
 
 
 @contextlib.contextmanager
-def serve(directory):
-    """``python -m http.server`` on 127.0.0.1 over ``directory``; yields its URL."""
+def serve(directory, probe_file="manifest.json"):
+    """``python -m http.server`` on 127.0.0.1 over ``directory``; yields its URL once
+    ``probe_file`` is served."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -55,7 +56,7 @@ def serve(directory):
     try:
         for _ in range(100):
             try:
-                urllib.request.urlopen(f"{url}/manifest.json", timeout=1).read()
+                urllib.request.urlopen(f"{url}/{probe_file}", timeout=1).read()
                 break
             except OSError:
                 time.sleep(0.1)

@@ -63,7 +63,16 @@ def test_round_trip(tmp_path):
     assert read_skipped(tmp_path) == [{"file": "broken.jpg", "reason": "unreadable image"}]
     raw = json.loads((tmp_path / "manifest.json").read_text())
     assert raw["format"] == FORMAT
-    assert set(raw) == {"format", "name", "num_samples", "shards", "source", "skipped"}
+    assert set(raw) == {
+        "format",
+        "name",
+        "num_samples",
+        "shards",
+        "source",
+        "skipped",
+        "images_skipped",
+        "captions_dropped",
+    }
 
 
 def test_member_layout_and_determinism(tmp_path):

@@ -42,6 +42,13 @@ class DataConfig:
     bucketing: Annotated[bool, Help("group similar aspect ratios into batches to cut padding")] = False
     bucket_window: Annotated[int, Help("bucketing sorts within windows of this many batches"), Ge(1)] = 16
     vocab_dir: Annotated[str | None, Help("tokenizer folder (a BERT checkpoint's); null: the shipped vocab")] = None
+    caption_key: Annotated[
+        str,
+        Help(
+            "where a sample's caption is (format/members.py): 'txt' = the KEY.txt member, else the "
+            "JSON's caption / captions; any other value: that field of the JSON"
+        ),
+    ] = "txt"
     max_text_len: Annotated[int, Help("captions are cut to this many tokens, [CLS] and [SEP] included"), Ge(3)] = 40
     mlm_prob: Annotated[float, Help("fraction of caption tokens masked for MLM"), Probability] = 0.15
     itm_neg_prob: Annotated[float, Help("chance a pair gets another image's caption (ITM negative)"), Probability] = 0.5

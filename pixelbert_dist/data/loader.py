@@ -48,6 +48,7 @@ from pixelbert_dist.data.base import (
 )
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.decode.dali import DaliImages
+from pixelbert_dist.data.format.foreign_index import SOURCE as FOREIGN_SOURCE
 from pixelbert_dist.data.readers.dali_wds import WebdatasetLoader
 from pixelbert_dist.data.decode.images import swap_left_right
 from pixelbert_dist.data.readers.plan import PLAN_ORDER, EpochPlan, Replan, epoch_plan, shard_window_order
@@ -272,6 +273,11 @@ def build_loader(
             device,
         )
     if cfg.backend == "dali" and cfg.dali_reader == "webdataset":
+        if index.source == FOREIGN_SOURCE:
+            raise ConfigError(
+                f"{shards_dir} holds foreign webdataset shards (indexed by make_shards.py index): DALI's "
+                "webdataset reader takes KEY.jpg + KEY.json only; set data.dali_reader='external'"
+            )
         # DALI's own reader + pipeline checkpoints (dali_wds.py), instead of the epoch plan.
         return WebdatasetLoader(cfg, index, collator, batch_size, rank, world_size, train, device)
     images = images_backend(cfg, index, batch_size, device)

@@ -310,12 +310,22 @@ class BaseTrainer(RunPersistence):
         loader keeps no such count."""
         return getattr(self.train_loader, "damaged", None)
 
+    def skipped_samples(self) -> dict[str, int]:
+        """Samples of this rank's training loader that never reached a batch, by kind
+        (``skipped_no_image``, ``skipped_no_caption``, ``skipped_truncated_tar``: the
+        streamed loader's running counts; summed over ranks in the log); {} for loaders
+        that keep none."""
+        counts = getattr(self.train_loader, "skipped", None) or {}
+        return {f"skipped_{kind}": int(n) for kind, n in counts.items()}
+
     def _log_train(self) -> None:
-        damaged = self.damaged_samples()
+        damaged, skipped = self.damaged_samples(), self.skipped_samples()
         if damaged is not None:  # rides in the same all-reduce as the metric sums
             self._log_sums.add({"damaged_samples": damaged})
+        self._log_sums.add(skipped)
         totals = self._log_sums.reduce()  # the log period's one all-reduce and host copy
         damaged = totals.pop("damaged_samples", None)
+        skipped = {name: int(totals.pop(name)) for name in skipped}
         values = self.window_values(totals) if totals else {}
         values.update(self.meter.summary())
         steps = max(self._log_steps, 1)
@@ -331,6 +341,7 @@ class BaseTrainer(RunPersistence):
         values["epoch"] = self.state["epoch"]
         values["nonfinite_skipped"] = self.state["nonfinite_skipped"]
         values["damaged_samples"] = damaged
+        values.update(skipped)
         self.logger.log(self.state["step"], "train", values, labels)
         self.last_train = values
         self._log_sums.clear()

@@ -10,6 +10,7 @@
         --out data/nlvr2_images
     python launch/make_shards.py images --kind coco --images test2015 --out data/coco_test2015
     python launch/make_shards.py index data/old_split     # index shards made before indexes
+    python launch/make_shards.py index /data/cc3m         # index img2dataset / OpenCLIP tars beside them
 
 `make_shards.py SOURCE --help` says where each source's official files come from.
 Keys: the data set's name and its own image id (coco391895, vg1, flickr30k42), the keys
@@ -121,15 +122,29 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--max-size", type=int, default=224)
 
     index = sub.add_parser(
-        "index", help="write the per-shard index sidecars of an existing split (shards made before indexes existed)"
+        "index",
+        help="write index sidecars (and a manifest) beside existing shards: a split made before indexes "
+        "existed, or a folder of foreign webdataset tars (img2dataset, OpenCLIP, DataComp), never rewritten",
     )
-    index.add_argument("directory", type=Path, help="split directory with manifest.json")
+    index.add_argument("directory", type=Path, help="split directory with manifest.json, or a folder of .tar files")
     index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
+    index.add_argument("--workers", type=int, default=None, help="foreign tars indexed at once (default: CPUs)")
     return parser
 
 
-def _index(args, index_split, ShardFormatError) -> int:
+def _index(args) -> int:
+    from pixelbert_dist.data.format.foreign_index import SOURCE, index_foreign
+    from pixelbert_dist.data.format.index import ShardFormatError
+    from pixelbert_dist.data.format.shards import MANIFEST, index_split, read_manifest
+
+    manifest = args.directory / MANIFEST
     try:
+        if manifest.is_file() and args.force and read_manifest(args.directory).source == SOURCE:
+            manifest.unlink()  # made by index_foreign: made again, from the tars
+        if not manifest.is_file():
+            made = index_foreign(args.directory, args.workers, lambda r: print(f"indexed {r['file']}", flush=True))
+            print(f"{args.directory}: {len(made.shards)} shards, {made.num_samples} samples, {made.skipped} skipped")
+            return 0
         written = index_split(
             args.directory, force=args.force, progress=lambda path: print(f"indexed {path}", flush=True)
         )
@@ -143,10 +158,7 @@ def _index(args, index_split, ShardFormatError) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.source == "index":
-        from pixelbert_dist.data.format.shards import index_split
-        from pixelbert_dist.data.format.index import ShardFormatError
-
-        return _index(args, index_split, ShardFormatError)
+        return _index(args)
     common = {"samples_per_shard": args.samples_per_shard, "workers": args.workers, "progress": not args.no_progress}
     if args.samples_per_shard < 1:
         raise SystemExit("--samples-per-shard must be >= 1")

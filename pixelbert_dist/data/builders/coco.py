@@ -72,13 +72,31 @@ def coco_items(captions_json: str | Path, images_dir: str | Path) -> tuple[list[
     return items, pre_skipped
 
 
+def _dataset_name(data: dict, path: Path) -> str:
+    """The file's own ``dataset`` field, else the name Karpathy's files carry
+    (``dataset_flickr30k.json``: flickr30k), else coco."""
+    if data.get("dataset"):
+        return str(data["dataset"])
+    stem = path.stem.lower()
+    return stem.removeprefix("dataset_") if stem.startswith("dataset_") and stem != "dataset_" else "coco"
+
+
+def _require_folder(images_dir) -> None:
+    if not Path(images_dir).is_dir():
+        raise FileNotFoundError(f"--images folder {images_dir} not found (or not a folder)")
+
+
 def karpathy_items(split_json: str | Path, images_dir: str | Path):
     """{"train"|"val"|"test": (items, pre_skipped)} from a Karpathy split file."""
     data = read_json(split_json, required=("images",))
-    source = str(data.get("dataset", "coco"))
+    source = _dataset_name(data, Path(split_json))
     out = {split: ([], []) for split in ("train", "val", "test")}
     first: dict[str, tuple[int, str]] = {}  # image id -> (images[n], split) of its first entry
     for n, entry in enumerate(data["images"]):
+        if isinstance(entry, dict) and entry.get("split") not in KARPATHY_SPLITS:
+            raise ValueError(
+                f"{split_json}: images[{n}] has split {entry.get('split')!r}: expected one of {sorted(KARPATHY_SPLITS)}"
+            )
         try:
             split = KARPATHY_SPLITS[entry["split"]]
             image_id = entry["cocoid"] if "cocoid" in entry else entry["imgid"]
@@ -116,11 +134,15 @@ def build_coco(
         raise ValueError(
             "give exactly one of captions_json (official COCO file) or karpathy_json (Karpathy split file)"
         )
+    _require_folder(images_dir)
     if captions_json is not None:
         items, pre_skipped = coco_items(captions_json, images_dir)
         return {"coco": build_split(items, out_dir, "coco", "coco", pre_skipped=pre_skipped, **kwargs)}
     results = {}
     for split, (items, pre_skipped) in karpathy_items(karpathy_json, images_dir).items():
-        source = items[0].source if items else "coco"
+        if not items and not pre_skipped:  # e.g. a file with train and test only
+            log.warning("%s: no %s image in it: the %s split is not written", karpathy_json, split, split)
+            continue
+        source = items[0].source if items else _dataset_name(read_json(karpathy_json), Path(karpathy_json))
         results[split] = build_split(items, Path(out_dir) / split, split, source, pre_skipped=pre_skipped, **kwargs)
     return results

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from pathlib import Path
 
-from pixelbert_dist.data.builders.common import BuildResult, Item, build_split, clean_captions, drop_uncaptioned
+from pixelbert_dist.data.builders.common import BuildResult, Item, build_split, clean_captions, drop_uncaptioned, skip
 
 SOURCE = "jsonl"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+log = logging.getLogger(__name__)
 
 
 def _read_lines(path: Path) -> list[tuple[str, object]]:
     if not path.is_file():
         raise FileNotFoundError(f"jsonl file {path} not found")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({err})") from None
             if not line.strip():
                 continue
             try:
@@ -52,11 +60,19 @@ def jsonl_items(jsonl_path: str | Path) -> tuple[list[Item], list[dict]]:
     path = Path(jsonl_path)
     merged: dict[str, list] = {}
     first: dict[str, tuple[str, Path]] = {}  # canonical name -> (first spelling, file)
+    url_skips = []
     for image, caption in _read_lines(path):
+        if _URL.match(image):
+            url_skips.append(skip(image, "image is a URL: URLs are not fetched (download the images first)"))
+            continue
         name, file = _canonical(image, path.parent)
         first.setdefault(name, (image, file))
         merged.setdefault(name, []).append(caption)
-    items, pre_skipped = [], []
+    if url_skips:
+        log.warning(
+            "%s: %d image(s) given as URLs, e.g. %s: URLs are not fetched", path, len(url_skips), url_skips[0]["file"]
+        )
+    items, pre_skipped = [], url_skips
     for name, raw in merged.items():
         image, file = first[name]
         captions, skipped = clean_captions(raw, str(file))

@@ -120,6 +120,7 @@ class TorchJpegPixels:
 
     def __init__(self, decoder, fallback: PilDecode):
         self.decoder, self.fallback = decoder, fallback
+        self.said = False  # the one log line about images that are not JPEG
 
     def __call__(self, batches: Iterator) -> Iterator:
         for got in batches:
@@ -128,6 +129,14 @@ class TorchJpegPixels:
             except RuntimeError as err:
                 yield with_pil(got, self.fallback, f"{self.decoder.name}: {err}")
                 continue
+            if self.decoder.not_jpeg and not self.said:
+                self.said = True
+                log.warning(
+                    "%s reads JPEG only: PNG / WebP images (first in a batch holding %s) are decoded with "
+                    "PIL, then resized on the device (counted in the decoder's not_jpeg; said once)",
+                    self.decoder.name,
+                    got.keys,
+                )
             yield got._replace(images=images, sizes=sizes)
 
 

@@ -23,6 +23,7 @@ from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpe
 from pixelbert_dist.data.decode.images import normalize_hwc_uint8, pad_batch, resized_size
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
+JPEG_MAGIC = b"\xff\xd8"
 
 
 def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str = "") -> torch.Tensor:
@@ -205,6 +206,7 @@ class TorchJpegImages:
         self.index, self.shorter, self.max_size = index, shorter, max_size
         self.device = torch.device(device)
         self.name = "nvjpeg" if self.device.type == "cuda" else "torchvision-cpu"
+        self.not_jpeg = 0  # PNG / WebP images decoded by PIL instead
 
     def _one(self, image: torch.Tensor, flip: bool) -> torch.Tensor:
         height, width = resized_size(image.shape[1], image.shape[2], self.shorter, self.max_size)
@@ -218,16 +220,30 @@ class TorchJpegImages:
         return normalize_hwc_uint8(resized.permute(1, 2, 0))
 
     def decode(self, jpegs: list[bytes], flips: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One padded batch from JPEG bytes (also the streaming loader's path)."""
+        """One padded batch from image bytes (also the streaming loader's path). nvJPEG
+        reads JPEG only: a PNG or WebP (foreign shards) is decoded by PIL, counted in
+        ``not_jpeg``, and resized here like the others."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+        is_jpeg = [jpeg[:2] == JPEG_MAGIC for jpeg in jpegs]
+        data = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j, ok in zip(jpegs, is_jpeg) if ok]
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its codecs for TorchCodec; decode_jpeg on
             # CUDA is still the batched nvJPEG path this backend exists for.
             warnings.simplefilter("ignore", DeprecationWarning)
-            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-        return pad_batch([self._one(img, flip) for img, flip in zip(decoded, flips)])
+            decoded = iter(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device) if data else [])
+        images = [next(decoded) if ok else self._pil(jpeg) for jpeg, ok in zip(jpegs, is_jpeg)]
+        return pad_batch([self._one(img, flip) for img, flip in zip(images, flips)])
+
+    def _pil(self, data: bytes) -> torch.Tensor:
+        """A non-JPEG image as uint8 CHW on the device, through PIL."""
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                pixels = np.asarray(img.convert("RGB")).copy()
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"cannot decode a non-JPEG image with PIL: {err}") from None
+        self.not_jpeg += 1
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(self.device)
 
     def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in work:

@@ -119,12 +119,17 @@ def num_rows(path: str | Path) -> int:
     return load(path).shape[1]
 
 
-def header_key(header: bytes) -> str:
-    """The sample key from the 512-byte USTAR header of ``KEY.jpg``."""
+def header_name(header: bytes) -> str:
+    """The member name in a 512-byte USTAR header (a PAX header before it may hold a
+    longer one; the USTAR field holds names of up to 100 characters whole)."""
     name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
     prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-    name = f"{prefix}/{name}" if prefix else name
-    return name.rsplit("/", 1)[-1].partition(".")[0]
+    return f"{prefix}/{name}" if prefix else name
+
+
+def header_key(header: bytes) -> str:
+    """The sample key from the 512-byte USTAR header of ``KEY.jpg``."""
+    return header_name(header).rsplit("/", 1)[-1].partition(".")[0]
 
 
 def scan_tar(path: str | Path, expected: int | None = None) -> IndexBuilder:

@@ -5,7 +5,8 @@ A split directory holds ``NAME-000000.tar, NAME-000001.tar, ...`` whose members 
 ``fn.readers.webdataset``, OpenCLIP and LAION use), a ``manifest.json`` that lists the
 shards with their sample counts, sha256, byte size and index sidecar (``format.index``:
 offsets, sizes, width, height and a CRC per sample, so no reader scans a tar), and ``skipped.jsonl`` with one
-``{"file", "reason"}`` line per input item that did not make it into the shards.
+``{"file", "reason", "kind"}`` line per input that did not make it into the shards (kind
+``image``: an image not written; ``caption``: a caption dropped; the manifest counts both).
 
 Shards are written to ``*.tar.tmp`` and renamed when complete, so a crash never leaves
 a half shard that looks finished. Tar headers carry no time stamps or owners, so the
@@ -50,8 +51,10 @@ class Manifest:
     num_samples: int
     shards: list[ShardInfo]
     source: str = ""
-    skipped: int = 0
+    skipped: int = 0  # entries in skipped.jsonl: images_skipped + captions_dropped
     format: str = FORMAT
+    images_skipped: int = 0  # inputs not written (missing, unreadable, no caption, duplicate)
+    captions_dropped: int = 0  # captions left out (empty, or naming an unknown image)
     # Where the manifest was read from; not written into the file.
     directory: Path | None = field(default=None, compare=False, repr=False)
 
@@ -149,7 +152,10 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
 
 def write_skipped(directory: str | Path, entries: Iterable[dict]) -> int:
     """Write ``skipped.jsonl``; returns the number of entries."""
-    lines = [json.dumps({"file": str(e["file"]), "reason": str(e["reason"])}) for e in entries]
+    lines = [
+        json.dumps({"file": str(e["file"]), "reason": str(e["reason"]), **({"kind": e["kind"]} if "kind" in e else {})})
+        for e in entries
+    ]
     (Path(directory) / SKIPPED).write_text("".join(line + "\n" for line in lines))
     return len(lines)
 
@@ -182,6 +188,8 @@ def _manifest_from_json(data, path: Path) -> Manifest:
             shards=shards,
             source=str(data.get("source", "")),
             skipped=int(data.get("skipped", 0)),
+            images_skipped=int(data.get("images_skipped", 0)),
+            captions_dropped=int(data.get("captions_dropped", 0)),
             directory=path.parent,
         )
     except (KeyError, TypeError, ValueError) as err:

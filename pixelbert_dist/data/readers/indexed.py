@@ -7,7 +7,8 @@ opened the first time a sample of it is read; its size is then checked against t
 manifest with ``fstat`` on the open descriptor (a truncated shard is named there, and
 its cut samples are replaced as damaged), and its index is memory-mapped (a bounded LRU of maps and descriptors, as a
 10^5-shard split would otherwise exhaust the process's map count). A sample's bytes come
-from one ``pread`` of its tar: header (for the key), JPEG, JSON. The training order reads
+from one ``pread`` of its tar: header (for the key), image, caption member (``.json``;
+or ``.txt`` in foreign shards, ``format.foreign_index``). The training order reads
 shards in runs (``readers.plan.ShardWindowOrder``), so opens grow with the shards read,
 not the samples.
 
@@ -17,7 +18,6 @@ worker opens its own.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -40,10 +40,12 @@ from pixelbert_dist.data.format.index import (
     WIDTH,
     ShardFormatError,
 )
+from pixelbert_dist.data.format.members import META_TYPE, TEXT_TYPE, NoCaption, caption_meta, field_type, split_member
 from pixelbert_dist.data.format.shards import read_manifest
 
 log = logging.getLogger("pixelbert_dist.data")
 MAX_OPEN_SHARDS = 64  # index maps and tar descriptors kept open per process
+OTHER_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"RIFF")  # PNG, WebP
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Sample:
     jpeg: bytes
     meta_raw: bytes
     damage: str | None
+    meta_type: str = META_TYPE  # the caption member's type: json, or txt (foreign shards)
 
 
 class _Refs(Sequence):
@@ -89,6 +92,7 @@ class ShardIndex:
     def __init__(self, directory: str | Path):
         manifest = read_manifest(directory, check_files=False)  # no stat per shard (module docstring)
         self.directory = Path(directory)
+        self.source = manifest.source  # "webdataset": foreign shards (format.foreign_index)
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
             _check_listed(self.directory, info, path)
@@ -225,17 +229,24 @@ class ShardIndex:
         return fd
 
     def read(self, i: int) -> Sample:
-        """Header, JPEG and JSON of sample ``i`` in one read, checked against the index:
-        ``damage`` says why the JPEG cannot be trusted (short read, checksum, markers)."""
+        """Header, image and caption member of sample ``i`` (one read when the caption
+        follows the image, as in every layout we know), checked against the index:
+        ``damage`` says why the image cannot be trusted (short read, checksum, markers)."""
         shard, col = self._column(i)
         jpg_at, jpg_size = int(col[JPG_BLOCK]) * BLOCK, int(col[JPG_SIZE])
         json_at, json_size = int(col[JSON_BLOCK]) * BLOCK, int(col[JSON_SIZE])
         start = jpg_at - BLOCK
-        data = self._pread(shard, start, json_at + json_size - start)
+        if json_at > jpg_at:
+            data = self._pread(shard, start, json_at + json_size - start)
+            meta_block = data[json_at - start - BLOCK : json_at - start + json_size]
+        else:  # a caption member before its image
+            data = self._pread(shard, start, BLOCK + jpg_size)
+            meta_block = self._pread(shard, json_at - BLOCK, BLOCK + json_size)
         key = fmt_index.header_key(data[:BLOCK]) if len(data) >= BLOCK else f"#{i}"
         jpeg = data[BLOCK : BLOCK + jpg_size]
-        meta = data[json_at - start : json_at - start + json_size]
-        return Sample(i, key, jpeg, meta, _damage(jpeg, jpg_size, len(meta) == json_size, int(col[CRC32])))
+        meta, meta_name = meta_block[BLOCK:], fmt_index.header_name(meta_block[:BLOCK])
+        damage = _damage(jpeg, jpg_size, len(meta) == json_size, int(col[CRC32]))
+        return Sample(i, key, jpeg, meta, damage, field_type(split_member(meta_name)[1]))
 
     def jpeg(self, i: int) -> bytes:
         """The JPEG bytes of sample ``i``; a damaged sample raises, naming shard and key."""
@@ -245,15 +256,17 @@ class ShardIndex:
         return sample.jpeg
 
     def meta(self, i: int, sample: Sample | None = None) -> dict:
+        """The sample's metadata with its ``captions``: from its ``.json``, or from the
+        ``.txt`` a foreign shard's index points at (``format.foreign_index``)."""
         sample = sample if sample is not None else self.read(i)
-        where = f"{self.paths[self.locate(i)[0]]}: {sample.key}.json"
+        if sample.meta_type == TEXT_TYPE:
+            where, text, raw = f"{self.paths[self.locate(i)[0]]}: {sample.key}.txt", sample.meta_raw, None
+        else:
+            where, text, raw = f"{self.paths[self.locate(i)[0]]}: {sample.key}.json", None, sample.meta_raw
         try:
-            meta = json.loads(sample.meta_raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ShardFormatError(f"{where} is not valid JSON ({err})") from None
-        if not isinstance(meta, dict) or not meta.get("captions"):
-            raise ShardFormatError(f"{where} has no 'captions'")
-        return meta
+            return caption_meta(text, raw)
+        except NoCaption as err:
+            raise ShardFormatError(f"{where}: {err}") from None
 
     def where(self, i: int, key: str) -> str:
         return f"{self.paths[self.locate(i)[0]].name}:{key}"
@@ -277,9 +290,11 @@ def _damage(jpeg: bytes, size: int, meta_complete: bool, crc: int) -> str | None
         return f"short read: {len(jpeg)} of {size} bytes (truncated shard)"
     if fmt_index.crc32(jpeg) != crc:
         return "checksum mismatch (bytes changed after the shard was written)"
-    if not jpeg.startswith(b"\xff\xd8") or b"\xff\xd9" not in jpeg[-1024:]:
-        return "not a complete JPEG (no start or end marker)"
-    return None
+    if jpeg.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in jpeg[-1024:] else "not a complete JPEG (no end marker)"
+    if jpeg.startswith(OTHER_IMAGE_MAGIC):  # PNG, WebP (RIFF) in foreign shards
+        return None
+    return "not an image (no JPEG, PNG or WebP signature)"
 
 
 def _check_listed(directory: Path, info, path: Path) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 from typing import Iterator, NamedTuple
 
@@ -56,10 +55,21 @@ from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.decode.damage import Damaged
 from pixelbert_dist.data.decode.images import pad_batch
-from pixelbert_dist.data.format.index import ShardFormatError
-from pixelbert_dist.data.readers.stream_urls import expand
+from pixelbert_dist.data.format.index import INDEX_COMMAND
+from pixelbert_dist.data.readers.stream_urls import expand, tar_folder
 from pixelbert_dist.data.readers.stream_check import why_unchecked
-from pixelbert_dist.data.readers.stream_read import UNREAD, Raw, read_shard, shard_check
+from pixelbert_dist.data.format.members import NoCaption, caption_meta
+from pixelbert_dist.data.readers.stream_read import (
+    NO_CAPTION,
+    SKIP_KINDS,
+    TRUNCATED,
+    UNREAD,
+    Dotted,
+    Raw,
+    Skipped,
+    read_shard,
+    shard_check,
+)
 from pixelbert_dist.data.decode.torch_loader import data_loader
 
 KEPT_CHECKS = 8  # sidecars a resume's replay keeps for the shards it reads next (those in its buffer)
@@ -191,15 +201,19 @@ class StreamBatch(NamedTuple):
     read_errors: list
     jpegs: list  # the checked bytes, for a decoder in the rank's process; else empty
     unchecked: str | None  # a shard in this batch without an index sidecar (for one log line)
+    taken: int = 0  # samples taken from the worker's stream for this batch
+    skipped: list = []  # Skipped: what never became a sample (counted by kind)
+    dotted: Dotted | None = None  # a member name cut by webdataset's key rule (for one log line)
 
 
 class _StreamDataset(torch.utils.data.IterableDataset):
     """Worker ``i`` of ``n`` plays stream ``v = (i + start) % n``: the DataLoader's round
     robin begins at worker 0, and batch ``start`` is stream ``start % n``'s."""
 
-    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, prepare):
+    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, prepare, caption_key: str):
         self.plan, self.start, self.cursors = plan, start, cursors
         self.flip_of, self.prepare = flip_of, prepare  # PilDecode or JpegCheck
+        self.caption_key = caption_key
 
     def __iter__(self) -> Iterator[StreamBatch]:
         info = torch.utils.data.get_worker_info()
@@ -212,27 +226,39 @@ class _StreamDataset(torch.utils.data.IterableDataset):
             yield self._batch(stream, errors)
 
     def _batch(self, stream, errors: list) -> StreamBatch:
-        prepared, keys, metas, flips, damaged, unchecked = [], [], [], [], [], None
-        while len(prepared) < self.plan.batch_size:  # taken = batch_size + len(damaged)
+        prepared, keys, metas, flips, damaged, skipped, unchecked = [], [], [], [], [], [], None
+        taken = 0
+        while len(prepared) < self.plan.batch_size:  # taken = batch_size + damaged + captionless
             raw = next(stream)
+            taken += 1
+            where = f"{raw.url}:{raw.key}"
             if raw.damage is not None:  # the index check, before decoding: same on every backend
-                damaged.append(Damaged(f"{raw.url}:{raw.key}", raw.damage, -1))
+                damaged.append(Damaged(where, raw.damage, -1))
+                continue
+            try:
+                meta = caption_meta(raw.text, raw.meta, self.caption_key)
+            except NoCaption as err:
+                skipped.append(Skipped(NO_CAPTION, where, str(err)))
                 continue
             unchecked = unchecked or (None if raw.checked else raw.url)
             flip = self.flip_of(raw.key)
             try:
                 prepared.append(self.prepare(raw.jpeg, flip, raw.key))
             except (ValueError, OSError) as err:
-                damaged.append(Damaged(f"{raw.url}:{raw.key}", f"undecodable JPEG ({err})", -1))
+                damaged.append(Damaged(where, f"undecodable image ({err})", -1))
                 continue
             keys.append(raw.key)
-            metas.append(raw.meta)
+            metas.append(meta)
             flips.append(flip)
-        read_errors, errors[:] = list(errors), []
+        notes, errors[:] = list(errors), []
+        read_errors = [note for note in notes if isinstance(note, str)]
+        skipped += [note for note in notes if isinstance(note, Skipped)]
+        dotted = next((note for note in notes if isinstance(note, Dotted)), None)
+        tail = (taken, skipped, dotted)
         if not self.prepare.makes_pixels:
-            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked)
+            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked, *tail)
         stacked, sizes = pad_batch(prepared)
-        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked)
+        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked, *tail)
 
 
 def url_digest(urls: list[str]) -> str:
@@ -267,6 +293,11 @@ class StreamLoader(LoaderState, BatchAccounting):
                 f"streaming needs data.epoch_samples >= world_size x batch_size "
                 f"= {world_size * batch_size} (got {cfg.epoch_samples}): the "
                 "number of samples that make one epoch over all ranks"
+                + (
+                    f"; or index the folder once (`{INDEX_COMMAND} {spec}`) to read it in the indexed mode"
+                    if tar_folder(spec)
+                    else ""
+                )
             )
         self.cfg, self.urls = cfg, expand(spec)
         self.text, self.images = text, images  # a stream_pixels.StreamImages
@@ -274,6 +305,8 @@ class StreamLoader(LoaderState, BatchAccounting):
         self.backend = f"{images.name}-stream"
         self.read_errors = 0
         self.unchecked: str | None = None  # the first shard streamed without an index sidecar
+        self.skipped = dict.fromkeys(SKIP_KINDS, 0)  # samples that never reached a batch, by kind
+        self._said: set[str] = set()  # skip kinds, truncated tars and dotted names already logged
         self.workers = max(1, cfg.num_workers)
         if not cfg.resampled and len(self.urls) < world_size * self.workers:
             raise ConfigError(
@@ -361,7 +394,9 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.batches_done, self.cursors = 0, [0] * self.workers
         start = self.batches_done
         flip_of = self.text.flip_rule(self.epoch)
-        dataset = _StreamDataset(self.plan(), start, list(self.cursors), flip_of, self.images.prepare)
+        dataset = _StreamDataset(
+            self.plan(), start, list(self.cursors), flip_of, self.images.prepare, self.cfg.caption_key
+        )
         # the workers start here, before any decoder thread exists in this process
         batches = iter(data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False))
         if self.images.pixels is not None:
@@ -369,9 +404,9 @@ class StreamLoader(LoaderState, BatchAccounting):
         for k, got in enumerate(batches, start):
             self._log_read_errors(got.read_errors)
             self._log_unchecked(got.unchecked)
-            self.cursors[k % self.workers] += len(got.keys) + len(got.damaged)
-            metas = [_meta(raw, key) for raw, key in zip(got.metas, got.keys)]
-            batch = self.text(got.keys, metas, got.flips, [False] * len(got.keys), k, self.epoch)
+            self._record_skips(got.skipped, got.dotted)
+            self.cursors[k % self.workers] += got.taken
+            batch = self.text(got.keys, got.metas, got.flips, [False] * len(got.keys), k, self.epoch)
             batch["images"], batch["image_sizes"] = got.images, got.sizes
             batch["damaged"] = self._record_damage(got.damaged)
             self._count_pixels(got.images, got.sizes)
@@ -383,6 +418,34 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.read_errors += 1
             log.warning("stream read error (retried with back-off): %s", line)
 
+    def _record_skips(self, skipped: list, dotted: Dotted | None) -> None:
+        """Count what never became a sample; one log line per kind (and per cut tar)."""
+        for note in skipped:
+            self.skipped[note.kind] += 1
+            said = note.where if note.kind == TRUNCATED else note.kind
+            if said not in self._said:
+                self._said.add(said)
+                log.warning(
+                    "skipped %s: %s: %s (counted in loader.skipped[%r] and metrics.jsonl's skipped_%s; %s)",
+                    note.kind.replace("_", " "),
+                    note.where,
+                    note.detail,
+                    note.kind,
+                    note.kind,
+                    "each cut tar is named once" if note.kind == TRUNCATED else "said once per kind",
+                )
+        if dotted is not None and "dotted" not in self._said:
+            self._said.add("dotted")
+            log.warning(
+                "tar member %r (%s) has dots in its name: by webdataset's rule its key is %r (everything "
+                "up to the first dot of the base name) and its field %r (the type is the last part); "
+                "said once for all such members",
+                dotted.name,
+                dotted.url,
+                dotted.key,
+                dotted.field,
+            )
+
     def _log_unchecked(self, url: str | None) -> None:
         if url is not None and self.unchecked is None:
             self.unchecked = url
@@ -393,13 +456,3 @@ class StreamLoader(LoaderState, BatchAccounting):
                 url,
                 why_unchecked(url),
             )
-
-
-def _meta(raw: bytes, key: str) -> dict:
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"streamed sample {key}: {key}.json is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or not meta.get("captions"):
-        raise ShardFormatError(f"streamed sample {key}: {key}.json has no 'captions'")
-    return meta

@@ -1,7 +1,13 @@
-"""Reading one streamed shard: its samples in tar order (``Raw``), checked against its
-index sidecar when it has one, a failed read retried after a back-off from where it broke
-(``read_shard``); and a shard's sidecar alone (``shard_check``: its sample count), so that
-a resume can step over shards without reading them."""
+"""Reading one streamed shard: its samples in tar order (``Raw``), grouped by webdataset's
+rule (``format.members``: this project's shards and img2dataset's alike), checked against
+its index sidecar when it has one, a failed read retried after a back-off from where it
+broke (``read_shard``); and a shard's sidecar alone (``shard_check``: its sample count), so
+that a resume can step over shards without reading them.
+
+What never becomes a sample is noted for the loader to count and log (``Skipped`` in the
+errors list): a sample without an image, and a tar that ends early (cut by a crashed
+download): read up to the damage, then left, never a crash. A local file is known cut at
+once; a stream when a second read breaks at the same sample (a cut transfer would not)."""
 
 from __future__ import annotations
 
@@ -9,7 +15,8 @@ import tarfile
 import time
 from typing import Iterator, NamedTuple
 
-from pixelbert_dist.data.readers.stream_urls import open_shard, retryable
+from pixelbert_dist.data.format.members import TRUNCATION, group_members, has_caption, tar_members
+from pixelbert_dist.data.readers.stream_urls import open_shard, protocol, retryable
 from pixelbert_dist.data.readers.stream_check import ShardCheck, fetch
 
 BACKOFF_S = 0.5
@@ -17,31 +24,61 @@ BACKOFF_S = 0.5
 
 class Raw(NamedTuple):
     key: str
-    jpeg: bytes
-    meta: bytes
+    jpeg: bytes  # the image's bytes: JPEG, or PNG / WebP in foreign shards
+    meta: bytes | None  # the sample's .json member, if any
     url: str
-    damage: str | None = None  # why the index check rejects the JPEG
+    damage: str | None = None  # why the index check rejects the image
     checked: bool = False  # whether an index sidecar checked it
+    text: bytes | None = None  # the sample's .txt member, if any
 
 
-def _members(url: str, check: ShardCheck | None, skip: int = 0) -> Iterator[Raw]:
-    """The shard's samples from the ``skip``-th on (those before are read past, unchecked)."""
-    met = 0
+class Skipped(NamedTuple):
+    """A note for the loader (in the errors list, beside read-error lines): something
+    of a shard that never became a sample."""
+
+    kind: str  # SKIP_KINDS
+    where: str  # url:key, or the shard's url
+    detail: str
+
+
+class Dotted(NamedTuple):
+    """A note: a member name with more than one dot, cut by webdataset's key rule."""
+
+    name: str
+    key: str
+    field: str
+    url: str
+
+
+NO_IMAGE, NO_CAPTION, TRUNCATED = "no_image", "no_caption", "truncated_tar"
+SKIP_KINDS = (NO_IMAGE, NO_CAPTION, TRUNCATED)
+
+
+def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> Iterator[Raw]:
+    """The shard's samples with an image, from the ``skip``-th on (those before are read
+    past, unchecked); samples without one are noted (``Skipped``) past that point."""
+    met, dotted = 0, []
+
+    def on_dotted(name: str, key: str, field: str) -> None:
+        if not dotted:  # once a shard read: the loader says it once in all
+            dotted.append(name)
+            notes.append(Dotted(name, key, field, url))
+
+    broke: list[Exception] = []
     with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        pending = None
-        for member in tar:
-            if not member.isfile():
+        for sample in group_members(tar_members(tar, broke), on_dotted):
+            if sample.image is None or (check is not None and not has_caption(sample.text, sample.meta)):
+                if met >= skip:  # a sidecar's rows are the samples with both (format.foreign_index)
+                    kind, what = (NO_IMAGE, "no jpg/jpeg/png/webp member") if sample.image is None else (NO_CAPTION, "")
+                    notes.append(Skipped(kind, f"{url}:{sample.key}", what or "no caption (its index lists none)"))
                 continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            data = tar.extractfile(member).read()
-            if ext == "jpg":
-                pending = (key, data, member.offset_data)
-            elif ext == "json" and pending is not None and pending[0] == key:
-                met += 1
-                if met > skip:
-                    damage = check.damage(key, pending[2], pending[1]) if check is not None else None
-                    yield Raw(key, pending[1], data, url, damage, check is not None)
-                pending = None
+            met += 1
+            if met > skip:
+                offset = sample.image_offset
+                damage = check.damage(sample.key, offset, sample.image) if check is not None else None
+                yield Raw(sample.key, sample.image, sample.meta, url, damage, check is not None, sample.text)
+    if broke:
+        raise broke[0]
     if check is not None:
         check.finish(met)
 
@@ -54,18 +91,31 @@ def read_shard(url: str, retries: int, errors: list, check=UNREAD) -> Iterator[R
     (``check``: fetched already, by ``shard_check``); a failed read (of either) is retried
     after a back-off, skipping the samples already yielded (``errors`` collects one line
     per failure)."""
-    done, attempt = 0, 0
+    done, attempt, broke_at = 0, 0, None
     while True:
         try:
             if check is UNREAD:
                 check = fetch(url)
-            for raw in _members(url, check, skip=done):
+            for raw in _members(url, check, errors, skip=done):
                 done += 1
                 yield raw
             return
         except Exception as err:
+            if _truncated(url, err, done, broke_at):
+                errors.append(
+                    Skipped(TRUNCATED, url, f"read up to the damage, after {done} samples: {type(err).__name__}: {err}")
+                )
+                return
+            broke_at = done if isinstance(err, TRUNCATION) else None
             attempt += 1
             _back_off(url, err, attempt, retries, errors, " (its index sidecar)" if check is UNREAD else "")
+
+
+def _truncated(url: str, err: Exception, done: int, broke_at: int | None) -> bool:
+    """Whether the tar itself ends early (or stops being a tar): the module docstring."""
+    if not isinstance(err, TRUNCATION):
+        return False
+    return protocol(url) in ("", "file") or broke_at == done
 
 
 def shard_check(url: str, retries: int, errors: list) -> ShardCheck | None:

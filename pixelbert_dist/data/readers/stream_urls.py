@@ -1,7 +1,8 @@
 """Where streamed shards come from and how one is opened (``readers/stream.py`` reads them).
 
-``data.train_shards`` is a brace pattern, a URL, a ``pipe:`` command, or several of them
-joined by ``::``. Each URL is opened by one of two well-kept libraries:
+``data.train_shards`` is a brace pattern, a URL, a ``pipe:`` command, a local folder of
+foreign ``.tar`` shards (no manifest.json), or several of them joined by ``::``. Each URL
+is opened by one of two well-kept libraries:
 
 * ``http(s)://``, ``pipe:CMD``, local paths (and schemes only it knows): ``webdataset.gopen``
   (curl, a shell, ``open``);
@@ -26,12 +27,14 @@ from __future__ import annotations
 
 import sys
 import tarfile
+from pathlib import Path
 
 import fsspec
 from fsspec.registry import known_implementations
 
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.format.index import ShardFormatError, index_name
+from pixelbert_dist.data.format.shards import MANIFEST
 
 GOPEN_PROTOCOLS = ("", "file", "pipe", "http", "https")  # curl, a shell, open()
 GLOB = "*?["
@@ -43,8 +46,20 @@ CURL_HTTP_ERROR = 22  # curl -f (webdataset.gopen's): the server answered an HTT
 
 
 def is_stream(spec) -> bool:
+    """Shards to stream: a URL, ``pipe:``, a brace pattern, or a local folder of foreign
+    webdataset tars (``.tar`` files and no manifest.json: see ``tar_folder``)."""
     spec = str(spec)
-    return "://" in spec or spec.startswith("pipe:") or ("{" in spec and ".." in spec)
+    return "://" in spec or spec.startswith("pipe:") or ("{" in spec and ".." in spec) or tar_folder(spec)
+
+
+def tar_folder(spec) -> bool:
+    """A local folder of ``.tar`` files without the manifest this project's builders
+    write (img2dataset's output, say): streamed as it is, until ``make_shards.py index``
+    gives it a manifest (and with it the indexed mode)."""
+    path = Path(str(spec))
+    if protocol(str(spec)) not in ("", "file") or not path.is_dir() or (path / MANIFEST).is_file():
+        return False
+    return any(path.glob("*.tar"))
 
 
 def protocol(url: str) -> str:
@@ -69,7 +84,9 @@ def expand(spec: str) -> list[str]:
 
     urls = []
     for url in expand_urls(spec):
-        if through_fsspec(url):
+        if tar_folder(url):
+            urls.extend(str(p) for p in sorted(Path(url).glob("*.tar")))
+        elif through_fsspec(url):
             _require_package(url)
             listed = not url.endswith(".tar") or any(c in url for c in GLOB)
             urls.extend(_list_tars(url) if listed else [url])

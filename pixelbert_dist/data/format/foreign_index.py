@@ -1,0 +1,161 @@
+"""Index sidecars and a manifest for foreign webdataset shards (img2dataset, OpenCLIP,
+DataComp), written beside the tars, which are never rewritten:
+
+    python launch/make_shards.py index /data/cc3m     # 00000.tar ... -> 00000.idx.npy ..., manifest.json
+
+Each tar is mapped and walked once (``tarfile`` over its headers, the member bytes sliced
+from the map; ``format.members``: webdataset's grouping): a row per sample with an image
+and a caption by the default rule (``.txt``, else the JSON's ``caption`` / ``captions``),
+holding the image's offset, size and CRC32, its width and height from the image header
+(``format.image_size``: nothing is decoded), and the caption member's
+offset and size (the ``.txt`` when there is one, else the ``.json``: the reader tells them
+apart by the member's name). Samples without image or caption, and the damage of a cut tar
+(indexed up to it), go to ``skipped.jsonl`` by kind. The split then reads in the indexed
+mode (exact shuffle, resume and bucketing; DALI through the external source) and streams
+with CRC checks and O(1) resume.
+
+Shards are indexed in parallel worker processes; each finished shard is appended to
+``index-progress.jsonl``, so a rerun after a crash indexes only the rest (a shard whose
+size changed since is indexed again). The manifest is written last and the progress file
+removed: a folder with a manifest is finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import multiprocessing
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pixelbert_dist.data.format.image_size import image_size
+from pixelbert_dist.data.format.index import IndexBuilder, ShardFormatError, index_name
+from pixelbert_dist.data.format.members import Member, group_members, has_caption
+from pixelbert_dist.data.format.shards import MANIFEST, Manifest, ShardInfo, write_manifest, write_skipped
+
+PROGRESS = "index-progress.jsonl"
+SOURCE = "webdataset"
+
+
+def _members(tar: tarfile.TarFile, data: mmap.mmap, broke: list) -> Iterator[Member]:
+    """The file members of a tar opened in seekable mode (tarfile seeks over the data,
+    as a header walk does), their bytes sliced from the mapped file. A member whose data
+    runs past the end of the file, or a tar without its end-of-archive blocks (cut at a
+    member boundary, where tarfile just stops), goes to ``broke``."""
+    for member in tar:
+        if not member.isfile():
+            continue
+        end = member.offset_data + member.size
+        if end > len(data):
+            broke.append(EOFError(f"{member.name} ends at byte {end}, past the end of the file ({len(data)} bytes)"))
+            return
+        yield Member(member.name, data[member.offset_data : end], member.offset_data)
+    if len(data) - tar.offset < 2 * tarfile.BLOCKSIZE:
+        broke.append(EOFError(f"no end-of-archive blocks after byte {tar.offset} (cut between members)"))
+
+
+def scan_foreign(path: str | Path) -> dict:
+    """Index one foreign tar: writes ``NAME.idx.npy`` beside it, returns its progress
+    record (file, num_samples, sha256, size, index, skipped entries)."""
+    path = Path(path)
+    builder, skipped, broke = IndexBuilder(), [], []
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ShardFormatError(f"{path}: an empty file, not a tar")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            digest = hashlib.sha256(data).hexdigest()
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for sample in group_members(_members(tar, data, broke)):
+                        _add_sample(builder, skipped, path, sample)
+            except tarfile.ReadError as err:  # not a tar from its first block on
+                broke.append(err)
+    if broke:
+        reason = f"truncated_tar: indexed up to the damage ({type(broke[0]).__name__}: {broke[0]})"
+        skipped.append({"file": path.name, "reason": reason})
+    builder.save(path.with_name(index_name(path.name)))
+    return {
+        "file": path.name,
+        "num_samples": len(builder.columns),
+        "sha256": digest,
+        "size": path.stat().st_size,
+        "index": index_name(path.name),
+        "skipped": skipped,
+    }
+
+
+def _add_sample(builder: IndexBuilder, skipped: list, path: Path, sample) -> None:
+    where = f"{path.name}:{sample.key}"
+    if sample.image is None:
+        skipped.append({"file": where, "reason": "no_image: no jpg/jpeg/png/webp member"})
+    elif not has_caption(sample.text, sample.meta):
+        skipped.append({"file": where, "reason": "no_caption: no .txt, nor caption(s) in its .json"})
+    else:
+        _add_row(builder, sample)
+
+
+def _add_row(builder: IndexBuilder, sample) -> None:
+    if sample.text is not None:
+        caption_at, caption_size = sample.text_offset, len(sample.text)
+    else:
+        caption_at, caption_size = sample.meta_offset, len(sample.meta)
+    width, height = image_size(sample.image)
+    builder.add(sample.image_offset, sample.image, caption_at, caption_size, {"width": width, "height": height})
+
+
+def _done_before(directory: Path) -> dict[str, dict]:
+    """The progress records of shards a crashed run finished (and still as they were)."""
+    progress = directory / PROGRESS
+    if not progress.is_file():
+        return {}
+    done = {}
+    for line in progress.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        tar, sidecar = directory / record["file"], directory / record["index"]
+        if tar.is_file() and sidecar.is_file() and tar.stat().st_size == record["size"]:
+            done[record["file"]] = record
+    return done
+
+
+def index_foreign(
+    directory: str | Path, workers: int | None = None, progress: Callable[[dict], None] | None = None
+) -> Manifest:
+    """Index every ``*.tar`` of ``directory`` (module docstring); returns the manifest."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        raise ShardFormatError(f"{directory} has a {MANIFEST} already: index it with --force, or delete the manifest")
+    tars = sorted(directory.glob("*.tar"))
+    if not tars:
+        raise ShardFormatError(f"{directory}: no .tar files to index")
+    done = _done_before(directory)
+    todo = [t for t in tars if t.name not in done]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    with open(directory / PROGRESS, "a") as log:
+        for record in _scan_all(todo, workers):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            done[record["file"]] = record
+            if progress is not None:
+                progress(record)
+    records = [done[t.name] for t in tars]
+    shards = [ShardInfo(r["file"], r["num_samples"], r["sha256"], r["size"], r["index"]) for r in records]
+    skipped = write_skipped(directory, [entry for r in records for entry in r["skipped"]])
+    manifest = Manifest(directory.name, sum(s.num_samples for s in shards), shards, SOURCE, skipped)
+    manifest.directory = directory
+    write_manifest(directory, manifest)
+    (directory / PROGRESS).unlink()
+    return manifest
+
+
+def _scan_all(todo: list[Path], workers: int):
+    if workers == 1:
+        yield from map(scan_foreign, todo)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap_unordered(scan_foreign, todo)
