@@ -162,6 +162,10 @@ step() {  # step NAME CMD...: within its budget on a GPU, output in logs/NAME.lo
 if ! step preflight "$PY" benchmarks/gpu_preflight.py "${PRECHECK[@]}" --out "$WORK"; then
   stopped=preflight  # one line: the preflight's own verdict, else its exit
   why=$(grep -h '^gpu_check: ' "$WORK/logs/preflight.log" | tail -1)
+  if [ -z "$why" ] && grep -q ': exit 124 ' "$LOG"; then  # its time limit: which checks had finished
+    done_checks=$(grep -o '^preflight [a-z_]*: ok' "$WORK/logs/preflight.log" | cut -d' ' -f2 | tr -d : | paste -sd, -)
+    why="gpu_check: the preflight ran out of its $(budget preflight) s (checks done: ${done_checks:-none})"
+  fi
   echo "${why:-gpu_check: the preflight failed (see logs/preflight.log)}; the other steps are skipped" | tee -a "$LOG"
 fi
 for phase in "${PHASES[@]}"; do

@@ -80,7 +80,10 @@ def imports(_cpu: bool) -> str:
         except Exception as err:  # noqa: BLE001 - every failure is reported, then the run stops
             failed.append(f"{name} ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
     if failed:
-        raise RuntimeError("cannot import " + "; ".join(failed))
+        raise RuntimeError(
+            "cannot import " + "; ".join(failed) + " (the GPU machine's missing packages travel as wheels: "
+            "bash benchmarks/gpu_wheels.sh here, then carry .whl)"
+        )
     return f"{len(MODULES)} modules"
 
 
@@ -98,7 +101,7 @@ def all_reduce(cpu: bool) -> str:
     import torch.distributed as dist
 
     backend = "gloo" if cpu else "nccl"
-    device = torch.device("cpu" if cpu else "cuda", 0) if not cpu else torch.device("cpu")
+    device = torch.device("cpu") if cpu else torch.device("cuda", 0)
     store = dist.HashStore()
     dist.init_process_group(backend, store=store, rank=0, world_size=1)
     try:
@@ -115,7 +118,7 @@ def cuda_device(_cpu: bool) -> str:
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError("torch sees no CUDA device")
+        raise RuntimeError("torch sees no CUDA device (--cpu-smoke checks the plumbing on a CPU)")
     props = torch.cuda.get_device_properties(0)
     free, total = (v / 2**30 for v in torch.cuda.mem_get_info(0))
     if not torch.cuda.is_bf16_supported():
