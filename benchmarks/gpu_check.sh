@@ -39,7 +39,7 @@ Writes DIR/gpu_check.tar.gz (all JSON, logs, PNG, the brief) and DIR/brief.txt.
   --only S,..  these steps alone (after the preflight; the summary too): a rerun of what
                failed or timed out, e.g. --only e2e,compile
   --out DIR    output folder (default: $OUT on the device machine, else a new
-               benchmarks/results/<machine>-<date>T<time>-gpu-check|cpu-smoke/)
+               benchmarks/results/<machine>-<date>-gpu-check|cpu-smoke/)
   -h, --help   this text
 EOF
 }
@@ -115,7 +115,7 @@ else
   install_wheels || exit 1
   if [ -z "$DEST" ]; then
     SUITE=gpu-check; [ "$SMOKE" = 1 ] && SUITE=cpu-smoke
-    DEST=$("$PY" -c 'import sys; sys.path.insert(0, "benchmarks"); from common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
+    DEST=$("$PY" -c 'import sys; from benchmarks.common import new_run_dir; print(new_run_dir(sys.argv[1]))' "$SUITE" 2>/dev/null | tail -1)
   fi
   mkdir -p "$DEST" || exit 1
   # everything is made here and archived into DEST: at most 8 files come back from a device call
@@ -159,7 +159,7 @@ step() {  # step NAME CMD...: within its budget on a GPU, output in logs/NAME.lo
 
 [ "$DRY" = 1 ] && echo "budgets: $total s with the install ($INSTALL_S s)"
 [ "$DRY" = 1 ] || { nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"; } >>"$LOG"
-if ! step preflight "$PY" benchmarks/gpu_preflight.py "${PRECHECK[@]}" --out "$WORK"; then
+if ! step preflight "$PY" -m benchmarks.gpu_preflight "${PRECHECK[@]}" --out "$WORK"; then
   stopped=preflight  # one line: the preflight's own verdict, else its exit
   why=$(grep -h '^gpu_check: ' "$WORK/logs/preflight.log" | tail -1)
   if [ -z "$why" ] && grep -q ': exit 124 ' "$LOG"; then  # its time limit: which checks had finished
@@ -169,17 +169,17 @@ if ! step preflight "$PY" benchmarks/gpu_preflight.py "${PRECHECK[@]}" --out "$W
   echo "${why:-gpu_check: the preflight failed (see logs/preflight.log)}; the other steps are skipped" | tee -a "$LOG"
 fi
 for phase in "${PHASES[@]}"; do
-  step "$phase" "$PY" benchmarks/gpu_pretrain.py "$phase" "${PRETRAIN[@]}" --work "$RUNS" --out "$WORK"
+  step "$phase" "$PY" -m benchmarks.gpu_pretrain "$phase" "${PRETRAIN[@]}" --work "$RUNS" --out "$WORK"
 done
-step train_step "$PY" benchmarks/bench_step.py "${STEP[@]}" --out "$WORK"
-step attention "$PY" benchmarks/bench_attention.py "${ATTN[@]}" --out "$WORK"
-step memory "$PY" benchmarks/bench_memory.py "${MEMORY[@]}" --out "$WORK"
-step overhead "$PY" benchmarks/bench_step.py --overhead "${OVERHEAD[@]}" --out "$WORK"
+step train_step "$PY" -m benchmarks.bench_step "${STEP[@]}" --out "$WORK"
+step attention "$PY" -m benchmarks.bench_attention "${ATTN[@]}" --out "$WORK"
+step memory "$PY" -m benchmarks.bench_memory "${MEMORY[@]}" --out "$WORK"
+step overhead "$PY" -m benchmarks.bench_step --overhead "${OVERHEAD[@]}" --out "$WORK"
 # nvjpeg throughput with bench_data's photo-like JPEGs (DALI's wheel is too large to carry)
-step decode "$PY" benchmarks/gpu_decode.py "$WORK" $DECODE
-[ ${#COMPILE[@]} -eq 0 ] || step compile "$PY" benchmarks/bench_compile.py "${COMPILE[@]}" --out "$WORK"
+step decode "$PY" -m benchmarks.gpu_decode "$WORK" $DECODE
+[ ${#COMPILE[@]} -eq 0 ] || step compile "$PY" -m benchmarks.bench_compile "${COMPILE[@]}" --out "$WORK"
 stopped=""  # the summary runs whatever stopped the steps: it says what is missing
-step summary "$PY" benchmarks/summarize.py "$WORK" --brief
+step summary "$PY" -m benchmarks.summarize "$WORK" --brief
 [ "$DRY" = 1 ] && exit 0
 cp "$WORK/brief.txt" "$DEST/brief.txt" 2>/dev/null || echo "(no brief: see logs/summary.log)" >"$DEST/brief.txt"
 archive

@@ -1,8 +1,8 @@
 """The GPU check's decode step: images/s of one backend over bench_data's photo-like JPEGs.
 
-    python benchmarks/gpu_decode.py RESULTS nvjpeg|pil BATCHES BATCH_SIZE
+    python -m benchmarks.gpu_decode RESULTS nvjpeg|pil BATCHES BATCH_SIZE
 
-bench_data.py itself compares every backend and reports DALI's version; DALI's wheel is too
+bench_data itself compares every backend and reports DALI's version; DALI's wheel is too
 large to carry to the GPU machine, so this runs the nvjpeg backend alone there (pil on CPU)."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_data import make_shards, measure  # noqa: E402
-from common import write_results  # noqa: E402
+from benchmarks.bench_data import make_shards, measure
+from benchmarks.common import write_results
 
 COLUMNS = ["label", "device", "size", "shorter", "max", "images", "images_per_s", "padding_fraction"]
 

@@ -1,6 +1,6 @@
 """The GPU check's first step (<= 20 s): can this machine run the rest?
 
-    python benchmarks/gpu_preflight.py --out RESULTS [--cpu]
+    python -m benchmarks.gpu_preflight --out RESULTS [--cpu]
 
 Versions; the import of every module the later steps use; a one-rank NCCL all-reduce
 (gloo with ``--cpu``); the GPU's capability, memory, a bf16 matmul, an nvJPEG decode and a
@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from benchmarks.common import write_results
 
 COLUMNS = ["check", "ok", "fatal", "seconds", "detail"]
 # what later steps import: the benchmarks, the trainer, the export, the summary's plots
@@ -38,13 +37,15 @@ MODULES = [
     "pixelbert_dist.train.trainer",
     "pixelbert_dist.train.export",
     "pixelbert_dist.data.loader",
-    "bench_attention",
-    "bench_step",
-    "bench_memory",
-    "bench_compile",
-    "bench_data",
-    "host_syncs",
-    "summarize",
+    "benchmarks.bench_attention",
+    "benchmarks.bench_step",
+    "benchmarks.bench_memory",
+    "benchmarks.bench_compile",
+    "benchmarks.bench_data",
+    "benchmarks.host_syncs",
+    "benchmarks.summarize",
+    "benchmarks.gpu_pretrain",
+    "benchmarks.gpu_decode",
 ]
 PACKAGES = ["torch", "torchvision", "transformers", "deepspeed", "pydantic", "typing_extensions", "setuptools"]
 MIN_TYPING_EXTENSIONS = (4, 14)  # pydantic 2.14's floor

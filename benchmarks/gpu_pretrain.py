@@ -1,11 +1,11 @@
 """The GPU check's end-to-end rows: ``launch/pretrain.py`` as a user runs it, one phase per call.
 
-    python benchmarks/gpu_pretrain.py e2e   --work DIR --out RESULTS   # bf16 ZeRO-2: 30 steps, save,
-                                                                      # SIGTERM + resume, eval, export
-    python benchmarks/gpu_pretrain.py fp32  --work DIR --out RESULTS   # the first 10 steps in fp32
-    python benchmarks/gpu_pretrain.py zero3 --work DIR --out RESULTS   # ZeRO-3 smoke steps (bf16)
-    python benchmarks/gpu_pretrain.py fp16  --work DIR --out RESULTS   # fp16 with its loss scaler
-    ... --cpu                                                          # the same plumbing on a CPU
+    python -m benchmarks.gpu_pretrain e2e   --work DIR --out RESULTS  # bf16 ZeRO-2: 30 steps, save,
+                                                                     # SIGTERM + resume, eval, export
+    python -m benchmarks.gpu_pretrain fp32  --work DIR --out RESULTS  # the first 10 steps in fp32
+    python -m benchmarks.gpu_pretrain zero3 --work DIR --out RESULTS  # ZeRO-3 smoke steps (bf16)
+    python -m benchmarks.gpu_pretrain fp16  --work DIR --out RESULTS  # fp16 with its loss scaler
+    ... --cpu                                                         # the same plumbing on a CPU
 
 Every run is a real ``python launch/pretrain.py`` process (plain single-rank start) over
 synthetic shards in ``--work``: the tiny preset (trainable BatchNorm, activation
@@ -29,8 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, write_results  # noqa: E402
+from benchmarks.common import ROOT, write_results
 
 RESULT = "bench_pretrain"
 COLUMNS = ["phase", "precision", "zero", "steps", "seconds", "first_loss", "last_loss", "check", "verdict"]

@@ -323,10 +323,10 @@ def test_a_failed_preflight_stops_the_run_in_one_line(tmp_path):
     fake = tmp_path / "python"
     fake.write_text(
         "#!/usr/bin/env bash\n"
-        'if [ "$1" = benchmarks/gpu_preflight.py ]; then\n'
+        'if [ "$2" = benchmarks.gpu_preflight ]; then\n'
         '  echo "gpu_check: this machine cannot run the check: cuda: torch sees no CUDA device" >&2; exit 3\n'
         "fi\n"
-        f'echo "$1" >>{tmp_path}/ran; exec {sys.executable} "$@"\n'
+        f'echo "$2" >>{tmp_path}/ran; exec {sys.executable} "$@"\n'
     )
     fake.chmod(0o755)
     out = tmp_path / "out"
@@ -342,7 +342,7 @@ def test_a_failed_preflight_stops_the_run_in_one_line(tmp_path):
     said = "gpu_check: this machine cannot run the check: cuda: torch sees no CUDA device; the other steps are skipped"
     assert said in proc.stdout.splitlines()
     assert "== e2e" not in proc.stdout
-    assert (tmp_path / "ran").read_text().split() == ["benchmarks/summarize.py"]
+    assert (tmp_path / "ran").read_text().split() == ["benchmarks.summarize"]
     with tarfile.open(out / "gpu_check.tar.gz") as archive:
         assert "./logs/preflight.log" in archive.getnames()
 
