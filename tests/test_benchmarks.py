@@ -37,6 +37,10 @@ REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 
 
+# the smoke's first user pays for it: ~20 min on the loaded 2-core VM (5 pre-training launches)
+SMOKE_TIMEOUT = pytest.mark.timeout(2700)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[Path, str, Path]:
     """gpu_check.sh --cpu-smoke: every step but compile and fp16 at CPU sizes. Returns the
@@ -67,6 +71,7 @@ def _load(folder: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_attention_json(smoke):
     data = _load(smoke[0], "bench_attention")
     rows = data["rows"]
@@ -86,6 +91,7 @@ def test_attention_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_step_json(smoke):
     (row,) = _load(smoke[0], "bench_step")["rows"]
     assert row["status"] == "ok"
@@ -104,6 +110,7 @@ def test_step_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_decode_json_and_brief(smoke):
     folder, stdout, _ = smoke
     rows = _load(folder, "bench_decode")["rows"]
@@ -120,6 +127,7 @@ def test_decode_json_and_brief(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_memory_json(smoke):
     rows = _load(smoke[0], "bench_memory")["rows"]
     assert [r["mode"] for r in rows] == ["none", "transformer"]
@@ -131,6 +139,7 @@ def test_memory_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
     rows = bench_scaling.main(
@@ -167,6 +176,7 @@ def test_scaling_projection_and_summary(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_scaling_refuses_a_cpu_step_time(smoke):
     with pytest.raises(SystemExit, match="measured on a CPU"):
         bench_scaling.main(
@@ -262,6 +272,7 @@ def test_common_helpers(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_gpu_check_brings_back_one_archive_and_the_brief(smoke):
     """A device call brings back at most 8 files: the output folder holds the archive and
     the brief; the archive holds every step's log, JSON, the plots and the summary."""
@@ -276,6 +287,7 @@ def test_gpu_check_brings_back_one_archive_and_the_brief(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_preflight_rows(smoke):
     rows = {r["check"]: r for r in _load(smoke[0], "preflight")["rows"]}
     assert list(rows) == ["versions", "imports", "distutils", "all_reduce"]  # CUDA checks: GPU only
@@ -285,6 +297,7 @@ def test_preflight_rows(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_pretrain_rows_resume_equals_uninterrupted(smoke):
     """launch/pretrain.py stopped by SIGTERM and resumed logs the uninterrupted run's losses
     (bit for bit on a CPU); it evaluated and exported. The fp32 phase repeats the e2e run's
@@ -431,6 +444,7 @@ def test_plan_bench_rows(tmp_path):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_overhead_rows_split_the_step(smoke):
     """bench_step.py --overhead on tiny (the smoke run's): per repeat, each loop's time
     outside the engine is a positive part of its step, and the framework share is that
