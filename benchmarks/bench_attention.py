@@ -154,11 +154,12 @@ def main(argv=None) -> list[dict]:
     args.iters = args.iters or (5 if args.quick else (50 if gpu else 10))
     args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10 if gpu else 3)
     rows = []
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(device=str(device), flops_model="fwd+bwd = 3 x 4*B*H*S^2*D")
     for shape in args.shapes:
         for masked in (True, False):
             rows += bench_case(shape, args.batch, masked, args, device, dtype)
-    config = {k: v for k, v in vars(args).items() if k != "out"}
-    config.update(device=str(device), flops_model="fwd+bwd = 3 x 4*B*H*S^2*D")
+            write_results("bench_attention", rows, config, args.out, COLUMNS, partial=True)
     write_results("bench_attention", rows, config, args.out, COLUMNS)
     return rows
 

@@ -22,7 +22,7 @@ import time
 import torch
 
 from benchmarks.bench_step import IMAGE, build_engine, synthetic_batch, to_device
-from benchmarks.common import interleaved, spread, write_results
+from benchmarks.common import interleaved, spread, time_fn, write_results
 
 COLUMNS = [
     "preset",
@@ -50,22 +50,26 @@ def step_fn(engine, source, device, dtype):
     return step
 
 
-def compare(args, preset: str, device: torch.device) -> dict:
+def compare(args, preset: str, device: torch.device, report=lambda row: None) -> dict:
+    """Eager against compiled; ``report`` gets the row as it fills (the eager steps, then
+    the first compiled step's seconds): a cold compile can outlast a time limit."""
     from pixelbert_dist.model import preset_config
 
     hw = tuple(args.image) if args.image else IMAGE[preset]
     vocab = preset_config(preset).vocab_size
     source = itertools.cycle([synthetic_batch(args.micro_batch, hw, args.text_len, vocab, s) for s in (0, 1)])
     eager, used = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
+    row = {"preset": preset, "precision": used, "micro_batch": args.micro_batch, "image": f"{hw[0]}x{hw[1]}"}
+    fns = {"eager": step_fn(eager, source, device, _DTYPES[used])}
+    first = spread(time_fn(fns["eager"], device, warmup=1, iters=2))
+    report({**row, "eager_ms": first["median"] * 1e3, "verdict": "compiling (eager: 2 steps alone)"})
     compiled, _ = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
     compiled.compile()
-    fns = {
-        "eager": step_fn(eager, source, device, _DTYPES[used]),
-        "compiled": step_fn(compiled, source, device, _DTYPES[used]),
-    }
+    fns["compiled"] = step_fn(compiled, source, device, _DTYPES[used])
     start = time.perf_counter()
     fns["compiled"]()  # tracing and code generation happen here
     compile_s = time.perf_counter() - start
+    report({**row, "eager_ms": first["median"] * 1e3, "compile_s": compile_s, "verdict": "compiled, timing"})
     times = interleaved(fns, device, warmup=args.warmup, repeats=args.repeats)
     e, c = spread(times["eager"]), spread(times["compiled"])
     speedup = e["median"] / c["median"]
@@ -74,10 +78,7 @@ def compare(args, preset: str, device: torch.device) -> dict:
     for engine in (eager, compiled):
         engine.destroy()
     return {
-        "preset": preset,
-        "precision": used,
-        "micro_batch": args.micro_batch,
-        "image": f"{hw[0]}x{hw[1]}",
+        **row,
         "eager_ms": e["median"] * 1e3,
         "eager_spread": e["spread"],
         "compiled_ms": c["median"] * 1e3,
@@ -111,12 +112,21 @@ def main(argv=None) -> list[dict]:
 
     args = parse(argv)
     device = device_for(init_distributed())
-    rows = [compare(args, preset, device) for preset in args.presets]
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config.update(
         baseline="eager step of the same model and batches, interleaved in one process",
         target="compiled median faster than eager by more than the spread (else keep train.compile off)",
     )
+    rows = []
+    for preset in args.presets:
+        rows.append(
+            compare(
+                args,
+                preset,
+                device,
+                lambda row: write_results("bench_compile", [*rows, row], config, args.out, COLUMNS, partial=True),
+            )
+        )
     write_results("bench_compile", rows, config, args.out, COLUMNS)
     return rows
 

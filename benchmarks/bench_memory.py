@@ -290,10 +290,6 @@ def main(argv=None) -> list[dict] | None:
     for mode in args.modes:
         model_override(mode)  # refuse an unknown mode before the first child
     results = {mode: [] for mode in args.modes}
-    for _ in range(args.repeats):
-        for mode in args.modes:
-            results[mode].append(run_child(args, mode))
-    rows = rows_from(args, results)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "child", "mode")}
     config.update(
         baseline="mode none (no activation checkpointing), same preset, image and batch",
@@ -302,6 +298,12 @@ def main(argv=None) -> list[dict] | None:
         "torch.profiler), min over repeats; peak_rss_gib: ru_maxrss of a fresh child per run, "
         "step_gib: above the resident size before the measured steps",
     )
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            results[mode].append(run_child(args, mode))
+            done = {m: runs for m, runs in results.items() if runs}
+            write_results("bench_memory", rows_from(args, done), config, args.out, COLUMNS, partial=True)
+    rows = rows_from(args, results)
     write_results("bench_memory", rows, config, args.out, COLUMNS)
     return rows
 

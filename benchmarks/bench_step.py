@@ -211,14 +211,20 @@ class Run:
         return row
 
 
-def run_configs(args, configs: list[tuple], world: int, rank: int, device) -> list[dict]:
+def run_configs(args, configs: list[tuple], world: int, rank: int, device, on_row=None) -> list[dict]:
     """Each config's steps; with ``--rounds R > 1`` all engines stay alive and take turns,
     ``steps / R`` timed steps each per round (interleaved: load on a shared machine hits
-    every config alike; peak memory is then the process's, not one config's)."""
+    every config alike; peak memory is then the process's, not one config's). ``on_row``
+    gets the rows so far after each config that runs alone."""
     from pixelbert_dist.metrics import peak_memory_gib
 
     if args.rounds <= 1:
-        return [run_one(args, config, world, rank, device) for config in configs]
+        rows = []
+        for config in configs:
+            rows.append(run_one(args, config, world, rank, device))
+            if on_row:
+                on_row(rows)
+        return rows
     runs = [Run(args, *config, world, rank, device) for config in configs]
     for run in runs:
         run.steps(args.warmup, timed=False)
@@ -370,7 +376,7 @@ def overhead(args) -> list[dict]:
     from pixelbert_dist.train.config import RunConfig
     from pixelbert_dist.train.trainer import Trainer
 
-    rows = []
+    rows, result_name = [], "bench_step_overhead_" + "_".join(args.presets)
     with tempfile.TemporaryDirectory() as tmp:
         enough = int(args.steps * max(args.micro_batch) / 0.8) + 20  # 80% train: a batch per step
         shards = build_synthetic(
@@ -490,7 +496,14 @@ def overhead(args) -> list[dict]:
             trainer.logger.close()
             if hasattr(engine, "destroy"):
                 engine.destroy()
-    config = {
+            if len(rows) < len(args.presets):  # the rows so far, should a time limit stop the next preset
+                write_results(result_name, rows, _overhead_config(args, cfg), args.out, OVERHEAD_COLUMNS, partial=True)
+    write_results(result_name, rows, _overhead_config(args, cfg), args.out, OVERHEAD_COLUMNS)
+    return rows
+
+
+def _overhead_config(args, cfg) -> dict:
+    return {
         "mode": "overhead",
         "zero": args.zero[0],
         "precision": args.precision[0],
@@ -499,8 +512,6 @@ def overhead(args) -> list[dict]:
         "compared": "Trainer.train_micro_batch + finish_step vs bare "
         "engine(batch); engine.backward(loss); engine.step(), same engine and batches, interleaved repeats",
     }
-    write_results("bench_step_overhead_" + "_".join(args.presets), rows, config, args.out, OVERHEAD_COLUMNS)
-    return rows
 
 
 def parse(argv):
@@ -565,16 +576,21 @@ def main(argv=None) -> list[dict]:
             args.presets, args.zero, args.precision, args.micro_batch, args.sampling
         )
     ]
-    rows += run_configs(args, configs, world, rank, device)
+    config = {k: v for k, v in vars(args).items() if k != "out"}
+    config.update(
+        device=str(device),
+        world_size=world,
+        baseline="the GPU's dense peak (MFU); the configs against each other (interleaved when rounds > 1)",
+        target="pixelbert-r50 bf16 >= 40% MFU on an H100/H200",
+        peak_tflops=peak_tflops(args.precision[0], device),
+    )
+
+    def partial(done: list[dict]) -> None:
+        if rank == 0:
+            write_results("bench_step", done, config, args.out, COLUMNS, partial=True)
+
+    rows += run_configs(args, configs, world, rank, device, on_row=partial)
     if rank == 0:
-        config = {k: v for k, v in vars(args).items() if k != "out"}
-        config.update(
-            device=str(device),
-            world_size=world,
-            baseline="the GPU's dense peak (MFU); the configs against each other (interleaved when rounds > 1)",
-            target="pixelbert-r50 bf16 >= 40% MFU on an H100/H200",
-            peak_tflops=peak_tflops(args.precision[0], device),
-        )
         write_results("bench_step", rows, config, args.out, COLUMNS)
     return rows
 

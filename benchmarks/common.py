@@ -198,14 +198,23 @@ def write_results(
     out: str | Path | None,
     columns: list[str],
     shown: list[dict] | None = None,
+    partial: bool = False,
 ) -> Path:
     """Print the table (``shown`` rows, default all) and write ``<dir>/<name>.json``.
 
     ``config`` should say what the figures compare against (``baseline``) and the target
-    (``target``): summarize.py prints both above the table."""
-    print(markdown_table(rows if shown is None else shown, columns), flush=True)
+    (``target``): summarize.py prints both above the table. ``partial``: the rows so far,
+    written quietly after each one finishes, so a run stopped by its time limit (the GPU
+    check's steps have one) keeps what it measured; the last call writes them all."""
+    if not partial:
+        print(markdown_table(rows if shown is None else shown, columns), flush=True)
     path = results_dir(out) / f"{name}.json"
     payload = {"bench": name, "machine": machine_info(), "config": config, "columns": columns, "rows": rows}
-    path.write_text(json.dumps(payload, indent=1) + "\n")
-    print(f"wrote {path}", flush=True)
+    if partial:
+        payload["partial"] = True
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)  # never a half-written file if the process is killed mid-write
+    if not partial:
+        print(f"wrote {path}", flush=True)
     return path

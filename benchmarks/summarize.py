@@ -156,7 +156,10 @@ def verdict_of(name: str, rows: list[dict]) -> str:
         missing = "" if any(r["mode"] == "all" for r in rows) else "; mode 'all' not measured: no verdict"
         return ("; ".join(saved) or "no mode to compare with none") + missing
     if name == "bench_compile":
-        return "; ".join(f"{r['preset']}: {r['speedup']:.2f}x, {r['verdict']}" for r in rows) or "no rows"
+        shown = [  # a partial row (time limit) has no speedup
+            f"{r['preset']}: {r['speedup']:.2f}x, {r['verdict']}" if "speedup" in r else r["verdict"] for r in rows
+        ]
+        return "; ".join(shown) or "no rows"
     return "no target"
 
 
@@ -218,6 +221,31 @@ def _step_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _preflight_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    failed = [f"{r['check']}: {r['detail']}" for r in rows if not r["ok"]]
+    seconds = sum(r["seconds"] for r in rows)
+    return [f"preflight: {len(rows) - len(failed)}/{len(rows)} checks ok in {seconds:.1f} s"] + [
+        f"preflight FAILED {line}" for line in failed
+    ]
+
+
+def _compile_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        head = f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: "
+        if "speedup" not in r:  # the step's time limit came first: how far it got
+            compiled = f", first compiled step {r['compile_s']:.0f} s" if "compile_s" in r else ""
+            lines.append(head + f"stopped while {r['verdict']}: eager {r['eager_ms']:.1f} ms{compiled}")
+            continue
+        lines.append(
+            head + f"{r['speedup']:.2f}x eager ({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, "
+            f"compile {r['compile_s']:.0f} s): {r['verdict']}"
+        )
+    return lines
+
+
 def brief(folder: Path) -> str:
     """One screen: the figures the GPU check exists for, against the targets."""
     files = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
@@ -225,6 +253,13 @@ def brief(folder: Path) -> str:
     lines = [
         f"GPU check: {machine.get('gpu') or 'no GPU'} | torch {machine.get('torch')} | commit {machine.get('commit')}"
     ]
+    lines += _preflight_lines(files.get("preflight", {}).get("rows", []))
+    for r in files.get("bench_pretrain", {}).get("rows", []):
+        where = f" ZeRO-{r['zero']} {r['precision']}" if "zero" in r else ""
+        lines.append(f"pretrain {r['phase']}{where}: {r['verdict']}: {r['check']}")
+    partial = sorted(name for name, data in files.items() if data.get("partial"))
+    if partial:
+        lines.append(f"stopped before their last row (time limit?): {partial}")
     if "bench_attention" in files:
         lines += _attention_lines(files["bench_attention"]["rows"])
     if "bench_step" in files:
@@ -236,11 +271,7 @@ def brief(folder: Path) -> str:
             + (f"{r['peak_saving_vs_none']:.0%} below none, " if "peak_saving_vs_none" in r else "")
             + f"peak RSS {r['peak_rss_gib']:.2f} GiB, step {r['step_s']:.3f} s"
         )
-    for r in files.get("bench_compile", {}).get("rows", []):
-        lines.append(
-            f"compile {r['preset']} {r['precision']} mb{r['micro_batch']}: {r['speedup']:.2f}x eager "
-            f"({r['compiled_ms']:.1f} vs {r['eager_ms']:.1f} ms, compile {r['compile_s']:.0f} s): {r['verdict']}"
-        )
+    lines += _compile_lines(files.get("bench_compile", {}).get("rows", []))
     overhead = [r for name, data in files.items() if name.startswith("bench_step_overhead") for r in data["rows"]]
     for r in overhead:
         lines.append(
@@ -250,9 +281,10 @@ def brief(folder: Path) -> str:
         )
     for r in files.get("bench_decode", {}).get("rows", []):
         lines.append(f"decode {r['label']} {r['size']} {r['shorter']}/{r['max']}: {r['images_per_s']:.0f} img/s")
-    missing = [n for n in ("bench_attention", "bench_step", "bench_decode") if n not in files]
+    expected = ("preflight", "bench_pretrain", "bench_attention", "bench_step", "bench_decode")
+    missing = [n for n in expected if n not in files]
     if missing:
-        lines.append(f"missing results: {missing} (see gpu_check.log)")
+        lines.append(f"missing results: {missing} (see gpu_check.log and logs/)")
     text = "\n".join(lines) + "\n"
     (folder / "brief.txt").write_text(text)
     return text

@@ -2,8 +2,12 @@
 
 1. make the synthetic shapes shards (data/synthetic) if they are missing;
    warm-start the visual side on the scenes' labels (the paper's CNN starts from ImageNet);
-2. pre-train the tiny preset with 2 ranks through the real `deepspeed` launcher, ZeRO-2;
+2. pre-train the tiny preset with 2 ranks through the real `deepspeed` launcher, ZeRO-2
+   (2 CPU ranks over gloo; on a GPU machine one rank per GPU, at most 2: a 1-GPU machine
+   runs one rank with 2 micro-batches per step, the same global batch);
 3. export for fine-tuning, plot the curves, and say where everything is.
+
+    python launch/demo.py [--ranks N]
 """
 
 import argparse
@@ -73,10 +77,31 @@ def fresh_run_dir(run_dir: Path) -> Path:
     return candidate
 
 
-def pretrain(visual_weights: Path, run_dir: Path, num_ranks: int = 2) -> None:
+DEMO_RANKS = 2  # the global batch is micro_batch x 2, whatever the ranks
+
+
+def demo_ranks(requested: int | None, gpus: int) -> int:
+    """Ranks for the demo: DEMO_RANKS CPU ranks without a GPU; one per GPU, at most
+    DEMO_RANKS, with them. More ranks than GPUs would share one (NCCL stops with
+    "Duplicate GPU detected"): refused in one line."""
+    if requested is not None and requested < 1:
+        raise SystemExit(f"demo: --ranks {requested}: need at least 1")
+    if gpus == 0:
+        return requested or DEMO_RANKS
+    if requested is not None and requested > gpus:
+        raise SystemExit(
+            f"demo: --ranks {requested} but this machine has {gpus} GPU(s): at most one rank per GPU "
+            f"(--ranks {gpus}, or leave it out)"
+        )
+    return requested or min(DEMO_RANKS, gpus)
+
+
+def pretrain(visual_weights: Path, run_dir: Path, num_ranks: int = DEMO_RANKS) -> None:
     from pixelbert_dist.distributed.env import free_port
 
     bert = minilm_dir()
+    # fewer ranks, more micro-batches per step: the global batch and schedule stay the demo's
+    accumulate = [f"train.grad_accum={DEMO_RANKS // num_ranks}"] if DEMO_RANKS % num_ranks == 0 else []
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
@@ -92,19 +117,25 @@ def pretrain(visual_weights: Path, run_dir: Path, num_ranks: int = 2) -> None:
         f"data.vocab_dir={bert}",
         f"model.visual_weights={visual_weights}",
         f"run_dir={run_dir}",
+        *accumulate,
     ]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, default=None, help="ranks (default: 2 on a CPU, one per GPU up to 2)")
+    args = parser.parse_args(argv)
+    import torch
+
+    ranks = demo_ranks(args.ranks, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     start = time.time()
     cfg = yaml.safe_load(CONFIG.read_text())
     run_dir = fresh_run_dir(REPO / cfg["run_dir"])
     shards = REPO / Path(cfg["data"]["train_shards"]).parent
     make_shards(shards)
-    pretrain(visual_warmstart(shards / f"{cfg['model']['preset']}_visual_warmstart.safetensors"), run_dir)
+    pretrain(visual_warmstart(shards / f"{cfg['model']['preset']}_visual_warmstart.safetensors"), run_dir, ranks)
     from pixelbert_dist.plotting import plot_run
 
     plot = plot_run(run_dir)

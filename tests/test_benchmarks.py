@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -36,20 +37,28 @@ REPO = Path(__file__).resolve().parents[1]
 MACHINE_KEYS = {"torch", "gpu", "cpu", "cores", "commit", "date"}
 
 
+# the smoke's first user pays for it: ~20 min on the loaded 2-core VM (5 pre-training launches)
+SMOKE_TIMEOUT = pytest.mark.timeout(2700)
+
+
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[Path, str]:
-    """gpu_check.sh --cpu-smoke: bench_attention, bench_step, the decode step, the brief."""
+def smoke(tmp_path_factory) -> tuple[Path, str, Path]:
+    """gpu_check.sh --cpu-smoke: every step but compile and fp16 at CPU sizes. Returns the
+    unpacked archive, the printed output and the output folder itself."""
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run(
         ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=2400,
         env={**os.environ, "PYTHON": sys.executable},
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr + (out / "gpu_check.log").read_text()
-    return out, proc.stdout
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    unpacked = tmp_path_factory.mktemp("gpu_check_unpacked")
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        archive.extractall(unpacked, filter="data")
+    return unpacked, proc.stdout, out
 
 
 def _load(folder: Path, name: str) -> dict:
@@ -62,6 +71,7 @@ def _load(folder: Path, name: str) -> dict:
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_attention_json(smoke):
     data = _load(smoke[0], "bench_attention")
     rows = data["rows"]
@@ -81,6 +91,7 @@ def test_attention_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_step_json(smoke):
     (row,) = _load(smoke[0], "bench_step")["rows"]
     assert row["status"] == "ok"
@@ -99,8 +110,9 @@ def test_step_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_decode_json_and_brief(smoke):
-    folder, stdout = smoke
+    folder, stdout, _ = smoke
     rows = _load(folder, "bench_decode")["rows"]
     assert {r["size"] for r in rows} == {"paper", "small"}
     assert all(r["images_per_s"] > 0 for r in rows)
@@ -115,6 +127,7 @@ def test_decode_json_and_brief(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_memory_json(smoke):
     rows = _load(smoke[0], "bench_memory")["rows"]
     assert [r["mode"] for r in rows] == ["none", "transformer"]
@@ -126,6 +139,7 @@ def test_memory_json(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_scaling_projection_and_summary(smoke):
     folder = smoke[0]
     rows = bench_scaling.main(
@@ -162,6 +176,7 @@ def test_scaling_projection_and_summary(smoke):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_scaling_refuses_a_cpu_step_time(smoke):
     with pytest.raises(SystemExit, match="measured on a CPU"):
         bench_scaling.main(
@@ -256,6 +271,110 @@ def test_common_helpers(tmp_path, monkeypatch):
     assert verdict(0.06, 0.05, higher_is_better=False) == "not met"
 
 
+@pytest.mark.slow
+@SMOKE_TIMEOUT
+def test_gpu_check_brings_back_one_archive_and_the_brief(smoke):
+    """A device call brings back at most 8 files: the output folder holds the archive and
+    the brief; the archive holds every step's log, JSON, the plots and the summary."""
+    unpacked, stdout, out = smoke
+    assert sorted(p.name for p in out.iterdir()) == ["brief.txt", "gpu_check.tar.gz"]
+    assert (out / "brief.txt").read_text() == (unpacked / "brief.txt").read_text()
+    logs = {p.stem for p in (unpacked / "logs").iterdir()}
+    assert {"preflight", "e2e", "fp32", "zero3", "train_step", "attention", "memory", "overhead", "decode"} <= logs
+    assert {"summary.md", "gpu_check.log", "bench_attention.png"} <= {p.name for p in unpacked.iterdir()}
+    assert not any(json.loads(p.read_text()).get("partial") for p in unpacked.glob("*.json"))
+    assert "gpu_check.tar.gz" in stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+@SMOKE_TIMEOUT
+def test_preflight_rows(smoke):
+    rows = {r["check"]: r for r in _load(smoke[0], "preflight")["rows"]}
+    assert list(rows) == ["versions", "imports", "distutils", "all_reduce"]  # CUDA checks: GPU only
+    assert all(r["ok"] for r in rows.values()), rows
+    assert "gloo all-reduce" in rows["all_reduce"]["detail"]
+    assert "typing_extensions" in rows["versions"]["detail"]
+
+
+@pytest.mark.slow
+@SMOKE_TIMEOUT
+def test_pretrain_rows_resume_equals_uninterrupted(smoke):
+    """launch/pretrain.py stopped by SIGTERM and resumed logs the uninterrupted run's losses
+    (bit for bit on a CPU); it evaluated and exported. The fp32 phase repeats the e2e run's
+    first steps (fp32 on a CPU too): the same losses."""
+    rows = {r["phase"]: r for r in _load(smoke[0], "bench_pretrain")["rows"]}
+    assert list(rows) == ["e2e", "fp32", "zero3"]
+    assert all(r["verdict"] == "ok" for r in rows.values()), rows
+    e2e = rows["e2e"]
+    assert e2e["steps"] == 6 and len(e2e["losses"]) == 6
+    assert 1 <= e2e["stopped_at"] < 6
+    assert e2e["max_diff_after_resume"] == 0 and e2e["max_diff_before_stop"] == 0
+    assert e2e["exported"] and e2e["val"]["itm_acc"] is not None
+    assert rows["fp32"]["max_rel_diff_vs_e2e"] == 0
+    assert rows["zero3"]["zero"] == 3 and rows["zero3"]["steps"] == 4
+    assert all(math.isfinite(v) for v in e2e["losses"])
+
+
+def test_gpu_check_help_and_budgets():
+    """--help answers; the GPU budgets fit 420 s with the install, the preflight 20 s."""
+    script = str(REPO / "benchmarks" / "gpu_check.sh")
+    shown = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.startswith("usage:")
+    lines = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, timeout=60).stdout
+    steps = [line.split("]")[0].strip("[").split() for line in lines.splitlines() if line.startswith("[")]
+    limits = {name: int(seconds.rstrip("s")) for name, seconds in steps}
+    assert steps[0][0] == "preflight" and limits["preflight"] <= 20
+    assert [name for name, _ in steps][-2:] == ["compile", "summary"]
+    total = int(lines.split("budgets: ")[1].split()[0])
+    assert total <= 420 and sum(limits.values()) < total  # the rest: the wheels' install
+
+
+@pytest.mark.slow
+def test_a_failed_preflight_stops_the_run_in_one_line(tmp_path):
+    """The preflight refuses the machine: one line says why, no other step runs, and the
+    archive still comes back with the preflight's log."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$2" = benchmarks.gpu_preflight ]; then\n'
+        '  echo "gpu_check: this machine cannot run the check: cuda: torch sees no CUDA device" >&2; exit 3\n'
+        "fi\n"
+        f'echo "$2" >>{tmp_path}/ran; exec {sys.executable} "$@"\n'
+    )
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHON": str(fake)},
+    )
+    assert proc.returncode == 1
+    said = "gpu_check: this machine cannot run the check: cuda: torch sees no CUDA device; the other steps are skipped"
+    assert said in proc.stdout.splitlines()
+    assert "== e2e" not in proc.stdout
+    assert (tmp_path / "ran").read_text().split() == ["benchmarks.summarize"]
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        assert "./logs/preflight.log" in archive.getnames()
+
+
+def test_partial_rows_are_written_and_briefed(tmp_path):
+    """A step stopped by its time limit keeps the rows it wrote; the brief says how far a
+    cold compile got."""
+    from benchmarks.common import write_results
+
+    row = {"preset": "pixelbert-r50", "precision": "bf16", "micro_batch": 8, "eager_ms": 100.0}
+    row.update(compile_s=61.0, verdict="compiled, timing")
+    write_results("bench_compile", [row], {}, tmp_path, ["preset"], partial=True)
+    assert json.loads((tmp_path / "bench_compile.json").read_text())["partial"] is True
+    text = summarize.brief(tmp_path)
+    assert "compile pixelbert-r50 bf16 mb8: stopped while compiled, timing: eager 100.0 ms" in text
+    assert "first compiled step 61 s" in text
+    assert "stopped before their last row (time limit?): ['bench_compile']" in text
+
+
 def _arguments(lines: list[str], module: str, marker: str = "") -> list[str]:
     """The arguments of the first dry-run line that runs ``-m benchmarks.<module>`` (with ``marker``)."""
     line = next(line for line in lines if f"-m benchmarks.{module} " in line and marker in line)
@@ -325,6 +444,7 @@ def test_plan_bench_rows(tmp_path):
 
 
 @pytest.mark.slow
+@SMOKE_TIMEOUT
 def test_overhead_rows_split_the_step(smoke):
     """bench_step.py --overhead on tiny (the smoke run's): per repeat, each loop's time
     outside the engine is a positive part of its step, and the framework share is that

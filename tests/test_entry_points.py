@@ -143,3 +143,21 @@ def test_a_refused_run_is_one_line_not_a_traceback(cmd, named, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert named in proc.stderr.strip().splitlines()[-1]
+
+
+def test_demo_ranks_fit_the_gpus():
+    """`make demo`: 2 CPU ranks without a GPU, one rank per GPU (at most 2) with them; more
+    ranks than GPUs are refused in one line. One rank keeps the global batch (2 micro-batches)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo", REPO / "launch" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    assert demo.demo_ranks(None, gpus=0) == 2
+    assert demo.demo_ranks(None, gpus=1) == 1
+    assert demo.demo_ranks(None, gpus=8) == 2
+    assert demo.demo_ranks(1, gpus=0) == 1
+    with pytest.raises(SystemExit, match=r"^demo: --ranks 2 but this machine has 1 GPU\(s\)"):
+        demo.demo_ranks(2, gpus=1)
+    with pytest.raises(SystemExit, match="at least 1"):
+        demo.demo_ranks(0, gpus=0)

@@ -289,3 +289,27 @@ def test_job_ports_stay_below_the_ephemeral_range():
     assert max(job_port(i) for i in range(0, 50_000, 7)) < low
     assert min(job_port(i) for i in range(0, 50_000, 7)) >= 1024
     assert job_port("185") == job_port(184) + 1
+
+
+def test_more_local_ranks_than_gpus_is_refused_in_one_line(capsys, monkeypatch):
+    """`deepspeed --num_gpus 2` on a 1-GPU machine: both ranks would land on cuda:0 and NCCL
+    stop with "Duplicate GPU detected"; refused before any rendezvous. A Slurm task bound
+    to its own GPU sees it as cuda:0, whatever its local id."""
+    from pixelbert_dist.distributed.env import LocalRanksError, cuda_index
+    from pixelbert_dist.train.run import refusals_as_one_line
+
+    two = {"world_size": 2, "local_world_size": 2}
+    assert cuda_index(DistEnv(rank=1, local_rank=1, launcher="deepspeed", **two), gpus=2) == 1
+    assert cuda_index(DistEnv(rank=3, local_rank=3, world_size=4, local_world_size=4, launcher="slurm"), gpus=1) == 0
+    for launcher in ("deepspeed", "torchrun"):
+        for rank in (0, 1):  # every rank stops, rank 0 too (which alone would fit)
+            with pytest.raises(LocalRanksError, match=r"2 ranks on this node .* but 1 GPU\(s\) visible"):
+                cuda_index(DistEnv(rank=rank, local_rank=rank, launcher=launcher, **two), gpus=1)
+
+    def start():
+        cuda_index(DistEnv(local_rank=0, launcher="deepspeed", **two), gpus=1)
+
+    monkeypatch.setenv("RANK", "0")
+    assert refusals_as_one_line("pretrain", start) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pretrain: 2 ranks on this node") and "--num_gpus 1" in err[0]

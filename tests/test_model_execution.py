@@ -150,6 +150,36 @@ def test_activation_checkpointing_changes_memory_not_results(mode, trunk):
         assert torch.equal(buffers[name], buffer), name
 
 
+@pytest.mark.parametrize("backbone", ["resnet10", "resnet18"])  # resnet18: nested checkpoints
+def test_sync_batchnorm_keeps_the_recompute_guard(backbone):
+    """train.sync_bn's SyncBatchNorm under full activation checkpointing: the same loss,
+    gradients and running statistics as plain BatchNorm without checkpointing (one update
+    per step, not a second one when backward recomputes a stage). torch's own
+    convert_sync_batchnorm fails this: its module updates them on the recomputation too."""
+    from pixelbert_dist.model.visual import BatchNorm, SyncBatchNorm, sync_batchnorms
+
+    off = tiny_with_stats(backbone=backbone).train()
+    on = build_model("tiny", backbone=backbone, activation_checkpointing="all").train()
+    on.load_state_dict(off.state_dict())
+    on = sync_batchnorms(on)
+    assert any(isinstance(m, SyncBatchNorm) for m in on.modules())
+    assert not any(isinstance(m, BatchNorm) for m in on.modules())
+    batch = train_batch()
+    losses = []
+    for model in (off, on):
+        torch.manual_seed(7)
+        out = model(batch)
+        out["loss"].backward()
+        losses.append(out["loss"])
+    torch.testing.assert_close(losses[1], losses[0], atol=0, rtol=0)
+    grads = dict(on.named_parameters())
+    for name, param in off.named_parameters():
+        torch.testing.assert_close(grads[name].grad, param.grad, atol=1e-7, rtol=1e-6, msg=name)
+    buffers = dict(on.named_buffers())
+    for name, buffer in off.named_buffers():
+        assert torch.equal(buffers[name], buffer), name
+
+
 def test_activation_checkpointing_recomputes_what_it_says():
     on = build_model("tiny").train()
     batch = train_batch()

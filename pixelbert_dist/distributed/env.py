@@ -236,9 +236,33 @@ def backend_for() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+class LocalRanksError(RuntimeError):
+    """More ranks on a node than GPUs, where every rank sees all of them."""
+
+
+def cuda_index(env: DistEnv, gpus: int) -> int:
+    """This rank's GPU among the ``gpus`` it sees.
+
+    Under the deepspeed launcher, torchrun or a plain start every rank of a node sees all
+    of its GPUs: more local ranks than GPUs would put two ranks on one (the deepspeed
+    runner starts ``--num_gpus`` ranks whatever the machine has, and NCCL then stops with
+    "Duplicate GPU detected"), refused here in one line before any rendezvous. A Slurm
+    task may be bound to its own GPU (--gpus-per-task, --gpu-bind), which it sees as
+    cuda:0: its local id is taken modulo what it sees (submit.py checks the counts)."""
+    if env.launcher == "slurm":
+        return env.local_rank % max(1, gpus)
+    if env.local_world_size > gpus or env.local_rank >= gpus:
+        raise LocalRanksError(
+            f"{env.local_world_size} ranks on this node (local rank {env.local_rank}, {env.launcher} launcher) "
+            f"but {gpus} GPU(s) visible: two ranks would share a GPU (NCCL: 'Duplicate GPU detected'); "
+            f"start at most {gpus} per node (deepspeed --num_gpus {gpus}, torchrun --nproc_per_node {gpus})"
+        )
+    return env.local_rank
+
+
 def device_for(env: DistEnv) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", env.local_rank % max(1, torch.cuda.device_count()))
+        return torch.device("cuda", cuda_index(env, torch.cuda.device_count()))
     return torch.device("cpu")
 
 

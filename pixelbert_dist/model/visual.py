@@ -9,6 +9,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
 from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -46,13 +47,66 @@ class BatchNorm(nn.BatchNorm2d):
     recomputing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = self.running_mean.dtype
-        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
-        momentum = 0.0  # evaluation, or a recomputation: the running statistics stay as they are
-        if self.training and not self.recomputing:
-            self.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        weight, bias = _affine_in_stats_dtype(self)
+        momentum = _stats_momentum(self)
         return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+
+
+class SyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm (``train.sync_bn``: batch statistics over every rank) with
+    BatchNorm's two guards: the affine parameters in the statistics' dtype, and
+    ``recomputing``, set while a checkpointed stage is recomputed in backward, which uses
+    the batch statistics again with momentum 0, so the running ones are updated once.
+    torch's own module would update them twice (and count two batches). Every rank
+    recomputes the same stages in the same order, so the recomputation's all-reduce
+    meets its peers as the first forward's did."""
+
+    recomputing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        weight, bias = _affine_in_stats_dtype(self)
+        momentum = _stats_momentum(self)
+        dist = torch.distributed
+        group = self.process_group or (dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
+        world = dist.get_world_size(group) if group is not None else 1
+        if not self.training or world == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, weight, bias, self.training, momentum, self.eps)
+        if x.device.type == "cpu":
+            raise ValueError("SyncBatchNorm across ranks needs CUDA inputs (train.sync_bn is for GPU runs)")
+        stats = (self.running_mean, self.running_var)
+        return sync_batch_norm.apply(x, weight, bias, *stats, self.eps, momentum, group, world)
+
+
+def sync_batchnorms(module: nn.Module, process_group=None) -> nn.Module:
+    """``module`` with every BatchNorm replaced by ``SyncBatchNorm`` (parameters and running
+    statistics shared, not copied): torch's ``convert_sync_batchnorm`` makes its own class."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        synced = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats, process_group
+        )
+        synced.weight, synced.bias = module.weight, module.bias
+        synced.running_mean, synced.running_var = module.running_mean, module.running_var
+        synced.num_batches_tracked = module.num_batches_tracked
+        synced.train(module.training)
+        module = synced
+    for name, child in list(module.named_children()):
+        module.add_module(name, sync_batchnorms(child, process_group))
+    return module
+
+
+def _affine_in_stats_dtype(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = norm.running_mean.dtype
+    return norm.weight.to(dtype), norm.bias.to(dtype)
+
+
+def _stats_momentum(norm: nn.modules.batchnorm._BatchNorm) -> float:
+    """The running statistics' update factor, counting the batch; 0 in evaluation and in a
+    recomputation (the statistics stay as they are)."""
+    if not norm.training or norm.recomputing:
+        return 0.0
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
 
 
 def build_backbone(cfg: PixelBertConfig) -> ResNet:
@@ -73,7 +127,7 @@ def _stem(net: ResNet, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _recomputing(module: nn.Module):
-    norms = [m for m in module.modules() if isinstance(m, BatchNorm)]
+    norms = [m for m in module.modules() if isinstance(m, (BatchNorm, SyncBatchNorm))]
     before = [norm.recomputing for norm in norms]  # nested checkpoints: restore, not clear
     for norm in norms:
         norm.recomputing = True

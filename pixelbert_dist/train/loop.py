@@ -28,6 +28,7 @@ from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precisio
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import PixelBert
+from pixelbert_dist.model.visual import sync_batchnorms
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.health import RunHealth
 from pixelbert_dist.train.persist import RunPersistence
@@ -183,7 +184,7 @@ class BaseTrainer(RunPersistence):
             resume_rule.check_resumable(self.resume_dir, t.resume, to_dict(self.cfg), self.total_steps)
         if t.sync_bn and self.world > 1:
             if self.device.type == "cuda":
-                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                model = sync_batchnorms(model)  # keeps the checkpoint-recompute guard
             else:
                 log.warning("train.sync_bn needs CUDA; keeping per-rank BatchNorm on %s", self.device)
         optimizer = self.build_optimizer(model)

@@ -79,16 +79,17 @@ def _is_refusal(err: Exception) -> bool:
     prints a line of its own: a config error is known without them)."""
     from pixelbert_dist.checkpoint import CheckpointError
     from pixelbert_dist.data.format.index import ShardFormatError
+    from pixelbert_dist.distributed.env import LocalRanksError
     from pixelbert_dist.train.run_dir import RunFolderError
 
-    return isinstance(err, (RunFolderError, CheckpointError, ShardFormatError))
+    return isinstance(err, (RunFolderError, CheckpointError, ShardFormatError, LocalRanksError))
 
 
 def refusals_as_one_line(label: str, call) -> int:
     """``call()``, where a run refused for a reason its message states (a bad key, a locked or
-    finished run folder, a damaged checkpoint, shards not in the format) ends as one line on
-    stderr (rank 0 only: the other ranks stop for the same reason) and exit code 2, not a
-    traceback per rank."""
+    finished run folder, a damaged checkpoint, shards not in the format, more local ranks
+    than GPUs) ends as one line on stderr (rank 0 only: the other ranks stop for the same
+    reason) and exit code 2, not a traceback per rank."""
     try:
         result = call()
     except Exception as err:  # not SystemExit (--help)
