@@ -1,9 +1,12 @@
-"""VQA 2.0: official normalisation, accuracy, vocabulary, soft targets, readers, results."""
+"""VQA 2.0: official normalisation, accuracy (master and the 2016 rule), vocabulary, soft
+targets, readers, results. The generated comparison against an independent implementation
+of the official master rules is in tests/test_vqa_official.py."""
 
 import json
 
 import pytest
 
+from pixelbert_dist.finetune.vqa_accuracy import normalize_answer, process_punctuation, vqa_accuracy
 from pixelbert_dist.finetune.vqa_data import (
     AnswerVocab,
     VqaExample,
@@ -14,12 +17,9 @@ from pixelbert_dist.finetune.vqa_data import (
     coco_image_name,
     drop_missing_images,
     evaluate_vqa,
-    normalize_answer,
-    process_punctuation,
     read_vqa,
     read_vqa_results,
     soft_targets,
-    vqa_accuracy,
     write_vqa_results,
 )
 
@@ -89,16 +89,30 @@ def test_table_values():
     assert answer_score(2, 3) == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
 
 
-def test_accuracy_matches_only_after_normalising_the_prediction():
+def test_official_master_cases_of_the_issue():
+    # Humans agree: the prediction is compared as written (only whitespace is trimmed).
+    assert vqa_accuracy("isnt", ["isn't"] * 10) == 0.0
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    # Humans disagree: both sides cleaned fully, so "two" counts as "2".
+    assert vqa_accuracy("2", ["two"] * 4 + ["3"] * 6) == 1.0
     assert vqa_accuracy("Two.", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
     assert vqa_accuracy("The dog!", _answers(2)) == pytest.approx(0.6)
-    assert vqa_accuracy("isnt", ["isn't"] * 10) == 1.0
-    # Human answers that disagree are punctuation-cleaned: "dog." counts as "dog".
     assert vqa_accuracy("dog", ["dog."] * 2 + ["cat"] * 8) == pytest.approx(0.6)
-    # ...but never digit/article-cleaned, exactly as the official script.
-    assert vqa_accuracy("2", ["two"] * 4 + ["3"] * 6) == 0.0
+    # Whitespace is trimmed before the humans are compared: "red\t" and "red" agree.
+    assert vqa_accuracy("Red", ["red\t"] * 5 + ["red"] * 5) == 0.0
     with pytest.raises(ValueError):
         vqa_accuracy("dog", [])
+    with pytest.raises(ValueError, match="legacy-2016"):
+        vqa_accuracy("dog", ["dog"], rule="2016")
+
+
+def test_the_2016_rule_stays_available_by_name():
+    legacy = "legacy-2016"
+    assert vqa_accuracy("isnt", ["isn't"] * 10, legacy) == 1.0
+    assert vqa_accuracy("Yes", ["yes"] * 10, legacy) == 1.0
+    assert vqa_accuracy("2", ["two"] * 4 + ["3"] * 6, legacy) == 0.0  # humans never digit-cleaned
+    assert vqa_accuracy("dog", ["dog."] * 2 + ["cat"] * 8, legacy) == pytest.approx(0.6)
 
 
 # ---------------------------------------------------------------- vocabulary and targets
@@ -273,9 +287,15 @@ def test_results_file_and_evaluation(tmp_path):
         {"question_id": 3, "answer": "blue"},
     ]
     result = evaluate_vqa(read_vqa_results(path), examples)
-    assert result["overall"] == pytest.approx(100 * (1.0 + 0.6 + 0.0) / 3)
-    assert result["per_answer_type"] == pytest.approx({"number": 60.0, "other": 0.0, "yes/no": 100.0})
-    assert result["per_question_type"]["how many"] == pytest.approx(60.0)
+    # master: "Yes" vs ten "yes" scores 0; "two" vs 2x"2" + 8x"3" (humans disagree) scores 0.6
+    assert result["rule"] == "official"
+    assert result["unrounded"]["overall"] == pytest.approx(100 * (0.0 + 0.6 + 0.0) / 3)
+    assert result["overall"] == 20.0
+    assert result["per_answer_type"] == {"number": 60.0, "other": 0.0, "yes/no": 0.0}
+    assert result["per_question_type"]["how many"] == 60.0
+    legacy = evaluate_vqa(read_vqa_results(path), examples, rule="legacy-2016")
+    assert legacy["overall"] == 53.33  # round(100 * 1.6 / 3, 2), as the official script prints
+    assert legacy["unrounded"]["overall"] == pytest.approx(160 / 3)
     with pytest.raises(ValueError, match="1 missing"):
         evaluate_vqa({1: "yes", 2: "2"}, examples)
     with pytest.raises(ValueError, match="predicted twice"):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pixelbert_dist.data.format.shards import MANIFEST, iter_samples
-from pixelbert_dist.finetune.vqa_data import normalize_answer
+from pixelbert_dist.finetune.vqa_accuracy import normalize_answer
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SPLITS = ("train", "val", "test")

@@ -1,24 +1,16 @@
-"""VQA 2.0: readers of the official files, the official answer normalisation and
-accuracy, the answer vocabulary, soft targets and the submission file.
+"""VQA 2.0: readers of the official files, the answer vocabulary, soft targets, the
+submission file and the evaluation (the accuracy rules live in ``vqa_accuracy.py``).
 
-The normalisation and the accuracy reproduce ``vqaEval.py`` of the official VQA
-evaluation tools (GT-Vision-Lab/VQA, PythonEvaluationTools), quirks included, so that
-numbers computed here are the numbers the evaluation server reports:
-
-* a prediction is cleaned fully (punctuation, lower case, number words to digits,
-  articles dropped, contractions restored);
-* the ten human answers are only punctuation-cleaned, and only when they disagree
-  (the official annotation files already hold normalised answers);
-* accuracy = the mean over the ten leave-one-out sets of nine answers of
-  ``min(1, #matches / 3)``.
+``evaluate_vqa`` reports what the official ``vqaEval.py`` prints: percentages rounded to
+2 decimals (overall, per answer type, per question type), with the unrounded values
+beside them. Which version of the official rules applies is the ``rule`` argument
+(``vqa_accuracy.ACCURACY_RULES``; default: master since 2021).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,197 +19,7 @@ from typing import Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from pixelbert_dist.data.builders.common import load_json
-
-# ---------------------------------------------------------------- official normalisation
-# The contraction table of vqaEval.py, entry for entry (including its odd entries such as
-# "somebody'd" -> "somebodyd" and the capitalised keys that can never match after lower()).
-CONTRACTIONS = {
-    "aint": "ain't",
-    "arent": "aren't",
-    "cant": "can't",
-    "couldve": "could've",
-    "couldnt": "couldn't",
-    "couldn'tve": "couldn't've",
-    "couldnt've": "couldn't've",
-    "didnt": "didn't",
-    "doesnt": "doesn't",
-    "dont": "don't",
-    "hadnt": "hadn't",
-    "hadnt've": "hadn't've",
-    "hadn'tve": "hadn't've",
-    "hasnt": "hasn't",
-    "havent": "haven't",
-    "hed": "he'd",
-    "hed've": "he'd've",
-    "he'dve": "he'd've",
-    "hes": "he's",
-    "howd": "how'd",
-    "howll": "how'll",
-    "hows": "how's",
-    "Id've": "I'd've",
-    "I'dve": "I'd've",
-    "Im": "I'm",
-    "Ive": "I've",
-    "isnt": "isn't",
-    "itd": "it'd",
-    "itd've": "it'd've",
-    "it'dve": "it'd've",
-    "itll": "it'll",
-    "let's": "let's",
-    "maam": "ma'am",
-    "mightnt": "mightn't",
-    "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've",
-    "mightve": "might've",
-    "mustnt": "mustn't",
-    "mustve": "must've",
-    "neednt": "needn't",
-    "notve": "not've",
-    "oclock": "o'clock",
-    "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at",
-    "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at",
-    "shant": "shan't",
-    "shed've": "she'd've",
-    "she'dve": "she'd've",
-    "she's": "she's",
-    "shouldve": "should've",
-    "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll",
-    "somebodys": "somebody's",
-    "someoned": "someone'd",
-    "someoned've": "someone'd've",
-    "someone'dve": "someone'd've",
-    "someonell": "someone'll",
-    "someones": "someone's",
-    "somethingd": "something'd",
-    "somethingd've": "something'd've",
-    "something'dve": "something'd've",
-    "somethingll": "something'll",
-    "thats": "that's",
-    "thered": "there'd",
-    "thered've": "there'd've",
-    "there'dve": "there'd've",
-    "therere": "there're",
-    "theres": "there's",
-    "theyd": "they'd",
-    "theyd've": "they'd've",
-    "they'dve": "they'd've",
-    "theyll": "they'll",
-    "theyre": "they're",
-    "theyve": "they've",
-    "twas": "'twas",
-    "wasnt": "wasn't",
-    "wed've": "we'd've",
-    "we'dve": "we'd've",
-    "weve": "we've",
-    "werent": "weren't",
-    "whatll": "what'll",
-    "whatre": "what're",
-    "whats": "what's",
-    "whatve": "what've",
-    "whens": "when's",
-    "whered": "where'd",
-    "wheres": "where's",
-    "whereve": "where've",
-    "whod": "who'd",
-    "whod've": "who'd've",
-    "who'dve": "who'd've",
-    "wholl": "who'll",
-    "whos": "who's",
-    "whove": "who've",
-    "whyll": "why'll",
-    "whyre": "why're",
-    "whys": "why's",
-    "wont": "won't",
-    "wouldve": "would've",
-    "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've",
-    "yall": "y'all",
-    "yall'll": "y'all'll",
-    "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've",
-    "y'all'dve": "y'all'd've",
-    "youd": "you'd",
-    "youd've": "you'd've",
-    "you'dve": "you'd've",
-    "youll": "you'll",
-    "youre": "you're",
-    "youve": "you've",
-}
-NUMBER_WORDS = {
-    "none": "0",
-    "zero": "0",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-}
-ARTICLES = ("a", "an", "the")
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-# "(?!<=" is a typo for a look-behind in the official script: it is a look-ahead that never
-# fires, so the pattern strips every period not followed by a digit ("3.5" survives).
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
-# The official script passes re.UNICODE (= 32) as re.sub's *count*: at most 32 periods go.
-_PERIOD_COUNT = 32
-
-
-def process_punctuation(text: str) -> str:
-    """vqaEval.processPunctuation: a mark next to a space (or any text holding a digit
-    comma digit, e.g. "1,000") is deleted, otherwise it becomes a space; then periods go."""
-    out = text
-    delete_all = _COMMA_STRIP.search(text) is not None
-    for mark in PUNCTUATION:
-        if delete_all or mark + " " in text or " " + mark in text:
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _PERIOD_STRIP.sub("", out, count=_PERIOD_COUNT)
-
-
-def process_digit_article(text: str) -> str:
-    """vqaEval.processDigitArticle: lower case, number words to digits, no articles,
-    contractions restored ("isnt" -> "isn't")."""
-    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
-    words = [CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES]
-    return " ".join(words)
-
-
-@functools.lru_cache(maxsize=1 << 16)  # answers repeat a lot: 4.4M in VQA train, few distinct
-def normalize_answer(text: str) -> str:
-    """The full cleaning the official evaluation applies to a predicted answer."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(text))
-
-
-def vqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
-    """The official VQA accuracy of one prediction against the human answers (0..1)."""
-    if not gt_answers:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    res = normalize_answer(pred)
-    gts = list(gt_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
-    total = 0.0
-    for left_out in range(len(gts)):
-        matches = sum(1 for j, a in enumerate(gts) if j != left_out and a == res)
-        total += min(1.0, matches / 3.0)
-    return total / len(gts)
+from pixelbert_dist.finetune.vqa_accuracy import normalize_answer, reported, vqa_accuracy
 
 
 def answer_score(count: int, num_answers: int = 10) -> float:
@@ -509,8 +311,10 @@ def read_vqa_results(path: str | Path) -> dict[int, str]:
         raise VqaFormatError(f"{path}: {err}") from None
 
 
-def evaluate_vqa(predictions, examples: Sequence[VqaExample]) -> dict:
-    """Official accuracy in percent: overall, per answer type and per question type."""
+def evaluate_vqa(predictions, examples: Sequence[VqaExample], rule: str = "official") -> dict:
+    """Accuracy in percent as the official script reports it (rounded to 2 decimals):
+    overall, per answer type and per question type; ``unrounded`` holds the same numbers
+    before rounding. Every question must be predicted."""
     preds = _as_mapping(predictions)
     _check_coverage(preds, (ex.question_id for ex in examples))
     per_answer: dict[str, list[float]] = {}
@@ -519,17 +323,24 @@ def evaluate_vqa(predictions, examples: Sequence[VqaExample]) -> dict:
     for ex in examples:
         if not ex.answers:
             raise VqaFormatError(f"question_id={ex.question_id} has no answers to evaluate against")
-        acc = vqa_accuracy(preds[ex.question_id], ex.answers)
+        acc = vqa_accuracy(preds[ex.question_id], ex.answers, rule)
         scores.append(acc)
         per_answer.setdefault(ex.answer_type or "unknown", []).append(acc)
         per_question.setdefault(ex.question_type or "unknown", []).append(acc)
 
-    def pct(values):
-        return 100.0 * sum(values) / len(values)
+    def pct(values):  # the official order of operations: 100 * sum / n
+        return 100.0 * float(sum(values)) / len(values)
 
-    return {
+    unrounded = {
         "overall": pct(scores) if scores else 0.0,
-        "num_questions": len(scores),
         "per_answer_type": {k: pct(v) for k, v in sorted(per_answer.items())},
         "per_question_type": {k: pct(v) for k, v in sorted(per_question.items())},
+    }
+    return {
+        "overall": reported(unrounded["overall"]),
+        "num_questions": len(scores),
+        "per_answer_type": {k: reported(v) for k, v in unrounded["per_answer_type"].items()},
+        "per_question_type": {k: reported(v) for k, v in unrounded["per_question_type"].items()},
+        "rule": rule,
+        "unrounded": unrounded,
     }
