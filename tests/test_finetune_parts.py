@@ -2,12 +2,14 @@
 in the batch, NLVR2 pairs, hardest-negative selection, and retrieval scores computed with
 the CNN once per image equal to scoring every pair on its own."""
 
+import json
+
 import pytest
 import torch
 
 from pixelbert_dist.config import load_config
 from pixelbert_dist.finetune.config import FinetuneConfig
-from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
+from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config, tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.tasks import make_task
 from pixelbert_dist.finetune.trainer import load_export
@@ -165,7 +167,7 @@ def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
     )
     metrics = task.evaluate(engine, split, loader, lambda b: b)
     scores = torch.load(tmp_path / f"retrieval_{split}_scores.pt", weights_only=True)["scores"]
-    assert scores.shape == (5, task.eval_owner.numel())
+    assert scores.shape == (5, task.eval_owner[split].numel())
     assert metrics["num_images"] == 5
     model.eval()
     one = TaskLoader(
@@ -180,8 +182,80 @@ def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
     with torch.no_grad():
         for i, batch in enumerate(one):
             for t in range(0, scores.shape[1], 9):  # a few pairs, each scored alone
-                text = {k: task.eval_texts[k][t : t + 1] for k in TEXT_KEYS}
-                want = model.backbone.itm_score(
-                    text, *model.backbone.encode_pixels(batch["images"], batch["image_sizes"])
-                )
-                torch.testing.assert_close(scores[i, t], want[0], atol=1e-5, rtol=1e-4)
+                text = {k: task.eval_texts[split][k][t : t + 1] for k in TEXT_KEYS}
+                pooled = model.pooled(text, *model.backbone.encode_pixels(batch["images"], batch["image_sizes"]))
+                logits = model.backbone.itm_head(pooled).float()[0]
+                # the raw ITM margin is what retrieval ranks (not log P(match))
+                torch.testing.assert_close(scores[i, t], logits[1] - logits[0], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- complete prediction files
+def _with_missing_images(ft, tmp_path, task):
+    """The task's held-out file plus examples whose images are in no shard."""
+    t = ft["tasks"]
+    if task == "vqa":
+        data = json.loads((t / "vqa" / "v2_OpenEnded_mscoco_test_questions.json").read_text())
+        for k in (1, 2):
+            data["questions"].append({"image_id": 990000 + k, "question": "what color is it?", "question_id": 9900 + k})
+        path = tmp_path / "test_questions.json"
+        path.write_text(json.dumps(data))
+        return path, {q["question_id"] for q in data["questions"]}
+    lines = (t / "nlvr2" / "test1.json").read_text().splitlines()
+    lines.append(json.dumps({"identifier": "test1-99999-0-0", "sentence": "two dogs", "label": "True"}))
+    path = tmp_path / "test1.json"
+    path.write_text("\n".join(lines) + "\n")
+    return path, {json.loads(line)["identifier"] for line in lines}
+
+
+def _predict(cfg, task, backbone, split):
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(
+        model=task.build_model(backbone),
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
+    )
+    loader = TaskLoader(
+        task.eval_splits[split],
+        task.images,
+        task.image_keys,
+        task.collate,
+        loader_data_config(cfg.data),
+        8,
+        train=False,
+    )
+    task.evaluate(engine, split, loader, lambda b: b)
+    return engine.module.eval()
+
+
+@pytest.mark.parametrize("name, option", [("vqa", "vqa.test_questions"), ("nlvr2", "nlvr2.test")])
+def test_a_test_split_with_missing_images_stops_naming_them(ft, tmp_path, name, option):
+    path, _ = _with_missing_images(ft, tmp_path, name)
+    wanted = r"\[990001, 990002\]" if name == "vqa" else r"\['test1-99999-0-img0', 'test1-99999-0-img1'\]"
+    with pytest.raises(
+        ValueError, match=rf"{path}: 2 image\(s\) of the test split .*{wanted}.*missing_images=text_only"
+    ):
+        _task(ft, name, tmp_path, f"{option}={path}")
+
+
+def test_vqa_text_only_answers_every_question_of_the_file(dist_env, ft, tmp_path):
+    path, question_ids = _with_missing_images(ft, tmp_path, "vqa")
+    cfg, task, backbone = _task(ft, "vqa", tmp_path, f"vqa.test_questions={path}", "vqa.missing_images=text_only")
+    assert task.skipped["test_images"]["text_only"] == 2
+    model = _predict(cfg, task, backbone, "test")
+    submitted = {r["question_id"]: r["answer"] for r in json.loads((tmp_path / "vqa_test_results.json").read_text())}
+    assert set(submitted) == question_ids  # the whole questions file, as the server requires
+    # a question without its image is answered from the question alone
+    questions = [ex for ex, _ in task.eval_splits["test"] if ex.question_id > 9900]
+    with torch.no_grad():
+        text = tokenize(task.tokenizer, [ex.question for ex in questions], task.max_len)
+        alone = model.head(model.backbone.pooler(model.backbone.encode_joint(text))).argmax(-1).tolist()
+    assert [submitted[ex.question_id] for ex in questions] == [task.vocab.answers[i] for i in alone]
+
+
+def test_nlvr2_text_only_predicts_every_line_of_the_file(dist_env, ft, tmp_path):
+    path, identifiers = _with_missing_images(ft, tmp_path, "nlvr2")
+    cfg, task, backbone = _task(ft, "nlvr2", tmp_path, f"nlvr2.test={path}", "nlvr2.missing_images=text_only")
+    assert task.skipped["test_images"]["text_only"] == 1
+    _predict(cfg, task, backbone, "test")
+    lines = (tmp_path / "nlvr2_test_predictions.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in lines} == identifiers

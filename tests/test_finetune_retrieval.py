@@ -1,11 +1,11 @@
-"""Retrieval: Karpathy split reader, recall@K on hand-computed matrices, hard negatives."""
+"""Retrieval: Karpathy split reader, recall@K on hand-computed matrices (ties broken by
+index as a stable sort does, checked against a plain sort), hard negatives."""
 
 import json
 
 import pytest
 import torch
 
-from pixelbert_dist.train import recall  # recall@K's home, shared with pre-training's probe
 from pixelbert_dist.finetune.retrieval_metrics import (
     KarpathyFormatError,
     flatten_captions,
@@ -13,6 +13,7 @@ from pixelbert_dist.finetune.retrieval_metrics import (
     read_karpathy_split,
     sample_negatives,
 )
+from pixelbert_dist.train import recall  # recall@K's home, shared with pre-training's probe
 from pixelbert_dist.train.recall import recall_at_k, retrieval_ranks
 
 # 3 images x 6 captions; captions 0,1 -> image 0; 2,3 -> image 1; 4,5 -> image 2.
@@ -20,11 +21,11 @@ OWNER = [0, 0, 1, 1, 2, 2]
 SCORES = [
     [0.9, 0.1, 0.5, 0.2, 0.3, 0.1],  # best own 0.9, no negative >= 0.9        -> i2t rank 0
     [0.8, 0.7, 0.6, 0.75, 0.1, 0.2],  # best own 0.75, caption 0 (0.8) above    -> rank 1
-    [0.4, 0.4, 0.4, 0.4, 0.4, 0.1],  # best own 0.4, four negatives TIE at 0.4 -> rank 4
+    [0.4, 0.4, 0.4, 0.4, 0.4, 0.1],  # best own 0.4 (caption 4), four lower-index negatives tie -> rank 4
 ]
 # t2i, column by column (own image's score vs the other two images' scores):
 #  c0 .9 vs .8,.4 -> 0 | c1 .1 vs .7,.4 -> 2 | c2 .6 vs .5,.4 -> 0 | c3 .75 vs .2,.4 -> 0
-#  c4 .4 vs .3,.1 -> 0 | c5 .1 vs .1 (tie), .2 -> 2
+#  c4 .4 vs .3,.1 -> 0 | c5 .1 vs .1 (tie, image 0 < 2: ahead), .2 -> 2
 
 
 def test_ranks_by_hand():
@@ -46,27 +47,41 @@ def test_recall_at_k_by_hand():
         "t2i_r5": 100.0,
     }
     expected["rsum"] = sum(expected.values())
+    expected["i2t_mean"] = sum(expected[f"i2t_r{k}"] for k in (1, 2, 3, 5)) / 4
+    expected["t2i_mean"] = sum(expected[f"t2i_r{k}"] for k in (1, 2, 3, 5)) / 4
+    expected["r_mean"] = (expected["i2t_mean"] + expected["t2i_mean"]) / 2
     assert r == pytest.approx(expected)
 
 
-def test_constant_scores_get_no_credit_from_ties():
-    r = recall_at_k(torch.zeros(3, 6), OWNER, ks=(1, 2, 5))
-    # i2t: 4 tied negatives -> rank 4 (hit only at K=5); t2i: 2 tied negatives -> rank 2.
-    assert r["i2t_r1"] == r["i2t_r2"] == 0
-    assert r["i2t_r5"] == 100
-    assert r["t2i_r1"] == r["t2i_r2"] == 0
-    assert r["t2i_r5"] == 100
+def test_ties_go_to_the_lower_index_as_a_stable_sort_orders_them():
+    # Every score equal: each image's first caption sits after the captions of the images
+    # before it (image i: rank 2i); each caption's image after the images before it.
+    i2t, t2i = retrieval_ranks(torch.zeros(3, 6), OWNER)
+    assert i2t.tolist() == [0, 2, 4]
+    assert t2i.tolist() == [0, 0, 1, 1, 2, 2]
+    r = recall_at_k(torch.zeros(3, 6), OWNER, ks=(1, 5))
+    assert (r["i2t_r1"], r["t2i_r1"]) == (pytest.approx(100 / 3), pytest.approx(100 / 3))
+
+
+def test_two_images_sharing_a_caption_text_give_one_hit():
+    # Images 0 and 1 each own one caption with the same text (identical columns 0 and 2);
+    # the references' sort credits the lower index (image 0), not neither (the old rule).
+    scores = torch.tensor([[5.0, 1.0, 5.0, 0.0], [5.0, 0.0, 5.0, 1.0]])
+    i2t, t2i = retrieval_ranks(scores, [0, 0, 1, 1])
+    assert i2t.tolist() == [0, 1]
+    assert t2i.tolist() == [0, 0, 1, 0]  # caption 2 (image 1) ties image 0 and comes second
 
 
 def _reference_ranks(scores, owner):
+    """Positions after a plain stable sort, highest first (Python's sort is stable)."""
     i2t = []
     for i, row in enumerate(scores):
-        best = max(s for t, s in enumerate(row) if owner[t] == i)
-        i2t.append(sum(1 for t, s in enumerate(row) if owner[t] != i and s >= best))
-    t2i = [
-        sum(1 for i in range(len(scores)) if i != owner[t] and scores[i][t] >= scores[owner[t]][t])
-        for t in range(len(owner))
-    ]
+        order = sorted(range(len(row)), key=lambda t: -row[t])
+        i2t.append(min(order.index(t) for t in range(len(row)) if owner[t] == i))
+    t2i = []
+    for t in range(len(owner)):
+        order = sorted(range(len(scores)), key=lambda i: -scores[i][t])
+        t2i.append(order.index(owner[t]))
     return i2t, t2i
 
 

@@ -124,7 +124,9 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     results = finetune_main(
         "nlvr2",
         [
-            *common(ft, run_dir, "train.micro_batch=8", "train.max_steps=3"),
+            *common(
+                ft, run_dir, "train.micro_batch=8", "train.max_steps=3", "train.log_every=1", "train.eval_minutes=1e-9"
+            ),
             "--train",
             str(nlvr2 / "train.json"),
             "--dev",
@@ -141,7 +143,11 @@ def test_nlvr2_end_to_end(dist_env, ft, tmp_path):
     lines = (run_dir / "nlvr2_test_predictions.csv").read_text().splitlines()
     assert len(lines) == ft["summary"]["nlvr2_examples"]["test1"]
     assert all(line.rsplit(",", 1)[1] in ("True", "False") for line in lines)
-    assert results["skipped"]["dev_images"]["examples_missing_image"] == 0
+    assert results["skipped"]["dev_images"]["images_missing"] == 0
+    # dev on the way (here: every log step, train.eval_minutes ~ 0), test once at the end
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "dev"] == [1, 2, 3]
+    assert [r["step"] for r in rows if r["split"] == "test"] == [3]
 
 
 def test_retrieval_end_to_end(dist_env, ft, tmp_path):
@@ -157,6 +163,7 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
                 "train.freeze_cnn=true",
                 "retrieval.train_splits=[train]",
                 "retrieval.eval_split=test",
+                "train.eval_every=2",
                 "retrieval.num_negatives=6",
                 "retrieval.hard_negatives=2",
                 "retrieval.key_format='{stem}'",
@@ -168,7 +175,10 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     test = results["metrics"]["test"]
     print("retrieval test:", test)
     assert test["num_images"] == ft["summary"]["retrieval_images"]["test"]
-    assert set(test) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+    assert set(test) >= {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum", "r_mean"}
+    # val every train.eval_every steps, test once at the end
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "val"), (3, "val"), (3, "test")]
     scores = torch.load(run_dir / "retrieval_test_scores.pt", weights_only=True)
     assert scores["scores"].shape == (test["num_images"], test["num_texts"])
 

@@ -52,6 +52,9 @@ class FinetuneTrain(LoopConfig):
 
     micro_batch: Annotated[int, Help("examples per GPU and micro-batch (NLVR2: 2 images each)"), Ge(1)] = 32
     epochs: Annotated[float, Help("passes over the training split (fractions allowed)"), Ge(0)] = 10.0
+    # the validation split (VQA val, NLVR2 dev, retrieval val) on the way; test: once, at the end
+    eval_every: Annotated[int, Help("validation every N optimiser steps; 0: off (see eval_minutes)"), Ge(0)] = 0
+    eval_minutes: Annotated[float, Help("validation every N minutes, checked at log steps; 0: off"), Ge(0)] = 30.0
     keep_last: Annotated[int, Help("checkpoints kept on disk; 0: all"), Ge(0)] = 2
     eval_batch: Annotated[int, Help("examples per GPU in evaluation; 0: train.micro_batch"), Ge(0)] = 0
     shuffle: Annotated[bool, Help("shuffle the training examples every epoch")] = True
@@ -76,6 +79,14 @@ class VqaSection:
     key_format: Annotated[str, Help("shard key of an image_id (the COCO builder's keys)")] = "coco{image_id}"
     num_answers: Annotated[int, Help("answer vocabulary size (the most frequent train answers)"), Ge(1)] = 3129
     answer_vocab: Annotated[str | None, Help("a saved AnswerVocab; null: built from train")] = None
+    accuracy_rule: Annotated[
+        Literal["official", "legacy-2016"],
+        Help("official: vqaEval.py master since 2021; legacy-2016: the file before that fix (older papers)"),
+    ] = "official"
+    missing_images: Annotated[
+        Literal["stop", "text_only"],
+        Help("a val/test question without its image: stop naming them, or answer from the text (counted)"),
+    ] = "stop"
 
 
 @dataclass
@@ -85,6 +96,9 @@ class Nlvr2Section:
     test: Annotated[str | None, Help("NLVR2 test1.json (test-P)")] = None
     image_map: Annotated[str | None, Help('JSON {"dev-850-0-img0": shard key}; null: nlvr2.key_format')] = None
     key_format: Annotated[str, Help("shard key of an NLVR2 image name ({name})")] = "{name}"
+    missing_images: Annotated[
+        Literal["stop", "text_only"], Help("a dev/test example without its images: as vqa.missing_images")
+    ] = "stop"
 
 
 @dataclass
@@ -93,7 +107,8 @@ class RetrievalSection:
     train_splits: Annotated[list[str], Help("Karpathy splits trained on")] = field(
         default_factory=lambda: ["train", "restval"]
     )
-    eval_split: Annotated[str, Help("the Karpathy split evaluated")] = "test"
+    eval_split: Annotated[str, Help("the Karpathy split evaluated once, at the end")] = "test"
+    val_split: Annotated[str, Help("the Karpathy split evaluated during training; '': none")] = "val"
     key_format: Annotated[
         str, Help("shard key of an image: {dataset}{image_id} (make_shards' keys), {stem} or {filename}")
     ] = "{dataset}{image_id}"

@@ -58,7 +58,12 @@ class _Finetuned(nn.Module):
         return self
 
     def pixels(self, batch: dict):
-        return self.backbone.encode_pixels(batch["images"], batch["image_sizes"])
+        """Pixel tokens and mask; an image flagged ``text_only`` (its own was missing) is
+        masked out whole, so its example is encoded from the text alone."""
+        pixels, mask = self.backbone.encode_pixels(batch["images"], batch["image_sizes"])
+        if batch.get("text_only") is not None:
+            mask = mask & ~batch["text_only"].to(mask.device)[:, None]
+        return pixels, mask
 
     def pooled(self, text: dict, pixels, mask) -> torch.Tensor:
         return self.backbone.pooler(self.backbone.encode_joint(text, pixels, mask))
@@ -127,7 +132,7 @@ class RetrievalModel(_Finetuned):
         b = pixels.shape[0]
         if batch.get("negatives") is None:
             logits = self.match_logits(text, pixels, mask)
-            return {"logits": logits, "scores": logits.log_softmax(-1)[:, 1]}
+            return {"logits": logits, "scores": logits[:, 1] - logits[:, 0]}  # the ITM margin, as ranked
         neg = batch["negatives"]
         n = neg["input_ids"].shape[0] // b
         with torch.no_grad():  # score all N negatives, keep the hardest for backprop

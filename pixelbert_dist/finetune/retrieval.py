@@ -5,10 +5,13 @@ Training: each example is one (image, caption) pair; its batch also carries
 loader's seeded generator (so a resume redraws the same ones), and the model keeps the
 hardest for backprop (``heads.RetrievalModel``).
 
-Evaluation scores every (image, caption) pair of the split with the ITM head: each
+Evaluation scores every (image, caption) pair of the split with the ITM margin: each
 image's pixel tokens are computed once (the CNN runs once per image), and the
 transformer runs over ``text_batch`` captions at a time against them. Ranks split the
-images; the score matrix is summed across ranks, then R@1/5/10 both ways and rsum.
+images; the score matrix is summed across ranks, then R@1/5/10 both ways, their means
+and rsum (``train.recall``: ranked as the references rank, ties by index). The val split
+(``retrieval.val_split``) is what training evaluates on the way; the test split
+(``retrieval.eval_split``) is evaluated once, at the end.
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ import torch.distributed as dist
 from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
-from pixelbert_dist.finetune.retrieval_metrics import flatten_captions, read_karpathy_split, sample_negatives
-from pixelbert_dist.train.recall import recall_at_k
+from pixelbert_dist.finetune.retrieval_metrics import (
+    KarpathyFormatError,
+    flatten_captions,
+    read_karpathy_split,
+    sample_negatives,
+)
 from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
+from pixelbert_dist.train.recall import recall_at_k
 
 
 class Item(NamedTuple):
@@ -54,13 +62,25 @@ class RetrievalTask(Task):
         if len(train) < 2:
             raise ValueError(f"{r.karpathy}: {len(train)} training image(s) with shards: need at least 2")
         self.train_examples = [Item(self.train_keys[i], i, t) for t, i in enumerate(self.train_owner)]
-        test = self._read(r.eval_split, [r.eval_split])
-        if r.max_eval_images:
-            test = test[: r.max_eval_images]
-        texts, owner = flatten_captions(test)
-        self.eval_texts = tokenize(tokenizer, texts, self.max_len)
-        self.eval_owner = torch.tensor(owner)
-        self.eval_splits[r.eval_split] = [Item(self.key_of(im), i, None) for i, im in enumerate(test)]
+        self.eval_texts, self.eval_owner = {}, {}
+        if r.val_split and r.val_split != r.eval_split:
+            try:
+                self._add_eval_split(r.val_split)
+            except KarpathyFormatError as err:  # a file without that split: say so in the results
+                self.skipped[f"{r.val_split}_split"] = str(err)
+        self._add_eval_split(r.eval_split)
+
+    def _add_eval_split(self, split: str) -> None:
+        images = self._read(split, [split])
+        if self.cfg.retrieval.max_eval_images:
+            images = images[: self.cfg.retrieval.max_eval_images]
+        texts, owner = flatten_captions(images)
+        self.eval_texts[split] = tokenize(self.tokenizer, texts, self.max_len)
+        self.eval_owner[split] = torch.tensor(owner)
+        self.eval_splits[split] = [Item(self.key_of(im), i, None) for i, im in enumerate(images)]
+
+    def validation_splits(self) -> list[str]:
+        return [s for s in self.eval_splits if s != self.cfg.retrieval.eval_split]
 
     def key_of(self, image) -> str:
         return self.cfg.retrieval.key_format.format(
@@ -104,8 +124,9 @@ class RetrievalTask(Task):
     @torch.no_grad()
     def evaluate(self, engine, split: str, loader, to_device) -> dict:
         model = engine.module
-        scores = torch.zeros(len(self.eval_splits[split]), self.eval_owner.numel(), dtype=torch.float32)
-        texts = to_device(self.eval_texts)
+        owner = self.eval_owner[split]
+        scores = torch.zeros(len(self.eval_splits[split]), owner.numel(), dtype=torch.float32)
+        texts = to_device(self.eval_texts[split])
         step = self.cfg.retrieval.text_batch
         engine.eval()
         with gathered_params(engine):
@@ -130,9 +151,7 @@ class RetrievalTask(Task):
             reduced = scores.to(collective_device())
             dist.all_reduce(reduced)
             scores = reduced.cpu()
-        metrics = recall_at_k(scores, self.eval_owner)
+        metrics = recall_at_k(scores, owner)
         if self.is_main():
-            torch.save(
-                {"scores": scores, "text_to_image": self.eval_owner}, self.run_dir / f"retrieval_{split}_scores.pt"
-            )
+            torch.save({"scores": scores, "text_to_image": owner}, self.run_dir / f"retrieval_{split}_scores.pt")
         return {**metrics, "num_images": scores.shape[0], "num_texts": scores.shape[1]}

@@ -1,9 +1,5 @@
-"""Image-text retrieval: the Karpathy split reader, recall@K (``train.recall``, re-exported
-here) and hard-negative mining.
-
-Naming as in the paper's tables: TR = ``i2t``, IR = ``t2i``; ties count against the model
-(see ``pixelbert_dist.train.recall``).
-"""
+"""Image-text retrieval: the Karpathy split reader and hard-negative mining (recall@K
+lives in ``pixelbert_dist.train.recall``, shared with pre-training's probe)."""
 
 from __future__ import annotations
 

@@ -49,6 +49,31 @@ class Task:
     def records(self, out: dict, batch: dict) -> list:
         raise NotImplementedError
 
+    def validation_splits(self) -> list[str]:
+        """The splits training evaluates on the way (never a test split: that is scored
+        once, at the end, like a paper's number)."""
+        return [s for s in self.eval_splits if s != "test"]
+
+    def image_or_stand_in(self, key: str) -> str:
+        """``key`` when the shards hold it, else any image of the shards: its pixels are
+        masked out (``text_only`` in the batch), so the example is answered from its text."""
+        return key if key in self.images else self.images.samples[0].key
+
+    def missing_images_rule(self, mode: str, option: str, split: str, path, missing: list, examples: int) -> dict:
+        """An evaluation split whose images are not all in the shards: stop naming them
+        (``mode`` "stop"), or count the examples answered from the text alone ("text_only").
+        Submission files must answer every example of the file, so none is dropped."""
+        if not missing:
+            return {"images_missing": 0, "text_only": 0}
+        if mode == "stop":
+            folders = [str(index.directory) for index in self.images.indexes]
+            raise ValueError(
+                f"{path}: {len(missing)} image(s) of the {split} split are not in the shards {folders}, "
+                f"e.g. {missing[:10]}; the prediction file must answer every example: add the images "
+                f"to the shards, or set {option}=text_only to answer their {examples} example(s) from the text alone"
+            )
+        return {"images_missing": len(missing), "text_only": examples, "example_missing_images": missing[:5]}
+
     def finish(self, split: str, records: list) -> dict:
         raise NotImplementedError
 

@@ -7,11 +7,14 @@ metrics of every evaluation split, the prediction files and what was skipped and
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.config import to_dict
 from pixelbert_dist.data.text import load_tokenizer
 from pixelbert_dist.finetune.config import FinetuneConfig
@@ -91,6 +94,7 @@ class FinetuneTrainer(BaseTrainer):
     """``FinetuneTrainer(FinetuneConfig, deepspeed_json).fit()`` -> the results (results.json)."""
 
     float_keys = frozenset({"images"})  # targets stay fp32: 0.3 / 0.6 / 0.9 soft scores are not exact in bf16
+    evaluate_each_epoch = False  # val by train.eval_every steps / train.eval_minutes; test at the end
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -105,6 +109,7 @@ class FinetuneTrainer(BaseTrainer):
     def build_loaders(self) -> TaskLoader:
         t = self.cfg.train
         batch = t.eval_batch or t.micro_batch
+        self._last_eval = time.monotonic()  # train.eval_minutes count from here
         self.eval_loaders = {s: self._loader(ex, batch, train=False) for s, ex in self.task.eval_splits.items()}
         return self._loader(self.task.train_examples, t.micro_batch, train=True)
 
@@ -166,9 +171,28 @@ class FinetuneTrainer(BaseTrainer):
         return out
 
     def evaluate_during(self) -> None:
-        """The first split only, and not at the last step: ``finish`` evaluates them all."""
-        if self.eval_loaders and self.state["step"] < self.total_steps:
-            self.evaluate(list(self.eval_loaders)[:1])
+        """The validation splits, not at the last step (``finish`` evaluates every split)."""
+        self._last_eval = time.monotonic()
+        splits = self.task.validation_splits()
+        if splits and self.state["step"] < self.total_steps:
+            self.evaluate(splits)
+
+    def finish_step(self, bar) -> None:
+        """The loop's step bookkeeping, then the time rule: at a log step, evaluate when
+        ``train.eval_minutes`` have passed since the last evaluation (rank 0's clock)."""
+        super().finish_step(bar)
+        t = self.cfg.train
+        if (
+            not t.eval_minutes
+            or self.state["step"] % t.log_every
+            or (t.eval_every and self.state["step"] % t.eval_every == 0)
+        ):
+            return
+        due = torch.tensor([time.monotonic() - self._last_eval >= 60.0 * t.eval_minutes], device=collective_device())
+        if self.world > 1:
+            dist.broadcast(due, src=0)  # every rank must take the same branch: evaluation is collective
+        if due.item():
+            self.evaluate_during()
 
     def summary_metrics(self, values: dict) -> list[str]:
         """The task's score (VQA overall, NLVR2 accuracy, retrieval rsum), on every split

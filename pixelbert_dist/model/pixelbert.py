@@ -93,10 +93,12 @@ class PixelBert(nn.Module):
         return self.encode_joint(batch, *self.encode_pixels(batch["images"], batch.get("image_sizes")))
 
     def itm_score(self, text: dict, pixels: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
-        """log P(match) for row-aligned (caption, image) pairs; pixel tokens come from
-        ``encode_pixels`` once per image, so retrieval runs the CNN once, not per pair."""
-        pooled = self.pooler(self.encode_joint(text, pixels, pixel_mask))
-        return self.itm_head(pooled).float().log_softmax(-1)[:, 1]
+        """The ITM margin ``logit[match] - logit[no match]`` (fp32) of row-aligned (caption,
+        image) pairs, the score retrieval ranks: the raw margin the rank loss trains, not
+        log P(match), which in fp32 is exactly 0.0 for every margin above ~17. Pixel tokens
+        come from ``encode_pixels`` once per image, so retrieval runs the CNN once per image."""
+        logits = self.itm_head(self.pooler(self.encode_joint(text, pixels, pixel_mask))).float()
+        return logits[:, 1] - logits[:, 0]
 
     def forward(self, batch: dict) -> dict:
         hidden = self.encode(batch)

@@ -55,7 +55,7 @@ def gathered_params(engine):
 
 @torch.no_grad()
 def itm_score_matrix(model, probe: dict) -> torch.Tensor:
-    """scores[i, j] = log P(caption j matches image i); the CNN runs once per image."""
+    """scores[i, j] = the ITM margin of image i with caption j; the CNN runs once per image."""
     pixels, mask = model.encode_pixels(probe["images"], probe["image_sizes"])
     text = {k: probe[k] for k in ("input_ids", "attention_mask")}
     n = pixels.shape[0]

@@ -72,6 +72,7 @@ class BaseTrainer(RunPersistence):
     name = "train"  # the progress bar's label
     float_keys: frozenset | None = None  # floating tensors cast to the engine dtype (None: all)
     postfix_keys: tuple = ("loss",)  # train values shown on the progress bar
+    evaluate_each_epoch = True  # with train.eval_every=0, evaluate_during() after every epoch
 
     def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
         self.cfg = cfg.validate()
@@ -155,7 +156,8 @@ class BaseTrainer(RunPersistence):
         """Refuse a checkpoint this run cannot continue (raise ckpt.CheckpointError)."""
 
     def evaluate_during(self) -> None:
-        """Every train.eval_every steps, or after every epoch when it is 0."""
+        """Every train.eval_every steps, or after every epoch when it is 0 (and
+        ``evaluate_each_epoch``)."""
 
     def finish(self):
         """After the last step and its checkpoint: final evaluation, exports; fit's result."""
@@ -439,7 +441,7 @@ class BaseTrainer(RunPersistence):
                         self.logger.close()
                         self._release_run()
                         return self.stopped()
-                    if not self.cfg.train.eval_every:
+                    if not self.cfg.train.eval_every and self.evaluate_each_epoch:
                         with self.health.slow_phase("evaluation", self.state["step"]):
                             self.evaluate_during()
             bar.close()

@@ -3,10 +3,15 @@
 Naming as in the paper's tables: TR (text retrieval) ranks the captions for each image
 (``i2t``), IR (image retrieval) ranks the images for each caption (``t2i``).
 
-Ties count against the model: a negative that scores the same as the positive is ranked
-ahead of it. A model that gives every pair the same score therefore gets R@K = 0 (not an
-arbitrary value that depends on the sort's tie order), which keeps a degenerate model
-from looking good on small synthetic sets.
+Ranks are positions in the candidates sorted by score, highest first, as the reference
+implementations compute them (ALBEF, ViLT, UNITER sort or top-k the score matrix and look
+for the positive). Equal scores are ordered by index, lower first, as a stable sort does:
+the references leave that order to their sort (``np.argsort(s)[::-1]``, ``torch.topk``),
+so ties are where they may disagree with each other; this rule is deterministic. For
+TR the rank is the position of the image's first caption in that order (its best one).
+Scores are the raw ITM margin ``logit[match] - logit[no match]``: a log-probability in
+fp32 rounds to exactly 0.0 for every margin above ~17 and would create ties a confident
+model never made.
 
 Shared by pre-training's R@1 probe (train.evaluate) and retrieval fine-tuning, so it
 lives in the lower layer (torch only).
@@ -43,29 +48,35 @@ def _as_scores(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def retrieval_ranks(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks: for each image, of its best caption among the other images' captions
-    (``i2t``, [num_images]); for each caption, of its image among the others (``t2i``,
-    [num_texts]). A rank counts the negatives scoring >= the positive."""
+    """0-based ranks: for each image, the position of its first caption among all captions
+    sorted by score (``i2t``, [num_images]); for each caption, the position of its image
+    among all images (``t2i``, [num_texts]). Sorted highest first, equal scores by index
+    (lower first), i.e. the positions a stable descending sort gives."""
     scores, owner = _as_scores(scores, text_to_image)
-    num_images = scores.shape[0]
+    num_images, num_texts = scores.shape
+    text_index = torch.arange(num_texts)
     i2t = torch.empty(num_images, dtype=torch.long)
     for lo in range(0, num_images, _CHUNK):
         rows = scores[lo : lo + _CHUNK]
         positive = owner[None, :] == torch.arange(lo, lo + rows.shape[0])[:, None]
         best = rows.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        i2t[lo : lo + rows.shape[0]] = ((rows >= best) & ~positive).sum(dim=1)
-    t2i = torch.empty(owner.shape[0], dtype=torch.long)
-    for lo in range(0, owner.shape[0], _CHUNK):
+        first = torch.where(positive & (rows == best), text_index, num_texts).amin(dim=1, keepdim=True)
+        ahead = (rows > best) | ((rows == best) & (text_index[None, :] < first))
+        i2t[lo : lo + rows.shape[0]] = (ahead & ~positive).sum(dim=1)
+    image_index = torch.arange(num_images)[:, None]
+    t2i = torch.empty(num_texts, dtype=torch.long)
+    for lo in range(0, num_texts, _CHUNK):
         cols = scores[:, lo : lo + _CHUNK]
-        own = owner[lo : lo + _CHUNK]
-        positive = torch.arange(num_images)[:, None] == own[None, :]
-        target = cols.gather(0, own[None, :])
-        t2i[lo : lo + cols.shape[1]] = ((cols >= target) & ~positive).sum(dim=0)
+        own = owner[lo : lo + _CHUNK][None, :]
+        target = cols.gather(0, own)
+        t2i[lo : lo + cols.shape[1]] = ((cols > target) | ((cols == target) & (image_index < own))).sum(dim=0)
     return i2t, t2i
 
 
 def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """R@K in percent for both directions and their sum ``rsum``.
+    """R@K in percent for both directions, each direction's mean (``i2t_mean``,
+    ``t2i_mean``, ALBEF's txt_r_mean / img_r_mean), their mean ``r_mean`` and their sum
+    ``rsum`` (UNITER's and the Pixel-BERT tables' RSUM).
 
     ``scores[i, t]`` is the model's score of image ``i`` with caption ``t`` (higher =
     better); ``text_to_image[t]`` the image caption ``t`` belongs to. An image is a hit at
@@ -76,5 +87,8 @@ def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[s
         out[f"i2t_r{k}"] = 100.0 * (i2t < k).double().mean().item()
     for k in ks:
         out[f"t2i_r{k}"] = 100.0 * (t2i < k).double().mean().item()
+    for d in ("i2t", "t2i"):
+        out[f"{d}_mean"] = sum(out[f"{d}_r{k}"] for k in ks) / len(ks)
+    out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
     return out
