@@ -11,7 +11,8 @@ from pixelbert_dist.data.format.shards import iter_samples
 from pixelbert_dist.finetune.nlvr2_data import read_nlvr2
 from pixelbert_dist.finetune.retrieval_metrics import read_karpathy_split
 from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, SyntheticTasksError, generate_tasks, main
-from pixelbert_dist.finetune.vqa_data import read_vqa, vqa_accuracy
+from pixelbert_dist.finetune.vqa_accuracy import vqa_accuracy
+from pixelbert_dist.finetune.vqa_data import evaluate_vqa, read_vqa
 
 VOCAB = Path(__file__).resolve().parents[1] / "pixelbert_dist/assets/vocab_synthetic/vocab.txt"
 
@@ -82,6 +83,10 @@ def test_vqa_answers_follow_the_objects(tasks, scenes):
             assert len(ex.answers) == 10
             assert vqa_accuracy(truth, ex.answers) >= 0.9
             seen_types.add(ex.answer_type)
+        # the oracle answers score 100.0 under the official master rules (the 2016 rule never
+        # digit-cleans the humans: a "3" against "three"s falls short)
+        oracle = evaluate_vqa({ex.question_id: ex.multiple_choice_answer for ex in examples}, examples)
+        assert oracle["overall"] == 100.0, split
     assert seen_types == {"yes/no", "number", "other"}
 
 
