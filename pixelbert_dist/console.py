@@ -102,17 +102,23 @@ class Progress:
     no bar, and one plain line per ``report`` (each log period) with steps/s, ETA and the
     values shown, instead of a log line thousands of ``\\r``-joined characters long."""
 
-    def __init__(self, name: str, total: int, initial: int, enabled: bool):
+    def __init__(self, name: str, total: int, initial: int, enabled: bool, unit: str = "step"):
         from tqdm import tqdm
 
-        self.total, self.enabled, self.tty = total, enabled, sys.stderr.isatty()
+        self.total, self.enabled, self.tty, self.unit = total, enabled, sys.stderr.isatty(), unit
         self.start, self.mark = time.perf_counter(), (initial, time.perf_counter())
         self.bar = tqdm(
-            total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, disable=not (enabled and self.tty)
+            total=total,
+            initial=initial,
+            desc=name,
+            unit=unit,
+            unit_scale=unit != "step",
+            dynamic_ncols=True,
+            disable=not (enabled and self.tty),
         )
 
-    def update(self) -> None:
-        self.bar.update(1)
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
 
     def report(self, step: int, shown: dict[str, str]) -> None:
         now = time.perf_counter()
@@ -122,10 +128,12 @@ class Progress:
         if self.enabled and not self.tty:
             eta = duration((self.total - step) / rate) if rate > 0 else "?"
             logging.getLogger(__name__).info(
-                "step %d/%d | %.3g steps/s | ETA %s | %s",
+                "%s %d/%d | %.3g %ss/s | ETA %s | %s",
+                self.unit,
                 step,
                 self.total,
                 rate,
+                self.unit,
                 eta,
                 " ".join(f"{k} {v}" for k, v in shown.items()),
             )

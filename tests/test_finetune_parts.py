@@ -11,9 +11,11 @@ from pixelbert_dist.config import load_config
 from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config, tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
+from pixelbert_dist.finetune.score_store import load_score_matrix
 from pixelbert_dist.finetune.tasks import make_task
 from pixelbert_dist.finetune.trainer import load_export
 from pixelbert_dist.finetune.vqa_data import answer_score
+from pixelbert_dist.train.recall import recall_at_k
 
 
 def _task(ft, name, tmp_path, *overrides):
@@ -166,8 +168,8 @@ def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
         train=False,
     )
     metrics = task.evaluate(engine, split, loader, lambda b: b)
-    scores = torch.load(tmp_path / f"retrieval_{split}_scores.pt", weights_only=True)["scores"]
-    assert scores.shape == (5, task.eval_owner[split].numel())
+    scores = load_score_matrix(task.score_folder(split), 5, task.eval_owner[split].numel())
+    assert metrics == {**recall_at_k(scores, task.eval_owner[split]), "num_images": 5, "num_texts": scores.shape[1]}
     assert metrics["num_images"] == 5
     model.eval()
     one = TaskLoader(
@@ -259,3 +261,53 @@ def test_nlvr2_text_only_predicts_every_line_of_the_file(dist_env, ft, tmp_path)
     _predict(cfg, task, backbone, "test")
     lines = (tmp_path / "nlvr2_test_predictions.csv").read_text().splitlines()
     assert {line.split(",")[0] for line in lines} == identifiers
+
+
+def test_a_killed_retrieval_evaluation_resumes_to_the_same_recalls(dist_env, ft, tmp_path):
+    """Score rows are kept per finished batch: an evaluation killed in its second batch
+    resumes there (the first batch is not scored again) and gives the recalls of an
+    evaluation never stopped."""
+    import deepspeed
+
+    cfg, task, backbone = _task(ft, "retrieval", tmp_path, "retrieval.max_eval_images=6")
+    engine, *_ = deepspeed.initialize(
+        model=task.build_model(backbone),
+        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
+    )
+    split = cfg.retrieval.eval_split
+
+    def loader():
+        return TaskLoader(
+            task.eval_splits[split],
+            task.images,
+            task.image_keys,
+            task.collate,
+            loader_data_config(cfg.data),
+            2,
+            train=False,
+        )
+
+    whole = task.evaluate(engine, split, loader(), lambda b: b, model_tag="whole")
+    image_batches = []
+
+    def killed_in_second_batch(batch):
+        if "images" in batch:
+            image_batches.append(batch)
+            if len(image_batches) == 2:
+                raise KeyboardInterrupt  # a kill while the second batch is being scored
+        return batch
+
+    with pytest.raises(KeyboardInterrupt):
+        task.evaluate(engine, split, loader(), killed_in_second_batch, model_tag="cut")
+    assert [p.name for p in sorted((task.score_folder(split) / "rank00000").glob("batch*"))] == [
+        "batch000000.safetensors"
+    ]
+    scored = []
+
+    def counted(batch):
+        scored.extend([batch] if "images" in batch else [])
+        return batch
+
+    resumed = task.evaluate(engine, split, loader(), counted, model_tag="cut")
+    assert len(scored) == 2  # batches 1 and 2 of 3
+    assert resumed == whole

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pixelbert_dist.finetune.run import main as finetune_main
+from pixelbert_dist.finetune.score_store import load_score_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,8 +180,8 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     # val every train.eval_every steps, test once at the end
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "val"), (3, "val"), (3, "test")]
-    scores = torch.load(run_dir / "retrieval_test_scores.pt", weights_only=True)
-    assert scores["scores"].shape == (test["num_images"], test["num_texts"])
+    scores = load_score_matrix(run_dir / "scores" / "retrieval_test", test["num_images"], test["num_texts"])
+    assert scores.shape == (test["num_images"], test["num_texts"])
 
 
 def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):

@@ -8,8 +8,9 @@ hardest for backprop (``heads.RetrievalModel``).
 Evaluation scores every (image, caption) pair of the split with the ITM margin: each
 image's pixel tokens are computed once (the CNN runs once per image), and the
 transformer runs over ``text_batch`` captions at a time against them. Ranks split the
-images; the score matrix is summed across ranks, then R@1/5/10 both ways, their means
-and rsum (``train.recall``: ranked as the references rank, ties by index). The val split
+images; each keeps its rows on disk (``score_store``: resumable, never the whole matrix
+on one rank), then R@1/5/10 both ways, their means and rsum (``train.recall``: ranked as
+the references rank, ties by index). The val split
 (``retrieval.val_split``) is what training evaluates on the way; the test split
 (``retrieval.eval_split``) is evaluated once, at the end.
 """
@@ -20,9 +21,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
-from pixelbert_dist.collectives import collective_device
+from pixelbert_dist.console import Progress
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.retrieval_metrics import (
@@ -31,9 +31,15 @@ from pixelbert_dist.finetune.retrieval_metrics import (
     read_karpathy_split,
     sample_negatives,
 )
+from pixelbert_dist.finetune.score_store import ScoreStore, sharded_recall
 from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
 from pixelbert_dist.train.evaluate import gathered_params
-from pixelbert_dist.train.recall import recall_at_k
+
+
+def weights_checksum(module: torch.nn.Module) -> str:
+    """A float64 sum of every parameter and buffer: which weights scored the rows."""
+    tensors = [t.detach().double().sum() for t in (*module.parameters(), *module.buffers()) if t.numel()]
+    return repr(torch.stack(tensors).sum().item()) if tensors else "empty"
 
 
 class Item(NamedTuple):
@@ -121,37 +127,55 @@ class RetrievalTask(Task):
         b = len(items)
         return {**{k: v[:b] for k, v in enc.items()}, "negatives": {k: v[b:] for k, v in enc.items()}}
 
+    def score_folder(self, split: str) -> Path:
+        """Where an evaluation of ``split`` keeps its score rows (``score_store``)."""
+        return self.run_dir / "scores" / f"retrieval_{split}"
+
     @torch.no_grad()
-    def evaluate(self, engine, split: str, loader, to_device) -> dict:
-        model = engine.module
+    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "") -> dict:
+        """Score every (image, caption) pair of ``split``: this rank's images, a loader batch
+        at a time, each batch's rows written to the score store as it finishes (a rerun of
+        the same evaluation, ``model_tag`` included, resumes after the last whole batch);
+        then recall@K from the rows where they lie."""
         owner = self.eval_owner[split]
-        scores = torch.zeros(len(self.eval_splits[split]), owner.numel(), dtype=torch.float32)
-        texts = to_device(self.eval_texts[split])
-        step = self.cfg.retrieval.text_batch
+        num_images, num_texts = len(self.eval_splits[split]), owner.numel()
         engine.eval()
         with gathered_params(engine):
-            for batch in loader:
-                pixels, mask = model.pixels(to_device(batch))  # the CNN: once per image
-                for row, (item, pad) in enumerate(zip(batch["examples"], batch["is_pad"].tolist())):
-                    if pad:
-                        continue
-                    for lo in range(0, scores.shape[1], step):
-                        chunk = {k: texts[k][lo : lo + step] for k in TEXT_KEYS}
-                        n = chunk["input_ids"].shape[0]
-                        scores[item.image, lo : lo + n] = (
-                            model.backbone.itm_score(
-                                chunk, pixels[row : row + 1].expand(n, -1, -1), mask[row : row + 1].expand(n, -1)
-                            )
-                            .float()
-                            .cpu()
-                        )
+            meta = {"split": split, "num_images": num_images, "num_texts": num_texts, "model": model_tag}
+            meta["weights"] = weights_checksum(engine.module)  # a rerun with other weights starts afresh
+            meta.update({k: v for k, v in loader.state_dict().items() if k != "batches_done"})
+            store = ScoreStore(self.score_folder(split), loader.rank, meta)
+            done = store.batches_done()
+            per_batch = loader.batch_size * num_texts
+            bar = Progress(f"scoring {split}", len(loader) * per_batch, done * per_batch, self.is_main(), unit="pair")
+            if done < len(loader):
+                loader.load_state_dict({**loader.state_dict(), "batches_done": done})
+                texts = to_device(self.eval_texts[split])
+                for k, batch in enumerate(loader, done):
+                    rows, images = self._score_batch(engine.module, batch, texts, to_device)
+                    store.write(k, images, rows)
+                    bar.update(per_batch)
+                    bar.report((k + 1) * per_batch, {})
+            bar.close()
         engine.train()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # each image was scored by exactly one rank (repeats skipped): a sum assembles the matrix
-            reduced = scores.to(collective_device())
-            dist.all_reduce(reduced)
-            scores = reduced.cpu()
-        metrics = recall_at_k(scores, owner)
-        if self.is_main():
-            torch.save({"scores": scores, "text_to_image": owner}, self.run_dir / f"retrieval_{split}_scores.pt")
-        return {**metrics, "num_images": scores.shape[0], "num_texts": scores.shape[1]}
+        images, rows = store.rows(num_texts)
+        metrics = sharded_recall(images, rows, owner, num_images)
+        return {**metrics, "num_images": num_images, "num_texts": num_texts}
+
+    def _score_batch(self, model, batch: dict, texts: dict, to_device) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITM margins of the batch's images (repeats left out) with every caption: the CNN
+        once per image, the transformer over ``text_batch`` captions at a time."""
+        pixels, mask = model.pixels(to_device(batch))
+        keep = [row for row, pad in enumerate(batch["is_pad"].tolist()) if not pad]
+        num_texts, step = texts["input_ids"].shape[0], self.cfg.retrieval.text_batch
+        rows = torch.empty(len(keep), num_texts)
+        for out_row, row in enumerate(keep):
+            for lo in range(0, num_texts, step):
+                chunk = {k: texts[k][lo : lo + step] for k in TEXT_KEYS}
+                n = chunk["input_ids"].shape[0]
+                margin = model.backbone.itm_score(
+                    chunk, pixels[row : row + 1].expand(n, -1, -1), mask[row : row + 1].expand(n, -1)
+                )
+                rows[out_row, lo : lo + n] = margin.float().cpu()
+        images = torch.tensor([batch["examples"][row].image for row in keep], dtype=torch.long)
+        return rows, images

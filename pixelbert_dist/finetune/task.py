@@ -78,9 +78,10 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, engine, split: str, loader, to_device) -> dict:
+    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "") -> dict:
         """Predict this rank's share (repeats dropped), gather, score on every rank,
-        write the prediction file on rank 0."""
+        write the prediction file on rank 0. (``model_tag``: which model, for tasks that
+        keep partial results on disk.)"""
         engine.eval()
         records = []
         for batch in loader:

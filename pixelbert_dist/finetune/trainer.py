@@ -163,7 +163,9 @@ class FinetuneTrainer(BaseTrainer):
     def evaluate(self, splits=None) -> dict:
         out = {}
         for split in splits or list(self.eval_loaders):
-            metrics = self.task.evaluate(self.engine, split, self.eval_loaders[split], self.to_device)
+            metrics = self.task.evaluate(
+                self.engine, split, self.eval_loaders[split], self.to_device, model_tag=f"step {self.state['step']}"
+            )
             self.logger.log(
                 self.state["step"], split, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
             )

@@ -47,6 +47,25 @@ def _as_scores(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     return scores, owner
 
 
+def i2t_ranks(rows: torch.Tensor, row_images: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """TR ranks of the images ``row_images`` whose score rows are ``rows`` [n, num_texts]:
+    the negatives ahead of each image's first caption in the sorted order."""
+    text_index = torch.arange(owner.shape[0])
+    positive = owner[None, :] == row_images[:, None]
+    best = rows.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
+    first = torch.where(positive & (rows == best), text_index, owner.shape[0]).amin(dim=1, keepdim=True)
+    ahead = (rows > best) | ((rows == best) & (text_index[None, :] < first))
+    return (ahead & ~positive).sum(dim=1)
+
+
+def t2i_ahead(rows: torch.Tensor, row_images: torch.Tensor, owner: torch.Tensor, own_score: torch.Tensor):
+    """For every caption, how many of the images ``row_images`` (score rows ``rows``) sort
+    ahead of its own image, whose score is ``own_score`` [num_texts]. Summed over any
+    split of the images into row blocks, this is the IR rank."""
+    ahead = (rows > own_score[None, :]) | ((rows == own_score[None, :]) & (row_images[:, None] < owner[None, :]))
+    return ahead.sum(dim=0)
+
+
 def retrieval_ranks(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks: for each image, the position of its first caption among all captions
     sorted by score (``i2t``, [num_images]); for each caption, the position of its image
@@ -54,34 +73,18 @@ def retrieval_ranks(scores, text_to_image) -> tuple[torch.Tensor, torch.Tensor]:
     (lower first), i.e. the positions a stable descending sort gives."""
     scores, owner = _as_scores(scores, text_to_image)
     num_images, num_texts = scores.shape
-    text_index = torch.arange(num_texts)
+    own_score = scores.gather(0, owner[None, :])[0]
     i2t = torch.empty(num_images, dtype=torch.long)
+    t2i = torch.zeros(num_texts, dtype=torch.long)
     for lo in range(0, num_images, _CHUNK):
-        rows = scores[lo : lo + _CHUNK]
-        positive = owner[None, :] == torch.arange(lo, lo + rows.shape[0])[:, None]
-        best = rows.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)
-        first = torch.where(positive & (rows == best), text_index, num_texts).amin(dim=1, keepdim=True)
-        ahead = (rows > best) | ((rows == best) & (text_index[None, :] < first))
-        i2t[lo : lo + rows.shape[0]] = (ahead & ~positive).sum(dim=1)
-    image_index = torch.arange(num_images)[:, None]
-    t2i = torch.empty(num_texts, dtype=torch.long)
-    for lo in range(0, num_texts, _CHUNK):
-        cols = scores[:, lo : lo + _CHUNK]
-        own = owner[lo : lo + _CHUNK][None, :]
-        target = cols.gather(0, own)
-        t2i[lo : lo + cols.shape[1]] = ((cols > target) | ((cols == target) & (image_index < own))).sum(dim=0)
+        rows, images = scores[lo : lo + _CHUNK], torch.arange(lo, min(lo + _CHUNK, num_images))
+        i2t[lo : lo + rows.shape[0]] = i2t_ranks(rows, images, owner)
+        t2i += t2i_ahead(rows, images, owner, own_score)
     return i2t, t2i
 
 
-def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """R@K in percent for both directions, each direction's mean (``i2t_mean``,
-    ``t2i_mean``, ALBEF's txt_r_mean / img_r_mean), their mean ``r_mean`` and their sum
-    ``rsum`` (UNITER's and the Pixel-BERT tables' RSUM).
-
-    ``scores[i, t]`` is the model's score of image ``i`` with caption ``t`` (higher =
-    better); ``text_to_image[t]`` the image caption ``t`` belongs to. An image is a hit at
-    K when ANY of its captions is in the top K (the COCO/Flickr30K protocol)."""
-    i2t, t2i = retrieval_ranks(scores, text_to_image)
+def recall_from_ranks(i2t, t2i, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in percent from the ranks (see ``recall_at_k``)."""
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = 100.0 * (i2t < k).double().mean().item()
@@ -92,3 +95,14 @@ def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[s
     out["r_mean"] = (out["i2t_mean"] + out["t2i_mean"]) / 2
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in ks)
     return out
+
+
+def recall_at_k(scores, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """R@K in percent for both directions, each direction's mean (``i2t_mean``,
+    ``t2i_mean``, ALBEF's txt_r_mean / img_r_mean), their mean ``r_mean`` and their sum
+    ``rsum`` (UNITER's and the Pixel-BERT tables' RSUM).
+
+    ``scores[i, t]`` is the model's score of image ``i`` with caption ``t`` (higher =
+    better); ``text_to_image[t]`` the image caption ``t`` belongs to. An image is a hit at
+    K when ANY of its captions is in the top K (the COCO/Flickr30K protocol)."""
+    return recall_from_ranks(*retrieval_ranks(scores, text_to_image), ks)
