@@ -44,6 +44,7 @@ setup(
             "pixelbert-submit = pixelbert_dist.jobs.cli:main",
             "pixelbert-plot = pixelbert_dist.plotting:main",
             "pixelbert-export = pixelbert_dist.train.export_cli:main",
+            "pixelbert-evaluate = pixelbert_dist.finetune.evaluate:cli",
         ]
     },
     extras_require={

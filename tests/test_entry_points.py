@@ -27,7 +27,7 @@ CONSOLE_SCRIPTS = {
 
 REPO = Path(__file__).resolve().parents[1]
 SHIMS = ["pretrain", "finetune_vqa", "finetune_nlvr2", "finetune_retrieval", "make_shards", "submit", "plot", "export"]
-SHIMS += ["demo"]  # --help must print help, not start the demo
+SHIMS += ["demo", "evaluate"]  # --help must print help, not start the demo
 NO_TORCH = (
     "import sys, runpy; sys.argv = [{script!r}, *{args!r}]\n"
     "try:\n    runpy.run_path({script!r}, run_name='__main__')\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pixelbert_dist.finetune.evaluate import build_parser, evaluate
 from pixelbert_dist.finetune.run import main as finetune_main
 from pixelbert_dist.finetune.score_store import load_score_matrix
 
@@ -182,6 +183,10 @@ def test_retrieval_end_to_end(dist_env, ft, tmp_path):
     assert [(r["step"], r["split"]) for r in rows if r["split"] != "train"] == [(2, "val"), (3, "val"), (3, "test")]
     scores = load_score_matrix(run_dir / "scores" / "retrieval_test", test["num_images"], test["num_texts"])
     assert scores.shape == (test["num_images"], test["num_texts"])
+    # the evaluation command, from the run's last checkpoint, gives the run's test numbers
+    again = evaluate(build_parser().parse_args(["--run", str(run_dir), "--split", "test"]))
+    assert again["test"] == pytest.approx(test)
+    assert json.loads((run_dir / "eval" / "results_test.json").read_text())["metrics"] == pytest.approx(test)
 
 
 def test_wrong_export_or_tokenizer_is_refused(dist_env, ft, tmp_path):
