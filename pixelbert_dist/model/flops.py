@@ -85,3 +85,27 @@ def training_flops_analytic(
     forward = cfg.num_layers * layer + 2 * pixels * cfg.backbone_channels * d + 2 * d * d + 2 * d * 2
     mlm_head = 3 * 2 * mlm_fraction * text_len * d * (d + cfg.vocab_size)
     return _cnn_training_flops(cfg.backbone, tuple(image_hw)) + 3 * forward + mlm_head
+
+
+def pair_forward_flops(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int) -> float:
+    """Forward FLOPs of scoring one (image, caption) pair in single-stream retrieval once the
+    image's pixel tokens exist: the transformer over text + every feature pixel, the pixel
+    projection, the pooler and the ITM head (the CNN is counted per image, not per pair)."""
+    stride = DOWNSAMPLE if cfg.extra_pool else DOWNSAMPLE // 2
+    pixels = math.ceil(image_hw[0] / stride) * math.ceil(image_hw[1] / stride)
+    d, length = cfg.hidden_size, text_len + pixels
+    layer = 2 * length * d * (4 * d + 2 * cfg.intermediate_size) + 4 * length * length * d
+    return cfg.num_layers * layer + 2 * d * d + 2 * d * 2
+
+
+def retrieval_eval_flops(
+    cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int, num_images: int, num_texts: int
+) -> float:
+    """Forward FLOPs of scoring every pair of a retrieval test set: the transformer per pair,
+    the CNN (forward ~ a third of its training FLOPs) and the pixel projection per image."""
+    stride = DOWNSAMPLE if cfg.extra_pool else DOWNSAMPLE // 2
+    pixels = math.ceil(image_hw[0] / stride) * math.ceil(image_hw[1] / stride)
+    per_image = (
+        _cnn_training_flops(cfg.backbone, tuple(image_hw)) / 3 + 2 * pixels * cfg.backbone_channels * cfg.hidden_size
+    )
+    return num_images * num_texts * pair_forward_flops(cfg, image_hw, text_len) + num_images * per_image
