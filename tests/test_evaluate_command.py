@@ -40,7 +40,7 @@ def test_zero_shot_retrieval_on_two_ranks_equals_one_rank(dist_env, ft, tmp_path
     from tests.pretrain_helpers import run_launcher
 
     one = evaluate(build_parser().parse_args(_args(ft, tmp_path / "one")))["test"]
-    assert one["num_images"] == 10
+    assert one["num_images"] == ft["summary"]["retrieval_images"]["test"]
     run_launcher("launch/evaluate.py", _args(ft, tmp_path / "two"))
     two = json.loads((tmp_path / "two" / "results_test.json").read_text())["metrics"]
     assert two == pytest.approx(one)
