@@ -15,16 +15,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
-
-from pixelbert_dist.metrics import PEAK_TFLOPS  # noqa: E402
-from pixelbert_dist.model import build_model, preset_config  # noqa: E402
-from pixelbert_dist.model.flops import pair_forward_flops, retrieval_eval_flops  # noqa: E402
+from benchmarks.common import write_results
+from pixelbert_dist.metrics import PEAK_TFLOPS
+from pixelbert_dist.model import build_model, preset_config
+from pixelbert_dist.model.flops import pair_forward_flops, retrieval_eval_flops
 
 SETS = {"flickr30k_1k": (1000, 5000), "coco_5k": (5000, 25010)}
 # the paper's image sizes per backbone (shorter side / longest side)
