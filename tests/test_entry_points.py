@@ -23,6 +23,7 @@ CONSOLE_SCRIPTS = {
     "pixelbert-finetune-nlvr2",
     "pixelbert-finetune-retrieval",
     "pixelbert-export",
+    "pixelbert-evaluate",
 }
 
 REPO = Path(__file__).resolve().parents[1]
