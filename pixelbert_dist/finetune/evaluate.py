@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from pixelbert_dist.config import load_config
@@ -134,4 +135,9 @@ def cli(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_console()
-    return refusals_as_one_line("evaluate", lambda: evaluate(args))
+    code = refusals_as_one_line("evaluate", lambda: evaluate(args))
+    if "torch.distributed" in sys.modules:  # as the fine-tuning commands: no slow interpreter teardown
+        from pixelbert_dist.distributed.env import exit_process
+
+        exit_process(code)
+    return code

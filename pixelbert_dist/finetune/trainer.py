@@ -194,7 +194,8 @@ class FinetuneTrainer(BaseTrainer):
         if self.world > 1:
             dist.broadcast(due, src=0)  # every rank must take the same branch: evaluation is collective
         if due.item():
-            self.evaluate_during()
+            with self.health.slow_phase("evaluation", self.state["step"]):
+                self.evaluate_during()
 
     def summary_metrics(self, values: dict) -> list[str]:
         """The task's score (VQA overall, NLVR2 accuracy, retrieval rsum), on every split
