@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", nargs="+", help="shard folder(s) with the images (default: the run's)")
     parser.add_argument("--karpathy", help="Karpathy split file (retrieval with --pretrained)")
     parser.add_argument("--out", help="results folder (default: RUN/eval, or runs/evaluate)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning config")
     return parser
 
