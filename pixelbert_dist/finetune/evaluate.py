@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from pixelbert_dist.config import load_config
@@ -132,13 +131,8 @@ def evaluate(args) -> dict:
 
 def cli(argv=None) -> int:
     from pixelbert_dist.console import setup_console
-    from pixelbert_dist.train.run import refusals_as_one_line
+    from pixelbert_dist.train.run import end_command, refusals_as_one_line
 
     args = build_parser().parse_args(argv)
     setup_console()
-    code = refusals_as_one_line("evaluate", lambda: evaluate(args))
-    if "torch.distributed" in sys.modules:  # as the fine-tuning commands: no slow interpreter teardown
-        from pixelbert_dist.distributed.env import exit_process
-
-        exit_process(code)
-    return code
+    return end_command(refusals_as_one_line("evaluate", lambda: evaluate(args)))

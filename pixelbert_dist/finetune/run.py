@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from pixelbert_dist.config import config_help, dump_config, load_config
@@ -126,14 +125,9 @@ def main(task: str, argv=None) -> dict:
 
 def cli(task: str, argv=None) -> int:
     """``launch/finetune_TASK.py`` and the ``pixelbert-finetune-TASK`` console scripts."""
-    from pixelbert_dist.train.run import refusals_as_one_line
+    from pixelbert_dist.train.run import end_command, refusals_as_one_line
 
-    code = refusals_as_one_line(f"finetune {task}", lambda: main(task, argv))
-    if "torch.distributed" in sys.modules:  # a run, not --help: no slow interpreter teardown
-        from pixelbert_dist.distributed.env import exit_process
-
-        exit_process(code)
-    return code
+    return end_command(refusals_as_one_line(f"finetune {task}", lambda: main(task, argv)))
 
 
 def vqa() -> int:

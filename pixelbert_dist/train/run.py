@@ -98,7 +98,7 @@ def refusals_as_one_line(label: str, call) -> int:
         if os.environ.get("RANK", "0") == "0":
             kind = "config error: " if isinstance(err, ConfigError) else ""
             print(f"{label}: {kind}{err}", file=sys.stderr, flush=True)
-        return 2
+        return REFUSED
     if "torch.distributed" in sys.modules:  # never imported for --help
         from pixelbert_dist.distributed.env import close_process_group
 
@@ -106,12 +106,20 @@ def refusals_as_one_line(label: str, call) -> int:
     return result if isinstance(result, int) else 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """``launch/pretrain.py`` and ``pixelbert-pretrain``: a run that trained ends its
-    process at once (``exit_process``), an error as Python ends it."""
-    code = refusals_as_one_line("pretrain", lambda: main(argv))
-    if "torch.distributed" in sys.modules:  # a run, not --help
+REFUSED = 2  # the exit code of a refusal said in one line
+
+
+def end_command(code: int) -> int:
+    """A command's end: a run that got going ends its process at once (``exit_process``:
+    no slow interpreter teardown while a launcher waits); ``--help`` and a refusal (code 2,
+    nothing built to tear down) return the code, so a caller in-process (a test) goes on."""
+    if code != REFUSED and "torch.distributed" in sys.modules:
         from pixelbert_dist.distributed.env import exit_process
 
         exit_process(code)
     return code
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``launch/pretrain.py`` and ``pixelbert-pretrain``."""
+    return end_command(refusals_as_one_line("pretrain", lambda: main(argv)))
