@@ -78,4 +78,3 @@ class StepProfiler:
         if self.rank == 0:
             log.info("profile written to %s (tensorboard --logdir %s)", self.folder, self.folder)
         self.first, self.last = 0, -1  # once per run
-
