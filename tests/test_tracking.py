@@ -1,7 +1,7 @@
 """train.report_to and train.profile_steps on a real (tiny) training: W&B's offline run,
 read back with W&B's own reader (`wandb leet inspect --json`), holds the config and every
 row of metrics.jsonl, as TensorBoard does; a resumed run continues the same W&B run; the
-profiler's trace holds the asked steps."""
+profiler's trace holds the asked steps; the export's model card the final metrics."""
 
 from __future__ import annotations
 
@@ -85,6 +85,12 @@ def test_wandb_offline_tensorboard_and_profile_hold_the_run(dist_env, shards, tm
             if key not in ("step", "split", "time"):
                 scalars = {e.step: e.value for e in events.Scalars(f"{row['split']}/{key}")}
                 assert scalars[row["step"]] == pytest.approx(value, rel=1e-6, abs=1e-30), key
+
+    # the export's model card: the steps and the final metrics of metrics.jsonl
+    card = (run_dir / "export" / "README.md").read_text()
+    val = [r for r in rows if r["split"] == "val"][-1]
+    assert "| optimiser steps | 4 |" in card
+    assert f"| val | 4 | {val['loss']:.4g} | {val['mlm_loss']:.4g} | {val['itm_loss']:.4g} |" in card
 
     # the profiler's trace: steps 2 and 3, nothing else
     (trace,) = (run_dir / "profile").glob("rank0.*.pt.trace.json")
