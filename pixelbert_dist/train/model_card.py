@@ -61,7 +61,7 @@ def model_card(model_cfg, num_parameters: int, run_cfg: RunConfig | None, step: 
             ("initialised from", start),
             ("training data", f"`{d.train_shards}` (validation: `{d.val_shards}`)"),
             ("images", f"shorter side {d.image_shorter}, longer at most {d.image_max}"),
-            ("batch per rank", f"{t.micro_batch} x grad_accum {t.grad_accum}"),
+            ("batch", f"{t.global_batch} per step" if t.global_batch else f"{t.micro_batch} x {t.grad_accum} per rank"),
         ]
     keys = ("loss", "mlm_loss", "itm_loss", "mlm_acc", "itm_acc", "i2t_r1", "t2i_r1")
     return "\n".join(
