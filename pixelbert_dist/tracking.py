@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import secrets
 from pathlib import Path
 
 REPORT_TO = ("tensorboard", "wandb")
@@ -72,9 +73,7 @@ def wandb_run_id(run_dir: Path, resumed_step: int) -> str:
     path = run_dir / WANDB_ID_FILE
     if resumed_step and path.is_file() and path.read_text().strip():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B's own ids: 8 lowercase letters and digits
     path.write_text(run_id + "\n")
     return run_id
 
