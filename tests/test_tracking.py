@@ -137,3 +137,38 @@ def test_profile_steps_ranges():
         return load_config(RunConfig, None, [f"train.profile_steps={text}"]).train.profile_range()
 
     assert steps("10-15") == (10, 15) and steps("12") == (12, 12) and steps("''") is None
+
+
+def traced_steps(folder) -> list[set[str]]:
+    """The ProfilerStep ranges of every trace in ``folder``, oldest first."""
+    out = []
+    for trace in sorted(folder.glob("rank0.*.pt.trace.json"), key=lambda p: p.stat().st_mtime):
+        names = {e.get("name", "") for e in json.loads(trace.read_text())["traceEvents"]}
+        out.append({n for n in names if n.startswith("ProfilerStep#")})
+    return out
+
+
+@pytest.mark.slow
+def test_the_profiler_traces_what_is_left_of_its_range(tmp_path):
+    """A run resumed inside the range traces the steps it still runs; a run that ends inside
+    it writes what it recorded."""
+    import torch
+
+    from pixelbert_dist.train.profiling import StepProfiler
+
+    layer = torch.nn.Linear(32, 32)
+
+    def run(first_done: int, last_done: int, steps: tuple[int, int], run_dir) -> None:
+        profiler = StepProfiler(steps, run_dir, 0, torch.device("cpu"), total=last_done)
+        profiler.after_step(first_done)  # fit's call before the first step
+        for done in range(first_done + 1, last_done + 1):
+            layer(torch.randn(8, 32)).sum().backward()
+            profiler.after_step(done)
+        profiler.close()
+
+    run(4, 8, (3, 6), tmp_path / "resumed")  # resumed at step 4: steps 5 and 6 are left
+    assert traced_steps(tmp_path / "resumed" / "profile") == [{"ProfilerStep#5", "ProfilerStep#6"}]
+    run(0, 4, (3, 6), tmp_path / "ended")  # the run ends after step 4
+    assert traced_steps(tmp_path / "ended" / "profile") == [{"ProfilerStep#3", "ProfilerStep#4"}]
+    run(0, 9, (1, 1), tmp_path / "first")  # step 1: no warm-up step before it
+    assert traced_steps(tmp_path / "first" / "profile") == [{"ProfilerStep#1"}]

@@ -109,7 +109,7 @@ class BaseTrainer(RunPersistence):
             self._release_run()
             raise
         self.logger = RunLogger(self.run_dir, self.is_main, self.state["step"], t.report_to, t.wandb_project)
-        self.profiler = StepProfiler(t.profile_range(), self.run_dir, self.rank, self.device)
+        self.profiler = StepProfiler(t.profile_range(), self.run_dir, self.rank, self.device, self.total_steps)
         self._init_hot_loop()
 
     # -- hooks ------------------------------------------------------------------------

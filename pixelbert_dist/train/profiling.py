@@ -24,16 +24,18 @@ class StepProfiler:
     """Call ``after_step(step)`` with the count of optimiser steps done: once before the
     first step (the resumed step) and after every step; ``close()`` when training ends."""
 
-    def __init__(self, steps: tuple[int, int] | None, run_dir: Path, rank: int, device: torch.device):
-        self.first, self.last = steps if steps else (0, -1)
+    def __init__(self, steps: tuple[int, int] | None, run_dir: Path, rank: int, device: torch.device, total: int):
+        """``steps``: (first, last) to trace, cut at ``total``, the run's last step."""
+        self.first, self.last = (steps[0], min(steps[1], total)) if steps else (0, -1)
         self.folder, self.rank, self.device = Path(run_dir) / "profile", rank, device
         self.prof: profile | None = None
 
     def after_step(self, done: int) -> None:
         if self.prof is not None:
-            self.prof.step()  # closes ProfilerStep#done, opens the next
             if done >= self.last:
-                self.close()
+                self.close()  # closes ProfilerStep#done and saves
+            else:
+                self.prof.step()  # closes ProfilerStep#done, opens the next
         elif self.first - 1 <= done + 1 <= self.last and done + 1 >= 1:
             self._start(done + 1)
 
