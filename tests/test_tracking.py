@@ -111,7 +111,9 @@ def test_report_to_is_a_list_of_known_trackers():
     cfg = load_config(RunConfig, None, ["train.report_to=[wandb, tensorboard]"])
     assert cfg.train.report_to == ["wandb", "tensorboard"]
     assert load_config(RunConfig, None, ["train.report_to=[]"]).train.report_to == []
-    with pytest.raises(ConfigError, match=r"'train.report_to': expected list\[one of 'tensorboard', 'wandb'\]"):
+    with pytest.raises(
+        ConfigError, match=r"train.report_to=\['mlflow'\]: must be list\[one of 'tensorboard', 'wandb'\]"
+    ):
         load_config(RunConfig, None, ["train.report_to=[mlflow]"])
 
 
