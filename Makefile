@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision: exact pins, the wheels lie on this machine's disk (a looser pin pulls GB of CUDA builds)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[dali,dev,demo]"
+	$(PY) -m pip install -q -e ".[dali,dev,demo,wandb]"
 	touch $@
 
 install: $(VENV)/.installed

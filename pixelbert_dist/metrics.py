@@ -1,4 +1,4 @@
-"""Run logging (TensorBoard + JSONL, rank 0 only), metric sums kept on the device until
+"""Run logging (JSONL, TensorBoard, W&B; rank 0 only), metric sums kept on the device until
 log time, and the throughput / MFU meter."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from pixelbert_dist.collectives import collective_device
+from pixelbert_dist.tracking import open_writers
 
 log = logging.getLogger(__name__)
 
@@ -138,47 +139,46 @@ class ThroughputMeter:
 
 
 class RunLogger:
-    """TensorBoard scalars and one JSON object per line in ``metrics.jsonl``; a no-op
-    on ranks other than 0, so callers need no ``if rank == 0``. A run resumed at step T
-    hides TensorBoard's events of the steps after T that the interrupted run had logged
-    (``purge_step``), as ``metrics.superseded.jsonl`` sets their rows apart."""
+    """One JSON object per line in ``metrics.jsonl``, and the same rows to the writers of
+    ``report_to`` (TensorBoard, W&B: ``pixelbert_dist.tracking``); a no-op on ranks other
+    than 0, so callers need no ``if rank == 0``. A run resumed at step T hides TensorBoard's
+    events of the steps after T that the interrupted run had logged (``purge_step``), as
+    ``metrics.superseded.jsonl`` sets their rows apart."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool, resumed_step: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        resumed_step: int = 0,
+        report_to: list[str] = ("tensorboard",),
+        wandb_project: str = "pixelbert_dist",
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.evaluations: list[tuple[int, str, dict]] = []  # every non-train row, for the summary
-        self.tb = None
+        self.writers = []
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            purge = resumed_step + 1 if resumed_step else None
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            self.writers = open_writers(Path(run_dir), list(report_to), resumed_step, wandb_project)
 
     def log(self, step: int, split: str, values: dict, labels: dict[str, str] | None = None) -> None:
-        """``values`` to both; ``labels`` (text, e.g. a host name) to metrics.jsonl only."""
+        """``values`` to metrics.jsonl and every writer; ``labels`` (text, e.g. a host name)
+        to metrics.jsonl and the writers that keep text (W&B), not TensorBoard's scalars."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "split": split, "time": time.time(), **clean, **(labels or {})}) + "\n")
-        for key, value in clean.items():
-            self.tb.add_scalar(f"{split}/{key}", value, step)
+        for writer in self.writers:
+            writer.log(step, split, clean, labels or {})
         if split != "train":
             self.evaluations.append((step, split, clean))
             log.info("%s at step %d: %s", split, step, format_values(clean))
 
     def log_config(self, config: dict) -> None:
-        """The resolved config in TensorBoard: as YAML text, and as hparams (flat keys)."""
-        if not self.enabled:
-            return
-        import yaml
-        from torch.utils.tensorboard.summary import hparams
-
-        self.tb.add_text("config", "```yaml\n" + yaml.safe_dump(config, sort_keys=False) + "```", 0)
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _flatten(config).items()}
-        for summary in hparams(flat, {"train/loss": 0.0}):
-            self.tb.file_writer.add_summary(summary)
+        """The resolved config to every writer (TensorBoard: YAML text and hparams)."""
+        for writer in self.writers:
+            writer.log_config(config)
 
     def best(self) -> dict[str, tuple[float, int]]:
         """Per ``split/metric``: the best value over the evaluations and its step (losses
@@ -192,18 +192,9 @@ class RunLogger:
         return out
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+        for writer in self.writers:
+            writer.close()
+        self.writers = []
 
 
 def format_values(values: dict, digits: int = 4) -> str:

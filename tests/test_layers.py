@@ -17,6 +17,7 @@ LAYERS = {
     "pixelbert_dist": 0,
     "config": 0,
     "metrics": 0,
+    "tracking": 0,
     "collectives": 0,
     "console": 0,
     "data": 1,

@@ -23,6 +23,7 @@ from torch import nn
 from .config import PixelBertConfig
 from .encoder import Encoder
 from .heads import ITMHead, MLMHead, Pooler
+from .hub import resolve_pretrained
 from .pretrained import load_pretrained, save_pretrained
 from .text import TextEmbedding
 from .visual import VisualEmbedding
@@ -122,10 +123,11 @@ class PixelBert(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, folder, **kwargs) -> "PixelBert":
+    def from_pretrained(cls, path_or_repo_id, revision: str | None = None, **kwargs) -> "PixelBert":
         """Load an export folder (config.json + model.safetensors, checksums verified), in
-        eval mode; see ``pretrained.load_pretrained``."""
-        return load_pretrained(cls, folder, **kwargs)
+        eval mode: a local folder, or a Hugging Face Hub repo id (``owner/name``, at
+        ``revision``) holding one; see ``pretrained.load_pretrained`` and ``hub``."""
+        return load_pretrained(cls, resolve_pretrained(path_or_repo_id, revision), **kwargs)
 
     def save_pretrained(self, folder, tokenizer=None, extra: dict | None = None):
         """Write an export folder (fp32 copies: this model keeps its dtype)."""

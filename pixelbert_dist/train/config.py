@@ -6,6 +6,7 @@ Each field carries its help and bounds (``pixelbert_dist.config``: ``Help``, ``G
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from annotated_types import Ge, Gt, Interval
 from pixelbert_dist.config import ConfigError, Help, check_fields, entries_of
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.model.config import PixelBertConfig
+from pixelbert_dist.tracking import check_report_to
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Beta = Annotated[float, Interval(ge=0, lt=1)]
@@ -124,6 +126,21 @@ class LoopConfig:
         Help("the watchdog's and the collectives' bound from start-up to the first step, around saves and evaluations"),
         Gt(0),
     ] = 1800.0
+    report_to: Annotated[
+        list[Literal["tensorboard", "wandb"]],
+        Help(
+            "where metrics go besides metrics.jsonl: [tensorboard], [wandb], both, or [] (rank 0 only; "
+            "wandb needs the wandb extra)"
+        ),
+    ] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: Annotated[str, Help("W&B's project; entity and mode from WANDB_* variables")] = "pixelbert_dist"
+    profile_steps: Annotated[
+        str | int,
+        Help(
+            'e.g. "10-15": a torch.profiler trace of those optimiser steps in RUN/profile (TensorBoard-'
+            'readable; on CUDA a memory snapshot too); "": off'
+        ),
+    ] = ""
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimiser step at this world size: ``grad_accum``, or what
@@ -151,7 +168,23 @@ class LoopConfig:
         check_fields(self, "train.")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("set train.epochs > 0 or train.max_steps > 0")
+        check_report_to(self.report_to)
+        self.profile_range()
         return self
+
+    def profile_range(self) -> tuple[int, int] | None:
+        """``profile_steps`` as (first, last) optimiser steps, both included; None when off."""
+        text = str(self.profile_steps).strip()
+        if not text:
+            return None
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)
+        first, last = (int(match.group(1)), int(match.group(2) or match.group(1))) if match else (0, 0)
+        if not match or not 1 <= first <= last:
+            raise ConfigError(
+                f"train.profile_steps={self.profile_steps!r}: expected FIRST-LAST optimiser steps "
+                "(1 <= FIRST <= LAST, e.g. 10-15), one step (12), or empty for no profiling"
+            )
+        return first, last
 
 
 @dataclass

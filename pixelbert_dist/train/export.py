@@ -1,5 +1,5 @@
 """Consolidate a DeepSpeed checkpoint into the fine-tuning export folder
-(config.json + model.safetensors + tokenizer), on rank 0, in fp32.
+(config.json + model.safetensors + tokenizer + the model card README.md), on rank 0, in fp32.
 
 config.json also records what fine-tuning needs to feed the model as pre-training did
 (``input_spec``): the preset, the image normalisation and sizes, the text length and the
@@ -18,6 +18,7 @@ from pixelbert_dist.config import load_config
 from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
 from pixelbert_dist.model import PixelBert, PixelBertConfig
 from pixelbert_dist.train.config import RunConfig
+from pixelbert_dist.train.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def write_export(
     if missing or unexpected:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out = model.save_pretrained(out_dir, tokenizer, extra)
+    write_model_card(out, model, run_cfg, extra.get("checkpoint"))
     log.info("export written to %s", out)
     return out
 

@@ -32,6 +32,7 @@ from pixelbert_dist.model.visual import sync_batchnorms
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.health import RunHealth
 from pixelbert_dist.train.persist import RunPersistence
+from pixelbert_dist.train.profiling import StepProfiler
 from pixelbert_dist.train.run_dir import check_run_dir_writable
 from pixelbert_dist.train.schedule import build_scheduler, clamp_warmup
 from pixelbert_dist.train.window import AccumulationWindow, NonFiniteLossError, update_left_out
@@ -108,7 +109,8 @@ class BaseTrainer(RunPersistence):
         except BaseException:
             self._release_run()
             raise
-        self.logger = RunLogger(self.run_dir, self.is_main, resumed_step=self.state["step"])
+        self.logger = RunLogger(self.run_dir, self.is_main, self.state["step"], t.report_to, t.wandb_project)
+        self.profiler = StepProfiler(t.profile_range(), self.run_dir, self.rank, self.device, self.total_steps)
         self._init_hot_loop()
 
     # -- hooks ------------------------------------------------------------------------
@@ -371,6 +373,7 @@ class BaseTrainer(RunPersistence):
         self.health.step_done(self.state["step"])
         bar.update()
         self._on_step(bar)
+        self.profiler.after_step(self.state["step"])  # the step's logging and saving are its own
 
     # -- console ----------------------------------------------------------------------
     def outputs(self) -> dict[str, Path]:
@@ -396,7 +399,7 @@ class BaseTrainer(RunPersistence):
                 f"x {self.world} rank(s)",
                 f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
                 f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
-                f"  start: {start}; logs every {t.log_every} steps to metrics.jsonl and tensorboard/",
+                f"  start: {start}; logs every {t.log_every} steps to " + " and ".join(["metrics.jsonl", *t.report_to]),
             ]
         )
 
@@ -433,10 +436,12 @@ class BaseTrainer(RunPersistence):
         """Train until total_steps, save, then ``finish()``; a signal stops it early with
         a checkpoint (``stopped()``)."""
         bar = self._start_console()
+        self.profiler.after_step(self.state["step"])
         with self.health:
             with ckpt.GracefulExit() as self.stop:
                 while self.state["step"] < self.total_steps:
                     if self._run_epoch(bar):
+                        self.profiler.close()
                         bar.close()
                         self.logger.close()
                         self._release_run()
@@ -444,6 +449,7 @@ class BaseTrainer(RunPersistence):
                     if not self.cfg.train.eval_every and self.evaluate_each_epoch:
                         with self.health.slow_phase("evaluation", self.state["step"]):
                             self.evaluate_during()
+            self.profiler.close()
             bar.close()
             with self.health.slow_phase("the final save and evaluation", self.state["step"]):
                 if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
