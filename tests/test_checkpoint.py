@@ -355,6 +355,16 @@ def _killed_save(save_dir: str) -> None:
     checkpointer.save_checkpoint(engine, save_dir, 1, {"trainer": {"step": 1}}, keep_last=0)
 
 
+def test_a_full_disk_is_one_line_naming_the_device_and_the_folder():
+    from pixelbert_dist.checkpoint.staging import device_of, write_file
+
+    with pytest.raises(CheckpointError) as err:  # /dev/full: every write fails with ENOSPC, as a full disk does
+        write_file(Path("/dev/full"), {"weights": torch.zeros(100_000)})
+    assert str(err.value).startswith(f"no space left on {device_of(Path('/dev'))} at /dev: ")
+    assert "\n" not in str(err.value) and "previous checkpoint is intact" in str(err.value)
+    assert device_of(Path("/dev")) != "?"
+
+
 @pytest.mark.slow
 def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
     import subprocess
@@ -383,6 +393,28 @@ def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
 
 def _model_file(tag_dir: Path) -> Path:
     return next(p for p in tag_dir.iterdir() if p.name.endswith("model_states.pt"))
+
+
+def test_an_older_meta_json_without_a_file_table_is_verified_by_reading(run_dir, caplog):
+    _save_steps(run_dir, [1, 2])
+    for tag in ("step_00000001", "step_00000002"):  # the format before the file table
+        meta = read_meta(run_dir / tag)
+        del meta["files"]
+        (run_dir / tag / "meta.json").write_text(json.dumps(meta))
+    assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000002"
+    broken = _model_file(run_dir / "step_00000002")
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated
+    with caplog.at_level("WARNING", logger="pixelbert_dist"):
+        assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    assert f"step_00000002 skipped: {broken} cannot be read" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"step_00000002 is damaged: {broken} cannot be read"):
+        choose.find_checkpoint(run_dir, "step_00000002")
+    flipped = next((run_dir / "step_00000001").glob("*optim_states.pt"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, same size
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{flipped}: its member .* fails its CRC check"):
+        choose.find_checkpoint(run_dir, "step_00000001")
 
 
 def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, caplog):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch.distributed as tdist
@@ -137,16 +138,29 @@ def _check_file(path: Path, entry: dict) -> str | None:
     return None
 
 
+def _check_readable(path: Path) -> str | None:
+    """A torch file of a checkpoint without a file table, read through without unpickling
+    anything: torch.save writes a zip whose members carry CRC-32s."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{path} cannot be read ({err}): truncated or overwritten (an older meta.json without sizes and sha256)"
+    return f"{path}: its member {bad} fails its CRC check (the file is corrupted)" if bad else None
+
+
 def verify(tag_dir: Path) -> str | None:
     """What is wrong with ``tag_dir`` (the first problem, named by file), or None when it is
     intact. A collective: every rank checks its share of the files."""
     try:
         meta = read_meta(tag_dir)
         files = meta.get("files")
-        problems = []
-        if files is not None:  # older checkpoints recorded no files: nothing to check against
+        if files is not None:
             names = sorted(files)
             problems = [p for name in names[rank() :: world()] if (p := _check_file(tag_dir / name, files[name]))]
+        else:  # an older meta.json records no files: read each through, checking its zip CRCs
+            names = sorted(p.name for p in Path(tag_dir).iterdir() if p.suffix == ".pt" and p.is_file())
+            problems = [p for name in names[rank() :: world()] if (p := _check_readable(tag_dir / name))]
     except CheckpointError as err:
         problems = [str(err)]
     found = [p for mine in gather_objects(problems) for p in mine]

@@ -114,12 +114,28 @@ def stage_engine_save(engine, tmp: Path, client_state: dict, buffers: HostBuffer
     return staged
 
 
-def no_space_error(err: OSError, path: Path) -> CheckpointError:
+def device_of(path: Path) -> str:
+    """The file system holding ``path`` as the mount table names it (``/dev/nvme0n1p2``,
+    ``overlay``, ``lustre``...), or its mount point when the table cannot be read."""
+    path, best = os.path.realpath(path), ("", "?")
+    try:
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                source, point = line.split()[:2]
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best[0]):
+                    best = (point, source)
+    except OSError:
+        pass
+    return best[1]
+
+
+def no_space_error(err: OSError | RuntimeError, path: Path) -> CheckpointError:
     """One line for a full disk (torch says "iostream error" over four tracebacks)."""
-    device = os.stat(path.parent).st_dev if path.parent.exists() else "?"
     return CheckpointError(
-        f"no space left on device {device} at {path.parent}: the checkpoint was not written "
-        f"({err.strerror or err}); the previous checkpoint is intact. Free space or set train.keep_last lower"
+        f"no space left on {device_of(path.parent)} at {path.parent}: the checkpoint was not written "
+        f"({getattr(err, 'strerror', None) or err}); the previous checkpoint is intact. "
+        "Free space, or lower train.keep_last"
     )
 
 
