@@ -23,6 +23,7 @@ from pixelbert_dist.checkpoint import layout
 from pixelbert_dist.checkpoint.files import CheckpointError
 from pixelbert_dist.checkpoint.files import read_meta
 from pixelbert_dist.checkpoint.universal import to_universal
+from pixelbert_dist.collectives import gather_objects
 from pixelbert_dist.train.signals import GracefulExit
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
 from pixelbert_dist.train.optim import build_optimizer
@@ -283,10 +284,16 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
         if env.rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         agreed = stop.should_exit()
+        save_due = [stop.agree(save_due=env.rank == r)[1] for r in (0, 1)]  # rank 0's clock decides for all
+    # a resume on the same 2 ranks: the shared model file is read by rank 0 alone and broadcast
+    engine, opt = _engine(stage, seed=99, world_size=2, micro_batch=2)
+    state, read = checkpointer.resume_engine(engine, Path(save_dir) / "step_00000003")
+    resumed = [_global_step(engine, opt, step, [env.rank]) for step in range(3, 6)]
+    reads = gather_objects(read)
     if env.rank == 0:
-        (Path(save_dir) / "reference.json").write_text(
-            json.dumps({"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested})
-        )
+        result = {"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested}
+        result.update(save_due=save_due, resumed=resumed, resumed_step=state["step"], bytes_read=reads)
+        (Path(save_dir) / "reference.json").write_text(json.dumps(result))
 
 
 @pytest.mark.launcher
@@ -310,7 +317,18 @@ def test_universal_resume_on_another_world_size(run_dir):
     reference = result["steps"]
     # the signal reached rank 1 only, yet the all-reduced flag stopped rank 0 too
     assert (result["exit_before"], result["exit_after"], result["rank0_signalled"]) == (False, True, False)
-    assert read_meta(run_dir / "step_00000003")["world_size"] == 2
+    assert result["save_due"] == [True, False]  # only rank 0's flag counts, on both ranks
+    meta = read_meta(run_dir / "step_00000003")
+    assert meta["world_size"] == 2
+    # resumed on 2 ranks: the same losses; rank 1 read only its own files (the model file went to rank 0)
+    assert result["resumed_step"] == 3
+    assert [loss for loss, _ in result["resumed"]] == pytest.approx([loss for loss, _ in reference[3:]], rel=1e-6)
+    own = {
+        r: sum(e["size"] for n, e in meta["files"].items() if f"rank_{r}_" in n or f"rank_{r:05d}_" in n)
+        for r in (0, 1)
+    }
+    shared = sum(e["size"] for n, e in meta["files"].items() if n.endswith("model_states.pt"))
+    assert result["bytes_read"] == [own[0] + shared, own[1]]
 
     engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
     assert engine.load_universal_checkpoint()

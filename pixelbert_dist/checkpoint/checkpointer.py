@@ -64,6 +64,7 @@ class Checkpointer:
         self.saved_step: int | None = None
         self.last_blocked_seconds = 0.0  # how long the step loop waited for the last save
         self.last_copy_seconds = 0.0  # of which the copy to host memory
+        self.last_bytes_read = 0  # checkpoint bytes this rank read from the file system at resume
         self._last_save = time.monotonic()
 
     # -- the run folder ------------------------------------------------------------------
@@ -133,11 +134,16 @@ class Checkpointer:
             if files.rank() == 0:
                 supersede_rows(self.run_dir, 0)  # a fresh start: rows of an attempt that saved nothing
             return None
-        client = resume_engine(self.engine, self.resumed_from, self.universal)
+        client, self.last_bytes_read = resume_engine(self.engine, self.resumed_from, self.universal)
         self.saved_step = client["step"]
         if files.rank() == 0:
             supersede_rows(self.run_dir, client["step"])
-            log.info("resumed from %s at step %d", self.resumed_from, client["step"])
+            log.info(
+                "resumed from %s at step %d (rank 0 read %.1f MB of it)",
+                self.resumed_from,
+                client["step"],
+                self.last_bytes_read / 1e6,
+            )
         return client
 
     # -- save ----------------------------------------------------------------------------
@@ -199,10 +205,11 @@ class Checkpointer:
             self.writer.wait()
 
 
-def resume_engine(engine, tag_dir: Path, universal: bool = False) -> dict:
+def resume_engine(engine, tag_dir: Path, universal: bool = False) -> tuple[dict, int]:
     """Load ``tag_dir`` (verified already) into ``engine``: model, optimizer, scheduler,
     RNG; the client state with ``rank_state`` (this rank's own, None after a world-size
-    change). Through DeepSpeed's universal checkpoint when the engine was set up for it."""
+    change), and the bytes this rank read. Through DeepSpeed's universal checkpoint when
+    the engine was set up for it."""
     meta = check_world_size(tag_dir, engine.dp_world_size, universal)
     same_world = meta["world_size"] == engine.dp_world_size
     universal_tag = None
@@ -220,7 +227,7 @@ def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = 
     """Find, verify and load a checkpoint of ``save_dir`` without a run folder (tests,
     tools); None when nothing was saved."""
     tag_dir = find_checkpoint(save_dir, which)
-    return None if tag_dir is None else resume_engine(engine, tag_dir, universal)
+    return None if tag_dir is None else resume_engine(engine, tag_dir, universal)[0]
 
 
 def save_checkpoint(

@@ -35,6 +35,7 @@ from deepspeed.checkpoint.constants import (
 from pixelbert_dist.checkpoint import files
 from pixelbert_dist.checkpoint.files import META, CheckpointError
 from pixelbert_dist.checkpoint.layout import LATEST, prune
+from pixelbert_dist.checkpoint.shared_load import shared_file_reads
 from pixelbert_dist.checkpoint.staging import HostBuffers, Staged, stage_engine_save, write_staged
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,16 @@ def _load_rank_state(tag_dir: Path, rank: int) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> dict:
-    """DeepSpeed's load of ``tag_dir`` (or its universal conversion); the client state
-    with ``rank_state``: this rank's own saved state (None after a world-size change)."""
+def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> tuple[dict, int]:
+    """DeepSpeed's load of ``tag_dir`` (or its universal conversion): the client state
+    with ``rank_state`` (this rank's own saved state; None after a world-size change), and
+    the checkpoint bytes this rank read from the file system (``shared_load.py``)."""
     tag = universal_tag or tag_dir.name
-    load_path, client_state = engine.load_checkpoint(
-        str(tag_dir.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with shared_file_reads(engine) as reads:
+        load_path, client_state = engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
     client_state = dict(client_state or {})
@@ -142,6 +146,7 @@ def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> 
     mine = None
     if same_world:
         mine = _load_rank_state(tag_dir, files.rank())
+        reads.bytes_read += (tag_dir / rank_state_name(files.rank())).stat().st_size if mine is not None else 0
         if mine is None and len(older) == files.world():
             mine = older[files.rank()]
     if mine is not None:
@@ -154,4 +159,4 @@ def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> 
             stacklevel=3,
         )
         client_state["rank_state"] = None
-    return client_state
+    return client_state, reads.bytes_read
