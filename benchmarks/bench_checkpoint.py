@@ -24,7 +24,7 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from pixelbert_dist.checkpoint.checkpointer import Checkpointer
+from pixelbert_dist.checkpoint.checkpointer import Checkpointer, resume_engine
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
 from pixelbert_dist.distributed.env import init_distributed
 from pixelbert_dist.model import build_model
@@ -82,6 +82,11 @@ def main() -> None:
                     {"mode": mode, "step": step, "blocked_s": blocked, "copy_s": copy, "background_s": background}
                 )
         size = folder_bytes(run / "sync" / "checkpoints") if env.rank == 0 else 0
+        # resume: the checkpoint bytes each rank reads from the file system, against its share
+        tag_dir = run / "sync" / "checkpoints" / f"step_{args.repeats:08d}"
+        read = resume_engine(engine, tag_dir)[1]
+        reads = [None] * env.world_size
+        torch.distributed.all_gather_object(reads, read)
     finally:
         torch.distributed.barrier()
         if env.rank == 0:
@@ -95,6 +100,8 @@ def main() -> None:
         "checkpoint_bytes": size,
         "median_blocked_s": blocked,
         "async_over_sync": blocked["async"] / blocked["sync"],
+        "resume_bytes_read_per_rank": reads,
+        "resume_read_over_share": [r / (size / env.world_size) for r in reads],
     }
     for row in rows:
         print(
