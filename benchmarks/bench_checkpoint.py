@@ -1,15 +1,17 @@
 """Training blocked per checkpoint save: asynchronous vs synchronous, side by side.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 \\
-        benchmarks/bench_checkpoint.py --preset pixelbert-r50 --repeats 3 --out DIR
+        -m benchmarks.bench_checkpoint --preset pixelbert-r50 --repeats 3 --out DIR
 
 Every rank builds the preset with the hybrid optimiser under ZeRO-2 (fp32, CPU, gloo),
 takes one optimiser step (so the optimiser state exists), then saves alternately in the
 two modes (sync, async, sync, async, ...: a neighbour's load hits both alike). For each
 save: ``blocked`` is how long the step loop waited (``Checkpointer.save`` returning);
 for an async save ``background`` is how long its writer thread took after that. The
-figure of merit is blocked(async) / blocked(sync), the issue's target <= 10%. Rank 0
-prints the table and writes ``checkpoint_saves.json`` into ``--out``.
+figure of merit is blocked(async) / blocked(sync), the issue's target <= 10%. Then every
+rank resumes the last synchronous save and reports the checkpoint bytes it read against
+its share (target <= 1.1x). Rank 0 prints the table and writes ``checkpoint_saves.json``
+into ``--out``.
 """
 
 from __future__ import annotations
