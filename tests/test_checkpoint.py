@@ -25,6 +25,7 @@ from pixelbert_dist.checkpoint.files import read_meta
 from pixelbert_dist.checkpoint.universal import to_universal
 from pixelbert_dist.collectives import gather_objects
 from pixelbert_dist.train.signals import GracefulExit
+from pixelbert_dist.train.window import AccumulationWindow
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
 from pixelbert_dist.train.optim import build_optimizer
 from pixelbert_dist.train.config import OptimConfig
@@ -284,7 +285,9 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
         if env.rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         agreed = stop.should_exit()
-        save_due = [stop.agree(save_due=env.rank == r)[1] for r in (0, 1)]  # rank 0's clock decides for all
+    window = AccumulationWindow([], torch.device("cpu"), 1e4)
+    window.open()  # one rank's save-due flag (the loop passes rank 0's clock) reaches every rank
+    save_due = [window.agree(2, False, save_due=env.rank == r)[2] for r in (0, 1)]
     # a resume on the same 2 ranks: the shared model file is read by rank 0 alone and broadcast
     engine, opt = _engine(stage, seed=99, world_size=2, micro_batch=2)
     state, read = checkpointer.resume_engine(engine, Path(save_dir) / "step_00000003")
@@ -317,7 +320,7 @@ def test_universal_resume_on_another_world_size(run_dir):
     reference = result["steps"]
     # the signal reached rank 1 only, yet the all-reduced flag stopped rank 0 too
     assert (result["exit_before"], result["exit_after"], result["rank0_signalled"]) == (False, True, False)
-    assert result["save_due"] == [True, False]  # only rank 0's flag counts, on both ranks
+    assert result["save_due"] == [True, True]  # set on rank 0, then on rank 1: both ranks saw it
     meta = read_meta(run_dir / "step_00000003")
     assert meta["world_size"] == 2
     # resumed on 2 ranks: the same losses; rank 1 read only its own files (the model file went to rank 0)
