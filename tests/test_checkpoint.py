@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.checkpoint import checkpointer
+from pixelbert_dist.checkpoint import choose
+from pixelbert_dist.checkpoint import engine_io
+from pixelbert_dist.checkpoint import layout
+from pixelbert_dist.checkpoint.files import CheckpointError
+from pixelbert_dist.checkpoint.files import read_meta
+from pixelbert_dist.checkpoint.universal import to_universal
+from pixelbert_dist.collectives import gather_objects
+from pixelbert_dist.train.signals import GracefulExit
+from pixelbert_dist.train.window import AccumulationWindow
 from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
 from pixelbert_dist.train.optim import build_optimizer
 from pixelbert_dist.train.config import OptimConfig
@@ -84,7 +94,7 @@ def _engine(
     )
     ds["bf16"]["enabled"] = False  # fp32 so a resumed run must match to rounding
     if universal_from is not None:
-        ckpt.prepare_resume(ds, universal_from, "auto", world_size, universal=True)
+        choose.prepare_resume(ds, universal_from, "auto", world_size, universal=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
     return engine, opt
 
@@ -116,7 +126,7 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, stage):
     engine, opt = _engine(stage, seed=0)
     first = _train(engine, opt, range(3))
     assert first == reference[:3]
-    ckpt.save_checkpoint(
+    checkpointer.save_checkpoint(
         engine,
         run_dir,
         3,
@@ -127,7 +137,7 @@ def test_resume_continues_like_an_uninterrupted_run(run_dir, stage):
 
     _seed_all(123)  # a new process: other RNG streams, another init
     engine, opt = _engine(stage, seed=99)
-    state = ckpt.resume(engine, run_dir, "auto")
+    state = checkpointer.resume(engine, run_dir, "auto")
     assert state["trainer"] == {"step": 3}
     assert state["step"] == 3
     assert state["world_size"] == 1
@@ -143,10 +153,10 @@ def test_save_keeps_last_k_and_moves_latest(run_dir):
     engine, opt = _engine(2, seed=0)
     for step in (1, 2, 3, 4):
         _train(engine, opt, [step])
-        path = ckpt.save_checkpoint(engine, run_dir, step, {"config_fingerprint": "f00"}, keep_last=2)
+        path = checkpointer.save_checkpoint(engine, run_dir, step, {"config_fingerprint": "f00"}, keep_last=2)
         assert path == run_dir / f"step_{step:08d}"
         assert (run_dir / "latest").read_text() == f"step_{step:08d}\n"
-    assert ckpt.list_tags(run_dir) == ["step_00000003", "step_00000004"]
+    assert layout.list_tags(run_dir) == ["step_00000003", "step_00000004"]
     meta = json.loads((run_dir / "step_00000004" / "meta.json").read_text())
     written = {
         p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
@@ -157,55 +167,55 @@ def test_save_keeps_last_k_and_moves_latest(run_dir):
     assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]  # the atomic write left nothing
     # pruning never deletes the tag `latest` names, even when it sorts first
     (run_dir / "latest").write_text("step_00000003\n")
-    assert ckpt._prune(run_dir, 1, protect="step_00000003") == []
-    assert ckpt.list_tags(run_dir) == ["step_00000003", "step_00000004"]
+    assert layout.prune(run_dir, 1, protect="step_00000003") == []
+    assert layout.list_tags(run_dir) == ["step_00000003", "step_00000004"]
 
 
 def test_resume_choices_and_bad_checkpoints(run_dir):
     engine, opt = _engine(1, seed=0)
-    assert ckpt.resume(engine, run_dir, "none") is None
-    assert ckpt.resume(engine, run_dir, "auto") is None  # nothing saved yet: a fresh run
+    assert checkpointer.resume(engine, run_dir, "none") is None
+    assert checkpointer.resume(engine, run_dir, "auto") is None  # nothing saved yet: a fresh run
     _train(engine, opt, [0])
-    ckpt.save_checkpoint(engine, run_dir, 1, {}, keep_last=0)
-    with pytest.raises(ckpt.CheckpointError, match=r"no checkpoint folder step_9.*step_00000001"):
-        ckpt.resume(engine, run_dir, "step_9")
-    assert ckpt.resume(engine, run_dir, str(run_dir / "step_00000001"))["step"] == 1
+    checkpointer.save_checkpoint(engine, run_dir, 1, {}, keep_last=0)
+    with pytest.raises(CheckpointError, match=r"no checkpoint folder step_9.*step_00000001"):
+        checkpointer.resume(engine, run_dir, "step_9")
+    assert checkpointer.resume(engine, run_dir, str(run_dir / "step_00000001"))["step"] == 1
     (run_dir / "step_00000001" / "meta.json").unlink()  # as if a rank died mid-save
-    with pytest.raises(ckpt.CheckpointError, match="meta.json is missing"):
-        ckpt.resume(engine, run_dir, "step_00000001")
+    with pytest.raises(CheckpointError, match="meta.json is missing"):
+        checkpointer.resume(engine, run_dir, "step_00000001")
 
 
 def test_other_world_size_is_refused(run_dir):
     engine, opt = _engine(2, seed=0)
     _train(engine, opt, [0])
-    tag = ckpt.save_checkpoint(engine, run_dir, 1, {}, keep_last=3)
+    tag = checkpointer.save_checkpoint(engine, run_dir, 1, {}, keep_last=3)
     meta = json.loads((tag / "meta.json").read_text())
     (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8}))
     with pytest.raises(
-        ckpt.CheckpointError,
+        CheckpointError,
         match=r"written by 8 data-parallel ranks but this run "
         r"has 1.*ds_to_universal",
     ):
-        ckpt.resume(engine, run_dir, "auto")
+        checkpointer.resume(engine, run_dir, "auto")
     ds: dict = {}
-    with pytest.raises(ckpt.CheckpointError, match="written by 8"):
-        ckpt.prepare_resume(ds, run_dir, "auto", world_size=1)
-    assert ckpt.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
+    with pytest.raises(CheckpointError, match="written by 8"):
+        choose.prepare_resume(ds, run_dir, "auto", world_size=1)
+    assert choose.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
     assert ds == {"checkpoint": {"load_universal": True}}
     # a universal resume of ZeRO-3 shards is refused up front, on every rank
     (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8, "zero_stage": 3}))
-    with pytest.raises(ckpt.CheckpointError, match="ZeRO stage 3.*supported from ZeRO 1 and 2"):
-        ckpt._to_universal(tag)
+    with pytest.raises(CheckpointError, match="ZeRO stage 3.*supported from ZeRO 1 and 2"):
+        to_universal(tag)
     assert not (run_dir / "step_00000001_universal").exists()
     # ZeRO-0 shards nothing: no conversion, it loads as is
     (tag / "meta.json").write_text(json.dumps({**meta, "world_size": 8, "zero_stage": 0}))
     ds = {}
-    assert ckpt.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
+    assert choose.prepare_resume(ds, run_dir, "auto", world_size=1, universal=True) == tag
     assert ds == {}
 
 
 def test_graceful_exit_on_sigint_like_sigterm_and_says_so(caplog):
-    with ckpt.GracefulExit() as stop, caplog.at_level("INFO", logger="pixelbert_dist.checkpoint"):
+    with GracefulExit() as stop, caplog.at_level("INFO", logger="pixelbert_dist"):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a save, not a KeyboardInterrupt
         assert stop.received == signal.SIGINT
         assert stop.should_exit()
@@ -217,27 +227,27 @@ def test_graceful_exit_on_sigint_like_sigterm_and_says_so(caplog):
 
 def test_graceful_exit_on_sigusr1_and_sigterm():
     before = signal.getsignal(signal.SIGUSR1)
-    with ckpt.GracefulExit() as stop:
+    with GracefulExit() as stop:
         assert not stop.should_exit()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested
         assert stop.received == signal.SIGUSR1
         assert stop.should_exit()  # all-reduced over the (one-rank) group
     assert signal.getsignal(signal.SIGUSR1) is before
-    with ckpt.GracefulExit() as stop:
+    with GracefulExit() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == signal.SIGTERM
 
 
 def test_rng_state_round_trip_and_fingerprint():
     _seed_all(3)
-    state = ckpt.rng_state()
+    state = engine_io.rng_state()
     expected = (random.random(), float(np.random.rand()), torch.rand(1).item())
     _seed_all(4)
-    ckpt.set_rng_state(state)
+    engine_io.set_rng_state(state)
     assert (random.random(), float(np.random.rand()), torch.rand(1).item()) == expected
-    assert ckpt.config_fingerprint({"a": 1, "b": [2]}) == ckpt.config_fingerprint({"b": [2], "a": 1})
-    assert ckpt.config_fingerprint({"a": 1}) != ckpt.config_fingerprint({"a": 2})
+    assert engine_io.config_fingerprint({"a": 1, "b": [2]}) == engine_io.config_fingerprint({"b": [2], "a": 1})
+    assert engine_io.config_fingerprint({"a": 1}) != engine_io.config_fingerprint({"a": 2})
 
 
 # ---- world-size change through DeepSpeed's universal checkpoint -------------------
@@ -268,17 +278,25 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
     env = init_distributed()
     engine, opt = _engine(stage, seed=0, world_size=2, micro_batch=2)
     out = [_global_step(engine, opt, step, [env.rank]) for step in range(3)]
-    ckpt.save_checkpoint(engine, save_dir, 3, {"trainer": {"step": 3}}, keep_last=2)
+    checkpointer.save_checkpoint(engine, save_dir, 3, {"trainer": {"step": 3}}, keep_last=2)
     out += [_global_step(engine, opt, step, [env.rank]) for step in range(3, 6)]
-    with ckpt.GracefulExit() as stop:  # only rank 1 is signalled; both must agree to stop
+    with GracefulExit() as stop:  # only rank 1 is signalled; both must agree to stop
         calm = stop.should_exit()
         if env.rank == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         agreed = stop.should_exit()
+    window = AccumulationWindow([], torch.device("cpu"), 1e4)
+    window.open()  # one rank's save-due flag (the loop passes rank 0's clock) reaches every rank
+    save_due = [window.agree(2, False, save_due=env.rank == r)[2] for r in (0, 1)]
+    # a resume on the same 2 ranks: the shared model file is read by rank 0 alone and broadcast
+    engine, opt = _engine(stage, seed=99, world_size=2, micro_batch=2)
+    state, read = checkpointer.resume_engine(engine, Path(save_dir) / "step_00000003")
+    resumed = [_global_step(engine, opt, step, [env.rank]) for step in range(3, 6)]
+    reads = gather_objects(read)
     if env.rank == 0:
-        (Path(save_dir) / "reference.json").write_text(
-            json.dumps({"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested})
-        )
+        result = {"steps": out, "exit_before": calm, "exit_after": agreed, "rank0_signalled": stop.requested}
+        result.update(save_due=save_due, resumed=resumed, resumed_step=state["step"], bytes_read=reads)
+        (Path(save_dir) / "reference.json").write_text(json.dumps(result))
 
 
 @pytest.mark.launcher
@@ -302,12 +320,23 @@ def test_universal_resume_on_another_world_size(run_dir):
     reference = result["steps"]
     # the signal reached rank 1 only, yet the all-reduced flag stopped rank 0 too
     assert (result["exit_before"], result["exit_after"], result["rank0_signalled"]) == (False, True, False)
-    assert ckpt.read_meta(run_dir / "step_00000003")["world_size"] == 2
+    assert result["save_due"] == [True, True]  # set on rank 0, then on rank 1: both ranks saw it
+    meta = read_meta(run_dir / "step_00000003")
+    assert meta["world_size"] == 2
+    # resumed on 2 ranks: the same losses; rank 1 read only its own files (the model file went to rank 0)
+    assert result["resumed_step"] == 3
+    assert [loss for loss, _ in result["resumed"]] == pytest.approx([loss for loss, _ in reference[3:]], rel=1e-6)
+    own = {
+        r: sum(e["size"] for n, e in meta["files"].items() if f"rank_{r}_" in n or f"rank_{r:05d}_" in n)
+        for r in (0, 1)
+    }
+    shared = sum(e["size"] for n, e in meta["files"].items() if n.endswith("model_states.pt"))
+    assert result["bytes_read"] == [own[0] + shared, own[1]]
 
     engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
     assert engine.load_universal_checkpoint()
     with pytest.warns(UserWarning, match="from 2 ranks on 1"):
-        state = ckpt.resume(engine, run_dir, "auto", universal=True)
+        state = checkpointer.resume(engine, run_dir, "auto", universal=True)
     assert state["trainer"] == {"step": 3}
     assert state["rank_state"] is None
     assert (run_dir / "step_00000003_universal" / "meta.json").is_file()
@@ -324,7 +353,7 @@ def _save_steps(run_dir, steps, stage=2):
     engine, opt = _engine(stage, seed=0)
     for step in steps:
         _train(engine, opt, [step % 6])
-        ckpt.save_checkpoint(engine, run_dir, step, {"trainer": {"step": step}}, keep_last=0)
+        checkpointer.save_checkpoint(engine, run_dir, step, {"trainer": {"step": step}}, keep_last=0)
     return engine
 
 
@@ -337,14 +366,24 @@ def _killed_save(save_dir: str) -> None:
     engine = _save_steps(Path(save_dir), [1])
     real_save = torch.save
 
-    def dying_save(obj, path, *args, **kwargs):
-        real_save(obj, path, *args, **kwargs)
-        with open(path, "r+b") as fh:
-            fh.truncate(Path(path).stat().st_size // 2)
+    def dying_save(obj, fh, *args, **kwargs):  # the checkpoint writer saves into an open file
+        real_save(obj, fh, *args, **kwargs)
+        fh.flush()
+        os.ftruncate(fh.fileno(), os.fstat(fh.fileno()).st_size // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
     torch.save = dying_save
-    ckpt.save_checkpoint(engine, save_dir, 1, {"trainer": {"step": 1}}, keep_last=0)
+    checkpointer.save_checkpoint(engine, save_dir, 1, {"trainer": {"step": 1}}, keep_last=0)
+
+
+def test_a_full_disk_is_one_line_naming_the_device_and_the_folder():
+    from pixelbert_dist.checkpoint.staging import device_of, write_file
+
+    with pytest.raises(CheckpointError) as err:  # /dev/full: every write fails with ENOSPC, as a full disk does
+        write_file(Path("/dev/full"), {"weights": torch.zeros(100_000)})
+    assert str(err.value).startswith(f"no space left on {device_of(Path('/dev'))} at /dev: ")
+    assert "\n" not in str(err.value) and "previous checkpoint is intact" in str(err.value)
+    assert device_of(Path("/dev")) != "?"
 
 
 @pytest.mark.slow
@@ -366,10 +405,10 @@ def test_a_kill_during_a_save_leaves_latest_on_an_intact_checkpoint(run_dir):
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert (run_dir / ".step_00000001.tmp").is_dir(), proc.stderr[-3000:]
     assert (run_dir / "latest").read_text() == "step_00000001\n"
-    assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"  # verified: sizes and sha256
+    assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"  # verified: sizes and sha256
     engine, _ = _engine(2, seed=1)
-    assert ckpt.resume(engine, run_dir, "auto")["trainer"] == {"step": 1}
-    ckpt.save_checkpoint(engine, run_dir, 2, {}, keep_last=0)
+    assert checkpointer.resume(engine, run_dir, "auto")["trainer"] == {"step": 1}
+    checkpointer.save_checkpoint(engine, run_dir, 2, {}, keep_last=0)
     assert not list(run_dir.glob(".*tmp"))  # the next good save clears the leftover
 
 
@@ -377,37 +416,59 @@ def _model_file(tag_dir: Path) -> Path:
     return next(p for p in tag_dir.iterdir() if p.name.endswith("model_states.pt"))
 
 
+def test_an_older_meta_json_without_a_file_table_is_verified_by_reading(run_dir, caplog):
+    _save_steps(run_dir, [1, 2])
+    for tag in ("step_00000001", "step_00000002"):  # the format before the file table
+        meta = read_meta(run_dir / tag)
+        del meta["files"]
+        (run_dir / tag / "meta.json").write_text(json.dumps(meta))
+    assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000002"
+    broken = _model_file(run_dir / "step_00000002")
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])  # truncated
+    with caplog.at_level("WARNING", logger="pixelbert_dist"):
+        assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    assert f"step_00000002 skipped: {broken} cannot be read" in caplog.text
+    with pytest.raises(CheckpointError, match=rf"step_00000002 is damaged: {broken} cannot be read"):
+        choose.find_checkpoint(run_dir, "step_00000002")
+    flipped = next((run_dir / "step_00000001").glob("*optim_states.pt"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit, same size
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{flipped}: its member .* fails its CRC check"):
+        choose.find_checkpoint(run_dir, "step_00000001")
+
+
 def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, caplog):
     _save_steps(run_dir, [1, 2, 3])
     engine, _ = _engine(2, seed=1)
     broken = _model_file(run_dir / "step_00000003")
     broken.write_bytes(broken.read_bytes()[:100])  # truncated
-    with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint"):
-        assert ckpt.resume(engine, run_dir, "auto")["step"] == 2
+    with caplog.at_level("WARNING", logger="pixelbert_dist"):
+        assert checkpointer.resume(engine, run_dir, "auto")["step"] == 2
     assert "resuming from" in caplog.text
     assert "step_00000002" in caplog.text
     assert f"step_00000003 skipped: {broken} has 100 bytes" in caplog.text
-    with pytest.raises(ckpt.CheckpointError, match=rf"step_00000003 is damaged: {broken} has 100 bytes"):
-        ckpt.resume(engine, run_dir, "step_00000003")
+    with pytest.raises(CheckpointError, match=rf"step_00000003 is damaged: {broken} has 100 bytes"):
+        checkpointer.resume(engine, run_dir, "step_00000003")
     flipped = next((run_dir / "step_00000002").glob("*optim_states.pt"))
     data = bytearray(flipped.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit, same size: loads fine, trains to garbage
     flipped.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match=rf"{flipped}: sha256 differs"):
-        ckpt.find_checkpoint(run_dir, "step_00000002")
-    assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    with pytest.raises(CheckpointError, match=rf"{flipped}: sha256 differs"):
+        choose.find_checkpoint(run_dir, "step_00000002")
+    assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
     (run_dir / "latest").write_text("")
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint"):
-        assert ckpt.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
+    with caplog.at_level("WARNING", logger="pixelbert_dist"):
+        assert choose.find_checkpoint(run_dir, "auto") == run_dir / "step_00000001"
     assert "latest is empty" in caplog.text
     (run_dir / "step_00000001" / "meta.json").write_text('{"step": 1, "world_')
     with pytest.raises(
-        ckpt.CheckpointError,
+        CheckpointError,
         match=r"no intact checkpoint.*latest is empty.*"
         r"step_00000001/meta.json is not valid JSON",
     ):
-        ckpt.find_checkpoint(run_dir, "auto")
+        choose.find_checkpoint(run_dir, "auto")
 
 
 def test_a_zero_stage_change_is_refused_or_bridged(run_dir):
@@ -415,28 +476,87 @@ def test_a_zero_stage_change_is_refused_or_bridged(run_dir):
     ds3 = fill_deepspeed_config(CONFIGS / "zero3.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
     for universal in (False, True):  # DeepSpeed's ZeRO-3 universal load cannot read the conversion
         with pytest.raises(
-            ckpt.CheckpointError,
+            CheckpointError,
             match=r"saved with ZeRO stage 2 but this run's DeepSpeed "
             r"config has stage 3.*zero2.json.*launch/export.py",
         ):
-            ckpt.prepare_resume(ds3, run_dir, "auto", world_size=1, universal=universal)
+            choose.prepare_resume(ds3, run_dir, "auto", world_size=1, universal=universal)
     ds1 = fill_deepspeed_config(CONFIGS / "zero1.json", micro_batch=4, grad_accum=1, world_size=1, grad_clip=1.0)
-    with pytest.raises(ckpt.CheckpointError, match=r"stage 2 .* stage 1.*resume_universal=true"):
-        ckpt.prepare_resume(ds1, run_dir, "auto", world_size=1)
+    with pytest.raises(CheckpointError, match=r"stage 2 .* stage 1.*resume_universal=true"):
+        choose.prepare_resume(ds1, run_dir, "auto", world_size=1)
     # bridged: the ZeRO-2 checkpoint loads under ZeRO-1 and trains on like a ZeRO-2 resume
     same, opt2 = _engine(2, seed=5, random_ops=False)
-    ckpt.resume(same, run_dir, "auto")
+    checkpointer.resume(same, run_dir, "auto")
     expected = _train(same, opt2, [1, 2])
     bridged, opt1 = _engine(1, seed=5, universal_from=run_dir)
     assert bridged.load_universal_checkpoint()
-    assert ckpt.resume(bridged, run_dir, "auto", universal=True)["step"] == 1
+    assert checkpointer.resume(bridged, run_dir, "auto", universal=True)["step"] == 1
     for (loss, lrs), (ref_loss, ref_lrs) in zip(_train(bridged, opt1, [1, 2]), expected):
         assert loss == pytest.approx(ref_loss, rel=1e-5)
+        assert lrs == pytest.approx(ref_lrs)
+
+
+def _killed_async_save(save_dir: str) -> None:
+    """Save step 2 in the background (completes), train on, start the background save of
+    step 4 with a writer slowed down (the test-only hook), train steps 4 and 5 while it is
+    in flight, report their losses, and wait to be killed."""
+    from pixelbert_dist.checkpoint.staging import SLOW_WRITER_ENV
+    from pixelbert_dist.distributed.env import init_distributed
+
+    init_distributed()
+    _seed_all(7)
+    engine, opt = _engine(2, seed=0)
+    saver = checkpointer.Checkpointer(Path(save_dir).parent, folder=save_dir, keep_last=0, async_save=True)
+    saver.attach(engine)
+    losses = _train(engine, opt, range(2))
+    saver.save(2, {"trainer": {"step": 2}}, rank_state={"data": {"batches_seen": 2}})
+    saver.wait()
+    losses += _train(engine, opt, range(2, 4))
+    os.environ[SLOW_WRITER_ENV] = "600"
+    saver.save(4, {"trainer": {"step": 4}}, rank_state={"data": {"batches_seen": 4}})
+    losses += _train(engine, opt, range(4, 6))  # the step loop goes on while step 4 is written
+    report = {"pid": os.getpid(), "losses": losses, "blocked": saver.last_blocked_seconds}
+    (Path(save_dir) / "report.json").write_text(json.dumps(report))
+    time.sleep(600)
+
+
+@pytest.mark.slow
+def test_a_kill_during_an_async_save_resumes_from_the_previous_one_and_loses_nothing(run_dir):
+    import subprocess
+
+    _seed_all(7)
+    engine, opt = _engine(2, seed=0)
+    reference = _train(engine, opt, range(6))
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, __file__, str(run_dir), "async_kill"], env=env, stderr=subprocess.PIPE, text=True)
+    report, deadline = run_dir / "report.json", time.monotonic() + 300
+    while not report.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert report.is_file(), proc.communicate(timeout=60)[1][-3000:] if proc.poll() is not None else "no report"
+    child = json.loads(report.read_text())
+    os.kill(child["pid"], signal.SIGKILL)  # while step 4 is still being written
+    proc.communicate(timeout=120)
+    # the background saves left training alone: the same losses as a run without saves
+    assert [loss for loss, _ in child["losses"]] == pytest.approx([loss for loss, _ in reference], rel=1e-6)
+    assert (run_dir / ".step_00000004.tmp").is_dir() and not (run_dir / "step_00000004").exists()
+    assert (run_dir / "latest").read_text() == "step_00000002\n"
+
+    _seed_all(123)  # a new process: other RNG streams, another init
+    engine, opt = _engine(2, seed=99)
+    state = checkpointer.resume(engine, run_dir, "auto")  # verified: sizes and sha256
+    assert state["trainer"] == {"step": 2} and state["rank_state"] == {"data": {"batches_seen": 2}}
+    resumed = _train(engine, opt, range(2, 6))
+    for (loss, lrs), (ref_loss, ref_lrs) in zip(resumed, reference[2:]):
+        assert loss == pytest.approx(ref_loss, rel=1e-6, abs=1e-7)
         assert lrs == pytest.approx(ref_lrs)
 
 
 if __name__ == "__main__":  # the subprocess halves of the universal and the kill tests, under torchrun
     if sys.argv[2] == "kill":
         _killed_save(sys.argv[1])
+    elif sys.argv[2] == "async_kill":
+        _killed_async_save(sys.argv[1])
     else:
         _two_rank_save(sys.argv[1], int(sys.argv[2]))

@@ -75,14 +75,41 @@ def test_overwritten_bytes_are_refused_naming_the_file(export, tmp_path):
         PixelBert.from_pretrained(folder)
 
 
-def test_export_without_checksums_loads_with_a_warning(export, tmp_path, caplog):
+def test_export_without_checksums_is_refused_unless_asked_for(export, tmp_path, caplog):
     folder = copy_export(export[0], tmp_path / "old")
     record = json.loads((folder / "config.json").read_text())
     del record["files"]
     (folder / "config.json").write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING):
+    with pytest.raises(ValueError, match=r"records no checksums.*allow_unverified=True"):
         PixelBert.from_pretrained(folder)
+    with caplog.at_level(logging.WARNING):
+        PixelBert.from_pretrained(folder, allow_unverified=True)
     assert "records no checksums" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "key, value, named",
+    [
+        ("num_heads", 8, "config.num_heads: 8 in config.json, 4 in the weights"),
+        ("extra_pool", False, "config.extra_pool: False in config.json, True in the weights"),
+    ],
+)
+def test_an_edited_config_json_that_keeps_the_shapes_is_refused(export, tmp_path, key, value, named):
+    folder = copy_export(export[0], tmp_path / "edited")
+    record = json.loads((folder / "config.json").read_text())
+    record["config"][key] = value
+    (folder / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"describes another model than .* was exported with \(.*{named}"):
+        PixelBert.from_pretrained(folder)
+
+
+def test_an_edited_preset_name_is_refused(tmp_path):
+    folder = build_model("tiny").save_pretrained(tmp_path / "export", extra={"preset": "tiny"})
+    record = json.loads((folder / "config.json").read_text())
+    record["preset"] = "pixelbert-r50"
+    (folder / "config.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"preset: 'pixelbert-r50' in config.json, 'tiny' in the weights"):
+        PixelBert.from_pretrained(folder)
 
 
 def test_save_pretrained_leaves_a_bf16_model_in_bf16(tmp_path):

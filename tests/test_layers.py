@@ -117,7 +117,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "pixelbert_dist.train.trainer" in graph["pixelbert_dist.train.run"]  # inside main()
     assert "pixelbert_dist.model.pixelbert" in graph["pixelbert_dist.model.flops"]  # from .pixelbert import
-    assert {"pixelbert_dist.train.loop", "pixelbert_dist.checkpoint"} <= graph["pixelbert_dist.finetune.trainer"]
+    assert {"pixelbert_dist.train.loop", "pixelbert_dist.checkpoint.files"} <= graph["pixelbert_dist.finetune.trainer"]
 
 
 def test_every_package_module_has_a_layer():

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.checkpoint import layout
 from pixelbert_dist.config import load_config
 from pixelbert_dist.train.config import RunConfig
 from tests.pretrain_helpers import (
@@ -86,7 +86,7 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted_run(server, tmp_pat
     assert stopped_at == spec["stop"], "the signal should stop the run at the end of its step"
     loader = cut.train_loader
     assert 0 < loader.batches_done < len(loader), "the stop should land mid-epoch"
-    assert ckpt.read_latest(cut_dir / "checkpoints") == f"step_{stopped_at:08d}"
+    assert layout.read_latest(cut_dir / "checkpoints") == f"step_{stopped_at:08d}"
 
     resumed = trainer(cut_dir, server, *extra, steps=steps)  # train.resume=auto
     assert resumed.state["step"] == stopped_at

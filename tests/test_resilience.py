@@ -106,7 +106,7 @@ def test_a_rank_whose_launcher_dies_gets_the_stop_signal():
         import subprocess, sys, textwrap, time
         rank = subprocess.Popen([sys.executable, "-c", textwrap.dedent('''
             import signal, sys, time
-            from pixelbert_dist.checkpoint import GracefulExit
+            from pixelbert_dist.train.signals import GracefulExit
             from pixelbert_dist.distributed.launcher_watch import watch_launcher
             watch_launcher()
             with GracefulExit() as stop:

@@ -16,7 +16,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.checkpoint import checkpointer
+from pixelbert_dist.checkpoint import choose
+from pixelbert_dist.checkpoint.files import CheckpointError
+from pixelbert_dist.checkpoint.files import read_meta
 from pixelbert_dist.config import ConfigError, load_config
 from pixelbert_dist.train.config import RunConfig
 from tests.pretrain_helpers import REPO, fast_overrides, launch_env, poison_images, signal_at, train_losses
@@ -41,13 +44,14 @@ def rows(run_dir) -> list[dict]:
 
 @contextmanager
 def counting_saves(monkeypatch):
-    steps, real = [], ckpt.save_checkpoint
+    steps, real = [], checkpointer.Checkpointer.save
 
-    def save(engine, save_dir, step, *args, **kwargs):
-        steps.append(step)
-        return real(engine, save_dir, step, *args, **kwargs)
+    def save(self, step, *args, **kwargs):
+        if self.saved_step != step:  # a save, not the no-op of a step saved already
+            steps.append(step)
+        return real(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    monkeypatch.setattr(checkpointer.Checkpointer, "save", save)
     yield steps
 
 
@@ -55,12 +59,26 @@ def counting_saves(monkeypatch):
 def test_a_stop_signal_on_a_save_step_saves_once(shards, tmp_path, monkeypatch, caplog, sig):
     run = trainer(tmp_path / "run", shards, steps=6)
     signal_at(run, 1, sig)  # arrives during step 2, a save step
-    with counting_saves(monkeypatch) as saved, caplog.at_level("INFO", logger="pixelbert_dist.checkpoint"):
+    with counting_saves(monkeypatch) as saved, caplog.at_level("INFO", logger="pixelbert_dist"):
         run.fit()
     assert saved == [2]
     assert run.state["step"] == 2
     assert f"stop requested ({signal.Signals(sig).name})" in caplog.text
-    assert ckpt.find_checkpoint(tmp_path / "run" / "checkpoints", "auto").name == "step_00000002"
+    assert choose.find_checkpoint(tmp_path / "run" / "checkpoints", "auto").name == "step_00000002"
+
+
+def test_saves_on_the_clock_beside_the_step_interval(shards, tmp_path, monkeypatch):
+    """train.save_every_minutes: a save whenever that much time passed since the last one
+    (here: every step), beside train.save_every; 0 turns the clock off."""
+    timed = trainer(tmp_path / "timed", shards, "train.save_every=0", "train.save_every_minutes=1e-9", steps=3)
+    with counting_saves(monkeypatch) as saved:
+        timed.fit()
+    assert saved == [1, 2, 3]
+    assert choose.find_checkpoint(tmp_path / "timed" / "checkpoints", "auto").name == "step_00000003"
+    untimed = trainer(tmp_path / "untimed", shards, "train.save_every=0", "train.save_every_minutes=0", steps=3)
+    with counting_saves(monkeypatch) as saved:
+        untimed.fit()
+    assert saved == [3]  # the end of the run only
 
 
 def test_rerunning_a_command_never_overwrites_a_finished_run(shards, tmp_path):
@@ -68,16 +86,16 @@ def test_rerunning_a_command_never_overwrites_a_finished_run(shards, tmp_path):
     trainer(run_dir, shards).fit()
     finished = rows(run_dir)
     with pytest.raises(
-        ckpt.CheckpointError,
+        CheckpointError,
         match=r"holds a finished run \(step 4, its final step\).*new "
         r"run_dir.*train.resume=latest",
     ):
         trainer(run_dir, shards)
-    with pytest.raises(ckpt.CheckpointError, match=r"holds a finished run"):
+    with pytest.raises(CheckpointError, match=r"holds a finished run"):
         trainer(run_dir, shards, steps=6)  # the README's command with other settings: refused alike
-    with pytest.raises(ckpt.CheckpointError, match=r"train.resume=none would start a new run.*step_00000004"):
+    with pytest.raises(CheckpointError, match=r"train.resume=none would start a new run.*step_00000004"):
         trainer(run_dir, shards, "train.resume=none")
-    with pytest.raises(ckpt.CheckpointError, match="nothing to train: .*step 4 .* 4 steps"):
+    with pytest.raises(CheckpointError, match="nothing to train: .*step 4 .* 4 steps"):
         trainer(run_dir, shards, "train.resume=latest")
     assert rows(run_dir) == finished  # none of the refused runs touched the record
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 4
@@ -108,7 +126,7 @@ def test_changed_learning_rates_apply_from_the_resumed_step(shards, tmp_path, ca
     signal_at(first, 1)
     first.fit()  # stopped at step 2 (warm-up of 2 steps done)
     with pytest.raises(
-        ckpt.CheckpointError,
+        CheckpointError,
         match=r"another config \(optim.lr: 0.0001 -> 5e-05\).*"
         r"train.resume=latest to continue that run from step 2",
     ):
@@ -137,7 +155,7 @@ def test_changed_learning_rates_apply_from_the_resumed_step(shards, tmp_path, ca
 
 
 def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(shards, tmp_path, caplog):
-    from pixelbert_dist.train.run_dir import RunFolderError
+    from pixelbert_dist.checkpoint.run_folder import RunFolderError
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
@@ -145,7 +163,7 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; "
-            "from pixelbert_dist.train.run_dir import RunLock; lock = RunLock(Path(sys.argv[1])).acquire(); "
+            "from pixelbert_dist.checkpoint.run_folder import RunLock; lock = RunLock(Path(sys.argv[1])).acquire(); "
             "print('locked', flush=True); time.sleep(600)",
             str(run_dir),
         ],
@@ -164,7 +182,7 @@ def test_a_second_run_on_one_folder_is_refused_and_a_dead_holder_is_taken_over(s
         holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
         holder.wait()
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == holder.pid
-    with caplog.at_level("WARNING", logger="pixelbert_dist.train.run_dir"):
+    with caplog.at_level("WARNING", logger="pixelbert_dist.checkpoint.run_folder"):
         run = trainer(run_dir, shards)
     assert f"took over the stale lock {run_dir / 'run.lock'}" in caplog.text
     assert f"pid {holder.pid}" in caplog.text
@@ -284,7 +302,7 @@ def test_universal_resume_from_two_ranks_to_one_through_the_launcher(shards, tmp
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 9))
     assert all(map(torch.isfinite, torch.tensor(list(losses.values()))))
-    assert ckpt.read_meta(run_dir / "checkpoints" / "step_00000008")["world_size"] == 1
+    assert read_meta(run_dir / "checkpoints" / "step_00000008")["world_size"] == 1
 
 
 def test_global_batch_sets_the_accumulation_for_the_world_size(run_dir, shards):

@@ -6,9 +6,8 @@ folder into place and only then moves ``latest``. A kill at any moment leaves ei
 previous checkpoint named by ``latest`` or the new one, never a half-written folder.
 
 Hashing is spread over the ranks: at save, each rank hashes the files it wrote itself
-(DeepSpeed names them ``*zero_pp_rank_R_*``; the rest, e.g. ``mp_rank_00_model_states.pt``,
-are rank 0's), while they are still in its page cache; at resume, rank r checks files
-r, r + W, ... of the sorted list. Rank 0 then decides from every rank's findings.
+(``staging.write_staged``), while they are still in its page cache; at resume, rank r
+checks files r, r + W, ... of the sorted list. Rank 0 then decides from every rank's findings.
 """
 
 from __future__ import annotations
@@ -16,8 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch.distributed as tdist
@@ -26,7 +25,6 @@ from pixelbert_dist.collectives import gather_objects
 
 META = "meta.json"
 TMP_SUFFIX = ".tmp"
-_OWNER_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 class CheckpointError(RuntimeError):
@@ -41,34 +39,15 @@ def world() -> int:
     return tdist.get_world_size() if tdist.is_initialized() else 1
 
 
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
 def file_digest(path: Path) -> dict:
     with open(path, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     return {"size": path.stat().st_size, "sha256": digest}
-
-
-def _owner(name: str) -> int:
-    match = _OWNER_RE.search(name)
-    return int(match.group(1)) if match else 0
-
-
-def record_files(folder: Path) -> dict[str, dict] | None:
-    """Every rank hashes the files it wrote; rank 0 gets the whole table (None elsewhere).
-    A collective; it also stands for the barrier after the ranks' writes."""
-    me = rank()
-    own = {
-        p.name: file_digest(p)
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != META and _owner(p.name) == me
-    }
-    tables = gather_objects(own)
-    if me != 0:
-        return None
-    files = {name: entry for table in tables for name, entry in table.items()}
-    for path in sorted(folder.iterdir()):  # a file no rank claimed (another naming): rank 0 hashes it
-        if path.is_file() and path.name != META and path.name not in files:
-            files[path.name] = file_digest(path)
-    return dict(sorted(files.items()))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -90,6 +69,10 @@ def _fsync_dir(path: Path) -> None:
 
 def tmp_folder(save_dir: Path, tag: str) -> Path:
     return save_dir / f".{tag}{TMP_SUFFIX}"
+
+
+def tag_of_tmp(tmp: Path) -> str:
+    return tmp.name[1 : -len(TMP_SUFFIX)]
 
 
 def prepare_tmp(save_dir: Path, tag: str) -> Path:
@@ -155,16 +138,29 @@ def _check_file(path: Path, entry: dict) -> str | None:
     return None
 
 
+def _check_readable(path: Path) -> str | None:
+    """A torch file of a checkpoint without a file table, read through without unpickling
+    anything: torch.save writes a zip whose members carry CRC-32s."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{path} cannot be read ({err}): truncated or overwritten (an older meta.json without sizes and sha256)"
+    return f"{path}: its member {bad} fails its CRC check (the file is corrupted)" if bad else None
+
+
 def verify(tag_dir: Path) -> str | None:
     """What is wrong with ``tag_dir`` (the first problem, named by file), or None when it is
     intact. A collective: every rank checks its share of the files."""
     try:
         meta = read_meta(tag_dir)
         files = meta.get("files")
-        problems = []
-        if files is not None:  # older checkpoints recorded no files: nothing to check against
+        if files is not None:
             names = sorted(files)
             problems = [p for name in names[rank() :: world()] if (p := _check_file(tag_dir / name, files[name]))]
+        else:  # an older meta.json records no files: read each through, checking its zip CRCs
+            names = sorted(p.name for p in Path(tag_dir).iterdir() if p.suffix == ".pt" and p.is_file())
+            problems = [p for name in names[rank() :: world()] if (p := _check_readable(tag_dir / name))]
     except CheckpointError as err:
         problems = [str(err)]
     found = [p for mine in gather_objects(problems) for p in mine]

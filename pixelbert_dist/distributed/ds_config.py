@@ -231,8 +231,13 @@ def precision_of(ds: dict) -> str:
     return "fp16" if _enabled(ds, "fp16") is True else "fp32"
 
 
+def deepspeed_config_text(ds: dict) -> str:
+    """The filled config as written into the run folder, so the run can be replayed."""
+    return json.dumps(ds, indent=2, sort_keys=True) + "\n"
+
+
 def write_deepspeed_config(ds: dict, path: str | Path) -> Path:
     """Write the filled config (e.g. into the run folder) so the run can be replayed."""
     path = Path(path)
-    path.write_text(json.dumps(ds, indent=2, sort_keys=True) + "\n")
+    path.write_text(deepspeed_config_text(ds))
     return path

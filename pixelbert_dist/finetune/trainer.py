@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixelbert_dist import checkpoint as ckpt
+from pixelbert_dist.checkpoint.engine_io import config_fingerprint
+from pixelbert_dist.checkpoint.files import CheckpointError
 from pixelbert_dist.collectives import collective_device
 from pixelbert_dist.config import to_dict
 from pixelbert_dist.data.text import load_tokenizer
@@ -101,7 +102,7 @@ class FinetuneTrainer(BaseTrainer):
         self.name = f"finetune {cfg.task}"
         backbone, self.tokenizer = load_export(cfg)
         self.backbone_config = backbone.config
-        self.model_fingerprint = ckpt.config_fingerprint(to_dict(backbone.config))
+        self.model_fingerprint = config_fingerprint(to_dict(backbone.config))
         self.images = KeyedImages(cfg.data.shards)
         self.task = make_task(cfg, self.tokenizer, self.images, self.run_dir)
         return self.task.build_model(backbone)
@@ -155,7 +156,7 @@ class FinetuneTrainer(BaseTrainer):
 
     def check_resumed(self, client: dict) -> None:
         if client.get("model_fingerprint") != self.model_fingerprint:
-            raise ckpt.CheckpointError(
+            raise CheckpointError(
                 f"{self.ckpt_dir} was written for another model architecture than the "
                 f"export {self.cfg.pretrained}: use a new run_dir"
             )

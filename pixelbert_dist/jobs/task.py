@@ -26,7 +26,7 @@ from pathlib import Path
 
 import submitit
 
-from pixelbert_dist.checkpoint import read_latest
+from pixelbert_dist.checkpoint.layout import read_latest
 from pixelbert_dist.distributed.env import RENDEZVOUS_SOURCE_VAR, RENDEZVOUS_TIMEOUT_VAR, job_port, slurm_master
 from pixelbert_dist.jobs import restart
 

@@ -3,6 +3,11 @@ tokenizer files, loadable with no DeepSpeed and no pickle.
 
 config.json records the sha256 and size of every weight file; loading checks them first,
 so a truncated or overwritten file is refused with its name instead of loading garbage.
+The weights file in turn carries the model config it was exported with (safetensors
+metadata): config.json's own description is covered through the weights' checksum, and
+an edit that keeps tensor shapes (another preset name, ``num_heads``, ``extra_pool``) is
+refused naming the keys instead of fine-tuning a different model. An export without a
+checksum table (older ones) is refused unless the caller passes ``allow_unverified=True``.
 The weights are written before config.json: an export interrupted half-way fails that
 check rather than pairing new weights with an old description.
 
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 from torch import nn
 
@@ -29,6 +35,7 @@ from .config import PixelBertConfig
 log = logging.getLogger(__name__)
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 FILE_MODE = 0o644  # every exported file alike: readable by the fine-tuning job's user
+CONFIG_METADATA = "pixelbert_config"  # the exported model config, inside the weights file
 
 
 def file_digest(path: Path) -> dict:
@@ -70,23 +77,21 @@ def _tokenizer_record(tokenizer, out: Path) -> tuple[dict, list[Path]]:
 
 
 def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write fp32 weights, the tokenizer, then config.json with the weights' sha256.
+    """Write the tokenizer, fp32 weights (carrying config.json's description), then
+    config.json with the weights' sha256.
 
     ``extra`` adds top-level entries to config.json (the pre-training export puts the
     preset name, the image and text input settings and the checkpoint there)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(fp32_state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    written = [out / WEIGHTS_NAME]
-    config = {
-        "architecture": "PixelBert",
-        "config": dataclasses.asdict(model.config),
-        **(extra or {}),
-        "files": {WEIGHTS_NAME: file_digest(out / WEIGHTS_NAME)},
-    }
+    config = {"architecture": "PixelBert", "config": dataclasses.asdict(model.config), **(extra or {})}
+    written = []
     if tokenizer is not None:
-        config["tokenizer"], tokenizer_files = _tokenizer_record(tokenizer, out)
-        written += tokenizer_files
+        config["tokenizer"], written = _tokenizer_record(tokenizer, out)
+    described = json.dumps(config, sort_keys=True, default=str)  # all of config.json but the checksums
+    save_file(fp32_state_dict(model), str(out / WEIGHTS_NAME), metadata={"format": "pt", CONFIG_METADATA: described})
+    written.append(out / WEIGHTS_NAME)
+    config["files"] = {WEIGHTS_NAME: file_digest(out / WEIGHTS_NAME)}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     for path in written + [out / CONFIG_NAME]:
         if path.is_file():
@@ -115,16 +120,18 @@ def read_pretrained_config(folder: str | Path) -> PixelBertConfig:
     return PixelBertConfig(**read_pretrained_record(folder)["config"])
 
 
-def verify_export_files(folder: str | Path, record: dict) -> None:
+def verify_export_files(folder: str | Path, record: dict, allow_unverified: bool = False) -> None:
     """Check every weight file against the size and sha256 that config.json records."""
     folder = Path(folder)
     files = record.get("files")
     if not files:
-        log.warning(
-            "%s records no checksums (an export from before they were written): %s is loaded unverified",
-            folder / CONFIG_NAME,
-            WEIGHTS_NAME,
-        )
+        if not allow_unverified:
+            raise ValueError(
+                f"{folder / CONFIG_NAME} records no checksums (an export from before they were written): "
+                f"{WEIGHTS_NAME} cannot be verified. Re-export it from its checkpoint (python launch/export.py "
+                "RUN_DIR), or pass allow_unverified=True to load it anyway"
+            )
+        log.warning("%s records no checksums: %s is loaded unverified", folder / CONFIG_NAME, WEIGHTS_NAME)
         return
     for name, want in files.items():
         path = folder / name
@@ -144,10 +151,42 @@ def verify_export_files(folder: str | Path, record: dict) -> None:
             )
 
 
+def check_architecture(weights: Path, record: dict) -> None:
+    """What config.json says (the model config, preset, input settings) must be what the
+    weights were exported with (recorded inside the weights file, which the checksum covers)."""
+    with safe_open(str(weights), "pt") as handle:
+        described = (handle.metadata() or {}).get(CONFIG_METADATA)
+    if described is None:
+        return  # an export from before config.json was recorded in its weights
+    exported = _flat(json.loads(described))
+    claimed = _flat(json.loads(json.dumps({k: v for k, v in record.items() if k != "files"}, default=str)))
+    changed = [
+        f"{key}: {claimed.get(key)!r} in config.json, {exported.get(key)!r} in the weights"
+        for key in sorted(set(exported) | set(claimed))
+        if exported.get(key) != claimed.get(key)
+    ]
+    if changed:
+        raise ValueError(
+            f"{weights.parent / CONFIG_NAME} describes another model than {weights} was exported with "
+            f"({'; '.join(changed)}): config.json was edited after the export; restore it or re-export"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_pretrained(
     build: Callable[[PixelBertConfig], nn.Module],
     folder: str | Path,
     map_location: str | torch.device = "cpu",
+    allow_unverified: bool = False,
     **overrides,
 ) -> nn.Module:
     """``build(config)`` filled from an export folder, verified, in eval mode (as Hugging
@@ -158,7 +197,8 @@ def load_pretrained(
     weights = Path(folder) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    verify_export_files(folder, record)
+    verify_export_files(folder, record, allow_unverified)
+    check_architecture(weights, record)
     model = build(cfg)
     try:
         load_model(model, str(weights), strict=True, device=str(map_location))

@@ -96,6 +96,16 @@ class LoopConfig:
     log_every: Annotated[int, Help("optimiser steps between train log lines"), Ge(1)] = 10
     eval_every: Annotated[int, Help("optimiser steps between evaluations; 0: after every epoch"), Ge(0)] = 0
     save_every: Annotated[int, Help("optimiser steps between checkpoints; 0: at the end only"), Ge(0)] = 500
+    save_every_minutes: Annotated[
+        float, Help("also save when this many minutes passed since the last save (rank 0's clock); 0: off"), Ge(0)
+    ] = 30.0
+    async_save: Annotated[
+        bool, Help("write checkpoints in a background thread: the step waits for the host copy only")
+    ] = True
+    checkpoint_mirror: Annotated[
+        str | None,
+        Help("fsspec URL (s3://bucket/run/) each finished checkpoint is copied to; resumed from when local is empty"),
+    ] = None
     keep_last: Annotated[int, Help("checkpoints kept on disk; 0: all"), Ge(0)] = 3
     resume: Annotated[str, Help('"auto" (the latest checkpoint), "none", a tag or a checkpoint path')] = "auto"
     resume_universal: Annotated[bool, Help("allow a resume at another world size (universal checkpoint)")] = False

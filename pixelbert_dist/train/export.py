@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixelbert_dist.checkpoint import find_checkpoint
+from pixelbert_dist.checkpoint.choose import find_checkpoint
 from pixelbert_dist.config import load_config
 from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
 from pixelbert_dist.model import PixelBert, PixelBertConfig

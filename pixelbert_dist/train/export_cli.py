@@ -26,7 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def chosen_checkpoint(ckpt_dir: Path, tag: str) -> tuple[Path, int]:
     """The checkpoint folder ``--tag`` names (the latest for auto) and its ZeRO stage, or
     SystemExit with what is there and what to pass instead."""
-    from pixelbert_dist.checkpoint import CheckpointError, find_checkpoint, list_tags, read_meta
+    from pixelbert_dist.checkpoint.choose import find_checkpoint
+    from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
+    from pixelbert_dist.checkpoint.layout import list_tags
 
     if tag not in ("auto", "latest") and not (ckpt_dir / tag).is_dir() and not Path(tag).is_dir():
         tags = ", ".join(list_tags(ckpt_dir)) or "none"

@@ -5,8 +5,9 @@ precision, SyncBatchNorm, torch.compile), resume (universal too), the step with 
 NaN/inf skip, checkpoints, the epoch loop with its clean stop on SIGTERM / SIGUSR1,
 logging and the throughput/MFU meter. A subclass supplies the model, the loaders and
 what to log, evaluate and leave behind (the hooks below), as torchtitan's Trainer does.
-The accumulation window (NaN/inf skip, the one host sync) is ``window.py``; the run's
-record on disk (lock, resume, save) ``persist.py``.
+The accumulation window (NaN/inf skip, the one host sync) is ``window.py``; checkpoints,
+the run folder and its record are one component, ``checkpoint.checkpointer.Checkpointer``:
+the loop says what to save (``save``) and applies what a resume returns (``_resume``).
 Steps count optimiser steps: one per accumulation window whose micro-batches ran.
 """
 
@@ -21,20 +22,22 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from pixelbert_dist import checkpoint as ckpt
-from pixelbert_dist.config import ConfigError, to_dict
+from pixelbert_dist.checkpoint.checkpointer import Checkpointer
+from pixelbert_dist.checkpoint.engine_io import config_fingerprint
+from pixelbert_dist.checkpoint.files import CheckpointError
+from pixelbert_dist.checkpoint.run_folder import check_run_dir_writable
+from pixelbert_dist.config import ConfigError, dump_config, to_dict
 from pixelbert_dist.console import Progress, best_line, learning_rates_shown
-from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
+from pixelbert_dist.distributed.ds_config import deepspeed_config_text, fill_deepspeed_config, precision_of
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
 from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
 from pixelbert_dist.model import PixelBert
 from pixelbert_dist.model.visual import sync_batchnorms
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.health import RunHealth
-from pixelbert_dist.train.persist import RunPersistence
 from pixelbert_dist.train.profiling import StepProfiler
-from pixelbert_dist.train.run_dir import check_run_dir_writable
-from pixelbert_dist.train.schedule import build_scheduler, clamp_warmup
+from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
+from pixelbert_dist.train.signals import GracefulExit
 from pixelbert_dist.train.window import AccumulationWindow, NonFiniteLossError, update_left_out
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ def check_batch_fits(t, samples: int | None, world: int) -> None:
         )
 
 
-class BaseTrainer(RunPersistence):
+class BaseTrainer:
     """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``."""
 
     name = "train"  # the progress bar's label
@@ -82,10 +85,19 @@ class BaseTrainer(RunPersistence):
         self.device = device_for(self.env)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.run_dir, self.ckpt_dir = Path(cfg.run_dir), Path(cfg.run_dir) / "checkpoints"
+        self.run_dir = Path(cfg.run_dir)
         check_run_dir_writable(self.run_dir)
         t = cfg.train
         t.grad_accum = t.accumulation(self.world)  # train.global_batch, if set, for this world size
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            keep_last=t.keep_last,
+            every_steps=t.save_every,
+            every_minutes=t.save_every_minutes,
+            async_save=t.async_save,
+            mirror=t.checkpoint_mirror,
+        )
+        self.ckpt_dir = self.checkpointer.folder
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = self.build_model()
         if t.activation_checkpointing is not None:
@@ -94,20 +106,21 @@ class BaseTrainer(RunPersistence):
         check_batch_fits(t, self.train_samples(), self.world)
         self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
-        self.run_lock, self._saved_step = None, None
         try:
             self._setup_engine(model, deepspeed_config)
         except BaseException:
-            self._release_run()
+            self.checkpointer.close()
             raise
         torch.manual_seed(t.seed + 1000 * self.rank)  # own dropout / pixel draws
         self.state = {"step": 0, "epoch": 0, "samples": 0, "nonfinite_skipped": 0, "train_seconds": 0.0}
         self.nonfinite_in_row = 0
         try:
             self._resume()
-            self._record_run()
+            self.checkpointer.record_run(
+                dump_config(self.cfg), {"deepspeed_config.json": deepspeed_config_text(self.ds_config)}
+            )
         except BaseException:
-            self._release_run()
+            self.checkpointer.close()
             raise
         self.logger = RunLogger(self.run_dir, self.is_main, self.state["step"], t.report_to, t.wandb_project)
         self.profiler = StepProfiler(t.profile_range(), self.run_dir, self.rank, self.device, self.total_steps)
@@ -155,7 +168,7 @@ class BaseTrainer(RunPersistence):
         return {}
 
     def check_resumed(self, client: dict) -> None:
-        """Refuse a checkpoint this run cannot continue (raise ckpt.CheckpointError)."""
+        """Refuse a checkpoint this run cannot continue (raise CheckpointError)."""
 
     def evaluate_during(self) -> None:
         """Every train.eval_every steps, or after every epoch when it is 0 (and
@@ -180,10 +193,10 @@ class BaseTrainer(RunPersistence):
             grad_clip=t.grad_clip,
             precision=t.precision,
         )
-        self._take_run_folder()
+        self.checkpointer.take_folder()
         if t.resume == "none":
             resume_rule.refuse_fresh_over_checkpoints(self.ckpt_dir)
-        self.resume_dir = ckpt.prepare_resume(ds, self.ckpt_dir, t.resume, self.world, t.resume_universal)
+        self.resume_dir = self.checkpointer.choose(t.resume, ds, self.world, t.resume_universal)
         if self.resume_dir is not None:
             resume_rule.check_resumable(self.resume_dir, t.resume, to_dict(self.cfg), self.total_steps)
         if t.sync_bn and self.world > 1:
@@ -199,6 +212,7 @@ class BaseTrainer(RunPersistence):
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds
         )
+        self.checkpointer.attach(self.engine)
         self.optimizer = optimizer  # the base optimiser: its groups carry names and rules
         self.batchnorms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if t.compile:
@@ -245,7 +259,8 @@ class BaseTrainer(RunPersistence):
 
     def _end_window(self) -> bool:
         signalled = self.stop is not None and self.stop.requested
-        nonfinite, stop = self.window.agree(self.world, signalled)
+        minutes_due = self.is_main and self.checkpointer.minutes_due()  # rank 0's clock decides for all
+        nonfinite, stop, self.save_due_agreed = self.window.agree(self.world, signalled, minutes_due)
         self.stop_agreed = self.stop.agreed(stop) if self.stop is not None else stop
         if nonfinite:
             self._skip_window(nonfinite)
@@ -283,7 +298,7 @@ class BaseTrainer(RunPersistence):
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} NaN/inf losses in a row at step {self.state['step']} "
                 f"(train.max_nonfinite_in_row={limit}, or above train.max_loss={self.cfg.train.max_loss:g}): the "
-                f"run stops; {self.checkpoint_note()}. Lower the learning rate (a resume with train.resume=latest "
+                f"run stops; {self.checkpointer.note()}. Lower the learning rate (a resume with train.resume=latest "
                 "applies a new optim.lr), check the data, or use bf16 instead of fp16."
             )
 
@@ -304,8 +319,9 @@ class BaseTrainer(RunPersistence):
         self._log_sums = MetricSums()
         self.window = AccumulationWindow(self.batchnorms, self.device, self.cfg.train.max_loss)
         self.last_train, self.last_val = {}, {}
-        self.stop: ckpt.GracefulExit | None = None  # fit's signal flags, agreed at each step's boundary
+        self.stop: GracefulExit | None = None  # fit's signal flags, agreed at each step's boundary
         self.stop_agreed = False
+        self.save_due_agreed = False  # train.save_every_minutes, agreed in the step's all-reduce
         self.health = RunHealth(self.cfg.train, self.rank, self.world)  # hang watchdog, timeouts, stragglers
         self._log_steps = 0  # optimizer steps in the log period
 
@@ -361,7 +377,7 @@ class BaseTrainer(RunPersistence):
         if t.eval_every and step % t.eval_every == 0:
             with self.health.slow_phase("evaluation", step):
                 self.evaluate_during()
-        if t.save_every and step % t.save_every == 0:
+        if self.checkpointer.due(step, self.save_due_agreed):  # save_due: rank 0's clock, agreed
             with self.health.slow_phase("save", step):
                 self.save()
 
@@ -438,13 +454,13 @@ class BaseTrainer(RunPersistence):
         bar = self._start_console()
         self.profiler.after_step(self.state["step"])
         with self.health:
-            with ckpt.GracefulExit() as self.stop:
+            with GracefulExit() as self.stop:
                 while self.state["step"] < self.total_steps:
                     if self._run_epoch(bar):
                         self.profiler.close()
                         bar.close()
                         self.logger.close()
-                        self._release_run()
+                        self.checkpointer.close()  # a save in flight completes before the exit
                         return self.stopped()
                     if not self.cfg.train.eval_every and self.evaluate_each_epoch:
                         with self.health.slow_phase("evaluation", self.state["step"]):
@@ -452,12 +468,12 @@ class BaseTrainer(RunPersistence):
             self.profiler.close()
             bar.close()
             with self.health.slow_phase("the final save and evaluation", self.state["step"]):
-                if self.cfg.train.save_every == 0 or self.state["step"] % self.cfg.train.save_every:
-                    self.save()
+                self.save()  # the last step's, unless it was just saved
+                self.checkpointer.wait()  # finish() may export from it
                 result = self.finish()
         self._print_summary(bar)
         self.logger.close()
-        self._release_run()
+        self.checkpointer.close()
         return result
 
     def _run_epoch(self, bar) -> bool:
@@ -482,3 +498,45 @@ class BaseTrainer(RunPersistence):
                     self.save()
                 return True
         return False
+
+    # -- checkpoints: what is saved, and what a resume restores ----------------------------
+    def save(self) -> None:
+        """A checkpoint of this step (once: a stop signal on a save step does not save again)."""
+        config = to_dict(self.cfg)
+        client = {
+            "trainer": self.state,
+            "data": self.train_loader.state_dict(),
+            "config_fingerprint": config_fingerprint(config),
+            **self.client_state(),
+        }
+        meta = {"config": config, "final": self.state["step"] >= self.total_steps}
+        self.checkpointer.save(self.state["step"], client, rank_state={"data": client["data"]}, meta=meta)
+
+    def _resume(self) -> None:
+        settings = group_settings(self.optimizer)  # the config's rates, before the checkpoint's replace them
+        client = self.checkpointer.resume()
+        if client is None:
+            return
+        self.check_resumed(client)
+        self.state.update(client["trainer"])  # older checkpoints lack newer counters
+        self._resume_data(client)
+        if self.train_loader.batches_done >= len(self.train_loader):
+            self.state["epoch"] += 1  # saved on an epoch's last batch: the next epoch is due, not a replay
+        changed = apply_settings(self.optimizer, self.scheduler, settings)
+        if self.is_main and changed:
+            log.warning(
+                "optimiser settings of this config applied from step %d on: %s", self.state["step"], "; ".join(changed)
+            )
+
+    def _resume_data(self, client: dict) -> None:
+        """This rank's own saved loader position (a streamed one differs per rank: a skipped
+        damaged sample shifts that rank's cursors); rank 0's, re-planned, after a world-size
+        change or from a checkpoint that kept only rank 0's. A loader that cannot continue
+        from it is a refused resume (one line naming what changed), not a traceback."""
+        state = (client.get("rank_state") or {}).get("data")
+        if state is None:
+            state = resume_rule.replan_data_state(client["data"], self.train_loader.state_dict())
+        try:
+            self.train_loader.load_state_dict(state)
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {self.resume_dir}: {err}") from None

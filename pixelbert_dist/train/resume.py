@@ -21,7 +21,8 @@ import json
 import logging
 from pathlib import Path
 
-from pixelbert_dist.checkpoint import CheckpointError, list_tags, read_meta
+from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
+from pixelbert_dist.checkpoint.layout import list_tags
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING = frozenset(
@@ -32,6 +33,9 @@ HOUSEKEEPING = frozenset(
         "train.log_every",
         "train.eval_every",
         "train.save_every",
+        "train.save_every_minutes",
+        "train.async_save",
+        "train.checkpoint_mirror",
         "train.keep_last",
         "train.export",
         "train.max_nonfinite_in_row",

@@ -77,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 def _is_refusal(err: Exception) -> bool:
     """A refusal past the config (these imports load torch and DeepSpeed, whose import
     prints a line of its own: a config error is known without them)."""
-    from pixelbert_dist.checkpoint import CheckpointError
+    from pixelbert_dist.checkpoint.files import CheckpointError
+    from pixelbert_dist.checkpoint.run_folder import RunFolderError
     from pixelbert_dist.data.format.index import ShardFormatError
     from pixelbert_dist.distributed.env import LocalRanksError
-    from pixelbert_dist.train.run_dir import RunFolderError
 
     return isinstance(err, (RunFolderError, CheckpointError, ShardFormatError, LocalRanksError))
 

@@ -74,17 +74,18 @@ class AccumulationWindow:
         self.sums.add(sums)
         self.samples += samples
 
-    def agree(self, world: int, stop_requested: bool) -> tuple[int, bool]:
+    def agree(self, world: int, stop_requested: bool, save_due: bool = False) -> tuple[int, bool, bool]:
         """The number of bad micro-batches of the rank that had most (the ranks must agree:
-        a rank that steps alone waits for the others forever), and whether any rank was
-        asked to stop: both in one all-reduce, the step's one host sync."""
+        a rank that steps alone waits for the others forever), whether any rank was asked
+        to stop, and whether a time-based save is due (only rank 0 passes it true): all in
+        one all-reduce, the step's one host sync."""
         bad = self._bad.to(torch.float32).reshape(1)
-        flags = torch.cat([bad, bad.new_full((1,), float(stop_requested))])  # a fill: no host-to-device copy
+        flags = torch.cat([bad, bad.new_full((1,), float(stop_requested)), bad.new_full((1,), float(save_due))])
         if world > 1:
             flags = flags.to(collective_device())
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        bad, stop = flags.tolist()  # the one host sync of the step
-        return int(bad), stop > 0
+        bad, stop, due = flags.tolist()  # the one host sync of the step
+        return int(bad), stop > 0, due > 0
 
     def restore_batchnorm(self) -> None:
         """The window's forwards folded NaN into BatchNorm's statistics: put them back."""
