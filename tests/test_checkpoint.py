@@ -560,3 +560,20 @@ if __name__ == "__main__":  # the subprocess halves of the universal and the kil
         _killed_async_save(sys.argv[1])
     else:
         _two_rank_save(sys.argv[1], int(sys.argv[2]))
+
+
+def test_host_staging_keeps_shapes_and_named_tuples():
+    """DeepSpeed's model states hold torch.Size shapes (zero_to_fp32 calls .numel() on them):
+    the async save's host copy must keep their type, and copy tensors, not alias them."""
+    from collections import namedtuple
+
+    from pixelbert_dist.checkpoint.staging import HostBuffers
+
+    Pair = namedtuple("Pair", "a b")
+    weight = torch.ones(2, 3)
+    state = {"param_shapes": [{"w": torch.Size([2, 3])}], "pair": Pair(weight, (1, 2)), "plain": (weight,)}
+    copied = HostBuffers().copy(state, ())
+    shape = copied["param_shapes"][0]["w"]
+    assert isinstance(shape, torch.Size) and shape.numel() == 6
+    assert isinstance(copied["pair"], Pair) and copied["pair"].b == (1, 2)
+    assert torch.equal(copied["plain"][0], weight) and copied["plain"][0] is not weight

@@ -70,8 +70,11 @@ class HostBuffers:
             return type(item)({k: self.copy(v, (*key, k)) for k, v in item.items()})
         if isinstance(item, list):
             return [self.copy(v, (*key, i)) for i, v in enumerate(item)]
+        if isinstance(item, torch.Size):  # shapes stay shapes: zero_to_fp32 calls .numel() on them
+            return item
         if isinstance(item, tuple):
-            return tuple(self.copy(v, (*key, i)) for i, v in enumerate(item))
+            values = [self.copy(v, (*key, i)) for i, v in enumerate(item)]
+            return type(item)(*values) if hasattr(item, "_fields") else type(item)(values)
         return item
 
 

@@ -67,7 +67,8 @@ def config_from_args(args) -> tuple[FinetuneConfig, Path]:
 
 def _load_weights(model, run: Path, tag: str) -> str:
     """The fine-tuned weights of ``run``'s checkpoint ``tag``, consolidated in fp32."""
-    from pixelbert_dist.checkpoint import find_checkpoint, read_meta
+    from pixelbert_dist.checkpoint.choose import find_checkpoint
+    from pixelbert_dist.checkpoint.files import read_meta
     from pixelbert_dist.train.export import consolidated_state_dict
 
     tag_dir = find_checkpoint(run / "checkpoints", tag)

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from pixelbert_dist.checkpoint import CheckpointError, read_meta
+from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
 from pixelbert_dist.model.pretrained import FILE_MODE
 from pixelbert_dist.train.config import RunConfig
 
