@@ -83,8 +83,16 @@ def wait_final(job_id: str, timeout_s: float = 600, release_requeued: bool = Tru
     raise AssertionError(f"job {job_id} did not end within {timeout_s} s: {job_record(job_id)}")
 
 
-def wait_train_steps(metrics: Path, at_least: int, job_id: str, timeout_s: float = 400) -> None:
-    _wait(job_id, lambda: len(train_rows(metrics)) >= at_least, f"step {at_least} logged", timeout_s)
+def wait_train_steps(metrics: Path, at_least: int, job_id: str, timeout_s: float = 400, since: float = 0.0) -> None:
+    """Wait for ``at_least`` train rows in ``metrics``, counted only once the file was written
+    after ``since`` (a time.time()): after a requeue the old attempt's rows, up to the step
+    it was killed at, stay there until the new attempt resumes and supersedes them."""
+
+    def ready() -> bool:
+        fresh = metrics.is_file() and metrics.stat().st_mtime > since
+        return fresh and len(train_rows(metrics)) >= at_least
+
+    _wait(job_id, ready, f"step {at_least} logged", timeout_s)
 
 
 def _wait(job_id: str, ready, what: str, timeout_s: float) -> None:

@@ -21,6 +21,7 @@ from slurm_helpers import (
     task_log,
     train_rows,
     trainer_pid,
+    trainer_pids,
     wait_final,
     wait_requeued,
     wait_train_steps,
@@ -120,17 +121,28 @@ def test_a_crash_before_the_first_checkpoint_fails_without_a_requeue(slurm_env, 
 def test_a_job_that_keeps_dying_stops_after_max_restarts(slurm_env, cli_shards, capsys, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "out"
     (job_id,) = submit(capsys, out, *TWO_NODES, "--max-restarts", "1", pretrain=fault_args(cli_shards, run_dir))
+    since = 0.0  # the second kill waits for the resumed attempt's own rows
     for kill, after in enumerate((6, 10)):
-        wait_train_steps(run_dir / "metrics.jsonl", after, job_id)
+        wait_train_steps(run_dir / "metrics.jsonl", after, job_id, since=since)
         os.kill(trainer_pid(job_id, 1), signal.SIGKILL)
         if kill == 0:
             wait_requeued(job_id, timeout_s=240)
+            wait_no_trainers(job_id)
+            since = time.time()
             scontrol_release(job_id)
     record = wait_final(job_id, release_requeued=False)
     assert (record["JobState"], record["Restarts"]) == ("FAILED", "1")
     logs = task_log(out, job_id, 0, "err") + task_log(out, job_id, 1, "err")
     assert "not requeued, the job restarted 1 time(s) after failures already (--max-restarts 1)" in logs
     assert (run_dir / "restarts.log").read_text().count("restart 1/1") == 1
+
+
+def wait_no_trainers(job_id: str, timeout_s: float = 120) -> None:
+    """Until the old attempt's trainers are gone (nothing of theirs is written after this)."""
+    deadline = time.monotonic() + timeout_s
+    while trainer_pids(job_id):
+        assert time.monotonic() < deadline, f"job {job_id}: trainers still alive {timeout_s} s after the requeue"
+        time.sleep(0.5)
 
 
 def scontrol_release(job_id: str) -> None:
