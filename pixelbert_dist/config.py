@@ -183,6 +183,17 @@ def check_fields(cfg, where: str = "") -> None:
     from_dict(type(cfg), to_dict(cfg), where)
 
 
+def dotted_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config tree as ``{"train.lr": value, ...}`` (an empty dict stays a value)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pixelbert_dist"
 LAYERS = {
     "pixelbert_dist": 0,
     "config": 0,
+    "lazy": 0,
     "metrics": 0,
     "tracking": 0,
     "collectives": 0,

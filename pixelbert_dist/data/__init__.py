@@ -6,10 +6,10 @@ builders behind ``make_shards.py --help``, must not pull in transformers and tor
 
 from __future__ import annotations
 
-import importlib
+from pixelbert_dist.lazy import lazy_exports
 
 _EXPORTS = {
-    "pixelbert_dist.data.format.shards": (
+    "format.shards": (
         "FORMAT",
         "Manifest",
         "ShardFormatError",
@@ -22,13 +22,7 @@ _EXPORTS = {
         "write_manifest",
         "write_shard",
     ),
-    "pixelbert_dist.data.text": ("IGNORE_INDEX", "SYNTHETIC_VOCAB_DIR", "TextCollator", "load_tokenizer"),
+    "text": ("IGNORE_INDEX", "SYNTHETIC_VOCAB_DIR", "TextCollator", "load_tokenizer"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name]), name)
+__all__, __getattr__ = lazy_exports(__name__, _MODULE_OF)

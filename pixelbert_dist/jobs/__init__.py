@@ -5,13 +5,7 @@ what every Slurm task runs, ``submission`` puts it together."""
 
 from __future__ import annotations
 
-import importlib
+from pixelbert_dist.lazy import lazy_exports
 
 _MODULE_OF = {"SubmitConfig": "options", "SubmitError": "options", "submit": "submission"}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):  # PEP 562: `submit.py --help` must not wait for torch
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _MODULE_OF)

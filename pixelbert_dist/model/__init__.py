@@ -6,7 +6,7 @@ and the model config must answer without importing torch.
 
 from __future__ import annotations
 
-import importlib
+from pixelbert_dist.lazy import lazy_exports
 
 _MODULE_OF = {
     "BACKBONES": "config",
@@ -25,10 +25,4 @@ _MODULE_OF = {
     "load_torchvision_backbone": "weights",
     "load_visual_weights": "weights",
 }
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+__all__, __getattr__ = lazy_exports(__name__, _MODULE_OF)

@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_file
 from torch import nn
 
+from pixelbert_dist.config import dotted_keys
+
 from .config import PixelBertConfig
 
 log = logging.getLogger(__name__)
@@ -158,8 +160,8 @@ def check_architecture(weights: Path, record: dict) -> None:
         described = (handle.metadata() or {}).get(CONFIG_METADATA)
     if described is None:
         return  # an export from before config.json was recorded in its weights
-    exported = _flat(json.loads(described))
-    claimed = _flat(json.loads(json.dumps({k: v for k, v in record.items() if k != "files"}, default=str)))
+    exported = dotted_keys(json.loads(described))
+    claimed = dotted_keys(json.loads(json.dumps({k: v for k, v in record.items() if k != "files"}, default=str)))
     changed = [
         f"{key}: {claimed.get(key)!r} in config.json, {exported.get(key)!r} in the weights"
         for key in sorted(set(exported) | set(claimed))
@@ -170,16 +172,6 @@ def check_architecture(weights: Path, record: dict) -> None:
             f"{weights.parent / CONFIG_NAME} describes another model than {weights} was exported with "
             f"({'; '.join(changed)}): config.json was edited after the export; restore it or re-export"
         )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def load_pretrained(

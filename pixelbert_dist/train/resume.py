@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
 from pixelbert_dist.checkpoint.layout import list_tags
+from pixelbert_dist.config import dotted_keys
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING = frozenset(
@@ -45,19 +46,9 @@ HOUSEKEEPING = frozenset(
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(saved: dict, now: dict) -> dict[str, tuple]:
     """key: (saved, now) for every key that differs, housekeeping left out."""
-    saved, now = (_flat(json.loads(json.dumps(c, default=str))) for c in (saved, now))
+    saved, now = (dotted_keys(json.loads(json.dumps(c, default=str))) for c in (saved, now))
     return {
         k: (saved.get(k), now.get(k))
         for k in sorted(set(saved) | set(now))
