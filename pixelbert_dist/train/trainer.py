@@ -22,11 +22,9 @@ from pixelbert_dist.train.config import ModelSection
 from pixelbert_dist.train.evaluate import batch_metrics, evaluate, metric_values
 from pixelbert_dist.train.export import export_from_engine
 from pixelbert_dist.train.loop import BaseTrainer
-from pixelbert_dist.train.window import NonFiniteLossError
-from pixelbert_dist.checkpoint.run_folder import check_run_dir_writable
 from pixelbert_dist.train.optim import build_optimizer
 
-__all__ = ["Trainer", "NonFiniteLossError", "check_run_dir_writable", "build_run_model", "freeze_prefixes"]
+__all__ = ["Trainer", "build_run_model", "freeze_prefixes"]
 
 
 def build_run_model(section: ModelSection, vocab_size: int | None = None) -> PixelBert:
