@@ -1,7 +1,8 @@
 """A streamed resume steps over the shards it has no use for: the skip is replayed over
 (shard, row) positions with shard lengths from the index sidecars, so only the shards that
 still hold buffered or later samples are read, and the samples after the skip are the ones
-an uninterrupted stream gives (shuffle buffer, cycling and resampled shard orders alike).
+an uninterrupted stream gives (shuffle buffer, shards in flight, cycling and resampled shard
+orders alike).
 Without sidecars the skip reads and drops, as before."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 
 import pytest
 
-from pixelbert_dist.data.readers import stream as streaming
+from pixelbert_dist.data.readers import stream_mix
 from pixelbert_dist.data.readers import stream_read
 from pixelbert_dist.data.readers.stream_urls import expand
 from pixelbert_dist.data.format.shards import ShardWriter
@@ -34,20 +35,23 @@ def folders(tmp_path_factory):
     return indexed, bare
 
 
-def plan(folder, resampled: bool, shuffle: bool) -> StreamPlan:
+def plan(folder, resampled: bool, shuffle: bool, in_flight: int = 1) -> StreamPlan:
     urls = expand(f"{folder}/train-{{000000..{SHARDS - 1:06d}}}.tar")
-    return StreamPlan(urls, 3, 1, 0, 1, 2, 100, resampled, shuffle, buffer=7, retries=0)
+    return StreamPlan(urls, 3, 1, 0, 1, 2, 100, resampled, shuffle, buffer=7, retries=0, in_flight=in_flight)
 
 
-@pytest.mark.parametrize(("resampled", "shuffle"), [(False, True), (True, True), (False, False)])
-def test_a_resume_reads_only_the_shards_it_needs(folders, monkeypatch, resampled, shuffle):
+@pytest.mark.parametrize(
+    ("resampled", "shuffle", "in_flight"),
+    [(False, True, 1), (True, True, 1), (False, False, 1), (False, True, 3), (True, True, 3)],
+)
+def test_a_resume_reads_only_the_shards_it_needs(folders, monkeypatch, resampled, shuffle, in_flight):
     opened = []
-    read_shard = streaming.read_shard
-    monkeypatch.setattr(streaming, "read_shard", lambda url, *args: opened.append(url) or read_shard(url, *args))
+    read_shard = stream_mix.read_shard
+    monkeypatch.setattr(stream_mix, "read_shard", lambda url, *args: opened.append(url) or read_shard(url, *args))
 
     def keys(folder, skip):
         opened.clear()
-        samples = plan(folder, resampled, shuffle).samples(1, 2, [], skip=skip)  # worker 1 of 2
+        samples = plan(folder, resampled, shuffle, in_flight).samples(1, 2, [], skip=skip)  # worker 1 of 2
         return [raw.key for raw in itertools.islice(samples, TAKE - skip)], len(opened)
 
     indexed, bare = folders
@@ -57,12 +61,13 @@ def test_a_resume_reads_only_the_shards_it_needs(folders, monkeypatch, resampled
         fast, fast_reads = keys(indexed, skip)
         slow, slow_reads = keys(bare, skip)
         assert fast == slow == whole[skip:], skip
-        # a buffer of 7 spans at most 3 shards of 4, plus those read after the skip
-        assert fast_reads <= slow_reads - skip // PER_SHARD + 3, (skip, fast_reads, slow_reads)
+        # a buffer of 7 spans at most 3 shards of 4, plus the others in flight and those read after the skip
+        assert fast_reads <= slow_reads - skip // PER_SHARD + 2 + in_flight, (skip, fast_reads, slow_reads)
 
 
+@pytest.mark.parametrize("in_flight", [1, 3])
 @pytest.mark.parametrize("skip", [6, 23, 45, 69])
-def test_a_resume_fetches_no_sidecar_twice(folders, monkeypatch, skip):
+def test_a_resume_fetches_no_sidecar_twice(folders, monkeypatch, skip, in_flight):
     """The sidecars the replay fetched for shard lengths serve the reads of the shards
     still in the buffer: a resume fetches no more sidecars than the uninterrupted stream
     did to reach the same place (one per shard read; fewer where a shard came round again
@@ -72,7 +77,7 @@ def test_a_resume_fetches_no_sidecar_twice(folders, monkeypatch, skip):
 
     def fetches(skip):
         fetched.clear()
-        samples = plan(folders[0], False, True).samples(1, 2, [], skip=skip)
+        samples = plan(folders[0], False, True, in_flight).samples(1, 2, [], skip=skip)
         assert len(list(itertools.islice(samples, TAKE - skip))) == TAKE - skip
         return len(fetched)
 

@@ -71,6 +71,14 @@ class DataConfig:
     ] = 0
     resampled: Annotated[bool, Help("streamed shards: draw shards with replacement (fixed-size epochs)")] = False
     shuffle_buffer: Annotated[int, Help("streamed shards: shuffle buffer, in samples per worker"), Ge(0)] = 1000
+    shards_in_flight: Annotated[
+        int,
+        Help(
+            "streamed shards, training: shards each worker reads at once, one sample from each in "
+            "turn, so ~1/N of in-batch pairs share a shard (readers/stream_mix.py); 1: one at a time"
+        ),
+        Ge(1),
+    ] = 16
     stream_retries: Annotated[int, Help("streamed shards: reopen a failed shard this often, with back-off"), Ge(0)] = 3
 
     def validate(self) -> "DataConfig":

@@ -16,15 +16,17 @@ batches_done}`` as elsewhere:
   they run out before the epoch ends. With ``data.resampled`` each worker instead draws
   shards with replacement, by ``(seed, epoch, rank, worker)`` (OpenCLIP's resampling:
   fixed-size "epochs" over sets of any size);
-* a shuffle buffer of ``data.shuffle_buffer`` samples per worker, seeded alike;
+* each worker reads ``data.shards_in_flight`` of its shards at once, one sample from each
+  in turn, into a shuffle buffer of ``data.shuffle_buffer`` samples, seeded alike
+  (``stream_mix.py``: why, and the memory it takes);
 * worker ``w`` makes batches ``w, w + n, ...`` (the DataLoader's round robin); the state
   adds each worker's count of samples taken from its stream, so a resumed run skips
   them and yields the batches the uninterrupted run would have (same ``num_workers``: it
   is fingerprinted). The skip costs no more reads than the buffer needs: which samples
   were taken and what the buffer held depend only on the shards' lengths, which the
   index sidecars give (one small read per shard), so the skip is replayed over positions
-  and only the shards still holding buffered or later samples are read (without
-  sidecars the skipped samples are read, never decoded);
+  and only the shards still holding buffered or later samples are read, those in flight
+  up to where they were (without sidecars the skipped samples are read, never decoded);
 * a read error (also a store's own type, e.g. botocore's EndpointConnectionError)
   reopens the shard after a back-off (``data.stream_retries`` times) and skips what was
   already read from it; a missing shard stops at once, naming its URL;
@@ -44,7 +46,6 @@ pil's only by decoder rounding.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from typing import Iterator, NamedTuple
 
@@ -63,16 +64,12 @@ from pixelbert_dist.data.readers.stream_read import (
     NO_CAPTION,
     SKIP_KINDS,
     TRUNCATED,
-    UNREAD,
     Dotted,
     Raw,
     Skipped,
-    read_shard,
-    shard_check,
 )
+from pixelbert_dist.data.readers.stream_mix import worker_samples
 from pixelbert_dist.data.decode.torch_loader import data_loader
-
-KEPT_CHECKS = 8  # sidecars a resume's replay keeps for the shards it reads next (those in its buffer)
 
 log = logging.getLogger("pixelbert_dist.data")
 
@@ -93,6 +90,7 @@ class StreamPlan(NamedTuple):
     shuffle: bool
     buffer: int
     retries: int
+    in_flight: int = 1  # shards a worker reads at once (data.shards_in_flight): stream_mix.py
 
     def shard_stream(self, worker: int, workers: int) -> Iterator[str]:
         if self.resampled:
@@ -110,85 +108,13 @@ class StreamPlan(NamedTuple):
             yield from mine
 
     def samples(self, worker: int, workers: int, errors: list, skip: int = 0) -> Iterator[Raw]:
-        """This worker's samples through the shuffle buffer, from its ``skip``-th on (a
-        resume). Which samples the first ``skip`` are, and what the buffer then holds,
-        depend only on how many samples each shard has: where the index sidecars say so,
-        the skip is replayed over (shard, row) positions and only the shards still holding
-        buffered or later samples are read; else the first ``skip`` are read and dropped."""
-        replay = self._replay(worker, workers, errors, skip) if skip else None
-        if replay is None:
-            rng, urls = self._start(worker, workers)
-            stream = self._buffered(self._read(urls, errors), rng, [])
-            yield from itertools.islice(stream, skip, None)
-            return
-        rng, urls, seen, checks, buffer, (last_shard, last_row) = replay
-        slots: dict[int, dict[int, int]] = {}  # shard (of seen) -> {row: buffer slot}
-        for slot, (shard, row) in enumerate(buffer):
-            slots.setdefault(shard, {})[row] = slot
+        """This worker's samples, its shards mixed and shuffled (``stream_mix.py``), from
+        its ``skip``-th on (a resume: only the shards still needed are read)."""
+        return worker_samples(self, worker, workers, errors, skip)
 
-        def reread(shard: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
-            return read_shard(seen[shard], self.retries, errors, checks.get(seen[shard], UNREAD))
-
-        for shard in sorted(set(slots) - {last_shard}):
-            self._fill(buffer, slots[shard], reread(shard), max(slots[shard]))
-        current = reread(last_shard)
-        self._fill(buffer, slots.get(last_shard, {}), current, last_row)  # read up to the last row taken
-        yield from self._buffered(itertools.chain(current, self._read(urls, errors)), rng, buffer)
-
-    def _start(self, worker: int, workers: int) -> tuple[np.random.Generator, Iterator[str]]:
+    def start(self, worker: int, workers: int) -> tuple[np.random.Generator, Iterator[str]]:
         """The worker's shuffle-buffer generator and shard stream, both at their start."""
         return _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
-
-    def _replay(self, worker: int, workers: int, errors: list, skip: int):
-        """The first ``skip`` samples taken over (shard, row) positions, shard lengths from
-        the sidecars: (rng, url stream, shards seen, the last few sidecars fetched, buffer
-        of positions, last position read), both streams where the real ones would be;
-        None if a shard has no sidecar."""
-        rng, urls = self._start(worker, workers)
-        seen, lengths, checks, last, buffer = [], {}, {}, [None], []
-
-        def positions():
-            for url in urls:
-                if url not in lengths:
-                    checks[url] = shard_check(url, self.retries, errors)
-                    lengths[url] = None if checks[url] is None else len(checks[url])
-                    if len(checks) > KEPT_CHECKS:  # the buffer's shards are among the last ones
-                        del checks[next(iter(checks))]
-                if lengths[url] is None:
-                    return
-                seen.append(url)
-                for row in range(lengths[url]):
-                    last[0] = (len(seen) - 1, row)
-                    yield last[0]
-
-        taken = sum(1 for _ in itertools.islice(self._buffered(positions(), rng, buffer), skip))
-        return (rng, urls, seen, checks, buffer, last[0]) if taken == skip else None
-
-    @staticmethod
-    def _fill(buffer: list, slots: dict, raws: Iterator[Raw], last_row: int) -> None:
-        """Put the rows ``slots`` names (row -> buffer slot) into ``buffer``, reading
-        ``raws`` up to ``last_row``."""
-        for row, raw in enumerate(raws):
-            if row in slots:
-                buffer[slots[row]] = raw
-            if row == last_row:
-                return
-
-    def _read(self, urls: Iterator[str], errors: list) -> Iterator[Raw]:
-        for url in urls:
-            yield from read_shard(url, self.retries, errors)
-
-    def _buffered(self, items: Iterator, rng: np.random.Generator, buffer: list) -> Iterator:
-        """``items`` through the shuffle buffer (``buffer``: what it holds, kept in place)."""
-        for item in items:
-            if not self.shuffle or self.buffer <= 1:
-                yield item
-                continue
-            buffer.append(item)
-            if len(buffer) >= self.buffer:
-                i = int(rng.integers(len(buffer)))
-                buffer[i], buffer[-1] = buffer[-1], buffer[i]
-                yield buffer.pop()
 
 
 class StreamBatch(NamedTuple):
@@ -331,6 +257,7 @@ class StreamLoader(LoaderState, BatchAccounting):
             "shuffle": self.train and self.cfg.shuffle,
             "resampled": self.cfg.resampled,
             "shuffle_buffer": self.cfg.shuffle_buffer,
+            "shards_in_flight": self.cfg.shards_in_flight if self.train and self.cfg.shuffle else 1,
             "num_workers": self.cfg.num_workers,
         }
 
@@ -363,6 +290,7 @@ class StreamLoader(LoaderState, BatchAccounting):
                 self.urls[0],
             )
             state = {**state, "stream": url_digest(self.urls)}
+        state = {"shards_in_flight": 1, **state}  # saved before shards were mixed: one at a time
         epoch, done = self.epoch, self.batches_done
         super().load_state_dict(state)  # the fingerprint (num_workers too) first
         cursors = state.get("stream_cursors")
@@ -387,6 +315,7 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.train and self.cfg.shuffle,
             self.cfg.shuffle_buffer,
             self.cfg.stream_retries,
+            self.cfg.shards_in_flight,
         )
 
     def __iter__(self) -> Iterator[dict]:

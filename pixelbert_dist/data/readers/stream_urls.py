@@ -42,6 +42,9 @@ GLOB = "*?["
 # give up (botocore's EndpointConnectionError when the endpoint is down, ReadTimeoutError
 # ...): they are read errors too. Looked up where loaded, so neither is a dependency.
 STORE_ERRORS = (("botocore.exceptions", "BotoCoreError"), ("aiohttp", "ClientError"))
+# fsspec's read-ahead per open object (s3fs's own default is 50 MiB): a worker reads
+# data.shards_in_flight shards at once, 16 x 8 MiB = 128 MiB rather than 800 MiB; one GET per 8 MiB.
+READ_AHEAD = 8 * 2**20
 CURL_HTTP_ERROR = 22  # curl -f (webdataset.gopen's): the server answered an HTTP error status
 
 
@@ -123,7 +126,8 @@ def _list_tars(url: str) -> list[str]:
 def open_shard(url: str):
     """A binary stream of the shard at ``url`` (a context manager)."""
     if through_fsspec(url):
-        return fsspec.open(url, "rb").open()
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.open(path, "rb", block_size=READ_AHEAD)
     from webdataset import gopen
 
     return gopen(url)

@@ -1,0 +1,191 @@
+"""A streamed worker's sample order (``readers/stream.py``): ``data.shards_in_flight``
+shards read at once, one sample from each in turn (``ShardMix``), through a seeded shuffle
+buffer of ``data.shuffle_buffer`` samples (``shuffled``); and the replay a resume uses to
+rebuild both where the saved run left them without reading what it skipped.
+
+Why several shards at once: a worker reading one shard at a time fills its buffer from one
+or two shards, so a batch (made by one worker) holds pairs from the same shard: 91% of them
+with shards of 2000 and a buffer of 1000 (``benchmarks/bench_metadata.py``), and ITM's
+in-batch negatives become same-shard ones. With N shards in flight the buffer holds about
+1/N of its samples from each: about 1/N of the pairs share a shard (6% at the default 16;
+never below 1 / the worker's own shard count, whose shards it cycles). Webdataset/OpenCLIP
+shuffle the shard list instead, which leaves a batch within one or two shards.
+
+The order is a pure function of the seed, the position and the shards' lengths: an
+exhausted shard's turn opens the next URL of the worker's shard stream, so the replay over
+(shard number, row) positions (lengths from the index sidecars) lands where the real read
+did. Only training mixes (``data.shuffle``); evaluation reads one shard at a time, in order.
+
+Memory per worker, bounded: the buffer's encoded samples (``shuffle_buffer`` x the mean
+sample size: ~150 MB at 1000 COCO-sized JPEGs) plus one open read per shard in flight
+(a curl process and a pipe for http(s); fsspec's read-ahead block, ``stream_urls.READ_AHEAD``,
+for object stores). Request rates do not change: each shard is still opened once per pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterator, NamedTuple
+
+import numpy as np
+
+from pixelbert_dist.data.readers.stream_read import UNREAD, Raw, read_shard, shard_check
+
+KEPT_CHECKS = 8  # sidecars a resume's replay keeps beyond those of the shards in flight
+
+
+class Unindexed(Exception):
+    """A shard without an index sidecar: its length is unknown, so a resume reads and drops."""
+
+
+class ShardMix:
+    """Samples from ``width`` shards at once, one from each in turn. A slot whose shard is
+    exhausted opens the next URL of ``urls`` (``open_shard(url)``: an iterator of its
+    samples) on its turn, so the order depends only on the shards' lengths. ``slots`` (each
+    None or ``[samples, last taken]``) and ``turn`` say where it stands: a resume rebuilds
+    one mid-way."""
+
+    def __init__(self, urls: Iterator[str], open_shard: Callable, width: int, slots=None, turn: int = 0):
+        self.urls, self.open_shard, self.turn = urls, open_shard, turn
+        self.slots: list = slots if slots is not None else [None] * width
+
+    def __iter__(self) -> "ShardMix":
+        return self
+
+    def __next__(self):
+        while True:
+            slot = self.slots[self.turn]
+            if slot is None:
+                slot = self.slots[self.turn] = [self.open_shard(next(self.urls)), None]
+            try:
+                slot[1] = next(slot[0])
+            except StopIteration:
+                self.slots[self.turn] = None  # the next URL takes this turn
+                continue
+            self.turn = (self.turn + 1) % len(self.slots)
+            return slot[1]
+
+
+def mix_width(plan, worker: int, workers: int) -> int:
+    """Shards the worker reads at once: 1 without shuffling; else ``plan.in_flight``, no
+    more than the worker's own shards (without resampling it cycles through them)."""
+    if not plan.shuffle:
+        return 1
+    if plan.resampled:
+        return max(1, plan.in_flight)
+    return max(1, min(plan.in_flight, len(plan.urls[plan.rank :: plan.world_size][worker::workers])))
+
+
+def shuffled(plan, items: Iterator, rng: np.random.Generator, buffer: list) -> Iterator:
+    """``items`` through the shuffle buffer (``buffer``: what it holds, kept in place)."""
+    for item in items:
+        if not plan.shuffle or plan.buffer <= 1:
+            yield item
+            continue
+        buffer.append(item)
+        if len(buffer) >= plan.buffer:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+
+
+class Positions(NamedTuple):
+    """A worker's order over (shard number, row) positions (``position_stream``)."""
+
+    samples: Iterator[tuple[int, int]]  # shard number: an index into ``seen``
+    rng: np.random.Generator
+    urls: Iterator[str]
+    seen: list  # the URL of each shard opened, in order
+    mix: ShardMix
+    buffer: list
+
+
+def position_stream(plan, worker: int, workers: int, length_of: Callable[[str], int | None]) -> Positions:
+    """The worker's sample order over positions, each shard's length ``length_of(url)``
+    (None: unknown, raises ``Unindexed``); the benchmark's and the resume's replay."""
+    rng, urls = plan.start(worker, workers)
+    seen: list[str] = []
+
+    def open_positions(url: str) -> Iterator[tuple[int, int]]:
+        length = length_of(url)
+        if length is None:
+            raise Unindexed(url)
+        seen.append(url)
+        return zip(itertools.repeat(len(seen) - 1), range(length))
+
+    mix = ShardMix(urls, open_positions, mix_width(plan, worker, workers))
+    buffer: list = []
+    return Positions(shuffled(plan, mix, rng, buffer), rng, urls, seen, mix, buffer)
+
+
+def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0) -> Iterator[Raw]:
+    """This worker's samples (``Raw``), from its ``skip``-th on (a resume). Which samples
+    the first ``skip`` are, what the buffer then holds and how far each shard in flight
+    was read depend only on the shards' lengths: where the index sidecars say so, the skip
+    is replayed over positions and only the shards still holding buffered or later samples
+    are read (those in flight up to where they were); else the first ``skip`` are read and
+    dropped."""
+    width = mix_width(plan, worker, workers)
+    replay = _replay(plan, worker, workers, errors, skip) if skip else None
+    if replay is None:
+        rng, urls = plan.start(worker, workers)
+        mix = ShardMix(urls, lambda url: read_shard(url, plan.retries, errors), width)
+        yield from itertools.islice(shuffled(plan, mix, rng, []), skip, None)
+        return
+    where, checks = replay
+    buffer = where.buffer
+    slots: dict[int, dict[int, int]] = {}  # shard number -> {row: buffer slot}
+    for slot, (shard, row) in enumerate(buffer):
+        slots.setdefault(shard, {})[row] = slot
+    in_flight = {slot[1][0]: slot[1][1] for slot in where.mix.slots if slot is not None}  # shard -> last row
+
+    def reread(shard: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
+        return read_shard(where.seen[shard], plan.retries, errors, checks.get(where.seen[shard], UNREAD))
+
+    for shard in sorted(set(slots) - set(in_flight)):
+        _fill(buffer, slots[shard], reread(shard), max(slots[shard]))
+    readers: list = []
+    for slot in where.mix.slots:
+        if slot is None:
+            readers.append(None)
+            continue
+        shard, last_row = slot[1]
+        readers.append([reread(shard), None])
+        _fill(buffer, slots.get(shard, {}), readers[-1][0], last_row)  # up to the last row taken
+    mix = ShardMix(where.urls, lambda url: read_shard(url, plan.retries, errors), width, readers, where.mix.turn)
+    yield from shuffled(plan, mix, where.rng, buffer)
+
+
+def _replay(plan, worker: int, workers: int, errors: list, skip: int) -> tuple[Positions, dict] | None:
+    """The first ``skip`` samples taken over positions, shard lengths from the sidecars:
+    the position stream just after them (its URL stream where the real one would be) and
+    the last sidecars fetched (those of the shards in flight among them); None if a shard
+    has no sidecar."""
+    lengths: dict[str, int | None] = {}
+    checks: dict = {}
+    kept = mix_width(plan, worker, workers) + KEPT_CHECKS
+
+    def length_of(url: str) -> int | None:
+        if url not in lengths:
+            checks[url] = shard_check(url, plan.retries, errors)
+            lengths[url] = None if checks[url] is None else len(checks[url])
+            if len(checks) > kept:  # the shards in flight and in the buffer are among the last ones
+                del checks[next(iter(checks))]
+        return lengths[url]
+
+    where = position_stream(plan, worker, workers, length_of)
+    try:
+        taken = sum(1 for _ in itertools.islice(where.samples, skip))
+    except Unindexed:
+        return None
+    return (where, checks) if taken == skip else None
+
+
+def _fill(buffer: list, slots: dict, raws: Iterator[Raw], last_row: int) -> None:
+    """Put the rows ``slots`` names (row -> buffer slot) into ``buffer``, reading ``raws``
+    up to ``last_row``."""
+    for row, raw in enumerate(raws):
+        if row in slots:
+            buffer[slots[row]] = raw
+        if row == last_row:
+            return
