@@ -10,20 +10,31 @@
    shards) and 8 / 512 ranks; the global order read every W-th slot (the old plan) vs
    the shard-window order read in blocks. The replay is checked against the opens a real
    ``ShardIndex`` makes on a small split (``--check``).
-3. The same-shard fraction of in-batch pairs (what ITM's in-batch negatives see).
+3. The same-shard fraction of in-batch pairs (what ITM's in-batch negatives see), for the
+   indexed plan and for the streamed reader (``readers/stream_mix.py``: its real order
+   replayed over shard lengths), the old streaming default (1 shard in flight) beside the
+   new one (16), each with a 1000-sample buffer, at the same sizes.
+4. With ``--stream-only``: 3's streamed rows alone, plus the memory of the open reads a
+   worker holds (the private memory, PSS, of the curl processes of N shards in flight over
+   http from a local server).
 
-    python -m benchmarks.bench_metadata [--baseline OLD_TREE] [--out DIR]
+    python -m benchmarks.bench_metadata [--baseline OLD_TREE] [--stream-only] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections import OrderedDict
 from pathlib import Path
 
@@ -145,6 +156,114 @@ def check_replay(directory: Path, world: int, window: int) -> dict:
     return {"window": window, "real_tar_opens": real["n"], "replay_tar_opens": replay["opens"] // 2}
 
 
+def stream_pairs(counts: np.ndarray, world: int, in_flight: int, batch: int, batches: int) -> dict:
+    """The same-shard fraction of in-batch pairs of rank 0's worker 0 (of 2, the default
+    data.num_workers) of ``world`` ranks: its real sample order (``position_stream``)
+    over shards of ``counts`` samples, cut into batches as a worker makes them."""
+    from pixelbert_dist.data.readers.stream import StreamPlan
+    from pixelbert_dist.data.readers.stream_mix import mix_width, position_stream
+
+    urls = [f"s{i}" for i in range(len(counts))]
+    resampled = len(urls) < world * 2  # as the loader demands
+    plan = StreamPlan(urls, 0, 0, 0, world, batch, batches, resampled, True, 1000, 0, in_flight)
+    length = dict(zip(urls, counts.tolist()))
+    where = position_stream(plan, 0, 2, length.__getitem__)
+    opened = [where.seen[shard] for shard, _ in itertools.islice(where.samples, batch * batches)]
+    shards = np.array([int(url[1:]) for url in opened]).reshape(batches, batch)  # a shard read again is the same
+    same = 0
+    for chunk in shards:
+        _, per = np.unique(chunk, return_counts=True)
+        same += int((per * (per - 1)).sum())
+    return {
+        "resampled": resampled,
+        "width": mix_width(plan, 0, 2),
+        "samples_read": batch * batches,
+        "same_shard_pairs": same / (batches * batch * (batch - 1)),
+    }
+
+
+def curl_memory(widths: list[int], out_dir: Path) -> list[dict]:
+    """PSS of the curl processes (webdataset.gopen's http(s) reads) of N shards in flight,
+    each read one sample in, as a worker holds them; shards of 40 x 100 KB from a local server."""
+    import psutil
+
+    from pixelbert_dist.data.readers.stream_read import read_shard
+
+    folder = out_dir / "shards"
+    write_big_shards(folder, max(widths))
+    with http_server(folder) as url:
+        rows = []
+        for width in widths:
+            reads = [read_shard(f"{url}/big-{i:03d}.tar", 0, []) for i in range(width)]
+            for read in reads:
+                next(read)
+            curls = [p for p in psutil.Process().children(recursive=True) if p.name() == "curl"]
+            pss = sum(p.memory_full_info().pss for p in curls)
+            rows.append({"in_flight": width, "curl_processes": len(curls), "pss_mib": pss / 2**20})
+            print(json.dumps(rows[-1]), flush=True)
+            for read in reads:
+                read.close()
+    return rows
+
+
+def write_big_shards(folder: Path, shards: int) -> None:
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = np.random.default_rng(0).bytes(100_000)
+    for s in range(shards):
+        with tarfile.open(folder / f"big-{s:03d}.tar", "w") as tar:
+            for i in range(40):
+                for name, data in ((f"k{s}_{i}.jpg", payload), (f"k{s}_{i}.txt", b"a caption")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
+@contextlib.contextmanager
+def http_server(folder: Path):
+    """``python -m http.server`` on 127.0.0.1 over ``folder``; yields its URL once it answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def stream_only(out: Path) -> None:
+    """Part 3's streamed rows and part 4 (the module docstring)."""
+    from benchmarks.common import write_results
+
+    rows = []
+    for name, samples, shards in SCALES + [("1e8 (img2dataset's 10^4 per shard)", 10**8, 10_000)]:
+        counts = np.full(shards, samples // shards, dtype=np.int64)
+        counts[: samples % shards] += 1
+        for world in (8, 512):
+            for in_flight, label in ((1, "old default"), (16, "new default")):
+                row = {"set": name, "ranks": world, "shards_in_flight": in_flight, "default": label}
+                row.update(stream_pairs(counts, world, in_flight, 32, 2000))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    config = {"target": "same-shard pairs <= 0.10", "batch": 32, "batches": 2000, "shuffle_buffer": 1000}
+    write_results("stream_same_shard", rows, config, out, list(rows[0]))
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = curl_memory([1, 4, 16], Path(scratch))
+    write_results("stream_open_reads", rows, {"shard": "40 samples x 100 KB, http"}, out, list(rows[0]))
+
+
 SCALES = [  # (name, samples, shards)
     ("coco+vg", 221_000, 111),
     ("1e8", 10**8, 50_000),
@@ -156,12 +275,15 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline", type=Path, help="another source tree whose start-up is counted alike")
     parser.add_argument("--shards", type=int, nargs="+", default=[100, 10_000, 100_000])
     parser.add_argument("--out", help="results folder (default: a new benchmarks/results/<machine>-<date>-metadata/)")
+    parser.add_argument("--stream-only", action="store_true", help="only the streamed rows (parts 3 and 4)")
     parser.add_argument("--child-startup", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_startup:
         return child_startup(args.child_startup)
     from benchmarks.common import new_run_dir, write_results
 
+    if args.stream_only:
+        return stream_only(Path(args.out or new_run_dir("stream-mixing")))
     out = args.out or new_run_dir("metadata")
     cache = ROOT / ".cache" / "bench_metadata"
     print(f"writing up to {max(args.shards)} one-sample shards (~{max(args.shards) * 4.5 / 1000:.0f} MB) under {cache}")
@@ -187,6 +309,7 @@ def main(argv=None) -> None:
                 print(json.dumps(row), flush=True)
     config = {"target": "opens per sample <= 0.01; same-shard pairs <= 0.10", "batch": 32, "batches": 2000}
     write_results("metadata_opens", rows, config, out, list(rows[0]))
+    stream_only(Path(out))
 
 
 if __name__ == "__main__":
