@@ -153,3 +153,30 @@ def test_engine_export_reads_the_input_settings_from_the_run_folder(tmp_path):
     save_config(run_cfg, tmp_path / "config.yaml")
     assert _saved_run_config(tmp_path / "checkpoints").data.image_max == 512
     assert _saved_run_config(tmp_path / "elsewhere" / "checkpoints") is None
+
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_the_commands_load_an_export_without_checksums_only_when_asked(export, tmp_path, command):
+    """The fine-tuning and evaluation commands refuse such an export, naming their flag,
+    and load it (the same weights) with --allow-unverified-weights."""
+    from pixelbert_dist.finetune import evaluate
+    from pixelbert_dist.finetune.run import parse_config
+    from pixelbert_dist.finetune.trainer import load_export
+
+    folder = copy_export(export[0], tmp_path / "old")
+    record = json.loads((folder / "config.json").read_text())
+    del record["files"]
+    (folder / "config.json").write_text(json.dumps(record))
+
+    def config(*flags):
+        argv = ["--pretrained", str(folder), *flags]
+        if command == "finetune":
+            return parse_config("vqa", argv)
+        args = evaluate.build_parser().parse_args([*argv, "--shards", str(tmp_path), f"--out={tmp_path / 'eval'}"])
+        return evaluate.config_from_args(args)[0]
+
+    with pytest.raises(ValueError, match=r"records no checksums.*--allow-unverified-weights"):
+        load_export(config())
+    loaded, _ = load_export(config("--allow-unverified-weights"))
+    want = export[1].state_dict()
+    assert all(torch.equal(tensor, want[name]) for name, tensor in loaded.state_dict().items())

@@ -19,6 +19,11 @@ from pixelbert_dist.config import ConfigError, Help, check_fields
 from pixelbert_dist.data.config import Backend
 from pixelbert_dist.train.config import LoopConfig, OptimConfig, ScheduleConfig
 
+UNVERIFIED_HELP = (
+    "load an export whose config.json records no checksums (exported before they were written) "
+    "without verifying its weights; otherwise it is refused (allow_unverified_weights=true)"
+)
+
 
 @dataclass
 class FinetuneData:
@@ -128,6 +133,9 @@ class FinetuneConfig:
     run_dir: Annotated[str, Help("the run's folder: config, checkpoints, logs, predictions")] = "runs/finetune"
     pretrained: Annotated[str, Help("the pre-training export folder (config.json, model.safetensors)")] = ""
     preset: Annotated[str | None, Help("if set, the export must have this preset's architecture")] = None
+    allow_unverified_weights: Annotated[
+        bool, Help("load an export without checksums, unverified (--allow-unverified-weights)")
+    ] = False
     head_dropout: Annotated[float, Help("dropout before the task head"), Interval(ge=0, lt=1)] = 0.1
     data: FinetuneData = field(default_factory=FinetuneData)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(cnn_lr=1e-3, lr=5e-5))

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from pixelbert_dist.config import load_config
-from pixelbert_dist.finetune.config import FinetuneConfig
+from pixelbert_dist.finetune.config import UNVERIFIED_HELP, FinetuneConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", action="append", help="split(s) to evaluate (default: every split the task reads)")
     parser.add_argument("--shards", nargs="+", help="shard folder(s) with the images (default: the run's)")
     parser.add_argument("--karpathy", help="Karpathy split file (retrieval with --pretrained)")
+    parser.add_argument("--allow-unverified-weights", action="store_true", help=UNVERIFIED_HELP)
     parser.add_argument("--out", help="results folder (default: RUN/eval, or runs/evaluate)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the fine-tuning config")
@@ -61,6 +62,8 @@ def config_from_args(args) -> tuple[FinetuneConfig, Path]:
         out = Path(args.out or "runs/evaluate")
     if args.shards:
         cfg.data.shards = args.shards
+    if args.allow_unverified_weights:
+        cfg.allow_unverified_weights = True
     cfg.run_dir = str(out)
     return cfg.validate(), out
 

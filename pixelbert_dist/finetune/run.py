@@ -12,7 +12,7 @@ from pathlib import Path
 from pixelbert_dist.config import config_help, dump_config, load_config
 from pixelbert_dist.console import setup_console
 from pixelbert_dist.distributed.ds_config import SHIPPED_DIR
-from pixelbert_dist.finetune.config import FinetuneConfig
+from pixelbert_dist.finetune.config import UNVERIFIED_HELP, FinetuneConfig
 
 
 # Each task's own files: (flag, config key, help), and its --help description.
@@ -60,6 +60,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--pretrained", metavar="DIR", help="pre-training export folder (config.json, weights)")
     parser.add_argument("--shards", nargs="+", metavar="DIR", help="shard folder(s) holding the task's images")
+    parser.add_argument("--allow-unverified-weights", action="store_true", help=UNVERIFIED_HELP)
     for flag, key, text in TASK_FILES[task]:
         parser.add_argument(flag, dest=key.replace(".", "__"), metavar="PATH", help=f"{text} ({key})")
     parser.add_argument("--config", metavar="YAML", help="fine-tuning config YAML (launch/configs/finetune_*.yaml)")
@@ -88,6 +89,8 @@ def config_from_args(task: str, args: argparse.Namespace) -> FinetuneConfig:
     # paths are set as values, never parsed as YAML text
     if args.pretrained:
         cfg.pretrained = args.pretrained
+    if args.allow_unverified_weights:
+        cfg.allow_unverified_weights = True
     if shards:
         cfg.data.shards = shards
     for _, key, _ in TASK_FILES[task]:

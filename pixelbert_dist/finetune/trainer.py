@@ -66,7 +66,8 @@ def load_export(cfg: FinetuneConfig):
             f"tokenizer {vocab_dir} has {len(tokenizer)} tokens, the export {folder} only "
             f"{arch.vocab_size} embeddings: wrong vocabulary for this export"
         )
-    return PixelBert.from_pretrained(folder, pixel_sample_size=0), tokenizer
+    model = PixelBert.from_pretrained(folder, allow_unverified=cfg.allow_unverified_weights, pixel_sample_size=0)
+    return model, tokenizer
 
 
 def build_optimizer(model: torch.nn.Module, cfg: FinetuneConfig) -> HybridOptimizer:

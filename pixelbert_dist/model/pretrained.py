@@ -131,7 +131,8 @@ def verify_export_files(folder: str | Path, record: dict, allow_unverified: bool
             raise ValueError(
                 f"{folder / CONFIG_NAME} records no checksums (an export from before they were written): "
                 f"{WEIGHTS_NAME} cannot be verified. Re-export it from its checkpoint (python launch/export.py "
-                "RUN_DIR), or pass allow_unverified=True to load it anyway"
+                "RUN_DIR), or pass allow_unverified=True (the fine-tuning and evaluation commands: "
+                "--allow-unverified-weights) to load it anyway"
             )
         log.warning("%s records no checksums: %s is loaded unverified", folder / CONFIG_NAME, WEIGHTS_NAME)
         return
