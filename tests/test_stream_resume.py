@@ -82,3 +82,56 @@ def test_a_resume_fetches_no_sidecar_twice(folders, monkeypatch, skip, in_flight
         return len(fetched)
 
     assert fetches(skip) <= fetches(0)
+
+
+class CountingStream:
+    """A shard stream that counts the bytes read from it (into ``total``)."""
+
+    def __init__(self, stream, total: list):
+        self.stream, self.total = stream, total
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.total[0] += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_a_resume_reads_a_shard_from_its_oldest_row_still_needed(tmp_path, monkeypatch, in_flight):
+    """Where the store can seek (local files, fsspec stores), the shards a resume reads
+    again start at the byte their sidecar gives for the oldest row still needed: fewer
+    bytes than reading each from its start, the same samples."""
+    with ShardWriter(tmp_path, "big", samples_per_shard=8) as writer:  # ~10 KB a sample
+        for i in range(48):
+            writer.write(f"img{i:04d}", make_jpeg(200, 200, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    urls = expand(f"{tmp_path}/big-{{000000..000005}}.tar")
+    total, starts, open_shard = [0], [], stream_read.open_shard
+
+    def counting(url, start=0):
+        starts.append(start)
+        return CountingStream(open_shard(url, start), total)
+
+    monkeypatch.setattr(stream_read, "open_shard", counting)
+
+    def resume(can_seek: bool) -> tuple[list, int]:
+        monkeypatch.setattr(stream_read, "seekable", lambda url: can_seek)
+        total[0] = 0
+        stream_plan = StreamPlan(urls, 3, 1, 0, 1, 2, 100, False, True, buffer=7, retries=0, in_flight=in_flight)
+        samples = stream_plan.samples(0, 1, [], skip=21)
+        first = next(samples).key  # by then the resume has read what it adds
+        added = total[0]
+        return [first] + [raw.key for raw in itertools.islice(samples, 20)], added
+
+    ranged, ranged_bytes = resume(True)
+    assert any(starts)
+    starts.clear()
+    whole, whole_bytes = resume(False)
+    assert not any(starts)
+    assert ranged == whole
+    assert ranged_bytes < 0.8 * whole_bytes, (ranged_bytes, whole_bytes)  # 0.75 at 1 in flight, 0.40 at 3

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 
+from pixelbert_dist.data.readers.stream_urls import READ_AHEAD, open_shard
 from tests.stream_helpers import BATCH, PATTERN, pil_stream, same_batches, write_stream_shards
 
 BUCKET = "pixelbert"
@@ -74,6 +75,8 @@ def test_s3_equals_local_and_folders_are_listed(shards, s3):
         )
     brace = pil_stream(spec).urls
     assert brace == [f"s3://{BUCKET}/train/train-{i:06d}.tar" for i in range(4)]
+    with open_shard(brace[0]) as stream:  # each shard in flight holds one read-ahead block, not s3fs's 50 MiB
+        assert stream.blocksize == READ_AHEAD
     assert pil_stream(f"s3://{BUCKET}/train/").urls == brace  # the folder's .tar objects, not its .npy / .json
     assert pil_stream(f"s3://{BUCKET}/train/train-*.tar").urls == brace
     with pytest.raises(ValueError, match=f"no .tar object matches s3://{BUCKET}/nothing/"):

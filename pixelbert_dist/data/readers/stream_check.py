@@ -24,7 +24,16 @@ from __future__ import annotations
 import numpy as np
 
 from pixelbert_dist.data.format import index as fmt_index
-from pixelbert_dist.data.format.index import BLOCK, CRC32, INDEX_COMMAND, JPG_BLOCK, JPG_SIZE, ShardFormatError
+from pixelbert_dist.data.format.index import (
+    BLOCK,
+    CRC32,
+    INDEX_COMMAND,
+    JPG_BLOCK,
+    JPG_SIZE,
+    JSON_BLOCK,
+    JSON_SIZE,
+    ShardFormatError,
+)
 from pixelbert_dist.data.readers.stream_urls import read_sidecar, sidecar_url
 
 CHANGED = "bytes changed after the shard was written"
@@ -38,9 +47,18 @@ class ShardCheck:
         self.blocks = np.asarray(index[JPG_BLOCK], dtype=np.int64)
         self.sizes = np.asarray(index[JPG_SIZE], dtype=np.int64)
         self.crcs = np.asarray(index[CRC32], dtype=np.int64)
+        json_blocks, json_sizes = (np.asarray(index[f], dtype=np.int64) for f in (JSON_BLOCK, JSON_SIZE))
+        # where each row's indexed members (image; .json or .txt) end, in whole blocks
+        self.ends = np.maximum(self.blocks + -(-self.sizes // BLOCK), json_blocks + -(-json_sizes // BLOCK)) * BLOCK
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def start_of(self, row: int) -> int:
+        """A byte of the tar where a read can start and meet ``row`` as its first sample:
+        the end of the row before's indexed members (what lies between, e.g. that row's
+        unindexed members, is read past)."""
+        return int(self.ends[row - 1]) if row else 0
 
     def damage(self, key: str, offset: int, jpeg: bytes) -> str | None:
         """None if ``jpeg`` (data at byte ``offset`` of the tar) is the one the builder

@@ -123,8 +123,8 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0)
     the first ``skip`` are, what the buffer then holds and how far each shard in flight
     was read depend only on the shards' lengths: where the index sidecars say so, the skip
     is replayed over positions and only the shards still holding buffered or later samples
-    are read (those in flight up to where they were); else the first ``skip`` are read and
-    dropped."""
+    are read, each from its oldest row still needed (a ranged read where the store can
+    seek); else the first ``skip`` are read and dropped."""
     width = mix_width(plan, worker, workers)
     replay = _replay(plan, worker, workers, errors, skip) if skip else None
     if replay is None:
@@ -139,19 +139,22 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0)
         slots.setdefault(shard, {})[row] = slot
     in_flight = {slot[1][0]: slot[1][1] for slot in where.mix.slots if slot is not None}  # shard -> last row
 
-    def reread(shard: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
-        return read_shard(where.seen[shard], plan.retries, errors, checks.get(where.seen[shard], UNREAD))
+    def reread(shard: int, first_row: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
+        url = where.seen[shard]
+        return read_shard(url, plan.retries, errors, checks.get(url, UNREAD), first_row)
 
     for shard in sorted(set(slots) - set(in_flight)):
-        _fill(buffer, slots[shard], reread(shard), max(slots[shard]))
+        first = min(slots[shard])
+        _fill(buffer, slots[shard], reread(shard, first), first, max(slots[shard]))
     readers: list = []
     for slot in where.mix.slots:
         if slot is None:
             readers.append(None)
             continue
         shard, last_row = slot[1]
-        readers.append([reread(shard), None])
-        _fill(buffer, slots.get(shard, {}), readers[-1][0], last_row)  # up to the last row taken
+        first = min([*slots.get(shard, {}), last_row + 1])  # the oldest row still buffered, else the next
+        readers.append([reread(shard, first), None])
+        _fill(buffer, slots.get(shard, {}), readers[-1][0], first, last_row)  # up to the last row taken
     mix = ShardMix(where.urls, lambda url: read_shard(url, plan.retries, errors), width, readers, where.mix.turn)
     yield from shuffled(plan, mix, where.rng, buffer)
 
@@ -181,10 +184,12 @@ def _replay(plan, worker: int, workers: int, errors: list, skip: int) -> tuple[P
     return (where, checks) if taken == skip else None
 
 
-def _fill(buffer: list, slots: dict, raws: Iterator[Raw], last_row: int) -> None:
+def _fill(buffer: list, slots: dict, raws: Iterator[Raw], first_row: int, last_row: int) -> None:
     """Put the rows ``slots`` names (row -> buffer slot) into ``buffer``, reading ``raws``
-    up to ``last_row``."""
-    for row, raw in enumerate(raws):
+    (rows ``first_row``, ...) up to ``last_row``."""
+    if first_row > last_row:
+        return
+    for row, raw in enumerate(raws, first_row):
         if row in slots:
             buffer[slots[row]] = raw
         if row == last_row:

@@ -16,7 +16,7 @@ import time
 from typing import Iterator, NamedTuple
 
 from pixelbert_dist.data.format.members import TRUNCATION, group_members, has_caption, tar_members
-from pixelbert_dist.data.readers.stream_urls import open_shard, protocol, retryable
+from pixelbert_dist.data.readers.stream_urls import open_shard, protocol, retryable, seekable
 from pixelbert_dist.data.readers.stream_check import ShardCheck, fetch
 
 BACKOFF_S = 0.5
@@ -55,9 +55,12 @@ SKIP_KINDS = (NO_IMAGE, NO_CAPTION, TRUNCATED)
 
 
 def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> Iterator[Raw]:
-    """The shard's samples with an image, from the ``skip``-th on (those before are read
-    past, unchecked); samples without one are noted (``Skipped``) past that point."""
-    met, dotted = 0, []
+    """The shard's samples with an image, from the ``skip``-th on; samples without one are
+    noted (``Skipped``) past that point. With an index sidecar and a store that can seek,
+    the read starts where row ``skip`` can be met first (a ranged read); else those before
+    are read past, unchecked."""
+    start = check.start_of(skip) if check is not None and skip and seekable(url) else 0
+    met, dotted = (skip, []) if start else (0, [])
 
     def on_dotted(name: str, key: str, field: str) -> None:
         if not dotted:  # once a shard read: the loader says it once in all
@@ -65,16 +68,18 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
             notes.append(Dotted(name, key, field, url))
 
     broke: list[Exception] = []
-    with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+    with open_shard(url, start) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for sample in group_members(tar_members(tar, broke), on_dotted):
             if sample.image is None or (check is not None and not has_caption(sample.text, sample.meta)):
-                if met >= skip:  # a sidecar's rows are the samples with both (format.foreign_index)
+                # a sidecar's rows are the samples with both (format.foreign_index); what a ranged
+                # read meets before its first row was noted by the read that passed it
+                if met > skip or (met == skip and not start):
                     kind, what = (NO_IMAGE, "no jpg/jpeg/png/webp member") if sample.image is None else (NO_CAPTION, "")
                     notes.append(Skipped(kind, f"{url}:{sample.key}", what or "no caption (its index lists none)"))
                 continue
             met += 1
             if met > skip:
-                offset = sample.image_offset
+                offset = start + sample.image_offset  # the tar's, not this read's
                 damage = check.damage(sample.key, offset, sample.image) if check is not None else None
                 yield Raw(sample.key, sample.image, sample.meta, url, damage, check is not None, sample.text)
     if broke:
@@ -86,12 +91,13 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
 UNREAD = object()
 
 
-def read_shard(url: str, retries: int, errors: list, check=UNREAD) -> Iterator[Raw]:
-    """The samples of one shard, checked against its index sidecar when it has one
-    (``check``: fetched already, by ``shard_check``); a failed read (of either) is retried
-    after a back-off, skipping the samples already yielded (``errors`` collects one line
-    per failure)."""
-    done, attempt, broke_at = 0, 0, None
+def read_shard(url: str, retries: int, errors: list, check=UNREAD, first_row: int = 0) -> Iterator[Raw]:
+    """The samples of one shard from row ``first_row`` on, checked against its index
+    sidecar when it has one (``check``: fetched already, by ``shard_check``); a failed read
+    (of either) is retried after a back-off, skipping the samples already yielded
+    (``errors`` collects one line per failure). Skipped rows are not read where the
+    sidecar says where the next one starts and the store can seek (``_members``)."""
+    done, attempt, broke_at = first_row, 0, None
     while True:
         try:
             if check is UNREAD:

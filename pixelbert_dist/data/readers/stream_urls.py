@@ -123,14 +123,25 @@ def _list_tars(url: str) -> list[str]:
     return [fs.unstrip_protocol(p) for p in found]
 
 
-def open_shard(url: str):
-    """A binary stream of the shard at ``url`` (a context manager)."""
+def seekable(url: str) -> bool:
+    """Whether a read of ``url`` can start mid-file: local files and fsspec stores (a
+    ranged GET); http(s) through curl and ``pipe:`` read from the start."""
+    return protocol(url) in ("", "file") or through_fsspec(url)
+
+
+def open_shard(url: str, start: int = 0):
+    """A binary stream of the shard at ``url`` (a context manager), from byte ``start``
+    (only where ``seekable``)."""
     if through_fsspec(url):
         fs, path = fsspec.core.url_to_fs(url)
-        return fs.open(path, "rb", block_size=READ_AHEAD)
-    from webdataset import gopen
+        stream = fs.open(path, "rb", block_size=READ_AHEAD)
+    else:
+        from webdataset import gopen
 
-    return gopen(url)
+        stream = gopen(url)
+    if start:
+        stream.seek(start)
+    return stream
 
 
 def sidecar_url(url: str) -> str | None:
