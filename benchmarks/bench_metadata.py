@@ -182,6 +182,29 @@ def stream_pairs(counts: np.ndarray, world: int, in_flight: int, batch: int, bat
     }
 
 
+def resume_rereads(counts: np.ndarray, world: int, in_flight: int, skip: int) -> dict:
+    """Rows a resume after ``skip`` samples reads again (rank 0's worker 0 of 2): the
+    shards still in flight or buffered, each read from its start (http(s), pipe:) or
+    from its oldest row still needed (a ranged read: local files, fsspec stores)."""
+    from pixelbert_dist.data.readers.stream import StreamPlan
+    from pixelbert_dist.data.readers.stream_mix import position_stream
+
+    urls = [f"s{i}" for i in range(len(counts))]
+    plan = StreamPlan(urls, 0, 0, 0, world, 32, 10**6, len(urls) < world * 2, True, 1000, 0, in_flight)
+    length = dict(zip(urls, counts.tolist()))
+    where = position_stream(plan, 0, 2, length.__getitem__)
+    for _ in itertools.islice(where.samples, skip):
+        pass
+    needed: dict[int, list[int]] = {}
+    for shard, row in where.buffer + [slot[1] for slot in where.mix.slots if slot is not None]:
+        needed.setdefault(shard, []).append(row)
+    return {
+        "shards_reread": len(needed),
+        "rows_from_start": sum(max(rows) + 1 for rows in needed.values()),
+        "rows_ranged": sum(max(rows) - min(rows) + 1 for rows in needed.values()),
+    }
+
+
 def curl_memory(widths: list[int], out_dir: Path) -> list[dict]:
     """PSS of the curl processes (webdataset.gopen's http(s) reads) of N shards in flight,
     each read one sample in, as a worker holds them; shards of 40 x 100 KB from a local server."""
@@ -259,6 +282,16 @@ def stream_only(out: Path) -> None:
                 print(json.dumps(row), flush=True)
     config = {"target": "same-shard pairs <= 0.10", "batch": 32, "batches": 2000, "shuffle_buffer": 1000}
     write_results("stream_same_shard", rows, config, out, list(rows[0]))
+    rows = []
+    counts = np.full(10_000, 10_000, dtype=np.int64)  # 10^8 in img2dataset's shards
+    for world in (8, 512):
+        for in_flight in (1, 16):
+            skip = 76_345  # samples the worker took before the save
+            row = {"ranks": world, "shards_in_flight": in_flight, **resume_rereads(counts, world, in_flight, skip)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    config = {"set": "1e8 in 10^4 shards of 10^4", "skip": 76_345, "shuffle_buffer": 1000}
+    write_results("stream_resume_rereads", rows, config, out, list(rows[0]))
     with tempfile.TemporaryDirectory() as scratch:
         rows = curl_memory([1, 4, 16], Path(scratch))
     write_results("stream_open_reads", rows, {"shard": "40 samples x 100 KB, http"}, out, list(rows[0]))
