@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from pixelbert_dist.checkpoint.shared_load import bytes_per_rank, owner, plan_reads
 from pixelbert_dist.checkpoint import checkpointer
 from pixelbert_dist.checkpoint import choose
 from pixelbert_dist.checkpoint import engine_io
@@ -323,15 +324,16 @@ def test_universal_resume_on_another_world_size(run_dir):
     assert result["save_due"] == [True, True]  # set on rank 0, then on rank 1: both ranks saw it
     meta = read_meta(run_dir / "step_00000003")
     assert meta["world_size"] == 2
-    # resumed on 2 ranks: the same losses; rank 1 read only its own files (the model file went to rank 0)
+    # resumed on 2 ranks: the same losses; each rank read its own files and its part of the
+    # shared ones (verification included), every byte of the checkpoint read once in all
     assert result["resumed_step"] == 3
     assert [loss for loss, _ in result["resumed"]] == pytest.approx([loss for loss, _ in reference[3:]], rel=1e-6)
-    own = {
-        r: sum(e["size"] for n, e in meta["files"].items() if f"rank_{r}_" in n or f"rank_{r:05d}_" in n)
-        for r in (0, 1)
-    }
-    shared = sum(e["size"] for n, e in meta["files"].items() if n.endswith("model_states.pt"))
-    assert result["bytes_read"] == [own[0] + shared, own[1]]
+    sizes = {name: entry["size"] for name, entry in meta["files"].items()}
+    own = [sum(size for name, size in sizes.items() if owner(name, 2) == r) for r in (0, 1)]
+    assert sum(result["bytes_read"]) == sum(sizes.values())
+    assert result["bytes_read"] == bytes_per_rank(plan_reads(sizes, 2))
+    assert all(read > mine for read, mine in zip(result["bytes_read"], own))  # both read part of the model file
+    assert max(result["bytes_read"]) <= 1.1 * sum(sizes.values()) / 2
 
     engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
     assert engine.load_universal_checkpoint()

@@ -226,7 +226,7 @@ def resume_engine(engine, tag_dir: Path, universal: bool = False) -> tuple[dict,
 def resume(engine, save_dir: str | Path, which: str = "auto", universal: bool = False) -> dict | None:
     """Find, verify and load a checkpoint of ``save_dir`` without a run folder (tests,
     tools); None when nothing was saved."""
-    tag_dir = find_checkpoint(save_dir, which)
+    tag_dir = find_checkpoint(save_dir, which, keep_reads=True)
     return None if tag_dir is None else resume_engine(engine, tag_dir, universal)[0]
 
 

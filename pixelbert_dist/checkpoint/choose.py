@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pixelbert_dist.checkpoint import files
+from pixelbert_dist.checkpoint import files, shared_load
 from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
 from pixelbert_dist.checkpoint.layout import LATEST, list_tags, read_latest
 from pixelbert_dist.checkpoint.universal import UNIVERSAL_SUFFIX, enable_universal_load
@@ -50,11 +50,11 @@ def _candidates(save_dir: Path) -> tuple[list[str], list[str]]:
     return tags, notes
 
 
-def _newest_intact(save_dir: Path, verify: bool) -> Path | None:
+def _newest_intact(save_dir: Path, verify: bool, keep_reads: bool) -> Path | None:
     """What `latest` names when it is intact; else the newest intact tag, saying which and why."""
     tags, notes = gather_objects(_candidates(save_dir) if files.rank() == 0 else None)[0]
     for tag in tags:
-        problem = files.verify(save_dir / tag) if verify else None
+        problem = shared_load.verify(save_dir / tag, keep_reads) if verify else None
         if problem is None:
             if notes and files.rank() == 0:
                 log.warning("resuming from %s, the newest intact checkpoint: %s", save_dir / tag, "; ".join(notes))
@@ -69,18 +69,21 @@ def _newest_intact(save_dir: Path, verify: bool) -> Path | None:
     return None  # nothing saved yet: a fresh run
 
 
-def find_checkpoint(save_dir: str | Path, which: str = "auto", verify: bool = True) -> Path | None:
+def find_checkpoint(
+    save_dir: str | Path, which: str = "auto", verify: bool = True, keep_reads: bool = False
+) -> Path | None:
     """The tag folder ``which`` names, checked against the sizes and sha256 in its meta.json:
     "none", "auto"/"latest" (`latest`, or the newest intact tag if that is damaged; None when
     nothing was saved yet), a tag, or a path to a tag folder (an error when it is damaged).
-    A collective when verifying."""
+    A collective when verifying: each rank reads its share (``shared_load.py``), and with
+    ``keep_reads`` keeps it for the load that follows."""
     if which in (None, "none", ""):
         return None
     save_dir = Path(save_dir)
     if which in ("auto", LATEST):
-        return _newest_intact(save_dir, verify)
+        return _newest_intact(save_dir, verify, keep_reads)
     path = _explicit(save_dir, which)
-    problem = files.verify(path) if verify else None
+    problem = shared_load.verify(path, keep_reads) if verify else None
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     return path
@@ -136,7 +139,7 @@ def prepare_resume(
     world size and ZeRO stage, and sets the universal load flag in ``ds_config`` when the
     checkpoint came from another world size or stage (and ``universal`` allows it).
     Returns the tag folder, or None for a fresh run. A collective."""
-    tag_dir = find_checkpoint(save_dir, which)
+    tag_dir = find_checkpoint(save_dir, which, keep_reads=True)
     if tag_dir is not None:
         meta = check_world_size(tag_dir, world_size, universal)
         other_stage = check_zero_stage(tag_dir, meta, ds_config, universal)

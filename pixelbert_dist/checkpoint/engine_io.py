@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,10 +33,10 @@ from deepspeed.checkpoint.constants import (
     UNIVERSAL_CHECKPOINT_VERSION_VALUE,
 )
 
-from pixelbert_dist.checkpoint import files
+from pixelbert_dist.checkpoint import files, shared_load
 from pixelbert_dist.checkpoint.files import META, CheckpointError
 from pixelbert_dist.checkpoint.layout import LATEST, prune
-from pixelbert_dist.checkpoint.shared_load import shared_file_reads
+from pixelbert_dist.checkpoint.shared_load import TagReads, shared_file_reads
 from pixelbert_dist.checkpoint.staging import HostBuffers, Staged, stage_engine_save, write_staged
 
 log = logging.getLogger(__name__)
@@ -122,19 +123,43 @@ def _complete(tmp: Path, table: dict, record: dict, keep_last: int) -> None:
     files.remove_leftovers(save_dir)
 
 
-def _load_rank_state(tag_dir: Path, rank: int) -> dict | None:
-    path = tag_dir / rank_state_name(rank)
+def _load_rank_state(tag_dir: Path, rank: int, reads: TagReads) -> dict | None:
+    name = rank_state_name(rank)
+    if name in reads.held:
+        return torch.load(io.BytesIO(reads.held[name]), map_location="cpu", weights_only=True)
+    path = tag_dir / name
     if not path.is_file():
         return None
+    reads.bytes_read += path.stat().st_size
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _reads_for(tag_dir: Path, universal: bool) -> TagReads:
+    """This rank's verified reads of ``tag_dir``: kept from the verification that chose it,
+    else read now (a collective; a damaged tag is an error). A universal resume loads the
+    converted folder from the file system instead."""
+    kept = shared_load.take(tag_dir)
+    if universal:
+        return TagReads(tag_dir)
+    if kept is not None:
+        return kept
+    table = files.read_meta(tag_dir).get("files")
+    if table is None:  # the older format: DeepSpeed reads the files (the shared ones once, broadcast)
+        return TagReads(tag_dir)
+    reads = shared_load.read_tag(tag_dir, table)
+    if reads.problem:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged: {reads.problem}")
+    return reads
 
 
 def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> tuple[dict, int]:
     """DeepSpeed's load of ``tag_dir`` (or its universal conversion): the client state
     with ``rank_state`` (this rank's own saved state; None after a world-size change), and
-    the checkpoint bytes this rank read from the file system (``shared_load.py``)."""
+    the checkpoint bytes this rank read from the file system, its verification included
+    (``shared_load.py``: about its own share)."""
     tag = universal_tag or tag_dir.name
-    with shared_file_reads(engine) as reads:
+    reads = _reads_for(tag_dir, universal_tag is not None)
+    with shared_file_reads(engine, reads):
         load_path, client_state = engine.load_checkpoint(
             str(tag_dir.parent), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -145,10 +170,10 @@ def load(engine, tag_dir: Path, same_world: bool, universal_tag: str | None) -> 
     older = client_state.pop("rank_states", None) or []  # the earlier format: a table in the client state
     mine = None
     if same_world:
-        mine = _load_rank_state(tag_dir, files.rank())
-        reads.bytes_read += (tag_dir / rank_state_name(files.rank())).stat().st_size if mine is not None else 0
+        mine = _load_rank_state(tag_dir, files.rank(), reads)
         if mine is None and len(older) == files.world():
             mine = older[files.rank()]
+    reads.held.clear()  # the memory goes now, not at the next resume
     if mine is not None:
         set_rng_state(mine["rng"])
         client_state["rank_state"] = mine["state"]

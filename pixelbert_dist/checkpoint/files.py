@@ -6,8 +6,10 @@ folder into place and only then moves ``latest``. A kill at any moment leaves ei
 previous checkpoint named by ``latest`` or the new one, never a half-written folder.
 
 Hashing is spread over the ranks: at save, each rank hashes the files it wrote itself
-(``staging.write_staged``), while they are still in its page cache; at resume, rank r
-checks files r, r + W, ... of the sorted list. Rank 0 then decides from every rank's findings.
+(``staging.write_staged``), while they are still in its page cache; at resume, each rank
+checks what it reads for the load (``shared_load.py``), and a meta.json of the older format
+(no file table) is checked here, rank r taking files r, r + W, ... of the sorted list.
+The ranks then agree on the first problem any of them found.
 """
 
 from __future__ import annotations
