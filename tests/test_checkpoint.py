@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -301,7 +302,7 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
 
 
 @pytest.mark.launcher
-def test_universal_resume_on_another_world_size(run_dir):
+def test_universal_resume_on_another_world_size(run_dir, caplog):
     import subprocess
 
     cmd = [
@@ -337,8 +338,9 @@ def test_universal_resume_on_another_world_size(run_dir):
 
     engine, opt = _engine(2, seed=5, grad_accum=2, micro_batch=2, universal_from=run_dir)
     assert engine.load_universal_checkpoint()
-    with pytest.warns(UserWarning, match="from 2 ranks on 1"):
+    with pytest.warns(UserWarning, match="from 2 ranks on 1"), caplog.at_level("INFO", logger="pixelbert_dist"):
         state = checkpointer.resume(engine, run_dir, "auto", universal=True)
+    assert re.search(r"universal conversion of step_00000003: \d+\.\d s", caplog.text)
     assert state["trainer"] == {"step": 3}
     assert state["rank_state"] is None
     assert (run_dir / "step_00000003_universal" / "meta.json").is_file()
@@ -438,6 +440,22 @@ def test_an_older_meta_json_without_a_file_table_is_verified_by_reading(run_dir,
     flipped.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"{flipped}: its member .* fails its CRC check"):
         choose.find_checkpoint(run_dir, "step_00000001")
+
+
+def test_a_resume_reads_each_byte_once_and_checks_it(run_dir):
+    _save_steps(run_dir, [1])
+    sizes = {name: entry["size"] for name, entry in read_meta(run_dir / "step_00000001")["files"].items()}
+    engine, _ = _engine(2, seed=1)
+    # the verification that picks the tag keeps what it read; the load reads nothing more
+    tag_dir = choose.find_checkpoint(run_dir, "auto", keep_reads=True)
+    assert checkpointer.resume_engine(engine, tag_dir)[1] == sum(sizes.values())
+    # a load without a verification before it checks what it reads all the same
+    flipped = next((run_dir / "step_00000001").glob("*optim_states.pt"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"step_00000001 is damaged: {flipped}: sha256 differs"):
+        checkpointer.resume_engine(engine, tag_dir)
 
 
 def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, caplog):

@@ -59,16 +59,20 @@ def owner(name: str, world: int) -> int | None:
 
 def _quotas(own: list[int], shared: int) -> list[int]:
     """Bytes of the shared files each rank reads: the ranks that own least take most, so
-    that ``own[r] + quota[r]`` is as even as the shared bytes allow (water-filling)."""
+    that ``own[r] + quota[r]`` is as even as the shared bytes allow (water-filling: the
+    level reaches the k ranks owning least, k as large as the bytes allow)."""
     order = sorted(range(len(own)), key=own.__getitem__)
-    quotas, left = [0] * len(own), shared
-    for i, r in enumerate(order):  # the level the remaining shared bytes fill over order[i:]
-        level = (left + sum(own[q] for q in order[i:])) // (len(own) - i)
-        if own[r] >= level:
-            continue  # this rank and every later one already own more than the level
-        quotas[r] = min(level - own[r], left)
-        left -= quotas[r]
-    quotas[order[0]] += left  # integer rounding
+    reached, prefix = 1, 0
+    for i, rank in enumerate(order):
+        prefix += own[rank]
+        if shared + prefix >= own[rank] * (i + 1):
+            reached = i + 1
+    level = (shared + sum(own[r] for r in order[:reached])) // reached
+    quotas = [0] * len(own)
+    for rank in order[:reached]:
+        quotas[rank] = level - own[rank]
+    for rank in order[: shared - sum(quotas)]:  # the remainder of the division, a byte each
+        quotas[rank] += 1
     return quotas
 
 
