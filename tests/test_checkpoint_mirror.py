@@ -5,6 +5,7 @@ checkpoint resumes from the mirror exactly, and a damaged remote copy is refused
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -33,7 +34,7 @@ def s3fs_mirror(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     endpoint.start()
     fs = s3fs.S3FileSystem()
-    fs.mkdir(BUCKET)
+    fs.makedirs(BUCKET, exist_ok=True)  # moto keeps its buckets from one test to the next
     yield fs
     endpoint.stop()
     s3fs.S3FileSystem.clear_instance_cache()
@@ -75,3 +76,31 @@ def test_a_run_without_local_checkpoints_resumes_from_the_mirror(s3fs_mirror, tm
     with pytest.raises(CheckpointError, match=rf"cannot resume from the mirror .*{name}: 7 bytes.*damaged"):
         third.choose("auto", {}, world_size=1)
     assert not (third.folder / "step_00000003").exists()
+
+
+def test_a_slow_upload_holds_up_neither_the_next_save_nor_local_retention(s3fs_mirror, tmp_path, monkeypatch):
+    fs, url = s3fs_mirror, f"s3://{BUCKET}/runs/slow"
+    engine, opt = _engine(2, seed=0)
+    saver = Checkpointer(tmp_path / "run", keep_last=1, async_save=True, mirror=url)
+    saver.attach(engine)
+    gate, real_put = threading.Event(), saver.mirror.fs.put_file
+
+    def stalled_put(*args, **kwargs):  # the object store answers only once the test lets it
+        gate.wait(timeout=60)
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(saver.mirror.fs, "put_file", stalled_put)
+    for step in (1, 2):
+        _train(engine, opt, [step])
+        saver.save(step, {"trainer": {"step": step}})
+        saver.wait()  # this save's local writing and commit: done while step 1's upload hangs
+    assert not gate.is_set() and not fs.exists(f"{BUCKET}/runs/slow/latest")
+    assert saver.folder.joinpath("latest").read_text() == "step_00000002\n"
+    assert not (saver.folder / "step_00000001").exists()  # retention went ahead (keep_last=1)
+    gate.set()
+    saver.close()  # the end of a run waits for the uploads
+    assert fs.cat_file(f"{BUCKET}/runs/slow/latest").decode() == "step_00000002\n"
+    manifest = json.loads(fs.cat_file(f"{BUCKET}/runs/slow/step_00000001/meta.json"))["files"]
+    for name, entry in manifest.items():  # step 1 uploaded whole from its hard links
+        assert fs.info(f"{BUCKET}/runs/slow/step_00000001/{name}")["size"] == entry["size"]
+    assert not list(saver.folder.glob(".mirror.*"))

@@ -104,9 +104,11 @@ class Checkpointer:
         return f"no checkpoint was written yet (train.save_every={self.every_steps})"
 
     def close(self) -> None:
-        """Wait for a save in flight, then free the run folder."""
+        """Wait for a save in flight and its upload to the mirror, then free the run folder."""
         try:
             self.wait()
+            if self.mirror is not None:
+                self.mirror.wait()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -196,8 +198,8 @@ class Checkpointer:
 
     def _write(self, staged, record: dict, group) -> None:
         engine_io.write_and_commit(staged, record, self.keep_last, group)
-        if self.mirror is not None and files.rank() == 0:
-            self.mirror.push(self.folder / tag_for(record["step"]))
+        if self.mirror is not None and files.rank() == 0:  # uploads in a thread of its own
+            self.mirror.push_later(self.folder / tag_for(record["step"]))
 
     def wait(self) -> None:
         """Block until a save in flight is complete (a stop, the end, an export)."""
