@@ -3,21 +3,32 @@ re-partitioned for another world size (or ZeRO stage 1 <-> 2).
 
 DeepSpeed's converter (``ds_to_universal``) only knows Adam state, so the CNN's SGD
 momentum is dressed as Adam's for the conversion and renamed back after (checked:
-2 ranks -> 1 gives the same losses). Rank 0 converts once, next to the tag.
+2 ranks -> 1 gives the same losses). Rank 0 converts once, next to the tag, while the
+other ranks wait in a process group of their own with a long timeout (``CONVERSION_TIMEOUT``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from pixelbert_dist.checkpoint.files import META, CheckpointError, rank, read_meta
-from pixelbert_dist.collectives import gather_objects
+
+log = logging.getLogger(__name__)
 
 UNIVERSAL_SUFFIX = "_universal"
+# How long the other ranks wait for rank 0's conversion. It reads the whole checkpoint and
+# writes a file per (parameter, state, saved rank) before merging them: 42 s for R50 from
+# 2 ranks on a loaded 2-core VM, growing with the saved world size (benchmarks/results/
+# cpu-2core-2026-12-07-resume-bytes). Generous: a hung conversion still ends, in hours.
+CONVERSION_TIMEOUT = timedelta(hours=3)
 
 
 def _load_ds_file(path: Path) -> dict:
@@ -101,13 +112,34 @@ def _try_convert(tag_dir: Path, out: Path) -> str | None:
     return None
 
 
+def _waiting_group():
+    """A gloo group whose collectives wait ``CONVERSION_TIMEOUT``: the other ranks wait in
+    it while rank 0 converts, instead of in a collective of the job's group (whose timeout,
+    10 minutes by default, the conversion passes at scale)."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return None
+    return tdist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)  # a collective: every rank, same order
+
+
+def _share(error: str | None, group) -> str | None:
+    if group is None:
+        return error
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, error, group=group)
+    tdist.destroy_process_group(group)
+    return out[0]
+
+
 def to_universal(tag_dir: Path) -> Path:
-    """Rank 0 converts once (kept next to the tag); every rank learns how it went."""
+    """Rank 0 converts once (kept next to the tag), ahead of the job's collectives; every
+    rank learns how it went. Rank 0 logs how long the conversion took."""
     out = tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
-    error = None
+    group, error = _waiting_group(), None
     if rank() == 0 and not (out / META).is_file():
+        start = time.perf_counter()
         error = _try_convert(tag_dir, out)
-    error = gather_objects(error)[0]  # a collective: also the barrier after the conversion
+        log.info("universal conversion of %s: %.1f s", tag_dir.name, time.perf_counter() - start)
+    error = _share(error, group)  # also the barrier after the conversion
     if error:
         raise CheckpointError(error)
     return out
