@@ -8,6 +8,7 @@ below it each do one job:
 * ``files``: atomic folders, sha256 tables in ``meta.json`` and their verification;
 * ``choose``: which checkpoint a resume takes, and whether this run may load it;
 * ``engine_io``: the DeepSpeed save and load of one tag, RNG and per-rank states;
+* ``shared_load``: what each rank reads at resume (its share, checked, kept for the load);
 * ``staging``: the device-to-host copy and the background writer of an async save;
 * ``mirror``: the copy of each finished checkpoint to an fsspec URL (``s3://``);
 * ``universal``: DeepSpeed's universal checkpoint for another world size or ZeRO stage;
