@@ -1,7 +1,7 @@
 """Pixels for streamed batches, per backend (``readers/stream.py`` reads the samples).
 
-* ``pil``: the stream workers decode, resize and pad (``PilDecode``); nothing is left to
-  do in the rank's process.
+* ``pil``: the stream workers decode, resize and pad (``PilDecode``): float batches for
+  the CPU; for a GPU uint8 batches, normalised there by the rank's process (``PilPixels``).
 * ``dali`` / ``nvjpeg``: the workers only check each JPEG (``JpegCheck``) and hand over
   its bytes; the rank's process decodes each batch with ``DaliImages.decode`` (the
   pipeline of the indexed path, fed through its external source: DALI's CPU decoder,
@@ -31,10 +31,11 @@ import logging
 from collections import deque
 from typing import Callable, Iterator, NamedTuple
 
+import torch
 from PIL import Image
 
 from pixelbert_dist.data.decode.dali import DaliImages
-from pixelbert_dist.data.decode.images import pad_batch
+from pixelbert_dist.data.decode.images import normalize_padded
 from pixelbert_dist.data.decode.torch_loader import PilDecode, nvjpeg_images
 
 log = logging.getLogger("pixelbert_dist.data")
@@ -65,7 +66,9 @@ class StreamImages(NamedTuple):
 def stream_images(cfg, batch_size: int, device) -> StreamImages:
     pil = PilDecode(cfg.image_shorter, cfg.image_max)
     if cfg.backend == "pil":
-        return StreamImages("pil", pil, None)
+        on_gpu = torch.device(device).type == "cuda"  # as PilImages.uint8_batches
+        decode = PilDecode(cfg.image_shorter, cfg.image_max, normalize=not on_gpu)
+        return StreamImages("pil", decode, PilPixels(device) if on_gpu else None)
     if cfg.backend == "dali":
         dali = DaliImages(
             None,
@@ -115,6 +118,18 @@ class DaliPixels:
             feed = itertools.chain(in_flight, feed)
 
 
+class PilPixels:
+    """Streamed uint8 batches from the PIL workers, normalised on ``device``."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+
+    def __call__(self, batches: Iterator) -> Iterator:
+        for got in batches:
+            pixels = got.images.to(self.device, non_blocking=True)
+            yield got._replace(images=normalize_padded(pixels, got.sizes))
+
+
 class TorchJpegPixels:
     """Streamed batches through ``TorchJpegImages.decode`` (nvJPEG on a GPU)."""
 
@@ -151,5 +166,5 @@ def with_pil(got, decode: PilDecode, failure: str):
             raise RuntimeError(
                 f"{failure}; and PIL cannot decode {key} either ({err}), although the stream's JPEG check passed it"
             ) from None
-    stacked, sizes = pad_batch(images)
+    stacked, sizes = decode.pad(images)
     return got._replace(images=stacked, sizes=sizes)

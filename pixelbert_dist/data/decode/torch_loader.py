@@ -4,6 +4,15 @@
 Both apply the size rule of ``images.resized_size`` with an antialiased bilinear
 (triangle) filter, as the DALI path does, so all backends give the same shapes and
 pixels that differ only by decoder rounding.
+
+The PIL workers pad each batch once, into a buffer made in shared memory
+(``images.pad_pixels``), so handing it over copies nothing. For a GPU the batch is
+uint8, pinned, and normalised on the GPU (``images.normalize_padded``), as DALI does: a
+float32 batch is 4x the bytes (173 MB at 8 x 1344 x 1344) to pin and copy. For the CPU
+the workers normalise each image in its slot, in parallel, where the rank's process
+would do it alone. Either way the numbers are those of ``pil_image`` (a test). Before,
+each image was normalised from its HWC view, padded by ``pad_batch`` and copied into
+shared memory by the DataLoader (benchmarks/bench_loader_peer.py measures both).
 """
 
 from __future__ import annotations
@@ -20,69 +29,82 @@ import torch
 from PIL import Image
 
 from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpeg
-from pixelbert_dist.data.decode.images import normalize_hwc_uint8, pad_batch, resized_size
+from pixelbert_dist.data.decode.images import (
+    normalize_hwc_uint8,
+    normalize_padded,
+    pad_batch,
+    pad_pixels,
+    resized_size,
+)
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
 JPEG_MAGIC = b"\xff\xd8"
 
 
-def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str = "") -> torch.Tensor:
-    """One normalised CHW float image from JPEG bytes."""
+def pil_pixels(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str = "") -> np.ndarray:
+    """One resized (and maybe flipped) HWC uint8 RGB image from image bytes (read-only)."""
     try:
         with Image.open(io.BytesIO(jpeg)) as img:
             img = img.convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot decode JPEG {where}: {err}") from None
     height, width = resized_size(img.height, img.width, shorter, max_size)
-    img = img.resize((width, height), Image.Resampling.BILINEAR)
-    if flip:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return normalize_hwc_uint8(torch.from_numpy(np.asarray(img).copy()))
+    pixels = np.asarray(img.resize((width, height), Image.Resampling.BILINEAR))
+    return pixels[:, ::-1] if flip else pixels  # a view: the copy into the batch flips it
+
+
+def pil_image(jpeg: bytes, shorter: int, max_size: int, flip: bool, where: str = "") -> torch.Tensor:
+    """One normalised CHW float image from JPEG bytes (a reference for the tests)."""
+    return normalize_hwc_uint8(torch.from_numpy(pil_pixels(jpeg, shorter, max_size, flip, where).copy()))
 
 
 class PilDecode:
-    """``decode(jpeg, flip, where)`` with the configured sizes (picklable, for workers)."""
+    """``decode(jpeg, flip, where)``: ``pil_pixels`` with the configured sizes, and
+    ``pad(images)``: their batch, normalised or uint8 (picklable, for workers)."""
 
     makes_pixels = True  # streaming: the workers hand over images, not JPEG bytes
 
-    def __init__(self, shorter: int, max_size: int):
-        self.shorter, self.max_size = shorter, max_size
+    def __init__(self, shorter: int, max_size: int, normalize: bool = True):
+        self.shorter, self.max_size, self.normalize = shorter, max_size, normalize
 
-    def __call__(self, jpeg: bytes, flip: bool, where: str = "") -> torch.Tensor:
-        return pil_image(jpeg, self.shorter, self.max_size, flip, where)
+    def __call__(self, jpeg: bytes, flip: bool, where: str = "") -> np.ndarray:
+        return pil_pixels(jpeg, self.shorter, self.max_size, flip, where)
+
+    def pad(self, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_pixels(images, self.normalize)
 
 
 class _PilBatchDataset(torch.utils.data.Dataset):
     """Item i = the decoded, padded images of work batch i (one worker per batch)."""
 
-    def __init__(self, index, work: Work, shorter: int, max_size: int):
+    def __init__(self, index, work: Work, shorter: int, max_size: int, normalize: bool):
         self.index, self.work = index, list(work)
-        self.shorter, self.max_size = shorter, max_size
+        self.shorter, self.max_size, self.normalize = shorter, max_size, normalize
 
     def __len__(self) -> int:
         return len(self.work)
 
     def __getitem__(self, i: int):
         images = [
-            pil_image(self.index.jpeg(s), self.shorter, self.max_size, flip, where=self.index.samples[s].key)
+            pil_pixels(self.index.jpeg(s), self.shorter, self.max_size, flip, where=self.index.samples[s].key)
             for s, flip in self.work[i]
         ]
-        return pad_batch(images)
+        return pad_pixels(images, self.normalize)
 
 
 class _PilSampleDataset(torch.utils.data.Dataset):
     """Item j = batch j of sample indices, decoded with damaged samples replaced
     (``damage.resolve``, with the decode itself as the last check)."""
 
-    def __init__(self, index, batches, flip_of, shorter: int, max_size: int):
+    def __init__(self, index, batches, flip_of, shorter: int, max_size: int, normalize: bool):
         self.index, self.batches, self.flip_of = index, batches, flip_of
-        self.shorter, self.max_size = shorter, max_size
+        self.shorter, self.max_size, self.normalize = shorter, max_size, normalize
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def _decode(self, sample) -> torch.Tensor:
-        return pil_image(
+    def _decode(self, sample) -> np.ndarray:
+        return pil_pixels(
             sample.jpeg,
             self.shorter,
             self.max_size,
@@ -97,7 +119,7 @@ class _PilSampleDataset(torch.utils.data.Dataset):
             images.append(image)
             used.append(without_jpeg(sample))
             events += damaged
-        stacked, sizes = pad_batch(images)
+        stacked, sizes = pad_pixels(images, self.normalize)
         return DecodedBatch(stacked, sizes, used, [self.flip_of(s.key) for s in used], events)
 
 
@@ -180,21 +202,31 @@ class PilImages:
     ):
         self.index, self.shorter, self.max_size = index, shorter, max_size
         self.num_workers, self.prefetch = num_workers, prefetch
-        self.pin_memory = torch.device(device).type == "cuda"  # faster, async copy to GPU
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda"  # faster, async copy to GPU
+        # uint8 batches normalised on the GPU; the CPU's are normalised in the workers
+        self.uint8_batches = self.device.type == "cuda"
+
+    def _normalized(self, pixels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        if not self.uint8_batches:
+            return pixels
+        return normalize_padded(pixels.to(self.device, non_blocking=True), sizes)
 
     def batches(self, work: Work) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Exactly the given (index, flip) samples; a damaged one raises, named."""
         if not work:
-            return iter(())
-        dataset = _PilBatchDataset(self.index, work, self.shorter, self.max_size)
-        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
+            return
+        dataset = _PilBatchDataset(self.index, work, self.shorter, self.max_size, not self.uint8_batches)
+        for pixels, sizes in data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory):
+            yield self._normalized(pixels, sizes), sizes
 
     def samples(self, batches, flip_of) -> Iterator[DecodedBatch]:
         """Batches of sample indices, damaged samples replaced (the Loader's path)."""
         if not len(batches):
-            return iter(())
-        dataset = _PilSampleDataset(self.index, batches, flip_of, self.shorter, self.max_size)
-        return iter(data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory))
+            return
+        dataset = _PilSampleDataset(self.index, batches, flip_of, self.shorter, self.max_size, not self.uint8_batches)
+        for got in data_loader(dataset, self.num_workers, self.prefetch, self.pin_memory):
+            yield got._replace(images=self._normalized(got.images, got.sizes))
 
 
 class TorchJpegImages:

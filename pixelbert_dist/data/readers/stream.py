@@ -55,7 +55,6 @@ import torch
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.decode.damage import Damaged
-from pixelbert_dist.data.decode.images import pad_batch
 from pixelbert_dist.data.format.index import INDEX_COMMAND
 from pixelbert_dist.data.readers.stream_urls import expand, tar_folder
 from pixelbert_dist.data.readers.stream_check import why_unchecked
@@ -183,7 +182,7 @@ class _StreamDataset(torch.utils.data.IterableDataset):
         tail = (taken, skipped, dotted)
         if not self.prepare.makes_pixels:
             return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked, *tail)
-        stacked, sizes = pad_batch(prepared)
+        stacked, sizes = self.prepare.pad(prepared)
         return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked, *tail)
 
 
@@ -327,7 +326,8 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.plan(), start, list(self.cursors), flip_of, self.images.prepare, self.cfg.caption_key
         )
         # the workers start here, before any decoder thread exists in this process
-        batches = iter(data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, False))
+        pin = self.device.type == "cuda"  # an async copy to the GPU
+        batches = iter(data_loader(dataset, self.cfg.num_workers, self.cfg.prefetch, pin))
         if self.images.pixels is not None:
             batches = self.images.pixels(batches)
         for k, got in enumerate(batches, start):
