@@ -45,14 +45,15 @@ def photo_like_jpeg(height: int, width: int, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def make_shards(directory: Path, num: int, seed: int = 0) -> Path:
+def make_shards(directory: Path, num: int, seed: int = 0, per_shard: int = 256, jpeg=photo_like_jpeg) -> Path:
+    """``num`` samples at COCO-like sizes; ``jpeg(height, width, rng)`` makes each image."""
     rng = np.random.default_rng(seed)
-    with ShardWriter(directory, "bench", samples_per_shard=256, source="bench") as writer:
+    with ShardWriter(directory, "bench", samples_per_shard=per_shard, source="bench") as writer:
         for i in range(num):
             height, width = SHAPES[int(rng.integers(len(SHAPES)))]
             writer.write(
                 f"bench{i:06d}",
-                photo_like_jpeg(height, width, rng),
+                jpeg(height, width, rng),
                 {
                     "key": f"bench{i:06d}",
                     "captions": [f"a gradient picture number {i}"],

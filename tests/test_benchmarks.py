@@ -462,3 +462,18 @@ def test_overhead_rows_split_the_step(smoke):
     extra = {site: count for site, count in trainer.items() if site not in bare}
     assert list(extra.values()) == [4] and "train/window.py" in next(iter(extra)), extra
     assert row["trainer_syncs"] == pytest.approx(row["bare_syncs"] + 1)
+
+
+@pytest.mark.slow
+def test_bench_loader_peer_times_every_contender_on_the_same_shards(tmp_path):
+    """The peer, pil and dali-cpu each time real batches in their own process (1 each)."""
+    from benchmarks import bench_loader_peer
+
+    argv = ["--repeats", "1", "--batches", "1", "--batch-size", "2", "--shorter", "64", "--max-size", "96"]
+    bench_loader_peer.main([*argv, "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_loader_peer.json").read_text())["rows"]
+    assert [r["contender"] for r in rows] == list(bench_loader_peer.CONTENDERS)
+    assert all(r["images"] == 2 and r["images_per_s"] > 0 and r["cpu_ms_per_image"] >= 0 for r in rows)
+    assert rows[0]["vs_peer"] == 1.0  # CPU figures of 2 tiny images may be under a clock tick
+    summary = json.loads((tmp_path / "bench_loader_peer_summary.json").read_text())["rows"]
+    assert [r["contender"] for r in summary] == list(bench_loader_peer.CONTENDERS)
