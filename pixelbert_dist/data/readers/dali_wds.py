@@ -39,7 +39,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -55,6 +54,7 @@ from pixelbert_dist.data.decode.damage import Damaged
 from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255, swap_left_right
 from pixelbert_dist.data.format.index import crc32
 from pixelbert_dist.data.format.index import ShardFormatError
+from pixelbert_dist.data.format.members import NoCaption, caption_meta
 
 STATE_VERSION = "webdataset-1"  # never equal to loader.STATE_VERSION: the modes refuse each other
 INDEX_DIR = ".dali_index"  # next to the tars when that directory is writable
@@ -192,14 +192,11 @@ def _key_of(source) -> str:
     return name.rsplit("/", 1)[-1].partition(".")[0]
 
 
-def _meta_of(raw, key: str, directory) -> dict:
+def _meta_of(raw, key: str, directory, caption_key: str) -> dict:
     try:
-        meta = json.loads(np.asarray(raw).tobytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ShardFormatError(f"{directory}: {key}.json is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or not meta.get("captions"):
-        raise ShardFormatError(f"{directory}: {key}.json has no 'captions'")
-    return meta
+        return caption_meta(None, np.asarray(raw).tobytes(), caption_key)
+    except NoCaption as err:
+        raise ShardFormatError(f"{directory}: {key}.json: {err}") from None
 
 
 class WebdatasetLoader(LoaderState, BatchAccounting):
@@ -401,7 +398,7 @@ class WebdatasetLoader(LoaderState, BatchAccounting):
             keys = [_key_of(s) for s in sources]
             rows, damaged = self._stand_ins(sources, raw, keys)
             keys = [keys[r] for r in rows]
-            metas = [_meta_of(metas[r], key, self.index.directory) for r, key in zip(rows, keys)]
+            metas = [_meta_of(metas[r], key, self.index.directory, self.cfg.caption_key) for r, key in zip(rows, keys)]
             flips = [bool(np.asarray(mirror[r])) for r in rows]
             batch = self._collate_text(metas, keys, flips, k, end - begin)
             batch["images"] = _to_torch(images, self.device)[rows]

@@ -40,7 +40,15 @@ from pixelbert_dist.data.format.index import (
     WIDTH,
     ShardFormatError,
 )
-from pixelbert_dist.data.format.members import META_TYPE, TEXT_TYPE, NoCaption, caption_meta, field_type, split_member
+from pixelbert_dist.data.format.members import (
+    DEFAULT_CAPTION_KEY,
+    META_TYPE,
+    TEXT_TYPE,
+    NoCaption,
+    caption_meta,
+    field_type,
+    split_member,
+)
 from pixelbert_dist.data.format.shards import read_manifest
 
 log = logging.getLogger("pixelbert_dist.data")
@@ -89,9 +97,10 @@ class _Refs(Sequence):
 class ShardIndex:
     """Random access to a split directory's samples (module docstring)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, caption_key: str = DEFAULT_CAPTION_KEY):
         manifest = read_manifest(directory, check_files=False)  # no stat per shard (module docstring)
         self.directory = Path(directory)
+        self.caption_key = caption_key  # data.caption_key: where ``meta`` finds the captions
         self.source = manifest.source  # "webdataset": foreign shards (format.foreign_index)
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
@@ -264,7 +273,7 @@ class ShardIndex:
         else:
             where, text, raw = f"{self.paths[self.locate(i)[0]]}: {sample.key}.json", None, sample.meta_raw
         try:
-            return caption_meta(text, raw)
+            return caption_meta(text, raw, self.caption_key)
         except NoCaption as err:
             raise ShardFormatError(f"{where}: {err}") from None
 
