@@ -263,51 +263,65 @@ def test_nlvr2_text_only_predicts_every_line_of_the_file(dist_env, ft, tmp_path)
     assert {line.split(",")[0] for line in lines} == identifiers
 
 
-def test_a_killed_retrieval_evaluation_resumes_to_the_same_recalls(dist_env, ft, tmp_path):
-    """Score rows are kept per finished batch: an evaluation killed in its second batch
-    resumes there (the first batch is not scored again) and gives the recalls of an
-    evaluation never stopped."""
+def _evaluate_retrieval(cfg, task, backbone) -> dict:
     import deepspeed
 
-    cfg, task, backbone = _task(ft, "retrieval", tmp_path, "retrieval.max_eval_images=6")
     engine, *_ = deepspeed.initialize(
         model=task.build_model(backbone),
         config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
     )
     split = cfg.retrieval.eval_split
+    loader = TaskLoader(
+        task.eval_splits[split], task.images, task.image_keys, task.collate, loader_data_config(cfg.data), 4,
+        train=False,
+    )  # fmt: skip
+    return task.evaluate(engine, split, loader, lambda b: b, model_tag="test")
 
-    def loader():
-        return TaskLoader(
-            task.eval_splits[split],
-            task.images,
-            task.image_keys,
-            task.collate,
-            loader_data_config(cfg.data),
-            2,
-            train=False,
-        )
 
-    whole = task.evaluate(engine, split, loader(), lambda b: b, model_tag="whole")
-    image_batches = []
+# 128x128 images: 2x2 feature pixels, so a first stage of 1 pixel per image differs from the full model
+_RERANK = ("data.image_shorter=128", "data.image_max=128", "retrieval.rerank_pixels=1")
 
-    def killed_in_second_batch(batch):
-        if "images" in batch:
-            image_batches.append(batch)
-            if len(image_batches) == 2:
-                raise KeyboardInterrupt  # a kill while the second batch is being scored
-        return batch
 
-    with pytest.raises(KeyboardInterrupt):
-        task.evaluate(engine, split, loader(), killed_in_second_batch, model_tag="cut")
-    assert [p.name for p in sorted((task.score_folder(split) / "rank00000").glob("batch*"))] == [
-        "batch000000.safetensors"
-    ]
-    scored = []
+@pytest.mark.slow
+def test_rerank_with_every_candidate_equals_full_scoring(dist_env, ft, tmp_path):
+    full = _evaluate_retrieval(*_task(ft, "retrieval", tmp_path / "full", "retrieval.max_eval_images=6", *_RERANK))
+    cfg, task, backbone = _task(
+        ft, "retrieval", tmp_path / "k", "retrieval.max_eval_images=6", "retrieval.rerank_k=1000", *_RERANK
+    )
+    two_stage = _evaluate_retrieval(cfg, task, backbone)
+    assert {k: two_stage[k] for k in full} == full  # recalls equal exactly, ties included
+    pairs = 6 * task.eval_owner[cfg.retrieval.eval_split].numel()
+    assert two_stage["full_model_pairs"] == two_stage["first_stage_pairs"] == pairs
 
-    def counted(batch):
-        scored.extend([batch] if "images" in batch else [])
-        return batch
 
-    resumed = task.evaluate(engine, split, loader(), counted, model_tag="cut")
-    assert len(scored) == 2  # batches 1 and 2 of 3
-    assert resumed == whole
+@pytest.mark.slow
+def test_rerank_scores_k_candidates_per_query_in_full(dist_env, ft, tmp_path):
+    """k=10 of 12 images (of the train split: the test split has fewer) and their captions:
+    the full model scores exactly the pairs the first stage picks ((images + captions) x k,
+    a pair both directions pick once), and the recalls are each direction's among its
+    candidates."""
+    cfg, task, backbone = _task(
+        ft, "retrieval", tmp_path, "retrieval.eval_split=train", "retrieval.max_eval_images=12",
+        "retrieval.rerank_k=10", *_RERANK,
+    )  # fmt: skip
+    got = _evaluate_retrieval(cfg, task, backbone)
+    split = cfg.retrieval.eval_split
+    owner = task.eval_owner[split]
+    num_images, num_texts = len(task.eval_splits[split]), owner.numel()
+    assert num_images == 12
+    assert got["rerank_pairs"] == (num_images + num_texts) * 10
+    cheap = load_score_matrix(task.score_folder(split, "first1px"), num_images, num_texts)
+    full = load_score_matrix(task.score_folder(split, "rerank10_1px"), num_images, num_texts)
+    by_text = torch.zeros_like(cheap, dtype=torch.bool)
+    by_image = torch.zeros_like(cheap, dtype=torch.bool)
+    for i in range(num_images):  # the first stage's picks by a plain sort, ties by index
+        by_text[i, sorted(range(num_texts), key=lambda t: (-cheap[i, t].item(), t))[:10]] = True
+    for t in range(num_texts):
+        by_image[sorted(range(num_images), key=lambda i: (-cheap[i, t].item(), i))[:10], t] = True
+    assert torch.equal(torch.isfinite(full), by_text | by_image)  # scored in full: those pairs only
+    assert got["full_model_pairs"] == int((by_text | by_image).sum()) < got["rerank_pairs"]
+    tr = recall_at_k(full.masked_fill(~by_text, float("-inf")), owner)
+    ir = recall_at_k(full.masked_fill(~by_image, float("-inf")), owner)
+    for key in tr:
+        if key.startswith(("i2t", "t2i")):
+            assert got[key] == (tr if key.startswith("i2t") else ir)[key], key

@@ -24,6 +24,9 @@ UNVERIFIED_HELP = (
     "without verifying its weights; otherwise it is refused (allow_unverified_weights=true)"
 )
 
+# retrieval.rerank_k: R@10 is decided among the re-ranked candidates only with >= 10 of them
+MIN_RERANK_K = 10
+
 
 @dataclass
 class FinetuneData:
@@ -125,6 +128,17 @@ class RetrievalSection:
     itm_weight: Annotated[float, Help("weight of the binary ITM cross-entropy on the same rows"), Ge(0)] = 1.0
     text_batch: Annotated[int, Help("captions per transformer call in evaluation"), Ge(1)] = 256
     max_eval_images: Annotated[int, Help("0: the whole split (1K Flickr test / 5K COCO)"), Ge(0)] = 0
+    rerank_k: Annotated[
+        int,
+        Help(
+            "two-stage evaluation: a first stage picks each query's k best candidates, the full "
+            "model re-ranks them; 0: score every pair in full; else >= 10 (R@10)"
+        ),
+        Ge(0),
+    ] = 0
+    rerank_pixels: Annotated[
+        int, Help("feature pixels per image in the first stage of retrieval.rerank_k (evenly spaced)"), Ge(1)
+    ] = 16
 
 
 @dataclass
@@ -155,6 +169,11 @@ class FinetuneConfig:
             raise ConfigError(
                 f"retrieval.hard_negatives={r.hard_negatives} must lie in "
                 f"[1, retrieval.num_negatives={r.num_negatives}]"
+            )
+        if 0 < r.rerank_k < MIN_RERANK_K:
+            raise ConfigError(
+                f"retrieval.rerank_k={r.rerank_k}: 0 (off) or at least {MIN_RERANK_K}, so that R@10 is "
+                "decided among re-ranked candidates"
             )
         self.data.validate()
         return self

@@ -10,13 +10,17 @@ reads, over every rank the launcher started; no training, no optimiser.
 checkpoint's weights (ZeRO 1-3 through ``zero_to_fp32``); key=value overrides change any
 of it (e.g. ``vqa.test_questions=...`` for another questions file). The prediction files,
 retrieval's score store and ``results_SPLIT.json`` go to ``--out`` (default RUN/eval or
-runs/evaluate). Retrieval resumes a killed evaluation from its score store.
+runs/evaluate). Retrieval resumes a killed evaluation from its score store. SIGTERM (or
+SIGINT, SIGUSR1, SIGHUP) stops it within one transformer call, the finished batches of
+score rows kept, and it exits with 128 + the signal's number (143 for SIGTERM), saying so.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
 from pixelbert_dist.config import load_config
@@ -89,13 +93,15 @@ def evaluate(args) -> dict:
     import torch
 
     from pixelbert_dist.distributed.env import device_for, init_distributed
-    from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
+    from pixelbert_dist.finetune.data import KeyedImages
+    from pixelbert_dist.finetune.task import EvaluationStopped
     from pixelbert_dist.finetune.tasks import make_task
     from pixelbert_dist.finetune.trainer import load_export
+    from pixelbert_dist.train.signals import GracefulExit
 
     cfg, out = config_from_args(args)
     device = device_for(init_distributed())
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
     backbone, tokenizer = load_export(cfg)
     images = KeyedImages(cfg.data.shards)
     task = make_task(cfg, tokenizer, images, out)
@@ -109,28 +115,40 @@ def evaluate(args) -> dict:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for split in args.split or list(task.eval_splits):
-        if split not in task.eval_splits:
-            raise ValueError(f"split {split!r}: the task reads {sorted(task.eval_splits)} with this config")
-        batch = cfg.train.eval_batch or cfg.train.micro_batch
-        data = loader_data_config(cfg.data, cfg.train.seed)
-        loader = TaskLoader(
-            task.eval_splits[split], images, task.image_keys, task.collate, data, batch, rank, world, train=False,
-            device=device, images_per_example=task.images_per_example,
-        )  # fmt: skip
-        results[split] = task.evaluate(engine, split, loader, to_device, model_tag=tag)
-        if rank == 0:
-            record = {
-                "task": task.name,
-                "split": split,
-                "model": tag,
-                "metrics": results[split],
-                "skipped": task.skipped,
+    with GracefulExit() as stopper:  # SIGTERM, SIGINT, SIGUSR1, SIGHUP: keep what is scored, then stop
+        try:
+            return {
+                split: _evaluate_split(cfg, task, engine, images, split, tag, out, stopper, to_device, device)
+                for split in args.split or list(task.eval_splits)
             }
-            (out / f"results_{split}.json").write_text(json.dumps(record, indent=1) + "\n")
-            print(json.dumps(record["metrics"]), flush=True)
-    return results
+        except EvaluationStopped as err:
+            source = signal.Signals(stopper.received).name if stopper.requested else "a signal on another rank"
+            if rank == 0:
+                print(f"evaluate: stopped by {source}: {err}", file=sys.stderr, flush=True)
+            return 128 + (stopper.received or signal.SIGTERM)  # the shell's code for "killed by it"
+
+
+def _evaluate_split(cfg, task, engine, images, split, tag, out, stopper, to_device, device) -> dict:
+    """One split over every rank; ``results_SPLIT.json`` and the metrics line on rank 0."""
+    import torch
+
+    from pixelbert_dist.finetune.data import TaskLoader, loader_data_config
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if split not in task.eval_splits:
+        raise ValueError(f"split {split!r}: the task reads {sorted(task.eval_splits)} with this config")
+    batch = cfg.train.eval_batch or cfg.train.micro_batch
+    data = loader_data_config(cfg.data, cfg.train.seed)
+    loader = TaskLoader(
+        task.eval_splits[split], images, task.image_keys, task.collate, data, batch, rank, world, train=False,
+        device=device, images_per_example=task.images_per_example,
+    )  # fmt: skip
+    metrics = task.evaluate(engine, split, loader, to_device, model_tag=tag, stop=lambda: stopper.requested)
+    if rank == 0:
+        record = {"task": task.name, "split": split, "model": tag, "metrics": metrics, "skipped": task.skipped}
+        (out / f"results_{split}.json").write_text(json.dumps(record, indent=1) + "\n")
+        print(json.dumps(record["metrics"]), flush=True)
+    return metrics
 
 
 def cli(argv=None) -> int:

@@ -22,9 +22,11 @@ from typing import NamedTuple
 
 import torch
 
+from pixelbert_dist.collectives import all_reduce_sums
 from pixelbert_dist.console import Progress
 from pixelbert_dist.finetune.data import tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
+from pixelbert_dist.finetune.rerank import candidates_only, i2t_candidates, t2i_candidates, thinned_pixels
 from pixelbert_dist.finetune.retrieval_metrics import (
     KarpathyFormatError,
     flatten_captions,
@@ -32,7 +34,7 @@ from pixelbert_dist.finetune.retrieval_metrics import (
     sample_negatives,
 )
 from pixelbert_dist.finetune.score_store import ScoreStore, sharded_recall
-from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, Task
+from pixelbert_dist.finetune.task import MAKE_DEMO_TASKS, EvaluationStopped, Task, stop_agreed
 from pixelbert_dist.train.evaluate import gathered_params
 
 
@@ -127,55 +129,138 @@ class RetrievalTask(Task):
         b = len(items)
         return {**{k: v[:b] for k, v in enc.items()}, "negatives": {k: v[b:] for k, v in enc.items()}}
 
-    def score_folder(self, split: str) -> Path:
-        """Where an evaluation of ``split`` keeps its score rows (``score_store``)."""
-        return self.run_dir / "scores" / f"retrieval_{split}"
+    def score_folder(self, split: str, stage: str = "") -> Path:
+        """Where an evaluation of ``split`` keeps its score rows (``score_store``); the two
+        stages of ``retrieval.rerank_k`` each keep theirs beside."""
+        return self.run_dir / "scores" / f"retrieval_{split}{'_' + stage if stage else ''}"
 
     @torch.no_grad()
-    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "") -> dict:
-        """Score every (image, caption) pair of ``split``: this rank's images, a loader batch
-        at a time, each batch's rows written to the score store as it finishes (a rerun of
-        the same evaluation, ``model_tag`` included, resumes after the last whole batch);
-        then recall@K from the rows where they lie."""
+    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "", stop=None) -> dict:
+        """Score every (image, caption) pair of ``split`` (or, with ``retrieval.rerank_k``,
+        the first stage's candidates): this rank's images, a loader batch at a time, each
+        batch's rows written to the score store as it finishes (a rerun of the same
+        evaluation, ``model_tag`` included, resumes after the last whole batch); then
+        recall@K from the rows where they lie. ``stop()`` true (SIGTERM) ends it within one
+        transformer call: ``EvaluationStopped``, the finished batches kept."""
         owner = self.eval_owner[split]
         num_images, num_texts = len(self.eval_splits[split]), owner.numel()
         engine.eval()
-        with gathered_params(engine):
-            meta = {"split": split, "num_images": num_images, "num_texts": num_texts, "model": model_tag}
-            meta["weights"] = weights_checksum(engine.module)  # a rerun with other weights starts afresh
-            meta.update({k: v for k, v in loader.state_dict().items() if k != "batches_done"})
-            store = ScoreStore(self.score_folder(split), loader.rank, meta)
-            done = store.batches_done()
-            per_batch = loader.batch_size * num_texts
-            bar = Progress(f"scoring {split}", len(loader) * per_batch, done * per_batch, self.is_main(), unit="pair")
-            if done < len(loader):
-                loader.load_state_dict({**loader.state_dict(), "batches_done": done})
+        try:
+            with gathered_params(engine):
+                meta = {"split": split, "num_images": num_images, "num_texts": num_texts, "model": model_tag}
+                meta["weights"] = weights_checksum(engine.module)  # a rerun with other weights starts afresh
+                meta.update({k: v for k, v in loader.state_dict().items() if k != "batches_done"})
                 texts = to_device(self.eval_texts[split])
-                for k, batch in enumerate(loader, done):
-                    rows, images = self._score_batch(engine.module, batch, texts, to_device)
-                    store.write(k, images, rows)
-                    bar.update(per_batch)
-                    bar.report((k + 1) * per_batch, {})
-            bar.close()
-        engine.train()
-        images, rows = store.rows(num_texts)
-        metrics = sharded_recall(images, rows, owner, num_images)
+                scoring = _Scoring(self, engine.module, split, loader, texts, to_device, stop)
+                if self.cfg.retrieval.rerank_k:
+                    metrics = self._two_stage(scoring, meta)
+                else:
+                    images, rows = scoring.run("", ScoreStore(self.score_folder(split), loader.rank, meta))
+                    metrics = sharded_recall(images, rows, owner, num_images)
+        finally:
+            engine.train()
         return {**metrics, "num_images": num_images, "num_texts": num_texts}
 
-    def _score_batch(self, model, batch: dict, texts: dict, to_device) -> tuple[torch.Tensor, torch.Tensor]:
-        """ITM margins of the batch's images (repeats left out) with every caption: the CNN
-        once per image, the transformer over ``text_batch`` captions at a time."""
-        pixels, mask = model.pixels(to_device(batch))
+    def _two_stage(self, scoring: "_Scoring", meta: dict) -> dict:
+        """``rerank``: the thinned-image first stage over every pair, each direction's
+        ``rerank_k`` best candidates, the full model over those only."""
+        r, split, rank = self.cfg.retrieval, scoring.split, scoring.loader.rank
+        owner = self.eval_owner[split]
+        num_images, num_texts = len(self.eval_splits[split]), owner.numel()
+        first = {**meta, "stage": "first", "pixels": r.rerank_pixels}
+        folder = self.score_folder(split, f"first{r.rerank_pixels}px")
+        images, cheap = scoring.run("first stage", ScoreStore(folder, rank, first), thin=r.rerank_pixels)
+        by_text = i2t_candidates(cheap, r.rerank_k)  # TR: each image's k best captions
+        by_image = t2i_candidates(cheap, images, r.rerank_k, num_images)  # IR: each caption's k best images
+        wanted = by_text | by_image
+        second = {**first, "stage": "rerank", "k": r.rerank_k}
+        folder = self.score_folder(split, f"rerank{r.rerank_k}_{r.rerank_pixels}px")
+        picked = {image: wanted[row] for row, image in enumerate(images.tolist())}
+        scored, full = scoring.run("re-ranking", ScoreStore(folder, rank, second), wanted=picked)
+        full = full[torch.argsort(scored)][torch.argsort(torch.argsort(images))]  # the first stage's row order
+        metrics = sharded_recall(
+            images, candidates_only(full, by_text), owner, num_images, t2i_rows=candidates_only(full, by_image)
+        )
+        counts = all_reduce_sums({"rerank_pairs": by_text.sum() + by_image.sum(), "full_model_pairs": wanted.sum()})
+        return {
+            **metrics,
+            "rerank_k": r.rerank_k,
+            "rerank_pixels": r.rerank_pixels,
+            "first_stage_pairs": num_images * num_texts,
+            **{k: int(v) for k, v in counts.items()},
+        }
+
+
+class _Scoring:
+    """One evaluation's scoring passes over this rank's images (``RetrievalTask.evaluate``)."""
+
+    def __init__(self, task: RetrievalTask, model, split: str, loader, texts: dict, to_device, stop):
+        self.task, self.model, self.split, self.loader = task, model, split, loader
+        self.texts, self.to_device, self.stop = texts, to_device, stop
+        self.num_texts = texts["input_ids"].shape[0]
+
+    def stopping(self) -> bool:
+        return self.stop is not None and bool(self.stop())
+
+    def run(self, stage: str, store: ScoreStore, thin: int = 0, wanted: dict | None = None):
+        """Every batch of the loader not yet in ``store`` scored and written there; then
+        this rank's (images, rows) from the store. ``thin``: feature pixels per image (the
+        first stage), 0 all; ``wanted``: image -> bool [num_texts], the captions to score
+        (-inf for the rest), None every one."""
+        loader, done = self.loader, store.batches_done()
+        if wanted is None:
+            total, initial = len(loader) * loader.batch_size * self.num_texts, done * loader.batch_size * self.num_texts
+        else:
+            total = sum(int(w.sum()) for w in wanted.values())
+            initial = int(torch.isfinite(store.rows(self.num_texts)[1]).sum())
+        name = f"scoring {self.split}" + (f" ({stage})" if stage else "")
+        bar = Progress(name, total, initial, self.task.is_main(), unit="pair")
+        stopped = False
+        if done < len(loader):
+            loader.load_state_dict({**loader.state_dict(), "batches_done": done})
+            for k, batch in enumerate(loader, done):
+                scored = self._score_batch(batch, thin, wanted)
+                if scored is None:  # stopped in this batch: it is scored again on resume
+                    stopped = True
+                    break
+                store.write(k, *scored[:2])
+                initial += scored[2]
+                bar.update(scored[2])
+                bar.report(initial, {})
+                if self.stopping():
+                    stopped = True
+                    break
+        bar.close()
+        if stop_agreed(self.stop, stopped):
+            raise EvaluationStopped(
+                f"retrieval {self.split}{' ' + stage if stage else ''}: {store.batches_done()} of {len(loader)} "
+                f"batches of score rows kept in {store.folder.parent}; the same command resumes after them"
+            )
+        return store.rows(self.num_texts)
+
+    def _score_batch(self, batch: dict, thin: int, wanted: dict | None):
+        """ITM margins of the batch's images (repeats left out) with their captions, as
+        (images, rows, pairs scored): the CNN once per image, the transformer over
+        ``text_batch`` captions at a time. None as soon as a stop is requested."""
+        model, texts = self.model, self.texts
+        pixels, mask = model.pixels(self.to_device(batch))
+        if thin:
+            pixels, mask = thinned_pixels(pixels, mask, thin)
         keep = [row for row, pad in enumerate(batch["is_pad"].tolist()) if not pad]
-        num_texts, step = texts["input_ids"].shape[0], self.cfg.retrieval.text_batch
-        rows = torch.empty(len(keep), num_texts)
-        for out_row, row in enumerate(keep):
-            for lo in range(0, num_texts, step):
-                chunk = {k: texts[k][lo : lo + step] for k in TEXT_KEYS}
-                n = chunk["input_ids"].shape[0]
+        images = torch.tensor([batch["examples"][row].image for row in keep], dtype=torch.long)
+        step = self.task.cfg.retrieval.text_batch
+        rows, pairs = torch.full((len(keep), self.num_texts), float("-inf")), 0
+        for out_row, (row, image) in enumerate(zip(keep, images.tolist())):
+            chosen = torch.arange(self.num_texts) if wanted is None else wanted[image].nonzero().flatten()
+            for lo in range(0, chosen.numel(), step):
+                if self.stopping():
+                    return None
+                index = chosen[lo : lo + step]
+                chunk = {k: texts[k][index.to(texts[k].device)] for k in TEXT_KEYS}
+                n = index.numel()
                 margin = model.backbone.itm_score(
                     chunk, pixels[row : row + 1].expand(n, -1, -1), mask[row : row + 1].expand(n, -1)
                 )
-                rows[out_row, lo : lo + n] = margin.float().cpu()
-        images = torch.tensor([batch["examples"][row].image for row in keep], dtype=torch.long)
-        return rows, images
+                rows[out_row, index] = margin.float().cpu()
+            pairs += chosen.numel()
+        return images, rows, pairs

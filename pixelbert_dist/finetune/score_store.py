@@ -94,11 +94,15 @@ def sharded_recall(
     num_images: int,
     ks: Sequence[int] = (1, 5, 10),
     all_reduce=_all_reduce,
+    t2i_rows: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``recall_at_k`` of the whole matrix from each rank's rows (``images`` [n], ``rows``
     [n, num_texts]; every image on exactly one rank). Four all-reduces (sums) of
-    O(num_images + num_texts): coverage, the positives' scores, the IR counts, the TR ranks."""
-    if torch.isnan(rows).any():
+    O(num_images + num_texts): coverage, the positives' scores, the IR counts, the TR ranks.
+    ``t2i_rows``: other rows for IR (two-stage retrieval ranks each direction's own
+    candidates, ``rerank``); default ``rows``."""
+    t2i_rows = rows if t2i_rows is None else t2i_rows
+    if torch.isnan(rows).any() or torch.isnan(t2i_rows).any():
         raise ValueError("scores contain NaN")
     owner = torch.as_tensor(owner, dtype=torch.long)
     covered = all_reduce(torch.bincount(images, minlength=num_images).double())
@@ -110,9 +114,9 @@ def sharded_recall(
     local[images] = torch.arange(images.numel())
     mine = local[owner] >= 0
     own_score = torch.zeros(owner.numel(), dtype=torch.float64)
-    own_score[mine] = rows[local[owner[mine]], mine.nonzero()[:, 0]].double()
-    own_score = all_reduce(own_score).to(rows.dtype)  # exact: every other rank adds 0
-    t2i = all_reduce(t2i_ahead(rows, images, owner, own_score).double())
+    own_score[mine] = t2i_rows[local[owner[mine]], mine.nonzero()[:, 0]].double()
+    own_score = all_reduce(own_score).to(t2i_rows.dtype)  # exact: every other rank adds 0 (-inf stays)
+    t2i = all_reduce(t2i_ahead(t2i_rows, images, owner, own_score).double())
     i2t = torch.zeros(num_images, dtype=torch.float64)
     i2t[images] = i2t_ranks(rows, images, owner).double()
     i2t = all_reduce(i2t)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pixelbert_dist.collectives import gather_objects
+from pixelbert_dist.collectives import all_reduce_max, gather_objects
 from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages
 
@@ -32,6 +32,16 @@ def load_image_map(path: str | None) -> dict[str, str] | None:
     if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
         raise ValueError(f"image map {p} must be a JSON object of image name -> shard key")
     return {str(k): v for k, v in data.items()}
+
+
+class EvaluationStopped(Exception):
+    """An evaluation stopped on request (SIGTERM): the message says what was kept."""
+
+
+def stop_agreed(stop, stopped_here: bool) -> bool:
+    """Whether any rank stopped its evaluation early (one collective, on every rank at the
+    end of a pass over its batches; none when the caller passed no ``stop``)."""
+    return stop is not None and all_reduce_max(1.0 if stopped_here else 0.0) > 0
 
 
 class Task:
@@ -78,17 +88,23 @@ class Task:
         raise NotImplementedError
 
     @torch.no_grad()
-    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "") -> dict:
+    def evaluate(self, engine, split: str, loader, to_device, model_tag: str = "", stop=None) -> dict:
         """Predict this rank's share (repeats dropped), gather, score on every rank,
         write the prediction file on rank 0. (``model_tag``: which model, for tasks that
-        keep partial results on disk.)"""
+        keep partial results on disk; ``stop``: a callable, true once a stop is requested,
+        asked after every batch: raises ``EvaluationStopped``, here with nothing kept.)"""
         engine.eval()
-        records = []
+        records, stopped = [], False
         for batch in loader:
             out = engine(to_device(batch))
             keep = (~batch["is_pad"]).tolist()
             records.extend(r for r, k in zip(self.records(out, batch), keep) if k)
+            if stop is not None and stop():
+                stopped = True
+                break
         engine.train()
+        if stop_agreed(stop, stopped):
+            raise EvaluationStopped(f"{self.name} {split}: nothing kept (predictions are not resumable)")
         return self.finish(split, [r for part in gather_objects(records) for r in part])
 
     def is_main(self) -> bool:
