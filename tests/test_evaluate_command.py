@@ -1,10 +1,15 @@
 """The evaluation command: zero-shot retrieval from a pre-training export, in this process
 (one rank) and under the real deepspeed launcher (two CPU ranks, each scoring and keeping
-only its own rows): the same recalls."""
+only its own rows): the same recalls. A real SIGTERM to an evaluation process keeps its
+finished batches; the rerun resumes after them and gives the uninterrupted recalls."""
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -46,3 +51,28 @@ def test_zero_shot_retrieval_on_two_ranks_equals_one_rank(dist_env, ft, tmp_path
     assert two == pytest.approx(one)
     ranks = sorted(p.name for p in (tmp_path / "two" / "scores" / "retrieval_test").iterdir())
     assert ranks == ["rank00000", "rank00001"]  # each rank kept only its own rows
+
+
+@pytest.mark.slow
+def test_sigterm_mid_evaluation_then_rerun_gives_the_uninterrupted_recalls(dist_env, ft, tmp_path):
+    from tests.pretrain_helpers import REPO, launch_env
+
+    args = [*_args(ft, tmp_path / "cut"), "retrieval.text_batch=4"]  # a stop is checked per transformer call
+    whole = evaluate(build_parser().parse_args([*_args(ft, tmp_path / "whole"), "retrieval.text_batch=4"]))["test"]
+    proc = subprocess.Popen(
+        [sys.executable, "launch/evaluate.py", *args],
+        cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rows = tmp_path / "cut" / "scores" / "retrieval_test" / "rank00000"
+    deadline = time.time() + 300
+    while not (rows / "batch000000.safetensors").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # in the second of four batches of 3 images
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "evaluate: stopped by SIGTERM: retrieval test:" in err and "the same command resumes" in err, err
+    kept = {p.name: p.stat().st_mtime_ns for p in rows.glob("batch*.safetensors")}
+    assert 1 <= len(kept) < 4 and not (tmp_path / "cut" / "results_test.json").exists()
+    resumed = evaluate(build_parser().parse_args(args))["test"]  # the same command, to the end
+    assert resumed == whole
+    assert kept == {name: (rows / name).stat().st_mtime_ns for name in kept}  # not scored again
