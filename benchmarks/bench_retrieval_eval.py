@@ -7,16 +7,27 @@ Every (image, caption) pair goes through the transformer with the image's pixel 
 images x captions: 25x from Flickr30K 1K to COCO 5K.
 
     python benchmarks/bench_retrieval_eval.py [--preset tiny --image 64 --images 4 --texts 64] [--out DIR]
+    python -m benchmarks.bench_retrieval_eval --ranks 1 2 [--images 8] [--out DIR]
+
+``--ranks``: the same measurement under the real deepspeed launcher at each rank count,
+one after the other, one thread per rank; each rank scores its share of the images (as
+RetrievalTask splits them) and the pairs/s is all pairs over the slowest rank's time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from benchmarks.common import write_results
 from pixelbert_dist.metrics import PEAK_TFLOPS
@@ -37,21 +48,27 @@ def measure(preset: str, image: int, images: int, texts: int, text_len: int, tex
     sizes = torch.tensor([[image, image]] * images)
     ids = torch.randint(5, model.config.vocab_size, (texts, text_len))
     text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     seconds = []
     for _ in range(repeats + 1):  # the first pass warms up
+        if world > 1:
+            dist.barrier()
         start = time.perf_counter()
-        pixels, mask = model.encode_pixels(pics, sizes)
-        for i in range(images):
+        pixels, mask = model.encode_pixels(pics[rank::world], sizes[rank::world])
+        for i in range(pixels.shape[0]):
             for lo in range(0, texts, text_batch):
                 chunk = {k: v[lo : lo + text_batch] for k, v in text.items()}
                 n = chunk["input_ids"].shape[0]
                 model.itm_score(chunk, pixels[i : i + 1].expand(n, -1, -1), mask[i : i + 1].expand(n, -1))
+        if world > 1:
+            dist.barrier()  # the slowest rank's time
         seconds.append(time.perf_counter() - start)
     median = statistics.median(seconds[1:])
     pairs_per_s = images * texts / median
     flops = pair_forward_flops(model.config, (image, image), text_len)
     return {
         "preset": preset,
+        "ranks": world,
         "image": f"{image}x{image}",
         "pairs": images * texts,
         "pairs_per_s": round(pairs_per_s, 1),
@@ -76,6 +93,26 @@ def projections(text_len: int, mfu: float, gpu: str = "H100", precision: str = "
     return rows
 
 
+def measure_over_ranks(args) -> list[dict]:
+    """``measure`` under the deepspeed launcher at each of ``args.ranks`` rank counts."""
+    from pixelbert_dist.distributed.env import free_port
+
+    rows, work = [], Path(tempfile.mkdtemp(prefix="bench_retrieval_ranks_"))
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank: ranks are what scales
+    for ranks in args.ranks:
+        out = work / f"ranks{ranks}.json"
+        command = [launcher, "--num_gpus", str(ranks), "--master_port", str(free_port())]
+        command += ["--module", "benchmarks.bench_retrieval_eval", "--row-json", str(out)]
+        command += [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k in MEASURED]
+        subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+        rows.append(json.loads(out.read_text()))
+    return rows
+
+
+MEASURED = ("preset", "image", "images", "texts", "text_len", "text_batch", "repeats")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
@@ -87,7 +124,25 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation assumed for the projection")
     parser.add_argument("--out", help="results folder (default: a new one under benchmarks/results)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="measure under the launcher at these rank counts")
+    parser.add_argument("--row-json", help=argparse.SUPPRESS)  # a rank count's row, for --ranks
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
+    if args.row_json:  # one launch of --ranks
+        from pixelbert_dist.distributed.env import init_distributed
+
+        init_distributed()
+        row = measure(args.preset, args.image, args.images, args.texts, args.text_len, args.text_batch, args.repeats)
+        if dist.get_rank() == 0:
+            Path(args.row_json).write_text(json.dumps(row))
+        return 0
+    if args.ranks:
+        config = {k: v for k, v in vars(args).items() if k in MEASURED or k == "ranks"}
+        columns = ["preset", "ranks", "image", "pairs", "pairs_per_s", "spread_pct", "achieved_gflop_s"]
+        write_results(
+            "retrieval_eval_ranks", measure_over_ranks(args), {**config, "threads_per_rank": 1}, args.out, columns
+        )
+        return 0
     measured = measure(args.preset, args.image, args.images, args.texts, args.text_len, args.text_batch, args.repeats)
     for name, (images, texts) in SETS.items():  # this model and machine, one rank
         measured[f"hours_{name}"] = round(images * texts / measured["pairs_per_s"] / 3600, 1)

@@ -87,12 +87,16 @@ def training_flops_analytic(
     return _cnn_training_flops(cfg.backbone, tuple(image_hw)) + 3 * forward + mlm_head
 
 
-def pair_forward_flops(cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int) -> float:
+def pair_forward_flops(
+    cfg: PixelBertConfig, image_hw: tuple[int, int], text_len: int, max_pixels: int | None = None
+) -> float:
     """Forward FLOPs of scoring one (image, caption) pair in single-stream retrieval once the
-    image's pixel tokens exist: the transformer over text + every feature pixel, the pixel
-    projection, the pooler and the ITM head (the CNN is counted per image, not per pair)."""
+    image's pixel tokens exist: the transformer over text + every feature pixel (at most
+    ``max_pixels``: two-stage retrieval's first stage), the pooler and the ITM head (the CNN
+    and the pixel projection are counted per image, not per pair)."""
     stride = DOWNSAMPLE if cfg.extra_pool else DOWNSAMPLE // 2
     pixels = math.ceil(image_hw[0] / stride) * math.ceil(image_hw[1] / stride)
+    pixels = pixels if max_pixels is None else min(pixels, max_pixels)
     d, length = cfg.hidden_size, text_len + pixels
     layer = 2 * length * d * (4 * d + 2 * cfg.intermediate_size) + 4 * length * length * d
     return cfg.num_layers * layer + 2 * d * d + 2 * d * 2
