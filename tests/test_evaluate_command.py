@@ -16,7 +16,7 @@ import pytest
 from pixelbert_dist.finetune.evaluate import build_parser, evaluate
 
 
-def _args(ft, out) -> list[str]:
+def _args(ft, out, split: str = "test", *overrides: str) -> list[str]:
     return [
         "--pretrained",
         str(ft["export"]),
@@ -27,7 +27,7 @@ def _args(ft, out) -> list[str]:
         "--karpathy",
         str(ft["tasks"] / "retrieval" / "dataset_synthetic.json"),
         "--split",
-        "test",
+        split,
         "--out",
         str(out),
         "retrieval.key_format='{stem}'",
@@ -37,20 +37,37 @@ def _args(ft, out) -> list[str]:
         "data.num_workers=0",
         "data.image_shorter=64",
         "data.image_max=64",
+        *overrides,
     ]
 
 
+# two-stage on 12 training images (the test split has 9, fewer than k): each caption's
+# 10 best images are merged over the ranks; 128 px images give 2x2 pixels, the first stage 1
+RERANK = (
+    "retrieval.eval_split=train",
+    "retrieval.max_eval_images=12",
+    "retrieval.rerank_k=10",
+    "retrieval.rerank_pixels=1",
+    "data.image_shorter=128",
+    "data.image_max=128",
+)
+
+
 @pytest.mark.launcher
-def test_zero_shot_retrieval_on_two_ranks_equals_one_rank(dist_env, ft, tmp_path):
+@pytest.mark.parametrize("split, overrides", [("test", ()), ("train", RERANK)], ids=["full", "rerank"])
+def test_zero_shot_retrieval_on_two_ranks_equals_one_rank(dist_env, ft, tmp_path, split, overrides):
     from tests.pretrain_helpers import run_launcher
 
-    one = evaluate(build_parser().parse_args(_args(ft, tmp_path / "one")))["test"]
-    assert one["num_images"] == ft["summary"]["retrieval_images"]["test"]
-    run_launcher("launch/evaluate.py", _args(ft, tmp_path / "two"))
-    two = json.loads((tmp_path / "two" / "results_test.json").read_text())["metrics"]
+    one = evaluate(build_parser().parse_args(_args(ft, tmp_path / "one", split, *overrides)))[split]
+    if not overrides:
+        assert one["num_images"] == ft["summary"]["retrieval_images"]["test"]
+    run_launcher("launch/evaluate.py", _args(ft, tmp_path / "two", split, *overrides))
+    two = json.loads((tmp_path / "two" / f"results_{split}.json").read_text())["metrics"]
     assert two == pytest.approx(one)
-    ranks = sorted(p.name for p in (tmp_path / "two" / "scores" / "retrieval_test").iterdir())
-    assert ranks == ["rank00000", "rank00001"]  # each rank kept only its own rows
+    stores = list((tmp_path / "two" / "scores").iterdir())
+    assert len(stores) == (2 if overrides else 1)  # two-stage: the first stage's store and the re-ranking's
+    for store in stores:
+        assert sorted(p.name for p in store.iterdir()) == ["rank00000", "rank00001"]  # each rank its own rows
 
 
 @pytest.mark.slow
