@@ -74,22 +74,25 @@ def test_zero_shot_retrieval_on_two_ranks_equals_one_rank(dist_env, ft, tmp_path
 def test_sigterm_mid_evaluation_then_rerun_gives_the_uninterrupted_recalls(dist_env, ft, tmp_path):
     from tests.pretrain_helpers import REPO, launch_env
 
-    args = [*_args(ft, tmp_path / "cut"), "retrieval.text_batch=4"]  # a stop is checked per transformer call
-    whole = evaluate(build_parser().parse_args([*_args(ft, tmp_path / "whole"), "retrieval.text_batch=4"]))["test"]
+    # 24 training images in 8 batches of 3: after the first is on disk, seven are left to be
+    # stopped in, however fast this machine is
+    more = ("retrieval.eval_split=train", "retrieval.max_eval_images=24")
+    args = _args(ft, tmp_path / "cut", "train", *more)
+    whole = evaluate(build_parser().parse_args(_args(ft, tmp_path / "whole", "train", *more)))["train"]
     proc = subprocess.Popen(
         [sys.executable, "launch/evaluate.py", *args],
         cwd=REPO, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    rows = tmp_path / "cut" / "scores" / "retrieval_test" / "rank00000"
+    rows = tmp_path / "cut" / "scores" / "retrieval_train" / "rank00000"
     deadline = time.time() + 300
     while not (rows / "batch000000.safetensors").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)  # in the second of four batches of 3 images
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "evaluate: stopped by SIGTERM: retrieval test:" in err and "the same command resumes" in err, err
+    assert "evaluate: stopped by SIGTERM: retrieval train:" in err and "the same command resumes" in err, err
     kept = {p.name: p.stat().st_mtime_ns for p in rows.glob("batch*.safetensors")}
-    assert 1 <= len(kept) < 4 and not (tmp_path / "cut" / "results_test.json").exists()
-    resumed = evaluate(build_parser().parse_args(args))["test"]  # the same command, to the end
+    assert 1 <= len(kept) < 8 and not (tmp_path / "cut" / "results_train.json").exists()
+    resumed = evaluate(build_parser().parse_args(args))["train"]  # the same command, to the end
     assert resumed == whole
     assert kept == {name: (rows / name).stat().st_mtime_ns for name in kept}  # not scored again
