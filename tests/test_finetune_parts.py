@@ -12,6 +12,7 @@ from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config, tokenize
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.score_store import load_score_matrix
+from pixelbert_dist.finetune.task import EvaluationStopped
 from pixelbert_dist.finetune.tasks import make_task
 from pixelbert_dist.finetune.trainer import load_export
 from pixelbert_dist.finetune.vqa_data import answer_score
@@ -209,7 +210,7 @@ def _with_missing_images(ft, tmp_path, task):
     return path, {json.loads(line)["identifier"] for line in lines}
 
 
-def _predict(cfg, task, backbone, split):
+def _predict(cfg, task, backbone, split, stop=None):
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
@@ -225,8 +226,23 @@ def _predict(cfg, task, backbone, split):
         8,
         train=False,
     )
-    task.evaluate(engine, split, loader, lambda b: b)
+    task.evaluate(engine, split, loader, lambda b: b, stop=stop)
     return engine.module.eval()
+
+
+def test_a_stop_ends_a_vqa_evaluation_after_the_batch_writing_nothing(dist_env, ft, tmp_path):
+    cfg, task, backbone = _task(
+        ft, "vqa", tmp_path, f"vqa.val_questions={ft['tasks']}/vqa/v2_OpenEnded_mscoco_val_questions.json"
+    )
+    batches = []
+
+    def stop_after_first_batch():
+        batches.append(None)
+        return True
+
+    with pytest.raises(EvaluationStopped, match="vqa val: nothing kept"):
+        _predict(cfg, task, backbone, "val", stop=stop_after_first_batch)
+    assert len(batches) == 1 and not list(tmp_path.glob("vqa_*results.json"))
 
 
 @pytest.mark.parametrize("name, option", [("vqa", "vqa.test_questions"), ("nlvr2", "nlvr2.test")])
