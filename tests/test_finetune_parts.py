@@ -279,7 +279,7 @@ def test_nlvr2_text_only_predicts_every_line_of_the_file(dist_env, ft, tmp_path)
     assert {line.split(",")[0] for line in lines} == identifiers
 
 
-def _evaluate_retrieval(cfg, task, backbone) -> dict:
+def _evaluate_retrieval(cfg, task, backbone, stop=None) -> dict:
     import deepspeed
 
     engine, *_ = deepspeed.initialize(
@@ -291,7 +291,7 @@ def _evaluate_retrieval(cfg, task, backbone) -> dict:
         task.eval_splits[split], task.images, task.image_keys, task.collate, loader_data_config(cfg.data), 4,
         train=False,
     )  # fmt: skip
-    return task.evaluate(engine, split, loader, lambda b: b, model_tag="test")
+    return task.evaluate(engine, split, loader, lambda b: b, model_tag="test", stop=stop)
 
 
 # 128x128 images: 2x2 feature pixels, so a first stage of 1 pixel per image differs from the full model
@@ -341,3 +341,21 @@ def test_rerank_scores_k_candidates_per_query_in_full(dist_env, ft, tmp_path):
     for key in tr:
         if key.startswith(("i2t", "t2i")):
             assert got[key] == (tr if key.startswith("i2t") else ir)[key], key
+
+
+@pytest.mark.slow
+def test_two_stage_stopped_while_re_ranking_resumes_to_the_same_recalls(dist_env, ft, tmp_path):
+    """Stopped once the re-ranking's first batch is on disk: the rerun keeps the whole first
+    stage and that batch, and gives the recalls of a run never stopped."""
+    more = ("retrieval.eval_split=train", "retrieval.max_eval_images=12", "retrieval.rerank_k=10", *_RERANK)
+    whole = _evaluate_retrieval(*_task(ft, "retrieval", tmp_path / "whole", *more))
+    cfg, task, backbone = _task(ft, "retrieval", tmp_path / "cut", *more)
+    split = cfg.retrieval.eval_split
+    first = task.score_folder(split, "first1px") / "rank00000"
+    second = task.score_folder(split, "rerank10_1px") / "rank00000"
+    with pytest.raises(EvaluationStopped, match="re-ranking: 1 of 3 batches of score rows kept"):
+        _evaluate_retrieval(cfg, task, backbone, stop=lambda: (second / "batch000000.safetensors").exists())
+    kept = {p: p.stat().st_mtime_ns for p in [*first.glob("batch*"), *second.glob("batch*")]}
+    assert len(kept) == 3 + 1
+    assert _evaluate_retrieval(cfg, task, backbone) == whole
+    assert kept == {p: p.stat().st_mtime_ns for p in kept}  # nothing kept was scored again
