@@ -83,14 +83,16 @@ def test_pipe_and_a_retried_read(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_streamed_position_is_never_replanned_to_another_world_size(shards):
+def test_a_streamed_position_without_every_ranks_positions_is_not_replanned(shards):
+    """A re-plan needs every rank's stream positions (rank 0's copy gathers them at each
+    save): a state without them (an earlier version's) is refused, naming what to do."""
     from pixelbert_dist.train.resume import replan_data_state
 
     spec = str(shards / PATTERN)
-    saved = pil_stream(spec, world_size=2).state_dict()  # per-rank cursors: no meaning on 1 rank
+    saved = pil_stream(spec, world_size=2).state_dict()  # this rank's own cursors only
     one = pil_stream(spec, world_size=1)
-    with pytest.raises(ValueError, match=r"'world_size': \(2, 1\)"):
-        one.load_state_dict(replan_data_state(saved, one.state_dict()))
+    with pytest.raises(ValueError, match=r"no stream positions of its 2 ranks .*on 2 ranks with data.num_workers=2"):
+        replan_data_state(saved, one.state_dict())
 
 
 @pytest.mark.slow

@@ -70,6 +70,12 @@ class LoaderState:
         """Plain JSON-able dict: safe in a DeepSpeed checkpoint without pickle."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "batches_done": self.batches_done, **self._fingerprint()}
 
+    def gathered_state(self) -> dict:
+        """What rank 0's copy of the state adds from every rank (a collective, called on
+        every rank at each save): what a resume on another world size needs beyond rank
+        0's own position. Nothing, unless a loader's position differs per rank."""
+        return {}
+
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{self.state_name} state version {state.get('version')!r} is not {STATE_VERSION}")

@@ -503,14 +503,16 @@ class BaseTrainer:
     def save(self) -> None:
         """A checkpoint of this step (once: a stop signal on a save step does not save again)."""
         config = to_dict(self.cfg)
+        data = self.train_loader.state_dict()
+        gathered = getattr(self.train_loader, "gathered_state", dict)()  # a collective, on every rank
         client = {
             "trainer": self.state,
-            "data": self.train_loader.state_dict(),
+            "data": {**data, **gathered},
             "config_fingerprint": config_fingerprint(config),
             **self.client_state(),
         }
         meta = {"config": config, "final": self.state["step"] >= self.total_steps}
-        self.checkpointer.save(self.state["step"], client, rank_state={"data": client["data"]}, meta=meta)
+        self.checkpointer.save(self.state["step"], client, rank_state={"data": data}, meta=meta)
 
     def _resume(self) -> None:
         settings = group_settings(self.optimizer)  # the config's rates, before the checkpoint's replace them
@@ -531,12 +533,13 @@ class BaseTrainer:
     def _resume_data(self, client: dict) -> None:
         """This rank's own saved loader position (a streamed one differs per rank: a skipped
         damaged sample shifts that rank's cursors); rank 0's, re-planned, after a world-size
-        change or from a checkpoint that kept only rank 0's. A loader that cannot continue
+        change or from a checkpoint that kept only rank 0's; with train.resume_universal, also a
+        streamed one of another worker count or batch size. A loader that cannot continue
         from it is a refused resume (one line naming what changed), not a traceback."""
-        state = (client.get("rank_state") or {}).get("data")
-        if state is None:
-            state = resume_rule.replan_data_state(client["data"], self.train_loader.state_dict())
+        state, now = (client.get("rank_state") or {}).get("data"), self.train_loader.state_dict()
         try:
+            if state is None or (self.cfg.train.resume_universal and resume_rule.reshaped(state, now)):
+                state = resume_rule.replan_data_state(client["data"], now, say=self.is_main)
             self.train_loader.load_state_dict(state)
         except ValueError as err:
             raise CheckpointError(f"cannot resume {self.resume_dir}: {err}") from None

@@ -24,6 +24,7 @@ from pathlib import Path
 from pixelbert_dist.checkpoint.files import CheckpointError, read_meta
 from pixelbert_dist.checkpoint.layout import list_tags
 from pixelbert_dist.config import dotted_keys
+from pixelbert_dist.data.readers.stream_replan import replan_stream_state
 
 log = logging.getLogger(__name__)
 HOUSEKEEPING = frozenset(
@@ -101,22 +102,34 @@ def check_resumable(tag_dir: Path, which: str, config: dict, total_steps: int) -
     return changes
 
 
-def replan_data_state(saved: dict, now: dict) -> dict:
+STREAM_SHAPE = ("world_size", "batch_size", "num_workers")  # a streamed position holds for this shape only
+
+
+def reshaped(saved: dict, now: dict) -> bool:
+    """A streamed loader state of another shape than this loader (``train.resume_universal``
+    then re-plans it, also at the same world size: another worker count or batch size)."""
+    return "stream_cursors" in saved and any(saved.get(k) != now.get(k) for k in STREAM_SHAPE)
+
+
+def replan_data_state(saved: dict, now: dict, say: bool = True) -> dict:
     """A loader state saved at another world size or batch size, moved to the same number
     of samples into the epoch for this loader (samples seen = batches x batch x ranks, a
     world-size-independent count); unchanged otherwise. The epoch plan gives rank r the
     slots r, r+W, ... so after b batches every rank together read the first b*B*W slots of
     the epoch's order, whatever W: the new ranks continue from the same slot. A streamed
-    position (cursors into each rank's own shard streams) stays as saved: its loader
-    refuses another world size."""
+    position (cursors into each rank's own shard streams) restarts every stream at a shard
+    boundary (``readers/stream_replan.py``), said in one line where ``say``."""
+    if reshaped(saved, now):
+        state, line = replan_stream_state(saved, now)
+        if say:
+            log.warning("%s", line)
+        return state
     keys = ("batches_done", "batch_size", "world_size")
     if not all(k in saved and k in now for k in keys) or (saved["batch_size"], saved["world_size"]) == (
         now["batch_size"],
         now["world_size"],
     ):
         return saved
-    if "stream_cursors" in saved:
-        return saved  # a streamed position is per rank and worker stream: the loader refuses another world size
     if "per_rank" in saved:
         return _replan_blocks(saved, now)
     seen = saved["batches_done"] * saved["batch_size"] * saved["world_size"]

@@ -22,8 +22,10 @@ batches_done}`` as elsewhere:
 * worker ``w`` makes batches ``w, w + n, ...`` (the DataLoader's round robin); the state
   adds each worker's count of samples taken from its stream, so a resumed run skips
   them and yields the batches the uninterrupted run would have (same ``num_workers``: it
-  is fingerprinted). The skip costs no more reads than the buffer needs: which samples
-  were taken and what the buffer held depend only on the shards' lengths, which the
+  is fingerprinted; with ``train.resume_universal`` another world size, worker count or
+  batch size re-plans the epoch's rest at shard boundaries: ``stream_replan.py``). The
+  skip costs no more reads than the buffer needs: which samples were taken and what the
+  buffer held depend only on the shards' lengths, which the
   index sidecars give (one small read per shard), so the skip is replayed over positions
   and only the shards still holding buffered or later samples are read, those in flight
   up to where they were (without sidecars the skipped samples are read, never decoded);
@@ -52,29 +54,30 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
+from pixelbert_dist.collectives import gather_objects
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
-from pixelbert_dist.data.decode.damage import Damaged
 from pixelbert_dist.data.format.index import INDEX_COMMAND
 from pixelbert_dist.data.readers.stream_urls import expand, tar_folder
+from pixelbert_dist.data.readers.stream_batches import StreamDataset
 from pixelbert_dist.data.readers.stream_check import why_unchecked
-from pixelbert_dist.data.format.members import NoCaption, caption_meta
+from pixelbert_dist.data.readers.stream_replan import (
+    StreamPosition,
+    base_order,
+    epoch_order,
+    seeded_rng,
+    start_position,
+)
 from pixelbert_dist.data.readers.stream_read import (
-    NO_CAPTION,
     SKIP_KINDS,
     TRUNCATED,
     Dotted,
     Raw,
-    Skipped,
 )
 from pixelbert_dist.data.readers.stream_mix import worker_samples
 from pixelbert_dist.data.decode.torch_loader import data_loader
 
 log = logging.getLogger("pixelbert_dist.data")
-
-
-def _rng(*words) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words]))
 
 
 class StreamPlan(NamedTuple):
@@ -90,14 +93,25 @@ class StreamPlan(NamedTuple):
     buffer: int
     retries: int
     in_flight: int = 1  # shards a worker reads at once (data.shards_in_flight): stream_mix.py
+    order: list | None = None  # the epoch's shard order after re-plans (stream_replan.py); None: none
+    replans: int = 0  # re-plans in this epoch: they seed the new streams apart from the old ones
+
+    def _words(self, worker: int, kind: int) -> tuple:
+        return (self.seed, self.epoch, self.rank, worker, kind) + ((self.replans,) if self.replans else ())
+
+    def own_shards(self, worker: int, workers: int) -> list:
+        """The worker's shard list of this epoch (without resampling), in its order."""
+        order = self.order
+        if order is None:
+            order = epoch_order(len(self.urls), self.seed, self.epoch, self.shuffle)
+        return [self.urls[i] for i in order[self.rank :: self.world_size][worker::workers]]
 
     def shard_stream(self, worker: int, workers: int) -> Iterator[str]:
         if self.resampled:
-            rng = _rng(self.seed, self.epoch, self.rank, worker, 3)
+            rng = seeded_rng(*self._words(worker, 3))
             while True:
                 yield self.urls[int(rng.integers(len(self.urls)))]
-        order = _rng(self.seed, self.epoch).permutation(len(self.urls)) if self.shuffle else np.arange(len(self.urls))
-        mine = [self.urls[i] for i in order[self.rank :: self.world_size][worker::workers]]
+        mine = self.own_shards(worker, workers)
         if not mine:
             raise ValueError(
                 f"{len(self.urls)} shards cannot feed {self.world_size} ranks x "
@@ -106,84 +120,17 @@ class StreamPlan(NamedTuple):
         while True:
             yield from mine
 
-    def samples(self, worker: int, workers: int, errors: list, skip: int = 0) -> Iterator[Raw]:
+    def samples(
+        self, worker: int, workers: int, errors: list, skip: int = 0, position: StreamPosition | None = None
+    ) -> Iterator[Raw]:
         """This worker's samples, its shards mixed and shuffled (``stream_mix.py``), from
-        its ``skip``-th on (a resume: only the shards still needed are read)."""
-        return worker_samples(self, worker, workers, errors, skip)
+        its ``skip``-th on (a resume: only the shards still needed are read); ``position``
+        follows where the stream stands in its shard list (a re-plan's input)."""
+        return worker_samples(self, worker, workers, errors, skip, position)
 
     def start(self, worker: int, workers: int) -> tuple[np.random.Generator, Iterator[str]]:
         """The worker's shuffle-buffer generator and shard stream, both at their start."""
-        return _rng(self.seed, self.epoch, self.rank, worker, 2), self.shard_stream(worker, workers)
-
-
-class StreamBatch(NamedTuple):
-    images: torch.Tensor | None  # None until the rank's decoder fills it (dali, nvjpeg)
-    sizes: torch.Tensor | None
-    keys: list
-    metas: list
-    flips: list
-    damaged: list
-    read_errors: list
-    jpegs: list  # the checked bytes, for a decoder in the rank's process; else empty
-    unchecked: str | None  # a shard in this batch without an index sidecar (for one log line)
-    taken: int = 0  # samples taken from the worker's stream for this batch
-    skipped: list = []  # Skipped: what never became a sample (counted by kind)
-    dotted: Dotted | None = None  # a member name cut by webdataset's key rule (for one log line)
-
-
-class _StreamDataset(torch.utils.data.IterableDataset):
-    """Worker ``i`` of ``n`` plays stream ``v = (i + start) % n``: the DataLoader's round
-    robin begins at worker 0, and batch ``start`` is stream ``start % n``'s."""
-
-    def __init__(self, plan: StreamPlan, start: int, cursors: list, flip_of, prepare, caption_key: str):
-        self.plan, self.start, self.cursors = plan, start, cursors
-        self.flip_of, self.prepare = flip_of, prepare  # PilDecode or JpegCheck
-        self.caption_key = caption_key
-
-    def __iter__(self) -> Iterator[StreamBatch]:
-        info = torch.utils.data.get_worker_info()
-        real, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        virtual = (real + self.start) % workers
-        errors: list[str] = []
-        stream = self.plan.samples(virtual, workers, errors, skip=self.cursors[virtual])  # never decoded
-        first = self.start + (virtual - self.start) % workers
-        for _ in range(first, self.plan.batches, workers):
-            yield self._batch(stream, errors)
-
-    def _batch(self, stream, errors: list) -> StreamBatch:
-        prepared, keys, metas, flips, damaged, skipped, unchecked = [], [], [], [], [], [], None
-        taken = 0
-        while len(prepared) < self.plan.batch_size:  # taken = batch_size + damaged + captionless
-            raw = next(stream)
-            taken += 1
-            where = f"{raw.url}:{raw.key}"
-            if raw.damage is not None:  # the index check, before decoding: same on every backend
-                damaged.append(Damaged(where, raw.damage, -1))
-                continue
-            try:
-                meta = caption_meta(raw.text, raw.meta, self.caption_key)
-            except NoCaption as err:
-                skipped.append(Skipped(NO_CAPTION, where, str(err)))
-                continue
-            unchecked = unchecked or (None if raw.checked else raw.url)
-            flip = self.flip_of(raw.key)
-            try:
-                prepared.append(self.prepare(raw.jpeg, flip, raw.key))
-            except (ValueError, OSError) as err:
-                damaged.append(Damaged(where, f"undecodable image ({err})", -1))
-                continue
-            keys.append(raw.key)
-            metas.append(meta)
-            flips.append(flip)
-        notes, errors[:] = list(errors), []
-        read_errors = [note for note in notes if isinstance(note, str)]
-        skipped += [note for note in notes if isinstance(note, Skipped)]
-        dotted = next((note for note in notes if isinstance(note, Dotted)), None)
-        tail = (taken, skipped, dotted)
-        if not self.prepare.makes_pixels:
-            return StreamBatch(None, None, keys, metas, flips, damaged, read_errors, prepared, unchecked, *tail)
-        stacked, sizes = self.prepare.pad(prepared)
-        return StreamBatch(stacked, sizes, keys, metas, flips, damaged, read_errors, [], unchecked, *tail)
+        return seeded_rng(*self._words(worker, 2)), self.shard_stream(worker, workers)
 
 
 def url_digest(urls: list[str]) -> str:
@@ -198,7 +145,10 @@ def names_digest(urls: list[str]) -> str:
 class StreamLoader(LoaderState, BatchAccounting):
     """One rank's batches from streamed shards (module docstring); a ``BatchLoader``."""
 
-    resume_hint = "the same shard URLs, world size, batch size, workers and data config"
+    resume_hint = (
+        "the same shard URLs, world size, batch size, workers and data config (or pass "
+        "train.resume_universal=true to re-plan the position at shard boundaries)"
+    )
     damage_action = "skipped (the next sample in the stream takes its place)"
 
     def __init__(
@@ -241,7 +191,12 @@ class StreamLoader(LoaderState, BatchAccounting):
             )
         super().__init__()
         self._init_accounting(device)
+        self._restart_streams()
+
+    def _restart_streams(self) -> None:
         self.cursors = [0] * self.workers  # samples taken from each worker's stream
+        self.positions = [start_position() for _ in range(self.workers)]  # StreamPosition snapshots, per stream
+        self.replans: list[dict] = []  # this epoch's re-plans (stream_replan.py)
 
     def __len__(self) -> int:
         return self.cfg.epoch_samples // (self.world_size * self.batch_size)
@@ -263,15 +218,22 @@ class StreamLoader(LoaderState, BatchAccounting):
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             super().set_epoch(epoch)
-            self.cursors = [0] * self.workers
+            self._restart_streams()
 
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
             "stream_cursors": list(self.cursors),
+            "stream_positions": list(self.positions),
+            "stream_replans": list(self.replans),
             "stream_urls": len(self.urls),
             "stream_names": names_digest(self.urls),
         }
+
+    def gathered_state(self) -> dict:
+        """Every rank's stream positions, for rank 0's copy of the state (a collective):
+        what a resume on another world size re-plans from (``stream_replan.py``)."""
+        return {"stream_ranks": gather_objects(list(self.positions))}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("stream") not in (None, url_digest(self.urls)):
@@ -300,6 +262,8 @@ class StreamLoader(LoaderState, BatchAccounting):
                 f"workers (got {cursors!r}); resume with {self.resume_hint}"
             )
         self.cursors = [int(c) for c in cursors]
+        self.positions = list(state.get("stream_positions") or [start_position() for _ in range(self.workers)])
+        self.replans = list(state.get("stream_replans") or [])
 
     def plan(self) -> StreamPlan:
         return StreamPlan(
@@ -315,14 +279,23 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.cfg.shuffle_buffer,
             self.cfg.stream_retries,
             self.cfg.shards_in_flight,
+            self._order(),
+            len(self.replans),
         )
+
+    def _order(self) -> list | None:
+        """The epoch's shard order after its re-plans; None when it has none (or draws shards)."""
+        if not self.replans or self.cfg.resampled:
+            return None
+        return base_order(len(self.urls), self.cfg.seed, self.epoch, self.train and self.cfg.shuffle, self.replans)
 
     def __iter__(self) -> Iterator[dict]:
         if self.batches_done >= len(self):
-            self.batches_done, self.cursors = 0, [0] * self.workers
+            self.batches_done = 0
+            self._restart_streams()
         start = self.batches_done
         flip_of = self.text.flip_rule(self.epoch)
-        dataset = _StreamDataset(
+        dataset = StreamDataset(
             self.plan(), start, list(self.cursors), flip_of, self.images.prepare, self.cfg.caption_key
         )
         # the workers start here, before any decoder thread exists in this process
@@ -335,6 +308,7 @@ class StreamLoader(LoaderState, BatchAccounting):
             self._log_unchecked(got.unchecked)
             self._record_skips(got.skipped, got.dotted)
             self.cursors[k % self.workers] += got.taken
+            self.positions[k % self.workers] = got.position
             batch = self.text(got.keys, got.metas, got.flips, [False] * len(got.keys), k, self.epoch)
             batch["images"], batch["image_sizes"] = got.images, got.sizes
             batch["damaged"] = self._record_damage(got.damaged)

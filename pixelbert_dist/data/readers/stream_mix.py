@@ -73,20 +73,29 @@ def mix_width(plan, worker: int, workers: int) -> int:
         return 1
     if plan.resampled:
         return max(1, plan.in_flight)
-    return max(1, min(plan.in_flight, len(plan.urls[plan.rank :: plan.world_size][worker::workers])))
+    return max(1, min(plan.in_flight, len(plan.own_shards(worker, workers))))
 
 
-def shuffled(plan, items: Iterator, rng: np.random.Generator, buffer: list) -> Iterator:
-    """``items`` through the shuffle buffer (``buffer``: what it holds, kept in place)."""
+def shuffled(plan, items: Iterator, rng: np.random.Generator, buffer: list, position=None) -> Iterator:
+    """``items`` through the shuffle buffer (``buffer``: what it holds, kept in place).
+    With a ``position`` (``stream_replan.StreamPosition``) each item is a pair whose first
+    element is its shard's number in the stream, and ``position`` follows them."""
     for item in items:
+        if position is not None:
+            position.read(item[0])
         if not plan.shuffle or plan.buffer <= 1:
+            if position is not None:
+                position.took(item[0])
             yield item
             continue
         buffer.append(item)
         if len(buffer) >= plan.buffer:
             i = int(rng.integers(len(buffer)))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
+            item = buffer.pop()
+            if position is not None:
+                position.took(item[0])
+            yield item
 
 
 class Positions(NamedTuple):
@@ -100,9 +109,12 @@ class Positions(NamedTuple):
     buffer: list
 
 
-def position_stream(plan, worker: int, workers: int, length_of: Callable[[str], int | None]) -> Positions:
+def position_stream(
+    plan, worker: int, workers: int, length_of: Callable[[str], int | None], position=None
+) -> Positions:
     """The worker's sample order over positions, each shard's length ``length_of(url)``
-    (None: unknown, raises ``Unindexed``); the benchmark's and the resume's replay."""
+    (None: unknown, raises ``Unindexed``); the benchmark's and the resume's replay
+    (``position``: followed through it, as ``shuffled`` does)."""
     rng, urls = plan.start(worker, workers)
     seen: list[str] = []
 
@@ -115,22 +127,41 @@ def position_stream(plan, worker: int, workers: int, length_of: Callable[[str], 
 
     mix = ShardMix(urls, open_positions, mix_width(plan, worker, workers))
     buffer: list = []
-    return Positions(shuffled(plan, mix, rng, buffer), rng, urls, seen, mix, buffer)
+    return Positions(shuffled(plan, mix, rng, buffer, position), rng, urls, seen, mix, buffer)
 
 
-def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0) -> Iterator[Raw]:
+def _numbered(read: Callable[[str], Iterator[Raw]], first: int) -> Callable:
+    """``read`` (url -> samples) whose samples come as (shard number, sample) pairs, the
+    shards numbered from ``first`` in the order they are opened."""
+    numbers = itertools.count(first)
+
+    def open_shard(url: str) -> Iterator[tuple[int, Raw]]:
+        return zip(itertools.repeat(next(numbers)), read(url))
+
+    return open_shard
+
+
+def _in_flight(mix: ShardMix) -> Callable[[], set]:
+    """The numbers of the shards ``mix`` is reading (each slot's last pair names its shard)."""
+    return lambda: {slot[1][0] for slot in mix.slots if slot is not None and slot[1] is not None}
+
+
+def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0, position=None) -> Iterator[Raw]:
     """This worker's samples (``Raw``), from its ``skip``-th on (a resume). Which samples
     the first ``skip`` are, what the buffer then holds and how far each shard in flight
     was read depend only on the shards' lengths: where the index sidecars say so, the skip
     is replayed over positions and only the shards still holding buffered or later samples
     are read, each from its oldest row still needed (a ranged read where the store can
-    seek); else the first ``skip`` are read and dropped."""
+    seek); else the first ``skip`` are read and dropped. ``position``
+    (``stream_replan.StreamPosition``) follows where the stream stands."""
     width = mix_width(plan, worker, workers)
-    replay = _replay(plan, worker, workers, errors, skip) if skip else None
+    replay = _replay(plan, worker, workers, errors, skip, position) if skip else None
     if replay is None:
         rng, urls = plan.start(worker, workers)
-        mix = ShardMix(urls, lambda url: read_shard(url, plan.retries, errors), width)
-        yield from itertools.islice(shuffled(plan, mix, rng, []), skip, None)
+        mix = ShardMix(urls, _numbered(lambda url: read_shard(url, plan.retries, errors), 0), width)
+        if position is not None:
+            position.restart(_in_flight(mix))  # a replay without sidecars may have begun it
+        yield from (raw for _, raw in itertools.islice(shuffled(plan, mix, rng, [], position), skip, None))
         return
     where, checks = replay
     buffer = where.buffer
@@ -139,9 +170,9 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0)
         slots.setdefault(shard, {})[row] = slot
     in_flight = {slot[1][0]: slot[1][1] for slot in where.mix.slots if slot is not None}  # shard -> last row
 
-    def reread(shard: int, first_row: int) -> Iterator[Raw]:  # with the sidecar the replay fetched, if kept
+    def reread(shard: int, first_row: int) -> Iterator[tuple[int, Raw]]:  # with the sidecar the replay fetched
         url = where.seen[shard]
-        return read_shard(url, plan.retries, errors, checks.get(url, UNREAD), first_row)
+        return zip(itertools.repeat(shard), read_shard(url, plan.retries, errors, checks.get(url, UNREAD), first_row))
 
     for shard in sorted(set(slots) - set(in_flight)):
         first = min(slots[shard])
@@ -153,13 +184,16 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0)
             continue
         shard, last_row = slot[1]
         first = min([*slots.get(shard, {}), last_row + 1])  # the oldest row still buffered, else the next
-        readers.append([reread(shard, first), None])
+        readers.append([reread(shard, first), (shard, None)])
         _fill(buffer, slots.get(shard, {}), readers[-1][0], first, last_row)  # up to the last row taken
-    mix = ShardMix(where.urls, lambda url: read_shard(url, plan.retries, errors), width, readers, where.mix.turn)
-    yield from shuffled(plan, mix, where.rng, buffer)
+    opener = _numbered(lambda url: read_shard(url, plan.retries, errors), len(where.seen))
+    mix = ShardMix(where.urls, opener, width, readers, where.mix.turn)
+    if position is not None:
+        position.in_flight = _in_flight(mix)
+    yield from (raw for _, raw in shuffled(plan, mix, where.rng, buffer, position))
 
 
-def _replay(plan, worker: int, workers: int, errors: list, skip: int) -> tuple[Positions, dict] | None:
+def _replay(plan, worker: int, workers: int, errors: list, skip: int, position) -> tuple[Positions, dict] | None:
     """The first ``skip`` samples taken over positions, shard lengths from the sidecars:
     the position stream just after them (its URL stream where the real one would be) and
     the last sidecars fetched (those of the shards in flight among them); None if a shard
@@ -176,7 +210,7 @@ def _replay(plan, worker: int, workers: int, errors: list, skip: int) -> tuple[P
                 del checks[next(iter(checks))]
         return lengths[url]
 
-    where = position_stream(plan, worker, workers, length_of)
+    where = position_stream(plan, worker, workers, length_of, position)
     try:
         taken = sum(1 for _ in itertools.islice(where.samples, skip))
     except Unindexed:
@@ -191,6 +225,6 @@ def _fill(buffer: list, slots: dict, raws: Iterator[Raw], first_row: int, last_r
         return
     for row, raw in enumerate(raws, first_row):
         if row in slots:
-            buffer[slots[row]] = raw
+            buffer[slots[row]] = raw  # a (shard number, sample) pair, as the buffer's other items
         if row == last_row:
             return
