@@ -60,9 +60,11 @@ def deepspeed_cmd(script: str, args: list[str], num_ranks: int = 2, module: bool
     return [launcher, "--num_gpus", str(num_ranks), "--master_port", str(free_port()), *target, *args]
 
 
-def run_launcher(script: str, args: list[str], timeout: int = 400, module: bool = False) -> subprocess.CompletedProcess:
+def run_launcher(
+    script: str, args: list[str], timeout: int = 400, module: bool = False, num_ranks: int = 2
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        deepspeed_cmd(script, args, module=module),
+        deepspeed_cmd(script, args, num_ranks, module=module),
         cwd=REPO,
         env=launch_env(),
         capture_output=True,
