@@ -1,8 +1,8 @@
 """A streamed position re-planned for another shape (``readers/stream_replan.py``), checked
 against real streams over real shards: the old streams take samples through their shuffle
 buffers, the re-plan splits the shards left over the new streams, and what the new streams
-read again (repeated) or never get (skipped) is exactly what the log line says, within one
-shard (repeated) and one buffer (skipped) per old stream. Every shard left goes to exactly
+read again (repeated) or never get (skipped) is exactly what the log line says, within the
+shards in flight (repeated) and one buffer (skipped) per old stream. Every shard left goes to exactly
 one new stream, and a second re-plan (2 ranks -> 1 -> 2) keeps the same account."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_a_replan_accounts_for_every_sample(urls, new_world, new_workers, in_fli
     repeated, skipped = counts(line)
     assert (repeated, skipped) == (sum(again.values()), len(never)), line
     assert repeated <= len(takes) * in_flight * PER_SHARD and skipped <= len(takes) * (BUFFER - 1)
-    assert repeated > 0 and (skipped > 0 or in_flight > 1)  # the case at hand has both, one shard at a time
+    assert repeated > 0 and (skipped > 0 or in_flight > 1)  # both, one shard at a time
     assert f"{len(left)} of {SHARDS} shards left" in line
 
 
@@ -138,6 +138,7 @@ def test_streams_that_ran_out_leave_nothing_and_say_so(urls):
     now = {"world_size": 2, "num_workers": 2, "batch_size": 2}
     state, line = replan_stream_state(saved_state(2, 2, positions), now)
     assert "4 old stream(s) had read all their shards" in line
+    assert "fewer shards left than new streams" in line
     assert counts(line)[0] == 0  # no shard is read again by the re-plan: they all came round already
     left = base_order(SHARDS, SEED, EPOCH, True, state["stream_replans"])
     assert sorted(left) == list(range(SHARDS))
