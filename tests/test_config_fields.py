@@ -152,17 +152,16 @@ def test_the_command_refuses_in_one_line_before_any_run_folder(overrides, messag
 
 def test_a_micro_batch_over_a_ranks_share_is_refused_naming_the_sizes():
     from pixelbert_dist.train.config import LoopConfig
-    from pixelbert_dist.train.loop import check_batch_fits
 
     loop = LoopConfig(micro_batch=1000)
     with pytest.raises(ConfigError) as err:
-        check_batch_fits(loop, 360, world=2)
+        loop.check_fits(360, world=2)
     assert str(err.value) == (
         "train.micro_batch=1000: the training split has 360 samples, 180 per rank on 2 rank(s), fewer than "
         "one micro-batch (a step of 1000 x 1 x 2 = 2000 would never be full); set train.micro_batch <= 180"
     )
-    check_batch_fits(LoopConfig(micro_batch=180), 360, world=2)  # exactly one full batch per rank
-    check_batch_fits(loop, None, world=2)  # unknown (streamed, no epoch_samples): the loader decides
+    LoopConfig(micro_batch=180).check_fits(360, world=2)  # exactly one full batch per rank
+    loop.check_fits(None, world=2)  # unknown (streamed, no epoch_samples): the loader decides
 
 
 @pytest.mark.slow

@@ -207,7 +207,7 @@ def test_train_activation_checkpointing_reaches_every_pixelbert():
     """`train.activation_checkpointing=all` sets the model's mode, also inside a task model."""
     from pixelbert_dist.config import ConfigError, load_config
     from pixelbert_dist.train.config import RunConfig
-    from pixelbert_dist.train.loop import set_activation_checkpointing
+    from pixelbert_dist.model.pixelbert import set_activation_checkpointing
 
     model = build_model("tiny")
     set_activation_checkpointing(torch.nn.Sequential(model), "all")

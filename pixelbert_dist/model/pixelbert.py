@@ -135,3 +135,13 @@ class PixelBert(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """``train.activation_checkpointing`` on every PixelBert inside ``model`` (a fine-tuning
+    task model wraps one)."""
+    found = [m for m in model.modules() if isinstance(m, PixelBert)]
+    if not found:
+        raise ValueError(f"train.activation_checkpointing={mode!r}: {type(model).__name__} holds no PixelBert")
+    for pixelbert in found:
+        pixelbert.set_activation_checkpointing(mode)

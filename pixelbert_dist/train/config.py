@@ -173,6 +173,21 @@ class LoopConfig:
             )
         return steps
 
+    def check_fits(self, samples: int | None, world: int) -> None:
+        """Refuse a micro-batch larger than one rank's share of the epoch: every batch would
+        be short, and the batch per step would not be the micro x accumulation x ranks that
+        the banner, the lr and DeepSpeed's train_batch_size assume. Refused, not clamped:
+        DeepSpeed and torchtitan take the batch size as given, and a batch quietly changed
+        changes what the lr means and what a resume expects."""
+        share = None if samples is None else -(-samples // world)
+        if share is not None and share < self.micro_batch:
+            raise ConfigError(
+                f"train.micro_batch={self.micro_batch}: the training split has {samples} samples, {share} per rank "
+                f"on {world} rank(s), fewer than one micro-batch (a step of {self.micro_batch} x {self.grad_accum} x "
+                f"{world} = {self.micro_batch * self.grad_accum * world} would never be full); "
+                f"set train.micro_batch <= {share}"
+            )
+
     def validate(self) -> "LoopConfig":
         """Types and bounds (also for a config made in Python), then what spans two keys."""
         check_fields(self, "train.")

@@ -2,8 +2,9 @@
 
 ``BaseTrainer`` owns everything a run needs whatever it trains: the engine (ZeRO,
 precision, SyncBatchNorm, torch.compile), resume (universal too), the step with the
-NaN/inf skip, checkpoints, the epoch loop with its clean stop on SIGTERM / SIGUSR1,
-logging and the throughput/MFU meter. A subclass supplies the model, the loaders and
+NaN/inf skip, checkpoints, the epoch loop with its clean stop on SIGTERM / SIGUSR1.
+What it logs and prints (train rows, the throughput/MFU meter's FLOPs, banner, progress,
+summary) is ``report.py``'s ``RunReport``. A subclass supplies the model, the loaders and
 what to log, evaluate and leave behind (the hooks below), as torchtitan's Trainer does.
 The accumulation window (NaN/inf skip, the one host sync) is ``window.py``; checkpoints,
 the run folder and its record are one component, ``checkpoint.checkpointer.Checkpointer``:
@@ -26,15 +27,15 @@ from pixelbert_dist.checkpoint.checkpointer import Checkpointer
 from pixelbert_dist.checkpoint.engine_io import config_fingerprint
 from pixelbert_dist.checkpoint.files import CheckpointError
 from pixelbert_dist.checkpoint.run_folder import check_run_dir_writable
-from pixelbert_dist.config import ConfigError, dump_config, to_dict
-from pixelbert_dist.console import Progress, best_line, learning_rates_shown
+from pixelbert_dist.config import dump_config, to_dict
 from pixelbert_dist.distributed.ds_config import deepspeed_config_text, fill_deepspeed_config, precision_of
 from pixelbert_dist.distributed.env import DistEnv, device_for, init_distributed
-from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, format_values, peak_memory_gib, peak_tflops
-from pixelbert_dist.model import PixelBert
+from pixelbert_dist.metrics import MetricSums, RunLogger, ThroughputMeter, peak_tflops
+from pixelbert_dist.model.pixelbert import set_activation_checkpointing
 from pixelbert_dist.model.visual import sync_batchnorms
 from pixelbert_dist.train import resume as resume_rule
 from pixelbert_dist.train.health import RunHealth
+from pixelbert_dist.train.report import RunReport
 from pixelbert_dist.train.profiling import StepProfiler
 from pixelbert_dist.train.schedule import apply_settings, build_scheduler, clamp_warmup, group_settings
 from pixelbert_dist.train.signals import GracefulExit
@@ -44,38 +45,11 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def set_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
-    """``train.activation_checkpointing`` on every PixelBert inside ``model`` (a fine-tuning
-    task model wraps one)."""
-    found = [m for m in model.modules() if isinstance(m, PixelBert)]
-    if not found:
-        raise ValueError(f"train.activation_checkpointing={mode!r}: {type(model).__name__} holds no PixelBert")
-    for pixelbert in found:
-        pixelbert.set_activation_checkpointing(mode)
+class BaseTrainer(RunReport):
+    """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``;
+    what it logs and prints is ``RunReport``'s (``report.py``)."""
 
-
-def check_batch_fits(t, samples: int | None, world: int) -> None:
-    """Refuse a micro-batch larger than one rank's share of the epoch: every batch would
-    be short, and the batch per step would not be the micro x accumulation x ranks that
-    the banner, the lr and DeepSpeed's train_batch_size assume. Refused, not clamped:
-    DeepSpeed and torchtitan take the batch size as given, and a batch quietly changed
-    changes what the lr means and what a resume expects."""
-    share = None if samples is None else -(-samples // world)
-    if share is not None and share < t.micro_batch:
-        raise ConfigError(
-            f"train.micro_batch={t.micro_batch}: the training split has {samples} samples, {share} per rank "
-            f"on {world} rank(s), fewer than one micro-batch (a step of {t.micro_batch} x {t.grad_accum} x "
-            f"{world} = {t.micro_batch * t.grad_accum * world} would never be full); "
-            f"set train.micro_batch <= {share}"
-        )
-
-
-class BaseTrainer:
-    """The loop. ``cfg`` has ``run_dir``, ``train`` (a LoopConfig) and ``validate()``."""
-
-    name = "train"  # the progress bar's label
     float_keys: frozenset | None = None  # floating tensors cast to the engine dtype (None: all)
-    postfix_keys: tuple = ("loss",)  # train values shown on the progress bar
     evaluate_each_epoch = True  # with train.eval_every=0, evaluate_during() after every epoch
 
     def __init__(self, cfg, deepspeed_config, env: DistEnv | None = None):
@@ -103,7 +77,7 @@ class BaseTrainer:
         if t.activation_checkpointing is not None:
             set_activation_checkpointing(model, t.activation_checkpointing)
         self.train_loader = self.build_loaders()
-        check_batch_fits(t, self.train_samples(), self.world)
+        t.check_fits(self.train_samples(), self.world)
         self.steps_per_epoch = max(1, len(self.train_loader) // t.grad_accum)
         self.total_steps = t.max_steps or math.ceil(t.epochs * self.steps_per_epoch)
         try:
@@ -302,17 +276,7 @@ class BaseTrainer:
                 "applies a new optim.lr), check the data, or use bf16 instead of fp16."
             )
 
-    def batch_flops(self, batch: dict) -> float:
-        """Training FLOPs of this micro-batch at its own shapes: ``shape_flops`` once per
-        distinct ``flops_shape``, then a dict lookup."""
-        shape = self.flops_shape(batch)
-        if shape is None:
-            return 0.0
-        if shape not in self._flops_by_shape:
-            self._flops_by_shape[shape] = self.shape_flops(*shape)
-        return self._flops_by_shape[shape]
-
-    # -- logging ----------------------------------------------------------------------
+    # -- the hot loop's state ----------------------------------------------------------
     def _init_hot_loop(self) -> None:
         self.meter = ThroughputMeter(peak_tflops(self.precision, self.device), self.world)
         self._flops_by_shape: dict = {}
@@ -324,50 +288,6 @@ class BaseTrainer:
         self.save_due_agreed = False  # train.save_every_minutes, agreed in the step's all-reduce
         self.health = RunHealth(self.cfg.train, self.rank, self.world)  # hang watchdog, timeouts, stragglers
         self._log_steps = 0  # optimizer steps in the log period
-
-    def damaged_samples(self) -> int | None:
-        """Samples this rank's training loader replaced because they were damaged (the
-        loader's ``damaged`` running count; summed over ranks in the log); None while the
-        loader keeps no such count."""
-        return getattr(self.train_loader, "damaged", None)
-
-    def skipped_samples(self) -> dict[str, int]:
-        """Samples of this rank's training loader that never reached a batch, by kind
-        (``skipped_no_image``, ``skipped_no_caption``, ``skipped_truncated_tar``: the
-        streamed loader's running counts; summed over ranks in the log); {} for loaders
-        that keep none."""
-        counts = getattr(self.train_loader, "skipped", None) or {}
-        return {f"skipped_{kind}": int(n) for kind, n in counts.items()}
-
-    def _log_train(self) -> None:
-        damaged, skipped = self.damaged_samples(), self.skipped_samples()
-        if damaged is not None:  # rides in the same all-reduce as the metric sums
-            self._log_sums.add({"damaged_samples": damaged})
-        self._log_sums.add(skipped)
-        totals = self._log_sums.reduce()  # the log period's one all-reduce and host copy
-        damaged = totals.pop("damaged_samples", None)
-        skipped = {name: int(totals.pop(name)) for name in skipped}
-        values = self.window_values(totals) if totals else {}
-        values.update(self.meter.summary())
-        steps = max(self._log_steps, 1)
-        per_rank = (self.meter.data_time + self.meter.compute_time) / steps, self.meter.data_time / steps
-        timings, labels = self.health.straggler_values(*per_rank)  # the log period's all-gather
-        values.update(timings)
-        for group in self.optimizer.param_groups:
-            values[f"lr_{group.get('name', 'group')}"] = group["lr"]
-        values["grad_norm"] = self.engine.get_global_grad_norm()
-        scaler = getattr(self.engine.optimizer, "cur_scale", None)
-        values["loss_scale"] = float(scaler) if scaler is not None else 1.0
-        values["peak_mem_gib"] = peak_memory_gib(self.device)
-        values["epoch"] = self.state["epoch"]
-        values["nonfinite_skipped"] = self.state["nonfinite_skipped"]
-        values["damaged_samples"] = damaged
-        values.update(skipped)
-        self.logger.log(self.state["step"], "train", values, labels)
-        self.last_train = values
-        self._log_sums.clear()
-        self.meter.reset()
-        self._log_steps = 0
 
     def _on_step(self, bar) -> None:
         step, t = self.state["step"], self.cfg.train
@@ -390,62 +310,6 @@ class BaseTrainer:
         bar.update()
         self._on_step(bar)
         self.profiler.after_step(self.state["step"])  # the step's logging and saving are its own
-
-    # -- console ----------------------------------------------------------------------
-    def outputs(self) -> dict[str, Path]:
-        """What the run leaves behind, for the closing summary (those that exist)."""
-        return {"metrics": self.run_dir / "metrics.jsonl"}
-
-    def _start_console(self) -> Progress:
-        """Rank 0: the start banner, the config into TensorBoard; the progress display."""
-        if self.is_main:
-            self.logger.log_config(to_dict(self.cfg))
-            log.info("%s", self._banner())
-        return Progress(self.name, self.total_steps, self.state["step"], enabled=self.is_main)
-
-    def _banner(self) -> str:
-        t, step = self.cfg.train, self.state["step"]
-        per_step = t.micro_batch * t.grad_accum * self.world
-        start = f"resumed from {self.resume_dir} at step {step}" if step else "step 0 (no checkpoint resumed)"
-        return "\n".join(
-            [
-                f"{self.name}: {self.total_steps} steps ({self.steps_per_epoch} per epoch) on {self.world} rank(s), "
-                f"{self.device.type}",
-                f"  batch {per_step} per step = micro {t.micro_batch} x grad_accum {t.grad_accum} "
-                f"x {self.world} rank(s)",
-                f"  precision {self.precision}, ZeRO stage {self.engine.zero_optimization_stage()}",
-                f"  run folder {self.run_dir} (resolved config.yaml and deepspeed_config.json there)",
-                f"  start: {start}; logs every {t.log_every} steps to " + " and ".join(["metrics.jsonl", *t.report_to]),
-            ]
-        )
-
-    def _show_progress(self, bar: Progress) -> None:
-        shown = {k: f"{self.last_train[k]:.3f}" for k in self.postfix_keys if k in self.last_train}
-        shown.update(learning_rates_shown(self.last_train))
-        bar.report(self.state["step"], shown)
-
-    def summary_metrics(self, values: dict) -> list[str]:
-        """The evaluation metrics the closing summary's ``best:`` line reports, given the
-        last evaluation's values: every score (counts such as num_images are none)."""
-        return [k for k in values if not k.startswith("num_")]
-
-    def _print_summary(self, bar: Progress) -> None:
-        if not self.is_main:
-            return
-        lines = [
-            f"{self.name} done: {self.state['step']} steps in {bar.elapsed()}"
-            f" ({self.state['nonfinite_skipped']} non-finite micro-batches skipped)"
-        ]
-        final = {k: self.last_train[k] for k in self.postfix_keys if k in self.last_train}
-        if final:
-            lines.append(f"  final train: {format_values(final)}")
-        if self.logger.evaluations:
-            step, split, values = self.logger.evaluations[-1]
-            lines.append(f"  final {split} (step {step}): {format_values(values)}")
-            best = best_line(self.logger.best(), self.summary_metrics(values))
-            lines += [best] if best else []
-        lines += [f"  {name}: {path}" for name, path in self.outputs().items() if path.exists()]
-        log.info("%s", "\n".join(lines))
 
     # -- the loop ---------------------------------------------------------------------
     def fit(self):
