@@ -15,6 +15,12 @@ JPEG that passes the checks but that DALI cannot decode fails the whole batch an
 leaves the pipeline unusable; the batches in flight are then decoded with PIL to find
 the culprits, which are replaced as the PIL backend would replace them, and a new
 pipeline starts at the first batch not yet yielded.
+
+Shard reads: the feeds read the bytes on a reader thread (``read_ahead.prefetched``,
+``prefetch`` batches ahead), so ``source()``, which DALI calls on the trainer's main
+thread inside ``pipe.run()``, only pops batches whose reads are done. The reader is
+stopped (joined) before ``samples`` looks at the failed batch and adds to
+``known_bad``, which the reader reads; ``ShardIndex`` locks its open-shard LRUs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from PIL import Image
 
 from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpeg
 from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
+from pixelbert_dist.data.decode.read_ahead import prefetched
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
 
@@ -121,8 +128,12 @@ class DaliImages:
                 yield None, [self.index.jpeg(i) for i, _ in batch], [flip for _, flip in batch]
 
         failures: list[str] = []
-        for _, images, hw in self.decode(feed(), deque(), failures):
-            yield images, hw
+        ahead = prefetched(feed(), self.prefetch)
+        try:
+            for _, images, hw in self.decode(ahead, deque(), failures):
+                yield images, hw
+        finally:
+            ahead.close()
         if failures:
             raise RuntimeError(failures[0])
 
@@ -151,15 +162,19 @@ class DaliImages:
                 rows = [resolve(self.index, int(i), known_bad=known_bad)[::2] for i in batches[k]]
                 yield rows, [s.jpeg for s, _ in rows], [flip_of(s.key) for s, _ in rows]
 
-        for rows, images, hw in self.decode(feed(), in_flight, failures):
-            used = [s for s, _ in rows]
-            yield DecodedBatch(
-                images,
-                hw,
-                [without_jpeg(s) for s in used],
-                [flip_of(s.key) for s in used],
-                [e for _, events in rows for e in events],
-            )
+        ahead = prefetched(feed(), self.prefetch)
+        try:
+            for rows, images, hw in self.decode(ahead, in_flight, failures):
+                used = [s for s, _ in rows]
+                yield DecodedBatch(
+                    images,
+                    hw,
+                    [without_jpeg(s) for s in used],
+                    [flip_of(s.key) for s in used],
+                    [e for _, events in rows for e in events],
+                )
+        finally:
+            ahead.close()  # before ``samples`` writes to known_bad, which the reader reads
 
     def decode(self, feed: Iterator[tuple], in_flight: deque, failures: list) -> Iterator[tuple]:
         """``(payload, images, sizes)`` for each ``(payload, jpegs, flips)`` of ``feed``,

@@ -36,6 +36,7 @@ from PIL import Image
 
 from pixelbert_dist.data.decode.dali import DaliImages
 from pixelbert_dist.data.decode.images import normalize_padded
+from pixelbert_dist.data.decode.read_ahead import prefetched
 from pixelbert_dist.data.decode.torch_loader import PilDecode, nvjpeg_images
 
 log = logging.getLogger("pixelbert_dist.data")
@@ -104,7 +105,15 @@ class DaliPixels:
 
     def __call__(self, batches: Iterator) -> Iterator:
         errors: list[Exception] = []
-        feed = _feed(batches, errors)
+        # pulled from the stream on a reader thread; one wrapper for every pipeline,
+        # so the batches it read ahead go to the next one after a failure
+        ahead = prefetched(_feed(batches, errors), self.dali.prefetch)
+        try:
+            yield from self._decoded(ahead, errors)
+        finally:
+            ahead.close()
+
+    def _decoded(self, feed: Iterator, errors: list) -> Iterator:
         while True:
             in_flight: deque = deque()
             failures: list[str] = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,9 @@ class ShardIndex:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._warned: set[int] = set()
         self._pid = os.getpid()
+        # the open-shard LRUs are shared with a read-ahead thread (decode.read_ahead):
+        # an fd evicted by one thread must not be closed under another's pread
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -134,6 +138,10 @@ class ShardIndex:
 
     def _columns(self, shard: int) -> np.ndarray:
         self._check_process()
+        with self._lock:
+            return self._columns_locked(shard)
+
+    def _columns_locked(self, shard: int) -> np.ndarray:
         array = self._maps.get(shard)
         if array is None:
             array = self._load_index(shard)
@@ -207,6 +215,10 @@ class ShardIndex:
 
     def _pread(self, shard: int, offset: int, size: int) -> bytes:
         self._check_process()
+        with self._lock:
+            return os.pread(self._fd(shard), size, offset)
+
+    def _fd(self, shard: int) -> int:
         fd = self._fds.get(shard)
         if fd is None:
             fd = self._fds[shard] = self._open(shard)
@@ -214,7 +226,7 @@ class ShardIndex:
                 os.close(self._fds.popitem(last=False)[1])
         else:
             self._fds.move_to_end(shard)
-        return os.pread(fd, size, offset)
+        return fd
 
     def _open(self, shard: int) -> int:
         """A descriptor of the shard's tar, its size checked against the manifest: a
@@ -282,13 +294,15 @@ class ShardIndex:
 
     def close(self) -> None:
         if self._pid == os.getpid():
-            for fd in self._fds.values():
-                os.close(fd)
+            with self._lock:
+                for fd in self._fds.values():
+                    os.close(fd)
         self._reset()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_maps"], state["_fds"], state["_pid"] = OrderedDict(), OrderedDict(), -1
+        del state["_lock"]  # not picklable; ``_check_process`` makes a new one (pid -1)
         return state
 
 
