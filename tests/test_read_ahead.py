@@ -15,6 +15,7 @@ import torch
 from pixelbert_dist.data.decode.dali import DaliImages, dali_available
 from pixelbert_dist.data.decode.read_ahead import prefetched
 from pixelbert_dist.data.format.shards import ShardWriter
+from pixelbert_dist.data.readers import indexed
 from pixelbert_dist.data.readers.indexed import ShardIndex
 from tests.data_helpers import MAX, SHORTER, make_jpeg, mixed_sizes
 
@@ -134,3 +135,25 @@ def test_dali_samples_after_an_undecodable_batch_stop_the_old_reader(split):
     work = [[(s.index, flip) for s, flip in zip(b.samples, b.flips)] for b in got]
     for batch, (ref_images, ref_hw) in zip(got, _on_this_thread(dali, work)):
         assert torch.equal(batch.sizes, ref_hw) and torch.equal(batch.images, ref_images)
+
+
+def test_two_threads_share_a_shard_index_that_keeps_one_shard_open(split, monkeypatch):
+    """The reader thread and the main thread both read through one index; with one open
+    shard allowed, each read evicts (closes) the other thread's descriptor."""
+    monkeypatch.setattr(indexed, "MAX_OPEN_SHARDS", 1)
+    index, expected = ShardIndex(split), [ShardIndex(split).read(i).jpeg for i in range(N)]
+    errors: list[BaseException] = []
+
+    def read_all(order):
+        try:
+            for _ in range(150):
+                for i in order:
+                    assert index.read(i).jpeg == expected[i]
+        except BaseException as err:  # noqa: BLE001 - checked below
+            errors.append(err)
+
+    other = threading.Thread(target=read_all, args=(list(range(N)),))
+    other.start()
+    read_all(list(reversed(range(N))))
+    other.join()
+    assert not errors, errors[0]
