@@ -23,14 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from benchmarks.common import results_dir
 from pixelbert_dist.data.config import DataConfig
-from pixelbert_dist.data.decode.dali import dali_available
 from pixelbert_dist.data.format.shards import ShardWriter
-from pixelbert_dist.data.loader import build_loader
 
 SIZES = {"paper": (800, 1333), "small": (256, 427)}
 SHAPES = [(480, 640), (640, 480), (480, 640), (320, 640)]  # (h, w): mostly landscape, as COCO
@@ -68,6 +65,10 @@ def make_shards(directory: Path, num: int, seed: int = 0, per_shard: int = 256, 
 
 def backends() -> list[tuple[str, str, str]]:
     """(label, data.backend, device) for what this machine can run."""
+    import torch  # here, not at the top: --help answers without torch
+
+    from pixelbert_dist.data.decode.dali import dali_available
+
     out = []
     if dali_available():
         out.append(("dali-cpu", "dali", "cpu"))
@@ -82,6 +83,10 @@ def backends() -> list[tuple[str, str, str]]:
 def measure(
     shards: Path, backend: str, device: str, size: str, bucketing: bool, batches: int, batch_size: int, workers: int
 ) -> dict:
+    import torch
+
+    from pixelbert_dist.data.loader import build_loader
+
     shorter, longest = SIZES[size]
     cfg = DataConfig(
         backend=backend, image_shorter=shorter, image_max=longest, bucketing=bucketing, num_workers=workers, hflip=True
@@ -115,6 +120,7 @@ def measure(
 
 def machine() -> dict:
     import nvidia.dali
+    import torch
 
     try:
         commit = subprocess.run(

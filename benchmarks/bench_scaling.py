@@ -31,7 +31,6 @@ from pathlib import Path
 
 from benchmarks.comm_model import Cluster, ParamCounts, Setting, efficiency
 from benchmarks.common import results_dir, write_results
-from pixelbert_dist.metrics import PEAK_TFLOPS
 
 NODES = [1, 2, 4, 8, 16, 32, 64]
 COLUMNS = [
@@ -49,6 +48,7 @@ TARGET = 0.9
 
 
 def micro_seconds_projected(preset: str, gpu: str, mfu: float, micro: int, image, precision: str) -> float:
+    from pixelbert_dist.metrics import PEAK_TFLOPS
     from pixelbert_dist.model import preset_config, training_flops_per_sample
 
     if gpu not in PEAK_TFLOPS:

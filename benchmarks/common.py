@@ -24,11 +24,10 @@ import platform
 import re
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-import torch
-
-from pixelbert_dist.metrics import git_commit
+if TYPE_CHECKING:  # torch is imported where it is used: a benchmark's --help stays instant
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,6 +35,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def machine_name() -> str:
     """``h100-80gb-hbm3-x1`` on a GPU box, ``cpu-2core`` elsewhere (folder-safe)."""
+    import torch
+
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0).lower().replace("nvidia", "")
         slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")
@@ -81,6 +82,10 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     """Hardware, software versions and commit: what a number needs to be comparable."""
+    import torch
+
+    from pixelbert_dist.metrics import git_commit
+
     info = {
         "host": platform.node(),
         "cpu": _cpu_model(),
@@ -112,6 +117,8 @@ def machine_info() -> dict:
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 

@@ -7,19 +7,28 @@ large to carry to the GPU machine, so this runs the nvjpeg backend alone there (
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 from pathlib import Path
-
-from benchmarks.bench_data import make_shards, measure
-from benchmarks.common import write_results
 
 COLUMNS = ["label", "device", "size", "shorter", "max", "images", "images_per_s", "padding_fraction"]
 
 
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dest", metavar="RESULTS", help="results folder")
+    parser.add_argument("backend", choices=["nvjpeg", "pil"])
+    parser.add_argument("batches", type=int)
+    parser.add_argument("batch_size", type=int)
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> list[dict]:
-    dest, backend, batches, batch_size = (argv or sys.argv[1:])[:4]
-    batches, batch_size = int(batches), int(batch_size)
+    from benchmarks.bench_data import make_shards, measure  # torch, DALI: after --help
+    from benchmarks.common import write_results
+
+    args = parse(argv)
+    dest, backend, batches, batch_size = args.dest, args.backend, args.batches, args.batch_size
     device = "cuda" if backend == "nvjpeg" else "cpu"
     config = {"batches": batches, "batch_size": batch_size}
     rows = []
