@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import argparse
 import warnings
-
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from typing import TYPE_CHECKING
 
 from benchmarks.common import median, time_fn, write_results
 
-from pixelbert_dist.model.encoder import eager_attention
+if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+    import torch
 
 SHAPES = {"pretrain-100px": (40, 100), "finetune-300px": (40, 300), "finetune-500px": (40, 500)}
-BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "mem_efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
+BACKENDS = {  # name -> torch.nn.attention.SDPBackend member
+    "flash": "FLASH_ATTENTION",
+    "mem_efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
 }
 COLUMNS = ["shape", "seq", "batch", "mask", "backend", "dtype", "ms", "tflops", "speedup", "max_err", "status"]
 
@@ -47,6 +45,8 @@ def make_inputs(
     dtype: torch.dtype,
     seed: int = 0,
 ):
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     seq = text + pixels
     q, k, v = (torch.randn(batch, heads, seq, dim, generator=gen).to(device, dtype) for _ in range(3))
@@ -60,6 +60,12 @@ def make_inputs(
 
 def attention_fn(backend: str, q, k, v, mask):
     """A closure running forward + backward once with ``backend``."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixelbert_dist.model.encoder import eager_attention
+
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     grad = torch.ones_like(q)
 
@@ -67,7 +73,7 @@ def attention_fn(backend: str, q, k, v, mask):
         if backend == "eager":
             out = eager_attention(q, k, v, mask)
         else:
-            with sdpa_kernel([BACKENDS[backend]]):
+            with sdpa_kernel([getattr(SDPBackend, BACKENDS[backend])]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out.backward(grad)
         q.grad = k.grad = v.grad = None
@@ -77,15 +83,23 @@ def attention_fn(backend: str, q, k, v, mask):
 
 
 def reference(q, k, v, mask) -> torch.Tensor:
+    from pixelbert_dist.model.encoder import eager_attention
+
     return eager_attention(q.double(), k.double(), v.double(), mask)
 
 
 def forward_error(backend: str, q, k, v, mask, ref: torch.Tensor) -> float:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pixelbert_dist.model.encoder import eager_attention
+
     with torch.no_grad():
         if backend == "eager":
             out = eager_attention(q, k, v, mask)
         else:
-            with sdpa_kernel([BACKENDS[backend]]):
+            with sdpa_kernel([getattr(SDPBackend, BACKENDS[backend])]):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return float((out.double() - ref).abs().max())
 
@@ -145,6 +159,8 @@ def parse(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse(argv)
+    import torch  # after parsing: --help answers without torch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[

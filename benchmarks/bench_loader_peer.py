@@ -37,8 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 TREE = Path(__file__).resolve().parents[1]
 CONTENDERS = ("peer", "pil", "dali-cpu")
 WARM = 4  # untimed batches after the first: the prefetch queues (2 workers x 2) filled at start-up
@@ -58,6 +56,7 @@ COLUMNS = [
 
 def peer_loader(shards: Path, batch_size: int, workers: int, shorter: int, max_size: int):
     """webdataset + torch DataLoader, the OpenCLIP way (module docstring)."""
+    import torch
     import webdataset as wds
     from torchvision import transforms
 
@@ -106,6 +105,8 @@ def cpu_seconds(processes) -> float:
 def child(args) -> None:
     """One timed run: the first ``1 + WARM`` batches untimed (start-up and what was
     prefetched meanwhile), then ``--batches`` batches; JSON on stdout."""
+    import torch  # here, not at the top: --help answers without torch
+
     sizes = (args.shorter, args.max_size)
     if args.child == "peer":
         loader = peer_loader(Path(args.shards), args.batch_size, args.workers, *sizes)

@@ -1,6 +1,7 @@
 """The commands users type: every `launch/*.py` shim and every `pixelbert-*` console script
 answers --help (exit 0) without importing torch, DeepSpeed, transformers or matplotlib
-(seconds each on a loaded node), so help is instant on a login node."""
+(seconds each on a loaded node), so help is instant on a login node; so does every
+`python -m benchmarks.X` (DALI too)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ NO_TORCH = (
     "heavy = {{'torch', 'deepspeed', 'transformers', 'matplotlib'}} & set(sys.modules)\n"
     "assert not heavy, f'{{heavy}} imported before --help'\n"
 )
+BENCH_NO_TORCH = (
+    "import sys, runpy; sys.argv = [{module!r}, '--help']\n"
+    "try:\n    runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
+    "except SystemExit as stop:\n    assert stop.code in (0, None), stop.code\n"
+    "heavy = {{'torch', 'deepspeed', 'transformers', 'matplotlib', 'nvidia.dali'}} & set(sys.modules)\n"
+    "assert not heavy, f'{{heavy}} imported before --help'\n"
+)
 CONSOLE_NO_TORCH = (
     "import importlib, sys; sys.argv = [{name!r}, '--help']\n"
     "main = getattr(importlib.import_module({module!r}), {func!r})\n"
@@ -44,6 +52,12 @@ CONSOLE_NO_TORCH = (
     "heavy = {{'torch', 'deepspeed', 'transformers', 'matplotlib'}} & set(sys.modules)\n"
     "assert not heavy, f'{{heavy}} imported before --help'\n"
 )
+
+
+def benchmark_entry_points() -> list[str]:
+    """Every benchmarks/*.py with a __main__ block: a new benchmark is covered unasked."""
+    main_block = re.compile(r"^if __name__ == [\"']__main__[\"']:", re.MULTILINE)
+    return sorted(p.stem for p in (REPO / "benchmarks").glob("*.py") if main_block.search(p.read_text()))
 
 
 def console_scripts_in_setup() -> dict[str, tuple[str, str]]:
@@ -82,6 +96,18 @@ def test_setup_declares_every_console_script():
 def test_console_script_help_is_instant(name):
     module, func = console_scripts_in_setup()[name]
     proc = _python(CONSOLE_NO_TORCH.format(name=name, module=module, func=func))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+
+
+def test_benchmark_entry_points_are_found():
+    assert {"bench_step", "bench_attention", "gpu_decode", "summarize"} <= set(benchmark_entry_points())
+
+
+@pytest.mark.parametrize("name", benchmark_entry_points())
+def test_benchmark_help_is_instant(name):
+    """`python -m benchmarks.X --help`: usage, exit 0, no torch/DeepSpeed/DALI imported."""
+    proc = _python(BENCH_NO_TORCH.format(module=f"benchmarks.{name}"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout
 
