@@ -23,20 +23,18 @@ import shutil
 import time
 from pathlib import Path
 
-import deepspeed
-import torch
-
-from pixelbert_dist.checkpoint.checkpointer import Checkpointer, resume_engine
-from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
-from pixelbert_dist.distributed.env import init_distributed
-from pixelbert_dist.model import build_model
-from pixelbert_dist.train.config import OptimConfig
-from pixelbert_dist.train.optim import build_optimizer
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_engine(preset: str, world: int):
+    import deepspeed  # here and in main, not at the top: --help answers without them
+    import torch
+
+    from pixelbert_dist.distributed.ds_config import fill_deepspeed_config
+    from pixelbert_dist.model import build_model
+    from pixelbert_dist.train.config import OptimConfig
+    from pixelbert_dist.train.optim import build_optimizer
+
     torch.manual_seed(0)
     model = build_model(preset)
     ds = fill_deepspeed_config(
@@ -64,6 +62,11 @@ def main() -> None:
         "--out", type=Path, required=True, help="results folder (the saves go to OUT/work, removed after)"
     )
     args = parser.parse_args()
+    import torch
+
+    from pixelbert_dist.checkpoint.checkpointer import Checkpointer, resume_engine
+    from pixelbert_dist.distributed.env import init_distributed
+
     env = init_distributed()
     engine = build_engine(args.preset, env.world_size)
     rows = []

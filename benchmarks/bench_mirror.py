@@ -28,30 +28,38 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks.bench_checkpoint import build_engine
-from pixelbert_dist.checkpoint import engine_io
-from pixelbert_dist.checkpoint.checkpointer import Checkpointer
-from pixelbert_dist.checkpoint.layout import tag_for
-from pixelbert_dist.distributed.env import init_distributed
+
+if TYPE_CHECKING:
+    from pixelbert_dist.checkpoint.checkpointer import Checkpointer
 
 
-class Threaded(Checkpointer):
-    """The code now, noting when each save's local writing and commit ended."""
+def saver_kinds() -> dict[str, type[Checkpointer]]:
+    """The two savers compared, by mode. Built here, not at the top of the module, so
+    --help answers without importing torch and DeepSpeed (Checkpointer imports both)."""
+    from pixelbert_dist.checkpoint import engine_io
+    from pixelbert_dist.checkpoint.checkpointer import Checkpointer
+    from pixelbert_dist.checkpoint.layout import tag_for
 
-    def _write(self, staged, record: dict, group) -> None:
-        engine_io.write_and_commit(staged, record, self.keep_last, group)
-        self.local_done = {**getattr(self, "local_done", {}), record["step"]: time.perf_counter()}
-        self.mirror.push_later(self.folder / tag_for(record["step"]))
+    class InlineMirror(Checkpointer):
+        """The code before: the mirror's upload inside the save's background job."""
 
+        def _write(self, staged, record: dict, group) -> None:
+            engine_io.write_and_commit(staged, record, self.keep_last, group)
+            self.local_done = {**getattr(self, "local_done", {}), record["step"]: time.perf_counter()}
+            self.mirror.push(self.folder / tag_for(record["step"]))
 
-class InlineMirror(Checkpointer):
-    """The code before: the mirror's upload inside the save's background job."""
+    class Threaded(Checkpointer):
+        """The code now, noting when each save's local writing and commit ended."""
 
-    def _write(self, staged, record: dict, group) -> None:
-        engine_io.write_and_commit(staged, record, self.keep_last, group)
-        self.local_done = {**getattr(self, "local_done", {}), record["step"]: time.perf_counter()}
-        self.mirror.push(self.folder / tag_for(record["step"]))
+        def _write(self, staged, record: dict, group) -> None:
+            engine_io.write_and_commit(staged, record, self.keep_last, group)
+            self.local_done = {**getattr(self, "local_done", {}), record["step"]: time.perf_counter()}
+            self.mirror.push_later(self.folder / tag_for(record["step"]))
+
+    return {"inline": InlineMirror, "thread": Threaded}
 
 
 def start_moto() -> subprocess.Popen:
@@ -96,6 +104,8 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=1.0, help="seconds between the two saves of a pair")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    from pixelbert_dist.distributed.env import init_distributed
+
     server = start_moto()
     try:
         import s3fs
@@ -103,9 +113,9 @@ def main() -> None:
         s3fs.S3FileSystem().makedirs("bench", exist_ok=True)
         init_distributed()
         engine = build_engine(args.preset, 1)
-        rows = []
+        rows, kinds = [], saver_kinds()
         for pair in range(args.pairs):
-            for mode, kind in (("inline", InlineMirror), ("thread", Threaded)):
+            for mode, kind in kinds.items():
                 work = args.out / "work" / mode
                 saver = kind(work, keep_last=1, async_save=True, mirror=f"s3://bench/{mode}")
                 saver.attach(engine)

@@ -28,19 +28,16 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.bench_checkpoint import build_engine
-from pixelbert_dist.checkpoint.checkpointer import resume_engine, save_checkpoint
-from pixelbert_dist.checkpoint.choose import find_checkpoint
-from pixelbert_dist.checkpoint.files import read_meta
-from pixelbert_dist.checkpoint.shared_load import bytes_per_rank, owner, plan_reads
-from pixelbert_dist.checkpoint.universal import to_universal
-from pixelbert_dist.distributed.env import init_distributed
+
+# The checkpoint modules import torch and DeepSpeed: imported in the functions that use
+# them, so --help answers without either.
 
 
 def before_change(sizes: dict[str, int], world: int) -> list[int]:
     """Bytes per rank of the previous resume: round-robin verification, then the load."""
+    from pixelbert_dist.checkpoint.shared_load import owner
+
     names = sorted(sizes)
     out = []
     for rank in range(world):
@@ -57,6 +54,15 @@ def ratios(reads: list[int], total: int) -> dict:
 
 
 def measure(args) -> None:
+    import torch
+
+    from pixelbert_dist.checkpoint.checkpointer import resume_engine, save_checkpoint
+    from pixelbert_dist.checkpoint.choose import find_checkpoint
+    from pixelbert_dist.checkpoint.files import read_meta
+    from pixelbert_dist.checkpoint.shared_load import bytes_per_rank, plan_reads
+    from pixelbert_dist.checkpoint.universal import to_universal
+    from pixelbert_dist.distributed.env import init_distributed
+
     env = init_distributed()
     engine = build_engine(args.preset, env.world_size)
     folder = args.out / "work" / "checkpoints"  # one path on every rank
@@ -95,6 +101,8 @@ def measure(args) -> None:
 
 def scaled_sizes(sizes: dict[str, int], world: int, saved_world: int) -> dict[str, int]:
     """The file table of the same model saved by ``world`` ranks (see the module doc)."""
+    from pixelbert_dist.checkpoint.shared_load import owner
+
     optim = sum(size for name, size in sizes.items() if "optim_states" in name)
     state = max(size for name, size in sizes.items() if name.startswith("rank_"))
     out = {name: size for name, size in sizes.items() if owner(name, saved_world) is None}
@@ -105,6 +113,8 @@ def scaled_sizes(sizes: dict[str, int], world: int, saved_world: int) -> dict[st
 
 
 def simulate(path: Path, worlds: list[int]) -> None:
+    from pixelbert_dist.checkpoint.shared_load import bytes_per_rank, plan_reads
+
     measured = json.loads(path.read_text())
     rows = []
     for world in worlds:
