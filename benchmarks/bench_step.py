@@ -24,12 +24,12 @@ import itertools
 import math
 import time
 from statistics import median
-
-import torch
+from typing import TYPE_CHECKING
 
 from benchmarks.common import ROOT, spread, sync, write_results
-from benchmarks.host_syncs import HostSyncs
-from pixelbert_dist.metrics import peak_tflops
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+    import torch
 
 COLUMNS = [
     "preset",
@@ -49,7 +49,13 @@ COLUMNS = [
     "status",
 ]
 IMAGE = {"tiny": (192, 256), "pixelbert-r50": (800, 1333), "pixelbert-x152": (600, 1000)}
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 def padded(hw: tuple[int, int]) -> tuple[int, int]:
@@ -59,6 +65,8 @@ def padded(hw: tuple[int, int]) -> tuple[int, int]:
 def synthetic_batch(batch: int, hw: tuple[int, int], text_len: int, vocab: int, seed: int) -> dict:
     """A batch of the data contract: full-size images, captions of mixed length, 15% MLM
     on the matching pairs, half the pairs ITM negatives."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, vocab, (batch, text_len), generator=gen)
     lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=gen)
@@ -79,6 +87,8 @@ def synthetic_batch(batch: int, hw: tuple[int, int], text_len: int, vocab: int, 
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    import torch
+
     out = {}
     for key, value in batch.items():
         if torch.is_tensor(value):
@@ -115,6 +125,7 @@ def batches(args, micro: int, hw, vocab: int, rank: int, world: int, device):
 
 def build_engine(preset: str, stage: int, precision: str, micro: int, sampling: bool, world: int):
     import deepspeed
+    import torch
 
     from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
     from pixelbert_dist.model import build_model
@@ -159,7 +170,7 @@ class Run:
         self.flops = training_flops_per_sample(cfg, padded(hw), args.text_len, cfg.pixel_sample_size if sampling else 0)
         self.device, self.step_times, self.data_times, self.loss = device, [], [], float("nan")
         self.engine, used = build_engine(preset, stage, precision, micro, sampling, world)
-        self.row["precision"], self.dtype = used, _DTYPES[used]  # a CPU without bf16/fp16 falls back
+        self.row["precision"], self.dtype = used, dtype_of(used)  # a CPU without bf16/fp16 falls back
         self.source = batches(args, micro, hw, cfg.vocab_size, rank, world, device)
 
     def steps(self, count: int, timed: bool) -> None:
@@ -184,9 +195,13 @@ class Run:
         self.engine = None
         gc.collect()
         if self.device.type == "cuda":
+            import torch
+
             torch.cuda.empty_cache()
 
     def result(self, peak_gib: float | None) -> dict:
+        from pixelbert_dist.metrics import peak_tflops
+
         row, micro = self.row, self.row["micro_batch"]
         stats = spread(self.step_times)
         step_s = stats["median"]
@@ -241,6 +256,8 @@ def run_configs(args, configs: list[tuple], world: int, rank: int, device, on_ro
 
 
 def run_one(args, config: tuple, world: int, rank: int, device) -> dict:
+    import torch
+
     from pixelbert_dist.metrics import peak_memory_gib
 
     if device.type == "cuda":
@@ -370,6 +387,7 @@ def overhead(args) -> list[dict]:
     bare loop's are the engine's own."""
     import tempfile
 
+    from benchmarks.host_syncs import HostSyncs
     from pixelbert_dist.config import load_config
     from pixelbert_dist.console import Progress
     from pixelbert_dist.data.builders.synthetic import build_synthetic
@@ -515,12 +533,13 @@ def _overhead_config(args, cfg) -> dict:
 
 
 def parse(argv):
-    gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a handful of steps per config")
-    parser.add_argument("--presets", nargs="+", default=["pixelbert-r50" if gpu else "tiny"])
+    parser.add_argument("--presets", nargs="+", default=None, help="default: pixelbert-r50 on a GPU, else tiny")
     parser.add_argument("--zero", nargs="+", type=int, default=None, choices=[0, 1, 2, 3])
-    parser.add_argument("--precision", nargs="+", default=["bf16" if gpu else "fp32"], choices=list(_DTYPES))
+    parser.add_argument(
+        "--precision", nargs="+", default=None, choices=PRECISIONS, help="default: bf16 on a GPU, else fp32"
+    )
     parser.add_argument("--micro-batch", nargs="+", type=int, default=None)
     parser.add_argument("--sampling", nargs="+", default=["on", "off"], choices=["on", "off"])
     parser.add_argument(
@@ -541,7 +560,7 @@ def parse(argv):
         help="interleave the configs over this many rounds (default: 1; --quick: the step count)",
     )
     parser.add_argument("--shards", default=None, help="read real shards instead of synthetic batches")
-    parser.add_argument("--backend", default="dali" if not gpu else "nvjpeg")
+    parser.add_argument("--backend", default=None, help="--shards' decoder (default: nvjpeg on a GPU, else dali)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=None, help="results folder")
     parser.add_argument(
@@ -551,6 +570,12 @@ def parse(argv):
     )
     parser.add_argument("--repeats", type=int, default=7, help="--overhead: timed repeats of each loop")
     args = parser.parse_args(argv)
+    import torch  # after parsing: --help answers without torch
+
+    gpu = torch.cuda.is_available()
+    args.presets = args.presets or ["pixelbert-r50" if gpu else "tiny"]
+    args.precision = args.precision or ["bf16" if gpu else "fp32"]
+    args.backend = args.backend or ("dali" if not gpu else "nvjpeg")
     args.zero = args.zero or [1, 2, 3]
     args.micro_batch = args.micro_batch or ([2] if not gpu else [8] if args.quick else [8, 16])
     args.steps = args.steps or (5 if args.quick else 20)
@@ -560,11 +585,12 @@ def parse(argv):
 
 
 def main(argv=None) -> list[dict]:
+    args = parse(argv)
     import torch.distributed as dist
 
     from pixelbert_dist.distributed.env import device_for, init_distributed
+    from pixelbert_dist.metrics import peak_tflops
 
-    args = parse(argv)
     if args.overhead:
         return overhead(args)
     env = init_distributed()
