@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from benchmarks.bench_step import IMAGE, build_engine, synthetic_batch, to_device
+from benchmarks.bench_step import IMAGE, PRECISIONS, build_engine, dtype_of, synthetic_batch, to_device
 from benchmarks.common import interleaved, spread, time_fn, write_results
+
+if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
+    import torch
 
 COLUMNS = [
     "preset",
@@ -37,7 +39,6 @@ COLUMNS = [
     "compile_s",
     "verdict",
 ]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def step_fn(engine, source, device, dtype):
@@ -60,12 +61,12 @@ def compare(args, preset: str, device: torch.device, report=lambda row: None) ->
     source = itertools.cycle([synthetic_batch(args.micro_batch, hw, args.text_len, vocab, s) for s in (0, 1)])
     eager, used = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
     row = {"preset": preset, "precision": used, "micro_batch": args.micro_batch, "image": f"{hw[0]}x{hw[1]}"}
-    fns = {"eager": step_fn(eager, source, device, _DTYPES[used])}
+    fns = {"eager": step_fn(eager, source, device, dtype_of(used))}
     first = spread(time_fn(fns["eager"], device, warmup=1, iters=2))
     report({**row, "eager_ms": first["median"] * 1e3, "verdict": "compiling (eager: 2 steps alone)"})
     compiled, _ = build_engine(preset, args.zero, args.precision, args.micro_batch, True, 1)
     compiled.compile()
-    fns["compiled"] = step_fn(compiled, source, device, _DTYPES[used])
+    fns["compiled"] = step_fn(compiled, source, device, dtype_of(used))
     start = time.perf_counter()
     fns["compiled"]()  # tracing and code generation happen here
     compile_s = time.perf_counter() - start
@@ -93,24 +94,29 @@ def compare(args, preset: str, device: torch.device, report=lambda row: None) ->
 
 
 def parse(argv):
-    gpu = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=["tiny"])
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
-    parser.add_argument("--precision", default="bf16" if gpu else "fp32", choices=list(_DTYPES))
-    parser.add_argument("--micro-batch", type=int, default=8 if gpu else 2)
+    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="default: bf16 on a GPU, else fp32")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: 8 on a GPU, else 2")
     parser.add_argument("--image", nargs=2, type=int, default=None, metavar=("SHORTER", "LONGER"))
     parser.add_argument("--text-len", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=7, help="timed steps of each variant, interleaved")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after the compile step")
     parser.add_argument("--out", default=None, help="results folder")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    import torch  # after parsing: --help answers without torch
+
+    gpu = torch.cuda.is_available()
+    args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.micro_batch = args.micro_batch or (8 if gpu else 2)
+    return args
 
 
 def main(argv=None) -> list[dict]:
+    args = parse(argv)
     from pixelbert_dist.distributed.env import device_for, init_distributed
 
-    args = parse(argv)
     device = device_for(init_distributed())
     config = {k: v for k, v in vars(args).items() if k != "out"}
     config.update(
