@@ -38,11 +38,12 @@ import resource
 import subprocess
 import sys
 import time
-
-import torch
+from typing import TYPE_CHECKING
 
 from benchmarks.common import ROOT, spread, verdict, write_results
-from benchmarks.tensor_memory import AllocationTrace, live_bytes
+
+if TYPE_CHECKING:  # torch is imported where it is used (the children): --help answers without it
+    import torch
 
 COLUMNS = [
     "preset",
@@ -98,6 +99,8 @@ def rss_gib() -> float:
 
 
 def make_batch(args, device, image) -> dict:
+    import torch
+
     from benchmarks.bench_step import synthetic_batch
 
     from pixelbert_dist.model import preset_config
@@ -129,6 +132,10 @@ def measured_step(model, optimizer, batch, device) -> dict:
     for the backward at the end of the forward, live after the backward (+ gradients),
     and the peak: on a GPU torch.cuda's allocator counters, on a CPU the allocator's
     trace (tensor_memory.AllocationTrace)."""
+    import torch
+
+    from benchmarks.tensor_memory import AllocationTrace, live_bytes
+
     tensors = [*model.parameters(), *model.buffers(), *batch.values()]
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     gib = 2**-30
@@ -176,6 +183,8 @@ def child(args) -> dict:
     """One mode in this process: build, create the optimizer state with a step at a small
     image (the state's size does not depend on the image), warm up, time ``--steps``, and
     measure memory (on a CPU in one more step, under the profiler)."""
+    import torch
+
     from pixelbert_dist.model import build_model
     from pixelbert_dist.train.optim import build_optimizer
     from pixelbert_dist.train.config import OptimConfig
