@@ -28,8 +28,6 @@ import json
 import os
 import sys
 
-import torch
-
 from benchmarks.bench_step import synthetic_batch, to_device
 from benchmarks.comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings
 from benchmarks.common import ROOT, results_dir, write_results
@@ -52,6 +50,7 @@ COLUMNS = [
 
 def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: int, ds_extra: dict):
     import deepspeed
+    import torch
 
     from pixelbert_dist.distributed.ds_config import fill_deepspeed_config, precision_of
     from pixelbert_dist.model import build_model
@@ -75,6 +74,8 @@ def build_engine(preset: str, stage: int, grad_accum: int, micro: int, world: in
 
 
 def optimizer_steps(engine, source, count: int, grad_accum: int, dtype) -> None:
+    import torch
+
     for _ in range(count * grad_accum):
         out = engine(to_device(next(source), torch.device("cpu"), dtype))
         engine.backward(out["loss"])
@@ -95,6 +96,7 @@ def logged_bytes_per_step(steps: int) -> dict[str, dict]:
 
 def measure(args, preset: str, stage: int, grad_accum: int, world: int, rank: int) -> list[dict]:
     import deepspeed.comm as ds_comm
+    import torch
     from deepspeed.comm.comm import comms_logger
 
     from pixelbert_dist.model import preset_config

@@ -30,8 +30,6 @@ import submitit
 
 from benchmarks.common import ROOT
 from pixelbert_dist.jobs.options import SubmitConfig, validate_options
-from pixelbert_dist.jobs.submission import slurm_error, slurm_parameters
-from pixelbert_dist.jobs.task import RANK_VARS
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -73,6 +71,9 @@ def submit_config(args: argparse.Namespace, job_name: str) -> SubmitConfig:
 
 
 def _executor(opts: SubmitConfig) -> submitit.SlurmExecutor:
+    # jobs.submission and jobs.task import torch: here, not at the top, so --help answers without it
+    from pixelbert_dist.jobs.submission import slurm_parameters
+
     minutes = validate_options(opts)
     params = slurm_parameters(opts, minutes, ROOT)
     # the job layer's setup puts the repo root on PYTHONPATH: EntryCall's modules import there
@@ -85,6 +86,9 @@ def _executor(opts: SubmitConfig) -> submitit.SlurmExecutor:
 
 def submit_each(calls: list[EntryCall], opts: SubmitConfig) -> list[submitit.Job]:
     """One job per call; Slurm's refusal comes back as one SubmitError line."""
+    from pixelbert_dist.jobs.submission import slurm_error
+    from pixelbert_dist.jobs.task import RANK_VARS
+
     executor = _executor(opts)
     # sbatch hands the job this environment: a rank of ours must not leak into it
     saved = {k: os.environ.pop(k) for k in RANK_VARS if k in os.environ}
