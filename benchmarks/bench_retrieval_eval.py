@@ -26,60 +26,66 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from benchmarks.common import write_results
-from pixelbert_dist.metrics import PEAK_TFLOPS
-from pixelbert_dist.model import build_model, preset_config
-from pixelbert_dist.model.flops import pair_forward_flops, retrieval_eval_flops
+
+# torch and the model are imported in the functions that use them: --help answers without them
 
 SETS = {"flickr30k_1k": (1000, 5000), "coco_5k": (5000, 25010)}
 # the paper's image sizes per backbone (shorter side / longest side)
 PAPER_SIZE = {"pixelbert-r50": (800, 1333), "pixelbert-x152": (600, 1000)}
 
 
-@torch.no_grad()
 def measure(preset: str, image: int, images: int, texts: int, text_len: int, text_batch: int, repeats: int) -> dict:
     """Median pairs/s of scoring ``images`` x ``texts`` pairs as RetrievalTask does."""
-    torch.manual_seed(0)
-    model = build_model(preset).eval()
-    pics = torch.randn(images, 3, image, image)
-    sizes = torch.tensor([[image, image]] * images)
-    ids = torch.randint(5, model.config.vocab_size, (texts, text_len))
-    text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    seconds = []
-    for _ in range(repeats + 1):  # the first pass warms up
-        if world > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        pixels, mask = model.encode_pixels(pics[rank::world], sizes[rank::world])
-        for i in range(pixels.shape[0]):
-            for lo in range(0, texts, text_batch):
-                chunk = {k: v[lo : lo + text_batch] for k, v in text.items()}
-                n = chunk["input_ids"].shape[0]
-                model.itm_score(chunk, pixels[i : i + 1].expand(n, -1, -1), mask[i : i + 1].expand(n, -1))
-        if world > 1:
-            dist.barrier()  # the slowest rank's time
-        seconds.append(time.perf_counter() - start)
-    median = statistics.median(seconds[1:])
-    pairs_per_s = images * texts / median
-    flops = pair_forward_flops(model.config, (image, image), text_len)
-    return {
-        "preset": preset,
-        "ranks": world,
-        "image": f"{image}x{image}",
-        "pairs": images * texts,
-        "pairs_per_s": round(pairs_per_s, 1),
-        "spread_pct": round(100 * (max(seconds[1:]) - min(seconds[1:])) / median, 1),
-        "gflop_per_pair": round(flops / 1e9, 4),
-        "achieved_gflop_s": round(pairs_per_s * flops / 1e9, 1),
-    }
+    import torch
+    import torch.distributed as dist
+
+    from pixelbert_dist.model import build_model
+    from pixelbert_dist.model.flops import pair_forward_flops
+
+    with torch.no_grad():
+        torch.manual_seed(0)
+        model = build_model(preset).eval()
+        pics = torch.randn(images, 3, image, image)
+        sizes = torch.tensor([[image, image]] * images)
+        ids = torch.randint(5, model.config.vocab_size, (texts, text_len))
+        text = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        seconds = []
+        for _ in range(repeats + 1):  # the first pass warms up
+            if world > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            pixels, mask = model.encode_pixels(pics[rank::world], sizes[rank::world])
+            for i in range(pixels.shape[0]):
+                for lo in range(0, texts, text_batch):
+                    chunk = {k: v[lo : lo + text_batch] for k, v in text.items()}
+                    n = chunk["input_ids"].shape[0]
+                    model.itm_score(chunk, pixels[i : i + 1].expand(n, -1, -1), mask[i : i + 1].expand(n, -1))
+            if world > 1:
+                dist.barrier()  # the slowest rank's time
+            seconds.append(time.perf_counter() - start)
+        median = statistics.median(seconds[1:])
+        pairs_per_s = images * texts / median
+        flops = pair_forward_flops(model.config, (image, image), text_len)
+        return {
+            "preset": preset,
+            "ranks": world,
+            "image": f"{image}x{image}",
+            "pairs": images * texts,
+            "pairs_per_s": round(pairs_per_s, 1),
+            "spread_pct": round(100 * (max(seconds[1:]) - min(seconds[1:])) / median, 1),
+            "gflop_per_pair": round(flops / 1e9, 4),
+            "achieved_gflop_s": round(pairs_per_s * flops / 1e9, 1),
+        }
 
 
 def projections(text_len: int, mfu: float, gpu: str = "H100", precision: str = "bf16") -> list[dict]:
     """Hours per test set for the paper's backbones on 8 and 64 GPUs at ``mfu``."""
+    from pixelbert_dist.metrics import PEAK_TFLOPS
+    from pixelbert_dist.model import preset_config
+    from pixelbert_dist.model.flops import retrieval_eval_flops
+
     peak = PEAK_TFLOPS[gpu][precision] * 1e12
     rows = []
     for preset, hw in PAPER_SIZE.items():
@@ -129,6 +135,8 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = parser.parse_args(argv)
     if args.row_json:  # one launch of --ranks
+        import torch.distributed as dist
+
         from pixelbert_dist.distributed.env import init_distributed
 
         init_distributed()
@@ -158,6 +166,8 @@ def main(argv=None) -> int:
     ]
     write_results("retrieval_eval_measured", [measured], config, args.out, columns)
     rows = projections(args.text_len, args.mfu)
+    from pixelbert_dist.metrics import PEAK_TFLOPS
+
     config = {**config, "gpu": "H100 SXM", "precision": "bf16", "peak_tflops": PEAK_TFLOPS["H100"]["bf16"]}
     columns = ["preset", "set", "pairs", "eflop", "minutes_8gpu", "minutes_64gpu"]
     write_results("retrieval_eval_projection", rows, config, args.out, columns)
