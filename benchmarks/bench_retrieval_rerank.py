@@ -23,19 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.common import write_results
-from pixelbert_dist.config import load_config
-from pixelbert_dist.finetune.config import FinetuneConfig
-from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
-from pixelbert_dist.finetune.heads import TEXT_KEYS
-from pixelbert_dist.finetune.rerank import candidates_only, i2t_candidates, t2i_candidates, thinned_pixels
-from pixelbert_dist.finetune.score_store import load_score_matrix, sharded_recall
-from pixelbert_dist.finetune.tasks import make_task
-from pixelbert_dist.finetune.trainer import load_export
-from pixelbert_dist.model import build_model, preset_config
-from pixelbert_dist.model.flops import pair_forward_flops
+
+# torch, the model and the finetune modules are imported in the functions that use them:
+# --help answers without them
 
 RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 
@@ -44,9 +35,12 @@ def synthetic_inputs(root: Path, pretrained: str | None) -> tuple[list[str], Pat
     """Shards, the Karpathy file and an export: the demo's shapes set (``data/synthetic``
     when present, else made under ``root``) and, without --pretrained, a seeded untrained
     tiny model."""
+    import torch
+
     from pixelbert_dist.data.builders import build_synthetic
     from pixelbert_dist.data.text import load_tokenizer
     from pixelbert_dist.finetune.synthetic_tasks import SyntheticTasksConfig, generate_tasks
+    from pixelbert_dist.model import build_model
 
     shards = Path("data/synthetic")
     if not (shards / "val" / "manifest.json").is_file():
@@ -62,6 +56,12 @@ def synthetic_inputs(root: Path, pretrained: str | None) -> tuple[list[str], Pat
 def make_evaluation(args, shards, karpathy, pretrained, run_dir: Path, k: int):
     """(task, engine, loader) of the test split, ``retrieval.rerank_k=k``."""
     import deepspeed
+
+    from pixelbert_dist.config import load_config
+    from pixelbert_dist.finetune.config import FinetuneConfig
+    from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
+    from pixelbert_dist.finetune.tasks import make_task
+    from pixelbert_dist.finetune.trainer import load_export
 
     cfg = load_config(
         FinetuneConfig,
@@ -101,6 +101,11 @@ def make_evaluation(args, shards, karpathy, pretrained, run_dir: Path, k: int):
 def pair_rates(task, engine, loader, pixels: int, repeats: int) -> dict[str, float]:
     """Pairs/s of the full model and of the first stage, alternated on one batch of images
     against every caption (medians of ``repeats``)."""
+    import torch
+
+    from pixelbert_dist.finetune.heads import TEXT_KEYS
+    from pixelbert_dist.finetune.rerank import thinned_pixels
+
     model, texts = engine.module, task.eval_texts[task.cfg.retrieval.eval_split]
     batch = next(iter(loader))
     seconds = {"full": [], "first": []}
@@ -125,6 +130,11 @@ def pair_rates(task, engine, loader, pixels: int, repeats: int) -> dict[str, flo
 
 def rerank_row(k: int, cheap, full, owner, rates: dict) -> dict:
     """Two-stage at ``k`` from the first stage's and the full model's score matrices."""
+    import torch
+
+    from pixelbert_dist.finetune.rerank import candidates_only, i2t_candidates, t2i_candidates
+    from pixelbert_dist.finetune.score_store import sharded_recall
+
     num_images, num_texts = full.shape
     images = torch.arange(num_images)
     by_text, by_image = i2t_candidates(cheap, k), t2i_candidates(cheap, images, k, num_images)
@@ -152,6 +162,9 @@ def rerank_row(k: int, cheap, full, owner, rates: dict) -> dict:
 def paper_projection(pixels: int, ks: list[int], text_len: int = 40) -> list[dict]:
     """FLOPs of two-stage over full scoring for R50 at 800x1333 on COCO 5K (5,000 x 25,010),
     counting (images + captions) x k full-model pairs (an upper bound: shared pairs run once)."""
+    from pixelbert_dist.model import preset_config
+    from pixelbert_dist.model.flops import pair_forward_flops
+
     cfg, hw, (images, texts) = preset_config("pixelbert-r50"), (800, 1333), (5000, 25010)
     full, first = pair_forward_flops(cfg, hw, text_len), pair_forward_flops(cfg, hw, text_len, pixels)
     rows = []
@@ -163,8 +176,6 @@ def paper_projection(pixels: int, ks: list[int], text_len: int = 40) -> list[dic
 
 
 def main(argv=None) -> int:
-    from pixelbert_dist.distributed.env import init_distributed
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", help="an export (default: an untrained tiny model, seeded)")
     parser.add_argument("--images", type=int, default=32, help="test images scored (their captions with them)")
@@ -174,6 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="results folder (default: a new one under benchmarks/results)")
     args = parser.parse_args(argv)
+    from pixelbert_dist.distributed.env import init_distributed
+    from pixelbert_dist.finetune.score_store import load_score_matrix
+
     init_distributed()
     work = Path(tempfile.mkdtemp(prefix="bench_rerank_"))
     shards, karpathy, pretrained = synthetic_inputs(work, args.pretrained)
