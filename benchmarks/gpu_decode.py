@@ -24,10 +24,10 @@ def parse(argv):
 
 
 def main(argv=None) -> list[dict]:
-    from benchmarks.bench_data import make_shards, measure  # torch, DALI: after --help
+    args = parse(argv)
+    from benchmarks.bench_data import make_shards, measure  # numpy, PIL, the loaders: after --help
     from benchmarks.common import write_results
 
-    args = parse(argv)
     dest, backend, batches, batch_size = args.dest, args.backend, args.batches, args.batch_size
     device = "cuda" if backend == "nvjpeg" else "cpu"
     config = {"batches": batches, "batch_size": batch_size}
