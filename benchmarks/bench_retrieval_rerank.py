@@ -55,11 +55,10 @@ def synthetic_inputs(root: Path, pretrained: str | None) -> tuple[list[str], Pat
 
 def make_evaluation(args, shards, karpathy, pretrained, run_dir: Path, k: int):
     """(task, engine, loader) of the test split, ``retrieval.rerank_k=k``."""
-    import deepspeed
-
     from pixelbert_dist.config import load_config
     from pixelbert_dist.finetune.config import FinetuneConfig
-    from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config
+    from pixelbert_dist.finetune.data import KeyedImages, loader_data_config
+    from pixelbert_dist.finetune.evaluate import scoring_engine, split_loader
     from pixelbert_dist.finetune.tasks import make_task
     from pixelbert_dist.finetune.trainer import load_export
 
@@ -86,15 +85,8 @@ def make_evaluation(args, shards, karpathy, pretrained, run_dir: Path, k: int):
     cfg.validate()
     backbone, tokenizer = load_export(cfg)
     task = make_task(cfg, tokenizer, KeyedImages(shards), run_dir)
-    engine, *_ = deepspeed.initialize(
-        model=task.build_model(backbone),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
-    )
-    split = cfg.retrieval.eval_split
-    loader = TaskLoader(
-        task.eval_splits[split], task.images, task.image_keys, task.collate, loader_data_config(cfg.data), 8,
-        train=False,
-    )  # fmt: skip
+    engine = scoring_engine(task.build_model(backbone))
+    loader = split_loader(task, task.images, cfg.retrieval.eval_split, loader_data_config(cfg.data), 8)
     return task, engine, loader
 
 

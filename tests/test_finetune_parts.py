@@ -10,6 +10,7 @@ import torch
 from pixelbert_dist.config import load_config
 from pixelbert_dist.finetune.config import FinetuneConfig
 from pixelbert_dist.finetune.data import KeyedImages, TaskLoader, loader_data_config, tokenize
+from pixelbert_dist.finetune.evaluate import scoring_engine, split_loader
 from pixelbert_dist.finetune.heads import TEXT_KEYS, RetrievalModel
 from pixelbert_dist.finetune.score_store import load_score_matrix
 from pixelbert_dist.finetune.task import EvaluationStopped
@@ -151,37 +152,17 @@ def test_retrieval_hard_negatives_and_scores(ft, tmp_path):
 
 
 def test_retrieval_scores_equal_per_pair_scoring(dist_env, ft, tmp_path):
-    import deepspeed
-
     cfg, task, backbone = _task(ft, "retrieval", tmp_path, "retrieval.text_batch=7", "retrieval.max_eval_images=5")
     model = task.build_model(backbone)
-    engine, *_ = deepspeed.initialize(
-        model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    )
+    engine = scoring_engine(model)
     split = cfg.retrieval.eval_split
-    loader = TaskLoader(
-        task.eval_splits[split],
-        task.images,
-        task.image_keys,
-        task.collate,
-        loader_data_config(cfg.data),
-        2,
-        train=False,
-    )
+    loader = split_loader(task, task.images, split, loader_data_config(cfg.data), 2)
     metrics = task.evaluate(engine, split, loader, lambda b: b)
     scores = load_score_matrix(task.score_folder(split), 5, task.eval_owner[split].numel())
     assert metrics == {**recall_at_k(scores, task.eval_owner[split]), "num_images": 5, "num_texts": scores.shape[1]}
     assert metrics["num_images"] == 5
     model.eval()
-    one = TaskLoader(
-        task.eval_splits[split],
-        task.images,
-        task.image_keys,
-        task.collate,
-        loader_data_config(cfg.data),
-        1,
-        train=False,
-    )
+    one = split_loader(task, task.images, split, loader_data_config(cfg.data), 1)
     with torch.no_grad():
         for i, batch in enumerate(one):
             for t in range(0, scores.shape[1], 9):  # a few pairs, each scored alone
@@ -211,21 +192,8 @@ def _with_missing_images(ft, tmp_path, task):
 
 
 def _predict(cfg, task, backbone, split, stop=None):
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(
-        model=task.build_model(backbone),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
-    )
-    loader = TaskLoader(
-        task.eval_splits[split],
-        task.images,
-        task.image_keys,
-        task.collate,
-        loader_data_config(cfg.data),
-        8,
-        train=False,
-    )
+    engine = scoring_engine(task.build_model(backbone))
+    loader = split_loader(task, task.images, split, loader_data_config(cfg.data), 8)
     task.evaluate(engine, split, loader, lambda b: b, stop=stop)
     return engine.module.eval()
 
@@ -280,17 +248,9 @@ def test_nlvr2_text_only_predicts_every_line_of_the_file(dist_env, ft, tmp_path)
 
 
 def _evaluate_retrieval(cfg, task, backbone, stop=None) -> dict:
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(
-        model=task.build_model(backbone),
-        config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}},
-    )
+    engine = scoring_engine(task.build_model(backbone))
     split = cfg.retrieval.eval_split
-    loader = TaskLoader(
-        task.eval_splits[split], task.images, task.image_keys, task.collate, loader_data_config(cfg.data), 4,
-        train=False,
-    )  # fmt: skip
+    loader = split_loader(task, task.images, split, loader_data_config(cfg.data), 4)
     return task.evaluate(engine, split, loader, lambda b: b, model_tag="test", stop=stop)
 
 

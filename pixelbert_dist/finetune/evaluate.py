@@ -90,7 +90,6 @@ def _load_weights(model, run: Path, tag: str) -> str:
 
 def evaluate(args) -> dict | int:
     """The metrics of each split, or 128 + the signal's number when one stopped it."""
-    import deepspeed
     import torch
 
     from pixelbert_dist.distributed.env import device_for, init_distributed
@@ -108,9 +107,7 @@ def evaluate(args) -> dict | int:
     task = make_task(cfg, tokenizer, images, out)
     model = task.build_model(backbone)
     tag = _load_weights(model, Path(args.run), args.tag) if args.run else f"{Path(cfg.pretrained).resolve()}"
-    engine, *_ = deepspeed.initialize(
-        model=model, config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
-    )
+    engine = scoring_engine(model)
 
     def to_device(batch: dict) -> dict:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -129,21 +126,36 @@ def evaluate(args) -> dict | int:
             return 128 + (stopper.received or signal.SIGTERM)  # the shell's code for "killed by it"
 
 
+def scoring_engine(model):
+    """A DeepSpeed engine that only scores: ZeRO stage 0, micro-batch 1 (the loader batches)."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0}}
+    return deepspeed.initialize(model=model, config=config)[0]
+
+
+def split_loader(task, images, split: str, data, batch: int, rank: int = 0, world: int = 1, device="cpu"):
+    """This rank's loader over one evaluation split of ``task``, in order."""
+    from pixelbert_dist.finetune.data import TaskLoader
+
+    return TaskLoader(
+        task.eval_splits[split], images, task.image_keys, task.collate, data, batch, rank, world, train=False,
+        device=device, images_per_example=task.images_per_example,
+    )  # fmt: skip
+
+
 def _evaluate_split(cfg, task, engine, images, split, tag, out, stopper, to_device, device) -> dict:
     """One split over every rank; ``results_SPLIT.json`` and the metrics line on rank 0."""
     import torch
 
-    from pixelbert_dist.finetune.data import TaskLoader, loader_data_config
+    from pixelbert_dist.finetune.data import loader_data_config
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     if split not in task.eval_splits:
         raise ValueError(f"split {split!r}: the task reads {sorted(task.eval_splits)} with this config")
     batch = cfg.train.eval_batch or cfg.train.micro_batch
     data = loader_data_config(cfg.data, cfg.train.seed)
-    loader = TaskLoader(
-        task.eval_splits[split], images, task.image_keys, task.collate, data, batch, rank, world, train=False,
-        device=device, images_per_example=task.images_per_example,
-    )  # fmt: skip
+    loader = split_loader(task, images, split, data, batch, rank, world, device)
     metrics = task.evaluate(engine, split, loader, to_device, model_tag=tag, stop=lambda: stopper.requested)
     if rank == 0:
         record = {"task": task.name, "split": split, "model": tag, "metrics": metrics, "skipped": task.skipped}
