@@ -53,14 +53,13 @@ def padding_fraction(image_sizes, padded_hw) -> float:
 
 
 def normalize_hwc_uint8(image: torch.Tensor) -> torch.Tensor:
-    """uint8/float HWC (0..255) -> float32 CHW normalised with ImageNet mean/std."""
-    mean = torch.tensor(MEAN_255, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    std = torch.tensor(STD_255, dtype=torch.float32, device=image.device).view(3, 1, 1)
-    return (image.permute(2, 0, 1).to(torch.float32) - mean) / std
+    """uint8/float HWC (0..255) -> float32 CHW normalised with ImageNet mean/std (a new
+    tensor: the caller's image is left as it is)."""
+    return _normalize_(image.permute(2, 0, 1).to(torch.float32, copy=True))
 
 
 def _normalize_(images: torch.Tensor) -> torch.Tensor:
-    """float32 [..., 3, H, W] in 0..255, normalised in place: the ops of ``normalize_hwc_uint8``."""
+    """float32 [..., 3, H, W] in 0..255, normalised in place with ImageNet mean/std."""
     mean = torch.tensor(MEAN_255, dtype=torch.float32, device=images.device).view(3, 1, 1)
     std = torch.tensor(STD_255, dtype=torch.float32, device=images.device).view(3, 1, 1)
     return images.sub_(mean).div_(std)
