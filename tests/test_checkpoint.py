@@ -7,9 +7,11 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,7 @@ from pixelbert_dist.train.schedule import build_scheduler
 from pixelbert_dist.train.config import ScheduleConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "deepspeed_configs"
+GLOO_ABORT = "terminate called without an active exception"
 pytestmark = pytest.mark.usefixtures("dist_env")
 
 
@@ -305,18 +308,18 @@ def _two_rank_save(save_dir: str, stage: int) -> None:
 def test_universal_resume_on_another_world_size(run_dir, caplog):
     import subprocess
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(run_dir),
-        "2",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    # faulthandler: a native abort prints every thread's Python stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    for attempt in (1, 2):
+        proc = subprocess.run([*cmd, __file__, str(run_dir), "2"], capture_output=True, text=True, timeout=300, env=env)
+        if proc.returncode == 0 or GLOO_ABORT not in proc.stderr or attempt == 2:
+            break
+        # Once in ~10 CI runs (never in 35 runs here, 20 beside two busy loops) a rank died in the
+        # resume with this C++ abort and no Python error: run again once, and say so.
+        warnings.warn(f"two ranks aborted ({GLOO_ABORT!r}); run again once:\n{proc.stderr[-4000:]}", stacklevel=1)
+        shutil.rmtree(run_dir)
+        run_dir.mkdir()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((run_dir / "reference.json").read_text())
     reference = result["steps"]
