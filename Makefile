@@ -20,7 +20,7 @@ demo: install
 	$(PY) launch/demo.py
 
 test: install
-	$(PY) -m pytest tests -q -ra
+	$(PY) -m pytest tests -q -ra --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check .
