@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pixelbert_dist.checkpoint.shared_load import bytes_per_rank, owner, plan_reads
+from pixelbert_dist.checkpoint.shared_load import _listed_pattern, bytes_per_rank, owner, plan_reads
 from pixelbert_dist.checkpoint import checkpointer
 from pixelbert_dist.checkpoint import choose
 from pixelbert_dist.checkpoint import engine_io
@@ -459,6 +459,29 @@ def test_a_resume_reads_each_byte_once_and_checks_it(run_dir):
     flipped.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=rf"step_00000001 is damaged: {flipped}: sha256 differs"):
         checkpointer.resume_engine(engine, tag_dir)
+
+
+def test_a_resume_names_the_zero_files_from_the_table_without_a_stat(run_dir, monkeypatch):
+    """DeepSpeed stats every rank's optimizer file on every rank (W^2 at a resume); the
+    tag's file table names them instead, the older pattern included."""
+    _save_steps(run_dir, [1])
+    engine, _ = _engine(2, seed=1)
+    tag_dir = choose.find_checkpoint(run_dir, "auto", keep_reads=True)
+    real_stat, probed = os.stat, []
+
+    def recording_stat(path, *args, **kwargs):
+        probed.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", recording_stat)
+    assert checkpointer.resume_engine(engine, tag_dir)[0]["trainer"] == {"step": 1}
+    monkeypatch.undo()
+    assert probed and not [p for p in probed if "optim_states" in p]  # other files are still stat'd
+    assert "_get_all_zero_checkpoint_names" not in engine.__dict__  # DeepSpeed's own method again
+    new, old = "zero_pp_rank_3_mp_rank_00_optim_states.pt", "zero_pp_rank_3_mp_rank_00optim_states.pt"
+    assert _listed_pattern(f"/c/{new}", frozenset({new, old})) == f"/c/{new}"
+    assert _listed_pattern(f"/c/{new}", frozenset({old})) == f"/c/{old}"
+    assert _listed_pattern(f"/c/{new}", frozenset()) == f"/c/{new}"  # missing: DeepSpeed names it in its error
 
 
 def test_resume_verifies_files_and_falls_back_to_the_newest_intact(run_dir, caplog):

@@ -111,6 +111,7 @@ class TagReads:
     held: dict[str, bytes] = field(default_factory=dict)
     bytes_read: int = 0
     problem: str | None = None
+    names: frozenset[str] = frozenset()  # every file of the tag (meta.json's table): empty when unknown
 
 
 def _read_piece(path: Path, piece: Piece, size: int) -> tuple[bytearray, str | None]:
@@ -162,7 +163,7 @@ def read_tag(tag_dir: Path, table: dict[str, dict]) -> TagReads:
     against ``table`` (meta.json's), and agree with the other ranks on the first problem."""
     rank, world = files.rank(), files.world()
     plan = plan_reads({name: entry["size"] for name, entry in table.items()}, world)
-    reads, problems, pieces = TagReads(tag_dir), [], {}
+    reads, problems, pieces = TagReads(tag_dir, names=frozenset(table)), [], {}
     for piece in plan[rank]:
         pieces[piece.name], problem = _read_piece(tag_dir / piece.name, piece, table[piece.name]["size"])
         reads.bytes_read += piece.end - piece.start
@@ -227,15 +228,44 @@ class SharedFileEngine(CheckpointEngine):
         return True
 
 
+def _listed_pattern(name: str, names: frozenset[str]) -> str:
+    """``name``, or DeepSpeed's older optimizer-file pattern when only that one is listed."""
+    older = name.replace("_optim_states.pt", "optim_states.pt")
+    return older if os.path.basename(name) not in names and os.path.basename(older) in names else name
+
+
+def _zero_names_from_table(engine, names: frozenset[str]):
+    """DeepSpeed's ``_get_all_zero_checkpoint_names`` without its file-system probes: it
+    ``stat``s every data-parallel rank's optimizer file on every rank (W^2 calls at a
+    resume: 262,144 at 512 ranks) to pick the file name pattern; the tag's file table
+    answers that already."""
+
+    def names_of(load_dir, tag, bf16_mode):
+        found = engine._get_mp_rank_zero_checkpoint_names(
+            load_dir=load_dir,
+            tag=tag,
+            mp_rank=engine.checkpoint_mp_rank,
+            dp_world_size=engine.loaded_checkpoint_dp_world_size,
+            bf16_mode=bf16_mode,
+        )
+        return [_listed_pattern(name, names) for name in found]
+
+    return names_of
+
+
 @contextmanager
 def shared_file_reads(engine, reads: TagReads):
-    """``engine.load_checkpoint`` inside takes the files of ``reads`` from memory."""
+    """``engine.load_checkpoint`` inside takes the files of ``reads`` from memory, and
+    names the ZeRO files from the tag's file table (no per-file ``stat``)."""
     real = engine.checkpoint_engine
     engine.checkpoint_engine = SharedFileEngine(real, reads)
+    if reads.names:  # an instance attribute: DeepSpeed's method stays as it is for other loads
+        engine._get_all_zero_checkpoint_names = _zero_names_from_table(engine, reads.names)
     try:
         yield engine.checkpoint_engine
     finally:
         engine.checkpoint_engine = real
+        engine.__dict__.pop("_get_all_zero_checkpoint_names", None)
 
 
 # Reads kept from a verification until the load takes them (one tag at a time).
