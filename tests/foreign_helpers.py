@@ -55,12 +55,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sample_members(shard: int, i: int) -> tuple[str, list[tuple[str, bytes]], dict]:
+def _sample_members(shard: int, i: int, json_fields=None) -> tuple[str, list[tuple[str, bytes]], dict]:
     key = f"{shard:05d}{i:04d}"
     height, width = 60 + (i * 7) % 50, 70 + (i * 11) % 60
     caption = f"photo {key} of a dog on the left"
     meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success", "caption": caption}
-    meta.update(width=width, height=height)
+    meta.update(width=width, height=height, **(json_fields(key) if json_fields else {}))
     base = f"{key}.hq" if key == DOTTED else key
     members = []
     if key != NO_IMAGE:
@@ -73,9 +73,10 @@ def _sample_members(shard: int, i: int) -> tuple[str, list[tuple[str, bytes]], d
     return key, members, meta
 
 
-def write_img2dataset_set(directory) -> dict:
+def write_img2dataset_set(directory, json_fields=None) -> dict:
     """The set in ``directory``; returns {key: caption} of the samples a reader must yield
-    (image and caption present, before the cut)."""
+    (image and caption present, before the cut). ``json_fields(key)``: more fields for
+    that sample's JSON (a dict; they do not change what is returned)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     expected, cut_offset = {}, None
@@ -83,7 +84,7 @@ def write_img2dataset_set(directory) -> dict:
         path = directory / f"{shard:05d}.tar"
         with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
             for i in range(PER_SHARD):
-                key, members, meta = _sample_members(shard, i)
+                key, members, meta = _sample_members(shard, i, json_fields)
                 if shard == SHARDS - 1 and i == CUT_AT:
                     cut_offset = tar.offset + 5 * tarfile.BLOCKSIZE  # inside this image's data
                 for name, data in members:

@@ -1,7 +1,7 @@
 """``data.caption_key`` in the indexed mode: the project's own shards read the named JSON
 field on every backend (pil, DALI's external source, DALI's webdataset reader); foreign
-shards indexed by ``make_shards.py index`` (whose rows point at the ``.txt``) refuse a
-JSON field in one line that says how to read it (streaming)."""
+shards indexed by ``make_shards.py index`` for the default rule (rows point at the
+``.txt``) refuse a JSON field in one line that says how to index them for it."""
 
 from __future__ import annotations
 
@@ -49,9 +49,10 @@ def test_a_sample_without_the_field_is_named(tmp_path):
         list(build_loader(data_cfg("pil", caption_key="alt", num_workers=0), directory, 4, train=False))
 
 
-def test_indexed_foreign_shards_refuse_a_json_field_in_one_line(tmp_path):
+def test_foreign_shards_indexed_for_the_default_refuse_a_json_field_in_one_line(tmp_path):
+    """(tests/test_foreign_caption_key.py indexes them for a JSON field.)"""
     write_img2dataset_set(tmp_path)
     assert make_shards(["index", str(tmp_path), "--workers", "1"]) == 0
-    with pytest.raises(ConfigError, match=r"data.caption_key='url'.*\.txt caption.*stream the tars"):
+    with pytest.raises(ConfigError, match=r"data.caption_key='url'.*indexed for caption key 'txt'.*--caption-key url"):
         build_loader(data_cfg("pil", caption_key="url"), str(tmp_path), 4)
     assert len(build_loader(data_cfg("pil"), str(tmp_path), 4)) > 0  # the default still reads

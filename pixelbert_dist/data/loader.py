@@ -49,7 +49,7 @@ from pixelbert_dist.data.base import (
 from pixelbert_dist.data.config import DataConfig
 from pixelbert_dist.data.decode.dali import DaliImages
 from pixelbert_dist.data.format.foreign_index import SOURCE as FOREIGN_SOURCE
-from pixelbert_dist.data.format.members import DEFAULT_CAPTION_KEY
+from pixelbert_dist.data.format.foreign_index import caption_key_mismatch
 from pixelbert_dist.data.readers.dali_wds import WebdatasetLoader
 from pixelbert_dist.data.decode.images import swap_left_right
 from pixelbert_dist.data.readers.plan import PLAN_ORDER, EpochPlan, Replan, epoch_plan, shard_window_order
@@ -256,12 +256,10 @@ def build_loader(
             "its webdataset reader opens local files only; set data.dali_reader='external'"
         )
     index = None if is_stream(shards_dir) else ShardIndex(shards_dir, cfg.caption_key)
-    if index is not None and index.source == FOREIGN_SOURCE and cfg.caption_key != DEFAULT_CAPTION_KEY:
-        raise ConfigError(
-            f"data.caption_key={cfg.caption_key!r}: {shards_dir} holds foreign webdataset shards whose index "
-            "points at each sample's .txt caption, not its .json; stream the tars to read that JSON field "
-            f"(data.train_shards='{shards_dir}/{{00000..NNNNN}}.tar', data.epoch_samples=N), or keep 'txt'"
-        )
+    if index is not None and index.source == FOREIGN_SOURCE:
+        mismatch = caption_key_mismatch(shards_dir, index.indexed_caption_key, cfg.caption_key)
+        if mismatch is not None:
+            raise ConfigError(mismatch)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.vocab_dir)
     collator = TextCollator(
         tokenizer, cfg.max_text_len, cfg.mlm_prob if train else 0.0, cfg.itm_neg_prob if train else 0.0

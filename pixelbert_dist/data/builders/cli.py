@@ -129,21 +129,58 @@ def _parser() -> argparse.ArgumentParser:
     index.add_argument("directory", type=Path, help="split directory with manifest.json, or a folder of .tar files")
     index.add_argument("--force", action="store_true", help="rewrite existing indexes too")
     index.add_argument("--workers", type=int, default=None, help="foreign tars indexed at once (default: CPUs)")
+    index.add_argument(
+        "--caption-key",
+        default=None,
+        metavar="FIELD",
+        help="foreign tars: take each caption from this JSON field (train with data.caption_key=FIELD); "
+        "samples without it are skipped and counted. Default: the .txt, else the JSON's caption(s)",
+    )
     return parser
+
+
+def _indexed_already(args, made_for: str, caption_key: str) -> int:
+    """A foreign folder indexed before, run again without --force: nothing to do, unless
+    another --caption-key was asked for (refused: a rerun must not look like it took)."""
+    from pixelbert_dist.data.format.foreign_index import reindex_command
+    from pixelbert_dist.data.format.index import ShardFormatError
+
+    if args.caption_key is not None and caption_key != made_for:
+        raise ShardFormatError(
+            f"{args.directory} was indexed for caption key {made_for!r} (its manifest.json); "
+            f"index it again for {caption_key!r}: `{reindex_command(args.directory, caption_key)}`"
+        )
+    print(f"{args.directory}: indexed already (caption key {made_for!r}); --force indexes it again")
+    return 0
 
 
 def _index(args) -> int:
     from pixelbert_dist.data.format.foreign_index import SOURCE, index_foreign
     from pixelbert_dist.data.format.index import ShardFormatError
+    from pixelbert_dist.data.format.members import DEFAULT_CAPTION_KEY
     from pixelbert_dist.data.format.shards import MANIFEST, index_split, read_manifest
 
     manifest = args.directory / MANIFEST
+    caption_key = args.caption_key if args.caption_key is not None else DEFAULT_CAPTION_KEY
     try:
-        if manifest.is_file() and args.force and read_manifest(args.directory).source == SOURCE:
+        made = read_manifest(args.directory) if manifest.is_file() else None
+        if made is not None and made.source == SOURCE:
+            if not args.force:
+                return _indexed_already(args, made.caption_key or DEFAULT_CAPTION_KEY, caption_key)
             manifest.unlink()  # made by index_foreign: made again, from the tars
+        elif made is not None and args.caption_key is not None:
+            raise ShardFormatError(
+                f"--caption-key is for foreign webdataset tars: {args.directory} holds this project's shards, "
+                "whose index points at each sample's .json (any data.caption_key reads it)"
+            )
         if not manifest.is_file():
-            made = index_foreign(args.directory, args.workers, lambda r: print(f"indexed {r['file']}", flush=True))
-            print(f"{args.directory}: {len(made.shards)} shards, {made.num_samples} samples, {made.skipped} skipped")
+            made = index_foreign(
+                args.directory, args.workers, lambda r: print(f"indexed {r['file']}", flush=True), caption_key
+            )
+            print(
+                f"{args.directory}: {len(made.shards)} shards, {made.num_samples} samples "
+                f"(caption key {caption_key!r}), {made.skipped} skipped"
+            )
             return 0
         written = index_split(
             args.directory, force=args.force, progress=lambda path: print(f"indexed {path}", flush=True)

@@ -132,11 +132,11 @@ def caption_meta(text: bytes | None, meta: bytes | None, caption_key: str = DEFA
     return {**parsed, "captions": captions}
 
 
-def has_caption(text: bytes | None, meta: bytes | None) -> bool:
-    """Whether the default rule finds a caption (what an index sidecar of foreign
+def has_caption(text: bytes | None, meta: bytes | None, caption_key: str = DEFAULT_CAPTION_KEY) -> bool:
+    """Whether ``caption_key``'s rule finds a caption (what an index sidecar of foreign
     shards lists, and what a streamed shard with such a sidecar counts as its rows)."""
     try:
-        caption_meta(text, meta)
+        caption_meta(text, meta, caption_key)
     except NoCaption:
         return False
     return True

@@ -55,6 +55,9 @@ class Manifest:
     format: str = FORMAT
     images_skipped: int = 0  # inputs not written (missing, unreadable, no caption, duplicate)
     captions_dropped: int = 0  # captions left out (empty, or naming an unknown image)
+    # Foreign shards (format.foreign_index): the data.caption_key their index rows were
+    # chosen by; "" for this project's own shards, whose rows point at the .json (any key reads).
+    caption_key: str = ""
     # Where the manifest was read from; not written into the file.
     directory: Path | None = field(default=None, compare=False, repr=False)
 
@@ -65,6 +68,8 @@ class Manifest:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("directory")
+        if not out["caption_key"]:
+            out.pop("caption_key")  # own shards' manifests stay as they were
         return {"format": out.pop("format"), **out}
 
 
@@ -190,6 +195,7 @@ def _manifest_from_json(data, path: Path) -> Manifest:
             skipped=int(data.get("skipped", 0)),
             images_skipped=int(data.get("images_skipped", 0)),
             captions_dropped=int(data.get("captions_dropped", 0)),
+            caption_key=str(data.get("caption_key", "")),
             directory=path.parent,
         )
     except (KeyError, TypeError, ValueError) as err:

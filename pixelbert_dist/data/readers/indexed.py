@@ -103,6 +103,7 @@ class ShardIndex:
         self.directory = Path(directory)
         self.caption_key = caption_key  # data.caption_key: where ``meta`` finds the captions
         self.source = manifest.source  # "webdataset": foreign shards (format.foreign_index)
+        self.indexed_caption_key = manifest.caption_key  # foreign shards: the key their rows were chosen by
         self.paths = manifest.shard_paths()
         for info, path in zip(manifest.shards, self.paths):
             _check_listed(self.directory, info, path)
@@ -278,7 +279,8 @@ class ShardIndex:
 
     def meta(self, i: int, sample: Sample | None = None) -> dict:
         """The sample's metadata with its ``captions``: from its ``.json``, or from the
-        ``.txt`` a foreign shard's index points at (``format.foreign_index``)."""
+        ``.txt`` a foreign shard's index points at (``format.foreign_index``; an index
+        made with ``--caption-key`` points at the ``.json``)."""
         sample = sample if sample is not None else self.read(i)
         if sample.meta_type == TEXT_TYPE:
             where, text, raw = f"{self.paths[self.locate(i)[0]]}: {sample.key}.txt", sample.meta_raw, None
