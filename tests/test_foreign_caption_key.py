@@ -21,10 +21,12 @@ from pixelbert_dist.data.builders.cli import main as make_shards
 from pixelbert_dist.data.decode.dali import dali_available
 from pixelbert_dist.data.format import index as fmt_index
 from pixelbert_dist.data.format.foreign_index import PROGRESS, index_foreign
+from pixelbert_dist.data.format.index import ShardFormatError
 from pixelbert_dist.data.format.shards import ShardWriter, read_manifest, read_skipped
 from pixelbert_dist.data.loader import build_loader
 from tests.data_helpers import data_cfg, make_jpeg
-from tests.foreign_helpers import CUT_AT, NO_CAPTION, NO_IMAGE, PER_SHARD, SHARDS, write_img2dataset_set
+from tests.foreign_helpers import CUT_AT, FOREIGN_PATTERN, NO_CAPTION, NO_IMAGE, PER_SHARD, SHARDS
+from tests.foreign_helpers import write_img2dataset_set
 
 KEY = "caption_en"
 WITHOUT_KEY = "000010005"  # has a .txt and a JSON caption, but no caption_en
@@ -155,3 +157,20 @@ def test_the_key_is_for_foreign_tars_only(tmp_path, capsys):
     assert make_shards(["index", str(tmp_path), "--caption-key", KEY]) == 2
     assert "--caption-key is for foreign webdataset tars" in capsys.readouterr().err
     assert "caption_key" not in json.loads((tmp_path / "manifest.json").read_text())  # own manifests unchanged
+
+
+@pytest.mark.parametrize("caption_key", [KEY, "txt"])
+def test_streamed_with_key_indexed_sidecars(keyed, caption_key):
+    """The sidecars list the samples with caption_en: streamed with that key, every one is
+    read once and CRC-checked; streamed with the default rule, the sample the index left
+    out for want of caption_en (it has a .txt) is a sidecar that does not fit: named."""
+    cfg = data_cfg("pil", num_workers=1, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=caption_key)
+    loader = build_loader(cfg, f"{keyed}/{FOREIGN_PATTERN}", 6)
+    if caption_key == "txt":
+        named = rf"no sample starts at byte \d+ \({WITHOUT_KEY}\.jpg\).*--caption-key"
+        with pytest.raises(ShardFormatError, match=named):
+            list(loader)
+        return
+    captions = {k: c for batch in loader for k, c in zip(batch["keys"], batch["captions"])}
+    assert captions == expected_captions() and loader.unchecked is None and loader.damaged == 0
+    assert loader.skipped == {"no_image": 1, "no_caption": 1, "truncated_tar": 1}

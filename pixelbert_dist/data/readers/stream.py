@@ -58,6 +58,7 @@ from pixelbert_dist.collectives import gather_objects
 from pixelbert_dist.config import ConfigError
 from pixelbert_dist.data.base import BatchAccounting, LoaderState
 from pixelbert_dist.data.format.index import INDEX_COMMAND
+from pixelbert_dist.data.format.members import DEFAULT_CAPTION_KEY
 from pixelbert_dist.data.readers.stream_urls import expand, tar_folder
 from pixelbert_dist.data.readers.stream_batches import StreamDataset
 from pixelbert_dist.data.readers.stream_check import why_unchecked
@@ -95,6 +96,7 @@ class StreamPlan(NamedTuple):
     in_flight: int = 1  # shards a worker reads at once (data.shards_in_flight): stream_mix.py
     order: list | None = None  # the epoch's shard order after re-plans (stream_replan.py); None: none
     replans: int = 0  # re-plans in this epoch: they seed the new streams apart from the old ones
+    caption_key: str = DEFAULT_CAPTION_KEY  # data.caption_key: which samples a sidecar may leave out (stream_read)
 
     def _words(self, worker: int, kind: int) -> tuple:
         return (self.seed, self.epoch, self.rank, worker, kind) + ((self.replans,) if self.replans else ())
@@ -281,6 +283,7 @@ class StreamLoader(LoaderState, BatchAccounting):
             self.cfg.shards_in_flight,
             self._order(),
             len(self.replans),
+            self.cfg.caption_key,
         )
 
     def _order(self) -> list | None:

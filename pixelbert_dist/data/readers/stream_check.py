@@ -12,11 +12,13 @@ an undecodable one is, on every backend, since the check runs where the stream i
 
 A sidecar that is there but wrong stops the run naming it (``ShardFormatError``, never
 retried): one that does not load as an index, or that does not describe its tar (a JPEG
-at an offset it has no row for). Falling back to decode-only there would quietly drop the
-check for a shard whose files disagree (a tar rebuilt or re-uploaded without its index),
-and skipping its samples as damaged would drop the whole shard one warning at a time; the
-fix is one command (``make_shards.py index DIR --force``, then upload the sidecars). A
-stream that ends before every row was met is a cut transfer (``OSError``: retried).
+at an offset it has no row for, unless the index left that sample out for want of a
+caption: ``stream_read._listed``, which knows ``make_shards.py index --caption-key``).
+Falling back to decode-only there would quietly drop the check for a shard whose files
+disagree (a tar rebuilt or re-uploaded without its index), and skipping its samples as
+damaged would drop the whole shard one warning at a time; the fix is one command
+(``make_shards.py index DIR --force``, then upload the sidecars). A stream that ends
+before every row was met is a cut transfer (``OSError``: retried).
 """
 
 from __future__ import annotations
@@ -60,15 +62,26 @@ class ShardCheck:
         unindexed members, is read past)."""
         return int(self.ends[row - 1]) if row else 0
 
+    def _row(self, offset: int) -> int | None:
+        row = int(np.searchsorted(self.blocks, offset // BLOCK))
+        if offset % BLOCK or row == len(self.blocks) or self.blocks[row] * BLOCK != offset:
+            return None
+        return row
+
+    def lists(self, offset: int) -> bool:
+        """Whether a row starts at byte ``offset``: the index listed the image there."""
+        return self._row(offset) is not None
+
     def damage(self, key: str, offset: int, jpeg: bytes) -> str | None:
         """None if ``jpeg`` (data at byte ``offset`` of the tar) is the one the builder
         wrote there, else why not."""
-        row = int(np.searchsorted(self.blocks, offset // BLOCK))
-        if offset % BLOCK or row == len(self.blocks) or self.blocks[row] * BLOCK != offset:
+        row = self._row(offset)
+        if row is None:
             raise ShardFormatError(
                 f"{self.sidecar} does not describe its shard {self.url}: no sample starts at "
                 f"byte {offset} ({key}.jpg) in it (the tar was rebuilt or replaced after its "
-                f"index was made?): rewrite the index with `{INDEX_COMMAND} DIR --force` and upload it"
+                f"index was made, or indexed with --caption-key for another data.caption_key?): "
+                f"rewrite the index with `{INDEX_COMMAND} DIR --force` and upload it"
             )
         if len(jpeg) != self.sizes[row]:
             return f"size mismatch: {len(jpeg)} bytes, the index says {self.sizes[row]} ({CHANGED})"

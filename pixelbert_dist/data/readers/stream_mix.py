@@ -146,6 +146,10 @@ def _in_flight(mix: ShardMix) -> Callable[[], set]:
     return lambda: {slot[1][0] for slot in mix.slots if slot is not None and slot[1] is not None}
 
 
+def _opener(plan, errors: list) -> Callable[[str], Iterator[Raw]]:
+    return lambda url: read_shard(url, plan.retries, errors, UNREAD, 0, plan.caption_key)
+
+
 def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0, position=None) -> Iterator[Raw]:
     """This worker's samples (``Raw``), from its ``skip``-th on (a resume). Which samples
     the first ``skip`` are, what the buffer then holds and how far each shard in flight
@@ -158,7 +162,7 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0,
     replay = _replay(plan, worker, workers, errors, skip, position) if skip else None
     if replay is None:
         rng, urls = plan.start(worker, workers)
-        mix = ShardMix(urls, _numbered(lambda url: read_shard(url, plan.retries, errors), 0), width)
+        mix = ShardMix(urls, _numbered(_opener(plan, errors), 0), width)
         if position is not None:
             position.restart(_in_flight(mix))  # a replay without sidecars may have begun it
         yield from (raw for _, raw in itertools.islice(shuffled(plan, mix, rng, [], position), skip, None))
@@ -172,7 +176,10 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0,
 
     def reread(shard: int, first_row: int) -> Iterator[tuple[int, Raw]]:  # with the sidecar the replay fetched
         url = where.seen[shard]
-        return zip(itertools.repeat(shard), read_shard(url, plan.retries, errors, checks.get(url, UNREAD), first_row))
+        return zip(
+            itertools.repeat(shard),
+            read_shard(url, plan.retries, errors, checks.get(url, UNREAD), first_row, plan.caption_key),
+        )
 
     for shard in sorted(set(slots) - set(in_flight)):
         first = min(slots[shard])
@@ -186,7 +193,7 @@ def worker_samples(plan, worker: int, workers: int, errors: list, skip: int = 0,
         first = min([*slots.get(shard, {}), last_row + 1])  # the oldest row still buffered, else the next
         readers.append([reread(shard, first), (shard, None)])
         _fill(buffer, slots.get(shard, {}), readers[-1][0], first, last_row)  # up to the last row taken
-    opener = _numbered(lambda url: read_shard(url, plan.retries, errors), len(where.seen))
+    opener = _numbered(_opener(plan, errors), len(where.seen))
     mix = ShardMix(where.urls, opener, width, readers, where.mix.turn)
     if position is not None:
         position.in_flight = _in_flight(mix)

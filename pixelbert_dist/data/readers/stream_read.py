@@ -15,7 +15,13 @@ import tarfile
 import time
 from typing import Iterator, NamedTuple
 
-from pixelbert_dist.data.format.members import TRUNCATION, group_members, has_caption, tar_members
+from pixelbert_dist.data.format.members import (
+    DEFAULT_CAPTION_KEY,
+    TRUNCATION,
+    group_members,
+    has_caption,
+    tar_members,
+)
 from pixelbert_dist.data.readers.stream_urls import open_shard, protocol, retryable, seekable
 from pixelbert_dist.data.readers.stream_check import ShardCheck, fetch
 
@@ -54,7 +60,7 @@ NO_IMAGE, NO_CAPTION, TRUNCATED = "no_image", "no_caption", "truncated_tar"
 SKIP_KINDS = (NO_IMAGE, NO_CAPTION, TRUNCATED)
 
 
-def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> Iterator[Raw]:
+def _members(url: str, check: ShardCheck | None, notes: list, skip: int, caption_key: str) -> Iterator[Raw]:
     """The shard's samples with an image, from the ``skip``-th on; samples without one are
     noted (``Skipped``) past that point. With an index sidecar and a store that can seek,
     the read starts where row ``skip`` can be met first (a ranged read); else those before
@@ -70,7 +76,7 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
     broke: list[Exception] = []
     with open_shard(url, start) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
         for sample in group_members(tar_members(tar, broke), on_dotted):
-            if sample.image is None or (check is not None and not has_caption(sample.text, sample.meta)):
+            if sample.image is None or (check is not None and not _listed(check, start, sample, caption_key)):
                 # a sidecar's rows are the samples with both (format.foreign_index); what a ranged
                 # read meets before its first row was noted by the read that passed it
                 if met > skip or (met == skip and not start):
@@ -88,12 +94,29 @@ def _members(url: str, check: ShardCheck | None, notes: list, skip: int = 0) -> 
         check.finish(met)
 
 
+def _listed(check: ShardCheck, start: int, sample, caption_key: str) -> bool:
+    """Whether the sidecar lists this sample (a row at its image): a sidecar's rows are the
+    samples with a caption by the rule it was indexed for (``format.foreign_index``: the
+    default, or a ``--caption-key``; this project's own shards: all). One it leaves out must
+    lack a caption by the default rule or by ``caption_key``; else the sidecar does not fit
+    its tar, and ``damage`` says so."""
+    offset = start + sample.image_offset
+    if check.lists(offset):
+        return True
+    if has_caption(sample.text, sample.meta) and has_caption(sample.text, sample.meta, caption_key):
+        check.damage(sample.key, offset, sample.image)  # raises: no row starts there
+    return False
+
+
 UNREAD = object()
 
 
-def read_shard(url: str, retries: int, errors: list, check=UNREAD, first_row: int = 0) -> Iterator[Raw]:
+def read_shard(
+    url: str, retries: int, errors: list, check=UNREAD, first_row: int = 0, caption_key: str = DEFAULT_CAPTION_KEY
+) -> Iterator[Raw]:
     """The samples of one shard from row ``first_row`` on, checked against its index
-    sidecar when it has one (``check``: fetched already, by ``shard_check``); a failed read
+    sidecar when it has one (``check``: fetched already, by ``shard_check``; which samples
+    it lists: ``_listed``, with ``data.caption_key``); a failed read
     (of either) is retried after a back-off, skipping the samples already yielded
     (``errors`` collects one line per failure). Skipped rows are not read where the
     sidecar says where the next one starts and the store can seek (``_members``)."""
@@ -102,7 +125,7 @@ def read_shard(url: str, retries: int, errors: list, check=UNREAD, first_row: in
         try:
             if check is UNREAD:
                 check = fetch(url)
-            for raw in _members(url, check, errors, skip=done):
+            for raw in _members(url, check, errors, done, caption_key):
                 done += 1
                 yield raw
             return
