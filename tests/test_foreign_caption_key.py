@@ -174,3 +174,17 @@ def test_streamed_with_key_indexed_sidecars(keyed, caption_key):
     captions = {k: c for batch in loader for k, c in zip(batch["keys"], batch["captions"])}
     assert captions == expected_captions() and loader.unchecked is None and loader.damaged == 0
     assert loader.skipped == {"no_image": 1, "no_caption": 1, "truncated_tar": 1}
+
+
+def test_default_sidecars_stream_with_a_json_field(tmp_path):
+    """Sidecars made for the default rule list the samples with a .txt or JSON caption:
+    streamed with caption_en, those without the field are skipped (WITHOUT_KEY), and so
+    is NO_CAPTION, which the index left out (its caption_en is never met)."""
+    write_img2dataset_set(tmp_path, english)
+    assert make_shards(["index", str(tmp_path), "--workers", "1"]) == 0
+    cfg = data_cfg("pil", num_workers=1, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=KEY)
+    loader = build_loader(cfg, f"{tmp_path}/{FOREIGN_PATTERN}", 6)
+    captions = {k: c for batch in loader for k, c in zip(batch["keys"], batch["captions"])}
+    wanted = {k: c for k, c in expected_captions().items() if k != NO_CAPTION}
+    assert captions == wanted and loader.unchecked is None and loader.damaged == 0
+    assert loader.skipped == {"no_image": 1, "no_caption": 2, "truncated_tar": 1}
