@@ -164,7 +164,7 @@ def test_streamed_with_key_indexed_sidecars(keyed, caption_key):
     """The sidecars list the samples with caption_en: streamed with that key, every one is
     read once and CRC-checked; streamed with the default rule, the sample the index left
     out for want of caption_en (it has a .txt) is a sidecar that does not fit: named."""
-    cfg = data_cfg("pil", num_workers=1, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=caption_key)
+    cfg = data_cfg("pil", num_workers=0, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=caption_key)
     loader = build_loader(cfg, f"{keyed}/{FOREIGN_PATTERN}", 6)
     if caption_key == "txt":
         named = rf"no sample starts at byte \d+ \({WITHOUT_KEY}\.jpg\).*--caption-key"
@@ -182,7 +182,7 @@ def test_default_sidecars_stream_with_a_json_field(tmp_path):
     is NO_CAPTION, which the index left out (its caption_en is never met)."""
     write_img2dataset_set(tmp_path, english)
     assert make_shards(["index", str(tmp_path), "--workers", "1"]) == 0
-    cfg = data_cfg("pil", num_workers=1, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=KEY)
+    cfg = data_cfg("pil", num_workers=0, epoch_samples=84, shuffle=False, shuffle_buffer=0, caption_key=KEY)
     loader = build_loader(cfg, f"{tmp_path}/{FOREIGN_PATTERN}", 6)
     captions = {k: c for batch in loader for k, c in zip(batch["keys"], batch["captions"])}
     wanted = {k: c for k, c in expected_captions().items() if k != NO_CAPTION}
