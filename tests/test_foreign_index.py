@@ -47,11 +47,10 @@ def test_index_writes_beside_the_tars_and_never_rewrites_them(indexed):
     ]
     manifest = read_manifest(directory, verify=True)  # the sha256 taken while indexing
     assert [s.num_samples for s in manifest.shards] == [29, 29, 20] and manifest.num_samples == len(expected)
-    assert sorted(e["reason"].split(":")[0] for e in read_skipped(directory)) == [
-        "no_caption",
-        "no_image",
-        "truncated_tar",
-    ]
+    kinds = sorted((e["reason"].split(":")[0], e["kind"]) for e in read_skipped(directory))
+    assert kinds == [("no_caption", "image"), ("no_image", "image"), ("truncated_tar", "shard")]
+    # two samples left out of the index, one tar read up to its damage: counted apart
+    assert (manifest.skipped, manifest.images_skipped, manifest.captions_dropped) == (3, 2, 0)
 
 
 def test_rows_hold_offset_size_crc_and_header_sizes(indexed):

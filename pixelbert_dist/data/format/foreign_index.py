@@ -89,7 +89,7 @@ def scan_foreign(path: str | Path, caption_key: str = DEFAULT_CAPTION_KEY) -> di
                 broke.append(err)
     if broke:
         reason = f"truncated_tar: indexed up to the damage ({type(broke[0]).__name__}: {broke[0]})"
-        skipped.append({"file": path.name, "reason": reason})
+        skipped.append({"file": path.name, "reason": reason, "kind": "shard"})
     builder.save(path.with_name(index_name(path.name)))
     return {
         "file": path.name,
@@ -105,10 +105,10 @@ def scan_foreign(path: str | Path, caption_key: str = DEFAULT_CAPTION_KEY) -> di
 def _add_sample(builder: IndexBuilder, skipped: list, path: Path, sample, caption_key: str) -> None:
     where = f"{path.name}:{sample.key}"
     if sample.image is None:
-        skipped.append({"file": where, "reason": "no_image: no jpg/jpeg/png/webp member"})
+        skipped.append({"file": where, "reason": "no_image: no jpg/jpeg/png/webp member", "kind": "image"})
     elif not has_caption(sample.text, sample.meta, caption_key):
         looked = "no .txt, nor caption(s)" if caption_key == DEFAULT_CAPTION_KEY else f"no {caption_key!r}"
-        skipped.append({"file": where, "reason": f"no_caption: {looked} in its .json"})
+        skipped.append({"file": where, "reason": f"no_caption: {looked} in its .json", "kind": "image"})
     else:
         _add_row(builder, sample, caption_key)
 
@@ -184,8 +184,10 @@ def index_foreign(
                 progress(record)
     records = [done[t.name] for t in tars]
     shards = [ShardInfo(r["file"], r["num_samples"], r["sha256"], r["size"], r["index"]) for r in records]
-    skipped = write_skipped(directory, [entry for r in records for entry in r["skipped"]])
+    entries = [{"kind": "image", **entry} for r in records for entry in r["skipped"]]  # older progress: no kind
+    skipped = write_skipped(directory, entries)
     manifest = Manifest(directory.name, sum(s.num_samples for s in shards), shards, SOURCE, skipped)
+    manifest.images_skipped = sum(entry["kind"] == "image" for entry in entries)  # samples left out of the index
     manifest.caption_key = caption_key
     manifest.directory = directory
     write_manifest(directory, manifest)

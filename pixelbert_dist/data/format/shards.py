@@ -6,7 +6,8 @@ A split directory holds ``NAME-000000.tar, NAME-000001.tar, ...`` whose members 
 shards with their sample counts, sha256, byte size and index sidecar (``format.index``:
 offsets, sizes, width, height and a CRC per sample, so no reader scans a tar), and ``skipped.jsonl`` with one
 ``{"file", "reason", "kind"}`` line per input that did not make it into the shards (kind
-``image``: an image not written; ``caption``: a caption dropped; the manifest counts both).
+``image``: an image not written; ``caption``: a caption dropped; the manifest counts both;
+``shard``: a foreign tar indexed up to its damage, ``format.foreign_index``).
 
 Shards are written to ``*.tar.tmp`` and renamed when complete, so a crash never leaves
 a half shard that looks finished. Tar headers carry no time stamps or owners, so the
@@ -51,7 +52,7 @@ class Manifest:
     num_samples: int
     shards: list[ShardInfo]
     source: str = ""
-    skipped: int = 0  # entries in skipped.jsonl: images_skipped + captions_dropped
+    skipped: int = 0  # entries in skipped.jsonl: images_skipped + captions_dropped (+ damaged foreign tars)
     format: str = FORMAT
     images_skipped: int = 0  # inputs not written (missing, unreadable, no caption, duplicate)
     captions_dropped: int = 0  # captions left out (empty, or naming an unknown image)
