@@ -34,7 +34,8 @@ import torch
 from PIL import Image
 
 from pixelbert_dist.data.decode.damage import DecodedBatch, resolve, without_jpeg
-from pixelbert_dist.data.decode.images import MEAN_255, PAD_MULTIPLE, STD_255
+from pixelbert_dist.data.decode.images import MEAN_255, STD_255, padded_batch_size
+from pixelbert_dist.data.decode.pad_window import pad_window
 from pixelbert_dist.data.decode.read_ahead import prefetched
 
 Work = Sequence[Sequence[tuple[int, bool]]]  # per batch: (sample index, flip)
@@ -63,7 +64,9 @@ def _build_pipeline(
         exec_dynamic=True,
     )
     def pipe():
-        jpegs, mirror = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+        jpegs, mirror, window_h, window_w, anchor_x = fn.external_source(
+            source=source, num_outputs=5, batch=True, dtype=[types.UINT8, types.INT32] + [types.FLOAT] * 3
+        )
         images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
         # Antialiased linear (a triangle filter when shrinking): what PIL's BILINEAR does,
         # so the backends agree to within JPEG-decoder differences.
@@ -71,13 +74,25 @@ def _build_pipeline(
             images, resize_shorter=shorter, max_size=max_size, antialias=True, interp_type=types.INTERP_LINEAR
         )
         sizes = images.shape()
-        # ``mirror`` stays a CPU argument input even when the images are on the GPU.
+        # Normalise straight into the padded batch (pad_window.py): a window of the
+        # batch's padded size at the top left, zeros (after normalisation) outside the
+        # image. The mirror flips the whole window, so a flipped image's window starts
+        # at x = width - window_w (anchor 1), which puts the image back at the left.
+        # ``mirror`` and the window stay CPU argument inputs even when the images are on the GPU.
         images = fn.crop_mirror_normalize(
-            images, mirror=mirror, mean=list(MEAN_255), std=list(STD_255), output_layout="CHW", dtype=types.FLOAT
+            images,
+            mirror=mirror,
+            mean=list(MEAN_255),
+            std=list(STD_255),
+            output_layout="CHW",
+            dtype=types.FLOAT,
+            crop_h=window_h,
+            crop_w=window_w,
+            crop_pos_x=anchor_x,
+            crop_pos_y=0.0,
+            out_of_bounds_policy="pad",
+            fill_values=0.0,
         )
-        # Pads to the batch's largest H and W, each rounded up to x64; zeros after
-        # normalisation, as the batch contract says.
-        images = fn.pad(images, axes=(1, 2), align=PAD_MULTIPLE, fill_value=0.0)
         return images, sizes
 
     return pipe()
@@ -91,7 +106,24 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
         out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
         return out
-    return torch.from_numpy(np.array(tensor_list.as_tensor()))
+    # No copy: the dynamic executor (exec_dynamic) hands each output's buffer over for
+    # as long as it is referenced, as DALI's own PyTorch iterator relies on. A numpy copy
+    # of the 140 MB float batch (freshly mapped pages each time) cost ~1/3 of the CPU.
+    return torch.from_dlpack(tensor_list.as_tensor())
+
+
+def _padded(images: torch.Tensor, sizes: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """The batch padded to its own size from one padded to ``window`` (the same batch
+    where the headers told the decoded sizes right, the usual case)."""
+    want = padded_batch_size(sizes.numpy())
+    if want == window:
+        return images
+    if want[0] > window[0] or want[1] > window[1]:
+        raise RuntimeError(
+            f"DALI decoded images of sizes {sizes.tolist()}, larger than their headers said "
+            f"(padded window {window}): their pixels would be cut"
+        )
+    return images[:, :, : want[0], : want[1]].contiguous()
 
 
 class DaliImages:
@@ -182,11 +214,22 @@ class DaliImages:
         quietly, with the error in ``failures`` and the items fed but not yielded in
         ``in_flight``; ``feed`` is left where it was, for a new call to go on."""
 
+        windows: deque = deque()  # the padded window of each batch fed, in order
+
         def source():
             item = next(feed)  # StopIteration ends the pipeline's epoch
             in_flight.append(item)
             _, jpegs, flips = item
-            return [np.frombuffer(j, dtype=np.uint8) for j in jpegs], [np.int32(f) for f in flips]
+            window = pad_window(jpegs, self.shorter, self.max_size)
+            windows.append(window)
+            height, width = [np.float32(window[0])] * len(jpegs), [np.float32(window[1])] * len(jpegs)
+            return (
+                [np.frombuffer(j, dtype=np.uint8) for j in jpegs],
+                [np.int32(f) for f in flips],
+                height,
+                width,
+                [np.float32(bool(f)) for f in flips],
+            )
 
         pipe = _build_pipeline(
             source, self.batch_size, self.shorter, self.max_size, self.num_threads, self.prefetch, self.device_id
@@ -206,7 +249,7 @@ class DaliImages:
                     return
                 payload = in_flight.popleft()[0]
                 hw = torch.tensor(np.stack([np.asarray(s)[:2] for s in sizes]), dtype=torch.int64)
-                yield payload, _to_torch(images, self.device), hw
+                yield payload, _padded(_to_torch(images, self.device), hw, windows.popleft()), hw
         finally:
             del pipe
 
