@@ -4,6 +4,7 @@ to x64, a float32 [B,3,H,W] batch in the calling process.
 
     python -m benchmarks.bench_loader_peer --repeats 5 --batches 10
     python -m benchmarks.bench_loader_peer --baseline /path/to/older/checkout  # + its pil
+    python -m benchmarks.bench_loader_peer --baseline OLD --baseline-contenders dali-cpu
 
 The peer is written here the way OpenCLIP feeds webdataset shards: ``webdataset``
 decodes to PIL in DataLoader workers, torchvision transforms resize, flip, convert and
@@ -17,10 +18,11 @@ process and its workers: the work done, whatever the neighbours' load); a ratio 
 means faster / cheaper than the peer.
 
 Every measurement runs in its own process (this file run by path, ``--child``), so
-``--baseline DIR`` can time an older checkout's ``pil`` backend (PYTHONPATH=DIR) in the
-same run. Contenders are interleaved (peer, pil, dali-cpu, peer, ...), the first batches
-of each (fork, pipeline build, the prefetch made meanwhile) are not timed, and each ratio is taken against the peer
-run of the same repeat; medians over repeats.
+``--baseline DIR`` can time an older checkout's backends (PYTHONPATH=DIR; its ``pil``,
+or those ``--baseline-contenders`` names) in the same run. Contenders are interleaved
+(peer, pil, dali-cpu, peer, ...), the first batches of each (fork, pipeline build, the
+prefetch made meanwhile) are not timed, and each ratio is taken against the peer run of
+the same repeat; medians over repeats.
 
 Shards: ``KEY.jpg`` + ``KEY.json`` tars, which both read as they are; their images are
 crops of the real photos that ship with scikit-learn and matplotlib (bench_data's
@@ -188,16 +190,16 @@ def make_photo_shards(directory: Path, num: int, per_shard: int) -> tuple[Path, 
 
 
 def measure(args, shards: Path) -> list[dict]:
-    contenders = [(name, TREE) for name in CONTENDERS]
+    contenders = [(name, TREE, "this") for name in CONTENDERS]
     if args.baseline:
-        contenders.append(("pil", Path(args.baseline).resolve()))
+        contenders += [(name, Path(args.baseline).resolve(), "baseline") for name in baseline_contenders(args)]
     rows = []
     for repeat in range(args.repeats):
         peer: dict = {}
-        for name, tree in contenders:
+        for name, tree, label in contenders:
             got = run_child(name, tree, shards, args)
             peer = got if name == "peer" else peer
-            row = {"repeat": repeat, "contender": name, "tree": "this" if tree == TREE else "baseline", **got}
+            row = {"repeat": repeat, "contender": name, "tree": label, **got}
             row["vs_peer"] = round(got["images_per_s"] / peer["images_per_s"], 3)
             cpu = (peer["cpu_ms_per_image"], got["cpu_ms_per_image"])
             row["cpu_vs_peer"] = round(cpu[0] / cpu[1], 3) if all(cpu) else None  # 0: under a clock tick
@@ -205,6 +207,14 @@ def measure(args, shards: Path) -> list[dict]:
             rows.append(row)
             print(" ".join(f"{k}={row[k]}" for k in COLUMNS), flush=True)
     return rows
+
+
+def baseline_contenders(args) -> list[str]:
+    names = [name.strip() for name in args.baseline_contenders.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONTENDERS[1:]]
+    if unknown or not names:
+        raise SystemExit(f"--baseline-contenders {args.baseline_contenders!r}: pick from {', '.join(CONTENDERS[1:])}")
+    return names
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -242,12 +252,17 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads, for all")
     parser.add_argument("--shorter", type=int, default=800)
     parser.add_argument("--max-size", type=int, default=1333)
-    parser.add_argument("--baseline", help="an older checkout whose pil backend also runs (PYTHONPATH=it)")
+    parser.add_argument("--baseline", help="an older checkout whose backends also run (PYTHONPATH=it)")
+    parser.add_argument(
+        "--baseline-contenders", default="pil", help="which of pil,dali-cpu the --baseline tree runs (comma list)"
+    )
     parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help="results folder (default: a new one)")
     args = parser.parse_args(argv)
     if args.child:
         return child(args)
+    if args.baseline:
+        baseline_contenders(args)  # a wrong name stops here, before any shard is made
     import tempfile
 
     from benchmarks.common import write_results

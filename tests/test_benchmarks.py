@@ -477,3 +477,20 @@ def test_bench_loader_peer_times_every_contender_on_the_same_shards(tmp_path):
     assert rows[0]["vs_peer"] == 1.0  # CPU figures of 2 tiny images may be under a clock tick
     summary = json.loads((tmp_path / "bench_loader_peer_summary.json").read_text())["rows"]
     assert [r["contender"] for r in summary] == list(bench_loader_peer.CONTENDERS)
+
+
+def test_bench_loader_peer_runs_the_baseline_trees_dali_cpu_beside_this_one(tmp_path):
+    """``--baseline-contenders dali-cpu``: the old tree's DALI-CPU in the same run (here
+    the baseline is this tree again: the plumbing, not the figures)."""
+    from benchmarks import bench_loader_peer
+
+    argv = ["--repeats", "1", "--batches", "1", "--batch-size", "2", "--shorter", "64", "--max-size", "96"]
+    argv += ["--baseline", str(REPO), "--baseline-contenders", "dali-cpu", "--out", str(tmp_path)]
+    bench_loader_peer.main(argv)
+    rows = json.loads((tmp_path / "bench_loader_peer.json").read_text())["rows"]
+    assert [(r["contender"], r["tree"]) for r in rows] == [
+        *((name, "this") for name in bench_loader_peer.CONTENDERS),
+        ("dali-cpu", "baseline"),
+    ]
+    with pytest.raises(SystemExit, match="pick from pil, dali-cpu"):
+        bench_loader_peer.main([*argv[:-2], "--baseline-contenders", "peer"])
