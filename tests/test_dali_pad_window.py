@@ -122,3 +122,13 @@ def test_batches_outlive_the_pipeline_that_made_them():
     gc.collect()  # the pipeline is gone
     for images, (old_images, _) in zip(kept, _old_graph(batches)):
         assert torch.equal(images, old_images)
+
+
+def test_a_batch_larger_than_its_window_is_refused_not_cut():
+    from pixelbert_dist.data.decode.dali import _padded
+
+    images = torch.arange(2 * 3 * 192 * 192, dtype=torch.float32).reshape(2, 3, 192, 192)
+    assert _padded(images, torch.tensor([[96, 160], [100, 120]]), (192, 192)).shape == (2, 3, 128, 192)
+    assert _padded(images, torch.tensor([[96, 160]] * 2), (128, 192)) is images
+    with pytest.raises(RuntimeError, match=r"larger than their headers said \(padded window \(128, 192\)\)"):
+        _padded(images, torch.tensor([[160, 96], [96, 160]]), (128, 192))
