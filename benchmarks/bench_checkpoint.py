@@ -23,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
+from benchmarks.common import close_distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,3 +121,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_distributed()

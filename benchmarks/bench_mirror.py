@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.bench_checkpoint import build_engine
+from benchmarks.common import close_distributed
 
 if TYPE_CHECKING:
     from pixelbert_dist.checkpoint.checkpointer import Checkpointer
@@ -133,3 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_distributed()

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_checkpoint import build_engine
+from benchmarks.common import close_distributed
 
 # The checkpoint modules import torch and DeepSpeed: imported in the functions that use
 # them, so --help answers without either.
@@ -157,3 +158,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    close_distributed()

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import close_distributed, write_results
 
 # torch and the model are imported in the functions that use them: --help answers without them
 
@@ -175,4 +175,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    close_distributed()
+    sys.exit(code)

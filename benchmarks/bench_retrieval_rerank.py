@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import write_results
+from benchmarks.common import close_distributed, write_results
 
 # torch, the model and the finetune modules are imported in the functions that use them:
 # --help answers without them
@@ -218,4 +218,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    close_distributed()
+    sys.exit(code)

@@ -26,7 +26,7 @@ import time
 from statistics import median
 from typing import TYPE_CHECKING
 
-from benchmarks.common import ROOT, spread, sync, write_results
+from benchmarks.common import ROOT, close_distributed, spread, sync, write_results
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
     import torch
@@ -623,3 +623,4 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    close_distributed()
