@@ -95,6 +95,18 @@ def wait_train_steps(metrics: Path, at_least: int, job_id: str, timeout_s: float
     _wait(job_id, ready, f"step {at_least} logged", timeout_s)
 
 
+def wait_checkpoint_since(run_dir: Path, job_id: str, since: float, timeout_s: float = 400) -> None:
+    """Until a checkpoint committed after ``since`` (a time.time()) names itself in the run
+    folder's ``checkpoints/latest``: the attempt running now has saved. Polled every 0.2 s,
+    so a kill that follows lands before the run's next few steps."""
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout_s
+    while not (latest.is_file() and latest.stat().st_mtime > since):
+        assert job_record(job_id)["JobState"] not in FINAL, f"job {job_id} ended before a checkpoint after the requeue"
+        assert time.monotonic() < deadline, f"job {job_id}: no checkpoint within {timeout_s} s of the requeue"
+        time.sleep(0.2)
+
+
 def _wait(job_id: str, ready, what: str, timeout_s: float) -> None:
     """Poll ``ready()`` each second while the job runs, at most ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

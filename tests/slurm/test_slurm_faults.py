@@ -24,6 +24,7 @@ from slurm_helpers import (
     trainer_pids,
     wait_final,
     wait_requeued,
+    wait_checkpoint_since,
     wait_train_steps,
 )
 from test_slurm_jobs import TWO_NODES, pretrain_args, submit
@@ -124,6 +125,8 @@ def test_a_job_that_keeps_dying_stops_after_max_restarts(slurm_env, cli_shards, 
     since = 0.0  # the second kill waits for the resumed attempt's own rows
     for kill, after in enumerate((6, 10)):
         wait_train_steps(run_dir / "metrics.jsonl", after, job_id, since=since)
+        if kill == 1:  # a resumed attempt that saved nothing is refused for that, not for max-restarts
+            wait_checkpoint_since(run_dir, job_id, since)
         os.kill(trainer_pid(job_id, 1), signal.SIGKILL)
         if kill == 0:
             wait_requeued(job_id, timeout_s=240)
