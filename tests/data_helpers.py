@@ -58,6 +58,15 @@ def write_split(directory, sizes, per_shard: int = 7) -> list[str]:
     return keys
 
 
+def write_tiny_shards(directory, shards: int, per_shard: int):
+    """``shards`` shards of ``per_shard`` 8x6 samples (``img0000``..., one caption each)
+    in ``directory``, with their index sidecars; returns it."""
+    with ShardWriter(directory, "train", samples_per_shard=per_shard) as writer:
+        for i in range(shards * per_shard):
+            writer.write(f"img{i:04d}", make_jpeg(8, 6, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    return directory
+
+
 def mixed_sizes(n: int, seed: int = 0) -> list[tuple[int, int]]:
     """Odd sizes, landscape and portrait, some past the max_size limit."""
     rng = np.random.default_rng(seed)

@@ -12,12 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from pixelbert_dist.data.format.shards import ShardWriter
 from pixelbert_dist.data.readers.stream import StreamPlan
 from pixelbert_dist.data.readers.stream_mix import position_stream
 from pixelbert_dist.data.readers.stream_read import shard_check
 from pixelbert_dist.data.readers.stream_urls import expand
-from tests.data_helpers import make_jpeg
+from tests.data_helpers import write_tiny_shards
 from tests.stream_helpers import pil_stream, same_batches
 
 SHARDS, PER_SHARD, BATCH, BUFFER = 16, 24, 8, 12  # shards twice the buffer, as 2000 vs 1000
@@ -27,9 +26,7 @@ PATTERN = f"train-{{000000..{SHARDS - 1:06d}}}.tar"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("mix") / "train"
-    with ShardWriter(folder, "train", samples_per_shard=PER_SHARD) as writer:
-        for i in range(SHARDS * PER_SHARD):
-            writer.write(f"img{i:04d}", make_jpeg(8, 6, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    write_tiny_shards(folder, SHARDS, PER_SHARD)
     return folder
 
 

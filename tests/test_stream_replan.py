@@ -13,7 +13,6 @@ import re
 
 import pytest
 
-from pixelbert_dist.data.format.shards import ShardWriter
 from pixelbert_dist.data.readers.stream import StreamPlan
 from pixelbert_dist.data.readers.stream_read import read_shard
 from pixelbert_dist.data.readers.stream_replan import (
@@ -23,7 +22,7 @@ from pixelbert_dist.data.readers.stream_replan import (
     stream_shards,
 )
 from pixelbert_dist.data.readers.stream_urls import expand
-from tests.data_helpers import make_jpeg
+from tests.data_helpers import write_tiny_shards
 
 SHARDS, PER_SHARD, BUFFER, SEED, EPOCH, IN_FLIGHT = 12, 5, 4, 3, 1, 2
 
@@ -31,9 +30,7 @@ SHARDS, PER_SHARD, BUFFER, SEED, EPOCH, IN_FLIGHT = 12, 5, 4, 3, 1, 2
 @pytest.fixture(scope="module")
 def urls(tmp_path_factory):
     folder = tmp_path_factory.mktemp("replan") / "train"
-    with ShardWriter(folder, "train", samples_per_shard=PER_SHARD) as writer:
-        for i in range(SHARDS * PER_SHARD):
-            writer.write(f"img{i:04d}", make_jpeg(8, 6, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    write_tiny_shards(folder, SHARDS, PER_SHARD)
     return expand(f"{folder}/train-{{000000..{SHARDS - 1:06d}}}.tar")
 
 

@@ -17,7 +17,7 @@ from pixelbert_dist.data.readers import stream_read
 from pixelbert_dist.data.readers.stream_urls import expand
 from pixelbert_dist.data.format.shards import ShardWriter
 from pixelbert_dist.data.readers.stream import StreamPlan
-from tests.data_helpers import make_jpeg
+from tests.data_helpers import make_jpeg, write_tiny_shards
 
 SHARDS, PER_SHARD, TAKE = 10, 4, 70  # 40 samples: a worker's 5 shards cycle within TAKE
 
@@ -26,9 +26,7 @@ SHARDS, PER_SHARD, TAKE = 10, 4, 70  # 40 samples: a worker's 5 shards cycle wit
 def folders(tmp_path_factory):
     """The same shards with their index sidecars and without."""
     indexed = tmp_path_factory.mktemp("indexed") / "train"
-    with ShardWriter(indexed, "train", samples_per_shard=PER_SHARD) as writer:
-        for i in range(SHARDS * PER_SHARD):
-            writer.write(f"img{i:04d}", make_jpeg(8, 6, i), {"key": f"img{i:04d}", "captions": [f"caption {i}"]})
+    write_tiny_shards(indexed, SHARDS, PER_SHARD)
     bare = tmp_path_factory.mktemp("bare") / "train"
     shutil.copytree(indexed, bare, ignore=shutil.ignore_patterns("*.idx.npy"))
     assert len(list(indexed.glob("*.idx.npy"))) == SHARDS and not list(bare.glob("*.idx.npy"))
