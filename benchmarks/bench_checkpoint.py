@@ -23,7 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import close_distributed
+from pixelbert_dist.train.run import close_started_group
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,4 +122,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

@@ -30,8 +30,9 @@ import sys
 
 from benchmarks.bench_step import synthetic_batch, to_device
 from benchmarks.comm_model import ParamCounts, predict_logged_bytes, wire_bytes, zero_settings
-from benchmarks.common import ROOT, close_distributed, results_dir, write_results
+from benchmarks.common import ROOT, results_dir, write_results
 from benchmarks.slurm_bench import EntryCall, add_slurm_args, submit_config, submit_each, wait_all
+from pixelbert_dist.train.run import close_started_group
 
 COLUMNS = [
     "preset",
@@ -276,4 +277,4 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

@@ -21,7 +21,8 @@ import time
 from typing import TYPE_CHECKING
 
 from benchmarks.bench_step import IMAGE, PRECISIONS, build_engine, dtype_of, synthetic_batch, to_device
-from benchmarks.common import close_distributed, interleaved, spread, time_fn, write_results
+from benchmarks.common import interleaved, spread, time_fn, write_results
+from pixelbert_dist.train.run import close_started_group
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
     import torch
@@ -139,4 +140,4 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

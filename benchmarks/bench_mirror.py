@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from benchmarks.bench_checkpoint import build_engine
-from benchmarks.common import close_distributed
+from pixelbert_dist.train.run import close_started_group
 
 if TYPE_CHECKING:
     from pixelbert_dist.checkpoint.checkpointer import Checkpointer
@@ -134,4 +134,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

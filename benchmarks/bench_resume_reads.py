@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_checkpoint import build_engine
-from benchmarks.common import close_distributed
+from pixelbert_dist.train.run import close_started_group
 
 # The checkpoint modules import torch and DeepSpeed: imported in the functions that use
 # them, so --help answers without either.
@@ -158,4 +158,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import close_distributed, write_results
+from benchmarks.common import write_results
+from pixelbert_dist.train.run import close_started_group
 
 # torch and the model are imported in the functions that use them: --help answers without them
 
@@ -176,5 +177,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     code = main()
-    close_distributed()
+    close_started_group()
     sys.exit(code)

@@ -26,7 +26,8 @@ import time
 from statistics import median
 from typing import TYPE_CHECKING
 
-from benchmarks.common import ROOT, close_distributed, spread, sync, write_results
+from benchmarks.common import ROOT, spread, sync, write_results
+from pixelbert_dist.train.run import close_started_group
 
 if TYPE_CHECKING:  # torch is imported where it is used: --help answers without it
     import torch
@@ -623,4 +624,4 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
-    close_distributed()
+    close_started_group()

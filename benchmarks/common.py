@@ -33,18 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def close_distributed() -> None:
-    """A benchmark that ended well tears its process group down before the interpreter
-    does (``distributed.env.close_process_group``: left to exit-time destructors, gloo's
-    threads sometimes abort a finished rank). Nothing to do when torch never loaded it."""
-    import sys
-
-    if "torch.distributed" in sys.modules:
-        from pixelbert_dist.distributed.env import close_process_group
-
-        close_process_group()
-
-
 def machine_name() -> str:
     """``h100-80gb-hbm3-x1`` on a GPU box, ``cpu-2core`` elsewhere (folder-safe)."""
     import torch

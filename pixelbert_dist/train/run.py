@@ -99,11 +99,19 @@ def refusals_as_one_line(label: str, call) -> int:
             kind = "config error: " if isinstance(err, ConfigError) else ""
             print(f"{label}: {kind}{err}", file=sys.stderr, flush=True)
         return REFUSED
-    if "torch.distributed" in sys.modules:  # never imported for --help
+    close_started_group()  # after a run that ended well only: an error path exits as it is
+    return result if isinstance(result, int) else 0
+
+
+def close_started_group() -> None:
+    """Tear the process group down before the interpreter does (``close_process_group``:
+    left to exit-time destructors, gloo's threads sometimes abort a finished rank), at the
+    end of a command or benchmark that ended well; nothing when torch was never loaded
+    (``--help``, a run that only submitted jobs)."""
+    if "torch.distributed" in sys.modules:
         from pixelbert_dist.distributed.env import close_process_group
 
-        close_process_group()  # after a run that ended well only: an error path exits as it is
-    return result if isinstance(result, int) else 0
+        close_process_group()
 
 
 REFUSED = 2  # the exit code of a refusal said in one line
